@@ -1,0 +1,14 @@
+//! meterline aggregator: consumes `usage.raw`, writes billable rows to ClickHouse, and
+//! publishes windowed totals to `usage.windows`.
+//!
+//! Layout:
+//! - [`config`]: the environment variables it reads.
+//! - [`startup`]: wiring of clients, readiness checks and the HTTP server.
+//! - [`error`]: the crate's error type.
+
+pub mod config;
+pub mod error;
+pub mod startup;
+
+pub use config::Config;
+pub use error::Error;

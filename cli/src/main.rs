@@ -1,0 +1,119 @@
+//! `meterline`: the operator command.
+//!
+//! `meterline setup` is what `dev/up` and the Helm migration Job run: it creates every topic
+//! (and its `.dlq` twin) and applies the PostgreSQL and ClickHouse migrations. Each step is
+//! idempotent, so running it on every deploy is safe.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meterline_common::config::{
+    ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv,
+};
+use meterline_common::kafka::{self, Topics};
+use meterline_common::{clickhouse, postgres};
+
+#[derive(Parser)]
+#[command(name = "meterline", version, about = "meterline operator command")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the topics and apply every migration (what a deploy runs).
+    Setup {
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+    /// Create the topics that do not exist yet (KAFKA_BROKERS, TOPIC_PREFIX).
+    Topics {
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+    /// Apply the PostgreSQL (DATABASE_URL) and ClickHouse (CLICKHOUSE_URL,
+    /// CLICKHOUSE_DATABASE) migrations not yet applied.
+    Migrate,
+}
+
+#[derive(clap::Args)]
+struct TopicArgs {
+    /// Partitions of each new topic.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    partitions: i32,
+    /// Replication factor of each new topic.
+    #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
+    replication: i32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("meterline: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meterline: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let env = Env::new(&ProcessEnv);
+    match command {
+        Command::Setup { topics } => {
+            create_topics(&env, &topics).await?;
+            migrate(&env).await
+        }
+        Command::Topics { topics } => create_topics(&env, &topics).await,
+        Command::Migrate => migrate(&env).await,
+    }
+}
+
+async fn create_topics(env: &Env<'_>, args: &TopicArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let settings = KafkaSettings::from_env(env)?;
+    let names = Topics::new(settings.topic_prefix.clone()).all();
+    kafka::ensure_topics(&settings, &names, args.partitions, args.replication)
+        .await
+        .context("creating topics")?;
+    println!("topics ready: {}", names.join(", "));
+    Ok(())
+}
+
+async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let pg = PostgresSettings::from_env(env)?;
+    let ch = ClickhouseSettings::from_env(env)?;
+    let pool = postgres::pool(&pg, 2)?;
+    postgres::migrate(&pool)
+        .await
+        .context("applying postgres migrations")?;
+    println!("postgres migrations applied");
+    let ran = clickhouse::migrate(&ch)
+        .await
+        .context("applying clickhouse migrations")?;
+    println!(
+        "clickhouse migrations applied (new this run: {})",
+        if ran.is_empty() {
+            "none".to_owned()
+        } else {
+            ran.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! Typed configuration from environment variables.
+//!
+//! Every service reads its settings once at start into one struct built from these helpers.
+//! A missing or malformed variable is a [`ConfigError`] that names the variable, so the
+//! operator sees exactly what to fix; the services print it as one line and exit with code 2.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {var} is required but not set")]
+    Missing { var: &'static str },
+    #[error("invalid configuration: {var} is malformed: {reason}")]
+    Malformed { var: &'static str, reason: String },
+}
+
+/// A source of variables: the process environment in services, a map in tests.
+pub trait Source {
+    fn get(&self, var: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, var: &str) -> Option<String> {
+        std::env::var(var).ok()
+    }
+}
+
+impl<const N: usize> Source for [(&str, &str); N] {
+    fn get(&self, var: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == var)
+            .map(|(_, v)| (*v).to_owned())
+    }
+}
+
+/// Reads variables from a [`Source`]. An empty value counts as unset: `FOO=` in an env file
+/// is a forgotten value far more often than a deliberate empty string.
+pub struct Env<'a> {
+    source: &'a dyn Source,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(source: &'a dyn Source) -> Self {
+        Self { source }
+    }
+
+    fn raw(&self, var: &str) -> Option<String> {
+        self.source.get(var).filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn required(&self, var: &'static str) -> Result<String, ConfigError> {
+        self.raw(var).ok_or(ConfigError::Missing { var })
+    }
+
+    pub fn optional(&self, var: &'static str) -> Option<String> {
+        self.raw(var)
+    }
+
+    pub fn string_or(&self, var: &'static str, default: &str) -> String {
+        self.raw(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    /// A variable that may be empty on purpose (such as `TOPIC_PREFIX`).
+    pub fn string_or_empty(&self, var: &'static str) -> String {
+        self.source.get(var).unwrap_or_default()
+    }
+
+    pub fn parse_or<T>(&self, var: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        match self.raw(var) {
+            None => Ok(default),
+            Some(v) => parse_value(var, &v),
+        }
+    }
+
+    pub fn parse_required<T>(&self, var: &'static str) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        parse_value(var, &self.required(var)?)
+    }
+
+    /// A number that must lie in `range`, so a typo such as `0` or `6000` fails at start.
+    pub fn u64_in_range(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let value: u64 = self.parse_or(var, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::Malformed {
+                var,
+                reason: format!("{value} is outside {}..={}", range.start(), range.end()),
+            })
+        }
+    }
+
+    pub fn socket_addr_or(
+        &self,
+        var: &'static str,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        parse_value(var, &self.string_or(var, default))
+    }
+
+    /// A boolean written as true/false, 1/0, yes/no or on/off.
+    pub fn bool_or(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(var).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::Malformed {
+                    var,
+                    reason: format!("expected true or false, got {v:?}"),
+                }),
+            },
+        }
+    }
+}
+
+fn parse_value<T>(var: &'static str, value: &str) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    value
+        .trim()
+        .parse()
+        .map_err(|e: T::Err| ConfigError::Malformed {
+            var,
+            reason: e.to_string(),
+        })
+}
+
+/// Where Kafka is and how our topics are named.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `KAFKA_BROKERS`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// `TOPIC_PREFIX`: prepended to every topic name (default empty); lets several
+    /// deployments or test runs share one cluster.
+    pub topic_prefix: String,
+}
+
+impl KafkaSettings {
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let brokers = env.required("KAFKA_BROKERS")?;
+        if brokers.split(',').any(|b| {
+            let b = b.trim();
+            b.is_empty() || !b.contains(':')
+        }) {
+            return Err(ConfigError::Malformed {
+                var: "KAFKA_BROKERS",
+                reason: "expected a comma-separated list of host:port".into(),
+            });
+        }
+        let topic_prefix = env.string_or_empty("TOPIC_PREFIX");
+        if !topic_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(ConfigError::Malformed {
+                var: "TOPIC_PREFIX",
+                reason: "only ASCII letters, digits, '.', '_' and '-' are allowed in topic names"
+                    .into(),
+            });
+        }
+        Ok(Self {
+            brokers,
+            topic_prefix,
+        })
+    }
+}
+
+/// Where ClickHouse is.
+#[derive(Debug, Clone)]
+pub struct ClickhouseSettings {
+    /// `CLICKHOUSE_URL`: the HTTP interface, such as `http://127.0.0.1:8123`.
+    pub url: String,
+    /// `CLICKHOUSE_DATABASE`: our own database (default `meterline`).
+    pub database: String,
+    /// `CLICKHOUSE_USER` / `CLICKHOUSE_PASSWORD`: optional credentials.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl ClickhouseSettings {
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let url = env.required("CLICKHOUSE_URL")?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Malformed {
+                var: "CLICKHOUSE_URL",
+                reason: "expected an http:// or https:// URL".into(),
+            });
+        }
+        let database = env.string_or("CLICKHOUSE_DATABASE", "meterline");
+        if !is_identifier(&database) {
+            return Err(ConfigError::Malformed {
+                var: "CLICKHOUSE_DATABASE",
+                reason: "expected letters, digits and '_' only, starting with a letter".into(),
+            });
+        }
+        Ok(Self {
+            url,
+            database,
+            user: env.optional("CLICKHOUSE_USER"),
+            password: env.optional("CLICKHOUSE_PASSWORD"),
+        })
+    }
+}
+
+/// Where PostgreSQL is.
+#[derive(Clone)]
+pub struct PostgresSettings {
+    /// `DATABASE_URL`: a `postgres://` URL. Holds a password: never logged, see `Debug`.
+    pub url: String,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &"<redacted>")
+            .finish()
+    }
+}
+
+impl PostgresSettings {
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let url = env.required("DATABASE_URL")?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            // The value itself is not echoed: it may hold a password.
+            return Err(ConfigError::Malformed {
+                var: "DATABASE_URL",
+                reason: "expected a postgres:// URL".into(),
+            });
+        }
+        Ok(Self { url })
+    }
+}
+
+/// An identifier safe to splice into SQL as a database or table name.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_variable_is_named() {
+        let src: [(&str, &str); 0] = [];
+        let err = KafkaSettings::from_env(&Env::new(&src)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: KAFKA_BROKERS is required but not set"
+        );
+    }
+
+    #[test]
+    fn empty_value_counts_as_missing() {
+        let src = [("KAFKA_BROKERS", " ")];
+        assert_eq!(
+            KafkaSettings::from_env(&Env::new(&src)).unwrap_err(),
+            ConfigError::Missing {
+                var: "KAFKA_BROKERS"
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_values_are_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("KAFKA_BROKERS", "localhost")], "KAFKA_BROKERS"),
+            (
+                &[("KAFKA_BROKERS", "a:1"), ("TOPIC_PREFIX", "a b")],
+                "TOPIC_PREFIX",
+            ),
+        ];
+        for (vars, name) in cases {
+            struct V<'a>(&'a [(&'a str, &'a str)]);
+            impl Source for V<'_> {
+                fn get(&self, var: &str) -> Option<String> {
+                    self.0
+                        .iter()
+                        .find(|(k, _)| *k == var)
+                        .map(|(_, v)| v.to_string())
+                }
+            }
+            let err = KafkaSettings::from_env(&Env::new(&V(vars))).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn database_url_is_never_echoed() {
+        let src = [("DATABASE_URL", "mysql://user:hunter2@host/db")];
+        let err = PostgresSettings::from_env(&Env::new(&src)).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+        let ok = PostgresSettings {
+            url: "postgres://u:hunter2@h/d".into(),
+        };
+        assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn ranges_and_bools() {
+        let src = [("N", "0"), ("B", "maybe"), ("C", "yes")];
+        let env = Env::new(&src);
+        assert!(env.u64_in_range("N", 5, 1..=60).is_err());
+        assert_eq!(env.u64_in_range("M", 5, 1..=60), Ok(5));
+        assert!(env.bool_or("B", false).is_err());
+        assert_eq!(env.bool_or("C", false), Ok(true));
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("meterline_t1"));
+        assert!(!is_identifier("1abc"));
+        assert!(!is_identifier("a;drop"));
+        assert!(!is_identifier(""));
+    }
+}

@@ -1,0 +1,31 @@
+//! Shared plumbing of the meterline services.
+//!
+//! Layout, one module per concern so that no service copies another's setup:
+//! - [`config`]: typed reading of environment variables; a missing or malformed variable is an
+//!   error that names it.
+//! - [`kafka`]: topic names (with `TOPIC_PREFIX`), client settings for producers and consumer
+//!   groups, topic creation, and the broker readiness check. No rdkafka type leaves this crate's
+//!   `kafka` module except the client handles the services drive.
+//! - [`clickhouse`]: the client, the versioned SQL migrator and its readiness check.
+//! - [`postgres`]: the connection pool, the sqlx migrations and the readiness check.
+//! - [`telemetry`]: JSON log lines.
+//! - [`metrics`]: the Prometheus recorder every service installs once.
+//! - [`ops`]: the `/healthz`, `/readyz` and `/metrics` routes every service serves.
+//! - [`shutdown`]: the signal that starts a graceful shutdown.
+//! - [`server`]: binding and serving an axum router until shutdown.
+//! - [`service`]: what every service binary does around its own work (exit codes, logs,
+//!   metrics, signals, the HTTP server).
+
+pub mod clickhouse;
+pub mod config;
+pub mod error;
+pub mod kafka;
+pub mod metrics;
+pub mod ops;
+pub mod postgres;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::Error;

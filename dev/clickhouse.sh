@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# A modern ClickHouse (26.x) served over its real HTTP and native protocols, from chdb's
+# libchdb.so (npm package @chdb/lib-linux-x64-gnu) and our launcher dev/clickhouse/launcher.c.
+# Debian's clickhouse-server is from 2018 and too old (see shared/infrastructure.md).
+#   dev/clickhouse.sh install                          fetch libchdb.so, build the launcher (once)
+#   dev/clickhouse.sh start DIR HTTP_PORT TCP_PORT     serve data in DIR/data, log in DIR
+#   dev/clickhouse.sh stop DIR
+#   dev/clickhouse.sh status DIR HTTP_PORT             one line; exit 0 only when healthy
+# Development and tests only: the loopback server's default user has no password and can read
+# any file through file().
+set -euo pipefail
+LOG_TAG=clickhouse
+# shellcheck source=dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+CHDB_PACKAGE=@chdb/lib-linux-x64-gnu
+CHDB_VERSION=26.7.3-stable.1
+DEST=$CACHE/chdb
+LIB=$DEST/libchdb.so
+MARKER=$DEST/.installed
+SRC=$ROOT/dev/clickhouse/launcher.c
+BIN=$DEST/meterline-clickhouse
+
+library_installed() { [[ -f $LIB && -f $MARKER && $(<"$MARKER") == "$CHDB_VERSION" ]]; }
+# The launcher is rebuilt when launcher.c changed since the last build (or the library did:
+# a new libchdb.so deletes the binary).
+launcher_built() { [[ -x $BIN && ! $SRC -nt $BIN ]]; }
+
+cmd_install() {
+  library_installed && launcher_built && return 0
+  # A lock so dev/up and a test harness starting at once do not both download 178 MB into the
+  # same folder. In a subshell so the lock is released when the install is done.
+  (
+    lock "$CACHE/chdb.lock"
+    if ! library_installed; then
+      log "fetching $CHDB_PACKAGE@$CHDB_VERSION from npm (178 MB, first run only)"
+      local tmp=$DEST/download
+      rm -rf "$tmp" "$BIN" "$MARKER"
+      mkdir -p "$tmp"
+      # npm pack fetches the package tarball through npm's own cache and registry settings
+      # without installing anything (no node_modules, no package.json needed).
+      (cd "$tmp" && npm pack --silent "$CHDB_PACKAGE@$CHDB_VERSION" >/dev/null)
+      # Only the library is kept (566 MB unpacked); the tarball is dropped to save space.
+      tar -xzf "$tmp"/*.tgz -C "$tmp" package/libchdb.so
+      mv "$tmp/package/libchdb.so" "$LIB"
+      rm -rf "$tmp"
+      printf '%s\n' "$CHDB_VERSION" >"$MARKER"
+    fi
+    if ! launcher_built; then
+      log "building $BIN"
+      # -rpath '$ORIGIN': the binary finds libchdb.so next to itself wherever CACHE is.
+      # shellcheck disable=SC2016 # $ORIGIN is for the dynamic linker, not the shell
+      gcc -O2 -Wall -Wextra -Werror -o "$BIN.tmp" "$SRC" -L"$DEST" -lchdb -Wl,-rpath,'$ORIGIN'
+      mv "$BIN.tmp" "$BIN"
+    fi
+  )
+}
+
+ping_ok() { [[ $(curl -sS --max-time 2 "http://127.0.0.1:$1/ping" 2>/dev/null) == "Ok." ]]; }
+
+cmd_start() {
+  [[ $# -eq 3 ]] || usage "$0 start DIR HTTP_PORT TCP_PORT"
+  local dir http=$2 tcp=$3 pid
+  require_port "$http"
+  require_port "$tcp"
+  [[ $http != "$tcp" ]] || die "HTTP_PORT and TCP_PORT must differ (both $http)"
+  dir=$(abs_dir "$1")
+  cmd_install
+  lock "$dir/.lock"
+
+  if pid=$(running_pid "$dir/clickhouse.pid" "$dir/data"); then
+    # The launcher's arguments are DATA_DIR HTTP_PORT TCP_PORT.
+    [[ $(tr '\0' ' ' <"/proc/$pid/cmdline") == *" $dir/data $http $tcp " ]] ||
+      die "a server from $dir already runs (pid $pid) with other ports; stop it first"
+    wait_for "clickhouse (pid $pid)" 60 "$pid" "$dir/clickhouse.log" -- ping_ok "$http"
+    log "already running on 127.0.0.1:$http (pid $pid)"
+    return 0
+  fi
+  rm -f "$dir/clickhouse.pid"
+  port_open "$http" && die "127.0.0.1:$http is already in use by another process"
+  port_open "$tcp" && die "127.0.0.1:$tcp is already in use by another process"
+  mkdir -p "$dir/data"
+
+  log "starting on http 127.0.0.1:$http, tcp 127.0.0.1:$tcp, dir $dir"
+  # Working directory DIR: in this build an unknown table name in `default` can resolve to a
+  # file in the working directory, so keep that a directory of our own.
+  start_detached "$dir/clickhouse.pid" "$dir/clickhouse.log" "$dir" \
+    "$BIN" "$dir/data" "$http" "$tcp"
+  pid=$(<"$dir/clickhouse.pid")
+  wait_for "clickhouse (pid $pid)" 60 "$pid" "$dir/clickhouse.log" -- ping_ok "$http"
+  log "ready on 127.0.0.1:$http (pid $pid) after ${SECONDS}s"
+}
+
+cmd_stop() {
+  [[ $# -eq 1 ]] || usage "$0 stop DIR"
+  local dir
+  dir=$(abs_path "$1")
+  stop_pid "clickhouse in $dir" "$dir/clickhouse.pid" "$dir/data"
+}
+
+cmd_status() {
+  [[ $# -eq 2 ]] || usage "$0 status DIR HTTP_PORT"
+  local dir http=$2 pid
+  require_port "$http"
+  dir=$(abs_path "$1")
+  if ! pid=$(running_pid "$dir/clickhouse.pid" "$dir/data"); then
+    status_line clickhouse "127.0.0.1:$http" "" stopped
+    return 1
+  fi
+  if ping_ok "$http"; then
+    status_line clickhouse "127.0.0.1:$http" "$pid" healthy
+  else
+    status_line clickhouse "127.0.0.1:$http" "$pid" unhealthy
+    return 1
+  fi
+}
+
+case ${1:-} in
+install) cmd_install ;;
+start | stop | status)
+  cmd=$1
+  shift
+  "cmd_$cmd" "$@"
+  ;;
+*) usage "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT" ;;
+esac

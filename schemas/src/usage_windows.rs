@@ -1,0 +1,387 @@
+//! `usage.windows`: one window total per message, written by the aggregator (when a window is
+//! due, when a late event changes it, and for resync jobs), read by stripe-sink.
+//!
+//! Rules kept here: the key is `{tenant}:{env}:{customer}:{meter}`, so all revisions of one
+//! customer's meter stay in order; the bounds form a valid [`Window`]; a resync total carries its
+//! `job_id` and no other total does (the type [`WindowReason`] makes that the only shape).
+
+use std::borrow::Cow;
+use std::num::NonZeroU32;
+
+use rust_decimal::Decimal;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::codec::{self, decimal_string, MapOnly, SchemaVersion1};
+use crate::error::SchemaError;
+use crate::ids::{CustomerId, EnvironmentId, JobId, MeterId, TenantId};
+use crate::timestamp::{whole_minute_schema, Timestamp};
+use crate::topic::{impl_topic_message, Topic};
+use crate::window::Window;
+
+/// Why a window total was published.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum WindowReason {
+    /// The window closed (end plus grace period passed).
+    Due,
+    /// A late event changed an already published window; `revision` went up.
+    Late,
+    /// A manual sync job asked for it.
+    Resync {
+        /// The job that asked.
+        job_id: JobId,
+    },
+}
+
+impl WindowReason {
+    /// The wire name: `due`, `late` or `resync`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Due => "due",
+            Self::Late => "late",
+            Self::Resync { .. } => "resync",
+        }
+    }
+
+    /// The resync job, for a resync total.
+    pub fn job_id(&self) -> Option<&JobId> {
+        match self {
+            Self::Resync { job_id } => Some(job_id),
+            Self::Due | Self::Late => None,
+        }
+    }
+}
+
+/// The total of one meter for one customer over one window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowTotal {
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// The tenant's environment.
+    pub environment_id: EnvironmentId,
+    /// The producer's customer.
+    pub customer_id: CustomerId,
+    /// The meter this total is for.
+    pub meter_id: MeterId,
+    /// The window `[window_start, window_end)`.
+    pub window: Window,
+    /// The meter's aggregate over the window (SUM, COUNT, MAX, ...), exact.
+    pub quantity: Decimal,
+    /// How many distinct events went into it.
+    pub event_count: u64,
+    /// 1 for the first publication of the window, one more for each re-publication.
+    pub revision: NonZeroU32,
+    /// Why it was published (and the job, for a resync).
+    pub reason: WindowReason,
+    /// The window is older than Stripe's 35-day limit for meter events: it cannot be sent.
+    pub expired: bool,
+    /// When the aggregator computed it.
+    pub computed_at: Timestamp,
+}
+
+impl WindowTotal {
+    /// Parses and validates one `usage.windows` message value.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, SchemaError> {
+        codec::decode(bytes)
+    }
+
+    /// The message value as compact JSON.
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        codec::encode(self)
+    }
+
+    /// `{tenant_id}:{environment_id}:{customer_id}:{meter_id}`: keeps every revision of one
+    /// customer's meter in one partition, in order. Only for partitioning, never parsed back.
+    pub fn kafka_key(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.tenant_id, self.environment_id, self.customer_id, self.meter_id
+        )
+    }
+}
+
+impl_topic_message!(WindowTotal, Topic::UsageWindows);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[schemars(rename = "WindowReason")]
+/// Why the total was published: "due" (the window closed), "late" (a late event changed an already published window), "resync" (a manual sync job asked for it; job_id is then required).
+enum ReasonTag {
+    Due,
+    Late,
+    Resync,
+}
+
+/// One window total on the `usage.windows` Kafka topic: the aggregate of one meter for one customer over the window [window_start, window_end). Key: "{tenant_id}:{environment_id}:{customer_id}:{meter_id}". Unknown fields are rejected. Rules a JSON Schema cannot state, checked by meterline on read: window_start < window_end, and window_start is a multiple of the window size (window_end - window_start) since 1970-01-01T00:00:00Z.
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(
+    deny_unknown_fields,
+    rename = "WindowTotal",
+    expecting = "a usage.windows message object"
+)]
+#[schemars(
+    title = "usage.windows message (schema_version 1)",
+    transform = job_id_only_for_resync
+)]
+struct Wire<'a> {
+    /// Always 1 for this schema.
+    schema_version: SchemaVersion1,
+    /// Owning tenant.
+    tenant_id: Cow<'a, TenantId>,
+    /// The tenant's environment.
+    environment_id: Cow<'a, EnvironmentId>,
+    /// The producer's customer.
+    customer_id: Cow<'a, CustomerId>,
+    /// The meter this total is for.
+    meter_id: Cow<'a, MeterId>,
+    /// Inclusive window start (UTC-aligned to the window size).
+    #[schemars(schema_with = "whole_minute_schema")]
+    window_start: Timestamp,
+    /// Exclusive window end; an event at exactly window_end belongs to the next window.
+    #[schemars(schema_with = "whole_minute_schema")]
+    window_end: Timestamp,
+    /// The meter's aggregate over the window, as an exact decimal string.
+    #[serde(with = "decimal_string")]
+    #[schemars(schema_with = "decimal_string::schema")]
+    quantity: Decimal,
+    /// Number of distinct events aggregated into the total.
+    event_count: u64,
+    /// 1 for the first publication of this window, incremented on every re-publication; the highest revision wins.
+    revision: NonZeroU32,
+    /// Why the total was published; "resync" requires job_id.
+    reason: ReasonTag,
+    /// The resync job that asked for this total: required when reason is "resync", absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    job_id: Option<Cow<'a, JobId>>,
+    /// The window is older than Stripe's 35-day limit for meter events and will not be sent.
+    expired: bool,
+    /// When the aggregator computed the total.
+    computed_at: Timestamp,
+}
+
+/// Adds the cross-field rule on `job_id` to the generated schema.
+fn job_id_only_for_resync(schema: &mut Schema) {
+    schema.insert(
+        "if".to_owned(),
+        serde_json::json!({
+            "properties": { "reason": { "const": "resync" } },
+            "required": ["reason"],
+        }),
+    );
+    schema.insert(
+        "then".to_owned(),
+        serde_json::json!({
+            "required": ["job_id"],
+            "properties": { "job_id": { "$ref": "#/$defs/JobId" } },
+        }),
+    );
+    schema.insert(
+        "else".to_owned(),
+        serde_json::json!({
+            "properties": { "job_id": { "type": "null" } },
+        }),
+    );
+}
+
+impl Serialize for WindowTotal {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let reason = match self.reason {
+            WindowReason::Due => ReasonTag::Due,
+            WindowReason::Late => ReasonTag::Late,
+            WindowReason::Resync { .. } => ReasonTag::Resync,
+        };
+        Wire {
+            schema_version: SchemaVersion1,
+            tenant_id: Cow::Borrowed(&self.tenant_id),
+            environment_id: Cow::Borrowed(&self.environment_id),
+            customer_id: Cow::Borrowed(&self.customer_id),
+            meter_id: Cow::Borrowed(&self.meter_id),
+            window_start: self.window.start_timestamp(),
+            window_end: self.window.end_timestamp(),
+            quantity: self.quantity,
+            event_count: self.event_count,
+            revision: self.revision,
+            reason,
+            job_id: self.reason.job_id().map(Cow::Borrowed),
+            expired: self.expired,
+            computed_at: self.computed_at,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl TryFrom<Wire<'_>> for WindowTotal {
+    type Error = SchemaError;
+
+    fn try_from(wire: Wire<'_>) -> Result<Self, SchemaError> {
+        let window = Window::from_bounds(wire.window_start, wire.window_end)?;
+        let reason = match (wire.reason, wire.job_id) {
+            (ReasonTag::Resync, Some(job_id)) => WindowReason::Resync {
+                job_id: job_id.into_owned(),
+            },
+            (ReasonTag::Resync, None) => {
+                return Err(SchemaError::invalid(
+                    "job_id",
+                    "is required when reason is resync",
+                ))
+            }
+            (ReasonTag::Due | ReasonTag::Late, Some(_)) => {
+                return Err(SchemaError::invalid(
+                    "job_id",
+                    "must be absent unless reason is resync",
+                ))
+            }
+            (ReasonTag::Due, None) => WindowReason::Due,
+            (ReasonTag::Late, None) => WindowReason::Late,
+        };
+        Ok(Self {
+            tenant_id: wire.tenant_id.into_owned(),
+            environment_id: wire.environment_id.into_owned(),
+            customer_id: wire.customer_id.into_owned(),
+            meter_id: wire.meter_id.into_owned(),
+            window,
+            quantity: wire.quantity,
+            event_count: wire.event_count,
+            revision: wire.revision,
+            reason,
+            expired: wire.expired,
+            computed_at: wire.computed_at,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for WindowTotal {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = Wire::deserialize(MapOnly(deserializer))?;
+        Self::try_from(wire).map_err(de::Error::custom)
+    }
+}
+
+impl JsonSchema for WindowTotal {
+    fn schema_name() -> Cow<'static, str> {
+        "WindowTotal".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        Wire::json_schema(generator)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn sample(reason: WindowReason) -> WindowTotal {
+        WindowTotal {
+            tenant_id: TenantId::parse("acme").expect("valid"),
+            environment_id: EnvironmentId::parse("prod").expect("valid"),
+            customer_id: CustomerId::parse("cus_42").expect("valid"),
+            meter_id: MeterId::parse("api_calls").expect("valid"),
+            window: Window::new(
+                time::macros::datetime!(2024-05-01 12:00 UTC),
+                time::macros::datetime!(2024-05-01 13:00 UTC),
+            )
+            .expect("valid"),
+            quantity: Decimal::new(125, 1),
+            event_count: 3,
+            revision: NonZeroU32::MIN,
+            reason,
+            expired: false,
+            computed_at: Timestamp::parse("2024-05-01T13:05:00Z").expect("valid"),
+        }
+    }
+
+    fn with(base: &WindowTotal, field: &str, value: Value) -> Vec<u8> {
+        let mut json: Value = serde_json::from_slice(&base.to_json_bytes()).expect("json");
+        if value.is_null() {
+            json.as_object_mut().expect("object").remove(field);
+        } else {
+            json[field] = value;
+        }
+        serde_json::to_vec(&json).expect("json")
+    }
+
+    #[test]
+    fn roundtrip_each_reason() {
+        let job = JobId::parse("0190c5a2-7b1e-7c3d-9e4f-a1b2c3d4e5f6").expect("valid");
+        for reason in [
+            WindowReason::Due,
+            WindowReason::Late,
+            WindowReason::Resync { job_id: job },
+        ] {
+            let total = sample(reason);
+            let bytes = total.to_json_bytes();
+            assert_eq!(WindowTotal::from_json_bytes(&bytes).expect("parse"), total);
+        }
+    }
+
+    #[test]
+    fn wire_shape() {
+        let value: Value =
+            serde_json::from_slice(&sample(WindowReason::Due).to_json_bytes()).expect("json");
+        assert_eq!(value["quantity"], json!("12.5"));
+        assert_eq!(value["window_start"], json!("2024-05-01T12:00:00Z"));
+        assert_eq!(value["reason"], json!("due"));
+        assert!(value.get("job_id").is_none());
+        assert_eq!(
+            sample(WindowReason::Due).kafka_key(),
+            "acme:prod:cus_42:api_calls"
+        );
+    }
+
+    #[test]
+    fn job_id_goes_with_resync_only() {
+        let due = sample(WindowReason::Due);
+        let err = WindowTotal::from_json_bytes(&with(&due, "reason", json!("resync")))
+            .expect_err("resync without job");
+        assert!(
+            err.to_string()
+                .starts_with("invalid job_id: is required when reason is resync"),
+            "{err}"
+        );
+        let err = WindowTotal::from_json_bytes(&with(
+            &due,
+            "job_id",
+            json!("0190c5a2-7b1e-7c3d-9e4f-a1b2c3d4e5f6"),
+        ))
+        .expect_err("job with due");
+        assert!(
+            err.to_string()
+                .starts_with("invalid job_id: must be absent"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn window_rules_apply_on_read() {
+        let due = sample(WindowReason::Due);
+        let cases = [
+            // 12:20..13:00 is 40 minutes, and 12:20 is not a multiple of 40 minutes since the epoch.
+            ("window_start", json!("2024-05-01T12:20:00Z"), "aligned"),
+            (
+                "window_start",
+                json!("2024-05-01T13:00:00Z"),
+                "start must be before end",
+            ),
+            ("window_end", json!("2024-05-01T12:59:30Z"), "whole minutes"),
+        ];
+        for (field, value, reason) in cases {
+            let err = WindowTotal::from_json_bytes(&with(&due, field, value)).expect_err(reason);
+            assert!(err.to_string().contains(reason), "{err}");
+        }
+    }
+
+    #[test]
+    fn quantity_and_revision_rules() {
+        let due = sample(WindowReason::Due);
+        for bad in [json!(12.5), json!("12,5"), json!("1e3"), json!("")] {
+            assert!(
+                WindowTotal::from_json_bytes(&with(&due, "quantity", bad.clone())).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(WindowTotal::from_json_bytes(&with(&due, "revision", json!(0))).is_err());
+        assert!(WindowTotal::from_json_bytes(&with(&due, "event_count", json!(-1))).is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! The test harness of meterline: every integration test runs against the REAL local stack
+//! (`dev/up`: Apache Kafka, ClickHouse, PostgreSQL) inside a namespace of its own.
+//!
+//! Layout:
+//! - [`stack`]: where the shared local stack is (read from `dev/.env`); a test fails loudly,
+//!   never skips, when it is not there.
+//! - [`namespace`]: one test's private topics (a unique `TOPIC_PREFIX`), ClickHouse database
+//!   and PostgreSQL database, created and migrated exactly as a deploy would.
+//! - [`process`]: spawning a service binary on a free port with its configuration pointed at a
+//!   namespace, then stopping it politely (SIGTERM) or not (SIGKILL).
+//! - [`private`]: throwaway Kafka, ClickHouse and PostgreSQL instances for tests that must
+//!   stop a dependency without disturbing the tests running beside them.
+
+pub mod namespace;
+pub mod private;
+pub mod process;
+pub mod stack;
+
+pub use namespace::Namespace;
+pub use process::ServiceProcess;
+pub use stack::Stack;

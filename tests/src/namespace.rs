@@ -1,0 +1,149 @@
+//! One test's private slice of the stack: its own topics (a unique `TOPIC_PREFIX`), its own
+//! ClickHouse database and its own PostgreSQL database, created and migrated with the same
+//! code a deploy runs (`meterline setup`). Tests therefore run in parallel and never see each
+//! other's data.
+
+use meterline_common::config::{ClickhouseSettings, KafkaSettings, PostgresSettings};
+use meterline_common::kafka::{self, Topics};
+use meterline_common::{clickhouse, postgres};
+use meterline_schemas::Topic;
+use sqlx::PgPool;
+
+use crate::stack::{with_database, Stack};
+
+/// Partitions of each test topic: more than one, so ordering and rebalancing are exercised.
+pub const TEST_PARTITIONS: i32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    /// Unique per namespace, such as `t0193f2c4d5e6`.
+    pub id: String,
+    pub kafka: KafkaSettings,
+    pub clickhouse: ClickhouseSettings,
+    pub postgres: PostgresSettings,
+}
+
+impl Namespace {
+    /// A fresh namespace on the shared stack, fully set up.
+    pub async fn create() -> Namespace {
+        let stack = Stack::get();
+        let ns = Namespace::plan(&stack.kafka_brokers, &stack.database_url);
+        ns.create_topics().await;
+        ns.create_databases().await;
+        ns
+    }
+
+    /// The names and settings of a new namespace, with nothing created yet. Tests that run a
+    /// private server pass its address here and then call the `create_*` steps they need.
+    pub fn plan(kafka_brokers: &str, admin_database_url: &str) -> Namespace {
+        let stack = Stack::get();
+        let id = format!("t{}", uuid::Uuid::now_v7().simple());
+        Namespace {
+            kafka: KafkaSettings {
+                brokers: kafka_brokers.to_owned(),
+                topic_prefix: format!("{id}."),
+            },
+            clickhouse: ClickhouseSettings {
+                url: stack.clickhouse_url.clone(),
+                database: id.clone(),
+                user: None,
+                password: None,
+            },
+            postgres: PostgresSettings {
+                url: with_database(admin_database_url, &id),
+            },
+            id,
+        }
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.kafka.topic_prefix.clone())
+    }
+
+    /// The full topic name of `topic` in this namespace.
+    pub fn topic(&self, topic: Topic) -> String {
+        self.topics().name(topic)
+    }
+
+    pub async fn create_topics(&self) {
+        kafka::ensure_topics(&self.kafka, &self.topics().all(), TEST_PARTITIONS, 1)
+            .await
+            .unwrap_or_else(|e| panic!("creating topics of namespace {}: {e}", self.id));
+    }
+
+    /// Creates and migrates this namespace's PostgreSQL and ClickHouse databases.
+    pub async fn create_databases(&self) {
+        self.create_postgres().await;
+        clickhouse::migrate(&self.clickhouse)
+            .await
+            .unwrap_or_else(|e| panic!("migrating clickhouse database {}: {e}", self.id));
+    }
+
+    /// Creates and migrates this namespace's PostgreSQL database, using the admin URL's
+    /// server and role.
+    pub async fn create_postgres(&self) {
+        let admin_url = with_database(&self.postgres.url, "meterline");
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to postgres (is dev/up running?): {e}"));
+        // The id is generated above from a UUID: a safe identifier.
+        sqlx::query(&format!("CREATE DATABASE \"{}\"", self.id))
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("creating database {}: {e}", self.id));
+        admin.close().await;
+        postgres::migrate(&self.pg_pool().await)
+            .await
+            .unwrap_or_else(|e| panic!("migrating database {}: {e}", self.id));
+    }
+
+    pub async fn pg_pool(&self) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&self.postgres.url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to database {}: {e}", self.id))
+    }
+
+    pub fn clickhouse(&self) -> ::clickhouse::Client {
+        clickhouse::client(&self.clickhouse)
+    }
+
+    /// The environment a service needs to run inside this namespace.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let stack = Stack::get();
+        [
+            ("KAFKA_BROKERS", self.kafka.brokers.as_str()),
+            ("TOPIC_PREFIX", self.kafka.topic_prefix.as_str()),
+            ("CLICKHOUSE_URL", self.clickhouse.url.as_str()),
+            ("CLICKHOUSE_DATABASE", self.clickhouse.database.as_str()),
+            ("DATABASE_URL", self.postgres.url.as_str()),
+            ("JWT_SECRET", stack.jwt_secret.as_str()),
+            ("ENCRYPTION_KEYS", stack.encryption_keys.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Drops the namespace's databases (topics are cheap and left for post-mortems).
+    /// Call at the end of a passing test; a failing one leaves its data to look at.
+    pub async fn drop_databases(&self) {
+        let _ = self
+            .clickhouse()
+            .query(&format!("DROP DATABASE IF EXISTS {}", self.id))
+            .execute()
+            .await;
+        let admin_url = with_database(&self.postgres.url, "meterline");
+        if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.id
+            ))
+            .execute(&admin)
+            .await;
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Throwaway servers for tests that stop a dependency: a private Apache Kafka broker,
+//! ClickHouse server or PostgreSQL instance, started by the same `dev/*.sh` scripts as the
+//! shared stack but in a temporary folder on free ports, and removed when dropped.
+
+use tempfile::TempDir;
+use tokio::process::Command;
+
+use crate::process::free_port;
+use crate::stack::repo_root;
+
+async fn script(args: &[&str]) {
+    let script = repo_root().join("dev").join(args[0]);
+    let output = Command::new(&script)
+        .args(&args[1..])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} {:?} failed ({}):\n{}\n{}",
+        script.display(),
+        &args[1..],
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn dir_str(dir: &TempDir) -> &str {
+    dir.path().to_str().expect("temporary paths are UTF-8")
+}
+
+fn temp_dir(kind: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("meterline-{kind}-"))
+        .tempdir()
+        .expect("creating a temporary folder")
+}
+
+/// Stops a server when the test ends, even when it panics.
+fn stop_blocking(script_name: &str, args: &[&str]) {
+    let _ = std::process::Command::new(repo_root().join("dev").join(script_name))
+        .args(args)
+        .output();
+}
+
+/// A private single-node Kafka broker.
+pub struct PrivateKafka {
+    dir: TempDir,
+    port: u16,
+    controller_port: u16,
+}
+
+impl PrivateKafka {
+    pub async fn start() -> PrivateKafka {
+        let kafka = PrivateKafka {
+            dir: temp_dir("kafka"),
+            port: free_port(),
+            controller_port: free_port(),
+        };
+        kafka.resume().await;
+        kafka
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn stop(&self) {
+        script(&["kafka.sh", "stop", dir_str(&self.dir)]).await;
+    }
+
+    /// Starts the broker again on the same ports and data.
+    pub async fn resume(&self) {
+        script(&[
+            "kafka.sh",
+            "start",
+            dir_str(&self.dir),
+            &self.port.to_string(),
+            &self.controller_port.to_string(),
+        ])
+        .await;
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        stop_blocking("kafka.sh", &["stop", dir_str(&self.dir)]);
+    }
+}
+
+/// A private ClickHouse server.
+pub struct PrivateClickhouse {
+    dir: TempDir,
+    http_port: u16,
+    tcp_port: u16,
+}
+
+impl PrivateClickhouse {
+    pub async fn start() -> PrivateClickhouse {
+        let server = PrivateClickhouse {
+            dir: temp_dir("clickhouse"),
+            http_port: free_port(),
+            tcp_port: free_port(),
+        };
+        server.resume().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub async fn stop(&self) {
+        script(&["clickhouse.sh", "stop", dir_str(&self.dir)]).await;
+    }
+
+    pub async fn resume(&self) {
+        script(&[
+            "clickhouse.sh",
+            "start",
+            dir_str(&self.dir),
+            &self.http_port.to_string(),
+            &self.tcp_port.to_string(),
+        ])
+        .await;
+    }
+}
+
+impl Drop for PrivateClickhouse {
+    fn drop(&mut self) {
+        stop_blocking("clickhouse.sh", &["stop", dir_str(&self.dir)]);
+    }
+}
+
+/// A private PostgreSQL instance with the `meterline` role and database.
+pub struct PrivatePostgres {
+    dir: TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    pub async fn start() -> PrivatePostgres {
+        let server = PrivatePostgres {
+            dir: temp_dir("postgres"),
+            port: free_port(),
+        };
+        server.resume().await;
+        server
+    }
+
+    /// The URL of its `meterline` database.
+    pub fn database_url(&self) -> String {
+        format!(
+            "postgres://meterline:meterline@127.0.0.1:{}/meterline",
+            self.port
+        )
+    }
+
+    pub async fn stop(&self) {
+        script(&["postgres.sh", "stop-private", dir_str(&self.dir)]).await;
+    }
+
+    pub async fn resume(&self) {
+        script(&[
+            "postgres.sh",
+            "start-private",
+            dir_str(&self.dir),
+            &self.port.to_string(),
+        ])
+        .await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        stop_blocking("postgres.sh", &["stop-private", dir_str(&self.dir)]);
+    }
+}

@@ -1,0 +1,7 @@
+//! The crate's one error type.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Common(#[from] meterline_common::Error),
+}
