@@ -1,0 +1,226 @@
+//! Test control under `/_standin/...` (a prefix no Stripe route uses), JSON in and out, no
+//! authentication: the movable clock every time rule reads, fault injection, webhook disorder,
+//! accounts created at runtime, webhook secret rolls, and inspection of what was received.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::Error;
+use crate::state::{App, Faults, Inner, WebhookChaos};
+
+pub fn router() -> Router<App> {
+    Router::new()
+        .route(
+            "/_standin/health",
+            get(|| async { Json(json!({ "ok": true })) }),
+        )
+        .route("/_standin/clock", get(clock))
+        .route("/_standin/clock/advance", post(advance_clock))
+        .route("/_standin/clock/set", post(set_clock))
+        .route("/_standin/faults", get(get_faults).post(set_faults))
+        .route("/_standin/webhooks/chaos", get(get_chaos).post(set_chaos))
+        .route("/_standin/accounts", post(upsert_account))
+        .route("/_standin/accounts/{secret_key}/inspect", get(inspect))
+        .route(
+            "/_standin/webhook_endpoints/{id}/roll_secret",
+            post(roll_secret),
+        )
+}
+
+fn clock_json(inner: &Inner) -> Value {
+    json!({
+        "now": inner.now(),
+        "now_ms": inner.now_ms(),
+        "offset_ms": inner.clock_offset_ms
+    })
+}
+
+async fn clock(State(app): State<App>) -> Json<Value> {
+    Json(clock_json(&app.lock()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Advance {
+    seconds: i64,
+}
+
+/// Moves the clock forward (or back, with a negative value) by `seconds`.
+async fn advance_clock(State(app): State<App>, Json(body): Json<Advance>) -> Json<Value> {
+    let mut inner = app.lock();
+    inner.clock_offset_ms += body.seconds * 1000;
+    Json(clock_json(&inner))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetClock {
+    now: i64,
+}
+
+/// Sets the clock so that "now" is `now` (Unix seconds); it keeps ticking from there.
+async fn set_clock(State(app): State<App>, Json(body): Json<SetClock>) -> Json<Value> {
+    let mut inner = app.lock();
+    let current = inner.now_ms() - inner.clock_offset_ms;
+    inner.clock_offset_ms = body.now * 1000 - current;
+    Json(clock_json(&inner))
+}
+
+async fn get_faults(State(app): State<App>) -> Json<Faults> {
+    Json(app.lock().faults.clone())
+}
+
+/// Replaces the fault configuration (send `{}` to switch every fault off).
+async fn set_faults(State(app): State<App>, Json(faults): Json<Faults>) -> Json<Faults> {
+    let mut inner = app.lock();
+    if let Some(seed) = faults.seed {
+        inner.rng = crate::state::Rng::new(seed);
+    }
+    inner.faults = faults.clone();
+    Json(faults)
+}
+
+async fn get_chaos(State(app): State<App>) -> Json<WebhookChaos> {
+    Json(app.lock().chaos.clone())
+}
+
+async fn set_chaos(State(app): State<App>, Json(chaos): Json<WebhookChaos>) -> Json<WebhookChaos> {
+    app.lock().chaos = chaos.clone();
+    Json(chaos)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccount {
+    secret_key: String,
+    livemode: Option<bool>,
+    rate_limit: Option<u32>,
+}
+
+/// Creates the account, or updates `livemode` / `rate_limit` of an existing one (its data kept).
+async fn upsert_account(
+    State(app): State<App>,
+    Json(body): Json<NewAccount>,
+) -> Result<Json<Value>, Error> {
+    if !["sk_test_", "sk_live_", "rk_test_", "rk_live_"]
+        .iter()
+        .any(|p| body.secret_key.starts_with(p))
+    {
+        return Err(Error::bad_value(
+            "secret_key must start with sk_test_, sk_live_, rk_test_ or rk_live_",
+            "secret_key",
+        ));
+    }
+    let default_limit = app.config.rate_limit;
+    let mut inner = app.lock();
+    let account = inner.add_account(
+        &body.secret_key,
+        body.livemode,
+        body.rate_limit,
+        default_limit,
+    );
+    Ok(Json(json!({
+        "id": account.id,
+        "secret_key": account.secret_key,
+        "livemode": account.livemode,
+        "rate_limit": account.rate_limit
+    })))
+}
+
+/// Everything a test needs to check what a sink did: every meter event received (with
+/// `counted`, `cancelled`, `error_code`), per-(customer, event_name) totals of counted events,
+/// requests per second, the most overlapping meter event requests per (customer, event_name),
+/// events created and webhook delivery attempts.
+async fn inspect(
+    State(app): State<App>,
+    Path(secret_key): Path<String>,
+) -> Result<Json<Value>, Error> {
+    let inner = app.lock();
+    let account = inner
+        .accounts
+        .get(&secret_key)
+        .ok_or_else(|| Error::no_such("account", &secret_key, "secret_key"))?;
+    let mut totals: std::collections::BTreeMap<(String, String), (i64, u64)> = Default::default();
+    for e in account
+        .meter_events
+        .iter()
+        .filter(|e| e.counted && !e.cancelled)
+    {
+        let key = (e.customer.clone().unwrap_or_default(), e.event_name.clone());
+        let entry = totals.entry(key).or_default();
+        entry.0 += e.value;
+        entry.1 += 1;
+    }
+    let totals: Vec<Value> = totals
+        .into_iter()
+        .map(|((customer, event_name), (total, count))| {
+            json!({ "customer": customer, "event_name": event_name, "total": total, "count": count })
+        })
+        .collect();
+    let per_second: Vec<Value> = account
+        .stats
+        .requests_per_second
+        .iter()
+        .map(|(second, count)| json!({ "second": second, "count": count }))
+        .collect();
+    let mut concurrency: Vec<Value> = account
+        .stats
+        .concurrency
+        .iter()
+        .map(|((customer, event_name), (_, max))| {
+            json!({ "customer": customer, "event_name": event_name, "max_concurrent": max })
+        })
+        .collect();
+    concurrency.sort_by_key(|v| v.to_string());
+    Ok(Json(json!({
+        "account": {
+            "id": account.id,
+            "livemode": account.livemode,
+            "rate_limit": account.rate_limit
+        },
+        "meter_events": account.meter_events,
+        "totals": totals,
+        "requests_per_second": per_second,
+        "max_requests_per_second": account.stats.requests_per_second.values().max().copied().unwrap_or(0),
+        "concurrency": concurrency,
+        "events": account.events,
+        "thin_events": account.thin_events,
+        "webhook_attempts": account.webhook_attempts
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct Roll {
+    /// How long the old secret keeps being sent (Stripe allows up to 24 h); default 24 h.
+    expires_in_seconds: Option<i64>,
+}
+
+/// Rolls an endpoint's signing secret; until the old one expires (stand-in clock) every
+/// delivery carries two v1 signatures, new secret first.
+async fn roll_secret(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    body: Option<Json<Roll>>,
+) -> Result<Json<Value>, Error> {
+    let expires_in = body
+        .and_then(|Json(r)| r.expires_in_seconds)
+        .unwrap_or(24 * 3600);
+    let mut inner = app.lock();
+    let now = inner.now();
+    let endpoint = inner
+        .endpoint_mut(&id)
+        .ok_or_else(|| Error::no_such("webhook endpoint", &id, "id"))?;
+    let new_secret = format!("whsec_{}", uuid::Uuid::new_v4().simple());
+    let old = std::mem::replace(&mut endpoint.secret, new_secret.clone());
+    endpoint.previous_secret = Some((old.clone(), now + expires_in));
+    Ok(Json(json!({
+        "id": id,
+        "secret": new_secret,
+        "previous_secret": old,
+        "previous_secret_expires_at": now + expires_in
+    })))
+}
