@@ -2,16 +2,20 @@
 //!
 //! `meterline setup` is what `dev/up` and the Helm migration Job run: it creates every topic
 //! (and its `.dlq` twin) and applies the PostgreSQL and ClickHouse migrations. Each step is
-//! idempotent, so running it on every deploy is safe.
+//! idempotent, so running it on every deploy is safe. `meterline token` mints a bearer token
+//! for a tenant and environment (development and operations).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use meterline_common::auth::{JwtKeys, TenantScope};
 use meterline_common::config::{
     ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv,
 };
 use meterline_common::kafka::{self, Topics};
 use meterline_common::{clickhouse, postgres};
+use meterline_schemas::{EnvironmentId, TenantId};
 
 #[derive(Parser)]
 #[command(name = "meterline", version, about = "meterline operator command")]
@@ -35,6 +39,21 @@ enum Command {
     /// Apply the PostgreSQL (DATABASE_URL) and ClickHouse (CLICKHOUSE_URL,
     /// CLICKHOUSE_DATABASE) migrations not yet applied.
     Migrate,
+    /// Print a bearer token (HS256, signed with JWT_SECRET) for a tenant and environment.
+    Token {
+        /// The tenant the token acts for.
+        #[arg(long)]
+        tenant: String,
+        /// The tenant's environment.
+        #[arg(long)]
+        environment: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Who the token is for (recorded in audit trails).
+        #[arg(long)]
+        subject: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -78,6 +97,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Topics { topics } => create_topics(&env, &topics).await,
         Command::Migrate => migrate(&env).await,
+        Command::Token {
+            tenant,
+            environment,
+            ttl,
+            subject,
+        } => {
+            let keys = JwtKeys::from_env(&env)?;
+            let scope = TenantScope {
+                tenant_id: TenantId::parse(&tenant)?,
+                environment_id: EnvironmentId::parse(&environment)?,
+                subject,
+            };
+            println!("{}", keys.mint(&scope, Duration::from_secs(ttl)));
+            Ok(())
+        }
     }
 }
 

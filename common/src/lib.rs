@@ -1,6 +1,8 @@
 //! Shared plumbing of the meterline services.
 //!
 //! Layout, one module per concern so that no service copies another's setup:
+//! - [`api`]: the JSON error answer and JSON body extractor of every HTTP API.
+//! - [`auth`]: bearer JWTs and the [`auth::TenantScope`] every query is scoped by.
 //! - [`config`]: typed reading of environment variables; a missing or malformed variable is an
 //!   error that names it.
 //! - [`kafka`]: topic names (with `TOPIC_PREFIX`), client settings for producers and consumer
@@ -8,6 +10,8 @@
 //!   `kafka` module except the client handles the services drive.
 //! - [`clickhouse`]: the client, the versioned SQL migrator and its readiness check.
 //! - [`postgres`]: the connection pool, the sqlx migrations and the readiness check.
+//! - [`meters`]: the meter definitions store, the only code touching the `meters` table;
+//!   every query scoped by tenant and environment.
 //! - [`telemetry`]: JSON log lines.
 //! - [`metrics`]: the Prometheus recorder every service installs once.
 //! - [`ops`]: the `/healthz`, `/readyz` and `/metrics` routes every service serves.
@@ -16,10 +20,13 @@
 //! - [`service`]: what every service binary does around its own work (exit codes, logs,
 //!   metrics, signals, the HTTP server).
 
+pub mod api;
+pub mod auth;
 pub mod clickhouse;
 pub mod config;
 pub mod error;
 pub mod kafka;
+pub mod meters;
 pub mod metrics;
 pub mod ops;
 pub mod postgres;

@@ -14,7 +14,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Installs the global recorder and returns the handle that renders it. `_seconds` metrics
-/// become histograms with [`LATENCY_BUCKETS`].
+/// become histograms with the latency buckets above.
 pub fn install(service: &'static str) -> Result<PrometheusHandle, Error> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)

@@ -1,7 +1,9 @@
 //! Configuration of the ingest service, read once at start.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use meterline_common::auth::JwtKeys;
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
@@ -12,6 +14,37 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub kafka: KafkaSettings,
     pub postgres: PostgresSettings,
+    /// `JWT_SECRET`: verifies bearer tokens.
+    pub jwt: JwtKeys,
+    pub limits: Limits,
+    /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a write may wait for
+    /// Kafka's acknowledgement before the request is answered 503.
+    pub produce_timeout: Duration,
+}
+
+/// What one request may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `INGEST_MAX_BODY_BYTES` (default 1 MiB): the largest `/v1/events` body.
+    pub max_event_body_bytes: usize,
+    /// `INGEST_MAX_BULK_BODY_BYTES` (default 8 MiB): the largest `/v1/events/bulk` body.
+    pub max_bulk_body_bytes: usize,
+    /// `INGEST_MAX_BULK_EVENTS` (default 2000): the most events in one bulk request.
+    pub max_bulk_events: usize,
+    /// `INGEST_MAX_FUTURE_SECONDS` (default 300): how far ahead of our clock an event's
+    /// timestamp may be (Stripe refuses meter events more than 5 minutes in the future).
+    pub max_future: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_event_body_bytes: 1 << 20,
+            max_bulk_body_bytes: 8 << 20,
+            max_bulk_events: 2000,
+            max_future: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Config {
@@ -21,10 +54,39 @@ impl Config {
 
     pub fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
         let env = Env::new(source);
+        let defaults = Limits::default();
         Ok(Self {
             http_addr: env.socket_addr_or("HTTP_ADDR", "0.0.0.0:8080")?,
             kafka: KafkaSettings::from_env(&env)?,
             postgres: PostgresSettings::from_env(&env)?,
+            jwt: JwtKeys::from_env(&env)?,
+            limits: Limits {
+                max_event_body_bytes: env.u64_in_range(
+                    "INGEST_MAX_BODY_BYTES",
+                    defaults.max_event_body_bytes as u64,
+                    1024..=(64 << 20),
+                )? as usize,
+                max_bulk_body_bytes: env.u64_in_range(
+                    "INGEST_MAX_BULK_BODY_BYTES",
+                    defaults.max_bulk_body_bytes as u64,
+                    1024..=(256 << 20),
+                )? as usize,
+                max_bulk_events: env.u64_in_range(
+                    "INGEST_MAX_BULK_EVENTS",
+                    defaults.max_bulk_events as u64,
+                    1..=100_000,
+                )? as usize,
+                max_future: Duration::from_secs(env.u64_in_range(
+                    "INGEST_MAX_FUTURE_SECONDS",
+                    defaults.max_future.as_secs(),
+                    0..=86_400,
+                )?),
+            },
+            produce_timeout: Duration::from_millis(env.u64_in_range(
+                "KAFKA_PRODUCE_TIMEOUT_MS",
+                5000,
+                100..=60_000,
+            )?),
         })
     }
 }

@@ -4,4 +4,6 @@
 pub enum Error {
     #[error(transparent)]
     Common(#[from] meterline_common::Error),
+    #[error("shutdown: {0}")]
+    Shutdown(String),
 }

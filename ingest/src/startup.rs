@@ -1,22 +1,32 @@
-//! Wiring: clients for Kafka and PostgreSQL, readiness checks, and the HTTP server.
+//! Wiring: the usage.raw writer, the meter store, readiness checks, and the HTTP server.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use meterline_common::kafka::KafkaProbe;
+use meterline_common::meters::MeterStore;
 use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
 
-use crate::{Config, Error};
+use crate::kafka::UsageWriter;
+use crate::routes::{self, AppState};
+use crate::{metrics, Config, Error};
 
 pub const SERVICE: &str = "ingest";
 
-/// Runs the service until SIGTERM or SIGINT.
+/// Runs the service until SIGTERM or SIGINT, then flushes what Kafka has not acknowledged.
 pub async fn run(config: Config) -> Result<(), Error> {
     let context = ServiceContext::start(SERVICE)?;
+    metrics::describe();
     let kafka = Arc::new(KafkaProbe::new(&config.kafka, SERVICE)?);
     let pool = postgres::pool(&config.postgres, 10)?;
+    let writer = Arc::new(UsageWriter::new(&config.kafka, config.produce_timeout)?);
+    let state = AppState {
+        jwt: config.jwt.clone(),
+        writer: writer.clone(),
+        meters: MeterStore::new(pool.clone()),
+        limits: config.limits,
+    };
     let readiness = context
         .readiness()
         .check("kafka", move || {
@@ -28,7 +38,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
             async move { postgres::check(&pool).await }
         });
     context
-        .serve(config.http_addr, Router::new(), readiness)
+        .serve(config.http_addr, routes::router(state), readiness)
         .await?;
+    // Requests in flight finished above; nothing they were told is stored is left queued.
+    tokio::task::spawn_blocking(move || writer.flush())
+        .await
+        .map_err(|e| Error::Shutdown(e.to_string()))?;
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! # Layout
 //! - [`error`]: [`SchemaError`], the one error type; its text is safe for a DLQ header.
 //! - [`ids`]: tenant, environment, meter, customer, event, job ids and short labels.
+//! - [`meter`]: [`MeterDefinition`] (event name, [`Aggregation`], property filters), built
+//!   valid from its flat JSON form [`MeterInput`]; which events feed it and with what quantity.
 //! - [`timestamp`]: [`Timestamp`], an RFC 3339 instant written in UTC with `Z`.
 //! - [`window`]: [`Window`] (tumbling, UTC-aligned `[start, end)`) and [`TimeRange`].
 //! - [`topic`]: [`Topic`] names, DLQ twins, schema files, and the [`TopicMessage`] trait.
@@ -21,6 +23,7 @@ pub mod dlq;
 pub mod error;
 pub mod ids;
 pub mod json_schema;
+pub mod meter;
 pub mod stripe_webhooks;
 pub mod timestamp;
 pub mod topic;
@@ -37,6 +40,10 @@ pub use error::SchemaError;
 pub use ids::{
     CustomerId, EnvironmentId, EventId, EventName, EventSource, JobId, MeterId, StripeEventId,
     StripeEventType, TenantId,
+};
+pub use meter::{
+    Aggregation, FilterInput, FilterValue, MeterDefinition, MeterInput, PropertyFilter,
+    PropertyName, QuantityError,
 };
 pub use stripe_webhooks::StripeWebhook;
 pub use timestamp::Timestamp;

@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`stack`]: where the shared local stack is (read from `dev/.env`); a test fails loudly,
 //!   never skips, when it is not there.
+//! - [`api`]: bearer tokens and JSON requests against a service's HTTP API.
+//! - [`kafka`]: reading back what landed on a topic.
 //! - [`namespace`]: one test's private topics (a unique `TOPIC_PREFIX`), ClickHouse database
 //!   and PostgreSQL database, created and migrated exactly as a deploy would.
 //! - [`process`]: spawning a service binary on a free port with its configuration pointed at a
@@ -11,6 +13,8 @@
 //! - [`private`]: throwaway Kafka, ClickHouse and PostgreSQL instances for tests that must
 //!   stop a dependency without disturbing the tests running beside them.
 
+pub mod api;
+pub mod kafka;
 pub mod namespace;
 pub mod private;
 pub mod process;

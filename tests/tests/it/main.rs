@@ -2,6 +2,8 @@
 //! PostgreSQL, each test in its own namespace so that they run in parallel.
 
 mod clickhouse;
+mod ingest;
 mod kafka;
+mod meters;
 mod postgres;
 mod services;

@@ -226,6 +226,21 @@ async fn bad_configuration_is_one_line_naming_the_variable_and_exit_code_2() {
             "never echo secrets: {stderr}"
         );
     }
+    let mut env = complete.to_vec();
+    env.retain(|(k, _)| *k != "JWT_SECRET");
+    env.push(("JWT_SECRET", "short-secret"));
+    let (status, stderr) = run_to_exit("ingest", &env).await;
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "ingest with a short JWT_SECRET: {stderr}"
+    );
+    assert!(stderr.contains("JWT_SECRET"), "{stderr}");
+    assert!(
+        !stderr.contains("short-secret"),
+        "never echo secrets: {stderr}"
+    );
+
     let (status, stderr) = run_to_exit(
         "aggregator",
         &[

@@ -1,0 +1,254 @@
+//! Bearer JWT authentication: HS256 tokens carrying `tenant_id`, `environment_id` and `exp`.
+//!
+//! The token is the only source of a request's tenant and environment: handlers take a
+//! [`TenantScope`] and every query and write is scoped by it, never by anything in the body.
+//! Only HS256 is accepted (an `alg: none` or RS256 token is refused), and `exp` is required.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use meterline_schemas::{EnvironmentId, TenantId};
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiError;
+use crate::config::{ConfigError, Env};
+
+/// Shortest accepted `JWT_SECRET`: HS256 with a short secret can be brute-forced offline.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The keys that sign and verify tokens, from `JWT_SECRET`.
+#[derive(Clone)]
+pub struct JwtKeys {
+    inner: Arc<Keys>,
+}
+
+struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for JwtKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtKeys(<redacted>)")
+    }
+}
+
+impl JwtKeys {
+    pub fn new(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp"]);
+        // Clocks of token issuers drift a little; a few seconds, not the library's minute.
+        validation.leeway = 5;
+        Self {
+            inner: Arc::new(Keys {
+                encoding: EncodingKey::from_secret(secret),
+                decoding: DecodingKey::from_secret(secret),
+                validation,
+            }),
+        }
+    }
+
+    /// `JWT_SECRET`, required, at least [`MIN_SECRET_BYTES`] long.
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let secret = env.required("JWT_SECRET")?;
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::Malformed {
+                var: "JWT_SECRET",
+                reason: format!("must be at least {MIN_SECRET_BYTES} bytes"),
+            });
+        }
+        Ok(Self::new(secret.as_bytes()))
+    }
+
+    /// Verifies a token and returns whose it is.
+    pub fn verify(&self, token: &str) -> Result<TenantScope, AuthError> {
+        // A header that does not parse is a garbled token; a JSON error after it parsed (and
+        // the signature verified) is about the claims.
+        jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)
+                .map_err(|e| match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::InvalidSignature => AuthError::BadSignature,
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        AuthError::BadSignature
+                    }
+                    ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => AuthError::BadClaims,
+                    _ => AuthError::Malformed,
+                })?;
+        let claims = data.claims;
+        Ok(TenantScope {
+            tenant_id: TenantId::parse(&claims.tenant_id).map_err(|_| AuthError::BadClaims)?,
+            environment_id: EnvironmentId::parse(&claims.environment_id)
+                .map_err(|_| AuthError::BadClaims)?,
+            subject: claims.sub,
+        })
+    }
+
+    /// Signs a token for `scope` valid for `ttl` (the dev command and tests mint with this).
+    pub fn mint(&self, scope: &TenantScope, ttl: Duration) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.mint_with_expiry(scope, now + ttl.as_secs() as i64)
+    }
+
+    /// Signs a token expiring at `exp` (Unix seconds): lets tests make expired tokens.
+    pub fn mint_with_expiry(&self, scope: &TenantScope, exp: i64) -> String {
+        let claims = Claims {
+            tenant_id: scope.tenant_id.as_str().to_owned(),
+            environment_id: scope.environment_id.as_str().to_owned(),
+            exp,
+            iat: Some(time::OffsetDateTime::now_utc().unix_timestamp()),
+            sub: scope.subject.clone(),
+        };
+        // Encoding a struct of strings and integers with HMAC cannot fail.
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.inner.encoding,
+        )
+        .unwrap_or_else(|e| unreachable!("HS256 encoding of plain claims failed: {e}"))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    tenant_id: String,
+    environment_id: String,
+    exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+}
+
+/// Who is calling: the tenant and environment every query is scoped by, and the token's
+/// subject (for the audit trail), if it had one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantScope {
+    pub tenant_id: TenantId,
+    pub environment_id: EnvironmentId,
+    pub subject: Option<String>,
+}
+
+/// Why a request was not authenticated. Each maps to a 401 with a stable code; none says
+/// more than needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("malformed bearer token")]
+    Malformed,
+    #[error("token expired")]
+    Expired,
+    #[error("token signature invalid")]
+    BadSignature,
+    #[error("token claims invalid: tenant_id, environment_id and exp are required")]
+    BadClaims,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::Missing => "missing_token",
+            AuthError::Malformed => "malformed_token",
+            AuthError::Expired => "token_expired",
+            AuthError::BadSignature => "invalid_token",
+            AuthError::BadClaims => "invalid_claims",
+        };
+        metrics::counter!("meterline_auth_failures_total", "reason" => code).increment(1);
+        ApiError::unauthorized(code, e.to_string())
+    }
+}
+
+impl<S> FromRequestParts<S> for TenantScope
+where
+    JwtKeys: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or(AuthError::Missing)?
+            .to_str()
+            .map_err(|_| AuthError::Malformed)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Malformed)?;
+        Ok(JwtKeys::from_ref(state).verify(token)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(tenant: &str) -> TenantScope {
+        TenantScope {
+            tenant_id: TenantId::parse(tenant).unwrap(),
+            environment_id: EnvironmentId::parse("env_prod").unwrap(),
+            subject: Some("ops@example.com".into()),
+        }
+    }
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_minted_token_verifies_to_its_scope() {
+        let keys = JwtKeys::new(SECRET);
+        let token = keys.mint(&scope("tenant_123"), Duration::from_secs(60));
+        assert_eq!(keys.verify(&token).unwrap(), scope("tenant_123"));
+    }
+
+    #[test]
+    fn refusals() {
+        let keys = JwtKeys::new(SECRET);
+        let other = JwtKeys::new(b"another-secret-another-secret-xx");
+        let expired = keys.mint_with_expiry(&scope("t"), 1_000_000);
+        assert_eq!(keys.verify(&expired), Err(AuthError::Expired));
+        let forged = other.mint(&scope("t"), Duration::from_secs(60));
+        assert_eq!(keys.verify(&forged), Err(AuthError::BadSignature));
+        assert_eq!(keys.verify("garbage"), Err(AuthError::Malformed));
+
+        // alg none: header {"alg":"none"}, claims valid, no signature.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJ0ZW5hbnRfaWQiOiJ0IiwiZW52aXJvbm1lbnRfaWQiOiJlIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert!(keys.verify(none).is_err());
+
+        // Valid signature, but no exp / a tenant id that is not a valid identifier.
+        let no_exp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"tenant_id": "t", "environment_id": "e"}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(keys.verify(&no_exp), Err(AuthError::BadClaims));
+        let bad_tenant = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"tenant_id": "a b", "environment_id": "e", "exp": 9_999_999_999i64}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(keys.verify(&bad_tenant), Err(AuthError::BadClaims));
+    }
+
+    #[test]
+    fn short_secrets_are_refused_and_never_printed() {
+        let src = [("JWT_SECRET", "short")];
+        let err = JwtKeys::from_env(&Env::new(&src)).unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"));
+        assert!(!err.to_string().contains("short\""));
+        let keys = JwtKeys::new(SECRET);
+        assert!(!format!("{keys:?}").contains("0123"));
+    }
+}

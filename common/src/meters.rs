@@ -1,0 +1,325 @@
+//! The meter definitions store: the only code that reads or writes the PostgreSQL `meters`
+//! table.
+//!
+//! Rule kept here: every read and write is scoped by the caller's [`TenantScope`], with both
+//! `tenant_id` and `environment_id` in its `WHERE`, so no request can see or change another
+//! tenant's (or environment's) meters. The one exception is
+//! [`MeterStore::list_changed_since`], the aggregator's cross-tenant read for its meter cache.
+//! Rows are parsed back through the same validation as API input
+//! ([`MeterDefinition::try_from`]); a row that fails it is reported as
+//! [`MeterStoreError::Corrupt`], never handed out. No sqlx type leaves this module.
+
+use meterline_schemas::{EnvironmentId, MeterDefinition, MeterId, MeterInput, TenantId};
+use serde::Serialize;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::auth::TenantScope;
+
+/// A meter definition as stored, with its timestamps.
+///
+/// Serialises flat, as the API answers: the definition's fields plus `created_at` and
+/// `updated_at` in RFC 3339.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredMeter {
+    #[serde(flatten)]
+    pub definition: MeterDefinition,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// Whose meter a row of a cross-tenant read is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TenantScopeIds {
+    pub tenant_id: TenantId,
+    pub environment_id: EnvironmentId,
+}
+
+/// Why a meter store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MeterStoreError {
+    /// A meter with this id already exists in the caller's tenant and environment.
+    #[error("a meter with this id already exists")]
+    Duplicate,
+    /// The query failed. The text carries the cause because handlers log only `Display`.
+    #[error("meters table query failed: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A stored row no longer passes validation (written by hand, or by an older rule).
+    #[error("stored meter row is invalid: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for MeterStoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+/// The PostgreSQL store of meter definitions.
+#[derive(Clone)]
+pub struct MeterStore {
+    pool: PgPool,
+}
+
+/// The columns every query returns, in this order.
+const COLUMNS: &str = "id, event_name, aggregation, property, filters, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+struct MeterRow {
+    id: String,
+    event_name: String,
+    aggregation: String,
+    property: Option<String>,
+    filters: serde_json::Value,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl TryFrom<MeterRow> for StoredMeter {
+    type Error = MeterStoreError;
+
+    fn try_from(row: MeterRow) -> Result<Self, MeterStoreError> {
+        let corrupt =
+            |reason: String| MeterStoreError::Corrupt(format!("meter {}: {reason}", row.id));
+        let filters = serde_json::from_value(row.filters.clone())
+            .map_err(|e| corrupt(format!("filters: {e}")))?;
+        let input = MeterInput {
+            id: Some(row.id.clone()),
+            event_name: row.event_name.clone(),
+            aggregation: row.aggregation.clone(),
+            property: row.property.clone(),
+            filters: Some(filters),
+        };
+        let definition = MeterDefinition::try_from(input).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Self {
+            definition,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ScopedMeterRow {
+    tenant_id: String,
+    environment_id: String,
+    #[sqlx(flatten)]
+    meter: MeterRow,
+}
+
+/// The values a definition is written as: event_name, aggregation, property, filters.
+fn columns_of(
+    definition: &MeterDefinition,
+) -> Result<(&str, &'static str, Option<&str>, serde_json::Value), MeterStoreError> {
+    let filters = serde_json::to_value(&definition.filters)
+        // Filters are strings, decimals and booleans: serialising them cannot fail.
+        .map_err(|e| MeterStoreError::Corrupt(format!("serialising filters: {e}")))?;
+    Ok((
+        definition.event_name.as_str(),
+        definition.aggregation.kind(),
+        definition.aggregation.property().map(|p| p.as_str()),
+        filters,
+    ))
+}
+
+impl MeterStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Stores a new meter in the caller's scope; [`MeterStoreError::Duplicate`] when the id is
+    /// taken there (the same id in another tenant or environment is a different meter).
+    pub async fn create(
+        &self,
+        scope: &TenantScope,
+        definition: &MeterDefinition,
+    ) -> Result<StoredMeter, MeterStoreError> {
+        let (event_name, aggregation, property, filters) = columns_of(definition)?;
+        // ON CONFLICT DO NOTHING instead of catching the unique violation: no error code
+        // matching, and the transaction is not aborted.
+        let row: Option<MeterRow> = sqlx::query_as(&format!(
+            "INSERT INTO meters
+                 (tenant_id, environment_id, id, event_name, aggregation, property, filters)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (tenant_id, environment_id, id) DO NOTHING
+             RETURNING {COLUMNS}"
+        ))
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(definition.id.as_str())
+        .bind(event_name)
+        .bind(aggregation)
+        .bind(property)
+        .bind(filters)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.ok_or(MeterStoreError::Duplicate)?.try_into()
+    }
+
+    /// The caller's meter with this id, if there is one.
+    pub async fn get(
+        &self,
+        scope: &TenantScope,
+        id: &MeterId,
+    ) -> Result<Option<StoredMeter>, MeterStoreError> {
+        let row: Option<MeterRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM meters
+             WHERE tenant_id = $1 AND environment_id = $2 AND id = $3"
+        ))
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(StoredMeter::try_from).transpose()
+    }
+
+    /// Every meter of the caller's scope, ordered by id.
+    pub async fn list(&self, scope: &TenantScope) -> Result<Vec<StoredMeter>, MeterStoreError> {
+        let rows: Vec<MeterRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM meters
+             WHERE tenant_id = $1 AND environment_id = $2
+             ORDER BY id"
+        ))
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(StoredMeter::try_from).collect()
+    }
+
+    /// Replaces the caller's meter `definition.id` (everything but its id and `created_at`),
+    /// setting `updated_at`; `None` when the caller has no such meter.
+    pub async fn replace(
+        &self,
+        scope: &TenantScope,
+        definition: &MeterDefinition,
+    ) -> Result<Option<StoredMeter>, MeterStoreError> {
+        let (event_name, aggregation, property, filters) = columns_of(definition)?;
+        let row: Option<MeterRow> = sqlx::query_as(&format!(
+            "UPDATE meters
+             SET event_name = $4, aggregation = $5, property = $6, filters = $7,
+                 updated_at = now()
+             WHERE tenant_id = $1 AND environment_id = $2 AND id = $3
+             RETURNING {COLUMNS}"
+        ))
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(definition.id.as_str())
+        .bind(event_name)
+        .bind(aggregation)
+        .bind(property)
+        .bind(filters)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(StoredMeter::try_from).transpose()
+    }
+
+    /// Meters of every tenant and environment whose `updated_at` is after `updated_after`,
+    /// oldest change first.
+    ///
+    /// The one cross-tenant read of this store, for the aggregator's meter cache (it resolves
+    /// events of every tenant); no request handler may call it. `updated_at` is the writing
+    /// transaction's start time, so a write committed late can carry a time before the newest
+    /// one a poll has already seen: poll again from a little before the newest `updated_at`
+    /// seen and treat repeats as no-ops.
+    pub async fn list_changed_since(
+        &self,
+        updated_after: OffsetDateTime,
+    ) -> Result<Vec<(TenantScopeIds, StoredMeter)>, MeterStoreError> {
+        let rows: Vec<ScopedMeterRow> = sqlx::query_as(&format!(
+            "SELECT tenant_id, environment_id, {COLUMNS} FROM meters
+             WHERE updated_at > $1
+             ORDER BY updated_at, tenant_id, environment_id, id"
+        ))
+        .bind(updated_after)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let corrupt = |e: meterline_schemas::SchemaError| {
+                    MeterStoreError::Corrupt(format!("meter {}: {e}", row.meter.id))
+                };
+                let scope = TenantScopeIds {
+                    tenant_id: TenantId::parse(&row.tenant_id).map_err(corrupt)?,
+                    environment_id: EnvironmentId::parse(&row.environment_id).map_err(corrupt)?,
+                };
+                Ok((scope, StoredMeter::try_from(row.meter)?))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(filters: serde_json::Value, aggregation: &str, property: Option<&str>) -> MeterRow {
+        MeterRow {
+            id: "tokens".into(),
+            event_name: "llm.completion".into(),
+            aggregation: aggregation.into(),
+            property: property.map(str::to_owned),
+            filters,
+            created_at: time::macros::datetime!(2024-05-01 12:00:00.5 UTC),
+            updated_at: time::macros::datetime!(2024-05-02 08:30:00 UTC),
+        }
+    }
+
+    #[test]
+    fn rows_parse_and_serialise_flat_with_rfc3339_times() {
+        let stored = StoredMeter::try_from(row(
+            json!([{"property": "model", "in": ["gpt-4"]}]),
+            "SUM",
+            Some("tokens"),
+        ))
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&stored).unwrap(),
+            json!({
+                "id": "tokens",
+                "event_name": "llm.completion",
+                "aggregation": "SUM",
+                "property": "tokens",
+                "filters": [{"property": "model", "in": ["gpt-4"]}],
+                "created_at": "2024-05-01T12:00:00.5Z",
+                "updated_at": "2024-05-02T08:30:00Z",
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_rows_are_corrupt_not_served() {
+        for bad in [
+            row(json!({"not": "a list"}), "COUNT", None),
+            row(json!([]), "AVERAGE", None),
+            row(json!([]), "SUM", None),
+            row(json!([{"property": "p", "in": []}]), "COUNT", None),
+        ] {
+            let err = StoredMeter::try_from(bad).unwrap_err();
+            assert!(matches!(err, MeterStoreError::Corrupt(_)), "{err:?}");
+            assert!(err
+                .to_string()
+                .starts_with("stored meter row is invalid: meter tokens: "));
+        }
+    }
+
+    #[test]
+    fn definitions_are_written_as_their_columns() {
+        let definition = StoredMeter::try_from(row(
+            json!([{"property": "tier", "in": [1, true, "x"]}]),
+            "COUNT_UNIQUE",
+            Some("user"),
+        ))
+        .unwrap()
+        .definition;
+        let (event_name, aggregation, property, filters) = columns_of(&definition).unwrap();
+        assert_eq!(event_name, "llm.completion");
+        assert_eq!(aggregation, "COUNT_UNIQUE");
+        assert_eq!(property, Some("user"));
+        assert_eq!(filters, json!([{"property": "tier", "in": [1, true, "x"]}]));
+    }
+}

@@ -1,0 +1,129 @@
+//! `POST /v1/meters`, `GET /v1/meters`, `GET /v1/meters/{id}` and `PUT /v1/meters/{id}`:
+//! meter definitions of the caller's tenant and environment.
+//!
+//! Rule kept here: the tenant and environment come only from the token ([`TenantScope`]), and a
+//! body is fully validated into a [`MeterDefinition`] before the store is touched, so a refused
+//! request changes nothing. Another tenant's meter answers exactly like a missing one (404).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use meterline_common::api::{ApiError, JsonBody};
+use meterline_common::auth::TenantScope;
+use meterline_common::meters::{MeterStoreError, StoredMeter};
+use meterline_schemas::{MeterDefinition, MeterId, MeterInput, SchemaError};
+use serde::Serialize;
+
+use super::AppState;
+
+/// The list answer: `{"data": [...]}`, room for paging fields later without breaking clients.
+#[derive(Debug, Serialize)]
+pub struct MeterList {
+    pub data: Vec<StoredMeter>,
+}
+
+/// 201 with the stored meter; 409 `conflict` when the id is taken in this scope.
+pub async fn create(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    JsonBody(input): JsonBody<MeterInput>,
+) -> Result<(StatusCode, Json<StoredMeter>), ApiError> {
+    if input.id.is_none() {
+        // The wire type leaves `id` optional for PUT, which takes it from the path.
+        return Err(ApiError::bad_request(
+            "missing_field",
+            "request body: missing field `id`",
+        ));
+    }
+    let definition = MeterDefinition::try_from(input).map_err(invalid)?;
+    match state.meters.create(&scope, &definition).await {
+        Ok(stored) => {
+            tracing::info!(
+                tenant_id = %scope.tenant_id,
+                environment_id = %scope.environment_id,
+                meter_id = %definition.id,
+                "meter created"
+            );
+            Ok((StatusCode::CREATED, Json(stored)))
+        }
+        Err(MeterStoreError::Duplicate) => Err(ApiError::conflict(format!(
+            "meter {} already exists; change it with PUT /v1/meters/{}",
+            definition.id, definition.id
+        ))),
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
+/// 200 `{"data": [...]}`, every meter of the caller's scope ordered by id.
+pub async fn list(
+    State(state): State<AppState>,
+    scope: TenantScope,
+) -> Result<Json<MeterList>, ApiError> {
+    let data = state
+        .meters
+        .list(&scope)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(MeterList { data }))
+}
+
+/// 200 with the meter, or 404 `not_found`.
+pub async fn get_one(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    Path(id): Path<String>,
+) -> Result<Json<StoredMeter>, ApiError> {
+    let id = path_id(&id)?;
+    match state.meters.get(&scope, &id).await {
+        Ok(Some(stored)) => Ok(Json(stored)),
+        Ok(None) => Err(not_found(&id)),
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
+/// 200 with the replaced meter, or 404 `not_found`; a body `id`, if given, must equal the path's
+/// (400 `id_mismatch`): renaming a meter would orphan its Stripe mapping and usage.
+pub async fn replace(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    Path(id): Path<String>,
+    JsonBody(mut input): JsonBody<MeterInput>,
+) -> Result<Json<StoredMeter>, ApiError> {
+    let id = path_id(&id)?;
+    match &input.id {
+        Some(body_id) if body_id != id.as_str() => {
+            return Err(ApiError::bad_request(
+                "id_mismatch",
+                format!("body id {body_id:?} differs from the path id \"{id}\""),
+            ));
+        }
+        _ => input.id = Some(id.as_str().to_owned()),
+    }
+    let definition = MeterDefinition::try_from(input).map_err(invalid)?;
+    match state.meters.replace(&scope, &definition).await {
+        Ok(Some(stored)) => {
+            tracing::info!(
+                tenant_id = %scope.tenant_id,
+                environment_id = %scope.environment_id,
+                meter_id = %definition.id,
+                "meter replaced"
+            );
+            Ok(Json(stored))
+        }
+        Ok(None) => Err(not_found(&id)),
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
+fn path_id(id: &str) -> Result<MeterId, ApiError> {
+    MeterId::parse(id).map_err(invalid)
+}
+
+fn invalid(e: SchemaError) -> ApiError {
+    // SchemaError's text names the field (`invalid event_name: must be at most 100 characters`).
+    ApiError::bad_request("invalid_value", e.to_string())
+}
+
+fn not_found(id: &MeterId) -> ApiError {
+    ApiError::not_found(format!("no meter {id}"))
+}

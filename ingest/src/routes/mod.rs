@@ -1,0 +1,65 @@
+//! The ingest HTTP API. Every route is authenticated by a bearer JWT ([`TenantScope`]) and
+//! answers errors as JSON ([`ApiError`]).
+//!
+//! [`TenantScope`]: meterline_common::auth::TenantScope
+//! [`ApiError`]: meterline_common::api::ApiError
+
+pub mod events;
+pub mod meters;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::routing::{get, post};
+use axum::Router;
+use meterline_common::api::not_found_fallback;
+use meterline_common::auth::JwtKeys;
+use meterline_common::meters::MeterStore;
+
+use crate::config::Limits;
+use crate::kafka::UsageWriter;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub jwt: JwtKeys,
+    pub writer: Arc<UsageWriter>,
+    pub meters: MeterStore,
+    pub limits: Limits,
+}
+
+impl FromRef<AppState> for JwtKeys {
+    fn from_ref(state: &AppState) -> JwtKeys {
+        state.jwt.clone()
+    }
+}
+
+/// Meter definitions are small documents.
+const MAX_METER_BODY_BYTES: usize = 64 << 10;
+
+pub fn router(state: AppState) -> Router {
+    let limits = state.limits;
+    Router::new()
+        .route(
+            "/v1/events",
+            post(events::create_one).layer(DefaultBodyLimit::max(limits.max_event_body_bytes)),
+        )
+        .route(
+            "/v1/events/bulk",
+            post(events::create_bulk).layer(DefaultBodyLimit::max(limits.max_bulk_body_bytes)),
+        )
+        .route(
+            "/v1/meters",
+            post(meters::create)
+                .get(meters::list)
+                .layer(DefaultBodyLimit::max(MAX_METER_BODY_BYTES)),
+        )
+        .route(
+            "/v1/meters/{id}",
+            get(meters::get_one)
+                .put(meters::replace)
+                .layer(DefaultBodyLimit::max(MAX_METER_BODY_BYTES)),
+        )
+        .fallback(not_found_fallback)
+        .with_state(state)
+}
