@@ -25,7 +25,9 @@ pub struct Config {
 /// What one request may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// `INGEST_MAX_BODY_BYTES` (default 1 MiB): the largest `/v1/events` body.
+    /// `INGEST_MAX_BODY_BYTES` (default 512 KiB): the largest `/v1/events` body and the largest
+    /// single event of a bulk request; below Kafka's default 1 MB message limit, so an
+    /// accepted event always fits in one message.
     pub max_event_body_bytes: usize,
     /// `INGEST_MAX_BULK_BODY_BYTES` (default 8 MiB): the largest `/v1/events/bulk` body.
     pub max_bulk_body_bytes: usize,
@@ -39,7 +41,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_event_body_bytes: 1 << 20,
+            max_event_body_bytes: 512 << 10,
             max_bulk_body_bytes: 8 << 20,
             max_bulk_events: 2000,
             max_future: Duration::from_secs(300),

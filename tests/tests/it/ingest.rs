@@ -460,3 +460,62 @@ async fn a_stopped_broker_gives_a_bounded_503_and_ingest_recovers_without_restar
     assert!(ids.iter().filter(|i| *i == "during").count() <= 1);
     ns.drop_databases().await;
 }
+
+/// The README's `kcat` example, run as written but against this test's topic, produces a
+/// message that the pipeline parses, with the key the contract asks for.
+#[tokio::test]
+async fn the_readme_kcat_example_produces_a_valid_usage_raw_message() {
+    let ns = Namespace::create().await;
+    let readme = std::fs::read_to_string(meterline_tests::stack::repo_root().join("README.md"))
+        .expect("reading README.md");
+    let block = readme
+        .split("<!-- kcat-example:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- kcat-example:end -->").next())
+        .expect("the README marks its kcat example");
+    let command: String = block
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("127.0.0.1:19092", &ns.kafka.brokers)
+        .replace("-t usage.raw", &format!("-t {}", ns.topic(Topic::UsageRaw)));
+    let output = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(&command)
+        .output()
+        .await
+        .expect("running bash");
+    assert!(
+        output.status.success(),
+        "kcat failed (dev/test installs it): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let records = read_topic(
+        &ns,
+        &ns.topic(Topic::UsageRaw),
+        1,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(records.len(), 1);
+    let event = parse(&records[0].value);
+    assert_eq!(
+        records[0].key.as_deref(),
+        Some(event_key(&event).as_str()),
+        "the documented key"
+    );
+    assert_eq!(
+        event.ingested_at, None,
+        "direct producers leave ingested_at out"
+    );
+    ns.drop_databases().await;
+}
+
+fn event_key(event: &RawUsageEvent) -> String {
+    format!(
+        "{}:{}:{}",
+        event.tenant_id, event.environment_id, event.customer_id
+    )
+}
