@@ -1,6 +1,7 @@
 //! Configuration of the aggregator service, read once at start.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use meterline_common::config::{
     ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
@@ -13,6 +14,24 @@ pub struct Config {
     pub kafka: KafkaSettings,
     pub clickhouse: ClickhouseSettings,
     pub postgres: PostgresSettings,
+    /// `STRIPE_SYNC_GRACE_PERIOD_MINUTES` (default 5): a window is due this long after its end,
+    /// so events that arrive a little late still make its first publication.
+    pub grace: Duration,
+    /// `AGGREGATOR_GROUP_ID` (default `meterline-aggregator`): the consumer group of
+    /// `usage.raw`; replicas share it. Resync requests use `<group>-resync`.
+    pub group_id: String,
+    pub batch: BatchLimits,
+    /// `AGGREGATOR_PUBLISH_INTERVAL_MS` (default 1000): how often due windows are looked for.
+    pub publish_interval: Duration,
+}
+
+/// Bounds of one batch from `usage.raw` into ClickHouse: whichever is reached first.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// `AGGREGATOR_BATCH_MAX_EVENTS` (default 50000).
+    pub max_events: usize,
+    /// `AGGREGATOR_BATCH_MAX_WAIT_MS` (default 1000): the longest an event waits in a batch.
+    pub max_wait: Duration,
 }
 
 impl Config {
@@ -27,6 +46,27 @@ impl Config {
             kafka: KafkaSettings::from_env(&env)?,
             clickhouse: ClickhouseSettings::from_env(&env)?,
             postgres: PostgresSettings::from_env(&env)?,
+            grace: Duration::from_secs(
+                60 * env.u64_in_range("STRIPE_SYNC_GRACE_PERIOD_MINUTES", 5, 0..=1440)?,
+            ),
+            group_id: env.string_or("AGGREGATOR_GROUP_ID", "meterline-aggregator"),
+            batch: BatchLimits {
+                max_events: env.u64_in_range(
+                    "AGGREGATOR_BATCH_MAX_EVENTS",
+                    50_000,
+                    1..=1_000_000,
+                )? as usize,
+                max_wait: Duration::from_millis(env.u64_in_range(
+                    "AGGREGATOR_BATCH_MAX_WAIT_MS",
+                    1000,
+                    10..=60_000,
+                )?),
+            },
+            publish_interval: Duration::from_millis(env.u64_in_range(
+                "AGGREGATOR_PUBLISH_INTERVAL_MS",
+                1000,
+                50..=60_000,
+            )?),
         })
     }
 }

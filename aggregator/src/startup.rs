@@ -1,39 +1,104 @@
-//! Wiring: clients for Kafka, ClickHouse and PostgreSQL, readiness checks, and the HTTP server.
+//! Wiring: the consumers, ClickHouse, the window registry, the loops, readiness checks and
+//! the operations server. Shutdown (SIGTERM) lets each loop finish the batch in hand and
+//! commit it before the process exits.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use meterline_common::kafka::KafkaProbe;
+use meterline_common::kafka::{KafkaProbe, Topics};
 use meterline_common::service::ServiceContext;
 use meterline_common::{clickhouse, postgres};
+use meterline_schemas::Topic;
+use tokio::sync::Notify;
 
-use crate::{Config, Error};
+use crate::clickhouse::Warehouse;
+use crate::kafka::{self, Writer};
+use crate::pipeline::{self, Shared};
+use crate::windows::WindowRegistry;
+use crate::{metrics, Config, Error};
 
 pub const SERVICE: &str = "aggregator";
 
 /// Runs the service until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
     let context = ServiceContext::start(SERVICE)?;
-    let kafka = Arc::new(KafkaProbe::new(&config.kafka, SERVICE)?);
-    let warehouse = clickhouse::client(&config.clickhouse);
+    metrics::describe();
+    let probe = Arc::new(KafkaProbe::new(&config.kafka, SERVICE)?);
+    let warehouse_client = clickhouse::client(&config.clickhouse);
     let pool = postgres::pool(&config.postgres, 10)?;
+    let topics = Topics::new(config.kafka.topic_prefix.clone());
+
+    let shared = Arc::new(Shared {
+        warehouse: Warehouse::new(warehouse_client.clone()),
+        registry: WindowRegistry::new(pool.clone()),
+        writer: Writer::new(&config.kafka)?,
+        pool: pool.clone(),
+        grace: config.grace,
+        batch_done: Notify::new(),
+    });
+    let usage = Arc::new(kafka::consumer(
+        &config.kafka,
+        &config.group_id,
+        &topics.name(Topic::UsageRaw),
+    )?);
+    let resync = Arc::new(kafka::consumer(
+        &config.kafka,
+        &format!("{}-resync", config.group_id),
+        &topics.name(Topic::UsageResync),
+    )?);
+
+    let shutdown = context.shutdown.clone();
+    let loops = vec![
+        tokio::spawn(pipeline::consume_usage(
+            shared.clone(),
+            usage.clone(),
+            config.batch,
+            shutdown.clone(),
+        )),
+        tokio::spawn(pipeline::publish_due(
+            shared.clone(),
+            config.publish_interval,
+            shutdown.clone(),
+        )),
+        tokio::spawn(pipeline::consume_resync(
+            shared.clone(),
+            resync,
+            shutdown.clone(),
+        )),
+        tokio::spawn(pipeline::report_lag(
+            usage,
+            Duration::from_secs(10),
+            shutdown.clone(),
+        )),
+    ];
+
     let readiness = context
         .readiness()
         .check("kafka", move || {
-            let kafka = kafka.clone();
-            async move { kafka.check(Duration::from_secs(2)).await }
+            let probe = probe.clone();
+            async move { probe.check(Duration::from_secs(2)).await }
         })
         .check("clickhouse", move || {
-            let warehouse = warehouse.clone();
-            async move { clickhouse::check(&warehouse).await }
+            let client = warehouse_client.clone();
+            async move { clickhouse::check(&client).await }
         })
         .check("postgres", move || {
             let pool = pool.clone();
             async move { postgres::check(&pool).await }
         });
-    context
+    let served = context
         .serve(config.http_addr, Router::new(), readiness)
-        .await?;
-    Ok(())
+        .await;
+    // A loop that failed for good stops the process: cancel the others, then report.
+    shutdown.cancel();
+    let mut failure = served.err().map(Error::from);
+    for handle in loops {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(Error::Task(e.to_string()))),
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }

@@ -37,11 +37,18 @@ impl Migration {
 }
 
 /// Every migration, in order. A unit test checks this list against the folder.
-pub static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events_processed",
-    sql: include_str!("../migrations/clickhouse/0001_events_processed.sql"),
-}];
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events_processed",
+        sql: include_str!("../migrations/clickhouse/0001_events_processed.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "unique_key",
+        sql: include_str!("../migrations/clickhouse/0002_unique_key.sql"),
+    },
+];
 
 /// A client bound to our database.
 pub fn client(settings: &ClickhouseSettings) -> ::clickhouse::Client {

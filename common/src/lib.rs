@@ -15,6 +15,8 @@
 //! - [`telemetry`]: JSON log lines.
 //! - [`metrics`]: the Prometheus recorder every service installs once.
 //! - [`ops`]: the `/healthz`, `/readyz` and `/metrics` routes every service serves.
+//! - [`window_sizes`]: each tenant's window size history, changed only on boundaries of both
+//!   sizes so that windows never overlap.
 //! - [`shutdown`]: the signal that starts a graceful shutdown.
 //! - [`server`]: binding and serving an axum router until shutdown.
 //! - [`service`]: what every service binary does around its own work (exit codes, logs,
@@ -34,5 +36,6 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod window_sizes;
 
 pub use error::Error;

@@ -10,6 +10,8 @@
 //!   and PostgreSQL database, created and migrated exactly as a deploy would.
 //! - [`process`]: spawning a service binary on a free port with its configuration pointed at a
 //!   namespace, then stopping it politely (SIGTERM) or not (SIGKILL).
+//! - [`usage`]: meters, events straight into `usage.raw`, and window totals watched on
+//!   `usage.windows`.
 //! - [`private`]: throwaway Kafka, ClickHouse and PostgreSQL instances for tests that must
 //!   stop a dependency without disturbing the tests running beside them.
 
@@ -19,6 +21,7 @@ pub mod namespace;
 pub mod private;
 pub mod process;
 pub mod stack;
+pub mod usage;
 
 pub use namespace::Namespace;
 pub use process::ServiceProcess;

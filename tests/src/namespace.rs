@@ -107,6 +107,17 @@ impl Namespace {
             .unwrap_or_else(|e| panic!("connecting to database {}: {e}", self.id))
     }
 
+    /// Stops background merges of `events_processed`, so that copies of an event stay in
+    /// separate parts: a total that is right only because a merge happened to deduplicate
+    /// first would otherwise pass by luck.
+    pub async fn stop_merges(&self) {
+        self.clickhouse()
+            .query("SYSTEM STOP MERGES events_processed")
+            .execute()
+            .await
+            .unwrap_or_else(|e| panic!("stopping merges in {}: {e}", self.id));
+    }
+
     pub fn clickhouse(&self) -> ::clickhouse::Client {
         clickhouse::client(&self.clickhouse)
     }

@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-/// Where cargo put the binaries of this build (`target/debug`), found from the test binary's
-/// own path (`target/debug/deps/it-...`).
+/// Where cargo put the binaries of this build (`target/<profile>`), found from the running
+/// executable's own path: a test binary lives one level deeper, in `target/<profile>/deps`,
+/// a workspace binary (such as the benchmark) right there.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binaries live in target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("the running binary has a path");
+    let dir = exe.parent().expect("a binary lives in a folder");
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The path of a workspace binary, failing with what to run when it was not built.
@@ -79,6 +82,11 @@ impl ServiceProcess {
         };
         process.wait_healthy(Duration::from_secs(30)).await;
         process
+    }
+
+    /// The process id, for CPU and memory accounting.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     pub fn url(&self, path: &str) -> String {

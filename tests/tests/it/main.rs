@@ -1,6 +1,7 @@
 //! Integration tests on the real local stack (`dev/up`): Apache Kafka, ClickHouse and
 //! PostgreSQL, each test in its own namespace so that they run in parallel.
 
+mod aggregator;
 mod clickhouse;
 mod ingest;
 mod kafka;

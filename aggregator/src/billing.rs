@@ -1,0 +1,308 @@
+//! The billing rules of aggregation, as plain functions: which meters an event feeds and with
+//! what quantity, when a window is due or expired, and when a window total is (re)published.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use meterline_schemas::{
+    Aggregation, CustomerId, Decimal, EnvironmentId, EventId, MeterDefinition, MeterId,
+    QuantityError, RawUsageEvent, TenantId, Window,
+};
+
+use time::OffsetDateTime;
+
+/// Stripe refuses meter events older than 35 days.
+pub const STRIPE_MAX_EVENT_AGE: time::Duration = time::Duration::days(35);
+
+/// One event's contribution to one meter: a row of `events_processed`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeteredEvent {
+    pub tenant_id: TenantId,
+    pub environment_id: EnvironmentId,
+    pub customer_id: CustomerId,
+    pub meter_id: MeterId,
+    pub event_id: EventId,
+    pub timestamp: OffsetDateTime,
+    pub quantity: Decimal,
+    /// The distinct value for COUNT_UNIQUE meters, empty otherwise.
+    pub unique_key: String,
+    /// Orders copies of one event: the newest copy wins deduplication.
+    pub version: u64,
+    pub ingested_at: OffsetDateTime,
+    /// Older than Stripe accepts: stored, counted, never sendable.
+    pub expired: bool,
+    pub window: Window,
+}
+
+/// What metering one event produced.
+#[derive(Debug, Default)]
+pub struct Metering {
+    pub rows: Vec<MeteredEvent>,
+    /// Meters the event matched but whose property it carried with an unusable value.
+    pub failures: Vec<(MeterId, QuantityError)>,
+}
+
+/// Resolves `event` against the meters of its tenant environment. An event matching no
+/// meter yields no row; an event matching a meter without the property it reads does not
+/// feed that meter (`Ok(None)` from [`Aggregation::quantity`]).
+pub fn meter_event(
+    event: &RawUsageEvent,
+    meters: &[MeterDefinition],
+    window: Window,
+    ingested_at: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Metering {
+    let mut metering = Metering::default();
+    let timestamp = event.timestamp.as_offset_date_time();
+    for meter in meters
+        .iter()
+        .filter(|m| m.matches(&event.event_name, &event.properties))
+    {
+        match meter.aggregation.quantity(&event.properties) {
+            Ok(Some(quantity)) => metering.rows.push(MeteredEvent {
+                tenant_id: event.tenant_id.clone(),
+                environment_id: event.environment_id.clone(),
+                customer_id: event.customer_id.clone(),
+                meter_id: meter.id.clone(),
+                event_id: event.id.clone(),
+                timestamp,
+                quantity,
+                unique_key: meter
+                    .aggregation
+                    .unique_key(&event.properties)
+                    .unwrap_or_default(),
+                version: version_of(ingested_at),
+                ingested_at,
+                expired: is_expired_event(timestamp, now),
+                window,
+            }),
+            Ok(None) => {}
+            Err(e) => metering.failures.push((meter.id.clone(), e)),
+        }
+    }
+    metering
+}
+
+fn version_of(ingested_at: OffsetDateTime) -> u64 {
+    u64::try_from(ingested_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+pub fn is_expired_event(timestamp: OffsetDateTime, now: OffsetDateTime) -> bool {
+    timestamp < now - STRIPE_MAX_EVENT_AGE
+}
+
+/// A window is expired when not one second of it is within Stripe's 35 days any more: a
+/// meter event for it, timestamped inside the window, would be refused.
+pub fn is_expired_window(window: &Window, now: OffsetDateTime) -> bool {
+    window.end() - time::Duration::SECOND < now - STRIPE_MAX_EVENT_AGE
+}
+
+/// When a window is first published: its end plus the grace period.
+pub fn due_at(window: &Window, grace: Duration) -> OffsetDateTime {
+    window.end() + grace
+}
+
+/// A window's aggregates over its deduplicated events, as read from ClickHouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowAggregates {
+    pub events: u64,
+    pub sum: Decimal,
+    pub max: Decimal,
+    pub latest: Decimal,
+    pub unique: u64,
+}
+
+impl WindowAggregates {
+    /// The total the meter bills for the window.
+    pub fn quantity(&self, aggregation: &Aggregation) -> Decimal {
+        match aggregation {
+            Aggregation::Count => Decimal::from(self.events),
+            Aggregation::Sum(_) => self.sum,
+            Aggregation::Max(_) => self.max,
+            Aggregation::Latest(_) => self.latest,
+            Aggregation::CountUnique(_) => Decimal::from(self.unique),
+        }
+        .normalize()
+    }
+}
+
+/// What was last published for a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub revision: u32,
+    pub quantity: Option<Decimal>,
+    pub event_count: Option<u64>,
+}
+
+/// Why a window goes out now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The window became due, or changed after it was published.
+    Due,
+    /// A resync asked for it: published even when unchanged.
+    Resync,
+}
+
+/// Whether to publish a window and under which revision: the first publication is revision
+/// 1; a changed total takes the next revision; an unchanged one is published again only for
+/// a resync, under the same revision (nothing new happened to it).
+pub fn next_revision(
+    published: &Published,
+    quantity: Decimal,
+    event_count: u64,
+    trigger: Trigger,
+) -> Option<NonZeroU32> {
+    let changed = published.quantity.map(|q| q.normalize()) != Some(quantity.normalize())
+        || published.event_count != Some(event_count);
+    let revision = if published.revision == 0 || changed {
+        published.revision.saturating_add(1)
+    } else if trigger == Trigger::Resync {
+        published.revision
+    } else {
+        return None;
+    };
+    NonZeroU32::new(revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterline_schemas::{MeterInput, Timestamp};
+    use serde_json::json;
+    use time::macros::datetime;
+
+    fn meter(value: serde_json::Value) -> MeterDefinition {
+        let input: MeterInput = serde_json::from_value(value).unwrap();
+        MeterDefinition::try_from(input).unwrap()
+    }
+
+    fn event(name: &str, properties: serde_json::Value, at: OffsetDateTime) -> RawUsageEvent {
+        RawUsageEvent {
+            id: EventId::parse("e1").unwrap(),
+            tenant_id: TenantId::parse("t").unwrap(),
+            environment_id: EnvironmentId::parse("e").unwrap(),
+            customer_id: CustomerId::parse("c").unwrap(),
+            event_name: meterline_schemas::EventName::parse(name).unwrap(),
+            timestamp: Timestamp::new(at).unwrap(),
+            properties: properties.as_object().unwrap().clone(),
+            source: None,
+            ingested_at: None,
+        }
+    }
+
+    #[test]
+    fn an_event_feeds_every_matching_meter() {
+        let at = datetime!(2026-11-26 10:15 UTC);
+        let meters = vec![
+            meter(json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"})),
+            meter(
+                json!({"id": "bytes", "event_name": "api.request", "aggregation": "SUM",
+                         "property": "bytes"}),
+            ),
+            meter(
+                json!({"id": "eu_calls", "event_name": "api.request", "aggregation": "COUNT",
+                         "filters": [{"property": "region", "in": ["eu"]}]}),
+            ),
+            meter(
+                json!({"id": "tokens", "event_name": "llm", "aggregation": "SUM",
+                         "property": "tokens"}),
+            ),
+        ];
+        let window = Window::containing(at, 60).unwrap();
+        let e = event("api.request", json!({"bytes": "12.5", "region": "us"}), at);
+        let m = meter_event(&e, &meters, window, at, at);
+        let fed: Vec<(&str, Decimal)> = m
+            .rows
+            .iter()
+            .map(|r| (r.meter_id.as_str(), r.quantity))
+            .collect();
+        assert_eq!(
+            fed,
+            vec![("calls", Decimal::ONE), ("bytes", Decimal::new(125, 1))]
+        );
+        assert!(m.failures.is_empty());
+    }
+
+    #[test]
+    fn an_unusable_value_is_a_failure_for_that_meter_only() {
+        let at = datetime!(2026-11-26 10:15 UTC);
+        let meters = vec![
+            meter(json!({"id": "calls", "event_name": "x", "aggregation": "COUNT"})),
+            meter(json!({"id": "sum", "event_name": "x", "aggregation": "SUM", "property": "n"})),
+        ];
+        let e = event("x", json!({"n": "lots"}), at);
+        let m = meter_event(&e, &meters, Window::containing(at, 60).unwrap(), at, at);
+        assert_eq!(m.rows.len(), 1);
+        assert_eq!(m.failures.len(), 1);
+        assert_eq!(m.failures[0].0.as_str(), "sum");
+    }
+
+    #[test]
+    fn expiry_follows_stripes_35_days() {
+        let now = datetime!(2026-11-26 12:00 UTC);
+        assert!(!is_expired_event(now - time::Duration::days(35), now));
+        assert!(is_expired_event(
+            now - time::Duration::days(35) - time::Duration::SECOND,
+            now
+        ));
+        let old = Window::containing(now - time::Duration::days(36), 60).unwrap();
+        assert!(is_expired_window(&old, now));
+        // A window whose last second is still inside the 35 days can be sent.
+        let edge = Window::containing(now - time::Duration::days(35), 60).unwrap();
+        assert!(!is_expired_window(&edge, now));
+    }
+
+    #[test]
+    fn revisions() {
+        let never = Published {
+            revision: 0,
+            quantity: None,
+            event_count: None,
+        };
+        let q = Decimal::from(10);
+        assert_eq!(
+            next_revision(&never, q, 3, Trigger::Due).map(|r| r.get()),
+            Some(1)
+        );
+        let sent = Published {
+            revision: 1,
+            quantity: Some(Decimal::new(100, 1)),
+            event_count: Some(3),
+        };
+        // 10.0 == 10: unchanged, nothing to publish.
+        assert_eq!(next_revision(&sent, q, 3, Trigger::Due), None);
+        assert_eq!(
+            next_revision(&sent, q, 3, Trigger::Resync).map(|r| r.get()),
+            Some(1)
+        );
+        assert_eq!(
+            next_revision(&sent, q + Decimal::ONE, 4, Trigger::Due).map(|r| r.get()),
+            Some(2)
+        );
+        // Same total from different events (a duplicate replaced by a late one): republish.
+        assert_eq!(
+            next_revision(&sent, q, 4, Trigger::Due).map(|r| r.get()),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn quantities_per_aggregation() {
+        let a = WindowAggregates {
+            events: 4,
+            sum: Decimal::new(1050, 2),
+            max: Decimal::from(7),
+            latest: Decimal::from(2),
+            unique: 3,
+        };
+        let p = meterline_schemas::PropertyName::parse("p").unwrap();
+        assert_eq!(a.quantity(&Aggregation::Count), Decimal::from(4));
+        assert_eq!(a.quantity(&Aggregation::Sum(p.clone())).to_string(), "10.5");
+        assert_eq!(a.quantity(&Aggregation::Max(p.clone())), Decimal::from(7));
+        assert_eq!(
+            a.quantity(&Aggregation::Latest(p.clone())),
+            Decimal::from(2)
+        );
+        assert_eq!(a.quantity(&Aggregation::CountUnique(p)), Decimal::from(3));
+    }
+}

@@ -1,0 +1,193 @@
+//! ClickHouse: writing metered events into `events_processed` and reading window aggregates.
+//!
+//! Rule kept here: totals are read only over deduplicated rows (`FINAL`), so every copy of an
+//! event id counts once, whatever was merged in the background. Quantities are
+//! `Decimal(38, 9)`: sent and read as integers scaled by 10^9.
+
+use std::collections::HashMap;
+
+use clickhouse::{Client, Row};
+use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::billing::{MeteredEvent, WindowAggregates};
+use crate::Error;
+
+const SCALE: u32 = 9;
+
+#[derive(Debug, Row, Serialize)]
+struct ProcessedRow<'a> {
+    tenant_id: &'a str,
+    environment_id: &'a str,
+    customer_id: &'a str,
+    meter_id: &'a str,
+    event_id: &'a str,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    timestamp: OffsetDateTime,
+    qty_billable: i128,
+    sign: i8,
+    version: u64,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    ingested_at: OffsetDateTime,
+    expired: u8,
+    unique_key: &'a str,
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct AggregateRow {
+    customer_id: String,
+    events: u64,
+    total: i128,
+    maximum: i128,
+    latest: i128,
+    unique: u64,
+}
+
+/// A quantity as the scaled integer of `Decimal(38, 9)`; more than 9 decimals are rounded
+/// (half to even), which no meter of ours produces.
+fn to_scaled(quantity: Decimal) -> Option<i128> {
+    let rounded = quantity.round_dp(SCALE);
+    let factor = 10i128.checked_pow(SCALE - rounded.scale())?;
+    rounded.mantissa().checked_mul(factor)
+}
+
+fn from_scaled(value: i128) -> Result<Decimal, Error> {
+    Decimal::try_from_i128_with_scale(value, SCALE)
+        .map(|d| d.normalize())
+        .map_err(|e| Error::Quantity(format!("{value}e-9 does not fit a decimal: {e}")))
+}
+
+#[derive(Clone)]
+pub struct Warehouse {
+    client: Client,
+}
+
+impl Warehouse {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// Inserts `rows` in one insert; returns once ClickHouse acknowledged all of them.
+    pub async fn insert(&self, rows: &[MeteredEvent]) -> Result<(), Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ch = |e| Error::Clickhouse {
+            context: "inserting events_processed",
+            source: e,
+        };
+        let mut insert = self
+            .client
+            .insert::<ProcessedRow<'_>>("events_processed")
+            .await
+            .map_err(ch)?;
+        for r in rows {
+            let qty_billable = to_scaled(r.quantity).ok_or_else(|| {
+                Error::Quantity(format!("quantity {} is out of range", r.quantity))
+            })?;
+            insert
+                .write(&ProcessedRow {
+                    tenant_id: r.tenant_id.as_str(),
+                    environment_id: r.environment_id.as_str(),
+                    customer_id: r.customer_id.as_str(),
+                    meter_id: r.meter_id.as_str(),
+                    event_id: r.event_id.as_str(),
+                    timestamp: r.timestamp,
+                    qty_billable,
+                    sign: 1,
+                    version: r.version,
+                    ingested_at: r.ingested_at,
+                    expired: u8::from(r.expired),
+                    unique_key: &r.unique_key,
+                })
+                .await
+                .map_err(ch)?;
+        }
+        insert.end().await.map_err(ch)
+    }
+
+    /// The aggregates of `meter` over `window` for each of `customers` that has events there.
+    pub async fn window_aggregates(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        meter: &MeterId,
+        window: &Window,
+        customers: &[CustomerId],
+    ) -> Result<HashMap<CustomerId, WindowAggregates>, Error> {
+        let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
+        // LATEST breaks ties between equal timestamps by event id, so the result does not
+        // depend on which part a row sits in.
+        let rows: Vec<AggregateRow> = self
+            .client
+            .query(
+                "SELECT customer_id,
+                        count() AS events,
+                        sum(qty_billable * sign) AS total,
+                        max(qty_billable) AS maximum,
+                        argMax(qty_billable, (timestamp, event_id)) AS latest,
+                        uniqExact(unique_key) AS unique
+                 FROM events_processed FINAL
+                 WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
+                   AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
+                   AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
+                   AND customer_id IN ?
+                 GROUP BY customer_id",
+            )
+            .bind(tenant.as_str())
+            .bind(environment.as_str())
+            .bind(meter.as_str())
+            .bind(millis(window.start()))
+            .bind(millis(window.end()))
+            .bind(customer_ids)
+            .fetch_all()
+            .await
+            .map_err(|e| Error::Clickhouse {
+                context: "reading window aggregates",
+                source: e,
+            })?;
+        rows.into_iter()
+            .map(|row| {
+                let customer = CustomerId::parse(&row.customer_id)
+                    .map_err(|e| Error::Quantity(format!("stored customer id: {e}")))?;
+                Ok((
+                    customer,
+                    WindowAggregates {
+                        events: row.events,
+                        sum: from_scaled(row.total)?,
+                        max: from_scaled(row.maximum)?,
+                        latest: from_scaled(row.latest)?,
+                        unique: row.unique,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+fn millis(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_round_trip_through_the_scaled_integer() {
+        for text in [
+            "0",
+            "1",
+            "12.5",
+            "-3.25",
+            "0.000000001",
+            "123456789012345678.5",
+        ] {
+            let d: Decimal = text.parse().unwrap();
+            let scaled = to_scaled(d).unwrap();
+            assert_eq!(from_scaled(scaled).unwrap(), d.normalize(), "{text}");
+        }
+        assert_eq!(to_scaled("1.5".parse().unwrap()), Some(1_500_000_000));
+    }
+}

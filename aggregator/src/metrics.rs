@@ -1,0 +1,70 @@
+//! Every metric the aggregator exports, named in this one place (`aggregator_<noun>_<unit>`);
+//! labels are bounded (reasons, partitions), never an id.
+
+/// Messages read from `usage.raw`.
+pub const EVENTS_CONSUMED: &str = "aggregator_events_consumed_total";
+/// Rows written to `events_processed` (one per event and meter it feeds).
+pub const ROWS_INSERTED: &str = "aggregator_rows_inserted_total";
+/// Messages sent to `usage.raw.dlq`, by `reason` (`parse`, `validation`, `invalid_quantity`, ...).
+pub const EVENTS_REJECTED: &str = "aggregator_events_rejected_total";
+/// Events that matched no meter of their tenant environment.
+pub const EVENTS_UNMETERED: &str = "aggregator_events_unmetered_total";
+/// Events for windows that had already been published (their window goes out again).
+pub const LATE_EVENTS: &str = "aggregator_late_events_total";
+/// Events older than Stripe's 35 days: stored and flagged, never sendable.
+pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
+/// Events per batch.
+pub const BATCH_SIZE: &str = "aggregator_batch_events";
+/// Time ClickHouse took to accept a batch.
+pub const INSERT_DURATION: &str = "aggregator_clickhouse_insert_duration_seconds";
+/// Failed attempts of a batch step (it is retried), by `step`.
+pub const BATCH_RETRIES: &str = "aggregator_batch_retries_total";
+/// Messages behind the end of each `usage.raw` partition this instance owns.
+pub const CONSUMER_LAG: &str = "aggregator_consumer_lag_messages";
+/// Window totals published to `usage.windows`, by `reason` (`due`, `late`, `resync`).
+pub const WINDOWS_PUBLISHED: &str = "aggregator_windows_published_total";
+/// From a window being due to its total acknowledged on `usage.windows` (first publication).
+pub const PUBLISH_LAG: &str = "aggregator_window_publish_lag_seconds";
+/// Resync requests completed.
+pub const RESYNCS: &str = "aggregator_resync_requests_total";
+
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_CONSUMED, "messages read from usage.raw");
+    describe_counter!(ROWS_INSERTED, "rows written to events_processed");
+    describe_counter!(EVENTS_REJECTED, "messages sent to usage.raw.dlq, by reason");
+    describe_counter!(EVENTS_UNMETERED, "events that matched no meter");
+    describe_counter!(LATE_EVENTS, "events for windows already published");
+    describe_counter!(EXPIRED_EVENTS, "events older than stripe's 35 days");
+    describe_histogram!(BATCH_SIZE, Unit::Count, "events per batch");
+    describe_histogram!(
+        INSERT_DURATION,
+        Unit::Seconds,
+        "clickhouse insert time per batch"
+    );
+    describe_counter!(BATCH_RETRIES, "failed attempts of a batch step, by step");
+    describe_gauge!(
+        CONSUMER_LAG,
+        "messages behind the partition end, by partition"
+    );
+    describe_counter!(WINDOWS_PUBLISHED, "window totals published, by reason");
+    describe_histogram!(
+        PUBLISH_LAG,
+        Unit::Seconds,
+        "window due to total acknowledged"
+    );
+    describe_counter!(RESYNCS, "resync requests completed");
+    for counter in [
+        EVENTS_CONSUMED,
+        ROWS_INSERTED,
+        EVENTS_UNMETERED,
+        LATE_EVENTS,
+        EXPIRED_EVENTS,
+        RESYNCS,
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for reason in ["due", "late", "resync"] {
+        metrics::counter!(WINDOWS_PUBLISHED, "reason" => reason).absolute(0);
+    }
+}

@@ -1,0 +1,614 @@
+//! The aggregator's three loops.
+//!
+//! 1. [`consume_usage`]: `usage.raw` -> `events_processed`. A batch (bounded by count and
+//!    time) is parsed, resolved against the meters, inserted into ClickHouse in one insert,
+//!    its windows are marked dirty in PostgreSQL, bad messages go to `usage.raw.dlq`, and only
+//!    then are its offsets committed. A crash at any point re-delivers the batch; re-inserted
+//!    copies collapse in ClickHouse and re-marking is harmless, so nothing is lost or counted
+//!    twice.
+//! 2. [`publish_due`]: dirty windows whose end plus grace has passed are claimed, their totals
+//!    recomputed from the deduplicated rows, and published to `usage.windows` with a new
+//!    revision when they changed (the first publication is `due`, later ones `late`).
+//! 3. [`consume_resync`]: `usage.resync` requests recompute every due window in their range
+//!    and publish it with reason `resync` and the job id, changed or not.
+//!
+//! Every step that talks to another system is retried with backoff until it succeeds or the
+//! service shuts down; a shutdown finishes the batch in hand first, or leaves it uncommitted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meterline_schemas::{
+    CustomerId, DlqErrorKind, DlqHeaders, EnvironmentId, JobId, MeterId, RawUsageEvent,
+    ResyncRequest, TenantId, Timestamp, Topic, Window, WindowReason, WindowTotal,
+};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::billing::{self, is_expired_window, next_revision, Trigger, WindowAggregates};
+use crate::clickhouse::Warehouse;
+use crate::config::BatchLimits;
+use crate::kafka::Writer;
+use crate::meter_cache::MeterCache;
+use crate::metrics;
+use crate::windows::{Claim, Publication, WindowKey, WindowRegistry};
+use crate::Error;
+
+const SERVICE: &str = "aggregator";
+
+/// Windows claimed per publication round.
+const CLAIM_LIMIT: i64 = 500;
+
+/// Evaluates `$attempt` (an async expression giving `Result<T, Error>`) until it succeeds,
+/// backing off from 100 ms to 10 s, and gives `Some(T)`; `None` when the service is shutting
+/// down, and the caller then abandons the batch without committing it. A macro rather than a
+/// function taking a closure: the attempt borrows the batch, which closures returning futures
+/// cannot express without losing `Send`.
+macro_rules! retry {
+    ($step:literal, $shutdown:expr, $attempt:expr) => {{
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match $attempt.await {
+                Ok(value) => break Some(value),
+                Err(e) => {
+                    ::metrics::counter!(metrics::BATCH_RETRIES, "step" => $step).increment(1);
+                    tracing::warn!(
+                        step = $step,
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "step failed, retrying"
+                    );
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = $shutdown.cancelled() => break None,
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }};
+}
+
+/// Reads up to `limits.max_events` messages, waiting at most `limits.max_wait` after the
+/// first. Empty only when shutdown began before any message arrived.
+async fn read_batch(
+    consumer: &StreamConsumer,
+    limits: BatchLimits,
+    shutdown: &CancellationToken,
+) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    let first = loop {
+        tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(m) => break m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+            _ = shutdown.cancelled() => return batch,
+        }
+    };
+    batch.push(first);
+    let deadline = tokio::time::Instant::now() + limits.max_wait;
+    while batch.len() < limits.max_events {
+        tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(m) => batch.push(m.detach()),
+                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    batch
+}
+
+/// Commits, per partition, the offset after the last message of `batch`.
+fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for m in batch {
+        let entry = next
+            .entry((m.topic().to_owned(), m.partition()))
+            .or_default();
+        // The committed offset names the next message to read: the last one's offset + 1.
+        *entry = (*entry).max(m.offset() + 1);
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(offset)) {
+            tracing::error!(%topic, partition, error = %e, "building the commit");
+            return;
+        }
+    }
+    // A failed commit (for example after a rebalance took the partitions) re-delivers the
+    // batch to the new owner: duplicates, which deduplication absorbs, never a loss.
+    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+        tracing::warn!(error = %e, "committing offsets failed; the batch will be re-delivered");
+    }
+}
+
+fn dlq_headers(m: &OwnedMessage, error: String, kind: DlqErrorKind) -> DlqHeaders {
+    DlqHeaders {
+        error,
+        error_kind: kind,
+        source_topic: m.topic().to_owned(),
+        source_partition: m.partition(),
+        source_offset: m.offset(),
+        service: SERVICE.to_owned(),
+        failed_at: Timestamp::now(),
+    }
+}
+
+/// The dependencies the loops share.
+pub struct Shared {
+    pub warehouse: Warehouse,
+    pub registry: WindowRegistry,
+    pub writer: Writer,
+    pub pool: sqlx::PgPool,
+    pub grace: Duration,
+    /// Woken after each batch, so windows that became due are published without waiting.
+    pub batch_done: Notify,
+}
+
+/// Loop 1: `usage.raw` into ClickHouse.
+pub async fn consume_usage(
+    shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer>,
+    limits: BatchLimits,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut cache = MeterCache::new(shared.pool.clone());
+    loop {
+        let batch = read_batch(&consumer, limits, &shutdown).await;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if !process_batch(&shared, &mut cache, &batch, &shutdown).await {
+            // Shutting down in the middle of a step: leave the batch uncommitted.
+            return Ok(());
+        }
+        commit(&consumer, &batch);
+        shared.batch_done.notify_one();
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
+
+/// Everything but the commit. False when shutdown interrupted it.
+async fn process_batch(
+    shared: &Shared,
+    cache: &mut MeterCache,
+    batch: &[OwnedMessage],
+    shutdown: &CancellationToken,
+) -> bool {
+    ::metrics::counter!(metrics::EVENTS_CONSUMED).increment(batch.len() as u64);
+    ::metrics::histogram!(metrics::BATCH_SIZE).record(batch.len() as f64);
+    if retry!("refresh_meters", shutdown, cache.refresh()).is_none() {
+        return false;
+    }
+    let now = OffsetDateTime::now_utc();
+    let mut rows = Vec::new();
+    let mut dead: Vec<(&OwnedMessage, DlqHeaders)> = Vec::new();
+    let mut unmetered = 0u64;
+    for m in batch {
+        let event = match RawUsageEvent::from_json_bytes(m.payload().unwrap_or_default()) {
+            Ok(event) => event,
+            Err(e) => {
+                dead.push((m, dlq_headers(m, e.to_string(), e.dlq_error_kind())));
+                continue;
+            }
+        };
+        let timestamp = event.timestamp.as_offset_date_time();
+        let window =
+            match cache
+                .sizes()
+                .window_at(&event.tenant_id, &event.environment_id, timestamp)
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    dead.push((m, dlq_headers(m, e.to_string(), DlqErrorKind::VALIDATION)));
+                    continue;
+                }
+            };
+        // Direct producers leave ingested_at out: the broker's timestamp stands in for it.
+        let ingested_at = event
+            .ingested_at
+            .map(|t| t.as_offset_date_time())
+            .or_else(|| {
+                m.timestamp().to_millis().and_then(|ms| {
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+                })
+            })
+            .unwrap_or(now);
+        let metering = billing::meter_event(
+            &event,
+            cache.meters(&event.tenant_id, &event.environment_id),
+            window,
+            ingested_at,
+            now,
+        );
+        if metering.rows.is_empty() && metering.failures.is_empty() {
+            unmetered += 1;
+        }
+        if !metering.failures.is_empty() {
+            let reasons: Vec<String> = metering
+                .failures
+                .iter()
+                .map(|(meter, e)| format!("meter {meter}: {e}"))
+                .collect();
+            // The meters it fed correctly keep their rows; after a fix, a replay from the
+            // dead-letter topic adds the rest and the copies of the others collapse.
+            let kind = DlqErrorKind::parse("invalid_quantity").unwrap_or(DlqErrorKind::VALIDATION);
+            dead.push((m, dlq_headers(m, reasons.join("; "), kind)));
+        }
+        rows.extend(metering.rows);
+    }
+
+    let started = Instant::now();
+    if retry!("clickhouse_insert", shutdown, {
+        shared.warehouse.insert(&rows)
+    })
+    .is_none()
+    {
+        return false;
+    }
+    ::metrics::histogram!(metrics::INSERT_DURATION).record(started.elapsed().as_secs_f64());
+    ::metrics::counter!(metrics::ROWS_INSERTED).increment(rows.len() as u64);
+
+    let keys: Vec<WindowKey> = rows
+        .iter()
+        .map(|r| WindowKey {
+            tenant_id: r.tenant_id.clone(),
+            environment_id: r.environment_id.clone(),
+            customer_id: r.customer_id.clone(),
+            meter_id: r.meter_id.clone(),
+            window: r.window,
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let Some(late) = retry!("mark_windows", shutdown, {
+        shared.registry.mark_dirty(&keys, shared.grace)
+    }) else {
+        return false;
+    };
+    let late: HashSet<WindowKey> = late.into_iter().collect();
+    if !late.is_empty() {
+        let late_events: HashSet<&str> = rows
+            .iter()
+            .filter(|r| {
+                late.contains(&WindowKey {
+                    tenant_id: r.tenant_id.clone(),
+                    environment_id: r.environment_id.clone(),
+                    customer_id: r.customer_id.clone(),
+                    meter_id: r.meter_id.clone(),
+                    window: r.window,
+                })
+            })
+            .map(|r| r.event_id.as_str())
+            .collect();
+        ::metrics::counter!(metrics::LATE_EVENTS).increment(late_events.len() as u64);
+    }
+    let expired: HashSet<&str> = rows
+        .iter()
+        .filter(|r| r.expired)
+        .map(|r| r.event_id.as_str())
+        .collect();
+    ::metrics::counter!(metrics::EXPIRED_EVENTS).increment(expired.len() as u64);
+    ::metrics::counter!(metrics::EVENTS_UNMETERED).increment(unmetered);
+
+    for (m, headers) in &dead {
+        let sent = retry!("dead_letter", shutdown, {
+            shared.writer.dead_letter(
+                Topic::UsageRaw,
+                m.key(),
+                m.payload().unwrap_or_default(),
+                headers,
+            )
+        });
+        if sent.is_none() {
+            return false;
+        }
+        ::metrics::counter!(metrics::EVENTS_REJECTED, "reason" => headers.error_kind.as_str().to_owned())
+            .increment(1);
+        tracing::warn!(
+            partition = m.partition(),
+            offset = m.offset(),
+            reason = %headers.error,
+            "message sent to the dead-letter topic"
+        );
+    }
+    true
+}
+
+/// Loop 2: publishes dirty windows once due.
+pub async fn publish_due(
+    shared: Arc<Shared>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut cache = MeterCache::new(shared.pool.clone());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.batch_done.notified() => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        loop {
+            let now = OffsetDateTime::now_utc();
+            let Some(claim) = retry!("claim_due", &shutdown, {
+                shared.registry.claim_due(now, CLAIM_LIMIT)
+            }) else {
+                return Ok(());
+            };
+            if claim.windows.is_empty() {
+                break;
+            }
+            let full = claim.windows.len() as i64 == CLAIM_LIMIT;
+            if let Err(e) = publish_claim(&shared, &mut cache, claim, Trigger::Due, None).await {
+                // The claim was rolled back: the windows stay dirty and are retried.
+                tracing::warn!(error = %e, "publishing due windows failed, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                break;
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Recomputes the claimed windows, publishes those that go out, records them, and releases
+/// the claim. On error nothing is recorded (the claim rolls back).
+async fn publish_claim(
+    shared: &Shared,
+    cache: &mut MeterCache,
+    claim: Claim,
+    trigger: Trigger,
+    job: Option<&JobId>,
+) -> Result<usize, Error> {
+    cache.refresh().await?;
+    let now = OffsetDateTime::now_utc();
+    let computed_at = Timestamp::new(now).map_err(|e| Error::Corrupt(e.to_string()))?;
+
+    // One query per (tenant, environment, meter, window), for all its customers.
+    let mut groups: BTreeMap<(TenantId, EnvironmentId, MeterId, Window), Vec<CustomerId>> =
+        BTreeMap::new();
+    for w in &claim.windows {
+        let k = &w.key;
+        groups
+            .entry((
+                k.tenant_id.clone(),
+                k.environment_id.clone(),
+                k.meter_id.clone(),
+                k.window,
+            ))
+            .or_default()
+            .push(k.customer_id.clone());
+    }
+    let mut aggregates: HashMap<WindowKey, WindowAggregates> = HashMap::new();
+    for ((tenant, environment, meter, window), customers) in groups {
+        let found = shared
+            .warehouse
+            .window_aggregates(&tenant, &environment, &meter, &window, &customers)
+            .await?;
+        for (customer, a) in found {
+            aggregates.insert(
+                WindowKey {
+                    tenant_id: tenant.clone(),
+                    environment_id: environment.clone(),
+                    customer_id: customer,
+                    meter_id: meter.clone(),
+                    window,
+                },
+                a,
+            );
+        }
+    }
+
+    let mut totals = Vec::new();
+    let mut publications = Vec::new();
+    let mut first_publication_lags = Vec::new();
+    for state in &claim.windows {
+        let key = &state.key;
+        let Some(meter) = cache.meter(&key.tenant_id, &key.environment_id, &key.meter_id) else {
+            tracing::error!(meter = %key.meter_id, "window of an unknown meter left unpublished");
+            continue;
+        };
+        let a = aggregates.get(key).copied().unwrap_or_default();
+        let quantity = a.quantity(&meter.aggregation);
+        let Some(revision) = next_revision(&state.published, quantity, a.events, trigger) else {
+            continue;
+        };
+        let reason = match (trigger, job) {
+            (Trigger::Resync, Some(job_id)) => WindowReason::Resync {
+                job_id: job_id.clone(),
+            },
+            _ if state.published.revision == 0 => WindowReason::Due,
+            _ => WindowReason::Late,
+        };
+        if state.published.revision == 0 {
+            first_publication_lags.push(now - billing::due_at(&key.window, shared.grace));
+        }
+        totals.push(WindowTotal {
+            tenant_id: key.tenant_id.clone(),
+            environment_id: key.environment_id.clone(),
+            customer_id: key.customer_id.clone(),
+            meter_id: key.meter_id.clone(),
+            window: key.window,
+            quantity,
+            event_count: a.events,
+            revision,
+            reason,
+            expired: is_expired_window(&key.window, now),
+            computed_at,
+        });
+        publications.push(Publication {
+            key: key.clone(),
+            revision: revision.get(),
+            quantity,
+            event_count: a.events,
+        });
+    }
+    shared.writer.publish_windows(&totals).await?;
+    claim.finish(&publications).await?;
+    for total in &totals {
+        let reason = match total.reason {
+            WindowReason::Due => "due",
+            WindowReason::Late => "late",
+            WindowReason::Resync { .. } => "resync",
+        };
+        ::metrics::counter!(metrics::WINDOWS_PUBLISHED, "reason" => reason).increment(1);
+    }
+    for lag in first_publication_lags {
+        ::metrics::histogram!(metrics::PUBLISH_LAG).record(lag.as_seconds_f64().max(0.0));
+    }
+    Ok(totals.len())
+}
+
+/// Loop 3: resync requests.
+pub async fn consume_resync(
+    shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut cache = MeterCache::new(shared.pool.clone());
+    loop {
+        let message = tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if !handle_resync(&shared, &mut cache, &message, &shutdown).await {
+            return Ok(());
+        }
+        let owned = message.detach();
+        commit(&consumer, std::slice::from_ref(&owned));
+    }
+}
+
+/// False when shutdown interrupted it (the request is then left uncommitted and redone).
+async fn handle_resync(
+    shared: &Shared,
+    cache: &mut MeterCache,
+    message: &BorrowedMessage<'_>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let payload = message.payload().unwrap_or_default();
+    let request = match ResyncRequest::from_json_bytes(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            let owned = message.detach();
+            let headers = dlq_headers(&owned, e.to_string(), e.dlq_error_kind());
+            return retry!("dead_letter", shutdown, {
+                shared
+                    .writer
+                    .dead_letter(Topic::UsageResync, owned.key(), payload, &headers)
+            })
+            .is_some();
+        }
+    };
+    let mut after: Option<WindowKey> = None;
+    let mut published = 0usize;
+    loop {
+        let now = OffsetDateTime::now_utc();
+        let Some(claim) = retry!("claim_resync", shutdown, {
+            shared.registry.claim_range(
+                &request.tenant_id,
+                &request.environment_id,
+                request.customer_id.as_ref(),
+                request.meter_id.as_ref(),
+                request.range.from().as_offset_date_time(),
+                request.range.to().as_offset_date_time(),
+                now,
+                after.as_ref(),
+                CLAIM_LIMIT,
+            )
+        }) else {
+            return false;
+        };
+        if claim.windows.is_empty() {
+            break;
+        }
+        let last = claim.windows.last().map(|w| w.key.clone());
+        let full = claim.windows.len() as i64 == CLAIM_LIMIT;
+        match publish_claim(shared, cache, claim, Trigger::Resync, Some(&request.job_id)).await {
+            Ok(n) => {
+                published += n;
+                after = last;
+            }
+            Err(e) => {
+                tracing::warn!(job = %request.job_id, error = %e, "resync step failed, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = shutdown.cancelled() => return false,
+                }
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    ::metrics::counter!(metrics::RESYNCS).increment(1);
+    tracing::info!(job = %request.job_id, windows = published, "resync published");
+    true
+}
+
+/// Reports, every `every`, how far behind the end of each owned partition the group is.
+pub async fn report_lag(
+    consumer: Arc<StreamConsumer>,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        let consumer = consumer.clone();
+        let lags = tokio::task::spawn_blocking(move || -> Vec<(i32, i64)> {
+            let Ok(assignment) = consumer.assignment() else {
+                return Vec::new();
+            };
+            let Ok(positions) = consumer.position() else {
+                return Vec::new();
+            };
+            assignment
+                .elements()
+                .iter()
+                .filter_map(|tp| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(5))
+                        .ok()?;
+                    let position = positions
+                        .find_partition(tp.topic(), tp.partition())
+                        .and_then(|p| p.offset().to_raw())
+                        .filter(|o| *o >= 0)
+                        .unwrap_or(0);
+                    Some((tp.partition(), (high - position).max(0)))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
+        for (partition, lag) in lags {
+            ::metrics::gauge!(metrics::CONSUMER_LAG, "partition" => partition.to_string())
+                .set(lag as f64);
+        }
+    }
+}

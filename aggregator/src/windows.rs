@@ -1,0 +1,325 @@
+//! The window registry in PostgreSQL (`aggregation_windows`): every (customer, meter, window)
+//! that has usage, whether it changed since it was last published, and what was published.
+//!
+//! Rules kept here:
+//! - A window is marked dirty only AFTER its events are in ClickHouse, and the batch's Kafka
+//!   offsets are committed only after that: a crash anywhere re-delivers, re-inserts (the
+//!   copies deduplicate) and re-marks, so no change is ever missed.
+//! - Publication claims rows with `FOR UPDATE SKIP LOCKED`: replicas never publish one window
+//!   at once, and a window's revision only goes up. A marking that arrives while a window is
+//!   being published waits for that publication and sets it dirty again afterwards.
+//! - Rows are locked in primary-key order everywhere, and a deadlock is retried by the caller.
+
+use std::time::Duration;
+
+use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
+use sqlx::{PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+
+use crate::billing::Published;
+use crate::Error;
+
+/// One window of one customer and meter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowKey {
+    pub tenant_id: TenantId,
+    pub environment_id: EnvironmentId,
+    pub customer_id: CustomerId,
+    pub meter_id: MeterId,
+    pub window: Window,
+}
+
+/// A claimed window: its key and what was last published for it.
+#[derive(Debug, Clone)]
+pub struct WindowState {
+    pub key: WindowKey,
+    pub published: Published,
+}
+
+/// What was published for a claimed window.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub key: WindowKey,
+    pub revision: u32,
+    pub quantity: Decimal,
+    pub event_count: u64,
+}
+
+#[derive(Clone)]
+pub struct WindowRegistry {
+    pool: PgPool,
+}
+
+#[derive(sqlx::FromRow)]
+struct StateRow {
+    tenant_id: String,
+    environment_id: String,
+    customer_id: String,
+    meter_id: String,
+    window_start: OffsetDateTime,
+    window_end: OffsetDateTime,
+    revision: i32,
+    published_quantity: Option<Decimal>,
+    published_event_count: Option<i64>,
+}
+
+impl TryFrom<StateRow> for WindowState {
+    type Error = Error;
+
+    fn try_from(row: StateRow) -> Result<Self, Error> {
+        let corrupt = |e: meterline_schemas::SchemaError| Error::Corrupt(e.to_string());
+        Ok(WindowState {
+            key: WindowKey {
+                tenant_id: TenantId::parse(&row.tenant_id).map_err(corrupt)?,
+                environment_id: EnvironmentId::parse(&row.environment_id).map_err(corrupt)?,
+                customer_id: CustomerId::parse(&row.customer_id).map_err(corrupt)?,
+                meter_id: MeterId::parse(&row.meter_id).map_err(corrupt)?,
+                window: Window::new(row.window_start, row.window_end).map_err(corrupt)?,
+            },
+            published: Published {
+                revision: u32::try_from(row.revision).unwrap_or(0),
+                quantity: row.published_quantity,
+                event_count: row
+                    .published_event_count
+                    .and_then(|c| u64::try_from(c).ok()),
+            },
+        })
+    }
+}
+
+const STATE_COLUMNS: &str = "tenant_id, environment_id, customer_id, meter_id, window_start, \
+                             window_end, revision, published_quantity, published_event_count";
+
+/// Windows claimed for publication, locked until [`Claim::finish`] (or dropped, which
+/// releases them unchanged).
+pub struct Claim {
+    tx: Transaction<'static, Postgres>,
+    pub windows: Vec<WindowState>,
+}
+
+impl Claim {
+    /// Records what was published and clears the dirty mark of every claimed window.
+    pub async fn finish(mut self, published: &[Publication]) -> Result<(), Error> {
+        let keys = KeyColumns::of(self.windows.iter().map(|w| &w.key));
+        sqlx::query(
+            "UPDATE aggregation_windows w SET dirty = false
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+                  AS k(tenant_id, environment_id, customer_id, meter_id, window_start)
+             WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
+               AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
+               AND w.window_start = k.window_start",
+        )
+        .bind(&keys.tenant)
+        .bind(&keys.environment)
+        .bind(&keys.customer)
+        .bind(&keys.meter)
+        .bind(&keys.start)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("clearing published windows"))?;
+        if !published.is_empty() {
+            let keys = KeyColumns::of(published.iter().map(|p| &p.key));
+            let revisions: Vec<i32> = published
+                .iter()
+                .map(|p| i32::try_from(p.revision).unwrap_or(i32::MAX))
+                .collect();
+            let quantities: Vec<Decimal> = published.iter().map(|p| p.quantity).collect();
+            let counts: Vec<i64> = published
+                .iter()
+                .map(|p| i64::try_from(p.event_count).unwrap_or(i64::MAX))
+                .collect();
+            sqlx::query(
+                "UPDATE aggregation_windows w
+                 SET revision = k.revision, published_quantity = k.quantity,
+                     published_event_count = k.event_count, published_at = now()
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                             $6::int[], $7::numeric[], $8::bigint[])
+                      AS k(tenant_id, environment_id, customer_id, meter_id, window_start,
+                           revision, quantity, event_count)
+                 WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
+                   AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
+                   AND w.window_start = k.window_start",
+            )
+            .bind(&keys.tenant)
+            .bind(&keys.environment)
+            .bind(&keys.customer)
+            .bind(&keys.meter)
+            .bind(&keys.start)
+            .bind(&revisions)
+            .bind(&quantities)
+            .bind(&counts)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("recording publications"))?;
+        }
+        self.tx
+            .commit()
+            .await
+            .map_err(db("committing publications"))
+    }
+}
+
+/// Keys as parallel arrays, for `UNNEST`.
+struct KeyColumns {
+    tenant: Vec<String>,
+    environment: Vec<String>,
+    customer: Vec<String>,
+    meter: Vec<String>,
+    start: Vec<OffsetDateTime>,
+    end: Vec<OffsetDateTime>,
+}
+
+impl KeyColumns {
+    fn of<'a>(keys: impl Iterator<Item = &'a WindowKey>) -> Self {
+        let mut c = KeyColumns {
+            tenant: Vec::new(),
+            environment: Vec::new(),
+            customer: Vec::new(),
+            meter: Vec::new(),
+            start: Vec::new(),
+            end: Vec::new(),
+        };
+        for k in keys {
+            c.tenant.push(k.tenant_id.as_str().to_owned());
+            c.environment.push(k.environment_id.as_str().to_owned());
+            c.customer.push(k.customer_id.as_str().to_owned());
+            c.meter.push(k.meter_id.as_str().to_owned());
+            c.start.push(k.window.start());
+            c.end.push(k.window.end());
+        }
+        c
+    }
+}
+
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Postgres { context, source }
+}
+
+impl WindowRegistry {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Marks `keys` dirty (creating unknown windows), due at their end plus `grace`, and
+    /// returns those that had already been published: their events are late.
+    /// `keys` must be sorted and free of duplicates: rows are locked in that order.
+    pub async fn mark_dirty(
+        &self,
+        keys: &[WindowKey],
+        grace: Duration,
+    ) -> Result<Vec<WindowKey>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = KeyColumns::of(keys.iter());
+        let due: Vec<OffsetDateTime> = c.end.iter().map(|end| *end + grace).collect();
+        // revision > 0 in RETURNING: the window had been published before this batch.
+        let rows: Vec<StateRow> = sqlx::query_as(
+            "INSERT INTO aggregation_windows AS w
+                 (tenant_id, environment_id, customer_id, meter_id, window_start, window_end,
+                  due_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                  $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
+             ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
+             DO UPDATE SET dirty = true, last_event_at = now()
+             RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
+                       w.window_start, w.window_end, w.revision, w.published_quantity,
+                       w.published_event_count",
+        )
+        .bind(&c.tenant)
+        .bind(&c.environment)
+        .bind(&c.customer)
+        .bind(&c.meter)
+        .bind(&c.start)
+        .bind(&c.end)
+        .bind(&due)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("marking windows dirty"))?;
+        rows.into_iter()
+            .filter(|row| row.revision > 0)
+            .map(|row| WindowState::try_from(row).map(|state| state.key))
+            .collect()
+    }
+
+    /// Claims up to `limit` dirty windows that are due at `now`, skipping windows another
+    /// replica holds.
+    pub async fn claim_due(&self, now: OffsetDateTime, limit: i64) -> Result<Claim, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("starting a claim"))?;
+        let rows: Vec<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM aggregation_windows
+             WHERE dirty AND due_at <= $1
+             ORDER BY tenant_id, environment_id, customer_id, meter_id, window_start
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("claiming due windows"))?;
+        let windows = rows
+            .into_iter()
+            .map(WindowState::try_from)
+            .collect::<Result<_, _>>()?;
+        Ok(Claim { tx, windows })
+    }
+
+    /// Claims the due windows of a tenant environment (optionally one customer and/or meter)
+    /// that overlap `[from, to)`, waiting for windows another publication holds. At most
+    /// `limit` windows after `after` (in key order), so large ranges go in chunks.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim_range(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        customer: Option<&CustomerId>,
+        meter: Option<&MeterId>,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        now: OffsetDateTime,
+        after: Option<&WindowKey>,
+        limit: i64,
+    ) -> Result<Claim, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("starting a claim"))?;
+        let (after_customer, after_meter, after_start) = match after {
+            Some(k) => (
+                Some(k.customer_id.as_str()),
+                Some(k.meter_id.as_str()),
+                Some(k.window.start()),
+            ),
+            None => (None, None, None),
+        };
+        let rows: Vec<StateRow> = sqlx::query_as(&format!(
+            "SELECT {STATE_COLUMNS} FROM aggregation_windows
+             WHERE tenant_id = $1 AND environment_id = $2
+               AND ($3::text IS NULL OR customer_id = $3)
+               AND ($4::text IS NULL OR meter_id = $4)
+               AND window_start < $6 AND window_end > $5 AND due_at <= $7
+               AND ($8::text IS NULL
+                    OR (customer_id, meter_id, window_start) > ($8, $9, $10::timestamptz))
+             ORDER BY tenant_id, environment_id, customer_id, meter_id, window_start
+             LIMIT $11
+             FOR UPDATE"
+        ))
+        .bind(tenant.as_str())
+        .bind(environment.as_str())
+        .bind(customer.map(CustomerId::as_str))
+        .bind(meter.map(MeterId::as_str))
+        .bind(from)
+        .bind(to)
+        .bind(now)
+        .bind(after_customer)
+        .bind(after_meter)
+        .bind(after_start)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("claiming windows to resync"))?;
+        let windows = rows
+            .into_iter()
+            .map(WindowState::try_from)
+            .collect::<Result<_, _>>()?;
+        Ok(Claim { tx, windows })
+    }
+}
