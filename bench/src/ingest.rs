@@ -1,0 +1,300 @@
+//! `meterline-bench ingest`: how many events per second ingest turns from bulk HTTP requests
+//! into acknowledged Kafka writes, next to a raw producer writing the same messages.
+//!
+//! Order of one run: generate the events (untimed); baseline on a fresh namespace; ingest on
+//! another fresh namespace, measured with no profiler attached, CPU seconds of ingest, the
+//! broker and this process read from `/proc` around it; then, when `perf` works, a separate
+//! profiled pass over part of the events. The ratio therefore compares two phases a few
+//! seconds apart on the same machine state.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use meterline_schemas::Topic;
+use meterline_tests::{api, stack, Namespace, Stack};
+
+use crate::baseline::{self, RawProducer};
+use crate::procstat::{self, CpuTimes, Machine};
+use crate::profile::{self, Profile, Recording};
+use crate::report::{ComponentCpu, IngestReport, Latency};
+use crate::workload::{Workload, ENVIRONMENT, TENANT};
+use meterline_tests::ServiceProcess;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Params {
+    /// Events to send.
+    #[arg(long, default_value_t = 500_000)]
+    pub events: usize,
+    /// Events per bulk request (and per baseline batch).
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent HTTP clients (and baseline tasks).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Distinct customers the events are spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub customers: usize,
+    /// Events re-sent to ingest under `perf record` after the measured pass; 0: no profile.
+    #[arg(long, default_value_t = 200_000)]
+    pub profile_events: usize,
+    /// Replace the ingest section of docs/benchmarks.md with this run's numbers.
+    #[arg(long)]
+    pub write_docs: bool,
+}
+
+pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
+    if params.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let machine = Machine::read();
+    let date = time::OffsetDateTime::now_utc();
+    let stack = Stack::get();
+    let scope = api::scope(TENANT, ENVIRONMENT);
+    let token = api::token(TENANT, ENVIRONMENT);
+
+    let started = Instant::now();
+    let workload = Arc::new(Workload::generate(
+        params.events,
+        params.customers,
+        params.batch,
+        &scope,
+    )?);
+    eprintln!(
+        "generated {} events in {} requests ({:.1} MiB of bodies) in {:.1}s",
+        workload.events.len(),
+        workload.batch_count(),
+        workload.body_bytes() as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    let broker_pid = procstat::kafka_broker_pid(&stack::repo_root(), &stack.kafka_brokers);
+    if broker_pid.is_none() {
+        eprintln!("the kafka broker's pid was not found: its cpu is not accounted");
+    }
+    let me = std::process::id();
+
+    // Baseline.
+    let baseline_ns = Namespace::create().await;
+    let producer = Arc::new(RawProducer::new(
+        &baseline_ns.kafka,
+        baseline_ns.topic(Topic::UsageRaw),
+    )?);
+    // Metadata and connections first, outside the clock.
+    producer.write_batch(workload.batch_events(0)).await?;
+    eprintln!("baseline: raw producer, {} tasks", params.concurrency);
+    let load_before_baseline = procstat::load_average();
+    let cpu_before = Snapshot::take(None, broker_pid, me)?;
+    let baseline_elapsed =
+        baseline::run(producer.clone(), workload.clone(), params.concurrency).await?;
+    let baseline_cpu = Snapshot::take(None, broker_pid, me)?.since(&cpu_before);
+    drop(producer);
+
+    // Subject: the release ingest binary.
+    let ns = Namespace::create().await;
+    let mut env = ns.env();
+    let largest_body = workload.bodies.iter().map(|b| b.len()).max().unwrap_or(0);
+    env.push((
+        "INGEST_MAX_BULK_EVENTS".into(),
+        params.batch.max(2000).to_string(),
+    ));
+    env.push((
+        "INGEST_MAX_BULK_BODY_BYTES".into(),
+        (largest_body * 2).clamp(8 << 20, 256 << 20).to_string(),
+    ));
+    // The harness finds the release binaries beside this one, in target/release.
+    let ingest = ServiceProcess::spawn("ingest", &env).await;
+    let ingest_pid = ingest.pid().context("the ingest process has a pid")?;
+    let driver = Driver::new(&ingest, token, workload.clone(), params.concurrency)?;
+    driver.warm_up().await?;
+    eprintln!(
+        "ingest: pid {}, {} http clients, bulk requests of {}",
+        ingest_pid, params.concurrency, params.batch
+    );
+    let load_before_ingest = procstat::load_average();
+    let cpu_before = Snapshot::take(Some(ingest_pid), broker_pid, me)?;
+    let (ingest_elapsed, latencies) = driver.run(workload.batch_count()).await?;
+    let ingest_cpu = Snapshot::take(Some(ingest_pid), broker_pid, me)?.since(&cpu_before);
+
+    let profile = if params.profile_events == 0 {
+        Err("disabled (--profile-events 0)".to_owned())
+    } else {
+        profiled_pass(&driver, &ingest, params).await
+    };
+    if let Err(reason) = &profile {
+        eprintln!("profile: {reason}");
+    }
+
+    ingest.terminate(Duration::from_secs(10)).await;
+    baseline_ns.drop_databases().await;
+    ns.drop_databases().await;
+
+    Ok(IngestReport {
+        machine,
+        date,
+        load_before_baseline,
+        load_before_ingest,
+        events: workload.events.len(),
+        batch: params.batch,
+        concurrency: params.concurrency,
+        customers: params.customers,
+        partitions: meterline_tests::namespace::TEST_PARTITIONS,
+        body_bytes: workload.body_bytes(),
+        baseline_elapsed,
+        ingest_elapsed,
+        latency: Latency::of(latencies),
+        baseline_cpu: baseline_cpu.components(),
+        ingest_cpu: ingest_cpu.components(),
+        profile,
+        profile_events: params.profile_events.min(workload.events.len()),
+    })
+}
+
+/// Re-sends the first `profile_events` events with `perf record` attached to ingest.
+async fn profiled_pass(
+    driver: &Driver,
+    ingest: &ServiceProcess,
+    params: &Params,
+) -> Result<Profile, String> {
+    let scratch = std::env::temp_dir();
+    if let Some(reason) = profile::unavailable_reason(&scratch) {
+        return Err(reason);
+    }
+    let data = ingest.log.with_extension("perf.data");
+    let pid = ingest
+        .pid()
+        .ok_or_else(|| "the ingest process has no pid".to_owned())?;
+    let recording = Recording::start(pid, data).map_err(|e| format!("{e:#}"))?;
+    // perf needs a moment to attach to every thread.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let batches = params.profile_events.div_ceil(params.batch);
+    let sent = driver.run(batches.min(driver.workload.batch_count())).await;
+    let profile = recording.finish().map_err(|e| format!("{e:#}"));
+    sent.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
+    profile
+}
+
+/// CPU times of the processes a run involves, at one instant.
+struct Snapshot {
+    ingest: Option<CpuTimes>,
+    broker: Option<CpuTimes>,
+    bench: CpuTimes,
+}
+
+impl Snapshot {
+    fn take(ingest: Option<u32>, broker: Option<u32>, bench: u32) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            ingest: ingest.map(procstat::cpu_times).transpose()?,
+            broker: broker.map(procstat::cpu_times).transpose()?,
+            bench: procstat::cpu_times(bench)?,
+        })
+    }
+
+    fn since(&self, before: &Snapshot) -> Snapshot {
+        let diff = |a: Option<CpuTimes>, b: Option<CpuTimes>| Some(a?.since(b?));
+        Snapshot {
+            ingest: diff(self.ingest, before.ingest),
+            broker: diff(self.broker, before.broker),
+            bench: self.bench.since(before.bench),
+        }
+    }
+
+    fn components(&self) -> Vec<ComponentCpu> {
+        let mut out = Vec::new();
+        if let Some(cpu) = self.ingest {
+            out.push(ComponentCpu::new("ingest", cpu));
+        }
+        if let Some(cpu) = self.broker {
+            out.push(ComponentCpu::new("kafka broker", cpu));
+        }
+        out.push(ComponentCpu::new(
+            "meterline-bench (load generator)",
+            self.bench,
+        ));
+        out
+    }
+}
+
+/// `concurrency` HTTP clients sharing one connection pool, posting the workload's bodies.
+struct Driver {
+    client: reqwest::Client,
+    url: String,
+    token: String,
+    workload: Arc<Workload>,
+    concurrency: usize,
+}
+
+impl Driver {
+    fn new(
+        ingest: &ServiceProcess,
+        token: String,
+        workload: Arc<Workload>,
+        concurrency: usize,
+    ) -> anyhow::Result<Driver> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(concurrency)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("building the http client")?;
+        Ok(Driver {
+            client,
+            url: ingest.url("/v1/events/bulk"),
+            token,
+            workload,
+            concurrency,
+        })
+    }
+
+    /// One request per client, so every connection is open before the clock starts.
+    async fn warm_up(&self) -> anyhow::Result<()> {
+        let posts = (0..self.concurrency).map(|_| self.post(0));
+        for outcome in futures::future::join_all(posts).await {
+            outcome?;
+        }
+        Ok(())
+    }
+
+    /// Posts batches `0..batches`; returns the elapsed time and every request's latency.
+    async fn run(&self, batches: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
+        let next = AtomicUsize::new(0);
+        let started = Instant::now();
+        let clients = (0..self.concurrency).map(|_| async {
+            let mut latencies = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= batches {
+                    return anyhow::Ok(latencies);
+                }
+                latencies.push(self.post(index).await?);
+            }
+        });
+        let mut all = Vec::with_capacity(batches);
+        for outcome in futures::future::join_all(clients).await {
+            all.extend(outcome?);
+        }
+        Ok((started.elapsed(), all))
+    }
+
+    /// Posts bulk body `index`; anything but 202 fails the run.
+    async fn post(&self, index: usize) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let response = self
+            .client
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(self.workload.bodies[index].clone())
+            .send()
+            .await
+            .context("posting a bulk request")?;
+        let status = response.status();
+        let body = response.bytes().await.context("reading the answer")?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!(
+                "ingest answered {status} to bulk request {index}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(2000)])
+            );
+        }
+        Ok(started.elapsed())
+    }
+}

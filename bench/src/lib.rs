@@ -1,0 +1,21 @@
+//! meterline's benchmarks, run against the real local stack (`dev/up`) by `dev/bench`.
+//!
+//! Layout:
+//! - [`workload`]: the usage events a benchmark sends, generated once in memory before any
+//!   clock starts, and their bulk request bodies.
+//! - [`baseline`]: the raw Kafka producer a subject is compared with.
+//! - [`ingest`]: the ingest benchmark (`meterline-bench ingest`): baseline, then the release
+//!   `ingest` binary over HTTP, back to back in one run so the ratio shares one machine state.
+//! - [`procstat`]: CPU seconds of a process and facts about the machine, from `/proc`.
+//! - [`profile`]: `perf record` of a process and its top symbols.
+//! - [`report`]: the result block, and the generated sections of `docs/benchmarks.md`.
+//!
+//! Rule kept everywhere: every number printed or written comes from the run that prints it;
+//! the docs section is replaced whole, never edited by hand.
+
+pub mod baseline;
+pub mod ingest;
+pub mod procstat;
+pub mod profile;
+pub mod report;
+pub mod workload;

@@ -1,0 +1,55 @@
+//! `meterline-bench`: benchmarks against the real local stack (`dev/up`); `dev/bench` builds
+//! everything in release mode and runs them.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meterline_bench::{ingest, report};
+
+#[derive(Parser)]
+#[command(
+    name = "meterline-bench",
+    about = "meterline benchmarks on the local stack"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ingest (HTTP bulk -> Kafka acked) against a raw Kafka producer, in one run.
+    Ingest(ingest::Params),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("meterline-bench: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Ingest(params) => {
+                let result = ingest::run(&params).await?;
+                println!("{}", result.text());
+                if params.write_docs {
+                    let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
+                    report::replace_section(&path, "ingest", &result.markdown())?;
+                    println!("wrote the ingest section of {}", path.display());
+                }
+                anyhow::Ok(())
+            }
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meterline-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
