@@ -3,6 +3,7 @@
 //! Layout, one module per concern so that no service copies another's setup:
 //! - [`api`]: the JSON error answer and JSON body extractor of every HTTP API.
 //! - [`auth`]: bearer JWTs and the [`auth::TenantScope`] every query is scoped by.
+//! - [`crypto`]: AES-256-GCM for secrets at rest, with key ids for rotation.
 //! - [`config`]: typed reading of environment variables; a missing or malformed variable is an
 //!   error that names it.
 //! - [`kafka`]: topic names (with `TOPIC_PREFIX`), client settings for producers and consumer
@@ -12,6 +13,8 @@
 //! - [`postgres`]: the connection pool, the sqlx migrations and the readiness check.
 //! - [`meters`]: the meter definitions store, the only code touching the `meters` table;
 //!   every query scoped by tenant and environment.
+//! - [`stripe_config`]: each tenant's Stripe key, webhook secrets and sync settings, stored
+//!   encrypted.
 //! - [`telemetry`]: JSON log lines.
 //! - [`metrics`]: the Prometheus recorder every service installs once.
 //! - [`ops`]: the `/healthz`, `/readyz` and `/metrics` routes every service serves.
@@ -26,6 +29,7 @@ pub mod api;
 pub mod auth;
 pub mod clickhouse;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod kafka;
 pub mod meters;
@@ -35,6 +39,7 @@ pub mod postgres;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod stripe_config;
 pub mod telemetry;
 pub mod window_sizes;
 

@@ -1,0 +1,378 @@
+//! Each tenant environment's Stripe configuration in PostgreSQL (`stripe_configs`): the API
+//! key and webhook secrets, encrypted with [`crate::crypto::Keyring`], and the sync settings.
+//!
+//! Rules kept here: a secret is parsed into its type at the edge and stored only encrypted,
+//! bound to its tenant, environment and purpose; what leaves this module for a response is
+//! [`MaskedConfig`], which cannot hold a secret; decrypting is explicit and named.
+
+use meterline_schemas::{EnvironmentId, TenantId};
+use serde::Serialize;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::auth::TenantScope;
+use crate::crypto::{CryptoError, Keyring};
+
+/// A Stripe secret or restricted key: `sk_test_`, `sk_live_`, `rk_test_` or `rk_live_`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StripeApiKey(String);
+
+impl std::fmt::Debug for StripeApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StripeApiKey({})", self.masked())
+    }
+}
+
+const KEY_PREFIXES: [&str; 4] = ["sk_test_", "sk_live_", "rk_test_", "rk_live_"];
+
+impl StripeApiKey {
+    pub fn parse(value: &str) -> Result<Self, &'static str> {
+        let value = value.trim();
+        let prefix = KEY_PREFIXES
+            .iter()
+            .find(|p| value.starts_with(**p))
+            .ok_or("api_key must be a Stripe secret or restricted key (sk_test_, sk_live_, rk_test_, rk_live_)")?;
+        let rest = &value[prefix.len()..];
+        if rest.len() < 4 || rest.len() > 255 || !rest.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err("api_key is not a well-formed Stripe key");
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn livemode(&self) -> bool {
+        self.0.contains("_live_")
+    }
+
+    /// `sk_test_`, `rk_live_`, ...
+    pub fn prefix(&self) -> &str {
+        &self.0[..8]
+    }
+
+    pub fn last4(&self) -> &str {
+        &self.0[self.0.len() - 4..]
+    }
+
+    /// What may be shown: `sk_test_****abcd`.
+    pub fn masked(&self) -> String {
+        format!("{}****{}", self.prefix(), self.last4())
+    }
+
+    /// The key itself, for the `Authorization` header of a Stripe request only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A webhook endpoint's signing secret, `whsec_...`.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WebhookSecret(String);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(<redacted>)")
+    }
+}
+
+impl TryFrom<String> for WebhookSecret {
+    type Error = &'static str;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<WebhookSecret> for String {
+    fn from(s: WebhookSecret) -> String {
+        s.0
+    }
+}
+
+impl WebhookSecret {
+    pub fn parse(value: &str) -> Result<Self, &'static str> {
+        let value = value.trim();
+        match value.strip_prefix("whsec_") {
+            Some(rest)
+                if (8..=255).contains(&rest.len())
+                    && rest.chars().all(|c| c.is_ascii_alphanumeric()) =>
+            {
+                Ok(Self(value.to_owned()))
+            }
+            _ => Err("webhook secrets look like whsec_ followed by letters and digits"),
+        }
+    }
+
+    /// The HMAC key bytes.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// A valid configuration to store.
+#[derive(Debug, Clone)]
+pub struct NewConfig {
+    pub api_key: StripeApiKey,
+    pub webhook_secrets: Vec<WebhookSecret>,
+    pub sync_enabled: bool,
+    pub aggregation_window_minutes: u32,
+    pub rate_limit_per_second: Option<u32>,
+}
+
+/// A stored configuration as a response may show it: no secret in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MaskedConfig {
+    pub api_key: String,
+    pub livemode: bool,
+    pub webhook_secrets_count: usize,
+    pub sync_enabled: bool,
+    pub aggregation_window_minutes: u32,
+    pub rate_limit_per_second: Option<u32>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigStoreError {
+    #[error("stripe config: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stripe config: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("stripe config: stored value is invalid: {0}")]
+    Corrupt(String),
+}
+
+fn context(tenant: &TenantId, environment: &EnvironmentId, purpose: &str) -> String {
+    format!("{tenant}/{environment}/{purpose}")
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    api_key_prefix: String,
+    api_key_last4: String,
+    livemode: bool,
+    webhook_secrets_encrypted: String,
+    sync_enabled: bool,
+    aggregation_window_minutes: i32,
+    rate_limit_per_second: Option<i32>,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+#[derive(Clone)]
+pub struct StripeConfigStore {
+    pool: PgPool,
+    keys: Keyring,
+}
+
+impl StripeConfigStore {
+    pub fn new(pool: PgPool, keys: Keyring) -> Self {
+        Self { pool, keys }
+    }
+
+    /// Creates or replaces the configuration of `scope`.
+    pub async fn put(
+        &self,
+        scope: &TenantScope,
+        config: &NewConfig,
+    ) -> Result<MaskedConfig, ConfigStoreError> {
+        let (t, e) = (&scope.tenant_id, &scope.environment_id);
+        let api_key = self.keys.encrypt(
+            config.api_key.expose().as_bytes(),
+            &context(t, e, "api_key"),
+        )?;
+        let secrets_json = serde_json::to_vec(&config.webhook_secrets)
+            .map_err(|e| ConfigStoreError::Corrupt(e.to_string()))?;
+        let secrets = self
+            .keys
+            .encrypt(&secrets_json, &context(t, e, "webhook_secrets"))?;
+        sqlx::query(
+            "INSERT INTO stripe_configs (tenant_id, environment_id, api_key_encrypted,
+                 api_key_prefix, api_key_last4, livemode, webhook_secrets_encrypted,
+                 sync_enabled, aggregation_window_minutes, rate_limit_per_second)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (tenant_id, environment_id) DO UPDATE SET
+                 api_key_encrypted = EXCLUDED.api_key_encrypted,
+                 api_key_prefix = EXCLUDED.api_key_prefix,
+                 api_key_last4 = EXCLUDED.api_key_last4,
+                 livemode = EXCLUDED.livemode,
+                 webhook_secrets_encrypted = EXCLUDED.webhook_secrets_encrypted,
+                 sync_enabled = EXCLUDED.sync_enabled,
+                 aggregation_window_minutes = EXCLUDED.aggregation_window_minutes,
+                 rate_limit_per_second = EXCLUDED.rate_limit_per_second,
+                 updated_at = now()",
+        )
+        .bind(t.as_str())
+        .bind(e.as_str())
+        .bind(api_key)
+        .bind(config.api_key.prefix())
+        .bind(config.api_key.last4())
+        .bind(config.api_key.livemode())
+        .bind(secrets)
+        .bind(config.sync_enabled)
+        .bind(config.aggregation_window_minutes as i32)
+        .bind(config.rate_limit_per_second.map(|r| r as i32))
+        .execute(&self.pool)
+        .await?;
+        self.get(scope)
+            .await?
+            .ok_or_else(|| ConfigStoreError::Corrupt("the row just written is missing".into()))
+    }
+
+    /// The configuration of `scope`, masked.
+    pub async fn get(&self, scope: &TenantScope) -> Result<Option<MaskedConfig>, ConfigStoreError> {
+        let row = self.row(&scope.tenant_id, &scope.environment_id).await?;
+        row.map(|row| {
+            let secrets = self.secrets_of(&scope.tenant_id, &scope.environment_id, &row)?;
+            Ok(MaskedConfig {
+                api_key: format!("{}****{}", row.api_key_prefix, row.api_key_last4),
+                livemode: row.livemode,
+                webhook_secrets_count: secrets.len(),
+                sync_enabled: row.sync_enabled,
+                aggregation_window_minutes: row.aggregation_window_minutes.max(0) as u32,
+                rate_limit_per_second: row.rate_limit_per_second.map(|r| r.max(0) as u32),
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+            })
+        })
+        .transpose()
+    }
+
+    async fn row(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<Option<Row>, ConfigStoreError> {
+        Ok(sqlx::query_as(
+            "SELECT api_key_prefix, api_key_last4, livemode, webhook_secrets_encrypted,
+                    sync_enabled, aggregation_window_minutes, rate_limit_per_second,
+                    created_at, updated_at
+             FROM stripe_configs WHERE tenant_id = $1 AND environment_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    fn secrets_of(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        row: &Row,
+    ) -> Result<Vec<WebhookSecret>, ConfigStoreError> {
+        let plain = self.keys.decrypt(
+            &row.webhook_secrets_encrypted,
+            &context(tenant, environment, "webhook_secrets"),
+        )?;
+        serde_json::from_slice(&plain).map_err(|e| ConfigStoreError::Corrupt(e.to_string()))
+    }
+
+    /// The webhook signing secrets of a tenant environment; `None` when it has no Stripe
+    /// configuration at all.
+    pub async fn webhook_secrets(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<Option<Vec<WebhookSecret>>, ConfigStoreError> {
+        match self.row(tenant, environment).await? {
+            None => Ok(None),
+            Some(row) => self.secrets_of(tenant, environment, &row).map(Some),
+        }
+    }
+
+    /// The decrypted API key of a tenant environment, for calling Stripe; `None` without a
+    /// configuration.
+    pub async fn api_key(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<Option<StripeApiKey>, ConfigStoreError> {
+        let stored: Option<String> = sqlx::query_scalar(
+            "SELECT api_key_encrypted FROM stripe_configs
+             WHERE tenant_id = $1 AND environment_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        stored
+            .map(|s| {
+                let plain = self
+                    .keys
+                    .decrypt(&s, &context(tenant, environment, "api_key"))?;
+                let text = String::from_utf8(plain)
+                    .map_err(|_| ConfigStoreError::Corrupt("api key is not text".into()))?;
+                StripeApiKey::parse(&text).map_err(|e| ConfigStoreError::Corrupt(e.into()))
+            })
+            .transpose()
+    }
+
+    /// Re-encrypts every stored secret under the primary key (after adding a new key at the
+    /// front of `ENCRYPTION_KEYS`); returns how many rows changed.
+    pub async fn rotate_keys(&self) -> Result<u64, ConfigStoreError> {
+        let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT tenant_id, environment_id, api_key_encrypted, webhook_secrets_encrypted
+             FROM stripe_configs FOR UPDATE",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = 0;
+        for (tenant, environment, api_key, secrets) in rows {
+            let api_ctx = format!("{tenant}/{environment}/api_key");
+            let secrets_ctx = format!("{tenant}/{environment}/webhook_secrets");
+            let new_key = self.keys.reencrypt(&api_key, &api_ctx)?;
+            let new_secrets = self.keys.reencrypt(&secrets, &secrets_ctx)?;
+            if new_key.is_none() && new_secrets.is_none() {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE stripe_configs SET api_key_encrypted = $3, webhook_secrets_encrypted = $4
+                 WHERE tenant_id = $1 AND environment_id = $2",
+            )
+            .bind(&tenant)
+            .bind(&environment)
+            .bind(new_key.unwrap_or(api_key))
+            .bind(new_secrets.unwrap_or(secrets))
+            .execute(&self.pool)
+            .await?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys() {
+        let key = StripeApiKey::parse("sk_test_51Habcdefghij1234").unwrap();
+        assert_eq!(key.masked(), "sk_test_****1234");
+        assert!(!key.livemode());
+        assert!(!format!("{key:?}").contains("abcdefgh"));
+        assert!(StripeApiKey::parse("rk_live_abcdefgh12")
+            .unwrap()
+            .livemode());
+        for bad in [
+            "",
+            "pk_test_abcdefgh",
+            "sk_test_abc",
+            "sk_test_has space12",
+            "sk_test_",
+        ] {
+            assert!(StripeApiKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn webhook_secrets() {
+        assert!(WebhookSecret::parse("whsec_abcdefgh1234").is_ok());
+        assert!(WebhookSecret::parse("abcdefgh1234").is_err());
+        assert!(WebhookSecret::parse("whsec_").is_err());
+        let s = WebhookSecret::parse("whsec_abcdefgh1234").unwrap();
+        assert_eq!(format!("{s:?}"), "WebhookSecret(<redacted>)");
+    }
+}
