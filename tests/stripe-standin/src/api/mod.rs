@@ -122,7 +122,20 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
-    let (mut response, drop_connection) = run(app, &method, &uri, &headers, body).await;
+    // The work runs in its own task, as at Stripe: a client that gives up (a timeout) or a
+    // dropped connection does not cancel it, so its result is still stored under its
+    // Idempotency-Key and its (customer, meter) slot is released.
+    let work = {
+        let method = method.clone();
+        tokio::spawn(async move { run(app, &method, &uri, &headers, body).await })
+    };
+    let (mut response, drop_connection) = match work.await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            (StatusCode::INTERNAL_SERVER_ERROR.into_response(), false)
+        }
+    };
     let request_id = format!("req_{}", &uuid::Uuid::new_v4().simple().to_string()[..14]);
     tracing::info!(
         method = %method,
