@@ -1,5 +1,4 @@
-//! Kafka for the aggregator: the consumer groups of `usage.raw` and `usage.resync`, the
-//! dead-letter writer, and the publisher of `usage.windows`.
+//! Kafka for the aggregator: the publisher of `usage.windows`.
 //!
 //! Rule kept here: offsets are committed only by the pipeline, after the work they cover is
 //! durable (rows in ClickHouse and windows marked, or window totals acknowledged by Kafka);
@@ -8,10 +7,8 @@
 use std::time::Duration;
 
 use meterline_common::config::KafkaSettings;
-use meterline_common::kafka::{consumer_config, producer_config, Topics};
-use meterline_schemas::{DlqHeaders, Topic, WindowTotal};
-use rdkafka::consumer::StreamConsumer;
-use rdkafka::message::{Header, OwnedHeaders};
+use meterline_common::kafka::{producer_config, Topics};
+use meterline_schemas::{Topic, WindowTotal};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
@@ -20,31 +17,9 @@ use crate::Error;
 /// How long a write may wait for Kafka before the pipeline retries it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn consumer(
-    settings: &KafkaSettings,
-    group: &str,
-    topic: &str,
-) -> Result<StreamConsumer, Error> {
-    use rdkafka::consumer::Consumer;
-    let consumer: StreamConsumer = consumer_config(settings, "aggregator", group)
-        .create()
-        .map_err(|source| Error::Kafka {
-            context: "creating a consumer",
-            source,
-        })?;
-    consumer
-        .subscribe(&[topic])
-        .map_err(|source| Error::Kafka {
-            context: "subscribing",
-            source,
-        })?;
-    Ok(consumer)
-}
-
-/// Writes to `usage.windows` and the dead-letter topics.
+/// Writes to `usage.windows`.
 pub struct Writer {
     producer: FutureProducer,
-    topics: Topics,
     windows_topic: String,
 }
 
@@ -59,7 +34,6 @@ impl Writer {
                     source,
                 })?,
             windows_topic: topics.name(Topic::UsageWindows),
-            topics,
         })
     }
 
@@ -85,38 +59,5 @@ impl Writer {
             })?;
         }
         Ok(())
-    }
-
-    /// Sends one message to the dead-letter twin of `source`: the original key and bytes,
-    /// the reason in headers; returns once acknowledged.
-    pub async fn dead_letter(
-        &self,
-        source: Topic,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: &DlqHeaders,
-    ) -> Result<(), Error> {
-        let mut kafka_headers = OwnedHeaders::new();
-        for (name, value) in headers.to_headers() {
-            kafka_headers = kafka_headers.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
-        }
-        let dlq_topic = self.topics.dlq(source);
-        let mut record = FutureRecord::to(&dlq_topic)
-            .payload(payload)
-            .headers(kafka_headers);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        self.producer
-            .send(record, Timeout::After(WRITE_TIMEOUT))
-            .await
-            .map(|_| ())
-            .map_err(|(source, _)| Error::Kafka {
-                context: "writing to the dead-letter topic",
-                source,
-            })
     }
 }

@@ -38,6 +38,7 @@ use crate::meter_cache::MeterCache;
 use crate::metrics;
 use crate::windows::{Claim, Publication, WindowKey, WindowRegistry};
 use crate::Error;
+use meterline_common::kafka::DeadLetters;
 
 const SERVICE: &str = "aggregator";
 
@@ -149,6 +150,7 @@ pub struct Shared {
     pub warehouse: Warehouse,
     pub registry: WindowRegistry,
     pub writer: Writer,
+    pub dead_letters: DeadLetters,
     pub pool: sqlx::PgPool,
     pub grace: Duration,
     /// Woken after each batch, so windows that became due are published without waiting.
@@ -305,7 +307,7 @@ async fn process_batch(
 
     for (m, headers) in &dead {
         let sent = retry!("dead_letter", shutdown, {
-            shared.writer.dead_letter(
+            shared.dead_letters.send(
                 Topic::UsageRaw,
                 m.key(),
                 m.payload().unwrap_or_default(),
@@ -517,8 +519,8 @@ async fn handle_resync(
             let headers = dlq_headers(&owned, e.to_string(), e.dlq_error_kind());
             return retry!("dead_letter", shutdown, {
                 shared
-                    .writer
-                    .dead_letter(Topic::UsageResync, owned.key(), payload, &headers)
+                    .dead_letters
+                    .send(Topic::UsageResync, owned.key(), payload, &headers)
             })
             .is_some();
         }

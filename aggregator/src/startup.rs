@@ -13,7 +13,7 @@ use meterline_schemas::Topic;
 use tokio::sync::Notify;
 
 use crate::clickhouse::Warehouse;
-use crate::kafka::{self, Writer};
+use crate::kafka::Writer;
 use crate::pipeline::{self, Shared};
 use crate::windows::WindowRegistry;
 use crate::{metrics, Config, Error};
@@ -33,17 +33,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
         warehouse: Warehouse::new(warehouse_client.clone()),
         registry: WindowRegistry::new(pool.clone()),
         writer: Writer::new(&config.kafka)?,
+        dead_letters: meterline_common::kafka::DeadLetters::new(&config.kafka, SERVICE)?,
         pool: pool.clone(),
         grace: config.grace,
         batch_done: Notify::new(),
     });
-    let usage = Arc::new(kafka::consumer(
+    let usage = Arc::new(meterline_common::kafka::subscribe(
         &config.kafka,
+        SERVICE,
         &config.group_id,
         &topics.name(Topic::UsageRaw),
     )?);
-    let resync = Arc::new(kafka::consumer(
+    let resync = Arc::new(meterline_common::kafka::subscribe(
         &config.kafka,
+        SERVICE,
         &format!("{}-resync", config.group_id),
         &topics.name(Topic::UsageResync),
     )?);

@@ -6,6 +6,9 @@
 //! - [`baseline`]: the raw Kafka producer a subject is compared with.
 //! - [`ingest`]: the ingest benchmark (`meterline-bench ingest`): baseline, then the release
 //!   `ingest` binary over HTTP, back to back in one run so the ratio shares one machine state.
+//! - [`aggregator`]: the aggregator benchmark (`meterline-bench aggregator`): a backlog
+//!   pre-loaded into `usage.raw`, inserted directly with the `clickhouse` crate (baseline),
+//!   then consumed by the release `aggregator` binary; then a live phase for the publish lag.
 //! - [`procstat`]: CPU seconds of a process and facts about the machine, from `/proc`.
 //! - [`profile`]: `perf record` of a process and its top symbols.
 //! - [`report`]: the result block, and the generated sections of `docs/benchmarks.md`.
@@ -13,6 +16,7 @@
 //! Rule kept everywhere: every number printed or written comes from the run that prints it;
 //! the docs section is replaced whole, never edited by hand.
 
+pub mod aggregator;
 pub mod baseline;
 pub mod ingest;
 pub mod procstat;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meterline_bench::{ingest, report};
+use meterline_bench::{aggregator, ingest, report};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Ingest (HTTP bulk -> Kafka acked) against a raw Kafka producer, in one run.
     Ingest(ingest::Params),
+    /// Aggregator (usage.raw -> ClickHouse) against direct inserts of the same rows, in one
+    /// run, then the publish lag of live windows.
+    Aggregator(aggregator::Params),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,16 @@ fn main() -> ExitCode {
                     let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
                     report::replace_section(&path, "ingest", &result.markdown())?;
                     println!("wrote the ingest section of {}", path.display());
+                }
+                anyhow::Ok(())
+            }
+            Command::Aggregator(params) => {
+                let result = aggregator::run(&params).await?;
+                println!("{}", result.text());
+                if params.write_docs {
+                    let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
+                    report::replace_section(&path, "aggregator", &result.markdown())?;
+                    println!("wrote the aggregator section of {}", path.display());
                 }
                 anyhow::Ok(())
             }

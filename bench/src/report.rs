@@ -15,6 +15,10 @@ use crate::profile::Profile;
 pub const GOAL_RATIO: f64 = 0.5;
 pub const GOAL_EVENTS_PER_SECOND: f64 = 50_000.0;
 
+/// The goals the aggregator benchmark is held to.
+pub const AGGREGATOR_GOAL_RATIO: f64 = 0.5;
+pub const AGGREGATOR_GOAL_EVENTS_PER_SECOND: f64 = 100_000.0;
+
 /// How many symbols of the profile are listed.
 const TOP_SYMBOLS: usize = 12;
 
@@ -89,13 +93,10 @@ impl IngestReport {
     }
 
     fn date_text(&self) -> String {
-        meterline_schemas::Timestamp::new(self.date)
-            .map(|t| t.to_string())
-            .unwrap_or_default()
+        date_text(self.date)
     }
 
     fn goals(&self) -> [(String, String, &'static str); 2] {
-        let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
         [
             (
                 format!("ingest >= {GOAL_RATIO}x the raw producer"),
@@ -175,19 +176,7 @@ impl IngestReport {
                     "profile      ingest, {} samples over {} re-sent events:",
                     p.samples, self.profile_events
                 );
-                for (name, share) in p.components() {
-                    let _ = writeln!(s, "               {share:>5.1}%  {name}");
-                }
-                let _ = writeln!(s, "             top symbols:");
-                for e in p.entries.iter().take(TOP_SYMBOLS) {
-                    let _ = writeln!(
-                        s,
-                        "               {:>5.2}%  {}  {}",
-                        e.percent,
-                        e.dso,
-                        shorten(&e.symbol)
-                    );
-                }
+                profile_text(&mut s, p);
             }
             Err(reason) => {
                 let _ = writeln!(s, "profile      unavailable: {reason}");
@@ -263,27 +252,21 @@ impl IngestReport {
              |---|---|---|---|"
         );
         let names = ["ingest", "kafka broker", "meterline-bench (load generator)"];
-        let find =
-            |cpus: &[ComponentCpu], name: &str| cpus.iter().find(|c| c.name == name).map(|c| c.cpu);
-        let cell = |cpu: Option<CpuTimes>| match cpu {
-            Some(c) => format!(
-                "{:.2} s (user {:.2}, system {:.2})",
-                c.total(),
-                c.user,
-                c.system
-            ),
-            None => "-".to_owned(),
-        };
         for name in names {
-            let base = find(&self.baseline_cpu, name);
-            let ing = find(&self.ingest_cpu, name);
+            let base = find_cpu(&self.baseline_cpu, name);
+            let ing = find_cpu(&self.ingest_cpu, name);
             if base.is_none() && ing.is_none() {
                 continue;
             }
             let per = ing
                 .map(|c| format!("{:.2} s", c.total() * 100_000.0 / self.events as f64))
                 .unwrap_or_else(|| "-".to_owned());
-            let _ = writeln!(s, "| {name} | {} | {} | {per} |", cell(base), cell(ing));
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {per} |",
+                cpu_cell(base),
+                cpu_cell(ing)
+            );
         }
         let _ = writeln!(
             s,
@@ -304,28 +287,559 @@ impl IngestReport {
                     p.samples,
                     thousands(self.profile_events as f64)
                 );
-                for (name, share) in p.components() {
-                    let _ = writeln!(s, "| {name} | {share:.1}% |");
-                }
-                let _ = writeln!(
-                    s,
-                    "\nTop symbols (self time):\n\n| share | object | symbol |\n|---|---|---|"
-                );
-                for e in p.entries.iter().take(TOP_SYMBOLS) {
-                    let _ = writeln!(
-                        s,
-                        "| {:.2}% | {} | `{}` |",
-                        e.percent,
-                        e.dso,
-                        shorten(&e.symbol).replace('|', "\\|").replace('`', "'")
-                    );
-                }
+                profile_markdown(&mut s, p);
             }
             Err(reason) => {
                 let _ = writeln!(s, "\nProfile: unavailable ({reason}).");
             }
         }
         s
+    }
+}
+
+/// The profile's components and top symbols, for the terminal.
+fn profile_text(s: &mut String, p: &Profile) {
+    for (name, share) in p.components() {
+        let _ = writeln!(s, "               {share:>5.1}%  {name}");
+    }
+    let _ = writeln!(s, "             top symbols:");
+    for e in p.entries.iter().take(TOP_SYMBOLS) {
+        let _ = writeln!(
+            s,
+            "               {:>5.2}%  {}  {}",
+            e.percent,
+            e.dso,
+            shorten(&e.symbol)
+        );
+    }
+}
+
+/// The profile's components and top symbols, as the two Markdown tables of a section (the
+/// components table's header is written by the caller, after its own introduction).
+fn profile_markdown(s: &mut String, p: &Profile) {
+    for (name, share) in p.components() {
+        let _ = writeln!(s, "| {name} | {share:.1}% |");
+    }
+    let _ = writeln!(
+        s,
+        "\nTop symbols (self time):\n\n| share | object | symbol |\n|---|---|---|"
+    );
+    for e in p.entries.iter().take(TOP_SYMBOLS) {
+        let _ = writeln!(
+            s,
+            "| {:.2}% | {} | `{}` |",
+            e.percent,
+            e.dso,
+            shorten(&e.symbol).replace('|', "\\|").replace('`', "'")
+        );
+    }
+}
+
+/// `12.34 s (user 10.00, system 2.34)`, or `-` when the process was not accounted.
+fn cpu_cell(cpu: Option<CpuTimes>) -> String {
+    match cpu {
+        Some(c) => format!(
+            "{:.2} s (user {:.2}, system {:.2})",
+            c.total(),
+            c.user,
+            c.system
+        ),
+        None => "-".to_owned(),
+    }
+}
+
+fn find_cpu(cpus: &[ComponentCpu], name: &str) -> Option<CpuTimes> {
+    cpus.iter().find(|c| c.name == name).map(|c| c.cpu)
+}
+
+fn date_text(date: time::OffsetDateTime) -> String {
+    meterline_schemas::Timestamp::new(date)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+/// The time a backlog's windows took to be published, once hours past due.
+pub struct BacklogPublication {
+    /// From the last row landing to no backlog window left dirty; `None` when that did not
+    /// happen within the benchmark's patience.
+    pub after_last_row: Option<Duration>,
+}
+
+/// The live phase: events of the present, 1-minute windows, totals read on `usage.windows`.
+pub struct LiveReport {
+    pub customers: usize,
+    pub rate: usize,
+    pub events: u64,
+    /// How long events were sent.
+    pub sending: Duration,
+    /// The whole phase (sending, then reading the last totals): the CPU interval.
+    pub elapsed: Duration,
+    /// (customer, meter, window) the events fed.
+    pub windows: usize,
+    /// Windows whose first revision was never read.
+    pub missing: usize,
+    /// Windows never read with their full event count.
+    pub incomplete: usize,
+    /// Windows published more than once (an event landed after the first publication).
+    pub republished: usize,
+    /// Read time of revision 1 - window end.
+    pub first: Latency,
+    /// Read time of the first total carrying every event sent for the window - window end.
+    pub complete: Latency,
+    /// The aggregator's `aggregator_window_publish_lag_seconds` over the phase: observations
+    /// and the upper bounds of the buckets of p50 and p99.
+    pub histogram: Option<(u64, f64, f64)>,
+    pub cpu: Vec<ComponentCpu>,
+}
+
+pub struct AggregatorReport {
+    pub machine: Machine,
+    pub date: time::OffsetDateTime,
+    pub load_before_baseline: f64,
+    pub load_before_aggregator: f64,
+    pub load_before_live: f64,
+    pub events: usize,
+    pub customers: usize,
+    pub batch_events: usize,
+    pub partitions: i32,
+    /// `STRIPE_SYNC_GRACE_PERIOD_MINUTES` given to the aggregator (0 unless diagnosing).
+    pub grace_minutes: u64,
+    /// (customer, meter, hour) windows of the backlog.
+    pub backlog_windows: usize,
+    pub baseline_elapsed: Duration,
+    /// Rows already there when `count()` first showed any: excluded from the measured rate.
+    pub first_rows: u64,
+    /// From the first rows landing to the last.
+    pub measured_elapsed: Duration,
+    /// From spawning the aggregator to the first rows landing.
+    pub startup: Duration,
+    /// From spawning the aggregator to the last rows landing.
+    pub from_spawn: Duration,
+    pub aggregator_cpu: Vec<ComponentCpu>,
+    pub baseline_cpu: Vec<ComponentCpu>,
+    /// `aggregator_clickhouse_insert_duration_seconds` sum and count after the backlog.
+    pub insert_seconds: Option<f64>,
+    pub inserts: Option<f64>,
+    pub publication: BacklogPublication,
+    /// `aggregator_windows_published_total` by reason at the end of the run.
+    pub windows_published: Vec<(&'static str, u64)>,
+    pub live: Option<LiveReport>,
+    pub peak_rss_kib: Option<u64>,
+    pub profile: Result<Profile, String>,
+    pub profile_events: usize,
+}
+
+impl AggregatorReport {
+    pub fn rows(&self) -> usize {
+        self.events * 2
+    }
+
+    pub fn baseline_rate(&self) -> f64 {
+        self.events as f64 / self.baseline_elapsed.as_secs_f64()
+    }
+
+    /// Events of the measured interval (after the first rows landed).
+    fn measured_events(&self) -> f64 {
+        (self.rows() as f64 - self.first_rows as f64) / 2.0
+    }
+
+    /// Events/s from the first rows landing to the last; from spawn when the first poll
+    /// already saw everything.
+    pub fn aggregator_rate(&self) -> f64 {
+        if self.measured_events() > 0.0 && !self.measured_elapsed.is_zero() {
+            self.measured_events() / self.measured_elapsed.as_secs_f64()
+        } else {
+            self.from_spawn_rate()
+        }
+    }
+
+    pub fn from_spawn_rate(&self) -> f64 {
+        self.events as f64 / self.from_spawn.as_secs_f64()
+    }
+
+    pub fn ratio(&self) -> f64 {
+        self.aggregator_rate() / self.baseline_rate()
+    }
+
+    fn goals(&self) -> [(String, String, &'static str); 2] {
+        [
+            (
+                format!("aggregator >= {AGGREGATOR_GOAL_RATIO}x the direct insert"),
+                format!("{:.2}x", self.ratio()),
+                verdict(self.ratio() >= AGGREGATOR_GOAL_RATIO),
+            ),
+            (
+                format!(
+                    "aggregator >= {} events/s on {} cores",
+                    thousands(AGGREGATOR_GOAL_EVENTS_PER_SECOND),
+                    self.machine.cores
+                ),
+                format!("{} events/s", thousands(self.aggregator_rate())),
+                verdict(self.aggregator_rate() >= AGGREGATOR_GOAL_EVENTS_PER_SECOND),
+            ),
+        ]
+    }
+
+    fn parameters(&self) -> String {
+        format!(
+            "{} backlog events ({} rows: a COUNT and a SUM meter on one event name), {} \
+             customers, 3 hourly windows ending 1 to 3 hours before the current hour ({} windows), {} partitions, \
+             aggregator defaults (batches of up to {} events), grace {} min",
+            thousands(self.events as f64),
+            thousands(self.rows() as f64),
+            thousands(self.customers as f64),
+            thousands(self.backlog_windows as f64),
+            self.partitions,
+            thousands(self.batch_events as f64),
+            self.grace_minutes,
+        )
+    }
+
+    fn live_parameters(live: &LiveReport) -> String {
+        format!(
+            "{} customers of a tenant with 1-minute windows, {} events/s for {:.0} s \
+             ({} events, {} windows)",
+            thousands(live.customers as f64),
+            thousands(live.rate as f64),
+            live.sending.as_secs_f64(),
+            thousands(live.events as f64),
+            thousands(live.windows as f64)
+        )
+    }
+
+    fn insert_text(&self) -> Option<String> {
+        let (sum, count) = (self.insert_seconds?, self.inserts?);
+        if count <= 0.0 {
+            return None;
+        }
+        Some(format!(
+            "{sum:.2} s in {count:.0} inserts (mean {:.0} ms), {:.0}% of the time from spawn",
+            sum * 1000.0 / count,
+            100.0 * sum / self.from_spawn.as_secs_f64()
+        ))
+    }
+
+    fn published_text(&self) -> String {
+        self.windows_published
+            .iter()
+            .map(|(reason, n)| format!("{} {reason}", thousands(*n as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn backlog_publication_text(&self) -> String {
+        match self.publication.after_last_row {
+            Some(d) => format!(
+                "every backlog window published {:.1} s after the last row landed",
+                d.as_secs_f64()
+            ),
+            None if self.grace_minutes > 0 => format!(
+                "not due during the run (grace {} min, a diagnostic run)",
+                self.grace_minutes
+            ),
+            None => "backlog windows still dirty after 600 s".to_owned(),
+        }
+    }
+
+    fn lag_text(l: &Latency) -> String {
+        format!(
+            "p50 {:.2} s, p99 {:.2} s, max {:.2} s ({} windows)",
+            l.p50.as_secs_f64(),
+            l.p99.as_secs_f64(),
+            l.max.as_secs_f64(),
+            l.count
+        )
+    }
+
+    fn histogram_text(live: &LiveReport) -> String {
+        match live.histogram {
+            Some((n, p50, p99)) => format!(
+                "p50 <= {} s, p99 <= {} s ({n} windows; bucket upper bounds)",
+                p50, p99
+            ),
+            None => "no observations".to_owned(),
+        }
+    }
+
+    /// The block printed at the end of a run.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "== aggregator benchmark ({}) ==", date_text(self.date));
+        let _ = writeln!(
+            s,
+            "machine      {} cores, {}, {:.1} GiB; load {:.2} before baseline, {:.2} before aggregator, {:.2} before live",
+            m.cores,
+            m.model,
+            m.memory_gib,
+            self.load_before_baseline,
+            self.load_before_aggregator,
+            self.load_before_live
+        );
+        let _ = writeln!(s, "parameters   {}", self.parameters());
+        let _ = writeln!(
+            s,
+            "baseline     {:>10} events/s  {:>10} rows/s  ({:.2}s, direct clickhouse-crate inserts)",
+            thousands(self.baseline_rate()),
+            thousands(self.baseline_rate() * 2.0),
+            self.baseline_elapsed.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "aggregator   {:>10} events/s  {:>10} rows/s  ({:.2}s from the first rows to the last, {} rows before)",
+            thousands(self.aggregator_rate()),
+            thousands(self.aggregator_rate() * 2.0),
+            self.measured_elapsed.as_secs_f64(),
+            thousands(self.first_rows as f64)
+        );
+        let _ = writeln!(
+            s,
+            "from spawn   {:>10} events/s  ({:.2}s, of which {:.2}s until the first rows)",
+            thousands(self.from_spawn_rate()),
+            self.from_spawn.as_secs_f64(),
+            self.startup.as_secs_f64()
+        );
+        let _ = writeln!(s, "ratio        {:.2}", self.ratio());
+        if let Some(insert) = self.insert_text() {
+            let _ = writeln!(s, "inserts      {insert}");
+        }
+        let _ = writeln!(
+            s,
+            "backlog      {}; windows published (backlog and live): {}",
+            self.backlog_publication_text(),
+            self.published_text()
+        );
+        if let Some(rss) = self.peak_rss_kib {
+            let _ = writeln!(
+                s,
+                "peak rss     {:.0} MiB (aggregator VmHWM)",
+                rss as f64 / 1024.0
+            );
+        }
+        let phases = [
+            ("baseline", &self.baseline_cpu, self.baseline_elapsed),
+            ("consume", &self.aggregator_cpu, self.measured_elapsed),
+        ];
+        for (phase, cpus, elapsed) in phases {
+            cpu_text(&mut s, phase, cpus, elapsed, m.cores);
+        }
+        if let Some(live) = &self.live {
+            let _ = writeln!(s, "live         {}", Self::live_parameters(live));
+            let _ = writeln!(s, "lag first    {}", Self::lag_text(&live.first));
+            let _ = writeln!(s, "lag complete {}", Self::lag_text(&live.complete));
+            let _ = writeln!(s, "lag metric   {}", Self::histogram_text(live));
+            let _ = writeln!(
+                s,
+                "windows      {} never read, {} never complete, {} republished",
+                live.missing, live.incomplete, live.republished
+            );
+            cpu_text(&mut s, "live", &live.cpu, live.elapsed, m.cores);
+        }
+        match &self.profile {
+            Ok(p) => {
+                let _ = writeln!(
+                    s,
+                    "profile      aggregator, {} samples over {} more backlog events:",
+                    p.samples, self.profile_events
+                );
+                profile_text(&mut s, p);
+            }
+            Err(reason) => {
+                let _ = writeln!(s, "profile      unavailable: {reason}");
+            }
+        }
+        for (goal, measured, verdict) in self.goals() {
+            let _ = writeln!(s, "goal         {verdict}  {goal}: {measured}");
+        }
+        s
+    }
+
+    /// The generated Markdown of the aggregator section.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Generated by `meterline-bench aggregator --write-docs` on {}; do not edit by hand.\n",
+            date_text(self.date)
+        );
+        let _ = writeln!(s, "| | |\n|---|---|");
+        let _ = writeln!(
+            s,
+            "| machine | {} cores, {}, {:.1} GiB memory; 1-minute load {:.2} before the baseline, {:.2} before the aggregator, {:.2} before the live phase |",
+            m.cores,
+            m.model,
+            m.memory_gib,
+            self.load_before_baseline,
+            self.load_before_aggregator,
+            self.load_before_live
+        );
+        let _ = writeln!(s, "| date | {} |", date_text(self.date));
+        let _ = writeln!(s, "| parameters | {} |", self.parameters());
+        let _ = writeln!(
+            s,
+            "| baseline: direct insert (clickhouse crate) | **{} events/s** ({} rows/s, {:.2} s) |",
+            thousands(self.baseline_rate()),
+            thousands(self.baseline_rate() * 2.0),
+            self.baseline_elapsed.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "| aggregator: usage.raw -> events_processed | **{} events/s** ({} rows/s, {:.2} s from the first rows landing to the last; {} rows were in before) |",
+            thousands(self.aggregator_rate()),
+            thousands(self.aggregator_rate() * 2.0),
+            self.measured_elapsed.as_secs_f64(),
+            thousands(self.first_rows as f64)
+        );
+        let _ = writeln!(
+            s,
+            "| aggregator, from spawn | {} events/s ({:.2} s, of which {:.2} s until the first rows) |",
+            thousands(self.from_spawn_rate()),
+            self.from_spawn.as_secs_f64(),
+            self.startup.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "| ratio aggregator / baseline | **{:.2}** |",
+            self.ratio()
+        );
+        if let Some(insert) = self.insert_text() {
+            let _ = writeln!(s, "| ClickHouse inserts (aggregator metric) | {insert} |");
+        }
+        let _ = writeln!(
+            s,
+            "| backlog windows | {}; windows published by the end of the live phase (backlog and live): {} |",
+            self.backlog_publication_text(),
+            self.published_text()
+        );
+        if let Some(rss) = self.peak_rss_kib {
+            let _ = writeln!(
+                s,
+                "| aggregator peak RSS | {:.0} MiB (VmHWM at the end of the live phase) |",
+                rss as f64 / 1024.0
+            );
+        }
+        if let Some(live) = &self.live {
+            let _ = writeln!(s, "| live phase | {} |", Self::live_parameters(live));
+            let _ = writeln!(
+                s,
+                "| **publish lag**: window end -> first total read on usage.windows | **{}** |",
+                Self::lag_text(&live.first)
+            );
+            let _ = writeln!(
+                s,
+                "| window end -> total with every event read | {} |",
+                Self::lag_text(&live.complete)
+            );
+            let _ = writeln!(
+                s,
+                "| `aggregator_window_publish_lag_seconds` over the live phase | {} |",
+                Self::histogram_text(live)
+            );
+            let _ = writeln!(
+                s,
+                "| live windows never read / never complete / republished | {} / {} / {} |",
+                live.missing, live.incomplete, live.republished
+            );
+        }
+
+        let _ = writeln!(s, "\nGoals:\n\n| goal | measured | result |\n|---|---|---|");
+        for (goal, measured, verdict) in self.goals() {
+            let _ = writeln!(s, "| {goal} | {measured} | **{verdict}** |");
+        }
+
+        let live_cpu = self.live.as_ref().map(|l| l.cpu.as_slice()).unwrap_or(&[]);
+        let _ = writeln!(
+            s,
+            "\nCPU seconds (user + system) used during each phase, from `/proc/<pid>/stat`:\n\n\
+             | process | baseline phase | consume phase (measured interval) | consume phase, per 100,000 events | live phase |\n\
+             |---|---|---|---|---|"
+        );
+        let measured_events = self.measured_events().max(1.0);
+        for name in [
+            "aggregator",
+            "clickhouse server",
+            "kafka broker",
+            "postgresql (all backends)",
+            "meterline-bench",
+        ] {
+            let base = find_cpu(&self.baseline_cpu, name);
+            let agg = find_cpu(&self.aggregator_cpu, name);
+            let live = find_cpu(live_cpu, name);
+            if base.is_none() && agg.is_none() && live.is_none() {
+                continue;
+            }
+            let per = agg
+                .map(|c| format!("{:.2} s", c.total() * 100_000.0 / measured_events))
+                .unwrap_or_else(|| "-".to_owned());
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {per} | {} |",
+                cpu_cell(base),
+                cpu_cell(agg),
+                cpu_cell(live)
+            );
+        }
+        let live_available = self
+            .live
+            .as_ref()
+            .map(|l| format!("{:.2} s", l.elapsed.as_secs_f64() * m.cores as f64))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| available (wall time x {} cores) | {:.2} s | {:.2} s | | {live_available} |",
+            m.cores,
+            self.baseline_elapsed.as_secs_f64() * m.cores as f64,
+            self.measured_elapsed.as_secs_f64() * m.cores as f64
+        );
+
+        match &self.profile {
+            Ok(p) => {
+                let _ = writeln!(
+                    s,
+                    "\nProfile of the aggregator (`perf record -g -e cpu-clock`, {} samples) while a \
+                     restarted aggregator consumed {} more backlog events, so the measured phase \
+                     above ran without a profiler. Share of samples by component:\n\n\
+                     | component | share |\n|---|---|",
+                    p.samples,
+                    thousands(self.profile_events as f64)
+                );
+                profile_markdown(&mut s, p);
+            }
+            Err(reason) => {
+                let _ = writeln!(s, "\nProfile: unavailable ({reason}).");
+            }
+        }
+        s
+    }
+}
+
+/// CPU seconds of a phase, for the terminal.
+fn cpu_text(s: &mut String, phase: &str, cpus: &[ComponentCpu], elapsed: Duration, cores: usize) {
+    let _ = writeln!(
+        s,
+        "cpu {phase:<8} {:.1} core-seconds available ({:.2}s x {} cores)",
+        elapsed.as_secs_f64() * cores as f64,
+        elapsed.as_secs_f64(),
+        cores
+    );
+    for c in cpus {
+        let _ = writeln!(
+            s,
+            "               {:<34} {:>6.2}s (user {:.2}, system {:.2})",
+            c.name,
+            c.cpu.total(),
+            c.cpu.user,
+            c.cpu.system
+        );
     }
 }
 

@@ -6,12 +6,15 @@
 
 use std::time::Duration;
 
-use meterline_schemas::Topic;
+use meterline_schemas::{DlqHeaders, Topic};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 
 use crate::config::KafkaSettings;
 use crate::Error;
@@ -93,6 +96,28 @@ pub fn consumer_config(settings: &KafkaSettings, client_id: &str, group_id: &str
     config
 }
 
+/// A consumer in group `group_id` (see [`consumer_config`]) subscribed to `topic`.
+pub fn subscribe(
+    settings: &KafkaSettings,
+    client_id: &str,
+    group_id: &str,
+    topic: &str,
+) -> Result<StreamConsumer, Error> {
+    let consumer: StreamConsumer = consumer_config(settings, client_id, group_id)
+        .create()
+        .map_err(|source| Error::Kafka {
+            context: "creating a consumer",
+            source,
+        })?;
+    consumer
+        .subscribe(&[topic])
+        .map_err(|source| Error::Kafka {
+            context: "subscribing",
+            source,
+        })?;
+    Ok(consumer)
+}
+
 /// Creates every topic of `topics` that does not exist yet, with `partitions` partitions.
 /// Existing topics are left as they are.
 pub async fn ensure_topics(
@@ -133,6 +158,59 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// Writes messages that could not be processed to the dead-letter twin of their topic: the
+/// original key and bytes unchanged, the reason in headers ([`DlqHeaders`]).
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topics: Topics,
+}
+
+impl DeadLetters {
+    pub fn new(settings: &KafkaSettings, client_id: &str) -> Result<Self, Error> {
+        Ok(Self {
+            producer: producer_config(settings, client_id, Duration::from_secs(30))
+                .create()
+                .map_err(|source| Error::Kafka {
+                    context: "creating the dead-letter producer",
+                    source,
+                })?,
+            topics: Topics::new(settings.topic_prefix.clone()),
+        })
+    }
+
+    /// Sends one message to the twin of `source`; returns once Kafka acknowledged it.
+    pub async fn send(
+        &self,
+        source: Topic,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &DlqHeaders,
+    ) -> Result<(), Error> {
+        let mut kafka_headers = OwnedHeaders::new();
+        for (name, value) in headers.to_headers() {
+            kafka_headers = kafka_headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let topic = self.topics.dlq(source);
+        let mut record = FutureRecord::to(&topic)
+            .payload(payload)
+            .headers(kafka_headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| Error::Kafka {
+                context: "writing to a dead-letter topic",
+                source,
+            })
+    }
 }
 
 /// Readiness: can we fetch cluster metadata from a broker right now?

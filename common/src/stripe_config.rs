@@ -118,6 +118,14 @@ pub struct NewConfig {
     pub rate_limit_per_second: Option<u32>,
 }
 
+/// What the sink needs of a configuration to send usage.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub api_key: StripeApiKey,
+    pub sync_enabled: bool,
+    pub rate_limit_per_second: Option<u32>,
+}
+
 /// A stored configuration as a response may show it: no secret in it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MaskedConfig {
@@ -307,6 +315,35 @@ impl StripeConfigStore {
                 StripeApiKey::parse(&text).map_err(|e| ConfigStoreError::Corrupt(e.into()))
             })
             .transpose()
+    }
+
+    /// What the sink needs to send a tenant environment's usage: its decrypted key, whether
+    /// sync is on, and its rate (configured, or Stripe's default for the key's mode). `None`
+    /// without a configuration.
+    pub async fn for_sync(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+    ) -> Result<Option<SyncConfig>, ConfigStoreError> {
+        let row: Option<(bool, Option<i32>)> = sqlx::query_as(
+            "SELECT sync_enabled, rate_limit_per_second FROM stripe_configs
+             WHERE tenant_id = $1 AND environment_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((sync_enabled, rate)) = row else {
+            return Ok(None);
+        };
+        let Some(api_key) = self.api_key(tenant, environment).await? else {
+            return Ok(None);
+        };
+        Ok(Some(SyncConfig {
+            rate_limit_per_second: rate.map(|r| r.max(1) as u32),
+            api_key,
+            sync_enabled,
+        }))
     }
 
     /// Re-encrypts every stored secret under the primary key (after adding a new key at the

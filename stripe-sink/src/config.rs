@@ -1,10 +1,13 @@
 //! Configuration of the stripe-sink service, read once at start.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use meterline_common::auth::JwtKeys;
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
+use meterline_common::crypto::Keyring;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -12,6 +15,27 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub kafka: KafkaSettings,
     pub postgres: PostgresSettings,
+    /// `JWT_SECRET`: verifies bearer tokens of the control API.
+    pub jwt: JwtKeys,
+    /// `ENCRYPTION_KEYS`: encrypts Stripe keys and webhook secrets at rest.
+    pub keys: Keyring,
+    pub stripe: StripeSettings,
+}
+
+/// How the sink talks to Stripe.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    /// `STRIPE_INTEGRATION_ENABLED` (default true): when false, window totals are recorded in
+    /// the ledger but nothing is sent to Stripe.
+    pub enabled: bool,
+    /// `STRIPE_API_BASE` (default `https://api.stripe.com`): tests and the demo point it at
+    /// the local stand-in.
+    pub api_base: String,
+    /// `STRIPE_API_TIMEOUT_SECONDS` (default 30): one request's time limit.
+    pub timeout: Duration,
+    /// `STRIPE_MAX_RETRIES` (default 5): retries of one request on 429, 5xx and timeouts
+    /// before the batch waits for the next attempt.
+    pub max_retries: u32,
 }
 
 impl Config {
@@ -21,10 +45,29 @@ impl Config {
 
     pub fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
         let env = Env::new(source);
+        let api_base = env.string_or("STRIPE_API_BASE", "https://api.stripe.com");
+        if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
+            return Err(ConfigError::Malformed {
+                var: "STRIPE_API_BASE",
+                reason: "expected an http(s):// URL".into(),
+            });
+        }
         Ok(Self {
             http_addr: env.socket_addr_or("HTTP_ADDR", "0.0.0.0:8081")?,
             kafka: KafkaSettings::from_env(&env)?,
             postgres: PostgresSettings::from_env(&env)?,
+            jwt: JwtKeys::from_env(&env)?,
+            keys: Keyring::from_env(&env)?,
+            stripe: StripeSettings {
+                enabled: env.bool_or("STRIPE_INTEGRATION_ENABLED", true)?,
+                api_base: api_base.trim_end_matches('/').to_owned(),
+                timeout: Duration::from_secs(env.u64_in_range(
+                    "STRIPE_API_TIMEOUT_SECONDS",
+                    30,
+                    1..=300,
+                )?),
+                max_retries: env.u64_in_range("STRIPE_MAX_RETRIES", 5, 0..=20)? as u32,
+            },
         })
     }
 }

@@ -4,4 +4,22 @@
 pub enum Error {
     #[error(transparent)]
     Common(#[from] meterline_common::Error),
+    #[error("postgres: {context}: {source}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        context: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("stripe config: {0}")]
+    Config(String),
+    #[error("stored value is invalid: {0}")]
+    Corrupt(String),
+    #[error("task failed: {0}")]
+    Task(String),
 }

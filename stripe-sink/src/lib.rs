@@ -3,12 +3,35 @@
 //!
 //! Layout:
 //! - [`config`]: the environment variables it reads.
-//! - [`startup`]: wiring of clients, readiness checks and the HTTP server.
+//! - [`routes`]: the control API (`/v1/stripe/...`).
+//! - [`sync`]: the loops: usage.windows into the ledger, the ledger to Stripe, windows
+//!   released by new mappings.
+//! - [`billing`]: the rules as plain functions: billable whole numbers, differences,
+//!   identifiers, timestamps, Stripe's time bounds.
+//! - [`ledger`]: the sync ledger in PostgreSQL (windows, sends, jobs).
+//! - [`stripe`]: the Stripe client and the classification of its answers.
+//! - [`pacing`]: per-account token bucket, circuit breaker, backoff.
+//! - [`kafka`]: the publisher of resync requests.
+//! - [`metrics`]: the names of every metric the sink exports.
+//! - [`mappings`]: customer and meter mappings in PostgreSQL.
+//! - [`webhook_events`]: the consumer of `stripe.webhooks` that maintains customer mappings
+//!   and records Stripe's meter error reports.
+//! - [`startup`]: wiring of stores, loops, readiness checks and the HTTP server.
 //! - [`error`]: the crate's error type.
 
+pub mod billing;
 pub mod config;
 pub mod error;
+pub mod kafka;
+pub mod ledger;
+pub mod mappings;
+pub mod metrics;
+pub mod pacing;
+pub mod routes;
 pub mod startup;
+pub mod stripe;
+pub mod sync;
+pub mod webhook_events;
 
 pub use config::Config;
 pub use error::Error;

@@ -1,22 +1,104 @@
-//! Wiring: clients for Kafka and PostgreSQL, readiness checks, and the HTTP server.
+//! Wiring: the stores, the Stripe client, the consumers of `stripe.webhooks` and
+//! `usage.windows`, the dispatchers, readiness checks, and the control API server. Shutdown
+//! (SIGTERM) lets each loop finish the work in hand and record it before the process exits.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use meterline_common::kafka::KafkaProbe;
+use meterline_common::kafka::{DeadLetters, KafkaProbe, Topics};
 use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
+use meterline_common::stripe_config::StripeConfigStore;
+use meterline_schemas::Topic;
 
-use crate::{Config, Error};
+use crate::kafka::ResyncPublisher;
+use crate::ledger::Ledger;
+use crate::mappings::MappingStore;
+use crate::pacing::{Backoff, Pacer};
+use crate::routes::{self, AppState};
+use crate::stripe::StripeClient;
+use crate::sync::{self, SyncContext};
+use crate::{metrics, webhook_events, Config, Error};
 
 pub const SERVICE: &str = "stripe-sink";
+
+/// Dispatchers settling windows at once (each holds one customer and meter).
+const DISPATCHERS: usize = 8;
 
 /// Runs the service until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
     let context = ServiceContext::start(SERVICE)?;
+    metrics::describe();
+    metrics::describe_sync();
     let kafka = Arc::new(KafkaProbe::new(&config.kafka, SERVICE)?);
-    let pool = postgres::pool(&config.postgres, 10)?;
+    let pool = postgres::pool(&config.postgres, 20)?;
+    let topics = Topics::new(config.kafka.topic_prefix.clone());
+    let mappings = MappingStore::new(pool.clone());
+    let configs = StripeConfigStore::new(pool.clone(), config.keys.clone());
+    let ledger = Ledger::new(pool.clone());
+    let stripe = StripeClient::new(&config.stripe.api_base, config.stripe.timeout)
+        .map_err(|e| Error::Config(format!("building the http client: {e}")))?;
+    let pacer = Arc::new(Pacer::default());
+    let state = AppState {
+        jwt: config.jwt.clone(),
+        pool: pool.clone(),
+        configs: configs.clone(),
+        mappings: mappings.clone(),
+        ledger: ledger.clone(),
+        stripe: stripe.clone(),
+        pacer: pacer.clone(),
+        resync: Arc::new(ResyncPublisher::new(&config.kafka)?),
+    };
+    let sync = Arc::new(SyncContext {
+        ledger,
+        configs,
+        mappings: mappings.clone(),
+        stripe,
+        pacer,
+        settings: config.stripe.clone(),
+        request_backoff: Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(5),
+        },
+        window_backoff: Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        },
+        dead_letters: DeadLetters::new(&config.kafka, SERVICE)?,
+    });
+
+    let shutdown = context.shutdown.clone();
+    let webhooks = meterline_common::kafka::subscribe(
+        &config.kafka,
+        SERVICE,
+        "meterline-stripe-sink-webhooks",
+        &topics.name(Topic::StripeWebhooks),
+    )?;
+    let windows = meterline_common::kafka::subscribe(
+        &config.kafka,
+        SERVICE,
+        "meterline-stripe-sink-windows",
+        &topics.name(Topic::UsageWindows),
+    )?;
+    let loops = vec![
+        tokio::spawn(webhook_events::consume(
+            mappings,
+            webhooks,
+            shutdown.clone(),
+        )),
+        tokio::spawn(sync::consume_windows(
+            sync.clone(),
+            windows,
+            shutdown.clone(),
+        )),
+        tokio::spawn(sync::dispatch(sync.clone(), DISPATCHERS, shutdown.clone())),
+        tokio::spawn(sync::release_mapped(
+            sync,
+            Duration::from_secs(1),
+            shutdown.clone(),
+        )),
+    ];
+
     let readiness = context
         .readiness()
         .check("kafka", move || {
@@ -27,8 +109,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
             let pool = pool.clone();
             async move { postgres::check(&pool).await }
         });
-    context
-        .serve(config.http_addr, Router::new(), readiness)
-        .await?;
-    Ok(())
+    let served = context
+        .serve(config.http_addr, routes::router(state), readiness)
+        .await;
+    shutdown.cancel();
+    let mut failure = served.err().map(Error::from);
+    for handle in loops {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(Error::Task(e.to_string()))),
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }

@@ -10,6 +10,7 @@
 //!   and PostgreSQL database, created and migrated exactly as a deploy would.
 //! - [`process`]: spawning a service binary on a free port with its configuration pointed at a
 //!   namespace, then stopping it politely (SIGTERM) or not (SIGKILL).
+//! - [`standin`]: the local Stripe, in-process: customers, meters, faults, clock, inspection.
 //! - [`usage`]: meters, events straight into `usage.raw`, and window totals watched on
 //!   `usage.windows`.
 //! - [`private`]: throwaway Kafka, ClickHouse and PostgreSQL instances for tests that must
@@ -21,6 +22,7 @@ pub mod namespace;
 pub mod private;
 pub mod process;
 pub mod stack;
+pub mod standin;
 pub mod usage;
 
 pub use namespace::Namespace;

@@ -1,10 +1,13 @@
 //! Configuration of the webhook-relay service, read once at start.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
+use meterline_common::crypto::Keyring;
+use meterline_common::stripe_config::WebhookSecret;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -12,6 +15,21 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub kafka: KafkaSettings,
     pub postgres: PostgresSettings,
+    /// `ENCRYPTION_KEYS` (required): decrypts the tenants' webhook secrets.
+    pub keys: Keyring,
+    /// `STRIPE_WEBHOOK_SECRET` (optional): the secret used for a tenant environment whose
+    /// Stripe configuration lists no webhook secrets. Never for a tenant environment without
+    /// any configuration: that address does not exist.
+    pub fallback_secret: Option<WebhookSecret>,
+    /// `WEBHOOK_TOLERANCE_SECONDS` (default 300, Stripe's own default; 1..=3600): how far the
+    /// signed timestamp may be from our clock, either way.
+    pub tolerance: Duration,
+    /// `WEBHOOK_MAX_BODY_BYTES` (default 256 KiB, 1 KiB..=900 KiB): the largest body accepted.
+    /// The upper bound keeps a relayed event under Kafka's default 1 MB message limit.
+    pub max_body_bytes: usize,
+    /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a publish may wait for
+    /// Kafka's acknowledgement before the delivery is answered 503 (Stripe then retries).
+    pub produce_timeout: Duration,
 }
 
 impl Config {
@@ -21,10 +39,108 @@ impl Config {
 
     pub fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
         let env = Env::new(source);
+        let fallback_secret = env
+            .optional("STRIPE_WEBHOOK_SECRET")
+            .map(|value| {
+                // The value is not echoed: it is a secret.
+                WebhookSecret::parse(&value).map_err(|reason| ConfigError::Malformed {
+                    var: "STRIPE_WEBHOOK_SECRET",
+                    reason: reason.to_owned(),
+                })
+            })
+            .transpose()?;
         Ok(Self {
             http_addr: env.socket_addr_or("HTTP_ADDR", "0.0.0.0:8082")?,
             kafka: KafkaSettings::from_env(&env)?,
             postgres: PostgresSettings::from_env(&env)?,
+            keys: Keyring::from_env(&env)?,
+            fallback_secret,
+            tolerance: Duration::from_secs(env.u64_in_range(
+                "WEBHOOK_TOLERANCE_SECONDS",
+                300,
+                1..=3600,
+            )?),
+            max_body_bytes: env.u64_in_range(
+                "WEBHOOK_MAX_BODY_BYTES",
+                256 << 10,
+                1024..=(900 << 10),
+            )? as usize,
+            produce_timeout: Duration::from_millis(env.u64_in_range(
+                "KAFKA_PRODUCE_TIMEOUT_MS",
+                5000,
+                100..=60_000,
+            )?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: [(&str, &str); 3] = [
+        ("KAFKA_BROKERS", "127.0.0.1:9092"),
+        ("DATABASE_URL", "postgres://u:p@h/d"),
+        (
+            "ENCRYPTION_KEYS",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ),
+    ];
+
+    #[test]
+    fn defaults() {
+        let config = Config::from_source(&BASE).unwrap();
+        assert_eq!(config.tolerance, Duration::from_secs(300));
+        assert_eq!(config.max_body_bytes, 256 * 1024);
+        assert_eq!(config.produce_timeout, Duration::from_millis(5000));
+        assert!(config.fallback_secret.is_none());
+        assert_eq!(config.http_addr.port(), 8082);
+    }
+
+    #[test]
+    fn encryption_keys_are_required() {
+        let src = [
+            ("KAFKA_BROKERS", "127.0.0.1:9092"),
+            ("DATABASE_URL", "postgres://u:p@h/d"),
+        ];
+        assert_eq!(
+            Config::from_source(&src).unwrap_err(),
+            ConfigError::Missing {
+                var: "ENCRYPTION_KEYS"
+            }
+        );
+    }
+
+    #[test]
+    fn a_malformed_fallback_secret_is_named_not_echoed() {
+        let src = [
+            BASE[0],
+            BASE[1],
+            BASE[2],
+            ("STRIPE_WEBHOOK_SECRET", "hunter2hunter2"),
+        ];
+        let err = Config::from_source(&src).unwrap_err().to_string();
+        assert!(err.contains("STRIPE_WEBHOOK_SECRET"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let src = [
+            BASE[0],
+            BASE[1],
+            BASE[2],
+            ("STRIPE_WEBHOOK_SECRET", "whsec_abcdefgh1234"),
+        ];
+        assert!(Config::from_source(&src).unwrap().fallback_secret.is_some());
+    }
+
+    #[test]
+    fn limits_are_range_checked() {
+        for (var, value) in [
+            ("WEBHOOK_TOLERANCE_SECONDS", "0"),
+            ("WEBHOOK_MAX_BODY_BYTES", "2000000"),
+            ("KAFKA_PRODUCE_TIMEOUT_MS", "5"),
+        ] {
+            let src = [BASE[0], BASE[1], BASE[2], (var, value)];
+            let err = Config::from_source(&src).unwrap_err().to_string();
+            assert!(err.contains(var), "{err}");
+        }
     }
 }

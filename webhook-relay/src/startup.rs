@@ -1,22 +1,44 @@
-//! Wiring: clients for Kafka and PostgreSQL, readiness checks, and the HTTP server.
+//! Wiring: the stripe.webhooks publisher, the secret and deduplication stores, readiness
+//! checks, and the HTTP server.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use meterline_common::kafka::KafkaProbe;
 use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
+use meterline_common::stripe_config::StripeConfigStore;
 
-use crate::{Config, Error};
+use crate::deliveries::DeliveryLog;
+use crate::kafka::WebhookPublisher;
+use crate::relay::Relay;
+use crate::routes::{self, AppState};
+use crate::secrets::EndpointSecrets;
+use crate::{metrics, Config, Error};
 
 pub const SERVICE: &str = "webhook-relay";
 
-/// Runs the service until SIGTERM or SIGINT.
+/// Runs the service until SIGTERM or SIGINT, then flushes what Kafka has not acknowledged.
 pub async fn run(config: Config) -> Result<(), Error> {
     let context = ServiceContext::start(SERVICE)?;
+    metrics::describe();
     let kafka = Arc::new(KafkaProbe::new(&config.kafka, SERVICE)?);
     let pool = postgres::pool(&config.postgres, 10)?;
+    let publisher = Arc::new(WebhookPublisher::new(
+        &config.kafka,
+        config.produce_timeout,
+    )?);
+    let state = AppState {
+        secrets: EndpointSecrets::new(
+            StripeConfigStore::new(pool.clone(), config.keys.clone()),
+            config.fallback_secret.clone(),
+        ),
+        tolerance_seconds: config.tolerance.as_secs(),
+        relay: Arc::new(Relay::new(
+            DeliveryLog::new(pool.clone()),
+            publisher.clone(),
+        )),
+    };
     let readiness = context
         .readiness()
         .check("kafka", move || {
@@ -28,7 +50,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
             async move { postgres::check(&pool).await }
         });
     context
-        .serve(config.http_addr, Router::new(), readiness)
+        .serve(
+            config.http_addr,
+            routes::router(state, config.max_body_bytes),
+            readiness,
+        )
         .await?;
+    // Deliveries in flight finished above; nothing they were answered for is left queued.
+    tokio::task::spawn_blocking(move || publisher.flush())
+        .await
+        .map_err(|e| Error::Shutdown(e.to_string()))?;
     Ok(())
 }

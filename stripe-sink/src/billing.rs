@@ -1,0 +1,156 @@
+//! The sink's billing rules as plain functions: the whole-number value Stripe bills for a
+//! window total, the difference still to send, the deterministic identifier of each meter
+//! event, its timestamp inside the window, and whether Stripe can still take it.
+
+use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::RoundingStrategy;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// Stripe takes meter events from the past 35 days.
+pub const MAX_AGE: time::Duration = time::Duration::days(35);
+/// ... and at most 5 minutes ahead.
+pub const MAX_FUTURE: time::Duration = time::Duration::minutes(5);
+/// Stripe refuses values with more than 15 significant digits.
+const MAX_VALUE: i64 = 999_999_999_999_999;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unsendable {
+    #[error("the window is older than Stripe's 35 days")]
+    Expired,
+    #[error("the window ends in the future")]
+    InFuture,
+    #[error("value {0} has more than 15 digits")]
+    TooLarge(String),
+}
+
+/// The whole number Stripe bills for a window total: Stripe takes whole numbers only, so the
+/// total is rounded half away from zero (12.5 -> 13).
+pub fn billable(total: Decimal) -> Result<i64, Unsendable> {
+    total
+        .round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero)
+        .to_i64()
+        .filter(|v| v.abs() <= MAX_VALUE)
+        .ok_or_else(|| Unsendable::TooLarge(total.to_string()))
+}
+
+/// What is left to send: the billable total minus what Stripe accepted. Negative when the
+/// window went down (a late correction or a deduplicated copy): sent as a negative meter
+/// event, which Stripe documents for corrections. `None` when nothing is owed either way.
+pub fn still_to_send(billable_total: i64, synced: i64) -> Option<i64> {
+    let delta = billable_total - synced;
+    (delta != 0).then_some(delta)
+}
+
+/// The identifier (and Idempotency-Key) of the `seq`-th meter event of a window: the same
+/// inputs always give the same identifier, so a retry after a crash is recognised by Stripe,
+/// and different windows or sends never share one. 3 + 48 characters, within Stripe's 100.
+pub fn identifier(
+    tenant: &TenantId,
+    environment: &EnvironmentId,
+    customer: &CustomerId,
+    meter: &MeterId,
+    window: &Window,
+    seq: u32,
+) -> String {
+    let mut hash = Sha256::new();
+    // Each part is length-prefixed: no two different tuples hash the same input.
+    for part in [
+        tenant.as_str(),
+        environment.as_str(),
+        customer.as_str(),
+        meter.as_str(),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.update(window.start().unix_timestamp().to_be_bytes());
+    hash.update(window.end().unix_timestamp().to_be_bytes());
+    hash.update(seq.to_be_bytes());
+    format!("ml_{}", &hex::encode(hash.finalize())[..48])
+}
+
+/// The timestamp of a window's meter events: its last second, inside `[start, end)`.
+pub fn event_timestamp(window: &Window) -> i64 {
+    window.end().unix_timestamp() - 1
+}
+
+/// Whether Stripe would accept a meter event for `window` at `now`.
+pub fn check_sendable(window: &Window, now: OffsetDateTime) -> Result<(), Unsendable> {
+    let at = event_timestamp(window);
+    if at < (now - MAX_AGE).unix_timestamp() {
+        Err(Unsendable::Expired)
+    } else if at > (now + MAX_FUTURE).unix_timestamp() {
+        Err(Unsendable::InFuture)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn billable_rounds_half_away_from_zero() {
+        assert_eq!(billable(d("12.5")), Ok(13));
+        assert_eq!(billable(d("12.49")), Ok(12));
+        assert_eq!(billable(d("-2.5")), Ok(-3));
+        assert_eq!(billable(d("0")), Ok(0));
+        assert!(billable(d("1000000000000000")).is_err());
+        assert_eq!(billable(d("999999999999999")), Ok(999_999_999_999_999));
+    }
+
+    #[test]
+    fn only_the_difference_is_sent() {
+        assert_eq!(still_to_send(10, 0), Some(10));
+        assert_eq!(still_to_send(10, 10), None);
+        assert_eq!(still_to_send(12, 10), Some(2));
+        assert_eq!(still_to_send(7, 10), Some(-3));
+    }
+
+    #[test]
+    fn identifiers_are_deterministic_and_distinct() {
+        let t = TenantId::parse("t").unwrap();
+        let e = EnvironmentId::parse("e").unwrap();
+        let c = CustomerId::parse("c").unwrap();
+        let m = MeterId::parse("m").unwrap();
+        let w = Window::containing(datetime!(2026-11-26 10:30 UTC), 60).unwrap();
+        let w2 = Window::containing(datetime!(2026-11-26 11:30 UTC), 60).unwrap();
+        let a = identifier(&t, &e, &c, &m, &w, 1);
+        assert_eq!(a, identifier(&t, &e, &c, &m, &w, 1));
+        assert!(a.len() <= 100 && a.starts_with("ml_"));
+        assert_ne!(a, identifier(&t, &e, &c, &m, &w, 2));
+        assert_ne!(a, identifier(&t, &e, &c, &m, &w2, 1));
+        // "ab" + "c" and "a" + "bc" must not collide.
+        let ab = TenantId::parse("ab").unwrap();
+        let env_c = EnvironmentId::parse("c").unwrap();
+        let a2 = TenantId::parse("a").unwrap();
+        let env_bc = EnvironmentId::parse("bc").unwrap();
+        assert_ne!(
+            identifier(&ab, &env_c, &c, &m, &w, 1),
+            identifier(&a2, &env_bc, &c, &m, &w, 1)
+        );
+    }
+
+    #[test]
+    fn stripes_time_bounds() {
+        let now = datetime!(2026-11-26 12:00 UTC);
+        let w = Window::containing(datetime!(2026-11-26 10:30 UTC), 60).unwrap();
+        assert_eq!(
+            event_timestamp(&w),
+            datetime!(2026-11-26 10:59:59 UTC).unix_timestamp()
+        );
+        assert_eq!(check_sendable(&w, now), Ok(()));
+        let old = Window::containing(now - time::Duration::days(36), 60).unwrap();
+        assert_eq!(check_sendable(&old, now), Err(Unsendable::Expired));
+        let ahead = Window::containing(now + time::Duration::hours(2), 60).unwrap();
+        assert_eq!(check_sendable(&ahead, now), Err(Unsendable::InFuture));
+    }
+}

@@ -1,0 +1,736 @@
+//! The sync ledger in PostgreSQL (`stripe_sync_batches`, `stripe_sync_sends`, `sync_jobs`).
+//!
+//! Rules kept here:
+//! - A window's row holds the latest total the aggregator published (the highest revision
+//!   wins) and the sum Stripe accepted (`synced_quantity`); only their difference is sent.
+//! - A meter event is written as a `sending` row BEFORE its request goes out, with its
+//!   deterministic identifier and value; an outstanding `sending` row is always resolved
+//!   (resent unchanged) before anything new is computed. A crash between Stripe's answer and
+//!   the ledger's update therefore resends the same event, which Stripe recognises.
+//! - At most one window per (tenant, environment, customer, meter) is in flight at a time,
+//!   across every sink replica: claims take a transaction advisory lock on that key and
+//!   skip keys with a live lease.
+
+use meterline_common::auth::TenantScope;
+use meterline_schemas::{
+    CustomerId, Decimal, EnvironmentId, JobId, MeterId, TenantId, Window, WindowReason, WindowTotal,
+};
+use serde::Serialize;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::Error;
+
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Postgres { context, source }
+}
+
+/// A claimed window.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub id: i64,
+    pub tenant_id: TenantId,
+    pub environment_id: EnvironmentId,
+    pub customer_id: CustomerId,
+    pub meter_id: MeterId,
+    pub window: Window,
+    pub aggregated_quantity: Decimal,
+    pub synced_quantity: Decimal,
+    pub attempts: i32,
+}
+
+#[derive(sqlx::FromRow)]
+struct BatchRow {
+    id: i64,
+    tenant_id: String,
+    environment_id: String,
+    entity_id: String,
+    meter_id: String,
+    window_start: OffsetDateTime,
+    window_end: OffsetDateTime,
+    aggregated_quantity: Decimal,
+    synced_quantity: Decimal,
+    attempts: i32,
+}
+
+impl TryFrom<BatchRow> for Batch {
+    type Error = Error;
+
+    fn try_from(r: BatchRow) -> Result<Self, Error> {
+        let corrupt = |e: meterline_schemas::SchemaError| Error::Corrupt(e.to_string());
+        Ok(Batch {
+            id: r.id,
+            tenant_id: TenantId::parse(&r.tenant_id).map_err(corrupt)?,
+            environment_id: EnvironmentId::parse(&r.environment_id).map_err(corrupt)?,
+            customer_id: CustomerId::parse(&r.entity_id).map_err(corrupt)?,
+            meter_id: MeterId::parse(&r.meter_id).map_err(corrupt)?,
+            window: Window::new(r.window_start, r.window_end).map_err(corrupt)?,
+            aggregated_quantity: r.aggregated_quantity,
+            synced_quantity: r.synced_quantity,
+            attempts: r.attempts,
+        })
+    }
+}
+
+/// A meter event written before its request.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Send {
+    pub seq: i32,
+    pub identifier: String,
+    /// Which Idempotency-Key of the event is current (see [`Send::idempotency_key`]).
+    pub key_generation: i32,
+    pub value: Decimal,
+    pub event_name: String,
+    pub provider_customer_id: String,
+    pub stripe_timestamp: i64,
+    pub created_at: OffsetDateTime,
+}
+
+impl Send {
+    /// The Idempotency-Key of the current attempt: the identifier while no 5xx came back,
+    /// then `<identifier>-<generation>`. A retry after a lost answer keeps the key, so
+    /// Stripe replays the first answer; a retry after a 5xx gets a fresh one. Double
+    /// counting is prevented by the identifier, which never changes.
+    pub fn idempotency_key(&self) -> String {
+        if self.key_generation == 0 {
+            self.identifier.clone()
+        } else {
+            format!("{}-{}", self.identifier, self.key_generation)
+        }
+    }
+}
+
+/// How a dispatcher leaves a claimed window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    /// Everything owed was accepted: synced, or pending again if a newer total arrived.
+    Settled,
+    /// Try again at `after` seconds from now.
+    RetryIn { seconds: f64, error: String },
+    /// The last request got no answer (a timeout, a dropped connection): it may still be
+    /// running at Stripe. The window stays in flight for `seconds`, so no other request for
+    /// this customer and meter starts meanwhile (Stripe allows one at a time), then it is
+    /// retried.
+    Unanswered { seconds: f64, error: String },
+    /// The customer has no Stripe mapping yet.
+    PendingMapping,
+    /// Not to be sent: no meter mapping, or sync disabled.
+    Skipped(String),
+    /// Older than Stripe's 35 days.
+    Expired,
+    /// Refused for good; waits for `POST /v1/stripe/batches/retry`.
+    Failed(String),
+    /// A request whose outcome cannot be known any more (sent over 23 h ago, never answered):
+    /// resending could bill twice once Stripe forgot its identifier, so a person decides.
+    NeedsReconciliation(String),
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    pool: PgPool,
+}
+
+impl Ledger {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Records a published window total. A higher revision replaces the total; any window
+    /// not in flight becomes pending so the difference is checked; expired windows stay
+    /// expired; a resync whose job asked for `force_rerun` also re-opens failed and skipped
+    /// windows.
+    pub async fn record_window(&self, total: &WindowTotal) -> Result<(), Error> {
+        let job = match &total.reason {
+            WindowReason::Resync { job_id } => Some(job_id),
+            _ => None,
+        };
+        let force: bool = match job {
+            Some(job_id) => {
+                sqlx::query_scalar("SELECT force_rerun FROM sync_jobs WHERE id = $1::uuid")
+                    .bind(job_id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db("reading the sync job"))?
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+        let initial = if total.expired { "expired" } else { "pending" };
+        sqlx::query(
+            "INSERT INTO stripe_sync_batches AS b
+                 (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
+                  aggregated_quantity, event_count, window_revision, sync_status, last_job_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid)
+             ON CONFLICT (tenant_id, environment_id, entity_id, meter_id, window_start)
+             DO UPDATE SET
+                 aggregated_quantity = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                     THEN EXCLUDED.aggregated_quantity ELSE b.aggregated_quantity END,
+                 event_count = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                     THEN EXCLUDED.event_count ELSE b.event_count END,
+                 window_revision = GREATEST(b.window_revision, EXCLUDED.window_revision),
+                 last_job_id = COALESCE(EXCLUDED.last_job_id, b.last_job_id),
+                 sync_status = CASE
+                     WHEN b.sync_status IN ('in_flight', 'needs_reconciliation', 'expired')
+                         THEN b.sync_status
+                     WHEN EXCLUDED.sync_status = 'expired' THEN 'expired'
+                     WHEN b.sync_status IN ('failed', 'skipped') AND NOT $12 THEN b.sync_status
+                     ELSE 'pending' END,
+                 next_attempt_at = CASE
+                     WHEN b.sync_status IN ('synced', 'pending_mapping') OR $12 THEN now()
+                     ELSE b.next_attempt_at END,
+                 attempts = CASE WHEN $12 THEN 0 ELSE b.attempts END,
+                 updated_at = now()",
+        )
+        .bind(total.tenant_id.as_str())
+        .bind(total.environment_id.as_str())
+        .bind(total.customer_id.as_str())
+        .bind(total.meter_id.as_str())
+        .bind(total.window.start())
+        .bind(total.window.end())
+        .bind(total.quantity)
+        .bind(i64::try_from(total.event_count).unwrap_or(i64::MAX))
+        .bind(i32::try_from(total.revision.get()).unwrap_or(i32::MAX))
+        .bind(initial)
+        .bind(job.map(ToString::to_string))
+        .bind(force)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a window total"))?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` windows ready to send, at most one per (tenant, environment,
+    /// customer, meter), none whose key has a live lease elsewhere. A claim holds its window
+    /// for `lease`: longer than settling one window can take, so that a window is taken over
+    /// only from a dispatcher that died.
+    pub async fn claim(
+        &self,
+        limit: usize,
+        lease: std::time::Duration,
+    ) -> Result<Vec<Batch>, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("starting a claim"))?;
+        // Keys with a live lease are left out here, not after the LIMIT: a few busy keys
+        // must not hide every other ready window.
+        let candidates: Vec<BatchRow> = sqlx::query_as(
+            "SELECT id, tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
+                    aggregated_quantity, synced_quantity, attempts
+             FROM stripe_sync_batches b
+             WHERE ((sync_status = 'pending' AND next_attempt_at <= now())
+                    OR (sync_status = 'in_flight' AND lease_until < now()))
+               AND NOT EXISTS (SELECT 1 FROM stripe_sync_batches o
+                   WHERE o.tenant_id = b.tenant_id AND o.environment_id = b.environment_id
+                     AND o.entity_id = b.entity_id AND o.meter_id = b.meter_id AND o.id <> b.id
+                     AND o.sync_status = 'in_flight' AND o.lease_until >= now())
+             ORDER BY next_attempt_at, id
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind((limit * 8).max(32) as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("selecting windows to send"))?;
+        let mut claimed = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        for row in candidates {
+            if claimed.len() >= limit {
+                break;
+            }
+            let key = format!(
+                "{}\u{1f}{}\u{1f}{}\u{1f}{}",
+                row.tenant_id, row.environment_id, row.entity_id, row.meter_id
+            );
+            if !keys.insert(key.clone()) {
+                continue;
+            }
+            // Serialises claims of one key across replicas until this transaction ends, when
+            // the in_flight row below is visible to the next claimer.
+            let locked: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))")
+                    .bind(&key)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db("locking a customer and meter"))?;
+            if !locked {
+                continue;
+            }
+            let busy: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM stripe_sync_batches
+                 WHERE tenant_id = $1 AND environment_id = $2 AND entity_id = $3
+                   AND meter_id = $4 AND id <> $5
+                   AND sync_status = 'in_flight' AND lease_until >= now())",
+            )
+            .bind(&row.tenant_id)
+            .bind(&row.environment_id)
+            .bind(&row.entity_id)
+            .bind(&row.meter_id)
+            .bind(row.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("checking leases"))?;
+            if busy {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE stripe_sync_batches
+                 SET sync_status = 'in_flight', lease_until = now() + make_interval(secs => $2),
+                     attempts = attempts + 1, updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(row.id)
+            .bind(lease.as_secs_f64())
+            .execute(&mut *tx)
+            .await
+            .map_err(db("leasing a window"))?;
+            claimed.push(Batch::try_from(row)?);
+        }
+        tx.commit().await.map_err(db("committing a claim"))?;
+        Ok(claimed)
+    }
+
+    /// The latest total and synced sum of a claimed window (a newer revision may have arrived
+    /// since the claim).
+    pub async fn current(&self, batch_id: i64) -> Result<(Decimal, Decimal), Error> {
+        sqlx::query_as(
+            "SELECT aggregated_quantity, synced_quantity FROM stripe_sync_batches WHERE id = $1",
+        )
+        .bind(batch_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("reading a window"))
+    }
+
+    /// The meter event of this window still waiting for Stripe's answer, if any.
+    pub async fn outstanding(&self, batch_id: i64) -> Result<Option<Send>, Error> {
+        sqlx::query_as(
+            "SELECT seq, identifier, key_generation, value, event_name, provider_customer_id,
+                    stripe_timestamp, created_at
+             FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
+             ORDER BY seq LIMIT 1",
+        )
+        .bind(batch_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading outstanding sends"))
+    }
+
+    /// How many meter events this window has had (the next one is `seq + 1`).
+    pub async fn sends_so_far(&self, batch_id: i64) -> Result<i32, Error> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(MAX(seq), 0) FROM stripe_sync_sends WHERE batch_id = $1",
+        )
+        .bind(batch_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("counting sends"))
+    }
+
+    /// Writes a meter event before it is sent.
+    pub async fn begin_send(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO stripe_sync_sends (batch_id, seq, identifier, value, event_name,
+                 provider_customer_id, stripe_timestamp, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending')",
+        )
+        .bind(batch_id)
+        .bind(send.seq)
+        .bind(&send.identifier)
+        .bind(send.value)
+        .bind(&send.event_name)
+        .bind(&send.provider_customer_id)
+        .bind(send.stripe_timestamp)
+        .execute(&self.pool)
+        .await
+        .map_err(db("writing a send"))?;
+        Ok(())
+    }
+
+    /// After a 5xx answer: the next attempt uses a new Idempotency-Key, because Stripe
+    /// replays a stored 500 for the old one.
+    pub async fn next_key_generation(&self, batch_id: i64, send: &mut Send) -> Result<(), Error> {
+        send.key_generation = sqlx::query_scalar(
+            "UPDATE stripe_sync_sends SET key_generation = key_generation + 1
+             WHERE batch_id = $1 AND seq = $2 RETURNING key_generation",
+        )
+        .bind(batch_id)
+        .bind(send.seq)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("renewing an idempotency key"))?;
+        Ok(())
+    }
+
+    /// Stripe accepted (or already held) the event: it counts as synced, in one transaction.
+    pub async fn accepted(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting an acceptance"))?;
+        let updated = sqlx::query(
+            "UPDATE stripe_sync_sends SET status = 'accepted', answered_at = now()
+             WHERE batch_id = $1 AND seq = $2 AND status = 'sending'",
+        )
+        .bind(batch_id)
+        .bind(send.seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("accepting a send"))?;
+        // Only a send that was still outstanding moves the synced sum: never twice.
+        if updated.rows_affected() == 1 {
+            sqlx::query(
+                "UPDATE stripe_sync_batches
+                 SET synced_quantity = synced_quantity + $2, stripe_event_id = $3,
+                     synced_at = now(), updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(batch_id)
+            .bind(send.value)
+            .bind(&send.identifier)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("adding to the synced sum"))?;
+        }
+        tx.commit().await.map_err(db("committing an acceptance"))
+    }
+
+    /// Stripe refused the event for good: it did not count.
+    pub async fn refused(&self, batch_id: i64, send: &Send, error: &str) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE stripe_sync_sends SET status = 'refused', error = $3, answered_at = now()
+             WHERE batch_id = $1 AND seq = $2",
+        )
+        .bind(batch_id)
+        .bind(send.seq)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(db("refusing a send"))?;
+        Ok(())
+    }
+
+    /// Releases a claimed window.
+    pub async fn finish(&self, batch_id: i64, finish: &Finish) -> Result<(), Error> {
+        let (status_sql, error, delay): (&str, Option<&str>, f64) = match finish {
+            // round() on numeric rounds half away from zero, as billing::billable does.
+            Finish::Settled => (
+                "CASE WHEN round(aggregated_quantity) = synced_quantity THEN 'synced'
+                      ELSE 'pending' END",
+                None,
+                0.0,
+            ),
+            Finish::RetryIn { seconds, error } => ("'pending'", Some(error.as_str()), *seconds),
+            Finish::Unanswered { seconds, error } => {
+                ("'in_flight'", Some(error.as_str()), *seconds)
+            }
+            Finish::PendingMapping => ("'pending_mapping'", None, 0.0),
+            Finish::Skipped(reason) => ("'skipped'", Some(reason.as_str()), 0.0),
+            Finish::Expired => ("'expired'", None, 0.0),
+            Finish::Failed(reason) => ("'failed'", Some(reason.as_str()), 0.0),
+            Finish::NeedsReconciliation(reason) => {
+                ("'needs_reconciliation'", Some(reason.as_str()), 0.0)
+            }
+        };
+        let attempts_reset = matches!(finish, Finish::Settled);
+        sqlx::query(&format!(
+            "UPDATE stripe_sync_batches
+             SET sync_status = {status_sql},
+                 lease_until = CASE WHEN {status_sql} = 'in_flight'
+                     THEN now() + make_interval(secs => $3) END,
+                 last_error = $2,
+                 next_attempt_at = now() + make_interval(secs => $3),
+                 attempts = CASE WHEN $4 THEN 0 ELSE attempts END,
+                 updated_at = now()
+             WHERE id = $1"
+        ))
+        .bind(batch_id)
+        .bind(error)
+        .bind(delay)
+        .bind(attempts_reset)
+        .execute(&self.pool)
+        .await
+        .map_err(db("finishing a window"))?;
+        Ok(())
+    }
+
+    /// Windows waiting for a customer mapping that now exists become pending.
+    pub async fn release_mapped(&self) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE stripe_sync_batches b SET sync_status = 'pending', next_attempt_at = now(),
+                 updated_at = now()
+             WHERE b.sync_status = 'pending_mapping' AND EXISTS (
+                 SELECT 1 FROM entity_integration_mappings m
+                 WHERE m.tenant_id = b.tenant_id AND m.environment_id = b.environment_id
+                   AND m.entity_type = 'customer' AND m.provider_type = 'stripe'
+                   AND m.entity_id = b.entity_id AND m.status = 'active')",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing mapped windows"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Creates a manual sync job.
+    pub async fn create_job(&self, scope: &TenantScope, job: &NewJob) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO sync_jobs (id, tenant_id, environment_id, entity_type, entity_id,
+                 meter_id, time_from, time_to, force_rerun)
+             VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(job.id.to_string())
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(&job.entity_type)
+        .bind(job.entity_id.as_ref().map(CustomerId::as_str))
+        .bind(job.meter_id.as_ref().map(MeterId::as_str))
+        .bind(job.from)
+        .bind(job.to)
+        .bind(job.force_rerun)
+        .execute(&self.pool)
+        .await
+        .map_err(db("creating a sync job"))?;
+        Ok(())
+    }
+
+    /// A job of `scope` and the states of the windows it covers.
+    pub async fn job(&self, scope: &TenantScope, id: &JobId) -> Result<Option<JobView>, Error> {
+        let row: Option<JobRow> = sqlx::query_as(
+            "SELECT id::text AS id, entity_type, entity_id, meter_id, time_from, time_to,
+                    force_rerun, created_at
+             FROM sync_jobs WHERE id = $1::uuid AND tenant_id = $2 AND environment_id = $3",
+        )
+        .bind(id.to_string())
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a sync job"))?;
+        let Some(row) = row else { return Ok(None) };
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sync_status, count(*) FROM stripe_sync_batches
+             WHERE tenant_id = $1 AND environment_id = $2
+               AND ($3::text IS NULL OR entity_id = $3) AND ($4::text IS NULL OR meter_id = $4)
+               AND window_start < $6 AND window_end > $5
+             GROUP BY sync_status ORDER BY sync_status",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(&row.entity_id)
+        .bind(&row.meter_id)
+        .bind(row.time_from)
+        .bind(row.time_to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting a job's windows"))?;
+        let resynced: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM stripe_sync_batches
+             WHERE tenant_id = $1 AND environment_id = $2 AND last_job_id = $3::uuid",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("counting resynced windows"))?;
+        Ok(Some(JobView {
+            windows_by_status: counts.into_iter().collect(),
+            windows_resynced: resynced,
+            job: row,
+        }))
+    }
+
+    /// Counts by status, the last success, the oldest window still owed, pending mappings.
+    pub async fn status(&self, scope: &TenantScope) -> Result<StatusView, Error> {
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sync_status, count(*) FROM stripe_sync_batches
+             WHERE tenant_id = $1 AND environment_id = $2 GROUP BY sync_status",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting windows"))?;
+        let (last_success, oldest_owed): (Option<OffsetDateTime>, Option<OffsetDateTime>) =
+            sqlx::query_as(
+                "SELECT max(synced_at),
+                        min(window_end) FILTER (WHERE sync_status IN
+                            ('pending', 'in_flight', 'pending_mapping'))
+                 FROM stripe_sync_batches WHERE tenant_id = $1 AND environment_id = $2",
+            )
+            .bind(scope.tenant_id.as_str())
+            .bind(scope.environment_id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("reading sync progress"))?;
+        let now = OffsetDateTime::now_utc();
+        let counts: std::collections::BTreeMap<String, i64> = counts.into_iter().collect();
+        Ok(StatusView {
+            pending_mappings: counts.get("pending_mapping").copied().unwrap_or(0),
+            windows_by_status: counts,
+            last_success_at: last_success,
+            lag_seconds: oldest_owed.map(|t| (now - t).whole_seconds().max(0)),
+        })
+    }
+
+    /// Windows of `scope`, newest first, filtered and paged by id.
+    pub async fn batches(
+        &self,
+        scope: &TenantScope,
+        f: &BatchFilter,
+    ) -> Result<Vec<BatchView>, Error> {
+        sqlx::query_as(
+            "SELECT id, entity_id, meter_id, window_start, window_end, aggregated_quantity,
+                    event_count, window_revision, synced_quantity, sync_status, attempts,
+                    stripe_event_id, last_error, created_at, updated_at, synced_at
+             FROM stripe_sync_batches
+             WHERE tenant_id = $1 AND environment_id = $2
+               AND ($3::text IS NULL OR sync_status = $3)
+               AND ($4::text IS NULL OR entity_id = $4)
+               AND ($5::text IS NULL OR meter_id = $5)
+               AND ($6::bigint IS NULL OR id < $6)
+             ORDER BY id DESC LIMIT $7",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(&f.status)
+        .bind(f.customer_id.as_ref().map(CustomerId::as_str))
+        .bind(f.meter_id.as_ref().map(MeterId::as_str))
+        .bind(f.before_id)
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing windows"))
+    }
+
+    /// Re-opens failed (and needs-reconciliation, when asked) windows of `scope`; `ids`
+    /// narrows it. Returns how many.
+    pub async fn retry(
+        &self,
+        scope: &TenantScope,
+        ids: Option<&[i64]>,
+        include_reconciliation: bool,
+    ) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE stripe_sync_batches
+             SET sync_status = 'pending', next_attempt_at = now(), attempts = 0, updated_at = now()
+             WHERE tenant_id = $1 AND environment_id = $2
+               AND (sync_status = 'failed' OR ($4 AND sync_status = 'needs_reconciliation'))
+               AND ($3::bigint[] IS NULL OR id = ANY($3))",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(ids)
+        .bind(include_reconciliation)
+        .execute(&self.pool)
+        .await
+        .map_err(db("retrying windows"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Per (customer, meter) of `scope` over `[from, to)`: what the ledger says Stripe
+    /// accepted, for the reconciliation report.
+    pub async fn synced_totals(
+        &self,
+        scope: &TenantScope,
+        customer: Option<&CustomerId>,
+        meter: Option<&MeterId>,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<(String, String, Decimal, Decimal)>, Error> {
+        sqlx::query_as(
+            "SELECT entity_id, meter_id, sum(synced_quantity), sum(round(aggregated_quantity))
+             FROM stripe_sync_batches
+             WHERE tenant_id = $1 AND environment_id = $2
+               AND ($3::text IS NULL OR entity_id = $3) AND ($4::text IS NULL OR meter_id = $4)
+               AND window_start >= $5 AND window_end <= $6
+             GROUP BY entity_id, meter_id ORDER BY entity_id, meter_id",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(customer.map(CustomerId::as_str))
+        .bind(meter.map(MeterId::as_str))
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("summing the ledger"))
+    }
+}
+
+/// A manual sync request.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub entity_type: String,
+    pub entity_id: Option<CustomerId>,
+    pub meter_id: Option<MeterId>,
+    pub from: OffsetDateTime,
+    pub to: OffsetDateTime,
+    pub force_rerun: bool,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: String,
+    pub entity_type: String,
+    pub entity_id: Option<String>,
+    pub meter_id: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time_from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time_to: OffsetDateTime,
+    pub force_rerun: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: JobRow,
+    pub windows_by_status: std::collections::BTreeMap<String, i64>,
+    pub windows_resynced: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub windows_by_status: std::collections::BTreeMap<String, i64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_success_at: Option<OffsetDateTime>,
+    /// Seconds since the end of the oldest window still owed to Stripe.
+    pub lag_seconds: Option<i64>,
+    pub pending_mappings: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct BatchFilter {
+    pub status: Option<String>,
+    pub customer_id: Option<CustomerId>,
+    pub meter_id: Option<MeterId>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct BatchView {
+    pub id: i64,
+    pub entity_id: String,
+    pub meter_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub window_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub window_end: OffsetDateTime,
+    pub aggregated_quantity: Decimal,
+    pub event_count: i64,
+    pub window_revision: i32,
+    pub synced_quantity: Decimal,
+    pub sync_status: String,
+    pub attempts: i32,
+    pub stripe_event_id: Option<String>,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub synced_at: Option<OffsetDateTime>,
+}

@@ -1,0 +1,258 @@
+//! Pacing of Stripe calls, per Stripe account: a token bucket (`governor`) at the account's
+//! rate, a circuit breaker, and the backoff between retries. Three separate values, each
+//! tested on its own.
+//!
+//! Rules kept here:
+//! - The bucket holds one token (no bursts), so in any one-second window an account sees at
+//!   most its configured number of requests: Stripe's limit is per second, and a burst after
+//!   an idle period would cross it.
+//! - The breaker opens after consecutive failures of the account (5xx, timeouts, 429s,
+//!   authentication errors; not 429s, which only slow down) and stays open for a cool-down; then one request probes, and its
+//!   outcome closes or re-opens it. While open, no request reaches Stripe.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use tokio::time::Instant;
+
+/// Stripe's documented meter event rates: test mode shares the basic 25 writes/s, live mode
+/// has 1000 meter events/s.
+pub fn default_rate(livemode: bool) -> u32 {
+    if livemode {
+        1000
+    } else {
+        25
+    }
+}
+
+/// Exponential backoff with full jitter: attempt n waits a random time in
+/// `[0, min(max, base * 2^n)]`, never less than Stripe's `Retry-After` when it sent one.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub fn delay(
+        &self,
+        attempt: u32,
+        retry_after: Option<Duration>,
+        rng: &mut impl Rng,
+    ) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        let jittered = Duration::from_secs_f64(rng.gen_range(0.0..=ceiling.as_secs_f64()));
+        jittered.max(retry_after.unwrap_or_default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// A circuit breaker over consecutive failures.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    cool_down: Duration,
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cool_down: Duration) -> Self {
+        Self {
+            threshold,
+            cool_down,
+            failures: 0,
+            open_until: None,
+            probing: false,
+        }
+    }
+
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match self.open_until {
+            None => BreakerState::Closed,
+            Some(until) if now < until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// May a request go out now? In half-open state, only one (the probe) at a time.
+    /// `Err(wait)` says how long until it may.
+    pub fn admit(&mut self, now: Instant) -> Result<(), Duration> {
+        match self.state(now) {
+            BreakerState::Closed => Ok(()),
+            BreakerState::Open => Err(self.open_until.map(|u| u - now).unwrap_or_default()),
+            BreakerState::HalfOpen if self.probing => Err(Duration::from_secs(1)),
+            BreakerState::HalfOpen => {
+                self.probing = true;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.open_until = None;
+        self.probing = false;
+    }
+
+    pub fn failure(&mut self, now: Instant) {
+        self.failures += 1;
+        if self.probing || self.failures >= self.threshold {
+            self.open_until = Some(now + self.cool_down);
+            self.probing = false;
+        }
+    }
+}
+
+/// One Stripe account's bucket and breaker.
+pub struct Account {
+    pub rate: u32,
+    limiter: DefaultDirectRateLimiter,
+    pub breaker: Mutex<Breaker>,
+}
+
+impl Account {
+    fn new(rate: u32) -> Self {
+        let per_second = NonZeroU32::new(rate.max(1)).unwrap_or(NonZeroU32::MIN);
+        Self {
+            rate,
+            limiter: RateLimiter::direct(
+                Quota::per_second(per_second).allow_burst(NonZeroU32::MIN),
+            ),
+            // Ten failures in a row: an outage, not the odd 500 Stripe documents as normal.
+            breaker: Mutex::new(Breaker::new(10, Duration::from_secs(15))),
+        }
+    }
+
+    /// Waits for the account's next token.
+    pub async fn until_ready(&self) {
+        self.limiter.until_ready().await;
+    }
+}
+
+/// Every account the sink has talked to, keyed by a hash of its API key (tenants sharing a
+/// key share its limits).
+#[derive(Default)]
+pub struct Pacer {
+    accounts: Mutex<HashMap<String, Arc<Account>>>,
+}
+
+impl Pacer {
+    /// The account, created on first use; re-created when its configured rate changed.
+    pub fn account(&self, account: &str, rate: u32) -> Arc<Account> {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        match accounts.get(account) {
+            Some(existing) if existing.rate == rate => existing.clone(),
+            _ => {
+                let fresh = Arc::new(Account::new(rate));
+                accounts.insert(account.to_owned(), fresh.clone());
+                fresh
+            }
+        }
+    }
+
+    /// (account, breaker state) of every account, for the status endpoint and metrics.
+    pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
+        let now = Instant::now();
+        let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        accounts
+            .iter()
+            .map(|(id, a)| {
+                let state = a
+                    .breaker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .state(now);
+                (id.clone(), state)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_honours_retry_after() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        };
+        let mut rng = StdRng::seed_from_u64(7);
+        for attempt in 0..30 {
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1 << attempt.min(20))
+                .min(Duration::from_secs(10));
+            let d = b.delay(attempt, None, &mut rng);
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+        }
+        let d = b.delay(0, Some(Duration::from_secs(3)), &mut rng);
+        assert!(d >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_probes_and_closes() {
+        let mut b = Breaker::new(3, Duration::from_secs(30));
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            b.failure(t0);
+        }
+        assert_eq!(b.state(t0), BreakerState::Closed);
+        b.failure(t0);
+        assert_eq!(b.state(t0), BreakerState::Open);
+        assert!(b.admit(t0).is_err());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let t1 = Instant::now();
+        assert_eq!(b.state(t1), BreakerState::HalfOpen);
+        assert!(b.admit(t1).is_ok(), "one probe");
+        assert!(b.admit(t1).is_err(), "only one probe at a time");
+        b.failure(t1);
+        assert_eq!(b.state(t1), BreakerState::Open, "a failed probe re-opens");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let t2 = Instant::now();
+        assert!(b.admit(t2).is_ok());
+        b.success();
+        assert_eq!(b.state(t2), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn the_bucket_paces_without_bursts() {
+        // governor keeps its own clock, so this runs in real time (two seconds): a lower
+        // bound, which a slow machine cannot break.
+        let account = Account::new(25);
+        let start = std::time::Instant::now();
+        for _ in 0..50 {
+            account.until_ready().await;
+        }
+        // 50 tokens at 25/s with no burst: the 50th comes 49 intervals of 40 ms after the first.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(1900), "{took:?}");
+    }
+}

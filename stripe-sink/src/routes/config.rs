@@ -1,0 +1,157 @@
+//! `PUT/GET /v1/stripe/config` and `POST /v1/stripe/config/test`.
+//!
+//! The API key and webhook secrets are parsed into their types here, stored encrypted, and
+//! never sent back: responses carry the masked key (`sk_test_****abcd`) and the number of
+//! webhook secrets.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use meterline_common::api::{ApiError, JsonBody};
+use meterline_common::auth::TenantScope;
+use meterline_common::stripe_config::{MaskedConfig, NewConfig, StripeApiKey, WebhookSecret};
+use meterline_common::window_sizes;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::AppState;
+use crate::stripe::ErrorClass;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigInput {
+    api_key: String,
+    #[serde(default = "yes")]
+    sync_enabled: bool,
+    #[serde(default = "sixty")]
+    aggregation_window_minutes: u32,
+    #[serde(default)]
+    webhook_secrets: Vec<String>,
+    rate_limit_per_second: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn sixty() -> u32 {
+    60
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_value", message)
+}
+
+fn parse(input: ConfigInput) -> Result<NewConfig, ApiError> {
+    let api_key = StripeApiKey::parse(&input.api_key).map_err(invalid)?;
+    if !(5..=60).contains(&input.aggregation_window_minutes) {
+        return Err(invalid(
+            "aggregation_window_minutes must be between 5 and 60",
+        ));
+    }
+    if let Some(rate) = input.rate_limit_per_second {
+        if !(1..=10_000).contains(&rate) {
+            return Err(invalid("rate_limit_per_second must be between 1 and 10000"));
+        }
+    }
+    if input.webhook_secrets.len() > 10 {
+        return Err(invalid("at most 10 webhook_secrets"));
+    }
+    let webhook_secrets = input
+        .webhook_secrets
+        .iter()
+        .map(|s| WebhookSecret::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    Ok(NewConfig {
+        api_key,
+        webhook_secrets,
+        sync_enabled: input.sync_enabled,
+        aggregation_window_minutes: input.aggregation_window_minutes,
+        rate_limit_per_second: input.rate_limit_per_second,
+    })
+}
+
+/// The configuration as answered, with when a window size change takes effect.
+#[derive(Debug, serde::Serialize)]
+pub struct ConfigAnswer {
+    #[serde(flatten)]
+    config: MaskedConfig,
+    /// When a changed `aggregation_window_minutes` takes effect: the first instant that is a
+    /// boundary of both the old and the new size, so windows never overlap.
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    window_size_effective_from: Option<OffsetDateTime>,
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    JsonBody(input): JsonBody<ConfigInput>,
+) -> Result<Json<ConfigAnswer>, ApiError> {
+    let config = parse(input)?;
+    let masked = state
+        .configs
+        .put(&scope, &config)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let effective = window_sizes::schedule_change(
+        &state.pool,
+        &scope,
+        config.aggregation_window_minutes,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .map_err(|e| ApiError::internal(&e))?;
+    tracing::info!(
+        tenant = %scope.tenant_id,
+        environment = %scope.environment_id,
+        api_key = %masked.api_key,
+        "stripe config saved"
+    );
+    Ok(Json(ConfigAnswer {
+        config: masked,
+        window_size_effective_from: effective,
+    }))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    scope: TenantScope,
+) -> Result<Json<MaskedConfig>, ApiError> {
+    state
+        .configs
+        .get(&scope)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))
+}
+
+/// Calls `GET /v1/balance` with the stored key.
+pub async fn test(
+    State(state): State<AppState>,
+    scope: TenantScope,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = state
+        .configs
+        .api_key(&scope.tenant_id, &scope.environment_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
+    match state.stripe.check_key(&key).await {
+        Ok(()) => Ok(Json(serde_json::json!({"status": "connected"}))),
+        Err(e) if e.class == ErrorClass::Authentication => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "stripe_authentication_failed",
+            format!("stripe refused the api key {}: {}", key.masked(), e.message),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "stripe_unreachable",
+            format!("stripe did not answer as expected: {e}"),
+        )),
+    }
+}

@@ -1,0 +1,498 @@
+//! Meter mappings (`/v1/stripe/meters/mapping`), customer mappings
+//! (`/v1/stripe/customers/mapping`) and unmapped Stripe customers
+//! (`/v1/stripe/customers/unmapped`) of the caller's tenant and environment.
+//!
+//! Rule kept here: the tenant and environment come only from the token ([`TenantScope`]); a
+//! body, path or query is fully validated before the store is touched, so a refused request
+//! changes nothing; another tenant's mapping answers exactly like a missing one (404).
+//!
+//! Error codes: 400 `invalid_value` (a field broke its rule), `unsupported_provider`,
+//! `unknown_parameter`, `invalid_parameter` (query), plus the body codes of [`JsonBody`];
+//! 404 `not_found`; 409 `meter_already_mapped`, `provider_meter_already_mapped`,
+//! `customer_already_mapped`, `provider_customer_already_mapped`, `provider_customer_deleted`.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use meterline_common::api::{ApiError, JsonBody};
+use meterline_common::auth::TenantScope;
+use meterline_schemas::{CustomerId, EventName, MeterId, SchemaError};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use crate::mappings::{
+    CustomerMapping, CustomerMappingQuery, MappingError, MappingStatus, MeterMapping,
+    MeterMappingInput, Page, StripeCustomerId, UnmappedCustomer, UnmappedQuery, DEFAULT_PAGE,
+    MAX_PAGE, PROVIDER_STRIPE,
+};
+use crate::metrics;
+
+/// `{"data": [...]}`.
+#[derive(Debug, Serialize)]
+pub struct List<T> {
+    pub data: Vec<T>,
+}
+
+/// Body of `POST /v1/stripe/meters/mapping`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterMappingBody {
+    pub meter_id: String,
+    /// Only `stripe`; may be left out.
+    #[serde(default)]
+    pub provider_type: Option<String>,
+    /// The Stripe meter's event_name.
+    pub provider_meter_id: String,
+    /// Default true.
+    #[serde(default)]
+    pub sync_enabled: Option<bool>,
+}
+
+impl TryFrom<MeterMappingBody> for MeterMappingInput {
+    type Error = ApiError;
+
+    fn try_from(body: MeterMappingBody) -> Result<Self, ApiError> {
+        if let Some(provider) = &body.provider_type {
+            if provider != PROVIDER_STRIPE {
+                return Err(ApiError::bad_request(
+                    "unsupported_provider",
+                    format!("provider_type {provider:?} is not supported; use \"stripe\""),
+                ));
+            }
+        }
+        let provider_meter_id = EventName::parse(&body.provider_meter_id).map_err(|e| {
+            // Name the API field, not the schema's.
+            invalid_field("provider_meter_id", e)
+        })?;
+        Ok(Self {
+            meter_id: MeterId::parse(&body.meter_id).map_err(invalid)?,
+            provider_meter_id,
+            sync_enabled: body.sync_enabled.unwrap_or(true),
+        })
+    }
+}
+
+/// Body of `POST /v1/stripe/customers/mapping`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerMappingBody {
+    pub customer_id: String,
+    pub provider_customer_id: String,
+}
+
+fn invalid(e: SchemaError) -> ApiError {
+    ApiError::bad_request("invalid_value", e.to_string())
+}
+
+fn invalid_field(field: &str, e: SchemaError) -> ApiError {
+    let reason = match e {
+        SchemaError::InvalidValue { reason, .. } => reason,
+        other => other.to_string(),
+    };
+    ApiError::bad_request("invalid_value", format!("invalid {field}: {reason}"))
+}
+
+fn conflict(code: &'static str, e: &MappingError) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, e.to_string())
+}
+
+fn store_error(e: MappingError) -> ApiError {
+    match &e {
+        MappingError::MeterAlreadyMapped(_) => conflict("meter_already_mapped", &e),
+        MappingError::ProviderMeterAlreadyMapped { .. } => {
+            conflict("provider_meter_already_mapped", &e)
+        }
+        MappingError::CustomerAlreadyMapped { .. } => conflict("customer_already_mapped", &e),
+        MappingError::ProviderCustomerAlreadyMapped { .. } => {
+            conflict("provider_customer_already_mapped", &e)
+        }
+        MappingError::ProviderCustomerDeleted(_) => conflict("provider_customer_deleted", &e),
+        MappingError::Database(_) | MappingError::Corrupt(_) => ApiError::internal(&e),
+    }
+}
+
+fn path_value(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(value)| value)
+        .map_err(|e| ApiError::bad_request("invalid_value", e.body_text()))
+}
+
+fn meter_path(path: Result<Path<String>, PathRejection>) -> Result<MeterId, ApiError> {
+    MeterId::parse(&path_value(path)?).map_err(invalid)
+}
+
+fn customer_path(path: Result<Path<String>, PathRejection>) -> Result<CustomerId, ApiError> {
+    CustomerId::parse(&path_value(path)?).map_err(invalid)
+}
+
+type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// Query parameters as pairs, each name at most once and among `allowed`.
+fn query_pairs(query: QueryPairs, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+    let Query(pairs) =
+        query.map_err(|e| ApiError::bad_request("invalid_parameter", e.body_text()))?;
+    for (i, (name, _)) in pairs.iter().enumerate() {
+        if !allowed.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(
+                "unknown_parameter",
+                format!(
+                    "unknown query parameter {name:?}; allowed: {}",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+        if pairs[..i].iter().any(|(other, _)| other == name) {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("query parameter {name:?} given more than once"),
+            ));
+        }
+    }
+    Ok(pairs)
+}
+
+fn parse_limit(value: &str) -> Result<u32, ApiError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|l| (1..=MAX_PAGE).contains(l))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_parameter",
+                format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+            )
+        })
+}
+
+/// Reads `?status=&limit=&starting_after=` of the customer mapping list.
+pub fn customer_list_query(pairs: &[(String, String)]) -> Result<CustomerMappingQuery, ApiError> {
+    let mut query = CustomerMappingQuery {
+        status: None,
+        limit: DEFAULT_PAGE,
+        starting_after: None,
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "status" => {
+                query.status = Some(MappingStatus::parse(value).ok_or_else(|| {
+                    ApiError::bad_request("invalid_parameter", "status must be active or retired")
+                })?)
+            }
+            "limit" => query.limit = parse_limit(value)?,
+            "starting_after" => {
+                query.starting_after = Some(value.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_parameter",
+                        "starting_after must be the id of a mapping in the list",
+                    )
+                })?)
+            }
+            _ => {}
+        }
+    }
+    Ok(query)
+}
+
+/// Reads `?status=&limit=&starting_after=` of the unmapped customer list.
+pub fn unmapped_list_query(pairs: &[(String, String)]) -> Result<UnmappedQuery, ApiError> {
+    let mut query = UnmappedQuery {
+        status: "unmapped",
+        limit: DEFAULT_PAGE,
+        starting_after: None,
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "status" => {
+                query.status = match value.as_str() {
+                    "unmapped" => "unmapped",
+                    "mapped" => "mapped",
+                    "deleted" => "deleted",
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_parameter",
+                            "status must be unmapped, mapped or deleted",
+                        ))
+                    }
+                }
+            }
+            "limit" => query.limit = parse_limit(value)?,
+            "starting_after" => {
+                let id = StripeCustomerId::parse(value).map_err(|e| {
+                    ApiError::bad_request("invalid_parameter", format!("starting_after: {e}"))
+                })?;
+                query.starting_after = Some(id.into());
+            }
+            _ => {}
+        }
+    }
+    Ok(query)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meter mappings
+
+/// 201 with the mapping; 409 `meter_already_mapped` / `provider_meter_already_mapped`.
+pub async fn create_meter_mapping(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    JsonBody(body): JsonBody<MeterMappingBody>,
+) -> Result<(StatusCode, Json<MeterMapping>), ApiError> {
+    let input = MeterMappingInput::try_from(body)?;
+    let stored = state
+        .mappings
+        .meters()
+        .create(&scope, &input)
+        .await
+        .map_err(store_error)?;
+    tracing::info!(
+        tenant_id = %scope.tenant_id,
+        environment_id = %scope.environment_id,
+        meter_id = %stored.meter_id,
+        "meter mapping created"
+    );
+    Ok((StatusCode::CREATED, Json(stored)))
+}
+
+/// 200 `{"data": [...]}`, by meter id.
+pub async fn list_meter_mappings(
+    State(state): State<AppState>,
+    scope: TenantScope,
+) -> Result<Json<List<MeterMapping>>, ApiError> {
+    let data = state
+        .mappings
+        .meters()
+        .list(&scope)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(List { data }))
+}
+
+/// 200 with the mapping, or 404 `not_found`.
+pub async fn get_meter_mapping(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<MeterMapping>, ApiError> {
+    let meter_id = meter_path(path)?;
+    match state.mappings.meters().get(&scope, &meter_id).await {
+        Ok(Some(mapping)) => Ok(Json(mapping)),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no stripe mapping for meter {meter_id}"
+        ))),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// 204, or 404 `not_found`.
+pub async fn delete_meter_mapping(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let meter_id = meter_path(path)?;
+    match state.mappings.meters().delete(&scope, &meter_id).await {
+        Ok(true) => {
+            tracing::info!(
+                tenant_id = %scope.tenant_id,
+                environment_id = %scope.environment_id,
+                meter_id = %meter_id,
+                "meter mapping deleted"
+            );
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Ok(false) => Err(ApiError::not_found(format!(
+            "no stripe mapping for meter {meter_id}"
+        ))),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Customer mappings
+
+/// 201 with the mapping (source `manual`); 409 when the customer or the Stripe customer is
+/// already mapped, or the Stripe customer was deleted.
+pub async fn create_customer_mapping(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    JsonBody(body): JsonBody<CustomerMappingBody>,
+) -> Result<(StatusCode, Json<CustomerMapping>), ApiError> {
+    let customer_id = CustomerId::parse(&body.customer_id).map_err(invalid)?;
+    let provider_customer_id =
+        StripeCustomerId::parse(&body.provider_customer_id).map_err(invalid)?;
+    let stored = state
+        .mappings
+        .customers()
+        .create_manual(&scope, &customer_id, &provider_customer_id)
+        .await
+        .map_err(store_error)?;
+    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_CREATED, "source" => "manual").increment(1);
+    tracing::info!(
+        tenant_id = %scope.tenant_id,
+        environment_id = %scope.environment_id,
+        "customer mapping created by hand"
+    );
+    Ok((StatusCode::CREATED, Json(stored)))
+}
+
+/// 200 `{"data": [...], "has_more"}`, oldest first; `?status=active|retired`,
+/// `limit` (1..=100, default 10), `starting_after` (a mapping's `id`).
+pub async fn list_customer_mappings(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    query: QueryPairs,
+) -> Result<Json<Page<CustomerMapping>>, ApiError> {
+    let pairs = query_pairs(query, &["status", "limit", "starting_after"])?;
+    let query = customer_list_query(&pairs)?;
+    let page = state
+        .mappings
+        .customers()
+        .list(&scope, &query)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(page))
+}
+
+/// 200 with the customer's active mapping, or 404 `not_found`.
+pub async fn get_customer_mapping(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CustomerMapping>, ApiError> {
+    let customer_id = customer_path(path)?;
+    match state.mappings.customers().get(&scope, &customer_id).await {
+        Ok(Some(mapping)) => Ok(Json(mapping)),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no active stripe mapping for customer {customer_id}"
+        ))),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Retires the customer's active mapping: 204, or 404 `not_found`.
+pub async fn delete_customer_mapping(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let customer_id = customer_path(path)?;
+    match state
+        .mappings
+        .customers()
+        .retire(&scope, &customer_id)
+        .await
+    {
+        Ok(true) => {
+            ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_RETIRED, "source" => "manual")
+                .increment(1);
+            tracing::info!(
+                tenant_id = %scope.tenant_id,
+                environment_id = %scope.environment_id,
+                "customer mapping retired by hand"
+            );
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Ok(false) => Err(ApiError::not_found(format!(
+            "no active stripe mapping for customer {customer_id}"
+        ))),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// 200 `{"data": [...], "has_more"}`: Stripe customers without a usable
+/// `metadata.external_id`, by Stripe customer id; `?status=unmapped|mapped|deleted` (default
+/// unmapped), `limit`, `starting_after` (a `cus_` id).
+pub async fn list_unmapped_customers(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    query: QueryPairs,
+) -> Result<Json<Page<UnmappedCustomer>>, ApiError> {
+    let pairs = query_pairs(query, &["status", "limit", "starting_after"])?;
+    let query = unmapped_list_query(&pairs)?;
+    let page = state
+        .mappings
+        .unmapped()
+        .list(&scope, &query)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn customer_list_parameters() {
+        let q = customer_list_query(&pairs(&[])).unwrap();
+        assert_eq!(q.status, None);
+        assert_eq!(q.limit, DEFAULT_PAGE);
+        let q = customer_list_query(&pairs(&[
+            ("status", "retired"),
+            ("limit", "100"),
+            ("starting_after", "42"),
+        ]))
+        .unwrap();
+        assert_eq!(q.status, Some(MappingStatus::Retired));
+        assert_eq!(q.limit, 100);
+        assert_eq!(q.starting_after, Some(42));
+        for bad in [
+            ("status", "gone"),
+            ("limit", "0"),
+            ("limit", "101"),
+            ("limit", "-1"),
+            ("starting_after", "cus_1"),
+        ] {
+            let err = customer_list_query(&pairs(&[bad])).unwrap_err();
+            assert_eq!(err.code, "invalid_parameter", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn unmapped_list_parameters() {
+        let q = unmapped_list_query(&pairs(&[])).unwrap();
+        assert_eq!(q.status, "unmapped");
+        let q = unmapped_list_query(&pairs(&[
+            ("status", "deleted"),
+            ("starting_after", "cus_9"),
+        ]))
+        .unwrap();
+        assert_eq!(q.status, "deleted");
+        assert_eq!(q.starting_after.as_deref(), Some("cus_9"));
+        assert!(unmapped_list_query(&pairs(&[("starting_after", "nope")])).is_err());
+    }
+
+    #[test]
+    fn meter_mapping_bodies_are_validated() {
+        let body = |provider: Option<&str>, event_name: &str| MeterMappingBody {
+            meter_id: "api_calls".into(),
+            provider_type: provider.map(str::to_owned),
+            provider_meter_id: event_name.into(),
+            sync_enabled: None,
+        };
+        let input = MeterMappingInput::try_from(body(None, "api_requests")).unwrap();
+        assert!(input.sync_enabled);
+        assert_eq!(input.provider_meter_id.as_str(), "api_requests");
+        let err = MeterMappingInput::try_from(body(Some("chargebee"), "x")).unwrap_err();
+        assert_eq!(err.code, "unsupported_provider");
+        let err = MeterMappingInput::try_from(body(Some("stripe"), &"e".repeat(101))).unwrap_err();
+        assert_eq!(err.code, "invalid_value");
+        assert!(
+            err.message.starts_with("invalid provider_meter_id: "),
+            "{}",
+            err.message
+        );
+        let mut bad_meter = body(None, "x");
+        bad_meter.meter_id = "no spaces".into();
+        assert_eq!(
+            MeterMappingInput::try_from(bad_meter).unwrap_err().code,
+            "invalid_value"
+        );
+    }
+}

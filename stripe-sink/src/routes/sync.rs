@@ -1,0 +1,379 @@
+//! Manual syncs, their jobs, the sync status, the ledger's batches, retries and the
+//! reconciliation report.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use meterline_common::api::{ApiError, JsonBody};
+use meterline_common::auth::TenantScope;
+use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, TimeRange, Timestamp};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::AppState;
+use crate::ledger::{BatchFilter, BatchView, JobView, NewJob, StatusView};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManualSync {
+    /// The customer to resync; all customers when absent.
+    entity_id: Option<String>,
+    #[serde(default = "customer")]
+    entity_type: String,
+    /// Only this meter; every meter when absent.
+    meter_id: Option<String>,
+    time_from: String,
+    time_to: String,
+    #[serde(default)]
+    force_rerun: bool,
+}
+
+fn customer() -> String {
+    "customer".into()
+}
+
+fn invalid(message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_value", message.to_string())
+}
+
+/// `POST /v1/stripe/sync/manual`: records a job and asks the aggregator to recompute the
+/// windows of the range (`usage.resync`); the answer comes once Kafka took the request.
+pub async fn manual(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    JsonBody(input): JsonBody<ManualSync>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    if input.entity_type != "customer" {
+        return Err(invalid("entity_type must be customer"));
+    }
+    let from = Timestamp::parse(&input.time_from).map_err(invalid)?;
+    let to = Timestamp::parse(&input.time_to).map_err(invalid)?;
+    let range = TimeRange::new(from, to).map_err(invalid)?;
+    let customer = input
+        .entity_id
+        .as_deref()
+        .map(CustomerId::parse)
+        .transpose()
+        .map_err(invalid)?;
+    let meter = input
+        .meter_id
+        .as_deref()
+        .map(MeterId::parse)
+        .transpose()
+        .map_err(invalid)?;
+    let job = NewJob {
+        id: JobId::generate(),
+        entity_type: input.entity_type,
+        entity_id: customer.clone(),
+        meter_id: meter.clone(),
+        from: from.as_offset_date_time(),
+        to: to.as_offset_date_time(),
+        force_rerun: input.force_rerun,
+    };
+    state
+        .ledger
+        .create_job(&scope, &job)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let request = ResyncRequest {
+        job_id: job.id.clone(),
+        tenant_id: scope.tenant_id.clone(),
+        environment_id: scope.environment_id.clone(),
+        customer_id: customer,
+        meter_id: meter,
+        range,
+        force_rerun: input.force_rerun,
+        requested_at: Timestamp::now(),
+    };
+    state.resync.request(&request).await.map_err(|e| {
+        tracing::warn!(error = %e, "publishing a resync request failed");
+        ApiError::unavailable(
+            "kafka_unavailable",
+            "the sync request could not be queued; retry",
+            5,
+        )
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "job_id": job.id.to_string(), "status": "queued" })),
+    ))
+}
+
+pub async fn job(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = JobId::parse(&id).map_err(|_| ApiError::not_found("no such job"))?;
+    state
+        .ledger
+        .job(&scope, &id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no such job"))
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusAnswer {
+    #[serde(flatten)]
+    ledger: StatusView,
+    /// Circuit breaker state of each Stripe account this sink talks to (accounts are named
+    /// by a hash of their key).
+    circuits: Vec<Circuit>,
+}
+
+#[derive(Debug, Serialize)]
+struct Circuit {
+    account: String,
+    state: &'static str,
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    scope: TenantScope,
+) -> Result<Json<StatusAnswer>, ApiError> {
+    let ledger = state
+        .ledger
+        .status(&scope)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let circuits = state
+        .pacer
+        .breaker_states()
+        .into_iter()
+        .map(|(account, s)| Circuit {
+            account,
+            state: s.as_str(),
+        })
+        .collect();
+    Ok(Json(StatusAnswer { ledger, circuits }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchQuery {
+    status: Option<String>,
+    customer_id: Option<String>,
+    meter_id: Option<String>,
+    /// Paging: batches with an id below this one.
+    starting_after: Option<i64>,
+    limit: Option<i64>,
+}
+
+const STATUSES: [&str; 8] = [
+    "pending",
+    "in_flight",
+    "synced",
+    "pending_mapping",
+    "skipped",
+    "failed",
+    "expired",
+    "needs_reconciliation",
+];
+
+pub async fn batches(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    query: Result<Query<BatchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
+    if let Some(s) = &q.status {
+        if !STATUSES.contains(&s.as_str()) {
+            return Err(invalid(format!(
+                "status must be one of {}",
+                STATUSES.join(", ")
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid("limit must be between 1 and 500"));
+    }
+    let filter = BatchFilter {
+        status: q.status,
+        customer_id: q
+            .customer_id
+            .as_deref()
+            .map(CustomerId::parse)
+            .transpose()
+            .map_err(invalid)?,
+        meter_id: q
+            .meter_id
+            .as_deref()
+            .map(MeterId::parse)
+            .transpose()
+            .map_err(invalid)?,
+        before_id: q.starting_after,
+        limit,
+    };
+    let data: Vec<BatchView> = state
+        .ledger
+        .batches(&scope, &filter)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let has_more = data.len() as i64 == limit;
+    Ok(Json(
+        serde_json::json!({ "data": data, "has_more": has_more }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryInput {
+    /// Only these batches; every failed batch when absent.
+    batch_ids: Option<Vec<i64>>,
+    /// Also re-open batches that need reconciliation (after checking Stripe by hand).
+    #[serde(default)]
+    include_needs_reconciliation: bool,
+}
+
+pub async fn retry(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    JsonBody(input): JsonBody<RetryInput>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let retried = state
+        .ledger
+        .retry(
+            &scope,
+            input.batch_ids.as_deref(),
+            input.include_needs_reconciliation,
+        )
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(serde_json::json!({ "retried": retried })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileQuery {
+    customer_id: Option<String>,
+    meter_id: Option<String>,
+    time_from: String,
+    time_to: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ReconcileLine {
+    customer_id: String,
+    meter_id: String,
+    /// What the latest window totals bill, rounded per window as sent.
+    expected: Decimal,
+    /// What the ledger says Stripe accepted.
+    ledger_synced: Decimal,
+    /// What Stripe's meter event summaries say, when they could be read.
+    stripe: Option<f64>,
+    status: &'static str,
+    note: Option<String>,
+}
+
+/// `GET /v1/stripe/reconcile`: per customer and meter, the expected total, the ledger's
+/// synced sum and Stripe's meter event summaries over the range.
+pub async fn reconcile(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    query: Result<Query<ReconcileQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
+    let from = Timestamp::parse(&q.time_from).map_err(invalid)?;
+    let to = Timestamp::parse(&q.time_to).map_err(invalid)?;
+    TimeRange::new(from, to).map_err(invalid)?;
+    let customer = q
+        .customer_id
+        .as_deref()
+        .map(CustomerId::parse)
+        .transpose()
+        .map_err(invalid)?;
+    let meter = q
+        .meter_id
+        .as_deref()
+        .map(MeterId::parse)
+        .transpose()
+        .map_err(invalid)?;
+    let totals = state
+        .ledger
+        .synced_totals(
+            &scope,
+            customer.as_ref(),
+            meter.as_ref(),
+            from.as_offset_date_time(),
+            to.as_offset_date_time(),
+        )
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let key = state
+        .configs
+        .api_key(&scope.tenant_id, &scope.environment_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
+    let mut lines = Vec::new();
+    let mut meter_ids: std::collections::HashMap<String, Option<String>> = Default::default();
+    for (customer_id, meter_id, synced, expected) in totals {
+        let mut note = None;
+        let stripe_total = async {
+            let c = CustomerId::parse(&customer_id).ok()?;
+            let m = MeterId::parse(&meter_id).ok()?;
+            let cus = state
+                .mappings
+                .provider_customer(&scope.tenant_id, &scope.environment_id, &c)
+                .await
+                .ok()??;
+            let (event_name, _) = state
+                .mappings
+                .provider_meter(&scope.tenant_id, &scope.environment_id, &m)
+                .await
+                .ok()??;
+            let stripe_meter = match meter_ids.get(&event_name) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = state.stripe.find_meter(&key, &event_name).await.ok()?;
+                    meter_ids.insert(event_name.clone(), id.clone());
+                    id
+                }
+            }?;
+            state
+                .stripe
+                .summarised_total(
+                    &key,
+                    &stripe_meter,
+                    &cus,
+                    from.unix_timestamp(),
+                    to.unix_timestamp(),
+                )
+                .await
+                .ok()
+        }
+        .await;
+        if stripe_total.is_none() {
+            note = Some("stripe's summaries could not be read (no mapping, no meter, or stripe unreachable)".to_owned());
+        }
+        let status = match stripe_total {
+            Some(s)
+                if (s - synced.to_string().parse::<f64>().unwrap_or(f64::NAN)).abs() < 1e-6
+                    && synced == expected =>
+            {
+                "match"
+            }
+            Some(_) => "mismatch",
+            None => "unknown",
+        };
+        lines.push(ReconcileLine {
+            customer_id,
+            meter_id,
+            expected,
+            ledger_synced: synced,
+            stripe: stripe_total,
+            status,
+            note,
+        });
+    }
+    let now = OffsetDateTime::now_utc();
+    Ok(Json(serde_json::json!({
+        "time_from": from.to_string(),
+        "time_to": to.to_string(),
+        "generated_at": Timestamp::new(now).map(|t| t.to_string()).unwrap_or_default(),
+        "data": lines,
+    })))
+}

@@ -1,0 +1,685 @@
+//! The consumer of `stripe.webhooks`: verified Stripe events, relayed by webhook-relay.
+//!
+//! - `customer.created` / `customer.updated` / `customer.deleted` maintain the customer
+//!   mappings (`metadata.external_id` -> `cus_...`) under the ordering rule of
+//!   [`crate::mappings`]: deliveries are at-least-once and unordered, an event older than what
+//!   its customer already has changes nothing, and a deleted customer stays deleted.
+//! - `v1.billing.meter.error_report_triggered` / `v1.billing.meter.no_meter_found` are recorded
+//!   as meter error reports. These are Stripe's *thin* events: the delivered body carries the
+//!   event id, type, time and related meter only; the details (error code, message, meter event
+//!   identifiers) are in `data`, which Stripe serves at `GET /v2/core/events/{id}` with the
+//!   tenant's API key. A body that carries `data` is recorded in full; a thin one is recorded
+//!   as one row without identifier, to be completed by whoever fetches the details.
+//! - Every other type is counted and skipped.
+//!
+//! Rule kept here: a message's offset is committed only after the write it causes is durable
+//! (the mapping transaction committed, or the message acknowledged on `stripe.webhooks.dlq`).
+//! Database trouble is retried with backoff, in order, so one environment's events (one key,
+//! one partition) are never applied out of delivery order by this consumer. A message that is
+//! not a valid `stripe.webhooks` message, or that the database refuses as data, goes to the
+//! dead-letter topic with the reason in `dlq.*` headers. On shutdown the message in hand is
+//! finished and committed; only a retry wait is cut short, leaving that message uncommitted
+//! for the next start.
+
+use std::time::Duration;
+
+use meterline_common::config::{Env, KafkaSettings, ProcessEnv};
+use meterline_common::kafka::{producer_config, Topics};
+use meterline_schemas::{
+    CustomerId, DlqErrorKind, DlqHeaders, StripeEventType, StripeWebhook, Timestamp, Topic,
+};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::mappings::{
+    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingError,
+    MappingStore, StripeCustomerId,
+};
+use crate::{metrics, Error};
+
+const SERVICE: &str = "stripe-sink";
+
+/// How long a dead-letter write may wait for Kafka before it is retried.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Retry delays: from the first to the longest, doubling.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LONGEST_RETRY: Duration = Duration::from_secs(10);
+
+/// Stripe's thin meter error events this consumer records.
+pub const ERROR_REPORT_TRIGGERED: &str = "v1.billing.meter.error_report_triggered";
+pub const NO_METER_FOUND: &str = "v1.billing.meter.no_meter_found";
+
+/// What a webhook asks of the sink.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Customer(CustomerEvent),
+    ErrorReport(ErrorReport),
+    /// A type the sink has no use for.
+    Ignore,
+}
+
+/// Reads what `hook` asks for. An error is a message that claims a handled type but lacks
+/// what that type must carry (it goes to the dead-letter topic).
+pub fn classify(hook: &StripeWebhook) -> Result<Action, String> {
+    let event_type = hook.event_type.as_str();
+    if let Some(kind) = CustomerEventKind::from_event_type(event_type) {
+        return customer_event(hook, kind).map(Action::Customer);
+    }
+    if event_type == ERROR_REPORT_TRIGGERED || event_type == NO_METER_FOUND {
+        return error_report(hook).map(Action::ErrorReport);
+    }
+    Ok(Action::Ignore)
+}
+
+fn non_empty_str<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    object
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn customer_event(hook: &StripeWebhook, kind: CustomerEventKind) -> Result<CustomerEvent, String> {
+    let object = hook
+        .payload
+        .get("data")
+        .and_then(|d| d.get("object"))
+        .and_then(Value::as_object)
+        .ok_or_else(|| format!("{} without data.object", hook.event_type))?;
+    let id = object
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{} without data.object.id", hook.event_type))?;
+    let customer = StripeCustomerId::parse(id).map_err(|e| format!("data.object.id: {e}"))?;
+    let external_id = match object.get("metadata").and_then(|m| m.get("external_id")) {
+        None | Some(Value::Null) => ExternalId::Missing,
+        Some(Value::String(s)) if s.is_empty() => ExternalId::Missing,
+        Some(Value::String(s)) => match CustomerId::parse(s) {
+            Ok(id) => ExternalId::Present(id),
+            Err(_) => ExternalId::Invalid,
+        },
+        Some(_) => ExternalId::Invalid,
+    };
+    Ok(CustomerEvent {
+        event_id: hook.event_id.clone(),
+        kind,
+        created: hook.created,
+        customer,
+        external_id,
+        email: non_empty_str(object, "email").map(str::to_owned),
+        name: non_empty_str(object, "name").map(str::to_owned),
+        livemode: hook.livemode,
+    })
+}
+
+fn error_report(hook: &StripeWebhook) -> Result<ErrorReport, String> {
+    let occurred_at = OffsetDateTime::from_unix_timestamp(hook.created)
+        .map_err(|e| format!("created {}: {e}", hook.created))?;
+    let stripe_meter_id = hook
+        .payload
+        .get("related_object")
+        .and_then(Value::as_object)
+        .and_then(|o| non_empty_str(o, "id"))
+        .map(str::to_owned);
+    let mut entries = Vec::new();
+    let error_types = hook
+        .payload
+        .get("data")
+        .and_then(|d| d.get("reason"))
+        .and_then(|r| r.get("error_types"))
+        .and_then(Value::as_array);
+    for error_type in error_types.into_iter().flatten() {
+        let code = error_type
+            .get("code")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let samples = error_type
+            .get("sample_errors")
+            .and_then(Value::as_array)
+            .filter(|s| !s.is_empty());
+        let Some(samples) = samples else {
+            entries.push(ErrorReportEntry {
+                error_code: code,
+                ..ErrorReportEntry::default()
+            });
+            continue;
+        };
+        for sample in samples {
+            let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+            let request = sample.get("request");
+            entries.push(ErrorReportEntry {
+                identifier: text(request.and_then(|r| r.get("identifier")))
+                    .filter(|i| !i.is_empty()),
+                error_code: code.clone(),
+                error_message: text(sample.get("error_message")),
+                meter_event_name: text(request.and_then(|r| r.get("event_name"))),
+                provider_customer_id: text(
+                    request
+                        .and_then(|r| r.get("payload"))
+                        .and_then(|p| p.get("stripe_customer_id")),
+                ),
+            });
+        }
+    }
+    // One row per (event, identifier): several error types without identifier collapse.
+    let mut seen = std::collections::HashSet::new();
+    entries.retain(|e| seen.insert(e.identifier.clone()));
+    Ok(ErrorReport {
+        stripe_event_id: hook.event_id.clone(),
+        event_type: hook.event_type.clone(),
+        occurred_at,
+        stripe_meter_id,
+        raw: Value::Object(hook.payload.clone()),
+        entries,
+    })
+}
+
+/// The bounded metric label of a recorded error report type.
+fn report_label(event_type: &StripeEventType) -> &'static str {
+    if event_type.as_str() == NO_METER_FOUND {
+        "no_meter_found"
+    } else {
+        "error_report_triggered"
+    }
+}
+
+/// Writes unusable messages to `stripe.webhooks.dlq`.
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetters {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, Error> {
+        Ok(Self {
+            producer: producer_config(settings, SERVICE, WRITE_TIMEOUT)
+                .create()
+                .map_err(|source| Error::Kafka {
+                    context: "creating the dead-letter producer",
+                    source,
+                })?,
+            topic: Topics::new(settings.topic_prefix.clone()).dlq(Topic::StripeWebhooks),
+        })
+    }
+
+    /// From `KAFKA_BROKERS` and `TOPIC_PREFIX`, the variables the service's config read.
+    pub fn from_env() -> Result<Self, Error> {
+        let settings = KafkaSettings::from_env(&Env::new(&ProcessEnv))
+            .map_err(|e| Error::Common(meterline_common::Error::Config(e)))?;
+        Self::new(&settings)
+    }
+
+    /// The original key and bytes, the reason in headers; returns once acknowledged.
+    async fn send(&self, message: &OwnedMessage, headers: &DlqHeaders) -> Result<(), Error> {
+        let mut kafka_headers = OwnedHeaders::new();
+        for (name, value) in headers.to_headers() {
+            kafka_headers = kafka_headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&self.topic)
+            .payload(message.payload().unwrap_or_default())
+            .headers(kafka_headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Timeout::After(WRITE_TIMEOUT))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| Error::Kafka {
+                context: "writing to stripe.webhooks.dlq",
+                source,
+            })
+    }
+}
+
+/// Consumes `stripe.webhooks` until `shutdown`, with a dead-letter producer built from the
+/// process environment (see [`DeadLetters::from_env`]).
+pub async fn consume(
+    mappings: MappingStore,
+    consumer: StreamConsumer,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let dead_letters = DeadLetters::from_env()?;
+    consume_with(mappings, consumer, dead_letters, shutdown).await
+}
+
+/// [`consume`] with the dead-letter producer given.
+pub async fn consume_with(
+    mappings: MappingStore,
+    consumer: StreamConsumer,
+    dead_letters: DeadLetters,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            received = consumer.recv() => match received {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                    continue;
+                }
+            },
+        };
+        ::metrics::counter!(metrics::WEBHOOK_EVENTS_CONSUMED).increment(1);
+        if !handle(&mappings, &dead_letters, &message, &shutdown).await {
+            // Shutdown cut a retry short: leave the message uncommitted for the next start.
+            return Ok(());
+        }
+        commit(&consumer, &message);
+    }
+}
+
+/// Commits the offset after `message`.
+fn commit(consumer: &StreamConsumer, message: &OwnedMessage) {
+    let mut list = TopicPartitionList::new();
+    // The committed offset names the next message to read: this one's offset + 1.
+    if let Err(e) = list.add_partition_offset(
+        message.topic(),
+        message.partition(),
+        Offset::Offset(message.offset() + 1),
+    ) {
+        tracing::error!(error = %e, "building the commit");
+        return;
+    }
+    // A failed commit re-delivers the message; applying it again changes nothing.
+    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+        tracing::warn!(error = %e, "committing the offset failed; the message will be re-delivered");
+    }
+}
+
+/// Waits out one retry delay and doubles it; false when shutdown began meanwhile.
+async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
+    let wait = *delay;
+    *delay = (*delay * 2).min(LONGEST_RETRY);
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+/// Applies one message. False when shutdown interrupted a retry (nothing to commit).
+async fn handle(
+    mappings: &MappingStore,
+    dead_letters: &DeadLetters,
+    message: &OwnedMessage,
+    shutdown: &CancellationToken,
+) -> bool {
+    let hook = match StripeWebhook::from_json_bytes(message.payload().unwrap_or_default()) {
+        Ok(hook) => hook,
+        Err(e) => {
+            return dead_letter(
+                dead_letters,
+                message,
+                e.to_string(),
+                e.dlq_error_kind(),
+                shutdown,
+            )
+            .await
+        }
+    };
+    let action = match classify(&hook) {
+        Ok(action) => action,
+        Err(reason) => {
+            return dead_letter(
+                dead_letters,
+                message,
+                reason,
+                DlqErrorKind::VALIDATION,
+                shutdown,
+            )
+            .await
+        }
+    };
+    let mut delay = FIRST_RETRY;
+    match action {
+        Action::Ignore => {
+            ::metrics::counter!(metrics::WEBHOOK_EVENTS_IGNORED, "reason" => "unhandled_type")
+                .increment(1);
+            tracing::debug!(event_id = %hook.event_id, event_type = %hook.event_type, "event type not handled");
+            true
+        }
+        Action::Customer(event) => loop {
+            let result = mappings
+                .customers()
+                .upsert_from_webhook(&hook.tenant_id, &hook.environment_id, &event)
+                .await;
+            match result {
+                Ok(outcome) => {
+                    record_customer_outcome(&hook, &outcome);
+                    break true;
+                }
+                Err(e) => match retry_or_refuse(&e, "customer_mapping", &mut delay, shutdown).await
+                {
+                    Some(true) => {}
+                    Some(false) => {
+                        return dead_letter(
+                            dead_letters,
+                            message,
+                            e.to_string(),
+                            database_refused(),
+                            shutdown,
+                        )
+                        .await
+                    }
+                    None => return false,
+                },
+            }
+        },
+        Action::ErrorReport(report) => loop {
+            let result = mappings
+                .record_error_report(&hook.tenant_id, &hook.environment_id, &report)
+                .await;
+            match result {
+                Ok(new_rows) => {
+                    if new_rows > 0 {
+                        ::metrics::counter!(
+                            metrics::METER_ERROR_REPORTS_RECORDED,
+                            "type" => report_label(&report.event_type)
+                        )
+                        .increment(1);
+                    }
+                    tracing::warn!(
+                        tenant_id = %hook.tenant_id,
+                        environment_id = %hook.environment_id,
+                        event_id = %hook.event_id,
+                        event_type = %hook.event_type,
+                        samples = report.entries.len(),
+                        details = !report.entries.is_empty(),
+                        "stripe reported meter event errors"
+                    );
+                    break true;
+                }
+                Err(e) => match retry_or_refuse(&e, "error_report", &mut delay, shutdown).await {
+                    Some(true) => {}
+                    Some(false) => {
+                        return dead_letter(
+                            dead_letters,
+                            message,
+                            e.to_string(),
+                            database_refused(),
+                            shutdown,
+                        )
+                        .await
+                    }
+                    None => return false,
+                },
+            }
+        },
+    }
+}
+
+fn database_refused() -> DlqErrorKind {
+    DlqErrorKind::parse("database_refused").unwrap_or(DlqErrorKind::VALIDATION)
+}
+
+/// After a failed write: `Some(true)` to try again (after the backoff), `Some(false)` when the
+/// database refused the data (retrying cannot help), `None` when shutdown began.
+async fn retry_or_refuse(
+    error: &MappingError,
+    step: &'static str,
+    delay: &mut Duration,
+    shutdown: &CancellationToken,
+) -> Option<bool> {
+    if !error.is_retriable() {
+        return Some(false);
+    }
+    ::metrics::counter!(metrics::WEBHOOK_RETRIES, "step" => step).increment(1);
+    tracing::warn!(
+        step,
+        error = %error,
+        retry_in_ms = delay.as_millis() as u64,
+        "applying a webhook event failed, retrying"
+    );
+    back_off(delay, shutdown).await.then_some(true)
+}
+
+fn record_customer_outcome(hook: &StripeWebhook, outcome: &crate::mappings::WebhookOutcome) {
+    if !outcome.applied {
+        ::metrics::counter!(metrics::WEBHOOK_EVENTS_IGNORED, "reason" => "stale").increment(1);
+        tracing::info!(
+            tenant_id = %hook.tenant_id,
+            environment_id = %hook.environment_id,
+            event_id = %hook.event_id,
+            event_type = %hook.event_type,
+            "customer event not newer than the customer's last one; nothing changed"
+        );
+        return;
+    }
+    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_CREATED, "source" => "webhook")
+        .increment(u64::from(outcome.created));
+    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_UPDATED).increment(u64::from(outcome.updated));
+    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_RETIRED, "source" => "webhook")
+        .increment(u64::from(outcome.retired));
+    if outcome.unmapped {
+        ::metrics::counter!(metrics::UNMAPPED_CUSTOMERS_RECORDED).increment(1);
+    }
+    tracing::info!(
+        tenant_id = %hook.tenant_id,
+        environment_id = %hook.environment_id,
+        event_id = %hook.event_id,
+        event_type = %hook.event_type,
+        created = outcome.created,
+        updated = outcome.updated,
+        retired = outcome.retired,
+        unmapped = outcome.unmapped,
+        "customer event applied"
+    );
+}
+
+/// Sends `message` to the dead-letter topic, retrying until acknowledged. False when shutdown
+/// interrupted the retries (the message stays uncommitted).
+async fn dead_letter(
+    dead_letters: &DeadLetters,
+    message: &OwnedMessage,
+    error: String,
+    kind: DlqErrorKind,
+    shutdown: &CancellationToken,
+) -> bool {
+    let headers = DlqHeaders {
+        error,
+        error_kind: kind,
+        source_topic: message.topic().to_owned(),
+        source_partition: message.partition(),
+        source_offset: message.offset(),
+        service: SERVICE.to_owned(),
+        failed_at: Timestamp::now(),
+    };
+    let mut delay = FIRST_RETRY;
+    loop {
+        match dead_letters.send(message, &headers).await {
+            Ok(()) => break,
+            Err(e) => {
+                ::metrics::counter!(metrics::WEBHOOK_RETRIES, "step" => "dead_letter").increment(1);
+                tracing::warn!(error = %e, "writing to the dead-letter topic failed, retrying");
+                if !back_off(&mut delay, shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
+    ::metrics::counter!(
+        metrics::WEBHOOK_EVENTS_REJECTED,
+        "reason" => headers.error_kind.as_str().to_owned()
+    )
+    .increment(1);
+    tracing::warn!(
+        partition = message.partition(),
+        offset = message.offset(),
+        reason = %headers.error,
+        "message sent to the dead-letter topic"
+    );
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hook(event_type: &str, created: i64, payload: Value) -> StripeWebhook {
+        StripeWebhook::from_json_bytes(
+            json!({
+                "schema_version": 1,
+                "tenant_id": "acme",
+                "environment_id": "prod",
+                "event_id": "evt_1",
+                "event_type": event_type,
+                "livemode": false,
+                "created": created,
+                "received_at": "2024-05-01T12:00:01Z",
+                "payload": payload,
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("a valid message")
+    }
+
+    fn customer_payload(metadata: Value) -> Value {
+        json!({"id": "evt_1", "object": "event", "type": "customer.created",
+               "data": {"object": {"id": "cus_1", "object": "customer", "email": "a@b.c",
+                                   "name": null, "metadata": metadata}}})
+    }
+
+    fn customer(action: Action) -> CustomerEvent {
+        match action {
+            Action::Customer(c) => c,
+            other => panic!("not a customer event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn customer_events_carry_the_external_id() {
+        let event = customer(
+            classify(&hook(
+                "customer.updated",
+                1_714_564_800,
+                customer_payload(json!({"external_id": "flexprice_customer_123"})),
+            ))
+            .unwrap(),
+        );
+        assert_eq!(event.kind, CustomerEventKind::Updated);
+        assert_eq!(event.created, 1_714_564_800);
+        assert_eq!(event.customer.as_str(), "cus_1");
+        assert_eq!(
+            event.external_id,
+            ExternalId::Present(CustomerId::parse("flexprice_customer_123").unwrap())
+        );
+        assert_eq!(event.email.as_deref(), Some("a@b.c"));
+        assert_eq!(event.name, None);
+    }
+
+    #[test]
+    fn missing_or_invalid_external_ids() {
+        for (metadata, want) in [
+            (json!({}), ExternalId::Missing),
+            (json!({"external_id": ""}), ExternalId::Missing),
+            (json!({"external_id": null}), ExternalId::Missing),
+            (json!({"external_id": 42}), ExternalId::Invalid),
+            (json!({"external_id": "a\u{0}b"}), ExternalId::Invalid),
+            (json!({"external_id": "x".repeat(256)}), ExternalId::Invalid),
+        ] {
+            let event = customer(
+                classify(&hook(
+                    "customer.created",
+                    1,
+                    customer_payload(metadata.clone()),
+                ))
+                .unwrap(),
+            );
+            assert_eq!(event.external_id, want, "{metadata}");
+        }
+        let no_metadata = json!({"data": {"object": {"id": "cus_1"}}});
+        let event = customer(classify(&hook("customer.deleted", 1, no_metadata)).unwrap());
+        assert_eq!(event.external_id, ExternalId::Missing);
+        assert_eq!(event.kind, CustomerEventKind::Deleted);
+    }
+
+    #[test]
+    fn customer_events_without_a_customer_are_refused() {
+        for payload in [
+            json!({}),
+            json!({"data": {}}),
+            json!({"data": {"object": {"object": "customer"}}}),
+            json!({"data": {"object": {"id": "sub_1"}}}),
+        ] {
+            assert!(
+                classify(&hook("customer.created", 1, payload.clone())).is_err(),
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_types_are_ignored() {
+        for t in [
+            "invoice.paid",
+            "customer.discount.created",
+            "customer.subscription.updated",
+        ] {
+            assert_eq!(classify(&hook(t, 1, json!({}))).unwrap(), Action::Ignore);
+        }
+    }
+
+    fn report(action: Action) -> ErrorReport {
+        match action {
+            Action::ErrorReport(r) => r,
+            other => panic!("not an error report: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn thin_error_reports_are_recorded_without_details() {
+        let thin = json!({"id": "evt_test_1", "object": "v2.core.event",
+                          "type": ERROR_REPORT_TRIGGERED, "created": "2024-09-26T17:46:22.134Z",
+                          "livemode": false, "context": null, "reason": null,
+                          "related_object": {"id": "mtr_1", "type": "billing.meter",
+                                             "url": "/v1/billing/meters/mtr_1"}});
+        let r = report(classify(&hook(ERROR_REPORT_TRIGGERED, 1_727_372_782, thin)).unwrap());
+        assert_eq!(r.stripe_meter_id.as_deref(), Some("mtr_1"));
+        assert!(r.entries.is_empty());
+        assert_eq!(r.occurred_at.unix_timestamp(), 1_727_372_782);
+        assert_eq!(report_label(&r.event_type), "error_report_triggered");
+    }
+
+    #[test]
+    fn detailed_error_reports_have_one_entry_per_sample() {
+        let full = json!({"id": "evt_test_2", "type": NO_METER_FOUND,
+            "data": {"reason": {"error_count": 3, "error_types": [
+                {"code": "meter_event_customer_not_found", "error_count": 2, "sample_errors": [
+                    {"error_message": "no customer cus_x", "request": {"identifier": "id-1"}},
+                    {"error_message": "no customer cus_y", "request": {"identifier": "id-2"}}]},
+                {"code": "timestamp_too_far_in_past", "error_count": 1, "sample_errors": []}]}}});
+        let r = report(classify(&hook(NO_METER_FOUND, 1, full)).unwrap());
+        assert_eq!(r.stripe_meter_id, None);
+        assert_eq!(report_label(&r.event_type), "no_meter_found");
+        let ids: Vec<_> = r.entries.iter().map(|e| e.identifier.clone()).collect();
+        assert_eq!(ids, [Some("id-1".into()), Some("id-2".into()), None]);
+        assert_eq!(
+            r.entries[0].error_code.as_deref(),
+            Some("meter_event_customer_not_found")
+        );
+        assert_eq!(
+            r.entries[1].error_message.as_deref(),
+            Some("no customer cus_y")
+        );
+        assert_eq!(
+            r.entries[2].error_code.as_deref(),
+            Some("timestamp_too_far_in_past")
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Driving the local Stripe stand-in from a test: accounts, customers, meters, webhook
+//! endpoints, faults, the clock, and inspection of what it accepted.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+/// A stand-in serving in this test process.
+pub struct Standin {
+    pub base: String,
+    pub key: String,
+    http: reqwest::Client,
+    _handle: stripe_standin::StandinHandle,
+}
+
+impl Standin {
+    /// Starts one on a free port with the account `sk_test_standin` at `rate_limit`
+    /// requests per second.
+    pub async fn start(rate_limit: u32) -> Standin {
+        let (addr, handle) = stripe_standin::spawn(stripe_standin::Config::for_tests())
+            .await
+            .expect("starting the stripe stand-in");
+        let standin = Standin {
+            base: format!("http://{addr}"),
+            key: "sk_test_standin".into(),
+            http: reqwest::Client::new(),
+            _handle: handle,
+        };
+        standin
+            .control(
+                "accounts",
+                json!({"secret_key": standin.key, "rate_limit": rate_limit}),
+            )
+            .await;
+        standin
+    }
+
+    /// POSTs a control request (`/_standin/<path>`).
+    pub async fn control(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/_standin/{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("the stand-in answers");
+        assert!(
+            response.status().is_success(),
+            "control {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("control answers JSON")
+    }
+
+    /// POSTs a Stripe API form request with the account's key, waiting out the account's
+    /// rate limit (429) as a well-behaved client would.
+    pub async fn post(&self, path: &str, form: &[(&str, &str)]) -> Value {
+        loop {
+            let response = self
+                .http
+                .post(format!("{}{path}", self.base))
+                .bearer_auth(&self.key)
+                .form(form)
+                .send()
+                .await
+                .expect("the stand-in answers");
+            let status = response.status();
+            let body: Value = response.json().await.expect("stripe answers JSON");
+            if status.as_u16() == 429 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+            assert!(status.is_success(), "POST {path}: {status} {body}");
+            return body;
+        }
+    }
+
+    /// A customer whose `metadata[external_id]` is `external_id`; its `cus_...` id.
+    pub async fn customer(&self, external_id: &str) -> String {
+        let body = self
+            .post("/v1/customers", &[("metadata[external_id]", external_id)])
+            .await;
+        body["id"].as_str().expect("a customer id").to_owned()
+    }
+
+    /// A `sum` meter for `event_name`; its `mtr_...` id.
+    pub async fn sum_meter(&self, event_name: &str) -> String {
+        let body = self
+            .post(
+                "/v1/billing/meters",
+                &[
+                    ("display_name", event_name),
+                    ("event_name", event_name),
+                    ("default_aggregation[formula]", "sum"),
+                ],
+            )
+            .await;
+        body["id"].as_str().expect("a meter id").to_owned()
+    }
+
+    pub async fn inspect(&self) -> Value {
+        self.http
+            .get(format!(
+                "{}/_standin/accounts/{}/inspect",
+                self.base, self.key
+            ))
+            .send()
+            .await
+            .expect("the stand-in answers")
+            .json()
+            .await
+            .expect("inspect answers JSON")
+    }
+
+    /// Counted totals per (`cus_...`, event_name).
+    pub async fn totals(&self) -> BTreeMap<(String, String), f64> {
+        let inspect = self.inspect().await;
+        inspect["totals"]
+            .as_array()
+            .map(|totals| {
+                totals
+                    .iter()
+                    .map(|t| {
+                        (
+                            (
+                                t["customer"].as_str().unwrap_or_default().to_owned(),
+                                t["event_name"].as_str().unwrap_or_default().to_owned(),
+                            ),
+                            t["total"].as_f64().unwrap_or(f64::NAN),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,538 @@
+//! The stripe-sink on the real stack with the local Stripe: every unit billed once through
+//! injected 429s, 500s, timeouts and dropped connections and two SIGKILLs of the sink; still
+//! once after Stripe's 24 h identifier window passed and everything was force-resynced;
+//! paced under the configured rate with one request in flight per customer and meter; the
+//! control API tenant-isolated; our request shapes accepted by Stripe's own stripe-mock.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use meterline_tests::api::{post_json, send, token};
+use meterline_tests::standin::Standin;
+use meterline_tests::usage::{create_meter, event, produce_events};
+use meterline_tests::{Namespace, ServiceProcess};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+const TENANT: &str = "tenant_sink";
+const RATE: u32 = 40;
+
+fn hour(hours_ago: i64) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours_ago * 3600).unwrap()
+}
+
+/// The stand-in's clock, Unix seconds.
+async fn standin_now(standin: &Standin) -> i64 {
+    let clock: Value = reqwest::get(format!("{}/_standin/clock", standin.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    clock["now"].as_i64().expect("the clock")
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+async fn aggregator(ns: &Namespace) -> ServiceProcess {
+    let mut env = ns.env();
+    env.push(("STRIPE_SYNC_GRACE_PERIOD_MINUTES".into(), "0".into()));
+    env.push(("AGGREGATOR_BATCH_MAX_WAIT_MS".into(), "200".into()));
+    env.push(("AGGREGATOR_PUBLISH_INTERVAL_MS".into(), "200".into()));
+    ServiceProcess::spawn("aggregator", &env).await
+}
+
+async fn sink(ns: &Namespace, standin: &Standin) -> ServiceProcess {
+    let mut env = ns.env();
+    env.push(("STRIPE_API_BASE".into(), standin.base.clone()));
+    env.push(("STRIPE_API_TIMEOUT_SECONDS".into(), "2".into()));
+    env.push(("STRIPE_MAX_RETRIES".into(), "2".into()));
+    ServiceProcess::spawn("stripe-sink", &env).await
+}
+
+/// Configures the tenant in the sink: its Stripe key and rate, two meter mappings, and a
+/// customer mapping for each of `customers` (external id -> cus_ id).
+async fn configure(sink: &ServiceProcess, standin: &Standin, customers: &BTreeMap<String, String>) {
+    let t = token(TENANT, "env_prod");
+    let config = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &t,
+        &json!({"api_key": standin.key, "sync_enabled": true, "aggregation_window_minutes": 60,
+                "webhook_secrets": [], "rate_limit_per_second": RATE}),
+    )
+    .await;
+    assert_eq!(config.status, 200, "{:?}", config.body);
+    assert_eq!(
+        config.body["api_key"], "sk_test_****ndin",
+        "masked: {:?}",
+        config.body
+    );
+    for (meter, event_name) in [("calls", "api_calls"), ("tokens", "tokens_used")] {
+        let answer = post_json(
+            &sink.url("/v1/stripe/meters/mapping"),
+            &t,
+            &json!({"meter_id": meter, "provider_type": "stripe", "provider_meter_id": event_name,
+                    "sync_enabled": true}),
+        )
+        .await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+    }
+    for (external, cus) in customers {
+        let answer = post_json(
+            &sink.url("/v1/stripe/customers/mapping"),
+            &t,
+            &json!({"customer_id": external, "provider_customer_id": cus}),
+        )
+        .await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+    }
+}
+
+async fn post_json_put(url: &str, token: &str, body: &Value) -> meterline_tests::api::Answer {
+    send(
+        reqwest::Client::new()
+            .put(url)
+            .bearer_auth(token)
+            .json(body),
+    )
+    .await
+}
+
+/// Polls the stand-in until its totals equal `expected`, failing with the difference.
+async fn wait_for_totals(
+    standin: &Standin,
+    sink: &ServiceProcess,
+    expected: &BTreeMap<(String, String), f64>,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = standin.totals().await;
+        if &got == expected {
+            return;
+        }
+        if Instant::now() > deadline {
+            let wrong: Vec<String> = expected
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .take(10)
+                .map(|(k, v)| format!("{k:?}: expected {v}, stripe has {:?}", got.get(k)))
+                .collect();
+            let extra: Vec<_> = got
+                .keys()
+                .filter(|k| !expected.contains_key(*k))
+                .take(5)
+                .collect();
+            let metrics = reqwest::get(sink.url("/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let metrics: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("stripe_sink_stripe") || l.starts_with("stripe_sink_windows")
+                })
+                .collect();
+            eprintln!("sink metrics:\n{}", metrics.join("\n"));
+            panic!(
+                "stripe totals differ after {within:?}: {} of {} wrong, e.g. {wrong:#?}; unexpected: {extra:?}",
+                expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(),
+                expected.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force_rerun() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    standin.sum_meter("tokens_used").await;
+    let mut customers = BTreeMap::new();
+    for i in 0..120 {
+        let external = format!("cust_{i:03}");
+        let cus = standin.customer(&external).await;
+        customers.insert(external, cus);
+    }
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    create_meter(&ns, TENANT, "env_prod", json!({"id": "tokens", "event_name": "api.request", "aggregation": "SUM", "property": "tokens"})).await;
+    let _aggregator = aggregator(&ns).await;
+    let first = sink(&ns, &standin).await;
+    configure(&first, &standin, &customers).await;
+
+    // From here on, only the sink talks to this account.
+    let sync_started = standin_now(&standin).await;
+    // Stripe misbehaves on the meter event route from the start.
+    standin
+        .control(
+            "faults",
+            json!({"rate_429": 0.1, "rate_500": 0.05, "rate_drop": 0.02, "rate_slow": 0.02,
+                   "slow_ms": 3000, "path_prefix": "/v1/billing/meter_events", "seed": 7}),
+        )
+        .await;
+
+    // 4,000 distinct events over 120 customers and three hours; every 20th sent twice.
+    let base = hour(7);
+    let mut events = Vec::new();
+    let mut expected: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let mut windows_with_usage = std::collections::BTreeSet::new();
+    for i in 0..4000usize {
+        let external = format!("cust_{:03}", i % 120);
+        let at = base + time::Duration::seconds(((i * 7919) % (3 * 3600)) as i64);
+        let tokens = (i % 17) as i64 + 1;
+        let e = event(
+            TENANT,
+            &format!("evt-{i}"),
+            &external,
+            "api.request",
+            at,
+            json!({"tokens": tokens}),
+        );
+        windows_with_usage.insert((external.clone(), at.unix_timestamp().div_euclid(3600)));
+        let cus = customers[&external].clone();
+        *expected
+            .entry((cus.clone(), "api_calls".into()))
+            .or_default() += 1.0;
+        *expected.entry((cus, "tokens_used".into())).or_default() += tokens as f64;
+        if i % 20 == 0 {
+            events.push(e.clone());
+        }
+        events.push(e);
+    }
+    let (early, late) = events.split_at(events.len() * 4 / 5);
+    produce_events(&ns, early).await;
+
+    // Kill the sink twice while it sends; each restart resumes from the ledger.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first.kill().await;
+    let second = sink(&ns, &standin).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Late events for windows already sent: they go out as the difference.
+    produce_events(&ns, late).await;
+    second.kill().await;
+    let third = sink(&ns, &standin).await;
+
+    wait_for_totals(&standin, &third, &expected, Duration::from_secs(240)).await;
+    let inspect = standin.inspect().await;
+    let max_rps = inspect["requests_per_second"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["second"].as_i64().unwrap_or(0) >= sync_started)
+        .map(|r| r["count"].as_u64().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    assert!(max_rps > 0, "the sink's requests were counted");
+    assert!(
+        max_rps <= u64::from(RATE),
+        "stripe saw {max_rps} requests in one second (limit {RATE})"
+    );
+    for c in inspect["concurrency"].as_array().into_iter().flatten() {
+        assert!(
+            c["max_concurrent"].as_u64().unwrap_or(0) <= 1,
+            "two requests in flight: {c}"
+        );
+    }
+
+    // A day later (Stripe has forgotten every identifier), a forced resync of everything.
+    standin.control("faults", json!({})).await;
+    standin
+        .control("clock/advance", json!({"seconds": 25 * 3600}))
+        .await;
+    let answer = post_json(
+        &third.url("/v1/stripe/sync/manual"),
+        &token(TENANT, "env_prod"),
+        &json!({"entity_type": "customer", "time_from": rfc3339(base - time::Duration::HOUR),
+                "time_to": rfc3339(base + time::Duration::hours(4)), "force_rerun": true}),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{:?}", answer.body);
+    let job = answer.body["job_id"].as_str().unwrap().to_owned();
+    // Every window with usage, for both meters.
+    let windows = (windows_with_usage.len() * 2) as i64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = send(
+            reqwest::Client::new()
+                .get(third.url(&format!("/v1/stripe/sync/jobs/{job}")))
+                .bearer_auth(token(TENANT, "env_prod")),
+        )
+        .await;
+        assert_eq!(status.status, 200, "{:?}", status.body);
+        let resynced = status.body["windows_resynced"].as_i64().unwrap_or(0);
+        let open = ["pending", "in_flight"]
+            .iter()
+            .map(|s| status.body["windows_by_status"][s].as_i64().unwrap_or(0))
+            .sum::<i64>();
+        if resynced >= windows && open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resync did not finish: {}",
+            status.body
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        standin.totals().await,
+        expected,
+        "a forced resync a day later bills nothing twice"
+    );
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_read_or_change_another_tenants_stripe_data() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(25).await;
+    let sink = sink(&ns, &standin).await;
+    let a = token("tenant_a", "env_prod");
+    let b = token("tenant_b", "env_prod");
+    let a_test = token("tenant_a", "env_test");
+    let put = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &a,
+        &json!({"api_key": standin.key, "webhook_secrets": ["whsec_aaaaaaaaaaaa1234"]}),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let body = put.body.to_string();
+    assert!(
+        !body.contains("standin\"") && !body.contains("whsec_"),
+        "no secret in answers: {body}"
+    );
+    assert_eq!(
+        post_json(&sink.url("/v1/stripe/meters/mapping"), &a,
+            &json!({"meter_id": "calls", "provider_type": "stripe", "provider_meter_id": "api_calls", "sync_enabled": true})).await.status,
+        201
+    );
+    assert_eq!(
+        post_json(
+            &sink.url("/v1/stripe/customers/mapping"),
+            &a,
+            &json!({"customer_id": "cust_1", "provider_customer_id": "cus_A1234567"})
+        )
+        .await
+        .status,
+        201
+    );
+    let job = post_json(
+        &sink.url("/v1/stripe/sync/manual"),
+        &a,
+        &json!({"time_from": "2026-11-01T00:00:00Z", "time_to": "2026-11-02T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(job.status, 202, "{:?}", job.body);
+    let job_id = job.body["job_id"].as_str().unwrap().to_owned();
+
+    let client = reqwest::Client::new();
+    for other in [&b, &a_test] {
+        let get = |path: &str| client.get(sink.url(path)).bearer_auth(other);
+        assert_eq!(send(get("/v1/stripe/config")).await.status, 404);
+        assert_eq!(
+            send(get("/v1/stripe/meters/mapping/calls")).await.status,
+            404
+        );
+        assert_eq!(
+            send(get("/v1/stripe/customers/mapping/cust_1"))
+                .await
+                .status,
+            404
+        );
+        assert_eq!(
+            send(get(&format!("/v1/stripe/sync/jobs/{job_id}")))
+                .await
+                .status,
+            404
+        );
+        let list = send(get("/v1/stripe/meters/mapping")).await;
+        assert_eq!(list.body["data"], json!([]), "{:?}", list.body);
+        let list = send(get("/v1/stripe/customers/mapping")).await;
+        assert_eq!(list.body["data"], json!([]), "{:?}", list.body);
+        let batches = send(get("/v1/stripe/sync/batches")).await;
+        assert_eq!(batches.body["data"], json!([]), "{:?}", batches.body);
+        let delete = send(
+            client
+                .delete(sink.url("/v1/stripe/meters/mapping/calls"))
+                .bearer_auth(other),
+        )
+        .await;
+        assert_eq!(delete.status, 404);
+        let delete = send(
+            client
+                .delete(sink.url("/v1/stripe/customers/mapping/cust_1"))
+                .bearer_auth(other),
+        )
+        .await;
+        assert_eq!(delete.status, 404);
+        // The config test uses the caller's own config: none.
+        let test = send(
+            client
+                .post(sink.url("/v1/stripe/config/test"))
+                .bearer_auth(other),
+        )
+        .await;
+        assert_eq!(test.status, 404);
+    }
+    // Tenant A still has everything.
+    let get = |path: &str| client.get(sink.url(path)).bearer_auth(&a);
+    assert_eq!(
+        send(get("/v1/stripe/meters/mapping/calls")).await.status,
+        200
+    );
+    assert_eq!(
+        send(get("/v1/stripe/customers/mapping/cust_1"))
+            .await
+            .status,
+        200
+    );
+    let test = send(
+        client
+            .post(sink.url("/v1/stripe/config/test"))
+            .bearer_auth(&a),
+    )
+    .await;
+    assert_eq!(test.body, json!({"status": "connected"}));
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn bad_config_input_is_refused_and_changes_nothing() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(25).await;
+    let sink = sink(&ns, &standin).await;
+    let t = token("tenant_c", "env_prod");
+    let url = sink.url("/v1/stripe/config");
+    let cases = [
+        (json!({"api_key": "pk_test_publishable"}), "invalid_value"),
+        (
+            json!({"api_key": standin.key, "aggregation_window_minutes": 3}),
+            "invalid_value",
+        ),
+        (
+            json!({"api_key": standin.key, "aggregation_window_minutes": 61}),
+            "invalid_value",
+        ),
+        (
+            json!({"api_key": standin.key, "webhook_secrets": ["not-a-secret"]}),
+            "invalid_value",
+        ),
+        (json!({"api_key": standin.key, "extra": 1}), "unknown_field"),
+        (json!({"sync_enabled": true}), "missing_field"),
+        (json!({"api_key": 7}), "invalid_type"),
+    ];
+    for (body, code) in cases {
+        let answer = post_json_put(&url, &t, &body).await;
+        assert_eq!(answer.status, 400, "{body}: {:?}", answer.body);
+        assert_eq!(answer.error_code(), code, "{body}");
+        assert!(
+            !answer.body.to_string().contains("pk_test_publishable"),
+            "no key echoed"
+        );
+    }
+    let get = send(reqwest::Client::new().get(&url).bearer_auth(&t)).await;
+    assert_eq!(get.status, 404, "nothing was stored");
+    // A key Stripe does not know: the test says so clearly.
+    let put = post_json_put(&url, &t, &json!({"api_key": "sk_test_unknownkey123"})).await;
+    assert_eq!(put.status, 200);
+    let test = send(
+        reqwest::Client::new()
+            .post(sink.url("/v1/stripe/config/test"))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(test.status, 422, "{:?}", test.body);
+    assert_eq!(test.error_code(), "stripe_authentication_failed");
+    assert!(
+        !test.body.to_string().contains("unknownkey123"),
+        "the key is masked: {:?}",
+        test.body
+    );
+    ns.drop_databases().await;
+}
+
+/// The requests our Stripe client sends, against Stripe's official mock: accepted as Stripe
+/// documents them (stripe-mock validates every parameter against Stripe's OpenAPI spec).
+#[tokio::test]
+async fn stripe_mock_accepts_the_requests_our_client_sends() {
+    use meterline_common::stripe_config::StripeApiKey;
+    use stripe_sink::stripe::{MeterEvent, Recorded, StripeClient};
+
+    let binary = meterline_tests::stack::repo_root().join(".cache/stripe-mock/bin/stripe-mock");
+    assert!(
+        binary.exists(),
+        "stripe-mock is missing: run dev/up (dev/stripe-mock.sh install)"
+    );
+    let port = meterline_tests::process::free_port();
+    let mut mock = tokio::process::Command::new(&binary)
+        .args(["-http-addr", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting stripe-mock");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{base}/v1/balance")).await.is_err() {
+        assert!(Instant::now() < deadline, "stripe-mock did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = StripeClient::new(&base, Duration::from_secs(10)).unwrap();
+    let key = StripeApiKey::parse("sk_test_123456789").unwrap();
+    client.check_key(&key).await.expect("GET /v1/balance");
+    let recorded = client
+        .create_meter_event(
+            &key,
+            &MeterEvent {
+                event_name: "api_calls".into(),
+                customer: "cus_123".into(),
+                value: 42,
+                identifier: "ml_0123456789abcdef".into(),
+                idempotency_key: "ml_0123456789abcdef".into(),
+                timestamp: OffsetDateTime::now_utc().unix_timestamp() - 60,
+            },
+        )
+        .await
+        .expect("POST /v1/billing/meter_events");
+    assert_eq!(recorded, Recorded::Accepted);
+    // A correction: a negative value.
+    client
+        .create_meter_event(
+            &key,
+            &MeterEvent {
+                event_name: "api_calls".into(),
+                customer: "cus_123".into(),
+                value: -3,
+                identifier: "ml_0123456789abcdee".into(),
+                idempotency_key: "ml_0123456789abcdee".into(),
+                timestamp: OffsetDateTime::now_utc().unix_timestamp() - 60,
+            },
+        )
+        .await
+        .expect("a negative correction");
+    client
+        .find_meter(&key, "api_calls")
+        .await
+        .expect("GET /v1/billing/meters");
+    client
+        .summarised_total(&key, "mtr_123", "cus_123", 1_700_000_000, 1_700_003_600)
+        .await
+        .expect("GET /v1/billing/meters/{id}/event_summaries");
+    let _ = mock.kill().await;
+}
