@@ -3,7 +3,8 @@
 //! `meterline setup` is what `dev/up` and the Helm migration Job run: it creates every topic
 //! (and its `.dlq` twin) and applies the PostgreSQL and ClickHouse migrations. Each step is
 //! idempotent, so running it on every deploy is safe. `meterline token` mints a bearer token
-//! for a tenant and environment (development and operations).
+//! for a tenant and environment (development and operations); `meterline rotate-keys`
+//! re-encrypts stored secrets under the newest encryption key.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +14,9 @@ use meterline_common::auth::{JwtKeys, TenantScope};
 use meterline_common::config::{
     ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv,
 };
+use meterline_common::crypto::Keyring;
 use meterline_common::kafka::{self, Topics};
+use meterline_common::stripe_config::StripeConfigStore;
 use meterline_common::{clickhouse, postgres};
 use meterline_schemas::{EnvironmentId, TenantId};
 
@@ -39,6 +42,9 @@ enum Command {
     /// Apply the PostgreSQL (DATABASE_URL) and ClickHouse (CLICKHOUSE_URL,
     /// CLICKHOUSE_DATABASE) migrations not yet applied.
     Migrate,
+    /// Re-encrypt every stored Stripe key and webhook secret under the first key of
+    /// ENCRYPTION_KEYS (after putting a new key first; the old one may then be removed).
+    RotateKeys,
     /// Print a bearer token (HS256, signed with JWT_SECRET) for a tenant and environment.
     Token {
         /// The tenant the token acts for.
@@ -97,6 +103,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Topics { topics } => create_topics(&env, &topics).await,
         Command::Migrate => migrate(&env).await,
+        Command::RotateKeys => {
+            use anyhow::Context;
+            let keys = Keyring::from_env(&env)?;
+            let pool = postgres::pool(&PostgresSettings::from_env(&env)?, 2)?;
+            let changed = StripeConfigStore::new(pool, keys.clone())
+                .rotate_keys()
+                .await
+                .context("re-encrypting stripe configs")?;
+            println!(
+                "re-encrypted {changed} stripe config(s) under key {}",
+                keys.primary_id()
+            );
+            Ok(())
+        }
         Command::Token {
             tenant,
             environment,
