@@ -153,6 +153,9 @@ pub struct Shared {
     pub dead_letters: DeadLetters,
     pub pool: sqlx::PgPool,
     pub grace: Duration,
+    /// How long a due window must go without new events before it is published (bounded:
+    /// see `WindowRegistry::claim_due`).
+    pub quiet: Duration,
     /// Woken after each batch, so windows that became due are published without waiting.
     pub batch_done: Notify,
 }
@@ -345,7 +348,7 @@ pub async fn publish_due(
         loop {
             let now = OffsetDateTime::now_utc();
             let Some(claim) = retry!("claim_due", &shutdown, {
-                shared.registry.claim_due(now, CLAIM_LIMIT)
+                shared.registry.claim_due(now, CLAIM_LIMIT, shared.quiet)
             }) else {
                 return Ok(());
             };

@@ -36,6 +36,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         dead_letters: meterline_common::kafka::DeadLetters::new(&config.kafka, SERVICE)?,
         pool: pool.clone(),
         grace: config.grace,
+        // Two batches' worth of waiting: events of one backlog batch are all in.
+        quiet: config.batch.max_wait * 2,
         batch_done: Notify::new(),
     });
     let usage = Arc::new(meterline_common::kafka::subscribe(
@@ -78,30 +80,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let readiness = context
         .readiness()
-        .check("kafka", move || {
-            let probe = probe.clone();
-            async move { probe.check(Duration::from_secs(2)).await }
-        })
-        .check("clickhouse", move || {
-            let client = warehouse_client.clone();
-            async move { clickhouse::check(&client).await }
-        })
-        .check("postgres", move || {
-            let pool = pool.clone();
-            async move { postgres::check(&pool).await }
-        });
+        .kafka(probe)
+        .clickhouse(warehouse_client)
+        .postgres(pool);
     let served = context
         .serve(config.http_addr, Router::new(), readiness)
         .await;
     // A loop that failed for good stops the process: cancel the others, then report.
-    shutdown.cancel();
-    let mut failure = served.err().map(Error::from);
-    for handle in loops {
-        match handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(e) => failure = failure.or(Some(Error::Task(e.to_string()))),
-        }
-    }
-    failure.map_or(Ok(()), Err)
+    context.finish(served, loops).await
 }

@@ -243,18 +243,30 @@ impl WindowRegistry {
     }
 
     /// Claims up to `limit` dirty windows that are due at `now`, skipping windows another
-    /// replica holds.
-    pub async fn claim_due(&self, now: OffsetDateTime, limit: i64) -> Result<Claim, Error> {
+    /// replica holds. A window still receiving events (within `quiet`) waits until they stop,
+    /// for at most a minute between publications: while a backlog is replayed every batch
+    /// touches the same due windows, and publishing each after every batch would recompute
+    /// and resend them hundreds of times.
+    pub async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        limit: i64,
+        quiet: Duration,
+    ) -> Result<Claim, Error> {
         let mut tx = self.pool.begin().await.map_err(db("starting a claim"))?;
         let rows: Vec<StateRow> = sqlx::query_as(&format!(
             "SELECT {STATE_COLUMNS} FROM aggregation_windows
              WHERE dirty AND due_at <= $1
+               AND (last_event_at <= $1 - make_interval(secs => $3)
+                    OR published_at IS NULL AND due_at <= $1 - interval '1 minute'
+                    OR published_at <= $1 - interval '1 minute')
              ORDER BY tenant_id, environment_id, customer_id, meter_id, window_start
              LIMIT $2
              FOR UPDATE SKIP LOCKED"
         ))
         .bind(now)
         .bind(limit)
+        .bind(quiet.as_secs_f64())
         .fetch_all(&mut *tx)
         .await
         .map_err(db("claiming due windows"))?;

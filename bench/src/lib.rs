@@ -9,6 +9,9 @@
 //! - [`aggregator`]: the aggregator benchmark (`meterline-bench aggregator`): a backlog
 //!   pre-loaded into `usage.raw`, inserted directly with the `clickhouse` crate (baseline),
 //!   then consumed by the release `aggregator` binary; then a live phase for the publish lag.
+//! - [`relay`]: the webhook relay benchmark (`meterline-bench relay`): latency of signed,
+//!   valid deliveries through the release `webhook-relay` binary under load, next to raw Kafka
+//!   produces of the same messages in the same run.
 //! - [`procstat`]: CPU seconds of a process and facts about the machine, from `/proc`.
 //! - [`profile`]: `perf record` of a process and its top symbols.
 //! - [`report`]: the result block, and the generated sections of `docs/benchmarks.md`.
@@ -21,5 +24,6 @@ pub mod baseline;
 pub mod ingest;
 pub mod procstat;
 pub mod profile;
+pub mod relay;
 pub mod report;
 pub mod workload;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meterline_bench::{aggregator, ingest, report};
+use meterline_bench::{aggregator, ingest, relay, report};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +23,9 @@ enum Command {
     /// Aggregator (usage.raw -> ClickHouse) against direct inserts of the same rows, in one
     /// run, then the publish lag of live windows.
     Aggregator(aggregator::Params),
+    /// Webhook relay latency (signed delivery -> Kafka acked -> 200) against raw produces of
+    /// the same messages, in one run.
+    Relay(relay::Params),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,16 @@ fn main() -> ExitCode {
                     let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
                     report::replace_section(&path, "aggregator", &result.markdown())?;
                     println!("wrote the aggregator section of {}", path.display());
+                }
+                anyhow::Ok(())
+            }
+            Command::Relay(params) => {
+                let result = relay::run(&params).await?;
+                println!("{}", result.text());
+                if params.write_docs {
+                    let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
+                    report::replace_section(&path, "relay", &result.markdown())?;
+                    println!("wrote the relay section of {}", path.display());
                 }
                 anyhow::Ok(())
             }

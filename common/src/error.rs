@@ -42,4 +42,6 @@ pub enum Error {
     },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("task failed: {0}")]
+    Task(String),
 }

@@ -56,6 +56,30 @@ impl Readiness {
         self
     }
 
+    /// Adds the Kafka probe (cluster metadata within two seconds).
+    pub fn kafka(self, probe: Arc<crate::kafka::KafkaProbe>) -> Self {
+        self.check("kafka", move || {
+            let probe = probe.clone();
+            async move { probe.check(Duration::from_secs(2)).await }
+        })
+    }
+
+    /// Adds the PostgreSQL probe (`SELECT 1`).
+    pub fn postgres(self, pool: sqlx::PgPool) -> Self {
+        self.check("postgres", move || {
+            let pool = pool.clone();
+            async move { crate::postgres::check(&pool).await }
+        })
+    }
+
+    /// Adds the ClickHouse probe (`SELECT 1`).
+    pub fn clickhouse(self, client: ::clickhouse::Client) -> Self {
+        self.check("clickhouse", move || {
+            let client = client.clone();
+            async move { crate::clickhouse::check(&client).await }
+        })
+    }
+
     /// Runs every probe concurrently, each bounded by the timeout.
     pub async fn evaluate(&self) -> (bool, BTreeMap<&'static str, String>) {
         let runs = self.checks.iter().map(|(name, probe)| {

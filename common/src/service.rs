@@ -99,4 +99,29 @@ impl ServiceContext {
         );
         server::serve(listener, router, self.shutdown.clone()).await
     }
+
+    /// After the server stopped (or failed): cancels every loop, waits for each to finish
+    /// its work in hand, and returns the first failure, if any.
+    pub async fn finish<E>(
+        &self,
+        served: Result<(), Error>,
+        loops: Vec<tokio::task::JoinHandle<Result<(), E>>>,
+    ) -> Result<(), E>
+    where
+        E: From<Error>,
+    {
+        self.shutdown.cancel();
+        let mut failure = served.err().map(E::from);
+        for handle in loops {
+            match handle.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => {
+                    tracing::error!(error = %e, "a service task panicked");
+                    failure = failure.or(Some(E::from(Error::Task(e.to_string()))));
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
 }

@@ -1,7 +1,6 @@
 //! Wiring: the usage.raw writer, the meter store, readiness checks, and the HTTP server.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use meterline_common::kafka::KafkaProbe;
 use meterline_common::meters::MeterStore;
@@ -27,16 +26,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         meters: MeterStore::new(pool.clone()),
         limits: config.limits,
     };
-    let readiness = context
-        .readiness()
-        .check("kafka", move || {
-            let kafka = kafka.clone();
-            async move { kafka.check(Duration::from_secs(2)).await }
-        })
-        .check("postgres", move || {
-            let pool = pool.clone();
-            async move { postgres::check(&pool).await }
-        });
+    let readiness = context.readiness().kafka(kafka).postgres(pool);
     context
         .serve(config.http_addr, routes::router(state), readiness)
         .await?;

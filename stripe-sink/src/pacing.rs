@@ -3,8 +3,8 @@
 //! tested on its own.
 //!
 //! Rules kept here:
-//! - The bucket holds one token (no bursts), so in any one-second window an account sees at
-//!   most its configured number of requests: Stripe's limit is per second, and a burst after
+//! - The bucket holds one token (no bursts) and refills 5% slower than the rate, so in any
+//!   one-second window an account sees at most its configured number of requests: Stripe's limit is per second, and a burst after
 //!   an idle period would cross it.
 //! - The breaker opens after consecutive failures of the account (5xx, timeouts, 429s,
 //!   authentication errors; not 429s, which only slow down) and stays open for a cool-down; then one request probes, and its
@@ -137,12 +137,16 @@ pub struct Account {
 
 impl Account {
     fn new(rate: u32) -> Self {
-        let per_second = NonZeroU32::new(rate.max(1)).unwrap_or(NonZeroU32::MIN);
+        // One token every 1/rate seconds would let rate + 1 requests into a one-second window
+        // that starts exactly at a token; 5% slower keeps every window at or under the rate,
+        // with room for the limiter clock (calibrated TSC) running a little fast in a VM.
+        let period = Duration::from_secs_f64(1.05 / f64::from(rate.max(1)));
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::MIN);
         Self {
             rate,
-            limiter: RateLimiter::direct(
-                Quota::per_second(per_second).allow_burst(NonZeroU32::MIN),
-            ),
+            limiter: RateLimiter::direct(quota),
             // Ten failures in a row: an outage, not the odd 500 Stripe documents as normal.
             breaker: Mutex::new(Breaker::new(10, Duration::from_secs(15))),
         }

@@ -99,27 +99,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         )),
     ];
 
-    let readiness = context
-        .readiness()
-        .check("kafka", move || {
-            let kafka = kafka.clone();
-            async move { kafka.check(Duration::from_secs(2)).await }
-        })
-        .check("postgres", move || {
-            let pool = pool.clone();
-            async move { postgres::check(&pool).await }
-        });
+    let readiness = context.readiness().kafka(kafka).postgres(pool);
     let served = context
         .serve(config.http_addr, routes::router(state), readiness)
         .await;
-    shutdown.cancel();
-    let mut failure = served.err().map(Error::from);
-    for handle in loops {
-        match handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(e) => failure = failure.or(Some(Error::Task(e.to_string()))),
-        }
-    }
-    failure.map_or(Ok(()), Err)
+    context.finish(served, loops).await
 }

@@ -2,7 +2,6 @@
 //! checks, and the HTTP server.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use meterline_common::kafka::KafkaProbe;
 use meterline_common::postgres;
@@ -39,16 +38,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             publisher.clone(),
         )),
     };
-    let readiness = context
-        .readiness()
-        .check("kafka", move || {
-            let kafka = kafka.clone();
-            async move { kafka.check(Duration::from_secs(2)).await }
-        })
-        .check("postgres", move || {
-            let pool = pool.clone();
-            async move { postgres::check(&pool).await }
-        });
+    let readiness = context.readiness().kafka(kafka).postgres(pool);
     context
         .serve(
             config.http_addr,

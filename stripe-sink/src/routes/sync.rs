@@ -213,6 +213,29 @@ pub async fn batches(
         .await
         .map_err(|e| ApiError::internal(&e))?;
     let has_more = data.len() as i64 == limit;
+    // Stripe reports meter event errors asynchronously (v1.billing.meter.* webhooks); each
+    // batch shows those that name the identifier of its meter event.
+    let identifiers: Vec<String> = data
+        .iter()
+        .filter_map(|b| b.stripe_event_id.clone())
+        .collect();
+    let reports = state
+        .mappings
+        .error_reports_for_identifiers(&scope, &identifiers)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let data: Vec<serde_json::Value> = data
+        .into_iter()
+        .map(|batch| {
+            let mine: Vec<_> = reports
+                .iter()
+                .filter(|r| r.identifier.is_some() && r.identifier == batch.stripe_event_id)
+                .collect();
+            let mut value = serde_json::to_value(&batch).unwrap_or_default();
+            value["error_reports"] = serde_json::to_value(mine).unwrap_or_default();
+            value
+        })
+        .collect();
     Ok(Json(
         serde_json::json!({ "data": data, "has_more": has_more }),
     ))
