@@ -119,13 +119,16 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
     for (name, pid) in [
         ("kafka broker", broker_pid),
         ("clickhouse server", clickhouse_pid),
-        ("postgresql server", listening_pid(&stack.database_url)),
+        (
+            "postgresql server",
+            procstat::listening_pid_of_url(&stack.database_url),
+        ),
     ] {
         if pid.is_none() {
             eprintln!("the {name}'s pid was not found: its cpu is not accounted");
         }
     }
-    let postgres_pid = listening_pid(&stack.database_url);
+    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
     let pids = Pids {
         aggregator: None,
         clickhouse: clickhouse_pid,
@@ -883,16 +886,7 @@ fn clickhouse_server_pid(repo_root: &Path, url: &str) -> Option<u32> {
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok())
         .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    from_file.or_else(|| listening_pid(url))
-}
-
-/// The process listening on the port of `url` (`scheme://[user@]host:port/...`).
-fn listening_pid(url: &str) -> Option<u32> {
-    let authority = url.split("://").nth(1)?.split('/').next()?;
-    let address = authority.rsplit('@').next()?;
-    // The broker lookup falls back to the process listening on the port of a `host:port`
-    // list; under a root without a kafka pid file, that fallback is all it does.
-    procstat::kafka_broker_pid(Path::new("/nonexistent"), address)
+    from_file.or_else(|| procstat::listening_pid_of_url(url))
 }
 
 /// The peak resident set size (`VmHWM`) of a process, in KiB.
@@ -997,7 +991,7 @@ impl Snapshot {
             aggregator: pids.aggregator.map(procstat::cpu_times).transpose()?,
             clickhouse: pids.clickhouse.map(procstat::cpu_times).transpose()?,
             broker: pids.broker.map(procstat::cpu_times).transpose()?,
-            postgres: pids.postgres.map(process_tree_cpu),
+            postgres: pids.postgres.map(procstat::process_tree_cpu),
             bench: procstat::cpu_times(pids.bench)?,
         })
     }
@@ -1043,36 +1037,6 @@ impl Snapshot {
         out.push(ComponentCpu::new("meterline-bench", self.bench));
         out
     }
-}
-
-/// CPU times of `root` and of its children (the backends of a postmaster), by pid.
-fn process_tree_cpu(root: u32) -> HashMap<u32, CpuTimes> {
-    let mut out = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|text| {
-                // Field 4 (the parent pid), counted after the command name's last `)`.
-                let rest = &text[text.rfind(')')? + 1..];
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if pid == root || parent == Some(root) {
-            if let Ok(cpu) = procstat::cpu_times(pid) {
-                out.insert(pid, cpu);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ pub fn kafka_broker_pid(repo_root: &Path, brokers: &str) -> Option<u32> {
 }
 
 /// The process with a TCP socket listening on `port`, found through the socket's inode.
-fn listening_pid(port: u16) -> Option<u32> {
+pub fn listening_pid(port: u16) -> Option<u32> {
     let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .find_map(|table| {
@@ -150,6 +150,43 @@ impl Machine {
 }
 
 /// The 1-minute load average.
+/// The process listening on the port of `url` (`scheme://[user@]host:port/...`).
+pub fn listening_pid_of_url(url: &str) -> Option<u32> {
+    let authority = url.split("://").nth(1)?.split('/').next()?;
+    let address = authority.rsplit('@').next()?;
+    listening_pid(address.rsplit(':').next()?.parse().ok()?)
+}
+
+/// CPU times of `root` and of its children (the backends of a postmaster), by pid.
+pub fn process_tree_cpu(root: u32) -> std::collections::HashMap<u32, CpuTimes> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|text| {
+                // Field 4 (the parent pid), counted after the command name's last `)`.
+                let rest = &text[text.rfind(')')? + 1..];
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if pid == root || parent == Some(root) {
+            if let Ok(cpu) = cpu_times(pid) {
+                out.insert(pid, cpu);
+            }
+        }
+    }
+    out
+}
+
 pub fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()

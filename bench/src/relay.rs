@@ -13,7 +13,6 @@
 //! signature's timestamp must stay within the relay's 300 s tolerance however long a run is).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,7 +58,7 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     let stack = Stack::get();
     let root = stack::repo_root();
     let broker_pid = procstat::kafka_broker_pid(&root, &stack.kafka_brokers);
-    let postgres_pid = listening_pid(&stack.database_url);
+    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
     for (name, pid) in [
         ("kafka broker", broker_pid),
         ("postgresql server", postgres_pid),
@@ -522,15 +521,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The process listening on the port of `url` (`scheme://[user@]host:port/...`).
-fn listening_pid(url: &str) -> Option<u32> {
-    let authority = url.split("://").nth(1)?.split('/').next()?;
-    let address = authority.rsplit('@').next()?;
-    // The broker lookup falls back to the process listening on the port of a `host:port`
-    // list; under a root without a kafka pid file, that fallback is all it does.
-    procstat::kafka_broker_pid(Path::new("/nonexistent"), address)
-}
-
 /// The pids whose CPU a phase accounts.
 #[derive(Debug, Clone, Copy)]
 struct Pids {
@@ -554,7 +544,7 @@ impl Snapshot {
         Ok(Snapshot {
             relay: pids.relay.map(procstat::cpu_times).transpose()?,
             broker: pids.broker.map(procstat::cpu_times).transpose()?,
-            postgres: pids.postgres.map(process_tree_cpu),
+            postgres: pids.postgres.map(procstat::process_tree_cpu),
             bench: procstat::cpu_times(pids.bench)?,
         })
     }
@@ -599,36 +589,6 @@ impl Snapshot {
         ));
         out
     }
-}
-
-/// CPU times of `root` and of its children (the backends of a postmaster), by pid.
-fn process_tree_cpu(root: u32) -> HashMap<u32, CpuTimes> {
-    let mut out = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|text| {
-                // Field 4 (the parent pid), counted after the command name's last `)`.
-                let rest = &text[text.rfind(')')? + 1..];
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if pid == root || parent == Some(root) {
-            if let Ok(cpu) = procstat::cpu_times(pid) {
-                out.insert(pid, cpu);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
