@@ -420,8 +420,9 @@ async fn a_stopped_broker_gives_a_bounded_503_and_ingest_recovers_without_restar
     assert_eq!(answer.status, 503, "{:?}", answer.body);
     assert_eq!(answer.error_code(), "kafka_unavailable");
     assert_eq!(answer.headers["retry-after"], "5");
-    // The bound is the 2 s produce timeout; allow scheduling slack on a busy machine.
-    assert!(took < Duration::from_secs(6), "503 after {took:?}");
+    // The bound is the 2 s produce timeout (never the 30 s of an unbounded wait); generous
+    // slack for a busy machine.
+    assert!(took < Duration::from_secs(10), "503 after {took:?}");
 
     kafka.resume().await;
     // The same ingest process, not restarted: it reconnects by itself.

@@ -578,7 +578,7 @@ async fn a_stopped_broker_gives_a_bounded_503_and_the_redelivery_is_relayed() {
     assert_eq!(answer.error_code(), "kafka_unavailable");
     assert_eq!(answer.headers["retry-after"], "5");
     // The bound is the 2 s produce timeout; allow scheduling slack on a busy machine.
-    assert!(took < Duration::from_secs(6), "503 after {took:?}");
+    assert!(took < Duration::from_secs(10), "503 after {took:?}");
     assert!(
         rows(&ns).await.is_empty(),
         "nothing is marked relayed before kafka acknowledged"
