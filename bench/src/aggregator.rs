@@ -998,13 +998,8 @@ impl Snapshot {
 
     fn since(&self, before: &Snapshot) -> Snapshot {
         let diff = |a: Option<CpuTimes>, b: Option<CpuTimes>| Some(a?.since(b?));
-        // A backend that started during the phase used all of its CPU in it.
         let postgres = match (&self.postgres, &before.postgres) {
-            (Some(now), Some(was)) => Some(
-                now.iter()
-                    .map(|(pid, cpu)| (*pid, cpu.since(was.get(pid).copied().unwrap_or_default())))
-                    .collect(),
-            ),
+            (Some(now), Some(was)) => Some(procstat::tree_since(now, was)),
             _ => None,
         };
         Snapshot {

@@ -187,6 +187,17 @@ pub fn process_tree_cpu(root: u32) -> std::collections::HashMap<u32, CpuTimes> {
     out
 }
 
+/// CPU each process of a tree used between two [`process_tree_cpu`] readings; a process
+/// that started in between used all of its CPU in the interval.
+pub fn tree_since(
+    now: &std::collections::HashMap<u32, CpuTimes>,
+    was: &std::collections::HashMap<u32, CpuTimes>,
+) -> std::collections::HashMap<u32, CpuTimes> {
+    now.iter()
+        .map(|(pid, cpu)| (*pid, cpu.since(was.get(pid).copied().unwrap_or_default())))
+        .collect()
+}
+
 pub fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
