@@ -2,11 +2,11 @@
 //! what quantity, when a window is due or expired, and when a window total is (re)published.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_schemas::{
-    Aggregation, CustomerId, Decimal, EnvironmentId, EventId, MeterDefinition, MeterId,
-    QuantityError, RawUsageEvent, TenantId, Window,
+    Aggregation, Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window,
 };
 
 use time::OffsetDateTime;
@@ -17,11 +17,10 @@ pub const STRIPE_MAX_EVENT_AGE: time::Duration = time::Duration::days(35);
 /// One event's contribution to one meter: a row of `events_processed`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeteredEvent {
-    pub tenant_id: TenantId,
-    pub environment_id: EnvironmentId,
-    pub customer_id: CustomerId,
+    /// The event (tenant, environment, customer, id), shared by the rows of every meter it
+    /// feeds rather than copied into each.
+    pub event: Arc<RawUsageEvent>,
     pub meter_id: MeterId,
-    pub event_id: EventId,
     pub timestamp: OffsetDateTime,
     pub quantity: Decimal,
     /// The distinct value for COUNT_UNIQUE meters, empty otherwise.
@@ -46,7 +45,7 @@ pub struct Metering {
 /// meter yields no row; an event matching a meter without the property it reads does not
 /// feed that meter (`Ok(None)` from [`Aggregation::quantity`]).
 pub fn meter_event(
-    event: &RawUsageEvent,
+    event: &Arc<RawUsageEvent>,
     meters: &[MeterDefinition],
     window: Window,
     ingested_at: OffsetDateTime,
@@ -60,11 +59,8 @@ pub fn meter_event(
     {
         match meter.aggregation.quantity(&event.properties) {
             Ok(Some(quantity)) => metering.rows.push(MeteredEvent {
-                tenant_id: event.tenant_id.clone(),
-                environment_id: event.environment_id.clone(),
-                customer_id: event.customer_id.clone(),
+                event: Arc::clone(event),
                 meter_id: meter.id.clone(),
-                event_id: event.id.clone(),
                 timestamp,
                 quantity,
                 unique_key: meter
@@ -167,7 +163,7 @@ pub fn next_revision(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meterline_schemas::{MeterInput, Timestamp};
+    use meterline_schemas::{CustomerId, EnvironmentId, EventId, MeterInput, TenantId, Timestamp};
     use serde_json::json;
     use time::macros::datetime;
 
@@ -176,8 +172,8 @@ mod tests {
         MeterDefinition::try_from(input).unwrap()
     }
 
-    fn event(name: &str, properties: serde_json::Value, at: OffsetDateTime) -> RawUsageEvent {
-        RawUsageEvent {
+    fn event(name: &str, properties: serde_json::Value, at: OffsetDateTime) -> Arc<RawUsageEvent> {
+        Arc::new(RawUsageEvent {
             id: EventId::parse("e1").unwrap(),
             tenant_id: TenantId::parse("t").unwrap(),
             environment_id: EnvironmentId::parse("e").unwrap(),
@@ -187,7 +183,7 @@ mod tests {
             properties: properties.as_object().unwrap().clone(),
             source: None,
             ingested_at: None,
-        }
+        })
     }
 
     #[test]

@@ -88,11 +88,11 @@ impl Warehouse {
             })?;
             insert
                 .write(&ProcessedRow {
-                    tenant_id: r.tenant_id.as_str(),
-                    environment_id: r.environment_id.as_str(),
-                    customer_id: r.customer_id.as_str(),
+                    tenant_id: r.event.tenant_id.as_str(),
+                    environment_id: r.event.environment_id.as_str(),
+                    customer_id: r.event.customer_id.as_str(),
                     meter_id: r.meter_id.as_str(),
-                    event_id: r.event_id.as_str(),
+                    event_id: r.event.id.as_str(),
                     timestamp: r.timestamp,
                     qty_billable,
                     sign: 1,

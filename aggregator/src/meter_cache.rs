@@ -7,9 +7,8 @@
 //! set. The refresh reads only meters changed since the last one (minus a margin for
 //! late-committing writes), so it costs one small query.
 
-use std::collections::HashMap;
-
 use meterline_common::meters::MeterStore;
+use meterline_common::scope_map::ScopeMap;
 use meterline_common::window_sizes::{self, AllSizes};
 use meterline_schemas::{EnvironmentId, MeterDefinition, MeterId, TenantId};
 use sqlx::PgPool;
@@ -24,7 +23,7 @@ const LATE_COMMIT_MARGIN: time::Duration = time::Duration::seconds(30);
 pub struct MeterCache {
     store: MeterStore,
     pool: PgPool,
-    meters: HashMap<(TenantId, EnvironmentId), Vec<MeterDefinition>>,
+    meters: ScopeMap<Vec<MeterDefinition>>,
     newest: Option<OffsetDateTime>,
     sizes: AllSizes,
 }
@@ -34,7 +33,7 @@ impl MeterCache {
         Self {
             store: MeterStore::new(pool.clone()),
             pool,
-            meters: HashMap::new(),
+            meters: ScopeMap::default(),
             newest: None,
             sizes: AllSizes::default(),
         }
@@ -58,8 +57,7 @@ impl MeterCache {
             );
             let meters = self
                 .meters
-                .entry((scope.tenant_id, scope.environment_id))
-                .or_default();
+                .entry_or_default(scope.tenant_id, scope.environment_id);
             match meters.iter_mut().find(|m| m.id == stored.definition.id) {
                 Some(existing) => *existing = stored.definition,
                 None => meters.push(stored.definition),
@@ -73,7 +71,7 @@ impl MeterCache {
 
     pub fn meters(&self, tenant: &TenantId, environment: &EnvironmentId) -> &[MeterDefinition] {
         self.meters
-            .get(&(tenant.clone(), environment.clone()))
+            .get(tenant, environment)
             .map(Vec::as_slice)
             .unwrap_or_default()
     }

@@ -15,7 +15,7 @@
 //! Every step that talks to another system is retried with backoff until it succeeds or the
 //! service shuts down; a shutdown finishes the batch in hand first, or leaves it uncommitted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,18 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::billing::{self, is_expired_window, next_revision, Trigger, WindowAggregates};
+use crate::billing::{
+    self, is_expired_window, next_revision, MeteredEvent, Trigger, WindowAggregates,
+};
 use crate::clickhouse::Warehouse;
 use crate::config::BatchLimits;
 use crate::kafka::Writer;
 use crate::meter_cache::MeterCache;
 use crate::metrics;
-use crate::windows::{Claim, Publication, WindowKey, WindowRegistry};
+use crate::windows::{Claim, Publication, WindowKey, WindowKeyRef, WindowRegistry};
 use crate::Error;
 use meterline_common::kafka::DeadLetters;
 
@@ -96,14 +98,17 @@ async fn read_batch(
         }
     };
     batch.push(first);
-    let deadline = tokio::time::Instant::now() + limits.max_wait;
+    // One timer for the whole batch: a timer per message cost a clock read and a timer
+    // registration per event.
+    let deadline = tokio::time::sleep(limits.max_wait);
+    tokio::pin!(deadline);
     while batch.len() < limits.max_events {
         tokio::select! {
             received = consumer.recv() => match received {
                 Ok(m) => batch.push(m.detach()),
                 Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
             },
-            _ = tokio::time::sleep_until(deadline) => break,
+            _ = &mut deadline => break,
         }
     }
     batch
@@ -160,52 +165,105 @@ pub struct Shared {
     pub batch_done: Notify,
 }
 
-/// Loop 1: `usage.raw` into ClickHouse.
+/// A batch read from `usage.raw` and resolved against the meters: what the write stages need.
+struct MeteredBatch {
+    messages: Vec<OwnedMessage>,
+    rows: Vec<MeteredEvent>,
+    /// Every window the rows touch, sorted and without duplicates (rows are locked in this
+    /// order when marked).
+    windows: Vec<WindowKey>,
+    /// Messages for the dead-letter topic: index in `messages`, and why.
+    dead: Vec<(usize, DlqHeaders)>,
+    unmetered: u64,
+}
+
+/// Loop 1: `usage.raw` into ClickHouse, in three stages joined by channels of one batch, so
+/// reading and metering the next batch, inserting this one and marking the previous one's
+/// windows overlap instead of waiting on each other:
+///
+/// 1. read a batch and resolve it against the meters (CPU);
+/// 2. insert its rows into ClickHouse;
+/// 3. mark its windows dirty, dead-letter its bad messages, commit its offsets.
+///
+/// Each stage takes batches in order, so offsets are committed in order and only after the
+/// batch's rows are in ClickHouse and its windows marked. A stage that stops (shutdown, or
+/// shutdown in the middle of a retried step) drops its channel, and the stages before it
+/// stop at their next hand-over: batches not committed are read again after a restart.
 pub async fn consume_usage(
     shared: Arc<Shared>,
     consumer: Arc<StreamConsumer>,
     limits: BatchLimits,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let (metered_tx, metered_rx) = mpsc::channel(1);
+    let (inserted_tx, inserted_rx) = mpsc::channel(1);
+    let reading = tokio::spawn(read_and_meter(
+        shared.clone(),
+        consumer.clone(),
+        limits,
+        shutdown.clone(),
+        metered_tx,
+    ));
+    let inserting = tokio::spawn(insert_batches(
+        shared.clone(),
+        metered_rx,
+        shutdown.clone(),
+        inserted_tx,
+    ));
+    record_batches(&shared, &consumer, inserted_rx, &shutdown).await;
+    for stage in [reading, inserting] {
+        stage.await.map_err(|e| Error::Task(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The next batch from `rx`, or `None` when the stage before stopped or shutdown began: a
+/// stage finishes the batch in hand but takes no new one after that.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, shutdown: &CancellationToken) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        batch = rx.recv() => batch,
+    }
+}
+
+/// Stage 1: reads batches and resolves them against the meters.
+async fn read_and_meter(
+    shared: Arc<Shared>,
+    consumer: Arc<StreamConsumer>,
+    limits: BatchLimits,
+    shutdown: CancellationToken,
+    tx: mpsc::Sender<MeteredBatch>,
+) {
     let mut cache = MeterCache::new(shared.pool.clone());
     loop {
-        let batch = read_batch(&consumer, limits, &shutdown).await;
-        if batch.is_empty() {
-            return Ok(());
+        let messages = read_batch(&consumer, limits, &shutdown).await;
+        if messages.is_empty() {
+            return;
         }
-        if !process_batch(&shared, &mut cache, &batch, &shutdown).await {
-            // Shutting down in the middle of a step: leave the batch uncommitted.
-            return Ok(());
+        ::metrics::counter!(metrics::EVENTS_CONSUMED).increment(messages.len() as u64);
+        ::metrics::histogram!(metrics::BATCH_SIZE).record(messages.len() as f64);
+        if retry!("refresh_meters", shutdown, cache.refresh()).is_none() {
+            return;
         }
-        commit(&consumer, &batch);
-        shared.batch_done.notify_one();
-        if shutdown.is_cancelled() {
-            return Ok(());
+        let batch = meter_batch(&cache, messages);
+        if tx.send(batch).await.is_err() {
+            return;
         }
     }
 }
 
-/// Everything but the commit. False when shutdown interrupted it.
-async fn process_batch(
-    shared: &Shared,
-    cache: &mut MeterCache,
-    batch: &[OwnedMessage],
-    shutdown: &CancellationToken,
-) -> bool {
-    ::metrics::counter!(metrics::EVENTS_CONSUMED).increment(batch.len() as u64);
-    ::metrics::histogram!(metrics::BATCH_SIZE).record(batch.len() as f64);
-    if retry!("refresh_meters", shutdown, cache.refresh()).is_none() {
-        return false;
-    }
+/// Parses every message of a batch and resolves it against the meters.
+fn meter_batch(cache: &MeterCache, messages: Vec<OwnedMessage>) -> MeteredBatch {
     let now = OffsetDateTime::now_utc();
-    let mut rows = Vec::new();
-    let mut dead: Vec<(&OwnedMessage, DlqHeaders)> = Vec::new();
+    let mut rows = Vec::with_capacity(messages.len());
+    let mut dead = Vec::new();
     let mut unmetered = 0u64;
-    for m in batch {
+    for (index, m) in messages.iter().enumerate() {
         let event = match RawUsageEvent::from_json_bytes(m.payload().unwrap_or_default()) {
-            Ok(event) => event,
+            Ok(event) => Arc::new(event),
             Err(e) => {
-                dead.push((m, dlq_headers(m, e.to_string(), e.dlq_error_kind())));
+                dead.push((index, dlq_headers(m, e.to_string(), e.dlq_error_kind())));
                 continue;
             }
         };
@@ -217,7 +275,10 @@ async fn process_batch(
             {
                 Ok(w) => w,
                 Err(e) => {
-                    dead.push((m, dlq_headers(m, e.to_string(), DlqErrorKind::VALIDATION)));
+                    dead.push((
+                        index,
+                        dlq_headers(m, e.to_string(), DlqErrorKind::VALIDATION),
+                    ));
                     continue;
                 }
             };
@@ -250,65 +311,104 @@ async fn process_batch(
             // The meters it fed correctly keep their rows; after a fix, a replay from the
             // dead-letter topic adds the rest and the copies of the others collapse.
             let kind = DlqErrorKind::parse("invalid_quantity").unwrap_or(DlqErrorKind::VALIDATION);
-            dead.push((m, dlq_headers(m, reasons.join("; "), kind)));
+            dead.push((index, dlq_headers(m, reasons.join("; "), kind)));
         }
         rows.extend(metering.rows);
     }
-
-    let started = Instant::now();
-    if retry!("clickhouse_insert", shutdown, {
-        shared.warehouse.insert(&rows)
-    })
-    .is_none()
-    {
-        return false;
+    let windows = distinct_windows(&rows);
+    MeteredBatch {
+        messages,
+        rows,
+        windows,
+        dead,
+        unmetered,
     }
-    ::metrics::histogram!(metrics::INSERT_DURATION).record(started.elapsed().as_secs_f64());
-    ::metrics::counter!(metrics::ROWS_INSERTED).increment(rows.len() as u64);
+}
 
-    let keys: Vec<WindowKey> = rows
-        .iter()
-        .map(|r| WindowKey {
-            tenant_id: r.tenant_id.clone(),
-            environment_id: r.environment_id.clone(),
-            customer_id: r.customer_id.clone(),
-            meter_id: r.meter_id.clone(),
-            window: r.window,
+/// The windows `rows` touch, sorted, each once. Deduplicated through borrowed keys first: a
+/// batch has up to a hundred thousand rows but a few thousand windows, and owned keys would
+/// copy four strings per row.
+fn distinct_windows(rows: &[MeteredEvent]) -> Vec<WindowKey> {
+    let mut first_row: HashMap<WindowKeyRef<'_>, &MeteredEvent, foldhash::fast::RandomState> =
+        HashMap::default();
+    for row in rows {
+        first_row.entry(row.window_key()).or_insert(row);
+    }
+    let mut windows: Vec<WindowKey> = first_row.into_values().map(WindowKey::of).collect();
+    windows.sort_unstable();
+    windows
+}
+
+/// Stage 2: inserts each batch's rows into ClickHouse.
+async fn insert_batches(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<MeteredBatch>,
+    shutdown: CancellationToken,
+    tx: mpsc::Sender<MeteredBatch>,
+) {
+    while let Some(batch) = next_batch(&mut rx, &shutdown).await {
+        let started = Instant::now();
+        if retry!("clickhouse_insert", shutdown, {
+            shared.warehouse.insert(&batch.rows)
         })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+        .is_none()
+        {
+            return;
+        }
+        ::metrics::histogram!(metrics::INSERT_DURATION).record(started.elapsed().as_secs_f64());
+        ::metrics::counter!(metrics::ROWS_INSERTED).increment(batch.rows.len() as u64);
+        if tx.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Stage 3: marks each inserted batch's windows dirty, dead-letters its bad messages and
+/// commits its offsets.
+async fn record_batches(
+    shared: &Shared,
+    consumer: &StreamConsumer,
+    mut rx: mpsc::Receiver<MeteredBatch>,
+    shutdown: &CancellationToken,
+) {
+    while let Some(batch) = next_batch(&mut rx, shutdown).await {
+        if !record_batch(shared, &batch, shutdown).await {
+            // Shutting down in the middle of a step: leave the batch uncommitted.
+            return;
+        }
+        commit(consumer, &batch.messages);
+        shared.batch_done.notify_one();
+    }
+}
+
+/// Everything after the insert but the commit. False when shutdown interrupted it.
+async fn record_batch(shared: &Shared, batch: &MeteredBatch, shutdown: &CancellationToken) -> bool {
     let Some(late) = retry!("mark_windows", shutdown, {
-        shared.registry.mark_dirty(&keys, shared.grace)
+        shared.registry.mark_dirty(&batch.windows, shared.grace)
     }) else {
         return false;
     };
-    let late: HashSet<WindowKey> = late.into_iter().collect();
     if !late.is_empty() {
-        let late_events: HashSet<&str> = rows
+        let late: HashSet<WindowKeyRef<'_>> = late.iter().map(WindowKey::as_ref).collect();
+        let late_events: HashSet<&str> = batch
+            .rows
             .iter()
-            .filter(|r| {
-                late.contains(&WindowKey {
-                    tenant_id: r.tenant_id.clone(),
-                    environment_id: r.environment_id.clone(),
-                    customer_id: r.customer_id.clone(),
-                    meter_id: r.meter_id.clone(),
-                    window: r.window,
-                })
-            })
-            .map(|r| r.event_id.as_str())
+            .filter(|r| late.contains(&r.window_key()))
+            .map(|r| r.event.id.as_str())
             .collect();
         ::metrics::counter!(metrics::LATE_EVENTS).increment(late_events.len() as u64);
     }
-    let expired: HashSet<&str> = rows
+    let expired: HashSet<&str> = batch
+        .rows
         .iter()
         .filter(|r| r.expired)
-        .map(|r| r.event_id.as_str())
+        .map(|r| r.event.id.as_str())
         .collect();
     ::metrics::counter!(metrics::EXPIRED_EVENTS).increment(expired.len() as u64);
-    ::metrics::counter!(metrics::EVENTS_UNMETERED).increment(unmetered);
+    ::metrics::counter!(metrics::EVENTS_UNMETERED).increment(batch.unmetered);
 
-    for (m, headers) in &dead {
+    for (index, headers) in &batch.dead {
+        let m = &batch.messages[*index];
         let sent = retry!("dead_letter", shutdown, {
             shared.dead_letters.send(
                 Topic::UsageRaw,

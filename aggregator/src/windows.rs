@@ -16,7 +16,7 @@ use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, W
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 
-use crate::billing::Published;
+use crate::billing::{MeteredEvent, Published};
 use crate::Error;
 
 /// One window of one customer and meter.
@@ -27,6 +27,46 @@ pub struct WindowKey {
     pub customer_id: CustomerId,
     pub meter_id: MeterId,
     pub window: Window,
+}
+
+/// A window key borrowed from a key or a row: (tenant, environment, customer, meter, window).
+/// Hashing and comparing it copies nothing.
+pub type WindowKeyRef<'a> = (&'a str, &'a str, &'a str, &'a str, Window);
+
+impl WindowKey {
+    /// The window `row` counts in.
+    pub fn of(row: &MeteredEvent) -> Self {
+        WindowKey {
+            tenant_id: row.event.tenant_id.clone(),
+            environment_id: row.event.environment_id.clone(),
+            customer_id: row.event.customer_id.clone(),
+            meter_id: row.meter_id.clone(),
+            window: row.window,
+        }
+    }
+
+    pub fn as_ref(&self) -> WindowKeyRef<'_> {
+        (
+            self.tenant_id.as_str(),
+            self.environment_id.as_str(),
+            self.customer_id.as_str(),
+            self.meter_id.as_str(),
+            self.window,
+        )
+    }
+}
+
+impl MeteredEvent {
+    /// The window this row counts in, borrowed.
+    pub fn window_key(&self) -> WindowKeyRef<'_> {
+        (
+            self.event.tenant_id.as_str(),
+            self.event.environment_id.as_str(),
+            self.event.customer_id.as_str(),
+            self.meter_id.as_str(),
+            self.window,
+        )
+    }
 }
 
 /// A claimed window: its key and what was last published for it.
@@ -221,7 +261,8 @@ impl WindowRegistry {
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
                                   $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
              ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
-             DO UPDATE SET dirty = true, last_event_at = now()
+             DO UPDATE SET dirty = true, last_event_at = now(),
+                           dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END
              RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
                        w.window_start, w.window_end, w.revision, w.published_quantity,
                        w.published_event_count",
@@ -244,9 +285,10 @@ impl WindowRegistry {
 
     /// Claims up to `limit` dirty windows that are due at `now`, skipping windows another
     /// replica holds. A window still receiving events (within `quiet`) waits until they stop,
-    /// for at most a minute between publications: while a backlog is replayed every batch
-    /// touches the same due windows, and publishing each after every batch would recompute
-    /// and resend them hundreds of times.
+    /// but a change waits at most a minute from the later of its window's due time and the
+    /// moment the window became dirty: while a backlog is replayed every batch touches the
+    /// same due windows, and publishing each after every batch would recompute and resend
+    /// them hundreds of times.
     pub async fn claim_due(
         &self,
         now: OffsetDateTime,
@@ -258,8 +300,7 @@ impl WindowRegistry {
             "SELECT {STATE_COLUMNS} FROM aggregation_windows
              WHERE dirty AND due_at <= $1
                AND (last_event_at <= $1 - make_interval(secs => $3)
-                    OR published_at IS NULL AND due_at <= $1 - interval '1 minute'
-                    OR published_at <= $1 - interval '1 minute')
+                    OR GREATEST(dirty_since, due_at) <= $1 - interval '1 minute')
              ORDER BY tenant_id, environment_id, customer_id, meter_id, window_start
              LIMIT $2
              FOR UPDATE SKIP LOCKED"

@@ -18,6 +18,7 @@
 //! - [`telemetry`]: JSON log lines.
 //! - [`metrics`]: the Prometheus recorder every service installs once.
 //! - [`ops`]: the `/healthz`, `/readyz` and `/metrics` routes every service serves.
+//! - [`scope_map`]: a map keyed by tenant and environment, searched without copying ids.
 //! - [`window_sizes`]: each tenant's window size history, changed only on boundaries of both
 //!   sizes so that windows never overlap.
 //! - [`shutdown`]: the signal that starts a graceful shutdown.
@@ -36,6 +37,7 @@ pub mod meters;
 pub mod metrics;
 pub mod ops;
 pub mod postgres;
+pub mod scope_map;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use crate::auth::TenantScope;
+use crate::scope_map::ScopeMap;
 
 /// The size of a window when the tenant never chose one.
 pub const DEFAULT_WINDOW_MINUTES: u32 = 60;
@@ -80,13 +81,13 @@ fn lcm(a: u32, b: u32) -> u32 {
 /// The sizes of every tenant environment, as read from PostgreSQL.
 #[derive(Debug, Clone, Default)]
 pub struct AllSizes {
-    by_scope: HashMap<(TenantId, EnvironmentId), SizeHistory>,
+    by_scope: ScopeMap<SizeHistory>,
 }
 
 impl AllSizes {
     pub fn history(&self, tenant: &TenantId, environment: &EnvironmentId) -> SizeHistory {
         self.by_scope
-            .get(&(tenant.clone(), environment.clone()))
+            .get(tenant, environment)
             .cloned()
             .unwrap_or_default()
     }
@@ -98,7 +99,7 @@ impl AllSizes {
         environment: &EnvironmentId,
         ts: OffsetDateTime,
     ) -> Result<Window, meterline_schemas::SchemaError> {
-        match self.by_scope.get(&(tenant.clone(), environment.clone())) {
+        match self.by_scope.get(tenant, environment) {
             Some(history) => history.window_at(ts),
             None => Window::containing(ts, DEFAULT_WINDOW_MINUTES),
         }
@@ -141,6 +142,30 @@ pub async fn load_all(pool: &PgPool) -> Result<AllSizes, WindowSizeError> {
             .map(|(k, v)| (k, SizeHistory::new(v)))
             .collect(),
     })
+}
+
+/// One tenant environment's history (the default size when it never chose one).
+pub async fn load_scope(
+    pool: &PgPool,
+    scope: &TenantScope,
+) -> Result<SizeHistory, WindowSizeError> {
+    let rows: Vec<(OffsetDateTime, i32)> = sqlx::query_as(
+        "SELECT effective_from, window_minutes FROM aggregation_window_sizes
+         WHERE tenant_id = $1 AND environment_id = $2",
+    )
+    .bind(scope.tenant_id.as_str())
+    .bind(scope.environment_id.as_str())
+    .fetch_all(pool)
+    .await?;
+    let changes = rows
+        .into_iter()
+        .map(|(from, minutes)| {
+            u32::try_from(minutes)
+                .map(|m| (from, m))
+                .map_err(|e| WindowSizeError::Corrupt(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(SizeHistory::new(changes))
 }
 
 /// Changes the window size of `scope` to `minutes`, effective at the first instant at or

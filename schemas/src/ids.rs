@@ -169,6 +169,14 @@ macro_rules! string_id {
             }
         }
 
+        // Hash and Eq are those of the text, so a map keyed by the id can be searched with
+        // a `&str` without building an id.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
