@@ -2,6 +2,8 @@
 //!
 //! Layout, one module per concern so that no service copies another's setup:
 //! - [`api`]: the JSON error answer and JSON body extractor of every HTTP API.
+//! - [`audit`]: the audit trail of Stripe configuration, mapping and key changes and of API
+//!   key decryptions; rows built from typed changes that cannot hold a secret.
 //! - [`auth`]: bearer JWTs and the [`auth::TenantScope`] every query is scoped by.
 //! - [`crypto`]: AES-256-GCM for secrets at rest, with key ids for rotation.
 //! - [`config`]: typed reading of environment variables; a missing or malformed variable is an
@@ -27,6 +29,7 @@
 //!   metrics, signals, the HTTP server).
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod clickhouse;
 pub mod config;

@@ -4,12 +4,17 @@
 //! Rules kept here: a secret is parsed into its type at the edge and stored only encrypted,
 //! bound to its tenant, environment and purpose; what leaves this module for a response is
 //! [`MaskedConfig`], which cannot hold a secret; decrypting is explicit and named.
+//!
+//! Audited ([`crate::audit`]): every write of a configuration and every re-encryption is
+//! recorded in its own transaction, and every decryption of an API key is recorded, with who
+//! asked and why, before the key is decrypted.
 
 use meterline_schemas::{EnvironmentId, TenantId};
 use serde::Serialize;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
+use crate::audit::{self, Actor, Change, Purpose};
 use crate::auth::TenantScope;
 use crate::crypto::{CryptoError, Keyring};
 
@@ -179,7 +184,8 @@ impl StripeConfigStore {
         Self { pool, keys }
     }
 
-    /// Creates or replaces the configuration of `scope`.
+    /// Creates or replaces the configuration of `scope`; the audit trail records the masked
+    /// configuration before and after, in the same transaction.
     pub async fn put(
         &self,
         scope: &TenantScope,
@@ -195,6 +201,13 @@ impl StripeConfigStore {
         let secrets = self
             .keys
             .encrypt(&secrets_json, &context(t, e, "webhook_secrets"))?;
+        let mut tx = self.pool.begin().await?;
+        // Locks the row (when there is one) so that two writers audit in the order they wrote.
+        let before = self
+            .row(&mut *tx, t, e, true)
+            .await?
+            .map(|row| self.masked(t, e, &row))
+            .transpose()?;
         sqlx::query(
             "INSERT INTO stripe_configs (tenant_id, environment_id, api_key_encrypted,
                  api_key_prefix, api_key_last4, livemode, webhook_secrets_encrypted,
@@ -221,46 +234,76 @@ impl StripeConfigStore {
         .bind(config.sync_enabled)
         .bind(config.aggregation_window_minutes as i32)
         .bind(config.rate_limit_per_second.map(|r| r as i32))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.get(scope)
+        let after = self
+            .row(&mut *tx, t, e, false)
             .await?
             .ok_or_else(|| ConfigStoreError::Corrupt("the row just written is missing".into()))
+            .and_then(|row| self.masked(t, e, &row))?;
+        audit::record(
+            &mut *tx,
+            t.as_str(),
+            e.as_str(),
+            &Actor::api(scope),
+            &Change::StripeConfigPut {
+                before: before.as_ref(),
+                after: &after,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(after)
     }
 
     /// The configuration of `scope`, masked.
     pub async fn get(&self, scope: &TenantScope) -> Result<Option<MaskedConfig>, ConfigStoreError> {
-        let row = self.row(&scope.tenant_id, &scope.environment_id).await?;
-        row.map(|row| {
-            let secrets = self.secrets_of(&scope.tenant_id, &scope.environment_id, &row)?;
-            Ok(MaskedConfig {
-                api_key: format!("{}****{}", row.api_key_prefix, row.api_key_last4),
-                livemode: row.livemode,
-                webhook_secrets_count: secrets.len(),
-                sync_enabled: row.sync_enabled,
-                aggregation_window_minutes: row.aggregation_window_minutes.max(0) as u32,
-                rate_limit_per_second: row.rate_limit_per_second.map(|r| r.max(0) as u32),
-                created_at: row.created_at,
-                updated_at: row.updated_at,
-            })
-        })
-        .transpose()
+        let (t, e) = (&scope.tenant_id, &scope.environment_id);
+        self.row(&self.pool, t, e, false)
+            .await?
+            .map(|row| self.masked(t, e, &row))
+            .transpose()
     }
 
-    async fn row(
+    fn masked(
         &self,
         tenant: &TenantId,
         environment: &EnvironmentId,
-    ) -> Result<Option<Row>, ConfigStoreError> {
-        Ok(sqlx::query_as(
+        row: &Row,
+    ) -> Result<MaskedConfig, ConfigStoreError> {
+        let secrets = self.secrets_of(tenant, environment, row)?;
+        Ok(MaskedConfig {
+            api_key: format!("{}****{}", row.api_key_prefix, row.api_key_last4),
+            livemode: row.livemode,
+            webhook_secrets_count: secrets.len(),
+            sync_enabled: row.sync_enabled,
+            aggregation_window_minutes: row.aggregation_window_minutes.max(0) as u32,
+            rate_limit_per_second: row.rate_limit_per_second.map(|r| r.max(0) as u32),
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+
+    async fn row<'c, E>(
+        &self,
+        executor: E,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        for_update: bool,
+    ) -> Result<Option<Row>, ConfigStoreError>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+    {
+        let lock = if for_update { " FOR UPDATE" } else { "" };
+        Ok(sqlx::query_as(&format!(
             "SELECT api_key_prefix, api_key_last4, livemode, webhook_secrets_encrypted,
                     sync_enabled, aggregation_window_minutes, rate_limit_per_second,
                     created_at, updated_at
-             FROM stripe_configs WHERE tenant_id = $1 AND environment_id = $2",
-        )
+             FROM stripe_configs WHERE tenant_id = $1 AND environment_id = $2{lock}"
+        ))
         .bind(tenant.as_str())
         .bind(environment.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(executor)
         .await?)
     }
 
@@ -284,46 +327,63 @@ impl StripeConfigStore {
         tenant: &TenantId,
         environment: &EnvironmentId,
     ) -> Result<Option<Vec<WebhookSecret>>, ConfigStoreError> {
-        match self.row(tenant, environment).await? {
+        match self.row(&self.pool, tenant, environment, false).await? {
             None => Ok(None),
             Some(row) => self.secrets_of(tenant, environment, &row).map(Some),
         }
     }
 
     /// The decrypted API key of a tenant environment, for calling Stripe; `None` without a
-    /// configuration.
+    /// configuration. The audit trail records `actor` and `purpose` first: a key is never
+    /// decrypted unrecorded.
     pub async fn api_key(
         &self,
         tenant: &TenantId,
         environment: &EnvironmentId,
+        actor: &Actor,
+        purpose: Purpose,
     ) -> Result<Option<StripeApiKey>, ConfigStoreError> {
-        let stored: Option<String> = sqlx::query_scalar(
-            "SELECT api_key_encrypted FROM stripe_configs
+        let stored: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT api_key_encrypted, api_key_prefix, api_key_last4 FROM stripe_configs
              WHERE tenant_id = $1 AND environment_id = $2",
         )
         .bind(tenant.as_str())
         .bind(environment.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        stored
-            .map(|s| {
-                let plain = self
-                    .keys
-                    .decrypt(&s, &context(tenant, environment, "api_key"))?;
-                let text = String::from_utf8(plain)
-                    .map_err(|_| ConfigStoreError::Corrupt("api key is not text".into()))?;
-                StripeApiKey::parse(&text).map_err(|e| ConfigStoreError::Corrupt(e.into()))
-            })
-            .transpose()
+        let Some((encrypted, prefix, last4)) = stored else {
+            return Ok(None);
+        };
+        audit::record(
+            &self.pool,
+            tenant.as_str(),
+            environment.as_str(),
+            actor,
+            &Change::ApiKeyDecrypted {
+                purpose,
+                masked: &format!("{prefix}****{last4}"),
+            },
+        )
+        .await?;
+        let plain = self
+            .keys
+            .decrypt(&encrypted, &context(tenant, environment, "api_key"))?;
+        let text = String::from_utf8(plain)
+            .map_err(|_| ConfigStoreError::Corrupt("api key is not text".into()))?;
+        StripeApiKey::parse(&text)
+            .map(Some)
+            .map_err(|e| ConfigStoreError::Corrupt(e.into()))
     }
 
-    /// What the sink needs to send a tenant environment's usage: its decrypted key, whether
-    /// sync is on, and its rate (configured, or Stripe's default for the key's mode). `None`
-    /// without a configuration.
+    /// What the sink needs to call Stripe for a tenant environment: its decrypted key (the
+    /// decryption audited as `actor` and `purpose`), whether sync is on, and its rate
+    /// (configured, or Stripe's default for the key's mode). `None` without a configuration.
     pub async fn for_sync(
         &self,
         tenant: &TenantId,
         environment: &EnvironmentId,
+        actor: &Actor,
+        purpose: Purpose,
     ) -> Result<Option<SyncConfig>, ConfigStoreError> {
         let row: Option<(bool, Option<i32>)> = sqlx::query_as(
             "SELECT sync_enabled, rate_limit_per_second FROM stripe_configs
@@ -336,7 +396,7 @@ impl StripeConfigStore {
         let Some((sync_enabled, rate)) = row else {
             return Ok(None);
         };
-        let Some(api_key) = self.api_key(tenant, environment).await? else {
+        let Some(api_key) = self.api_key(tenant, environment, actor, purpose).await? else {
             return Ok(None);
         };
         Ok(Some(SyncConfig {
@@ -347,13 +407,24 @@ impl StripeConfigStore {
     }
 
     /// Re-encrypts every stored secret under the primary key (after adding a new key at the
-    /// front of `ENCRYPTION_KEYS`); returns how many rows changed.
+    /// front of `ENCRYPTION_KEYS`); returns how many rows changed. One transaction: each
+    /// re-encrypted configuration gets an audit row (the key ids, never key material) naming
+    /// the operator command `meterline rotate-keys`.
     pub async fn rotate_keys(&self) -> Result<u64, ConfigStoreError> {
+        self.rotate_keys_as(&Actor::Operator {
+            command: "meterline rotate-keys".into(),
+        })
+        .await
+    }
+
+    /// [`Self::rotate_keys`], audited as `actor`.
+    pub async fn rotate_keys_as(&self, actor: &Actor) -> Result<u64, ConfigStoreError> {
+        let mut tx = self.pool.begin().await?;
         let rows: Vec<(String, String, String, String)> = sqlx::query_as(
             "SELECT tenant_id, environment_id, api_key_encrypted, webhook_secrets_encrypted
              FROM stripe_configs FOR UPDATE",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         let mut changed = 0;
         for (tenant, environment, api_key, secrets) in rows {
@@ -364,6 +435,13 @@ impl StripeConfigStore {
             if new_key.is_none() && new_secrets.is_none() {
                 continue;
             }
+            let mut from_key_ids: Vec<String> = Vec::new();
+            for stored in [&api_key, &secrets] {
+                let id = Keyring::key_id_of(stored)?.to_owned();
+                if !from_key_ids.contains(&id) {
+                    from_key_ids.push(id);
+                }
+            }
             sqlx::query(
                 "UPDATE stripe_configs SET api_key_encrypted = $3, webhook_secrets_encrypted = $4
                  WHERE tenant_id = $1 AND environment_id = $2",
@@ -372,10 +450,22 @@ impl StripeConfigStore {
             .bind(&environment)
             .bind(new_key.unwrap_or(api_key))
             .bind(new_secrets.unwrap_or(secrets))
-            .execute(&self.pool)
+            .execute(&mut *tx)
+            .await?;
+            audit::record(
+                &mut *tx,
+                &tenant,
+                &environment,
+                actor,
+                &Change::EncryptionKeysRotated {
+                    from_key_ids: &from_key_ids,
+                    to_key_id: self.keys.primary_id(),
+                },
+            )
             .await?;
             changed += 1;
         }
+        tx.commit().await?;
         Ok(changed)
     }
 }

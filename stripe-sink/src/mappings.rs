@@ -22,7 +22,14 @@
 //!   retires every mapping to the deleted customer.
 //! - Writes to customer mappings of one tenant environment are serialised by a transaction-
 //!   scoped advisory lock, so the consumer and the API never interleave a check and a write.
+//! - Imported customers ([`crate::import`]) go through the very rule of webhooks: each listed
+//!   customer is applied as a snapshot event ([`CustomerEvent::snapshot`]) dated just before
+//!   the list was read, so a webhook event newer than the list wins and an older one is stale.
+//!   Mappings made by webhooks and imports alike follow Stripe's metadata; manual ones stand.
+//! - Every mapping created or retired, and every meter mapping created or deleted, is written
+//!   to the audit trail ([`audit`]) in the transaction that makes the change.
 
+use meterline_common::audit::{self, Actor, Change};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{
     CustomerId, EnvironmentId, EventName, MeterId, SchemaError, StripeEventId, StripeEventType,
@@ -602,40 +609,90 @@ async fn active_for_entity(
     .await
 }
 
-/// Retires the active mappings to `provider_customer_id`, except those of `keep_entity`.
-async fn retire_provider(
+/// Who is changing customer mappings: the audit trail's actor, and the `source` of the
+/// mappings the change creates.
+pub(crate) struct Writer<'a> {
+    pub actor: &'a Actor,
+    pub source: MappingSource,
+}
+
+/// Records a retirement in the audit trail.
+async fn audit_retired(
     tx: &mut Tx,
     tenant: &str,
     env: &str,
+    actor: &Actor,
+    (customer_id, provider_customer_id): (&str, &str),
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    audit::record(
+        &mut **tx,
+        tenant,
+        env,
+        actor,
+        &Change::CustomerMappingRetired {
+            customer_id,
+            provider_customer_id,
+            reason,
+        },
+    )
+    .await
+}
+
+/// Retires the active mappings to `provider_customer_id`, except those of `keep_entity`.
+async fn retire_provider(
+    tx: &mut Tx,
+    (tenant, env): (&str, &str),
     provider_customer_id: &str,
     keep_entity: Option<&str>,
+    actor: &Actor,
+    reason: &str,
 ) -> Result<u32, sqlx::Error> {
-    let done = sqlx::query(
+    let retired: Vec<String> = sqlx::query_scalar(
         "UPDATE entity_integration_mappings
          SET status = 'retired', retired_at = now(), updated_at = now()
          WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
            AND entity_type = 'customer' AND provider_entity_id = $3 AND status = 'active'
-           AND ($4::text IS NULL OR entity_id <> $4)",
+           AND ($4::text IS NULL OR entity_id <> $4)
+         RETURNING entity_id",
     )
     .bind(tenant)
     .bind(env)
     .bind(provider_customer_id)
     .bind(keep_entity)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(done.rows_affected() as u32)
+    for entity in &retired {
+        audit_retired(
+            tx,
+            tenant,
+            env,
+            actor,
+            (entity, provider_customer_id),
+            reason,
+        )
+        .await?;
+    }
+    Ok(retired.len() as u32)
 }
 
-async fn retire_row(tx: &mut Tx, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn retire_row(
+    tx: &mut Tx,
+    (tenant, env): (&str, &str),
+    id: i64,
+    actor: &Actor,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    let (entity, provider): (String, String) = sqlx::query_as(
         "UPDATE entity_integration_mappings
          SET status = 'retired', retired_at = now(), updated_at = now()
-         WHERE id = $1",
+         WHERE id = $1
+         RETURNING entity_id, provider_entity_id",
     )
     .bind(id)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
-    Ok(())
+    audit_retired(tx, tenant, env, actor, (&entity, &provider), reason).await
 }
 
 impl MappingStore {
@@ -790,226 +847,289 @@ impl CustomerMappings<'_> {
         event: &CustomerEvent,
     ) -> Result<WebhookOutcome, MappingError> {
         let (t, e) = (tenant.as_str(), env.as_str());
-        let customer = event.customer.as_str();
-        let order = event.order();
         let mut tx = self.pool.begin().await?;
         lock_scope(&mut tx, t, e).await?;
+        let actor = Actor::Webhook {
+            event_id: event.event_id.as_str().to_owned(),
+        };
+        let writer = Writer {
+            actor: &actor,
+            source: MappingSource::Webhook,
+        };
+        let outcome = apply_event(&mut tx, (t, e), event, &writer).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}
 
-        let previous: Option<(Option<String>, bool, String, i64, i16)> = sqlx::query_as(
-            "SELECT external_id, deleted, last_event_id, last_event_created, last_event_rank
-             FROM stripe_customer_states
+/// Applies one customer event (a webhook's, or an import's snapshot) inside `tx`, which holds
+/// the scope's lock ([`lock_scope`]).
+pub(crate) async fn apply_event(
+    tx: &mut Tx,
+    (t, e): (&str, &str),
+    event: &CustomerEvent,
+    writer: &Writer<'_>,
+) -> Result<WebhookOutcome, MappingError> {
+    let customer = event.customer.as_str();
+    let order = event.order();
+
+    let previous: Option<(Option<String>, bool, String, i64, i16)> = sqlx::query_as(
+        "SELECT external_id, deleted, last_event_id, last_event_created, last_event_rank
+         FROM stripe_customer_states
+         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(customer)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let mut outcome = WebhookOutcome::default();
+    if let Some((_, deleted, id, created, rank)) = &previous {
+        let newest = EventOrder {
+            created: *created,
+            rank: *rank,
+            event_id: id.clone(),
+        };
+        // A deleted customer is never revived, whatever `created` a later event claims.
+        if *deleted || order <= newest {
+            return Ok(outcome);
+        }
+    }
+    outcome.applied = true;
+
+    let deleted = event.kind == CustomerEventKind::Deleted;
+    let external_id = match &event.external_id {
+        ExternalId::Present(id) => Some(id.as_str()),
+        ExternalId::Missing | ExternalId::Invalid => None,
+    };
+    sqlx::query(
+        "INSERT INTO stripe_customer_states
+             (tenant_id, environment_id, provider_customer_id, external_id, deleted,
+              last_event_id, last_event_created, last_event_rank)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (tenant_id, environment_id, provider_customer_id) DO UPDATE
+         SET external_id = EXCLUDED.external_id, deleted = EXCLUDED.deleted,
+             last_event_id = EXCLUDED.last_event_id,
+             last_event_created = EXCLUDED.last_event_created,
+             last_event_rank = EXCLUDED.last_event_rank, updated_at = now()",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(customer)
+    .bind(external_id)
+    .bind(deleted)
+    .bind(&order.event_id)
+    .bind(order.created)
+    .bind(order.rank)
+    .execute(&mut **tx)
+    .await?;
+
+    if deleted {
+        outcome.retired += retire_provider(
+            tx,
+            (t, e),
+            customer,
+            None,
+            writer.actor,
+            "stripe customer deleted",
+        )
+        .await?;
+    }
+    // The external ids whose owner may have changed: the one the customer had, and the
+    // one it has now.
+    let mut affected: Vec<&str> = Vec::new();
+    if let Some((Some(old), ..)) = &previous {
+        affected.push(old);
+    }
+    if let Some(new) = external_id {
+        if !affected.contains(&new) {
+            affected.push(new);
+        }
+    }
+    for entity in affected {
+        reconcile(tx, (t, e), entity, event, writer, &mut outcome).await?;
+    }
+
+    if deleted || external_id.is_some() {
+        sqlx::query(
+            "UPDATE stripe_unmapped_customers
+             SET status = CASE WHEN $4 THEN 'deleted'
+                          WHEN EXISTS (SELECT 1 FROM entity_integration_mappings m
+                                       WHERE m.tenant_id = $1 AND m.environment_id = $2
+                                         AND m.provider_type = 'stripe'
+                                         AND m.entity_type = 'customer'
+                                         AND m.provider_entity_id = $3
+                                         AND m.status = 'active') THEN 'mapped'
+                          ELSE 'unmapped' END,
+                 last_event_id = $5, last_event_created = $6, updated_at = now()
              WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
         )
         .bind(t)
         .bind(e)
         .bind(customer)
-        .fetch_optional(&mut *tx)
+        .bind(deleted)
+        .bind(&order.event_id)
+        .bind(order.created)
+        .execute(&mut **tx)
         .await?;
-        let mut outcome = WebhookOutcome::default();
-        if let Some((_, deleted, id, created, rank)) = &previous {
-            let newest = EventOrder {
-                created: *created,
-                rank: *rank,
-                event_id: id.clone(),
-            };
-            // A deleted customer is never revived, whatever `created` a later event claims.
-            if *deleted || order <= newest {
-                return Ok(outcome);
-            }
-        }
-        outcome.applied = true;
-
-        let deleted = event.kind == CustomerEventKind::Deleted;
-        let external_id = match &event.external_id {
-            ExternalId::Present(id) => Some(id.as_str()),
-            ExternalId::Missing | ExternalId::Invalid => None,
+    } else {
+        let reason = match event.external_id {
+            ExternalId::Invalid => "invalid_external_id",
+            _ => "missing_external_id",
         };
-        sqlx::query(
-            "INSERT INTO stripe_customer_states
-                 (tenant_id, environment_id, provider_customer_id, external_id, deleted,
-                  last_event_id, last_event_created, last_event_rank)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        let status: String = sqlx::query_scalar(
+            "INSERT INTO stripe_unmapped_customers
+                 (tenant_id, environment_id, provider_customer_id, email, name, reason,
+                  last_event_id, last_event_created, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+                     CASE WHEN EXISTS (SELECT 1 FROM entity_integration_mappings m
+                                       WHERE m.tenant_id = $1 AND m.environment_id = $2
+                                         AND m.provider_type = 'stripe'
+                                         AND m.entity_type = 'customer'
+                                         AND m.provider_entity_id = $3
+                                         AND m.status = 'active')
+                          THEN 'mapped' ELSE 'unmapped' END)
              ON CONFLICT (tenant_id, environment_id, provider_customer_id) DO UPDATE
-             SET external_id = EXCLUDED.external_id, deleted = EXCLUDED.deleted,
+             SET email = EXCLUDED.email, name = EXCLUDED.name, reason = EXCLUDED.reason,
                  last_event_id = EXCLUDED.last_event_id,
                  last_event_created = EXCLUDED.last_event_created,
-                 last_event_rank = EXCLUDED.last_event_rank, updated_at = now()",
+                 status = EXCLUDED.status, updated_at = now()
+             RETURNING status",
         )
         .bind(t)
         .bind(e)
         .bind(customer)
-        .bind(external_id)
-        .bind(deleted)
+        .bind(&event.email)
+        .bind(&event.name)
+        .bind(reason)
         .bind(&order.event_id)
         .bind(order.created)
-        .bind(order.rank)
-        .execute(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
-
-        if deleted {
-            outcome.retired += retire_provider(&mut tx, t, e, customer, None).await?;
-        }
-        // The external ids whose owner may have changed: the one the customer had, and the
-        // one it has now.
-        let mut affected: Vec<&str> = Vec::new();
-        if let Some((Some(old), ..)) = &previous {
-            affected.push(old);
-        }
-        if let Some(new) = external_id {
-            if !affected.contains(&new) {
-                affected.push(new);
-            }
-        }
-        for entity in affected {
-            self.reconcile(&mut tx, t, e, entity, event, &mut outcome)
-                .await?;
-        }
-
-        if deleted || external_id.is_some() {
-            sqlx::query(
-                "UPDATE stripe_unmapped_customers
-                 SET status = CASE WHEN $4 THEN 'deleted'
-                              WHEN EXISTS (SELECT 1 FROM entity_integration_mappings m
-                                           WHERE m.tenant_id = $1 AND m.environment_id = $2
-                                             AND m.provider_type = 'stripe'
-                                             AND m.entity_type = 'customer'
-                                             AND m.provider_entity_id = $3
-                                             AND m.status = 'active') THEN 'mapped'
-                              ELSE 'unmapped' END,
-                     last_event_id = $5, last_event_created = $6, updated_at = now()
-                 WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
-            )
-            .bind(t)
-            .bind(e)
-            .bind(customer)
-            .bind(deleted)
-            .bind(&order.event_id)
-            .bind(order.created)
-            .execute(&mut *tx)
-            .await?;
-        } else {
-            let reason = match event.external_id {
-                ExternalId::Invalid => "invalid_external_id",
-                _ => "missing_external_id",
-            };
-            let status: String = sqlx::query_scalar(
-                "INSERT INTO stripe_unmapped_customers
-                     (tenant_id, environment_id, provider_customer_id, email, name, reason,
-                      last_event_id, last_event_created, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-                         CASE WHEN EXISTS (SELECT 1 FROM entity_integration_mappings m
-                                           WHERE m.tenant_id = $1 AND m.environment_id = $2
-                                             AND m.provider_type = 'stripe'
-                                             AND m.entity_type = 'customer'
-                                             AND m.provider_entity_id = $3
-                                             AND m.status = 'active')
-                              THEN 'mapped' ELSE 'unmapped' END)
-                 ON CONFLICT (tenant_id, environment_id, provider_customer_id) DO UPDATE
-                 SET email = EXCLUDED.email, name = EXCLUDED.name, reason = EXCLUDED.reason,
-                     last_event_id = EXCLUDED.last_event_id,
-                     last_event_created = EXCLUDED.last_event_created,
-                     status = EXCLUDED.status, updated_at = now()
-                 RETURNING status",
-            )
-            .bind(t)
-            .bind(e)
-            .bind(customer)
-            .bind(&event.email)
-            .bind(&event.name)
-            .bind(reason)
-            .bind(&order.event_id)
-            .bind(order.created)
-            .fetch_one(&mut *tx)
-            .await?;
-            outcome.unmapped = status == "unmapped";
-        }
-        tx.commit().await?;
-        Ok(outcome)
+        outcome.unmapped = status == "unmapped";
     }
+    Ok(outcome)
+}
 
-    /// Makes the active mapping of `entity` match its owner: the live Stripe customer whose
-    /// newest event carries it (the newest such event wins).
-    async fn reconcile(
-        &self,
-        tx: &mut Tx,
-        t: &str,
-        e: &str,
-        entity: &str,
-        event: &CustomerEvent,
-        outcome: &mut WebhookOutcome,
-    ) -> Result<(), sqlx::Error> {
-        let owner: Option<(String, String, i64)> = sqlx::query_as(
-            "SELECT provider_customer_id, last_event_id, last_event_created
-             FROM stripe_customer_states
-             WHERE tenant_id = $1 AND environment_id = $2 AND external_id = $3 AND NOT deleted
-             ORDER BY last_event_created DESC, last_event_rank DESC, last_event_id DESC
-             LIMIT 1",
-        )
-        .bind(t)
-        .bind(e)
-        .bind(entity)
-        .fetch_optional(&mut **tx)
-        .await?;
-        let active = active_for_entity(tx, t, e, entity).await?;
-        match (owner, active) {
-            (None, None) => {}
-            (None, Some((id, _, source))) => {
-                // Nobody claims the external id any more; a manual mapping stays.
-                if source == MappingSource::Webhook.as_str() {
-                    retire_row(tx, id).await?;
-                    outcome.retired += 1;
-                }
-            }
-            (Some((owner, event_id, created)), Some((id, provider, _))) if provider == owner => {
-                if owner == event.customer.as_str() {
-                    sqlx::query(
-                        "UPDATE entity_integration_mappings
-                         SET last_event_id = $2, last_event_created = $3, metadata = $4,
-                             updated_at = now()
-                         WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(event_id)
-                    .bind(created)
-                    .bind(event.metadata())
-                    .execute(&mut **tx)
-                    .await?;
-                    outcome.updated += 1;
-                }
-            }
-            (Some((owner, event_id, created)), active) => {
-                if let Some((id, ..)) = active {
-                    retire_row(tx, id).await?;
-                    outcome.retired += 1;
-                }
-                outcome.retired += retire_provider(tx, t, e, &owner, Some(entity)).await?;
-                let metadata = if owner == event.customer.as_str() {
-                    event.metadata()
-                } else {
-                    serde_json::json!({})
-                };
-                sqlx::query(
-                    "INSERT INTO entity_integration_mappings
-                         (tenant_id, environment_id, entity_type, entity_id, provider_type,
-                          provider_entity_id, status, source, last_event_id, last_event_created,
-                          metadata)
-                     VALUES ($1, $2, 'customer', $3, 'stripe', $4, 'active', 'webhook', $5, $6, $7)",
+/// Makes the active mapping of `entity` match its owner: the live Stripe customer whose
+/// newest event carries it (the newest such event wins).
+async fn reconcile(
+    tx: &mut Tx,
+    (t, e): (&str, &str),
+    entity: &str,
+    event: &CustomerEvent,
+    writer: &Writer<'_>,
+    outcome: &mut WebhookOutcome,
+) -> Result<(), sqlx::Error> {
+    let owner: Option<(String, String, i64)> = sqlx::query_as(
+        "SELECT provider_customer_id, last_event_id, last_event_created
+         FROM stripe_customer_states
+         WHERE tenant_id = $1 AND environment_id = $2 AND external_id = $3 AND NOT deleted
+         ORDER BY last_event_created DESC, last_event_rank DESC, last_event_id DESC
+         LIMIT 1",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(entity)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let active = active_for_entity(tx, t, e, entity).await?;
+    match (owner, active) {
+        (None, None) => {}
+        (None, Some((id, _, source))) => {
+            // Nobody claims the external id any more; a manual mapping stays, one made
+            // from Stripe's metadata (webhook or import) goes with it.
+            if source != MappingSource::Manual.as_str() {
+                retire_row(
+                    tx,
+                    (t, e),
+                    id,
+                    writer.actor,
+                    "external id no longer on the stripe customer",
                 )
-                .bind(t)
-                .bind(e)
-                .bind(entity)
-                .bind(&owner)
+                .await?;
+                outcome.retired += 1;
+            }
+        }
+        (Some((owner, event_id, created)), Some((id, provider, _))) if provider == owner => {
+            if owner == event.customer.as_str() {
+                sqlx::query(
+                    "UPDATE entity_integration_mappings
+                     SET last_event_id = $2, last_event_created = $3, metadata = $4,
+                         updated_at = now()
+                     WHERE id = $1",
+                )
+                .bind(id)
                 .bind(event_id)
                 .bind(created)
-                .bind(metadata)
+                .bind(event.metadata())
                 .execute(&mut **tx)
                 .await?;
-                outcome.created += 1;
+                outcome.updated += 1;
             }
         }
-        Ok(())
+        (Some((owner, event_id, created)), active) => {
+            if let Some((id, ..)) = active {
+                retire_row(
+                    tx,
+                    (t, e),
+                    id,
+                    writer.actor,
+                    "external id now on another stripe customer",
+                )
+                .await?;
+                outcome.retired += 1;
+            }
+            outcome.retired += retire_provider(
+                tx,
+                (t, e),
+                &owner,
+                Some(entity),
+                writer.actor,
+                "stripe customer now carries another external id",
+            )
+            .await?;
+            let metadata = if owner == event.customer.as_str() {
+                event.metadata()
+            } else {
+                serde_json::json!({})
+            };
+            sqlx::query(
+                "INSERT INTO entity_integration_mappings
+                     (tenant_id, environment_id, entity_type, entity_id, provider_type,
+                      provider_entity_id, status, source, last_event_id, last_event_created,
+                      metadata)
+                 VALUES ($1, $2, 'customer', $3, 'stripe', $4, 'active', $8, $5, $6, $7)",
+            )
+            .bind(t)
+            .bind(e)
+            .bind(entity)
+            .bind(&owner)
+            .bind(event_id)
+            .bind(created)
+            .bind(metadata)
+            .bind(writer.source.as_str())
+            .execute(&mut **tx)
+            .await?;
+            audit::record(
+                &mut **tx,
+                t,
+                e,
+                writer.actor,
+                &Change::CustomerMappingCreated {
+                    customer_id: entity,
+                    provider_customer_id: &owner,
+                    source: writer.source.as_str(),
+                },
+            )
+            .await?;
+            outcome.created += 1;
+        }
     }
+    Ok(())
+}
 
+impl CustomerMappings<'_> {
     /// Maps `customer_id` to `provider_customer_id` by hand (source `manual`).
     pub async fn create_manual(
         &self,
@@ -1070,6 +1190,18 @@ impl CustomerMappings<'_> {
         .bind(customer_id.as_str())
         .bind(provider_customer_id.as_str())
         .fetch_one(&mut *tx)
+        .await?;
+        audit::record(
+            &mut *tx,
+            t,
+            e,
+            &Actor::api(scope),
+            &Change::CustomerMappingCreated {
+                customer_id: customer_id.as_str(),
+                provider_customer_id: provider_customer_id.as_str(),
+                source: MappingSource::Manual.as_str(),
+            },
+        )
         .await?;
         sqlx::query(
             "UPDATE stripe_unmapped_customers SET status = 'mapped', updated_at = now()
@@ -1146,19 +1278,31 @@ impl CustomerMappings<'_> {
         let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
         let mut tx = self.pool.begin().await?;
         lock_scope(&mut tx, t, e).await?;
-        let done = sqlx::query(
+        let retired: Option<String> = sqlx::query_scalar(
             "UPDATE entity_integration_mappings
              SET status = 'retired', retired_at = now(), updated_at = now()
              WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
-               AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'",
+               AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'
+             RETURNING provider_entity_id",
         )
         .bind(t)
         .bind(e)
         .bind(customer_id.as_str())
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        if let Some(provider) = &retired {
+            audit_retired(
+                &mut tx,
+                t,
+                e,
+                &Actor::api(scope),
+                (customer_id.as_str(), provider),
+                "retired through the api",
+            )
+            .await?;
+        }
         tx.commit().await?;
-        Ok(done.rows_affected() > 0)
+        Ok(retired.is_some())
     }
 }
 
@@ -1199,6 +1343,7 @@ impl MeterMappings<'_> {
         input: &MeterMappingInput,
     ) -> Result<MeterMapping, MappingError> {
         let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
+        let mut tx = self.pool.begin().await?;
         // ON CONFLICT DO NOTHING instead of catching the unique violation: no error code
         // matching; which constraint it was is read back after.
         let row: Option<MeterRow> = sqlx::query_as(&format!(
@@ -1214,11 +1359,25 @@ impl MeterMappings<'_> {
         .bind(input.meter_id.as_str())
         .bind(input.provider_meter_id.as_str())
         .bind(input.sync_enabled)
-        .fetch_optional(self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = row {
+            audit::record(
+                &mut *tx,
+                t,
+                e,
+                &Actor::api(scope),
+                &Change::MeterMappingCreated {
+                    meter_id: &row.meter_id,
+                    provider_meter_id: &row.provider_meter_id,
+                    sync_enabled: row.sync_enabled,
+                },
+            )
+            .await?;
+            tx.commit().await?;
             return row.try_into();
         }
+        tx.rollback().await?;
         if self.get(scope, &input.meter_id).await?.is_some() {
             return Err(MappingError::MeterAlreadyMapped(input.meter_id.to_string()));
         }
@@ -1279,16 +1438,33 @@ impl MeterMappings<'_> {
         scope: &TenantScope,
         meter_id: &MeterId,
     ) -> Result<bool, MappingError> {
-        let done = sqlx::query(
+        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
+        let mut tx = self.pool.begin().await?;
+        let deleted: Option<String> = sqlx::query_scalar(
             "DELETE FROM stripe_meter_mappings
-             WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3",
+             WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3
+             RETURNING provider_meter_id",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind(t)
+        .bind(e)
         .bind(meter_id.as_str())
-        .execute(self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        if let Some(provider_meter_id) = &deleted {
+            audit::record(
+                &mut *tx,
+                t,
+                e,
+                &Actor::api(scope),
+                &Change::MeterMappingDeleted {
+                    meter_id: meter_id.as_str(),
+                    provider_meter_id,
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted.is_some())
     }
 }
 

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meterline_common::audit::{Actor, Purpose};
 use meterline_common::kafka::DeadLetters;
 use meterline_common::stripe_config::StripeConfigStore;
 use meterline_schemas::{DlqHeaders, Timestamp, Topic, WindowTotal};
@@ -195,7 +196,7 @@ fn finish_label(finish: &Finish) -> &'static str {
 
 /// The account key of the pacer: a hash of the API key, so that the key itself is kept
 /// nowhere but in its encrypted row.
-fn account_of(api_key: &str) -> String {
+pub(crate) fn account_of(api_key: &str) -> String {
     hex::encode(&Sha256::digest(api_key.as_bytes())[..8])
 }
 
@@ -223,7 +224,12 @@ async fn try_settle(
     }
     let Some(config) = ctx
         .configs
-        .for_sync(&batch.tenant_id, &batch.environment_id)
+        .for_sync(
+            &batch.tenant_id,
+            &batch.environment_id,
+            &Actor::Sync,
+            Purpose::Sync,
+        )
         .await
         .map_err(|e| Error::Config(e.to_string()))?
     else {

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use meterline_common::api::{ApiError, JsonBody};
+use meterline_common::audit::{Actor, Purpose};
 use meterline_common::auth::TenantScope;
 use meterline_common::stripe_config::{MaskedConfig, NewConfig, StripeApiKey, WebhookSecret};
 use meterline_common::window_sizes;
@@ -137,7 +138,12 @@ pub async fn test(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let key = state
         .configs
-        .api_key(&scope.tenant_id, &scope.environment_id)
+        .api_key(
+            &scope.tenant_id,
+            &scope.environment_id,
+            &Actor::api(&scope),
+            Purpose::ConfigTest,
+        )
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;

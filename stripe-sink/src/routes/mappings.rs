@@ -125,10 +125,13 @@ fn customer_path(path: Result<Path<String>, PathRejection>) -> Result<CustomerId
     CustomerId::parse(&path_value(path)?).map_err(invalid)
 }
 
-type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+pub(crate) type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// Query parameters as pairs, each name at most once and among `allowed`.
-fn query_pairs(query: QueryPairs, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn query_pairs(
+    query: QueryPairs,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
     let Query(pairs) =
         query.map_err(|e| ApiError::bad_request("invalid_parameter", e.body_text()))?;
     for (i, (name, _)) in pairs.iter().enumerate() {
@@ -151,7 +154,7 @@ fn query_pairs(query: QueryPairs, allowed: &[&str]) -> Result<Vec<(String, Strin
     Ok(pairs)
 }
 
-fn parse_limit(value: &str) -> Result<u32, ApiError> {
+pub(crate) fn parse_limit(value: &str) -> Result<u32, ApiError> {
     value
         .parse::<u32>()
         .ok()

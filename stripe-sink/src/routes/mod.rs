@@ -5,6 +5,7 @@
 //! [`TenantScope`]: meterline_common::auth::TenantScope
 //! [`ApiError`]: meterline_common::api::ApiError
 
+pub mod audit;
 pub mod config;
 pub mod mappings;
 pub mod sync;
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stripe/sync/batches", get(sync::batches))
         .route("/v1/stripe/batches/retry", post(sync::retry))
         .route("/v1/stripe/reconcile", get(sync::reconcile))
+        .route("/v1/stripe/audit", get(audit::list))
         .route(
             "/v1/stripe/meters/mapping",
             post(mappings::create_meter_mapping).get(mappings::list_meter_mappings),

@@ -5,6 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use meterline_common::api::{ApiError, JsonBody};
+use meterline_common::audit::{Actor, Purpose};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, TimeRange, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -327,7 +328,12 @@ pub async fn reconcile(
         .map_err(|e| ApiError::internal(&e))?;
     let key = state
         .configs
-        .api_key(&scope.tenant_id, &scope.environment_id)
+        .api_key(
+            &scope.tenant_id,
+            &scope.environment_id,
+            &Actor::api(&scope),
+            Purpose::Reconcile,
+        )
         .await
         .map_err(|e| ApiError::internal(&e))?
         .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
