@@ -44,4 +44,7 @@ pub enum Error {
     Metrics(String),
     #[error("task failed: {0}")]
     Task(String),
+    /// Stored data that no longer passes validation (written by hand, or by an older rule).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
 }

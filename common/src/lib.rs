@@ -23,6 +23,8 @@
 //! - [`scope_map`]: a map keyed by tenant and environment, searched without copying ids.
 //! - [`window_sizes`]: each tenant's window size history, changed only on boundaries of both
 //!   sizes so that windows never overlap.
+//! - [`window_totals`]: window totals of a customer and meter read from ClickHouse exactly as
+//!   the sync computes them (deduplicated rows, the same aggregates and windows).
 //! - [`shutdown`]: the signal that starts a graceful shutdown.
 //! - [`server`]: binding and serving an axum router until shutdown.
 //! - [`service`]: what every service binary does around its own work (exit codes, logs,
@@ -47,5 +49,6 @@ pub mod shutdown;
 pub mod stripe_config;
 pub mod telemetry;
 pub mod window_sizes;
+pub mod window_totals;
 
 pub use error::Error;

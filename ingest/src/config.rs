@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use meterline_common::auth::JwtKeys;
 use meterline_common::config::{
-    ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
+    ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
 
 #[derive(Debug, Clone)]
@@ -14,6 +14,10 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub kafka: KafkaSettings,
     pub postgres: PostgresSettings,
+    /// `CLICKHOUSE_URL` (required), `CLICKHOUSE_DATABASE`, `CLICKHOUSE_USER`,
+    /// `CLICKHOUSE_PASSWORD`: where `GET /v1/usage` reads window totals. Not a readiness
+    /// check: ClickHouse being away must not stop events from being taken.
+    pub clickhouse: ClickhouseSettings,
     /// `JWT_SECRET`: verifies bearer tokens.
     pub jwt: JwtKeys,
     pub limits: Limits,
@@ -61,6 +65,7 @@ impl Config {
             http_addr: env.socket_addr_or("HTTP_ADDR", "0.0.0.0:8080")?,
             kafka: KafkaSettings::from_env(&env)?,
             postgres: PostgresSettings::from_env(&env)?,
+            clickhouse: ClickhouseSettings::from_env(&env)?,
             jwt: JwtKeys::from_env(&env)?,
             limits: Limits {
                 max_event_body_bytes: env.u64_in_range(

@@ -1,10 +1,10 @@
-//! meterline ingest: takes usage events over HTTP and writes them to `usage.raw`, and keeps
-//! the meter definitions.
+//! meterline ingest: takes usage events over HTTP and writes them to `usage.raw`, keeps
+//! the meter definitions, and answers usage queries from ClickHouse.
 //!
 //! Layout:
 //! - [`config`]: the environment variables it reads.
 //! - [`startup`]: wiring of clients, readiness checks and the HTTP server.
-//! - [`routes`]: the HTTP API (`/v1/events`, `/v1/events/bulk`, `/v1/meters`).
+//! - [`routes`]: the HTTP API (`/v1/events`, `/v1/events/bulk`, `/v1/meters`, `/v1/usage`).
 //! - [`events`]: turning a request's event into a `usage.raw` message (pure functions).
 //! - [`kafka`]: the acknowledged, idempotent writer of `usage.raw`.
 //! - [`metrics`]: the names of every metric ingest exports.

@@ -1,11 +1,12 @@
-//! Wiring: the usage.raw writer, the meter store, readiness checks, and the HTTP server.
+//! Wiring: the usage.raw writer, the meter store, the ClickHouse client of the usage query,
+//! readiness checks, and the HTTP server.
 
 use std::sync::Arc;
 
 use meterline_common::kafka::KafkaProbe;
 use meterline_common::meters::MeterStore;
-use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
+use meterline_common::{clickhouse, postgres};
 
 use crate::kafka::UsageWriter;
 use crate::routes::{self, AppState};
@@ -25,6 +26,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         writer: writer.clone(),
         meters: MeterStore::new(pool.clone()),
         limits: config.limits,
+        pool: pool.clone(),
+        clickhouse: clickhouse::client(&config.clickhouse),
     };
     let readiness = context.readiness().kafka(kafka).postgres(pool);
     context

@@ -1,11 +1,13 @@
 //! The ingest HTTP API. Every route is authenticated by a bearer JWT ([`TenantScope`]) and
-//! answers errors as JSON ([`ApiError`]).
+//! answers errors as JSON ([`ApiError`]). Routes: `/v1/events`, `/v1/events/bulk`,
+//! `/v1/meters`, `/v1/meters/{id}`, `/v1/usage`.
 //!
 //! [`TenantScope`]: meterline_common::auth::TenantScope
 //! [`ApiError`]: meterline_common::api::ApiError
 
 pub mod events;
 pub mod meters;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -26,6 +28,10 @@ pub struct AppState {
     pub writer: Arc<UsageWriter>,
     pub meters: MeterStore,
     pub limits: Limits,
+    /// The tenants' window sizes, for `GET /v1/usage`.
+    pub pool: sqlx::PgPool,
+    /// Where `GET /v1/usage` reads window totals.
+    pub clickhouse: ::clickhouse::Client,
 }
 
 impl FromRef<AppState> for JwtKeys {
@@ -60,6 +66,7 @@ pub fn router(state: AppState) -> Router {
                 .put(meters::replace)
                 .layer(DefaultBodyLimit::max(MAX_METER_BODY_BYTES)),
         )
+        .route("/v1/usage", get(usage::get_usage))
         .fallback(not_found_fallback)
         .with_state(state)
 }

@@ -11,3 +11,4 @@ mod postgres;
 mod services;
 mod sink;
 mod webhook_relay;
+mod usage_api;
