@@ -18,6 +18,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 }
 
 /// Serves `router` until `shutdown` is cancelled, then lets in-flight requests finish.
+/// Each request carries its peer's address (`ConnectInfo<SocketAddr>`), for source checks.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -28,11 +29,14 @@ pub async fn serve(
         source,
     })?;
     tracing::info!(%addr, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|source| Error::Io {
-            context: "serving http".into(),
-            source,
-        })
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+    .map_err(|source| Error::Io {
+        context: "serving http".into(),
+        source,
+    })
 }

@@ -9,6 +9,8 @@ use meterline_common::config::{
 use meterline_common::crypto::Keyring;
 use meterline_common::stripe_config::WebhookSecret;
 
+use crate::sources::{Networks, SourcePolicy};
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `HTTP_ADDR` (default `0.0.0.0:8082`).
@@ -30,6 +32,36 @@ pub struct Config {
     /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a publish may wait for
     /// Kafka's acknowledgement before the delivery is answered 503 (Stripe then retries).
     pub produce_timeout: Duration,
+    /// `WEBHOOK_ALLOWED_SOURCES` (optional, comma-separated CIDRs or addresses): when set, only
+    /// deliveries from these networks are taken (Stripe publishes its webhook addresses);
+    /// `WEBHOOK_TRUSTED_PROXIES` (optional, only with the former): the proxies whose
+    /// `X-Forwarded-For` is believed. `None`: every source is accepted.
+    pub sources: Option<SourcePolicy>,
+}
+
+fn networks(env: &Env<'_>, var: &'static str) -> Result<Option<Networks>, ConfigError> {
+    env.optional(var)
+        .map(|text| Networks::parse(&text).map_err(|reason| ConfigError::Malformed { var, reason }))
+        .transpose()
+}
+
+fn source_policy(env: &Env<'_>) -> Result<Option<SourcePolicy>, ConfigError> {
+    let allowed = networks(env, "WEBHOOK_ALLOWED_SOURCES")?;
+    let trusted_proxies = networks(env, "WEBHOOK_TRUSTED_PROXIES")?;
+    match (allowed, trusted_proxies) {
+        (Some(allowed), trusted_proxies) => Ok(Some(SourcePolicy {
+            allowed,
+            trusted_proxies,
+        })),
+        // Trusting a proxy's header matters only to the allow-list: alone it is a mistake
+        // (most likely a forgotten allow-list), so say so rather than run unprotected.
+        (None, Some(_)) => Err(ConfigError::Malformed {
+            var: "WEBHOOK_TRUSTED_PROXIES",
+            reason: "set WEBHOOK_ALLOWED_SOURCES too: trusted proxies only serve the allow-list"
+                .into(),
+        }),
+        (None, None) => Ok(None),
+    }
 }
 
 impl Config {
@@ -70,6 +102,7 @@ impl Config {
                 5000,
                 100..=60_000,
             )?),
+            sources: source_policy(&env)?,
         })
     }
 }
@@ -95,6 +128,39 @@ mod tests {
         assert_eq!(config.produce_timeout, Duration::from_millis(5000));
         assert!(config.fallback_secret.is_none());
         assert_eq!(config.http_addr.port(), 8082);
+        assert!(config.sources.is_none(), "the allow-list is off by default");
+    }
+
+    #[test]
+    fn the_allow_list_and_trusted_proxies() {
+        let src = [
+            BASE[0],
+            BASE[1],
+            BASE[2],
+            ("WEBHOOK_ALLOWED_SOURCES", "3.18.12.63/32, 3.130.192.231"),
+            ("WEBHOOK_TRUSTED_PROXIES", "10.0.0.0/8"),
+        ];
+        let policy = Config::from_source(&src).unwrap().sources.unwrap();
+        assert!(policy.allowed.contains("3.130.192.231".parse().unwrap()));
+        assert!(policy.trusted_proxies.is_some());
+
+        let src = [
+            BASE[0],
+            BASE[1],
+            BASE[2],
+            ("WEBHOOK_ALLOWED_SOURCES", "3.18.12.63/40"),
+        ];
+        let err = Config::from_source(&src).unwrap_err().to_string();
+        assert!(err.contains("WEBHOOK_ALLOWED_SOURCES"), "{err}");
+
+        let src = [
+            BASE[0],
+            BASE[1],
+            BASE[2],
+            ("WEBHOOK_TRUSTED_PROXIES", "10.0.0.0/8"),
+        ];
+        let err = Config::from_source(&src).unwrap_err().to_string();
+        assert!(err.contains("WEBHOOK_TRUSTED_PROXIES"), "{err}");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum WebhookError {
     /// environments exist.
     #[error("no webhook endpoint at this address")]
     NotFound,
+    /// The delivery comes from outside `WEBHOOK_ALLOWED_SOURCES` (see [`crate::sources`]).
+    #[error("deliveries from this source are not accepted")]
+    SourceNotAllowed,
     #[error("the Stripe-Signature header is missing")]
     MissingSignature,
     #[error("the Stripe-Signature header is malformed")]
@@ -67,6 +70,7 @@ impl WebhookError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NotFound => "not_found",
+            Self::SourceNotAllowed => "source_not_allowed",
             Self::MissingSignature => "missing_signature",
             Self::MalformedSignature => "malformed_signature",
             Self::InvalidSignature => "invalid_signature",
@@ -83,6 +87,7 @@ impl WebhookError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::SourceNotAllowed => StatusCode::FORBIDDEN,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KafkaUnavailable | Self::PostgresUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -97,9 +102,10 @@ impl WebhookError {
     }
 
     /// One value of each variant, to register every metrics series at zero.
-    pub(crate) fn examples() -> [WebhookError; 11] {
+    pub(crate) fn examples() -> [WebhookError; 12] {
         [
             Self::NotFound,
+            Self::SourceNotAllowed,
             Self::MissingSignature,
             Self::MalformedSignature,
             Self::InvalidSignature,

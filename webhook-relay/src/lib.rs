@@ -6,6 +6,7 @@
 //! - [`startup`]: wiring of clients, readiness checks and the HTTP server.
 //! - [`routes`]: the HTTP API, `POST /webhooks/stripe/{tenant_id}/{environment_id}`.
 //! - [`extract`]: the extractor that yields only deliveries whose signature verified.
+//! - [`sources`]: the optional allow-list of source networks and trusted proxies.
 //! - [`signature`]: `Stripe-Signature` parsing and verification over raw bytes (pure).
 //! - [`event`]: a verified body as a Stripe event and a `stripe.webhooks` message (pure).
 //! - [`secrets`]: which secrets verify a tenant environment's deliveries.
@@ -28,6 +29,7 @@ pub mod routes;
 pub mod secrets;
 pub mod signature;
 pub mod single_flight;
+pub mod sources;
 pub mod startup;
 
 pub use config::Config;

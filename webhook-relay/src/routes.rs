@@ -2,7 +2,9 @@
 //!
 //! Answers: 200 `{"received": true}` once the event is on `stripe.webhooks`; 200
 //! `{"received": true, "duplicate": true}` for an event already relayed; otherwise a JSON
-//! error ([`WebhookError`]), counted by reason, with nothing published.
+//! error ([`WebhookError`]), counted by reason, with nothing published. With an allow-list
+//! configured, a delivery from elsewhere is refused (403 `source_not_allowed`) before any of
+//! that ([`crate::sources`]).
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use crate::extract::VerifiedDelivery;
 use crate::metrics;
 use crate::relay::{Outcome, Relay};
 use crate::secrets::EndpointSecrets;
+use crate::sources::{self, SourcePolicy};
 
 /// What the handler and the extractor share.
 #[derive(Clone)]
@@ -28,12 +31,18 @@ pub struct AppState {
 
 pub const WEBHOOK_ROUTE: &str = "/webhooks/stripe/{tenant_id}/{environment_id}";
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// The relay's routes; `sources`, when set, guards the webhook route (not the operations
+/// routes: probes and scrapes come from inside the cluster).
+pub fn router(state: AppState, max_body_bytes: usize, sources: Option<SourcePolicy>) -> Router {
+    let mut webhook = post(receive).layer(DefaultBodyLimit::max(max_body_bytes));
+    if let Some(policy) = sources {
+        webhook = webhook.layer(axum::middleware::from_fn_with_state(
+            policy,
+            sources::enforce,
+        ));
+    }
     Router::new()
-        .route(
-            WEBHOOK_ROUTE,
-            post(receive).layer(DefaultBodyLimit::max(max_body_bytes)),
-        )
+        .route(WEBHOOK_ROUTE, webhook)
         .fallback(not_found_fallback)
         .with_state(state)
 }
@@ -79,6 +88,10 @@ mod tests {
 
     /// A router whose database and broker addresses lead nowhere (port 1).
     fn app() -> Router {
+        app_with(None)
+    }
+
+    fn app_with(sources: Option<SourcePolicy>) -> Router {
         let pool = PgPoolOptions::new()
             .acquire_timeout(Duration::from_millis(500))
             .connect_lazy("postgres://u:p@127.0.0.1:1/nowhere")
@@ -95,7 +108,7 @@ mod tests {
             tolerance_seconds: 300,
             relay: Arc::new(Relay::new(DeliveryLog::new(pool), publisher)),
         };
-        router(state, 1024)
+        router(state, 1024, sources)
     }
 
     async fn post(path: &str, signature: Option<&str>) -> (StatusCode, Option<String>, Value) {
@@ -160,6 +173,40 @@ mod tests {
             bad_id,
             json!({"error": {"code": "not_found", "message": "no webhook endpoint at this address"}})
         );
+    }
+
+    #[tokio::test]
+    async fn a_source_outside_the_allow_list_is_refused_before_anything_else() {
+        use axum::extract::ConnectInfo;
+        use std::net::SocketAddr;
+
+        use crate::sources::Networks;
+
+        let policy = SourcePolicy {
+            allowed: Networks::parse("10.0.0.0/8").unwrap(),
+            trusted_proxies: None,
+        };
+        let call = |peer: Option<&str>| {
+            let mut request = Request::post("/webhooks/stripe/t1/env")
+                .header("stripe-signature", VALID_LOOKING)
+                .body(Body::from(r#"{"id":"evt_1"}"#))
+                .unwrap();
+            if let Some(peer) = peer {
+                let addr: SocketAddr = peer.parse().unwrap();
+                request.extensions_mut().insert(ConnectInfo(addr));
+            }
+            app_with(Some(policy.clone())).oneshot(request)
+        };
+        for peer in [Some("192.0.2.1:5000"), None] {
+            let response = call(peer).await.unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{peer:?}");
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["error"]["code"], "source_not_allowed");
+        }
+        // An allowed peer goes on to the usual checks (here: the database is away).
+        let response = call(Some("10.2.3.4:5000")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]

@@ -42,7 +42,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     context
         .serve(
             config.http_addr,
-            routes::router(state, config.max_body_bytes),
+            routes::router(state, config.max_body_bytes, config.sources.clone()),
             readiness,
         )
         .await?;

@@ -2,6 +2,7 @@
 //! PostgreSQL, each test in its own namespace so that they run in parallel.
 
 mod aggregator;
+mod allow_list;
 mod clickhouse;
 mod ingest;
 mod kafka;
