@@ -14,14 +14,18 @@
 //! - [`kafka`]: the publisher of resync requests.
 //! - [`metrics`]: the names of every metric the sink exports.
 //! - [`mappings`]: customer and meter mappings in PostgreSQL.
+//! - [`bulk`]: the CSV file of the bulk mapping upload, read into validated rows.
+//! - [`import`]: imports of a Stripe account's existing customers, resumable jobs.
 //! - [`webhook_events`]: the consumer of `stripe.webhooks` that maintains customer mappings
 //!   and records Stripe's meter error reports.
 //! - [`startup`]: wiring of stores, loops, readiness checks and the HTTP server.
 //! - [`error`]: the crate's error type.
 
 pub mod billing;
+pub mod bulk;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod kafka;
 pub mod ledger;
 pub mod mappings;

@@ -203,6 +203,21 @@ pub enum ExternalId {
     Invalid,
 }
 
+impl ExternalId {
+    /// Reads `metadata.external_id` of a Stripe customer (absent when `None`).
+    pub fn from_metadata(value: Option<&Value>) -> Self {
+        match value {
+            None | Some(Value::Null) => Self::Missing,
+            Some(Value::String(s)) if s.is_empty() => Self::Missing,
+            Some(Value::String(s)) => match CustomerId::parse(s) {
+                Ok(id) => Self::Present(id),
+                Err(_) => Self::Invalid,
+            },
+            Some(_) => Self::Invalid,
+        }
+    }
+}
+
 /// One `customer.created` / `customer.updated` / `customer.deleted` event, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerEvent {
@@ -218,6 +233,31 @@ pub struct CustomerEvent {
 }
 
 impl CustomerEvent {
+    /// A customer as an import listed it, applied like a `customer.updated` event created at
+    /// `observed` (Unix seconds, taken a margin before the list was requested): webhook events
+    /// created after it win, older ones are stale, exactly as between two webhook events.
+    /// Its id, `import_<job id>`, names where the state came from.
+    pub fn snapshot(
+        job_id: &str,
+        observed: i64,
+        customer: StripeCustomerId,
+        external_id: ExternalId,
+        email: Option<String>,
+        name: Option<String>,
+        livemode: bool,
+    ) -> Result<Self, SchemaError> {
+        Ok(Self {
+            event_id: StripeEventId::parse(&format!("import_{job_id}"))?,
+            kind: CustomerEventKind::Updated,
+            created: observed,
+            customer,
+            external_id,
+            email: email.filter(|e| !e.is_empty()),
+            name: name.filter(|n| !n.is_empty()),
+            livemode,
+        })
+    }
+
     pub fn order(&self) -> EventOrder {
         EventOrder {
             created: self.created,
@@ -1129,6 +1169,196 @@ async fn reconcile(
     Ok(())
 }
 
+/// A transaction of a tenant environment's customer mappings, holding its lock: an import
+/// applies one page of customers in it together with the update of its job row.
+pub(crate) type ScopeTx = Tx;
+
+/// Begins a transaction holding the customer mapping lock of `(tenant, env)`.
+pub(crate) async fn begin_locked(
+    pool: &PgPool,
+    (tenant, env): (&str, &str),
+) -> Result<ScopeTx, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_scope(&mut tx, tenant, env).await?;
+    Ok(tx)
+}
+
+/// What importing one listed customer did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    /// Its external id is now mapped to it; `retired` earlier mappings gave way.
+    Created { retired: u32 },
+    /// Its external id was already mapped to it.
+    Unchanged,
+    /// It carries an external id the rules leave mapped elsewhere, or not at all.
+    Conflict { customer_id: String, reason: String },
+    /// It has no usable external id (`missing_external_id`, `invalid_external_id`);
+    /// `retired` mappings it used to have.
+    Unmapped { reason: &'static str, retired: u32 },
+}
+
+/// Applies an import's snapshot of one customer ([`CustomerEvent::snapshot`]) inside `tx`.
+///
+/// A snapshot that says what the customer's state already says (same external id, not
+/// deleted) is not news and writes nothing: a second import changes nothing, and two Stripe
+/// customers carrying one external id keep the mapping the first import gave them instead
+/// of trading it back and forth.
+pub(crate) async fn import_snapshot(
+    tx: &mut ScopeTx,
+    (t, e): (&str, &str),
+    event: &CustomerEvent,
+    writer: &Writer<'_>,
+) -> Result<Imported, MappingError> {
+    let customer = event.customer.as_str();
+    let state: Option<(Option<String>, bool)> = sqlx::query_as(
+        "SELECT external_id, deleted FROM stripe_customer_states
+         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(customer)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let external = match &event.external_id {
+        ExternalId::Present(id) => Some(id.as_str()),
+        ExternalId::Missing | ExternalId::Invalid => None,
+    };
+    let known = matches!(&state, Some((ext, false)) if ext.as_deref() == external);
+    let outcome = if known {
+        WebhookOutcome::default()
+    } else {
+        apply_event(tx, (t, e), event, writer).await?
+    };
+    let Some(external) = external else {
+        let reason = match event.external_id {
+            ExternalId::Invalid => "invalid_external_id",
+            _ => "missing_external_id",
+        };
+        return Ok(Imported::Unmapped {
+            reason,
+            retired: outcome.retired,
+        });
+    };
+    let deleted = matches!(state, Some((_, true)));
+    Ok(match active_for_entity(tx, t, e, external).await? {
+        Some((_, provider, _)) if provider == customer && outcome.created > 0 => {
+            Imported::Created {
+                retired: outcome.retired,
+            }
+        }
+        Some((_, provider, _)) if provider == customer => Imported::Unchanged,
+        Some((_, provider, source)) => Imported::Conflict {
+            customer_id: external.to_owned(),
+            reason: format!("customer {external} is mapped to {provider} (source {source})"),
+        },
+        None => Imported::Conflict {
+            customer_id: external.to_owned(),
+            reason: if deleted {
+                "the stripe customer was deleted".to_owned()
+            } else {
+                format!(
+                    "customer {external} has no active mapping: it was retired, or a newer \
+                     stripe event took the external id away"
+                )
+            },
+        },
+    })
+}
+
+/// What one row of a bulk upload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BulkOutcome {
+    Created,
+    /// The customer was already mapped to this very Stripe customer.
+    Unchanged,
+    /// Refused by the mapping rules; the reason.
+    Conflict(String),
+}
+
+/// The manual mapping rule inside `tx` (which holds the scope's lock): refused when the
+/// customer or the Stripe customer already has an active mapping or the Stripe customer was
+/// deleted; otherwise the mapping is created and audited.
+async fn create_manual_in(
+    tx: &mut Tx,
+    (t, e): (&str, &str),
+    actor: &Actor,
+    customer_id: &CustomerId,
+    provider_customer_id: &StripeCustomerId,
+) -> Result<MappingRow, MappingError> {
+    if let Some((_, provider, _)) = active_for_entity(tx, t, e, customer_id.as_str()).await? {
+        return Err(MappingError::CustomerAlreadyMapped {
+            customer_id: customer_id.to_string(),
+            provider_customer_id: provider,
+        });
+    }
+    let taken: Option<String> = sqlx::query_scalar(
+        "SELECT entity_id FROM entity_integration_mappings
+         WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
+           AND entity_type = 'customer' AND provider_entity_id = $3 AND status = 'active'",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(provider_customer_id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(other) = taken {
+        return Err(MappingError::ProviderCustomerAlreadyMapped {
+            customer_id: other,
+            provider_customer_id: provider_customer_id.to_string(),
+        });
+    }
+    let deleted: Option<bool> = sqlx::query_scalar(
+        "SELECT deleted FROM stripe_customer_states
+         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(provider_customer_id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    if deleted == Some(true) {
+        return Err(MappingError::ProviderCustomerDeleted(
+            provider_customer_id.to_string(),
+        ));
+    }
+    let row: MappingRow = sqlx::query_as(&format!(
+        "INSERT INTO entity_integration_mappings
+             (tenant_id, environment_id, entity_type, entity_id, provider_type,
+              provider_entity_id, status, source)
+         VALUES ($1, $2, 'customer', $3, 'stripe', $4, 'active', 'manual')
+         RETURNING {MAPPING_COLUMNS}"
+    ))
+    .bind(t)
+    .bind(e)
+    .bind(customer_id.as_str())
+    .bind(provider_customer_id.as_str())
+    .fetch_one(&mut **tx)
+    .await?;
+    audit::record(
+        &mut **tx,
+        t,
+        e,
+        actor,
+        &Change::CustomerMappingCreated {
+            customer_id: customer_id.as_str(),
+            provider_customer_id: provider_customer_id.as_str(),
+            source: MappingSource::Manual.as_str(),
+        },
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE stripe_unmapped_customers SET status = 'mapped', updated_at = now()
+         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3
+           AND status = 'unmapped'",
+    )
+    .bind(t)
+    .bind(e)
+    .bind(provider_customer_id.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
 impl CustomerMappings<'_> {
     /// Maps `customer_id` to `provider_customer_id` by hand (source `manual`).
     pub async fn create_manual(
@@ -1140,81 +1370,56 @@ impl CustomerMappings<'_> {
         let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
         let mut tx = self.pool.begin().await?;
         lock_scope(&mut tx, t, e).await?;
-        if let Some((_, provider, _)) =
-            active_for_entity(&mut tx, t, e, customer_id.as_str()).await?
-        {
-            return Err(MappingError::CustomerAlreadyMapped {
-                customer_id: customer_id.to_string(),
-                provider_customer_id: provider,
-            });
-        }
-        let taken: Option<String> = sqlx::query_scalar(
-            "SELECT entity_id FROM entity_integration_mappings
-             WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
-               AND entity_type = 'customer' AND provider_entity_id = $3 AND status = 'active'",
-        )
-        .bind(t)
-        .bind(e)
-        .bind(provider_customer_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(other) = taken {
-            return Err(MappingError::ProviderCustomerAlreadyMapped {
-                customer_id: other,
-                provider_customer_id: provider_customer_id.to_string(),
-            });
-        }
-        let deleted: Option<bool> = sqlx::query_scalar(
-            "SELECT deleted FROM stripe_customer_states
-             WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
-        )
-        .bind(t)
-        .bind(e)
-        .bind(provider_customer_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if deleted == Some(true) {
-            return Err(MappingError::ProviderCustomerDeleted(
-                provider_customer_id.to_string(),
-            ));
-        }
-        let row: MappingRow = sqlx::query_as(&format!(
-            "INSERT INTO entity_integration_mappings
-                 (tenant_id, environment_id, entity_type, entity_id, provider_type,
-                  provider_entity_id, status, source)
-             VALUES ($1, $2, 'customer', $3, 'stripe', $4, 'active', 'manual')
-             RETURNING {MAPPING_COLUMNS}"
-        ))
-        .bind(t)
-        .bind(e)
-        .bind(customer_id.as_str())
-        .bind(provider_customer_id.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        audit::record(
-            &mut *tx,
-            t,
-            e,
+        let row = create_manual_in(
+            &mut tx,
+            (t, e),
             &Actor::api(scope),
-            &Change::CustomerMappingCreated {
-                customer_id: customer_id.as_str(),
-                provider_customer_id: provider_customer_id.as_str(),
-                source: MappingSource::Manual.as_str(),
-            },
+            customer_id,
+            provider_customer_id,
         )
-        .await?;
-        sqlx::query(
-            "UPDATE stripe_unmapped_customers SET status = 'mapped', updated_at = now()
-             WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3
-               AND status = 'unmapped'",
-        )
-        .bind(t)
-        .bind(e)
-        .bind(provider_customer_id.as_str())
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         row.try_into()
+    }
+
+    /// Maps each row by hand (as [`Self::create_manual`]) in one transaction: a row whose
+    /// mapping already exists is `unchanged`, one the rules refuse is a `conflict` with the
+    /// reason, and the others are `created`. Rows are applied in order, so a later row sees
+    /// the mappings of the earlier ones.
+    pub async fn create_manual_bulk(
+        &self,
+        scope: &TenantScope,
+        rows: &[(CustomerId, StripeCustomerId)],
+    ) -> Result<Vec<BulkOutcome>, MappingError> {
+        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
+        let actor = Actor::api(scope);
+        let mut tx = self.pool.begin().await?;
+        lock_scope(&mut tx, t, e).await?;
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for (customer_id, provider_customer_id) in rows {
+            if let Some((_, provider, _)) =
+                active_for_entity(&mut tx, t, e, customer_id.as_str()).await?
+            {
+                if provider == provider_customer_id.as_str() {
+                    outcomes.push(BulkOutcome::Unchanged);
+                    continue;
+                }
+            }
+            // Every refusal of create_manual_in comes from a SELECT, before any write: the
+            // transaction stays usable for the next row.
+            match create_manual_in(&mut tx, (t, e), &actor, customer_id, provider_customer_id).await
+            {
+                Ok(_) => outcomes.push(BulkOutcome::Created),
+                Err(
+                    e @ (MappingError::CustomerAlreadyMapped { .. }
+                    | MappingError::ProviderCustomerAlreadyMapped { .. }
+                    | MappingError::ProviderCustomerDeleted(_)),
+                ) => outcomes.push(BulkOutcome::Conflict(e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
     /// The active mapping of `customer_id`, if any.

@@ -11,6 +11,7 @@ use meterline_common::service::ServiceContext;
 use meterline_common::stripe_config::StripeConfigStore;
 use meterline_schemas::Topic;
 
+use crate::import::{self, ImportStore, Importer};
 use crate::kafka::ResyncPublisher;
 use crate::ledger::Ledger;
 use crate::mappings::MappingStore;
@@ -39,6 +40,21 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let stripe = StripeClient::new(&config.stripe.api_base, config.stripe.timeout)
         .map_err(|e| Error::Config(format!("building the http client: {e}")))?;
     let pacer = Arc::new(Pacer::default());
+    let imports = ImportStore::new(pool.clone());
+    let import_wake = Arc::new(tokio::sync::Notify::new());
+    let importer = Arc::new(Importer {
+        store: imports.clone(),
+        configs: configs.clone(),
+        stripe: stripe.clone(),
+        pacer: pacer.clone(),
+        backoff: Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        },
+        // One page request at its time limit, with room for the pause before it.
+        lease: config.stripe.timeout + Duration::from_secs(15),
+        wake: import_wake.clone(),
+    });
     let state = AppState {
         jwt: config.jwt.clone(),
         pool: pool.clone(),
@@ -48,6 +64,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         stripe: stripe.clone(),
         pacer: pacer.clone(),
         resync: Arc::new(ResyncPublisher::new(&config.kafka)?),
+        imports,
+        import_wake,
     };
     let sync = Arc::new(SyncContext {
         ledger,
@@ -81,6 +99,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         &topics.name(Topic::UsageWindows),
     )?;
     let loops = vec![
+        tokio::spawn(import::run(importer, shutdown.clone())),
         tokio::spawn(webhook_events::consume(
             mappings,
             webhooks,

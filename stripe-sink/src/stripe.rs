@@ -109,6 +109,28 @@ struct Meter {
     event_name: String,
 }
 
+/// One page of `GET /v1/customers`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CustomerPage {
+    pub data: Vec<ListedCustomer>,
+    pub has_more: bool,
+}
+
+/// A customer as Stripe lists it: what an import reads of it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ListedCustomer {
+    pub id: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub livemode: bool,
+    /// Stripe's metadata is string to string; anything else is kept to be judged invalid.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
 #[derive(Deserialize)]
 struct SummaryList {
     data: Vec<Summary>,
@@ -165,6 +187,22 @@ impl StripeClient {
             return Ok(Recorded::AlreadyRecorded);
         }
         Err(error)
+    }
+
+    /// One page of the account's customers, newest first: `GET /v1/customers` with `limit`
+    /// and, after the first page, `starting_after` (the last customer of the page before).
+    pub async fn list_customers(
+        &self,
+        key: &StripeApiKey,
+        starting_after: Option<&str>,
+        limit: u32,
+    ) -> Result<CustomerPage, StripeError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(after) = starting_after {
+            query.push(("starting_after", after.to_owned()));
+        }
+        let body = self.get(key, "/v1/customers", &query).await?;
+        parse(&body)
     }
 
     /// `GET /v1/balance`: does the key work?
@@ -385,6 +423,19 @@ mod tests {
         let e = classify(429, &headers(&[("retry-after", "3")]), b"not json");
         assert_eq!(e.retry_after, Some(Duration::from_secs(3)));
         assert_eq!(e.message, "http 429");
+    }
+
+    #[test]
+    fn customer_pages_parse_as_stripe_sends_them() {
+        let body = br#"{"object":"list","url":"/v1/customers","has_more":true,"data":[
+            {"id":"cus_1","object":"customer","email":"a@example.com","name":null,
+             "livemode":false,"metadata":{"external_id":"c-1"}},
+            {"id":"cus_2","object":"customer","metadata":{}}]}"#;
+        let page: CustomerPage = parse(body).unwrap();
+        assert!(page.has_more);
+        assert_eq!(page.data[0].metadata["external_id"], "c-1");
+        assert_eq!(page.data[1].email, None);
+        assert!(parse::<CustomerPage>(b"{}").is_err());
     }
 
     #[test]

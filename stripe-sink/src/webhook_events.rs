@@ -26,7 +26,7 @@ use std::time::Duration;
 use meterline_common::config::{Env, KafkaSettings, ProcessEnv};
 use meterline_common::kafka::{producer_config, Topics};
 use meterline_schemas::{
-    CustomerId, DlqErrorKind, DlqHeaders, StripeEventType, StripeWebhook, Timestamp, Topic,
+    DlqErrorKind, DlqHeaders, StripeEventType, StripeWebhook, Timestamp, Topic,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
@@ -96,15 +96,8 @@ fn customer_event(hook: &StripeWebhook, kind: CustomerEventKind) -> Result<Custo
         .and_then(Value::as_str)
         .ok_or_else(|| format!("{} without data.object.id", hook.event_type))?;
     let customer = StripeCustomerId::parse(id).map_err(|e| format!("data.object.id: {e}"))?;
-    let external_id = match object.get("metadata").and_then(|m| m.get("external_id")) {
-        None | Some(Value::Null) => ExternalId::Missing,
-        Some(Value::String(s)) if s.is_empty() => ExternalId::Missing,
-        Some(Value::String(s)) => match CustomerId::parse(s) {
-            Ok(id) => ExternalId::Present(id),
-            Err(_) => ExternalId::Invalid,
-        },
-        Some(_) => ExternalId::Invalid,
-    };
+    let external_id =
+        ExternalId::from_metadata(object.get("metadata").and_then(|m| m.get("external_id")));
     Ok(CustomerEvent {
         event_id: hook.event_id.clone(),
         kind,
@@ -577,7 +570,9 @@ mod tests {
         assert_eq!(event.customer.as_str(), "cus_1");
         assert_eq!(
             event.external_id,
-            ExternalId::Present(CustomerId::parse("flexprice_customer_123").unwrap())
+            ExternalId::Present(
+                meterline_schemas::CustomerId::parse("flexprice_customer_123").unwrap()
+            )
         );
         assert_eq!(event.email.as_deref(), Some("a@b.c"));
         assert_eq!(event.name, None);

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod config;
 pub mod mappings;
+pub mod migrate;
 pub mod sync;
 
 use axum::extract::{DefaultBodyLimit, FromRef};
@@ -19,7 +20,9 @@ use meterline_common::api::not_found_fallback;
 use meterline_common::auth::JwtKeys;
 use meterline_common::stripe_config::StripeConfigStore;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 
+use crate::import::ImportStore;
 use crate::kafka::ResyncPublisher;
 use crate::ledger::Ledger;
 use crate::mappings::MappingStore;
@@ -37,6 +40,9 @@ pub struct AppState {
     pub stripe: StripeClient,
     pub pacer: Arc<Pacer>,
     pub resync: Arc<ResyncPublisher>,
+    pub imports: ImportStore,
+    /// Wakes the import loop when a job is created.
+    pub import_wake: Arc<Notify>,
 }
 
 impl FromRef<AppState> for JwtKeys {
@@ -59,6 +65,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stripe/batches/retry", post(sync::retry))
         .route("/v1/stripe/reconcile", get(sync::reconcile))
         .route("/v1/stripe/audit", get(audit::list))
+        .route("/v1/stripe/migrate/customers", post(migrate::start_import))
+        .route(
+            "/v1/stripe/migrate/status/{id}",
+            get(migrate::import_status),
+        )
+        .route(
+            "/v1/stripe/mappings/bulk",
+            // A CSV file is larger than the JSON documents of the other routes.
+            post(migrate::bulk_mappings).layer(DefaultBodyLimit::max(crate::bulk::MAX_BYTES)),
+        )
         .route(
             "/v1/stripe/meters/mapping",
             post(mappings::create_meter_mapping).get(mappings::list_meter_mappings),
