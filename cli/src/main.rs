@@ -4,7 +4,8 @@
 //! (and its `.dlq` twin) and applies the PostgreSQL and ClickHouse migrations. Each step is
 //! idempotent, so running it on every deploy is safe. `meterline token` mints a bearer token
 //! for a tenant and environment (development and operations); `meterline rotate-keys`
-//! re-encrypts stored secrets under the newest encryption key.
+//! re-encrypts stored secrets under the newest encryption key; `meterline prune` applies the
+//! retention of the sync ledger and webhook deduplication records.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use meterline_common::config::{
 };
 use meterline_common::crypto::Keyring;
 use meterline_common::kafka::{self, Topics};
+use meterline_common::retention::{self, RetentionSettings};
 use meterline_common::stripe_config::StripeConfigStore;
 use meterline_common::{clickhouse, postgres};
 use meterline_schemas::{EnvironmentId, TenantId};
@@ -40,8 +42,13 @@ enum Command {
         topics: TopicArgs,
     },
     /// Apply the PostgreSQL (DATABASE_URL) and ClickHouse (CLICKHOUSE_URL,
-    /// CLICKHOUSE_DATABASE) migrations not yet applied.
+    /// CLICKHOUSE_DATABASE) migrations not yet applied; with RETENTION_EVENTS_DAYS, set the
+    /// events_processed TTL to it.
     Migrate,
+    /// Delete completed sync-ledger rows older than RETENTION_LEDGER_DAYS (default 400) and
+    /// webhook deduplication records older than RETENTION_WEBHOOK_DELIVERIES_DAYS (default
+    /// 90); neither may be under 42 days. The webhook relay does this every hour on its own.
+    Prune,
     /// Re-encrypt every stored Stripe key and webhook secret under the first key of
     /// ENCRYPTION_KEYS (after putting a new key first; the old one may then be removed).
     RotateKeys,
@@ -103,6 +110,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Topics { topics } => create_topics(&env, &topics).await,
         Command::Migrate => migrate(&env).await,
+        Command::Prune => {
+            use anyhow::Context;
+            let settings = RetentionSettings::from_env(&env)?;
+            let pool = postgres::pool(&PostgresSettings::from_env(&env)?, 2)?;
+            let pruned = retention::prune(&pool, &settings, time::OffsetDateTime::now_utc())
+                .await
+                .context("pruning")?;
+            println!(
+                "pruned {} sync ledger row(s) older than {} days and {} webhook delivery record(s) \
+                 older than {} days",
+                pruned.ledger_batches,
+                settings.ledger.days(),
+                pruned.webhook_deliveries,
+                settings.webhook_deliveries.days()
+            );
+            Ok(())
+        }
         Command::RotateKeys => {
             use anyhow::Context;
             let keys = Keyring::from_env(&env)?;
@@ -150,6 +174,8 @@ async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
     use anyhow::Context;
     let pg = PostgresSettings::from_env(env)?;
     let ch = ClickhouseSettings::from_env(env)?;
+    // Read before anything changes, so a bad value (exit 2) leaves the databases untouched.
+    let events_ttl = retention::events_ttl_from_env(env)?;
     let pool = postgres::pool(&pg, 2)?;
     postgres::migrate(&pool)
         .await
@@ -169,5 +195,11 @@ async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
                 .join(", ")
         }
     );
+    if let Some(days) = events_ttl {
+        retention::set_events_ttl(&ch, days)
+            .await
+            .context("setting the events_processed ttl")?;
+        println!("events_processed ttl: {} days", days.days());
+    }
     Ok(())
 }

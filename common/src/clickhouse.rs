@@ -48,6 +48,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "unique_key",
         sql: include_str!("../migrations/clickhouse/0002_unique_key.sql"),
     },
+    Migration {
+        version: 3,
+        name: "events_ttl",
+        sql: include_str!("../migrations/clickhouse/0003_events_ttl.sql"),
+    },
 ];
 
 /// A client bound to our database.

@@ -13,6 +13,8 @@
 //!   `kafka` module except the client handles the services drive.
 //! - [`clickhouse`]: the client, the versioned SQL migrator and its readiness check.
 //! - [`postgres`]: the connection pool, the sqlx migrations and the readiness check.
+//! - [`retention`]: how long ledger rows, webhook deduplication records and ClickHouse rows
+//!   are kept (never under Stripe's 35 days plus a week), and the pruning.
 //! - [`meters`]: the meter definitions store, the only code touching the `meters` table;
 //!   every query scoped by tenant and environment.
 //! - [`stripe_config`]: each tenant's Stripe key, webhook secrets and sync settings, stored
@@ -42,6 +44,7 @@ pub mod meters;
 pub mod metrics;
 pub mod ops;
 pub mod postgres;
+pub mod retention;
 pub mod scope_map;
 pub mod server;
 pub mod service;

@@ -165,6 +165,18 @@ impl ServiceProcess {
     }
 }
 
+/// Runs a binary with `args` to completion with exactly `env`, returning all it printed.
+pub async fn run_command(name: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    Command::new(bin_path(name))
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {name}: {e}"))
+}
+
 /// Runs a binary to completion with exactly `env`, returning its exit status and stderr.
 pub async fn run_to_exit(name: &str, env: &[(&str, &str)]) -> (ExitStatus, String) {
     let output = Command::new(bin_path(name))

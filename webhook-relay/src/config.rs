@@ -7,6 +7,7 @@ use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
 use meterline_common::crypto::Keyring;
+use meterline_common::retention::{self, RetentionSettings};
 use meterline_common::stripe_config::WebhookSecret;
 
 use crate::sources::{Networks, SourcePolicy};
@@ -37,6 +38,12 @@ pub struct Config {
     /// `WEBHOOK_TRUSTED_PROXIES` (optional, only with the former): the proxies whose
     /// `X-Forwarded-For` is believed. `None`: every source is accepted.
     pub sources: Option<SourcePolicy>,
+    /// `RETENTION_LEDGER_DAYS`, `RETENTION_WEBHOOK_DELIVERIES_DAYS`: what the relay prunes, every
+    /// `RETENTION_PRUNE_INTERVAL_SECONDS` (see [`meterline_common::retention`]). The relay
+    /// prunes because it is the service that owns `webhook_deliveries` and, being small and
+    /// always running, a natural home for the ledger's pruning too.
+    pub retention: RetentionSettings,
+    pub prune_interval: Duration,
 }
 
 fn networks(env: &Env<'_>, var: &'static str) -> Result<Option<Networks>, ConfigError> {
@@ -103,6 +110,8 @@ impl Config {
                 100..=60_000,
             )?),
             sources: source_policy(&env)?,
+            retention: RetentionSettings::from_env(&env)?,
+            prune_interval: retention::prune_interval_from_env(&env)?,
         })
     }
 }
@@ -129,6 +138,17 @@ mod tests {
         assert!(config.fallback_secret.is_none());
         assert_eq!(config.http_addr.port(), 8082);
         assert!(config.sources.is_none(), "the allow-list is off by default");
+        assert_eq!(config.retention.ledger.days(), 400);
+        assert_eq!(config.prune_interval, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn retention_below_the_floor_is_refused() {
+        for var in ["RETENTION_LEDGER_DAYS", "RETENTION_WEBHOOK_DELIVERIES_DAYS"] {
+            let src = [BASE[0], BASE[1], BASE[2], (var, "34")];
+            let err = Config::from_source(&src).unwrap_err().to_string();
+            assert!(err.contains(var), "{err}");
+        }
     }
 
     #[test]

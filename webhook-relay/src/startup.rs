@@ -1,12 +1,12 @@
 //! Wiring: the stripe.webhooks publisher, the secret and deduplication stores, readiness
-//! checks, and the HTTP server.
+//! checks, the HTTP server, and the retention pruning loop.
 
 use std::sync::Arc;
 
 use meterline_common::kafka::KafkaProbe;
-use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
 use meterline_common::stripe_config::StripeConfigStore;
+use meterline_common::{postgres, retention};
 
 use crate::deliveries::DeliveryLog;
 use crate::kafka::WebhookPublisher;
@@ -38,14 +38,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
             publisher.clone(),
         )),
     };
+    let pruning = tokio::spawn({
+        let (pool, shutdown) = (pool.clone(), context.shutdown.clone());
+        async move {
+            retention::run_pruning(pool, config.retention, config.prune_interval, shutdown)
+                .await
+                .map_err(Error::from)
+        }
+    });
     let readiness = context.readiness().kafka(kafka).postgres(pool);
-    context
+    let served = context
         .serve(
             config.http_addr,
             routes::router(state, config.max_body_bytes, config.sources.clone()),
             readiness,
         )
-        .await?;
+        .await;
+    context.finish(served, vec![pruning]).await?;
     // Deliveries in flight finished above; nothing they were answered for is left queued.
     tokio::task::spawn_blocking(move || publisher.flush())
         .await

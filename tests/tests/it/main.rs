@@ -10,6 +10,7 @@ mod mappings_api;
 mod meters;
 mod postgres;
 mod services;
+mod retention;
 mod sink;
 mod webhook_relay;
 mod usage_api;
