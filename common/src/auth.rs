@@ -152,16 +152,45 @@ pub enum AuthError {
     BadClaims,
 }
 
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        let code = match e {
+impl AuthError {
+    /// Every variant, so that each `reason` series can be registered before the first failure.
+    pub const ALL: [AuthError; 5] = [
+        AuthError::Missing,
+        AuthError::Malformed,
+        AuthError::Expired,
+        AuthError::BadSignature,
+        AuthError::BadClaims,
+    ];
+
+    /// The stable error code of the 401 answer, also the `reason` label of [`AUTH_FAILURES`].
+    pub fn code(self) -> &'static str {
+        match self {
             AuthError::Missing => "missing_token",
             AuthError::Malformed => "malformed_token",
             AuthError::Expired => "token_expired",
             AuthError::BadSignature => "invalid_token",
             AuthError::BadClaims => "invalid_claims",
-        };
-        metrics::counter!("meterline_auth_failures_total", "reason" => code).increment(1);
+        }
+    }
+}
+
+/// Requests refused with a 401, by `reason` (the error code). Shared by every service that
+/// takes bearer tokens; Prometheus's `job` label tells them apart.
+pub const AUTH_FAILURES: &str = "meterline_auth_failures_total";
+
+/// Describes [`AUTH_FAILURES`] and registers each `reason` at zero, so that dashboards and
+/// alerts see the series before the first refusal. Called by the services that authenticate.
+pub fn describe_metrics() {
+    metrics::describe_counter!(AUTH_FAILURES, "requests refused with a 401, by reason");
+    for error in AuthError::ALL {
+        metrics::counter!(AUTH_FAILURES, "reason" => error.code()).absolute(0);
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let code = e.code();
+        metrics::counter!(AUTH_FAILURES, "reason" => code).increment(1);
         ApiError::unauthorized(code, e.to_string())
     }
 }

@@ -1,4 +1,5 @@
-//! Kafka: topic names, client settings, topic creation and the readiness probe.
+//! Kafka: topic names, client settings, topic creation, the readiness probe, and the watches
+//! that report a consumer group's lag and what reached a topic.
 //!
 //! Producers are idempotent with `acks=all`, so an acknowledged write is on every in-sync
 //! replica and a retried send cannot duplicate it. Consumer groups never auto-commit: a
@@ -242,4 +243,141 @@ impl KafkaProbe {
         .await
         .map_err(|e| format!("readiness task failed: {e}"))?
     }
+}
+
+/// Watches a consumer group from outside: how far its committed offsets are behind the end of
+/// each partition of a topic. Committed offsets, not a member's position, so the lag seen is
+/// what a restart would replay, and it is the same whichever replica reports it. The client
+/// carries the group id only to ask for the group's offsets; it never joins the group.
+pub struct GroupWatch {
+    client: std::sync::Arc<BaseConsumer>,
+    topic: String,
+}
+
+/// One partition's committed offset and end offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: i32,
+    /// Messages after the group's committed offset (the whole partition when none is
+    /// committed yet, since a new group starts at the earliest offset).
+    pub lag: i64,
+}
+
+impl GroupWatch {
+    pub fn new(
+        settings: &KafkaSettings,
+        client_id: &str,
+        group_id: &str,
+        topic: &str,
+    ) -> Result<Self, Error> {
+        let client: BaseConsumer = base_config(settings, client_id)
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|source| Error::Kafka {
+                context: "creating a consumer group watch",
+                source,
+            })?;
+        Ok(Self {
+            client: std::sync::Arc::new(client),
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// The lag of every partition of the topic. Blocking calls run off the async threads.
+    pub async fn lag(&self, timeout: Duration) -> Result<Vec<PartitionLag>, Error> {
+        let client = self.client.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<PartitionLag>, Error> {
+            let kafka = |context: &'static str| move |source| Error::Kafka { context, source };
+            let mut wanted = rdkafka::TopicPartitionList::new();
+            for partition in partitions(&client, &topic, timeout)? {
+                wanted.add_partition(&topic, partition);
+            }
+            let committed = client
+                .committed_offsets(wanted, timeout)
+                .map_err(kafka("reading committed offsets"))?;
+            committed
+                .elements()
+                .iter()
+                .map(|element| {
+                    let (low, high) = client
+                        .fetch_watermarks(&topic, element.partition(), timeout)
+                        .map_err(kafka("reading partition watermarks"))?;
+                    // No committed offset yet (or one below the retained range): the group
+                    // will start at the earliest retained message.
+                    let from = element
+                        .offset()
+                        .to_raw()
+                        .filter(|o| *o >= low)
+                        .unwrap_or(low);
+                    Ok(PartitionLag {
+                        partition: element.partition(),
+                        lag: (high - from).max(0),
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+/// Reads how many messages were ever written to a topic, for counting what lands on the
+/// dead-letter topics whoever wrote it.
+pub struct EndOffsets {
+    client: std::sync::Arc<BaseConsumer>,
+}
+
+impl EndOffsets {
+    pub fn new(settings: &KafkaSettings, client_id: &str) -> Result<Self, Error> {
+        let client: BaseConsumer = base_config(settings, client_id)
+            .create()
+            .map_err(|source| Error::Kafka {
+                context: "creating a metadata client",
+                source,
+            })?;
+        Ok(Self {
+            client: std::sync::Arc::new(client),
+        })
+    }
+
+    /// The sum of the end offsets of every partition of `topic`: every message ever written
+    /// to it (transaction markers included), whatever retention has since removed. It never
+    /// goes down, so its increase is the number of messages written in a period.
+    pub async fn total(&self, topic: &str, timeout: Duration) -> Result<i64, Error> {
+        let client = self.client.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<i64, Error> {
+            partitions(&client, &topic, timeout)?
+                .into_iter()
+                .map(|partition| {
+                    client
+                        .fetch_watermarks(&topic, partition, timeout)
+                        .map(|(_, high)| high)
+                        .map_err(|source| Error::Kafka {
+                            context: "reading partition watermarks",
+                            source,
+                        })
+                })
+                .sum()
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+fn partitions(client: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>, Error> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|source| Error::Kafka {
+            context: "reading topic metadata",
+            source,
+        })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
 }

@@ -13,14 +13,45 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Installs the global recorder and returns the handle that renders it. `_seconds` metrics
-/// become histograms with the latency buckets above.
+/// Buckets for lags measured from a window's end or due time, in seconds: 1 s up to a day.
+/// Those lags are minutes to hours (a window is due minutes after its end), far past the top
+/// latency bucket, where every observation would land in `+Inf`.
+const LAG_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 2700.0, 3600.0, 4500.0, 5400.0,
+    7200.0, 14400.0, 43200.0, 86400.0,
+];
+
+/// Installs the global recorder and returns the handle that renders it. `_lag_seconds`
+/// metrics become histograms with the lag buckets, other `_seconds` metrics with the latency
+/// buckets. (The exporter tries suffix matchers in string order, so `_lag_seconds` is tried
+/// before `_seconds`.)
 pub fn install(service: &'static str) -> Result<PrometheusHandle, Error> {
     let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_lag_seconds".into()), LAG_BUCKETS)
+        .map_err(|e| Error::Metrics(e.to_string()))?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .map_err(|e| Error::Metrics(e.to_string()))?
         .install_recorder()
         .map_err(|e| Error::Metrics(e.to_string()))?;
+    metrics::describe_gauge!(
+        "meterline_build_info",
+        "always 1; the service and its version as labels"
+    );
+    // The series of the shared ops routes (see `ops`), described here once per service so
+    // that each has its help text before the first request or readiness check.
+    metrics::describe_counter!(
+        format!("{service}_http_requests_total"),
+        "http requests answered, by method, route template and status"
+    );
+    metrics::describe_histogram!(
+        format!("{service}_http_request_duration_seconds"),
+        metrics::Unit::Seconds,
+        "http request time, by method and route template"
+    );
+    metrics::describe_gauge!(
+        format!("{service}_dependency_up"),
+        "1 when the dependency answered the last readiness check, else 0"
+    );
     metrics::gauge!("meterline_build_info", "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     Ok(handle)

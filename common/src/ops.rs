@@ -169,16 +169,32 @@ async fn record_request(service: &'static str, req: Request, next: Next) -> Resp
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!(format!("{service}_http_requests_total"),
-        "method" => method.clone(), "route" => route.clone(), "status" => status)
+        "method" => method, "route" => route.clone(), "status" => status)
     .increment(1);
     metrics::histogram!(format!("{service}_http_request_duration_seconds"),
         "method" => method, "route" => route)
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The `method` label: one of the standard methods, or `other`. A client may send any token as
+/// a method (`FOO1`, `FOO2`, ...), and each would otherwise become a new series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +252,15 @@ mod tests {
         let (status, body) = get_json(app(readiness), "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["checks"]["kafka"], "no answer within 3s");
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        use axum::http::Method;
+        assert_eq!(method_label(&Method::POST), "POST");
+        let made_up = Method::from_bytes(b"FOO1").unwrap();
+        assert_eq!(method_label(&made_up), "other");
+        assert_eq!(method_label(&Method::CONNECT), "other");
     }
 
     #[tokio::test]

@@ -51,4 +51,28 @@ pub fn describe() {
     for kind in ["unavailable", "refused"] {
         metrics::counter!(PRODUCE_ERRORS, "kind" => kind).absolute(0);
     }
+    for reason in REJECT_REASONS {
+        metrics::counter!(EVENTS_REJECTED, "reason" => *reason).absolute(0);
+    }
+    let _ = metrics::histogram!(PRODUCE_DURATION);
+    meterline_common::auth::describe_metrics();
 }
+
+/// Every `reason` of [`EVENTS_REJECTED`]: the body checks of `JsonBody` (content type, size,
+/// JSON shape), the per-event checks of `events::accept`, and the bulk checks of the routes.
+/// A code missing here still counts; it only appears after its first refusal.
+pub const REJECT_REASONS: &[&str] = &[
+    "unsupported_media_type",
+    "body_too_large",
+    "unreadable_body",
+    "malformed_json",
+    "unknown_field",
+    "missing_field",
+    "invalid_type",
+    "invalid_value",
+    "timestamp_in_future",
+    "event_too_large",
+    "empty_batch",
+    "too_many_events",
+    "batch_invalid",
+];

@@ -71,15 +71,43 @@ pub fn describe() {
         metrics::counter!(CUSTOMER_MAPPINGS_CREATED, "source" => source).absolute(0);
         metrics::counter!(CUSTOMER_MAPPINGS_RETIRED, "source" => source).absolute(0);
     }
+    for reason in ["unhandled_type", "stale"] {
+        metrics::counter!(WEBHOOK_EVENTS_IGNORED, "reason" => reason).absolute(0);
+    }
+    for reason in [
+        "parse",
+        "validation",
+        "unsupported_version",
+        "database_refused",
+    ] {
+        metrics::counter!(WEBHOOK_EVENTS_REJECTED, "reason" => reason).absolute(0);
+    }
+    for step in ["customer_mapping", "error_report", "dead_letter"] {
+        metrics::counter!(WEBHOOK_RETRIES, "step" => step).absolute(0);
+    }
+    for kind in ["error_report_triggered", "no_meter_found"] {
+        metrics::counter!(METER_ERROR_REPORTS_RECORDED, "type" => kind).absolute(0);
+    }
+    meterline_common::auth::describe_metrics();
 }
 
 // The sync (usage.windows -> ledger -> Stripe).
 
 /// Window totals recorded in the ledger.
 pub const WINDOWS_RECORDED: &str = "stripe_sink_windows_recorded_total";
-/// Claimed windows released, by `outcome` (`settled`, `retry`, `unanswered`, `pending_mapping`, `skipped`,
-/// `expired`, `failed`, `needs_reconciliation`).
+/// Claimed windows released, by `outcome` (one of [`SETTLE_OUTCOMES`]).
 pub const WINDOWS_SETTLED: &str = "stripe_sink_windows_settled_total";
+/// The `outcome` labels of [`WINDOWS_SETTLED`], as `sync::finish_label` names them.
+pub const SETTLE_OUTCOMES: &[&str] = &[
+    "settled",
+    "retry",
+    "unanswered",
+    "pending_mapping",
+    "skipped",
+    "expired",
+    "failed",
+    "needs_reconciliation",
+];
 /// Meter event requests to Stripe, by `outcome` (`accepted`, `already_recorded`,
 /// `retriable`, `rate_limited`, `in_progress`, `authentication`, `permanent`, `circuit_open`).
 pub const STRIPE_REQUESTS: &str = "stripe_sink_stripe_requests_total";
@@ -114,6 +142,13 @@ pub fn describe_sync() {
     describe_gauge!(CIRCUITS_OPEN, "stripe accounts with an open circuit");
     metrics::counter!(WINDOWS_RECORDED).absolute(0);
     metrics::gauge!(CIRCUITS_OPEN).set(0.0);
+    // Registered without a sample so that their series exist before the first request.
+    for histogram in [STRIPE_REQUEST_DURATION, RATE_LIMIT_WAIT, SYNC_LAG] {
+        let _ = metrics::histogram!(histogram);
+    }
+    for outcome in SETTLE_OUTCOMES {
+        metrics::counter!(WINDOWS_SETTLED, "outcome" => *outcome).absolute(0);
+    }
     for outcome in [
         "accepted",
         "already_recorded",
@@ -125,5 +160,166 @@ pub fn describe_sync() {
         "circuit_open",
     ] {
         metrics::counter!(STRIPE_REQUESTS, "outcome" => outcome).absolute(0);
+    }
+}
+
+// Gauges read from PostgreSQL and Kafka every few seconds by [`report`]: the state of the
+// ledger and of the consumer groups, which no single request or message can tell.
+
+/// Windows in each open ledger state (`state`: one of [`OPEN_STATES`]), all tenants together.
+/// Closed states (`synced`, `skipped`, `expired`) grow forever and are left out.
+pub const LEDGER_WINDOWS: &str = "stripe_sink_ledger_windows";
+/// Seconds since the end of the oldest window still owed to Stripe (`pending`, `in_flight`,
+/// `pending_mapping`), 0 when none is: the lag `GET /v1/stripe/sync/status` shows, for every
+/// tenant at once.
+pub const OLDEST_OWED_WINDOW_AGE: &str = "stripe_sink_oldest_owed_window_age_seconds";
+/// Messages after the committed offset of each partition of the sink's consumer groups, by
+/// `topic` (`usage.windows`, `stripe.webhooks`) and `partition`.
+pub const CONSUMER_LAG: &str = "stripe_sink_consumer_lag_messages";
+/// Messages ever written to each dead-letter topic (the sum of its partitions' end offsets),
+/// by `topic` (`usage.raw.dlq`, `usage.windows.dlq`, `usage.resync.dlq`,
+/// `stripe.webhooks.dlq`), whichever service wrote them.
+pub const DLQ_MESSAGES: &str = "stripe_sink_dlq_messages_total";
+
+/// The ledger states [`LEDGER_WINDOWS`] counts.
+pub const OPEN_STATES: &[&str] = &[
+    "pending",
+    "in_flight",
+    "pending_mapping",
+    "failed",
+    "needs_reconciliation",
+];
+
+/// How long one watch may wait for Kafka.
+const KAFKA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What [`report`] reads: the ledger's pool, each consumer group of the sink and the topic it
+/// reads, and the dead-letter topics.
+pub struct Watches {
+    pool: sqlx::PgPool,
+    groups: Vec<(
+        meterline_schemas::Topic,
+        meterline_common::kafka::GroupWatch,
+    )>,
+    end_offsets: meterline_common::kafka::EndOffsets,
+    topics: meterline_common::kafka::Topics,
+}
+
+impl Watches {
+    /// `groups`: each topic the sink consumes and the consumer group reading it.
+    pub fn new(
+        pool: sqlx::PgPool,
+        kafka: &meterline_common::config::KafkaSettings,
+        client_id: &str,
+        groups: &[(meterline_schemas::Topic, &str)],
+    ) -> Result<Self, crate::Error> {
+        let topics = meterline_common::kafka::Topics::new(kafka.topic_prefix.clone());
+        let groups = groups
+            .iter()
+            .map(|(topic, group)| {
+                meterline_common::kafka::GroupWatch::new(
+                    kafka,
+                    client_id,
+                    group,
+                    &topics.name(*topic),
+                )
+                .map(|watch| (*topic, watch))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            pool,
+            groups,
+            end_offsets: meterline_common::kafka::EndOffsets::new(kafka, client_id)?,
+            topics,
+        })
+    }
+
+    fn describe() {
+        use metrics::{describe_counter, describe_gauge, Unit};
+        describe_gauge!(LEDGER_WINDOWS, "windows in each open ledger state");
+        describe_gauge!(
+            OLDEST_OWED_WINDOW_AGE,
+            Unit::Seconds,
+            "seconds since the end of the oldest window still owed to stripe"
+        );
+        describe_gauge!(
+            CONSUMER_LAG,
+            "messages after the committed offset, by topic and partition"
+        );
+        describe_counter!(
+            DLQ_MESSAGES,
+            "messages ever written to each dead-letter topic"
+        );
+    }
+
+    async fn ledger(&self) -> Result<(), crate::Error> {
+        let rows: Vec<(String, i64, Option<time::OffsetDateTime>)> = sqlx::query_as(
+            "SELECT sync_status, count(*), min(window_end) FROM stripe_sync_batches
+             WHERE sync_status = ANY($1) GROUP BY sync_status",
+        )
+        .bind(OPEN_STATES)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|source| crate::Error::Postgres {
+            context: "counting open windows",
+            source,
+        })?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut oldest_owed: Option<time::OffsetDateTime> = None;
+        for state in OPEN_STATES {
+            let row = rows.iter().find(|(status, _, _)| status == state);
+            let count = row.map_or(0, |(_, count, _)| *count);
+            metrics::gauge!(LEDGER_WINDOWS, "state" => *state).set(count as f64);
+            if matches!(*state, "pending" | "in_flight" | "pending_mapping") {
+                if let Some(end) = row.and_then(|(_, _, end)| *end) {
+                    oldest_owed = Some(oldest_owed.map_or(end, |o| o.min(end)));
+                }
+            }
+        }
+        let age = oldest_owed.map_or(0.0, |end| (now - end).as_seconds_f64().max(0.0));
+        metrics::gauge!(OLDEST_OWED_WINDOW_AGE).set(age);
+        Ok(())
+    }
+
+    async fn kafka(&self) -> Result<(), crate::Error> {
+        for (topic, watch) in &self.groups {
+            for partition in watch.lag(KAFKA_TIMEOUT).await? {
+                metrics::gauge!(CONSUMER_LAG,
+                    "topic" => topic.base_name(),
+                    "partition" => partition.partition.to_string())
+                .set(partition.lag as f64);
+            }
+        }
+        for topic in meterline_schemas::Topic::all() {
+            let written = self
+                .end_offsets
+                .total(&self.topics.dlq(*topic), KAFKA_TIMEOUT)
+                .await?;
+            metrics::counter!(DLQ_MESSAGES, "topic" => topic.dlq_base_name())
+                .absolute(written.max(0) as u64);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the ledger and Kafka gauges now and then every `every`, until shutdown. A failed
+/// reading is logged and leaves the gauges at their last values; the next one tries again.
+pub async fn report(
+    watches: Watches,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), crate::Error> {
+    Watches::describe();
+    loop {
+        if let Err(e) = watches.ledger().await {
+            tracing::warn!(error = %e, "reading the ledger gauges failed");
+        }
+        if let Err(e) = watches.kafka().await {
+            tracing::warn!(error = %e, "reading the kafka gauges failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
     }
 }

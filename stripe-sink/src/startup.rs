@@ -26,6 +26,13 @@ pub const SERVICE: &str = "stripe-sink";
 /// Dispatchers settling windows at once (each holds one customer and meter).
 const DISPATCHERS: usize = 8;
 
+/// The consumer groups of the sink (replicas share them).
+const WEBHOOKS_GROUP: &str = "meterline-stripe-sink-webhooks";
+const WINDOWS_GROUP: &str = "meterline-stripe-sink-windows";
+
+/// How often the ledger and Kafka gauges are read.
+const GAUGES_EVERY: Duration = Duration::from_secs(15);
+
 /// Runs the service until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
     let context = ServiceContext::start(SERVICE)?;
@@ -89,14 +96,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let webhooks = meterline_common::kafka::subscribe(
         &config.kafka,
         SERVICE,
-        "meterline-stripe-sink-webhooks",
+        WEBHOOKS_GROUP,
         &topics.name(Topic::StripeWebhooks),
     )?;
     let windows = meterline_common::kafka::subscribe(
         &config.kafka,
         SERVICE,
-        "meterline-stripe-sink-windows",
+        WINDOWS_GROUP,
         &topics.name(Topic::UsageWindows),
+    )?;
+    let watches = metrics::Watches::new(
+        pool.clone(),
+        &config.kafka,
+        SERVICE,
+        &[
+            (Topic::StripeWebhooks, WEBHOOKS_GROUP),
+            (Topic::UsageWindows, WINDOWS_GROUP),
+        ],
     )?;
     let loops = vec![
         tokio::spawn(import::run(importer, shutdown.clone())),
@@ -116,6 +132,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             Duration::from_secs(1),
             shutdown.clone(),
         )),
+        tokio::spawn(metrics::report(watches, GAUGES_EVERY, shutdown.clone())),
     ];
 
     let readiness = context.readiness().kafka(kafka).postgres(pool);

@@ -99,4 +99,7 @@ pub fn describe() {
         };
         metrics::counter!(name, "reason" => error.code()).absolute(0);
     }
+    // Registered without a sample (the handle is dropped) so that its series exists before
+    // the first delivery.
+    let _ = metrics::histogram!(PUBLISH_DURATION);
 }

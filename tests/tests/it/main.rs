@@ -8,6 +8,7 @@ mod ingest;
 mod kafka;
 mod mappings_api;
 mod meters;
+mod metrics_catalogue;
 mod postgres;
 mod services;
 mod retention;
