@@ -5,10 +5,14 @@
 //! idempotent, so running it on every deploy is safe. `meterline token` mints a bearer token
 //! for a tenant and environment (development and operations); `meterline rotate-keys`
 //! re-encrypts stored secrets under the newest encryption key; `meterline prune` applies the
-//! retention of the sync ledger and webhook deduplication records.
+//! retention of the sync ledger and webhook deduplication records; `meterline dlq` lists,
+//! inspects and replays dead-lettered messages.
 
 use std::process::ExitCode;
 use std::time::Duration;
+
+mod dlq;
+mod error;
 
 use clap::{Parser, Subcommand};
 use meterline_common::auth::{JwtKeys, TenantScope};
@@ -52,6 +56,12 @@ enum Command {
     /// Re-encrypt every stored Stripe key and webhook secret under the first key of
     /// ENCRYPTION_KEYS (after putting a new key first; the old one may then be removed).
     RotateKeys,
+    /// Dead-letter topics: list, inspect and replay messages after the cause was fixed
+    /// (KAFKA_BROKERS, TOPIC_PREFIX).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Print a bearer token (HS256, signed with JWT_SECRET) for a tenant and environment.
     Token {
         /// The tenant the token acts for.
@@ -66,6 +76,41 @@ enum Command {
         /// Who the token is for (recorded in audit trails).
         #[arg(long)]
         subject: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// One line per message not yet replayed (with --all, every message still retained):
+    /// partition, offset, replayed or pending, error kind, when it failed, key, reason.
+    List {
+        /// The dead-letter topic, such as usage.raw.dlq (TOPIC_PREFIX is added).
+        topic: dlq::DlqTopic,
+        /// Also the messages already replayed.
+        #[arg(long)]
+        all: bool,
+        /// The most messages shown.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Every header, the key and the payload of one message.
+    Inspect {
+        topic: dlq::DlqTopic,
+        #[arg(long)]
+        partition: i32,
+        #[arg(long)]
+        offset: i64,
+    },
+    /// Write every message not yet replayed back to its source topic (original key and
+    /// bytes), and remember that it was; a second run replays only what arrived since.
+    Replay {
+        topic: dlq::DlqTopic,
+        /// Show what would be replayed; write nothing and remember nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The most messages replayed by this run (the rest stay for the next).
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
     },
 }
 
@@ -141,6 +186,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Dlq { command } => run_dlq(&env, command).await,
         Command::Token {
             tenant,
             environment,
@@ -157,6 +203,49 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_dlq(env: &Env<'_>, command: DlqCommand) -> anyhow::Result<()> {
+    let settings = KafkaSettings::from_env(env)?;
+    match command {
+        DlqCommand::List { topic, all, limit } => {
+            let reader = dlq::DlqReader::new(&settings, topic)?;
+            let letters = reader.list(all, limit).await?;
+            println!("partition\toffset\tstate\tkind\tfailed_at\tkey\terror");
+            for letter in &letters {
+                println!("{}", letter.summary());
+            }
+            eprintln!("{} message(s) on {}", letters.len(), reader.dlq_name());
+        }
+        DlqCommand::Inspect {
+            topic,
+            partition,
+            offset,
+        } => {
+            let reader = dlq::DlqReader::new(&settings, topic)?;
+            println!("topic: {}", reader.dlq_name());
+            println!("{}", reader.inspect(partition, offset).await?);
+        }
+        DlqCommand::Replay {
+            topic,
+            dry_run,
+            limit,
+        } => {
+            let reader = dlq::DlqReader::new(&settings, topic)?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            let count = reader
+                .replay(&settings, dry_run, limit, |letter| {
+                    println!("{verb}\t{}", letter.summary());
+                })
+                .await?;
+            println!(
+                "{count} message(s) {verb} from {} to {}",
+                reader.dlq_name(),
+                reader.source_name()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn create_topics(env: &Env<'_>, args: &TopicArgs) -> anyhow::Result<()> {

@@ -5,6 +5,8 @@ mod aggregator;
 mod allow_list;
 mod clickhouse;
 mod ingest;
+mod customer_import;
+mod dlq_replay;
 mod kafka;
 mod mappings_api;
 mod meters;
