@@ -93,7 +93,7 @@ webhook-relay:
 {{- if has .binary (list "stripe-sink" "webhook-relay") }}
 {{ include "meterline.secretEnv" (dict "name" "ENCRYPTION_KEYS" "ref" $v.encryption.keys) }}
 {{- end }}
-{{- if and (has .binary (list "aggregator" "meterline")) $v.clickhouse.password.existingSecret }}
+{{- if and (has .binary (list "ingest" "aggregator" "meterline")) $v.clickhouse.password.existingSecret }}
 {{ include "meterline.secretEnv" (dict "name" "CLICKHOUSE_PASSWORD" "ref" $v.clickhouse.password) }}
 {{- end }}
 {{- if and (eq .binary "webhook-relay") $v.stripe.webhookSecret.existingSecret }}
@@ -123,6 +123,7 @@ HTTP_ADDR: {{ printf "0.0.0.0:%v" $c.port | quote }}
 RUST_LOG: {{ $v.logLevel | quote }}
 {{ include "meterline.kafkaEnv" .root }}
 {{- if eq .binary "ingest" }}
+{{ include "meterline.clickhouseEnv" .root }}
 KAFKA_PRODUCE_TIMEOUT_MS: {{ $c.produceTimeoutMs | int64 | quote }}
 INGEST_MAX_BODY_BYTES: {{ $c.maxBodyBytes | int64 | quote }}
 INGEST_MAX_BULK_BODY_BYTES: {{ $c.maxBulkBodyBytes | int64 | quote }}
@@ -144,5 +145,15 @@ STRIPE_MAX_RETRIES: {{ $v.stripe.maxRetries | int64 | quote }}
 WEBHOOK_TOLERANCE_SECONDS: {{ $c.toleranceSeconds | int64 | quote }}
 WEBHOOK_MAX_BODY_BYTES: {{ $c.maxBodyBytes | int64 | quote }}
 KAFKA_PRODUCE_TIMEOUT_MS: {{ $c.produceTimeoutMs | int64 | quote }}
+{{- with $c.allowedSources }}
+WEBHOOK_ALLOWED_SOURCES: {{ join "," . | quote }}
+{{- end }}
+{{- with $c.trustedProxies }}
+WEBHOOK_TRUSTED_PROXIES: {{ join "," . | quote }}
+{{- end }}
+{{- /* The relay prunes the sync ledger and its own deduplication records. */}}
+RETENTION_LEDGER_DAYS: {{ $v.retention.ledgerDays | int64 | quote }}
+RETENTION_WEBHOOK_DELIVERIES_DAYS: {{ $v.retention.webhookDeliveriesDays | int64 | quote }}
+RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 | quote }}
 {{- end }}
 {{- end }}
