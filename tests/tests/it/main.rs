@@ -3,7 +3,9 @@
 
 mod aggregator;
 mod allow_list;
+mod audit;
 mod clickhouse;
+mod customer_import;
 mod dlq_replay;
 mod ingest;
 mod kafka;
