@@ -11,6 +11,7 @@
 //! - [`process`]: spawning a service binary on a free port with its configuration pointed at a
 //!   namespace, then stopping it politely (SIGTERM) or not (SIGKILL).
 //! - [`standin`]: the local Stripe, in-process: customers, meters, faults, clock, inspection.
+//! - [`stripe_config`]: tenants' Stripe configurations written straight to the store.
 //! - [`usage`]: meters, events straight into `usage.raw`, and window totals watched on
 //!   `usage.windows`.
 //! - [`private`]: throwaway Kafka, ClickHouse and PostgreSQL instances for tests that must
@@ -23,6 +24,7 @@ pub mod private;
 pub mod process;
 pub mod stack;
 pub mod standin;
+pub mod stripe_config;
 pub mod usage;
 
 pub use namespace::Namespace;

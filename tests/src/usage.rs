@@ -18,7 +18,24 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::api::scope;
-use crate::Namespace;
+use crate::{Namespace, ServiceProcess};
+
+/// The aggregator in `ns`, publishing windows as soon as they end (no grace period) and
+/// batching for at most 200 ms, plus `extra` settings.
+pub async fn spawn_aggregator(ns: &Namespace, extra: &[(&str, &str)]) -> ServiceProcess {
+    let mut env = ns.env();
+    for (k, v) in [
+        ("STRIPE_SYNC_GRACE_PERIOD_MINUTES", "0"),
+        ("AGGREGATOR_BATCH_MAX_WAIT_MS", "200"),
+        ("AGGREGATOR_PUBLISH_INTERVAL_MS", "200"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        env.push(((*k).into(), (*v).into()));
+    }
+    ServiceProcess::spawn("aggregator", &env).await
+}
 
 /// Stores a meter for `tenant`/`environment` from its JSON form.
 pub async fn create_meter(ns: &Namespace, tenant: &str, environment: &str, meter: Value) {

@@ -7,33 +7,15 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meterline_common::crypto::Keyring;
-use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
 use meterline_schemas::{StripeWebhook, Topic};
-use meterline_tests::api::{scope, send, Answer};
+use meterline_tests::api::{send, Answer};
 use meterline_tests::kafka::read_topic;
-use meterline_tests::{Namespace, ServiceProcess, Stack};
+use meterline_tests::stripe_config::put_config;
+use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::json;
 
 const TENANT: &str = "tenant_allow";
 const SECRET: &str = "whsec_allowlist000001";
-
-async fn put_config(ns: &Namespace) {
-    let keys = Keyring::parse(&Stack::get().encryption_keys).expect("the stack's keys parse");
-    StripeConfigStore::new(ns.pg_pool().await, keys)
-        .put(
-            &scope(TENANT, "env_prod"),
-            &NewConfig {
-                api_key: StripeApiKey::parse("sk_test_standin").expect("a valid key"),
-                webhook_secrets: vec![WebhookSecret::parse(SECRET).expect("a valid secret")],
-                sync_enabled: true,
-                aggregation_window_minutes: 60,
-                rate_limit_per_second: None,
-            },
-        )
-        .await
-        .expect("storing the stripe config");
-}
 
 async fn relay(ns: &Namespace, extra: &[(&str, &str)]) -> ServiceProcess {
     let mut env = ns.env();
@@ -84,7 +66,7 @@ async fn delivered_ids(ns: &Namespace) -> Vec<String> {
 #[tokio::test]
 async fn only_allowed_sources_are_relayed_and_the_proxy_header_only_from_trusted_proxies() {
     let ns = Namespace::create().await;
-    put_config(&ns).await;
+    put_config(&ns, TENANT, "env_prod", &[SECRET]).await;
 
     // Without a trusted proxy: the TCP peer is the source, whatever the header says.
     let direct = relay(&ns, &[("WEBHOOK_ALLOWED_SOURCES", "127.0.0.2/32")]).await;

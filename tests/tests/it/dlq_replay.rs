@@ -14,8 +14,10 @@ use meterline_schemas::{Decimal, MeterDefinition, MeterInput, Topic};
 use meterline_tests::api::scope;
 use meterline_tests::namespace::TEST_PARTITIONS;
 use meterline_tests::process::run_command;
-use meterline_tests::usage::{create_meter, event, produce_events, Expected, WindowWatcher};
-use meterline_tests::{Namespace, ServiceProcess};
+use meterline_tests::usage::{
+    create_meter, event, produce_events, spawn_aggregator, Expected, WindowWatcher,
+};
+use meterline_tests::Namespace;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -67,15 +69,7 @@ async fn listed(ns: &Namespace, extra: &[&str]) -> Vec<String> {
 async fn a_replayed_dead_letter_counts_exactly_once_even_when_replayed_twice() {
     let ns = Namespace::create().await;
     ns.stop_merges().await;
-    let mut env = ns.env();
-    for (k, v) in [
-        ("STRIPE_SYNC_GRACE_PERIOD_MINUTES", "0"),
-        ("AGGREGATOR_BATCH_MAX_WAIT_MS", "200"),
-        ("AGGREGATOR_PUBLISH_INTERVAL_MS", "200"),
-    ] {
-        env.push((k.into(), v.into()));
-    }
-    let aggregator = ServiceProcess::spawn("aggregator", &env).await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
     create_meter(
         &ns,
         TENANT,

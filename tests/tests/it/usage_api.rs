@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use meterline_schemas::Decimal;
 use meterline_tests::api::{post_json, send, token, Answer};
-use meterline_tests::usage::{create_meter, event, produce_events, Expected, WindowWatcher};
+use meterline_tests::usage::{
+    create_meter, event, produce_events, spawn_aggregator, Expected, WindowWatcher,
+};
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -45,15 +47,7 @@ async fn usage_totals_equal_what_the_sync_is_sent() {
     let ns = Namespace::create().await;
     // Copies of an id stay in separate parts: only FINAL can make them count once.
     ns.stop_merges().await;
-    let mut env = ns.env();
-    for (k, v) in [
-        ("STRIPE_SYNC_GRACE_PERIOD_MINUTES", "0"),
-        ("AGGREGATOR_BATCH_MAX_WAIT_MS", "200"),
-        ("AGGREGATOR_PUBLISH_INTERVAL_MS", "200"),
-    ] {
-        env.push((k.into(), v.into()));
-    }
-    let _aggregator = ServiceProcess::spawn("aggregator", &env).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
     let ingest = ServiceProcess::spawn("ingest", &ns.env()).await;
     for meter in [
         json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),

@@ -1,0 +1,30 @@
+//! Stripe configurations written straight to the store, for tests of the services that read
+//! them (the webhook relay's secrets, the sink's keys).
+
+use meterline_common::crypto::Keyring;
+use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
+
+use crate::api::scope;
+use crate::{Namespace, Stack};
+
+/// Stores a configuration for `tenant`/`environment` with the key `sk_test_standin`, 60-minute
+/// windows and `secrets` as its webhook secrets.
+pub async fn put_config(ns: &Namespace, tenant: &str, environment: &str, secrets: &[&str]) {
+    let keys = Keyring::parse(&Stack::get().encryption_keys).expect("the stack's keys parse");
+    StripeConfigStore::new(ns.pg_pool().await, keys)
+        .put(
+            &scope(tenant, environment),
+            &NewConfig {
+                api_key: StripeApiKey::parse("sk_test_standin").expect("a valid key"),
+                webhook_secrets: secrets
+                    .iter()
+                    .map(|s| WebhookSecret::parse(s).expect("a valid secret"))
+                    .collect(),
+                sync_enabled: true,
+                aggregation_window_minutes: 60,
+                rate_limit_per_second: None,
+            },
+        )
+        .await
+        .expect("storing the stripe config");
+}
