@@ -253,19 +253,23 @@ impl WindowRegistry {
         }
         let c = KeyColumns::of(keys.iter());
         let due: Vec<OffsetDateTime> = c.end.iter().map(|end| *end + grace).collect();
-        // revision > 0 in RETURNING: the window had been published before this batch.
+        // A window with revision > 0 had been published before this batch: its events are
+        // late. Only those rows come back; a batch marks thousands of windows, mostly new or
+        // not yet published.
         let rows: Vec<StateRow> = sqlx::query_as(
-            "INSERT INTO aggregation_windows AS w
-                 (tenant_id, environment_id, customer_id, meter_id, window_start, window_end,
-                  due_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                  $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
-             ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
-             DO UPDATE SET dirty = true, last_event_at = now(),
-                           dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END
-             RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
-                       w.window_start, w.window_end, w.revision, w.published_quantity,
-                       w.published_event_count",
+            "WITH marked AS (
+                 INSERT INTO aggregation_windows AS w
+                     (tenant_id, environment_id, customer_id, meter_id, window_start,
+                      window_end, due_at)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                      $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
+                 ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
+                 DO UPDATE SET dirty = true, last_event_at = now(),
+                     dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END
+                 RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
+                           w.window_start, w.window_end, w.revision, w.published_quantity,
+                           w.published_event_count)
+             SELECT * FROM marked WHERE revision > 0",
         )
         .bind(&c.tenant)
         .bind(&c.environment)
@@ -278,7 +282,6 @@ impl WindowRegistry {
         .await
         .map_err(db("marking windows dirty"))?;
         rows.into_iter()
-            .filter(|row| row.revision > 0)
             .map(|row| WindowState::try_from(row).map(|state| state.key))
             .collect()
     }
