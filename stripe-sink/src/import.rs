@@ -478,36 +478,30 @@ impl ImportStore {
         Ok(true)
     }
 
-    /// Counts a failed page request; the page is tried again.
-    async fn record_error(&self, job: &Job, owner: Uuid, error: &str) -> Result<(), Error> {
+    /// Counts a failed page request: the page is tried again, unless `fatal` (no retry can
+    /// help: no configuration, a refused key), which ends the job as failed.
+    async fn record_failure(
+        &self,
+        job: &Job,
+        owner: Uuid,
+        error: &str,
+        fatal: bool,
+    ) -> Result<(), Error> {
         sqlx::query(
             "UPDATE stripe_customer_imports
-             SET errors = errors + 1, last_error = $3, updated_at = now()
+             SET errors = errors + 1, last_error = $3, updated_at = now(),
+                 status = CASE WHEN $4 THEN 'failed' ELSE status END,
+                 finished_at = CASE WHEN $4 THEN now() END,
+                 lease_until = CASE WHEN $4 THEN NULL ELSE lease_until END
              WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
         )
         .bind(job.id.as_uuid())
         .bind(owner)
         .bind(error)
+        .bind(fatal)
         .execute(&self.pool)
         .await
-        .map_err(db("recording an import error"))?;
-        Ok(())
-    }
-
-    /// Ends the job as failed: no retry can help (no configuration, a refused key).
-    async fn fail(&self, job: &Job, owner: Uuid, error: &str) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE stripe_customer_imports
-             SET status = 'failed', errors = errors + 1, last_error = $3, updated_at = now(),
-                 finished_at = now(), lease_until = NULL
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
-        )
-        .bind(job.id.as_uuid())
-        .bind(owner)
-        .bind(error)
-        .execute(&self.pool)
-        .await
-        .map_err(db("failing an import"))?;
+        .map_err(db("recording an import failure"))?;
         Ok(())
     }
 
@@ -641,14 +635,22 @@ async fn work(importer: Arc<Importer>, mut job: Job, owner: Uuid, shutdown: Canc
             }
             Step::Fatal(error) => {
                 tracing::warn!(job_id = %job.id, error = %error, "customer import failed");
-                if let Err(e) = importer.store.fail(&job, owner, &error).await {
+                if let Err(e) = importer
+                    .store
+                    .record_failure(&job, owner, &error, true)
+                    .await
+                {
                     tracing::warn!(job_id = %job.id, error = %e, "recording a failed import");
                 }
                 return;
             }
             Step::Retry(error, retry_after) => {
                 tracing::info!(job_id = %job.id, error = %error, attempt, "import page failed, retrying");
-                if let Err(e) = importer.store.record_error(&job, owner, &error).await {
+                if let Err(e) = importer
+                    .store
+                    .record_failure(&job, owner, &error, false)
+                    .await
+                {
                     tracing::warn!(job_id = %job.id, error = %e, "recording an import error");
                 }
                 let delay = importer.backoff.delay(attempt, retry_after, &mut rng);
@@ -689,12 +691,7 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
             .rate_limit_per_second
             .unwrap_or_else(|| default_rate(config.api_key.livemode())),
     );
-    let admitted = account
-        .breaker
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .admit(tokio::time::Instant::now());
-    if let Err(wait) = admitted {
+    if let Err(wait) = account.admit() {
         return Step::Retry("circuit open for this stripe account".into(), Some(wait));
     }
     account.until_ready().await;
@@ -703,20 +700,8 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
         .stripe
         .list_customers(&config.api_key, job.progress.cursor.as_deref(), PAGE_SIZE)
         .await;
-    {
-        // The breaker counts as the sync does: a 429 or a refusal means Stripe answered.
-        let mut breaker = account.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        match &result {
-            Ok(_) => breaker.success(),
-            Err(e) => match e.class {
-                ErrorClass::Permanent | ErrorClass::RateLimited => breaker.success(),
-                ErrorClass::InProgress => {}
-                ErrorClass::Retriable | ErrorClass::Authentication => {
-                    breaker.failure(tokio::time::Instant::now())
-                }
-            },
-        }
-    }
+    // The breaker counts as the sync's requests do: a 429 or a refusal means Stripe answered.
+    account.record(result.as_ref().err().map(|e| e.class));
     let list = match result {
         Ok(list) => list,
         Err(e) if e.is_retriable() => return Step::Retry(e.to_string(), e.retry_after),

@@ -19,6 +19,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use tokio::time::Instant;
 
+use crate::stripe::ErrorClass;
+
 /// Stripe's documented meter event rates: test mode shares the basic 25 writes/s, live mode
 /// has 1000 meter events/s.
 pub fn default_rate(livemode: bool) -> u32 {
@@ -156,6 +158,29 @@ impl Account {
     pub async fn until_ready(&self) {
         self.limiter.until_ready().await;
     }
+
+    /// May a request go out now? `Err(wait)` while the breaker is open (or probing).
+    pub fn admit(&self) -> Result<(), Duration> {
+        self.breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now())
+    }
+
+    /// Tells the breaker how a request went: `None` when Stripe accepted it, else the class
+    /// of its failure. A refusal or a 429 means Stripe answered (429s only slow down), so it
+    /// counts as a success (it also ends a half-open probe); our own earlier request still
+    /// running (409) is no sign either way; anything else is a failure.
+    pub fn record(&self, failure: Option<ErrorClass>) {
+        let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        match failure {
+            None | Some(ErrorClass::Permanent | ErrorClass::RateLimited) => breaker.success(),
+            Some(ErrorClass::InProgress) => {}
+            Some(ErrorClass::Retriable | ErrorClass::Authentication) => {
+                breaker.failure(Instant::now())
+            }
+        }
+    }
 }
 
 /// Every account the sink has talked to, keyed by a hash of its API key (tenants sharing a
@@ -258,5 +283,26 @@ mod tests {
         // 50 tokens at 25/s with no burst: the 50th comes 49 intervals of 40 ms after the first.
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(1900), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn accounts_open_on_outages_not_on_answers() {
+        let account = Account::new(10);
+        for _ in 0..20 {
+            account.record(Some(ErrorClass::RateLimited));
+            account.record(Some(ErrorClass::Permanent));
+            account.record(Some(ErrorClass::InProgress));
+        }
+        assert!(account.admit().is_ok(), "429s and refusals are answers");
+        for _ in 0..9 {
+            account.record(Some(ErrorClass::Retriable));
+        }
+        account.record(None);
+        account.record(Some(ErrorClass::Authentication));
+        assert!(account.admit().is_ok(), "a success resets the count");
+        for _ in 0..10 {
+            account.record(Some(ErrorClass::Retriable));
+        }
+        assert!(account.admit().is_err(), "ten failures in a row open it");
     }
 }

@@ -395,12 +395,7 @@ async fn deliver(
             idempotency_key: send.idempotency_key(),
             timestamp: send.stripe_timestamp,
         };
-        let admitted = account
-            .breaker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .admit(tokio::time::Instant::now());
-        if let Err(wait) = admitted {
+        if let Err(wait) = account.admit() {
             ::metrics::counter!(metrics::STRIPE_REQUESTS, "outcome" => "circuit_open").increment(1);
             return Delivery::Later {
                 error: "circuit open for this stripe account".into(),
@@ -427,30 +422,7 @@ async fn deliver(
             },
         };
         ::metrics::counter!(metrics::STRIPE_REQUESTS, "outcome" => outcome).increment(1);
-        {
-            // The guard is dropped before any await below.
-            let mut breaker = account.breaker.lock().unwrap_or_else(|p| p.into_inner());
-            match &result {
-                Ok(_)
-                | Err(crate::stripe::StripeError {
-                    class: ErrorClass::Permanent,
-                    ..
-                }) => breaker.success(),
-                // A 429 is a pacing signal, not an outage: Stripe answered, so for the breaker it
-                // counts like a success (it also ends a half-open probe); the request itself is
-                // slowed down by backoff and Retry-After.
-                Err(crate::stripe::StripeError {
-                    class: ErrorClass::RateLimited,
-                    ..
-                }) => breaker.success(),
-                // Our own earlier request still running is no sign of an outage either.
-                Err(crate::stripe::StripeError {
-                    class: ErrorClass::InProgress,
-                    ..
-                }) => {}
-                Err(_) => breaker.failure(tokio::time::Instant::now()),
-            }
-        }
+        account.record(result.as_ref().err().map(|e| e.class));
         match result {
             Ok(_) => return Delivery::Recorded,
             Err(e) => match e.class {
