@@ -5,14 +5,15 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meterline_schemas::{
-    Aggregation, Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window,
-};
+use meterline_common::retention::STRIPE_MAX_EVENT_AGE_DAYS;
+pub use meterline_common::window_totals::WindowAggregates;
+use meterline_schemas::{Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window};
 
 use time::OffsetDateTime;
 
 /// Stripe refuses meter events older than 35 days.
-pub const STRIPE_MAX_EVENT_AGE: time::Duration = time::Duration::days(35);
+pub const STRIPE_MAX_EVENT_AGE: time::Duration =
+    time::Duration::days(STRIPE_MAX_EVENT_AGE_DAYS as i64);
 
 /// One event's contribution to one meter: a row of `events_processed`.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,30 +97,6 @@ pub fn is_expired_window(window: &Window, now: OffsetDateTime) -> bool {
 /// When a window is first published: its end plus the grace period.
 pub fn due_at(window: &Window, grace: Duration) -> OffsetDateTime {
     window.end() + grace
-}
-
-/// A window's aggregates over its deduplicated events, as read from ClickHouse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WindowAggregates {
-    pub events: u64,
-    pub sum: Decimal,
-    pub max: Decimal,
-    pub latest: Decimal,
-    pub unique: u64,
-}
-
-impl WindowAggregates {
-    /// The total the meter bills for the window.
-    pub fn quantity(&self, aggregation: &Aggregation) -> Decimal {
-        match aggregation {
-            Aggregation::Count => Decimal::from(self.events),
-            Aggregation::Sum(_) => self.sum,
-            Aggregation::Max(_) => self.max,
-            Aggregation::Latest(_) => self.latest,
-            Aggregation::CountUnique(_) => Decimal::from(self.unique),
-        }
-        .normalize()
-    }
 }
 
 /// What was last published for a window.
@@ -280,25 +257,5 @@ mod tests {
             next_revision(&sent, q, 4, Trigger::Due).map(|r| r.get()),
             Some(2)
         );
-    }
-
-    #[test]
-    fn quantities_per_aggregation() {
-        let a = WindowAggregates {
-            events: 4,
-            sum: Decimal::new(1050, 2),
-            max: Decimal::from(7),
-            latest: Decimal::from(2),
-            unique: 3,
-        };
-        let p = meterline_schemas::PropertyName::parse("p").unwrap();
-        assert_eq!(a.quantity(&Aggregation::Count), Decimal::from(4));
-        assert_eq!(a.quantity(&Aggregation::Sum(p.clone())).to_string(), "10.5");
-        assert_eq!(a.quantity(&Aggregation::Max(p.clone())), Decimal::from(7));
-        assert_eq!(
-            a.quantity(&Aggregation::Latest(p.clone())),
-            Decimal::from(2)
-        );
-        assert_eq!(a.quantity(&Aggregation::CountUnique(p)), Decimal::from(3));
     }
 }

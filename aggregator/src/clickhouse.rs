@@ -7,14 +7,14 @@
 use std::collections::HashMap;
 
 use clickhouse::{Client, Row};
-use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
+use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, Window};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use meterline_common::window_totals::{from_scaled, to_scaled, AGGREGATES_SQL};
+
 use crate::billing::{MeteredEvent, WindowAggregates};
 use crate::Error;
-
-const SCALE: u32 = 9;
 
 #[derive(Debug, Row, Serialize)]
 struct ProcessedRow<'a> {
@@ -42,20 +42,6 @@ struct AggregateRow {
     maximum: i128,
     latest: i128,
     unique: u64,
-}
-
-/// A quantity as the scaled integer of `Decimal(38, 9)`; more than 9 decimals are rounded
-/// (half to even), which no meter of ours produces.
-fn to_scaled(quantity: Decimal) -> Option<i128> {
-    let rounded = quantity.round_dp(SCALE);
-    let factor = 10i128.checked_pow(SCALE - rounded.scale())?;
-    rounded.mantissa().checked_mul(factor)
-}
-
-fn from_scaled(value: i128) -> Result<Decimal, Error> {
-    Decimal::try_from_i128_with_scale(value, SCALE)
-        .map(|d| d.normalize())
-        .map_err(|e| Error::Quantity(format!("{value}e-9 does not fit a decimal: {e}")))
 }
 
 #[derive(Clone)]
@@ -117,24 +103,17 @@ impl Warehouse {
         customers: &[CustomerId],
     ) -> Result<HashMap<CustomerId, WindowAggregates>, Error> {
         let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
-        // LATEST breaks ties between equal timestamps by event id, so the result does not
-        // depend on which part a row sits in.
         let rows: Vec<AggregateRow> = self
             .client
-            .query(
-                "SELECT customer_id,
-                        count() AS events,
-                        sum(qty_billable * sign) AS total,
-                        max(qty_billable) AS maximum,
-                        argMax(qty_billable, (timestamp, event_id)) AS latest,
-                        uniqExact(unique_key) AS unique
+            .query(&format!(
+                "SELECT customer_id, {AGGREGATES_SQL}
                  FROM events_processed FINAL
                  WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
                    AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
                    AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
                    AND customer_id IN ?
-                 GROUP BY customer_id",
-            )
+                 GROUP BY customer_id"
+            ))
             .bind(tenant.as_str())
             .bind(environment.as_str())
             .bind(meter.as_str())
@@ -168,26 +147,4 @@ impl Warehouse {
 
 fn millis(at: OffsetDateTime) -> i64 {
     (at.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantities_round_trip_through_the_scaled_integer() {
-        for text in [
-            "0",
-            "1",
-            "12.5",
-            "-3.25",
-            "0.000000001",
-            "123456789012345678.5",
-        ] {
-            let d: Decimal = text.parse().unwrap();
-            let scaled = to_scaled(d).unwrap();
-            assert_eq!(from_scaled(scaled).unwrap(), d.normalize(), "{text}");
-        }
-        assert_eq!(to_scaled("1.5".parse().unwrap()), Some(1_500_000_000));
-    }
 }
