@@ -57,9 +57,11 @@ fn operator_token() -> String {
     keys().mint(&scope, Duration::from_secs(3600))
 }
 
-/// A `customer.*` event as the webhook relay publishes it on `stripe.webhooks`.
-async fn produce_customer_event(
+/// A `customer.*` event as the webhook relay publishes it on `stripe.webhooks`, for
+/// `TENANT`/`ENV` unless `scope` names others.
+pub(crate) async fn produce_customer_event(
     ns: &Namespace,
+    scope: Option<(&str, &str)>,
     event_id: &str,
     event_type: &str,
     created: i64,
@@ -72,9 +74,10 @@ async fn produce_customer_event(
         "data": {"object": {"id": customer, "object": "customer", "email": null,
                             "name": null, "metadata": {"external_id": external_id}}},
     });
+    let (tenant, environment) = scope.unwrap_or((TENANT, ENV));
     let hook = StripeWebhook {
-        tenant_id: TenantId::parse(TENANT).unwrap(),
-        environment_id: EnvironmentId::parse(ENV).unwrap(),
+        tenant_id: TenantId::parse(tenant).unwrap(),
+        environment_id: EnvironmentId::parse(environment).unwrap(),
         event_id: StripeEventId::parse(event_id).unwrap(),
         event_type: StripeEventType::parse(event_type).unwrap(),
         livemode: false,
@@ -98,7 +101,7 @@ async fn produce_customer_event(
 }
 
 /// Waits until `GET path` answers 200.
-async fn wait_found(sink: &ServiceProcess, path: &str, token: &str) {
+pub(crate) async fn wait_found(sink: &ServiceProcess, path: &str, token: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let answer = send(
@@ -228,6 +231,7 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     produce_customer_event(
         &ns,
+        None,
         "evt_audit_1",
         "customer.created",
         now - 60,
@@ -238,6 +242,7 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
     wait_found(&sink, "/v1/stripe/customers/mapping/c_hook", &t).await;
     produce_customer_event(
         &ns,
+        None,
         "evt_audit_2",
         "customer.updated",
         now - 30,

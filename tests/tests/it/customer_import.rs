@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use meterline_tests::api::{post_json, send, token, Answer};
+
+use crate::audit::{produce_customer_event, wait_found};
 use meterline_tests::standin::Standin;
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::{json, Value};
@@ -240,6 +242,17 @@ async fn an_import_maps_exactly_the_customers_with_an_external_id_through_a_kill
     .await
     .unwrap();
     assert_eq!(audited, expected.len() as i64);
+    // The key was decrypted for each page request, each time recorded first.
+    let decryptions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log
+         WHERE action = 'api_key.decrypted' AND actor_kind = 'import' AND actor_ref = $1
+           AND actor_subject = 'test' AND details->>'purpose' = 'customer_import'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(decryptions >= 4, "{decryptions} decryptions for 4 pages");
 
     // A second import, Stripe answering fast again: it changes nothing.
     standin.control("faults", json!({})).await;
@@ -423,6 +436,120 @@ async fn a_bulk_csv_upload_answers_every_row() {
     )
     .await;
     assert_eq!(other.body["created"], 1, "{:?}", other.body);
+
+    sink.terminate(Duration::from_secs(30)).await;
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn webhook_events_newer_than_an_import_win_and_older_ones_are_stale() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(100).await;
+    let moved = standin.customer("c_moved").await;
+    let kept = standin.customer("c_kept").await;
+    let sink = sink(&ns, &standin.base).await;
+    let t = token(TENANT, ENV);
+    put_config(&sink, &t, &standin.key).await;
+    let start = post_json(&sink.url("/v1/stripe/migrate/customers"), &t, &json!({})).await;
+    let id = start.body["id"].as_str().expect("a job id").to_owned();
+    let done = wait_status(&sink, &t, &id, Duration::from_secs(120), |s| {
+        s["status"] != "running"
+    })
+    .await;
+    assert_eq!(done["mapped"]["created"], 2, "{done}");
+
+    // Stripe's events about the same customers: one created after the import read the list
+    // (it wins), one created long before it (stale: the list already showed what came after).
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let scope = Some((TENANT, ENV));
+    produce_customer_event(
+        &ns,
+        scope,
+        "evt_new",
+        "customer.updated",
+        now + 1,
+        &moved,
+        "c_moved2",
+    )
+    .await;
+    produce_customer_event(
+        &ns,
+        scope,
+        "evt_old",
+        "customer.updated",
+        now - 3600,
+        &kept,
+        "c_gone",
+    )
+    .await;
+    wait_found(&sink, "/v1/stripe/customers/mapping/c_moved2", &t).await;
+    // The stale event is read (and counted as ignored) without changing anything.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let metrics = reqwest::get(sink.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let stale = metrics.lines().any(|l| {
+            l.starts_with("stripe_sink_webhook_events_ignored_total")
+                && l.contains("\"stale\"")
+                && !l.ends_with(" 0")
+        });
+        if stale {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "evt_old was never read:\n{}",
+            sink.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pool = ns.pg_pool().await;
+    let mapped: BTreeMap<String, String> = active_mappings(&pool)
+        .await
+        .into_iter()
+        .map(|(c, (p, _))| (c, p))
+        .collect();
+    let expected: BTreeMap<String, String> =
+        [("c_moved2".to_owned(), moved), ("c_kept".to_owned(), kept)].into();
+    assert_eq!(mapped, expected);
+    let by_stale: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE actor_ref = 'evt_old'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(by_stale, 0, "a stale event changed a mapping");
+
+    sink.terminate(Duration::from_secs(30)).await;
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn an_import_with_a_refused_key_fails_and_says_why() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(100).await;
+    let sink = sink(&ns, &standin.base).await;
+    let t = token(TENANT, ENV);
+    put_config(&sink, &t, "sk_test_unknownaccount1").await;
+    let start = post_json(&sink.url("/v1/stripe/migrate/customers"), &t, &json!({})).await;
+    assert_eq!(start.status, 202, "{:?}", start.body);
+    let id = start.body["id"].as_str().unwrap().to_owned();
+    let done = wait_status(&sink, &t, &id, Duration::from_secs(120), |s| {
+        s["status"] != "running"
+    })
+    .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["errors"]["count"], 1, "{done}");
+    let last = done["errors"]["last"].as_str().unwrap();
+    assert!(last.contains("refused the api key"), "{last}");
+    assert!(!last.contains("unknownaccount"), "the key leaked: {last}");
+    assert!(done["finished_at"].is_string(), "{done}");
+    // A failed job does not block the next one.
+    let again = post_json(&sink.url("/v1/stripe/migrate/customers"), &t, &json!({})).await;
+    assert_eq!(again.status, 202, "{:?}", again.body);
 
     sink.terminate(Duration::from_secs(30)).await;
     ns.drop_databases().await;
