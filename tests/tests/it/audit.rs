@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use meterline_common::auth::TenantScope;
 use meterline_common::kafka::producer_config;
 use meterline_schemas::{
-    EnvironmentId, StripeEventId, StripeEventType, StripeWebhook, TenantId, Timestamp, Topic,
+    CustomerId, Decimal, EnvironmentId, MeterId, StripeEventId, StripeEventType, StripeWebhook,
+    TenantId, Timestamp, Topic, Window, WindowReason, WindowTotal,
 };
 use meterline_tests::api::{keys, post_json, send, token, Answer};
 use meterline_tests::process::bin_path;
@@ -19,6 +20,7 @@ use meterline_tests::standin::Standin;
 use meterline_tests::{Namespace, ServiceProcess, Stack};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
+use std::num::NonZeroU32;
 
 const TENANT: &str = "tenant_audit";
 const ENV: &str = "env_prod";
@@ -85,15 +87,24 @@ pub(crate) async fn produce_customer_event(
         received_at: Timestamp::now(),
         payload: payload.as_object().cloned().unwrap(),
     };
+    produce(
+        ns,
+        Topic::StripeWebhooks,
+        &hook.kafka_key(),
+        &hook.to_json_bytes(),
+    )
+    .await;
+}
+
+/// Writes one message to the namespace's `topic`.
+async fn produce(ns: &Namespace, topic: Topic, key: &str, payload: &[u8]) {
     let producer: FutureProducer = producer_config(&ns.kafka, "it-audit", Duration::from_secs(30))
         .create()
         .expect("creating a producer");
-    let topic = ns.topic(Topic::StripeWebhooks);
+    let topic = ns.topic(topic);
     producer
         .send(
-            FutureRecord::to(&topic)
-                .key(&hook.kafka_key())
-                .payload(&hook.to_json_bytes()),
+            FutureRecord::to(&topic).key(key).payload(payload),
             Duration::from_secs(30),
         )
         .await
@@ -252,6 +263,46 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
     .await;
     wait_found(&sink, "/v1/stripe/customers/mapping/c_hook2", &t).await;
 
+    // The sync decrypts the key to send a window's total (whether Stripe then takes it does
+    // not matter here).
+    let hour = now - now.rem_euclid(3600) - 3600;
+    let at = |t: i64| time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+    let total = WindowTotal {
+        tenant_id: TenantId::parse(TENANT).unwrap(),
+        environment_id: EnvironmentId::parse(ENV).unwrap(),
+        customer_id: CustomerId::parse("c_sync").unwrap(),
+        meter_id: MeterId::parse("calls").unwrap(),
+        window: Window::new(at(hour), at(hour + 3600)).unwrap(),
+        quantity: Decimal::from(5),
+        event_count: 5,
+        revision: NonZeroU32::MIN,
+        reason: WindowReason::Due,
+        expired: false,
+        computed_at: Timestamp::now(),
+    };
+    produce(
+        &ns,
+        Topic::UsageWindows,
+        &total.kafka_key(),
+        &total.to_json_bytes(),
+    )
+    .await;
+    let pool = ns.pg_pool().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE actor_kind = 'sync'")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sync never decrypted the key:\n{}",
+            sink.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // The encryption key rotated by the operator command (the sink keeps running on the old
     // key; nothing after this decrypts).
     let stack_keys = &Stack::get().encryption_keys;
@@ -273,7 +324,23 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
     );
     let old_key_id = stack_keys.split(':').next().unwrap();
 
-    let rows = trail(&mut seen, &sink, &t).await;
+    let (by_sync, rows): (Vec<Value>, Vec<Value>) = trail(&mut seen, &sink, &t)
+        .await
+        .into_iter()
+        .partition(|r| r["actor"]["kind"] == "sync");
+    // The sync's decryptions (one per attempt to settle the window) name no person.
+    assert!(!by_sync.is_empty());
+    for row in &by_sync {
+        assert_eq!(row["action"], "api_key.decrypted");
+        assert_eq!(
+            row["actor"],
+            json!({"kind": "sync", "subject": null, "ref": null})
+        );
+        assert_eq!(
+            row["details"],
+            json!({"purpose": "sync", "api_key": "sk_test_****6789"})
+        );
+    }
     // Newest first.
     assert_eq!(
         actions(&rows),
@@ -350,10 +417,9 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
             .bearer_auth(&t),
     )
     .await;
-    assert_eq!(
-        actions(only.body["data"].as_array().unwrap()),
-        ["api_key.decrypted"]
-    );
+    let decrypted = actions(only.body["data"].as_array().unwrap());
+    assert_eq!(decrypted.len(), 1 + by_sync.len(), "{decrypted:?}");
+    assert!(decrypted.iter().all(|a| *a == "api_key.decrypted"));
     for bad in ["limit=0", "before=x", "action=all", "tenant_id=x"] {
         let refused = call(
             &mut seen,
@@ -376,14 +442,13 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
     assert_eq!(anonymous.status, 401);
 
     // No secret anywhere: not in a row of the table, not in any answer of this test.
-    let pool = ns.pg_pool().await;
     let table: String = sqlx::query_scalar(
         "SELECT coalesce(string_agg(row_to_json(a)::text, E'\\n'), '') FROM audit_log a",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(table.lines().count(), rows.len());
+    assert_eq!(table.lines().count(), rows.len() + by_sync.len());
     let mut secrets: Vec<String> = vec![API_KEY.into(), "AuditSecretKey".into(), NEW_KEY.into()];
     secrets.extend(WEBHOOK_SECRETS.iter().map(|s| s.to_string()));
     secrets.extend(
