@@ -10,7 +10,8 @@ pub const WEBHOOK_EVENTS_IGNORED: &str = "stripe_sink_webhook_events_ignored_tot
 pub const WEBHOOK_EVENTS_REJECTED: &str = "stripe_sink_webhook_events_rejected_total";
 /// Failed attempts to apply a webhook event (it is retried), by `step`.
 pub const WEBHOOK_RETRIES: &str = "stripe_sink_webhook_retries_total";
-/// Customer mappings made active, by `source` (`webhook`, `manual`).
+/// Customer mappings made active, by `source` (`webhook`, `manual`, `import`; a bulk upload
+/// counts as `manual`).
 pub const CUSTOMER_MAPPINGS_CREATED: &str = "stripe_sink_customer_mappings_created_total";
 /// Active customer mappings refreshed by a newer event of their Stripe customer.
 pub const CUSTOMER_MAPPINGS_UPDATED: &str = "stripe_sink_customer_mappings_updated_total";
@@ -71,6 +72,7 @@ pub fn describe() {
         metrics::counter!(CUSTOMER_MAPPINGS_CREATED, "source" => source).absolute(0);
         metrics::counter!(CUSTOMER_MAPPINGS_RETIRED, "source" => source).absolute(0);
     }
+    metrics::counter!(CUSTOMER_MAPPINGS_CREATED, "source" => "import").absolute(0);
     for reason in ["unhandled_type", "stale"] {
         metrics::counter!(WEBHOOK_EVENTS_IGNORED, "reason" => reason).absolute(0);
     }
