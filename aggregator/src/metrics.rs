@@ -5,8 +5,16 @@
 pub const EVENTS_CONSUMED: &str = "aggregator_events_consumed_total";
 /// Rows written to `events_processed` (one per event and meter it feeds).
 pub const ROWS_INSERTED: &str = "aggregator_rows_inserted_total";
-/// Messages sent to `usage.raw.dlq`, by `reason` (`parse`, `validation`, `invalid_quantity`, ...).
+/// Messages sent to `usage.raw.dlq` or `usage.resync.dlq`, by `reason` ([`REJECT_REASONS`]).
 pub const EVENTS_REJECTED: &str = "aggregator_events_rejected_total";
+/// Every `reason` of [`EVENTS_REJECTED`]: the parse failures of a message, and a meter that
+/// cannot use the event's property value.
+pub const REJECT_REASONS: [&str; 4] = [
+    "parse",
+    "validation",
+    "unsupported_version",
+    "invalid_quantity",
+];
 /// Events that matched no meter of their tenant environment.
 pub const EVENTS_UNMETERED: &str = "aggregator_events_unmetered_total";
 /// Events for windows that had already been published (their window goes out again).
@@ -17,8 +25,17 @@ pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
 pub const BATCH_SIZE: &str = "aggregator_batch_events";
 /// Time ClickHouse took to accept a batch.
 pub const INSERT_DURATION: &str = "aggregator_clickhouse_insert_duration_seconds";
-/// Failed attempts of a batch step (it is retried), by `step`.
+/// Failed attempts of a batch step (it is retried), by `step` ([`RETRY_STEPS`]).
 pub const BATCH_RETRIES: &str = "aggregator_batch_retries_total";
+/// Every `step` of [`BATCH_RETRIES`].
+pub const RETRY_STEPS: [&str; 6] = [
+    "refresh_meters",
+    "clickhouse_insert",
+    "mark_windows",
+    "dead_letter",
+    "claim_due",
+    "claim_resync",
+];
 /// Messages behind the end of each `usage.raw` partition this instance owns.
 pub const CONSUMER_LAG: &str = "aggregator_consumer_lag_messages";
 /// Window totals published to `usage.windows`, by `reason` (`due`, `late`, `resync`).
@@ -32,7 +49,10 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_CONSUMED, "messages read from usage.raw");
     describe_counter!(ROWS_INSERTED, "rows written to events_processed");
-    describe_counter!(EVENTS_REJECTED, "messages sent to usage.raw.dlq, by reason");
+    describe_counter!(
+        EVENTS_REJECTED,
+        "messages sent to usage.raw.dlq or usage.resync.dlq, by reason"
+    );
     describe_counter!(EVENTS_UNMETERED, "events that matched no meter");
     describe_counter!(LATE_EVENTS, "events for windows already published");
     describe_counter!(EXPIRED_EVENTS, "events older than stripe's 35 days");
@@ -66,5 +86,12 @@ pub fn describe() {
     }
     for reason in ["due", "late", "resync"] {
         metrics::counter!(WINDOWS_PUBLISHED, "reason" => reason).absolute(0);
+    }
+    // Registered at zero so that a rate over them is defined before the first failure.
+    for reason in REJECT_REASONS {
+        metrics::counter!(EVENTS_REJECTED, "reason" => reason).absolute(0);
+    }
+    for step in RETRY_STEPS {
+        metrics::counter!(BATCH_RETRIES, "step" => step).absolute(0);
     }
 }

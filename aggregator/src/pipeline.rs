@@ -24,7 +24,7 @@ use meterline_schemas::{
     ResyncRequest, TenantId, Timestamp, Topic, Window, WindowReason, WindowTotal,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, Notify};
@@ -78,17 +78,19 @@ macro_rules! retry {
 }
 
 /// Reads up to `limits.max_events` messages, waiting at most `limits.max_wait` after the
-/// first. Empty only when shutdown began before any message arrived.
-async fn read_batch(
-    consumer: &StreamConsumer,
+/// first. Empty only when shutdown began before any message arrived. The messages stay in
+/// the consumer's buffers (borrowed): a batch is resolved where it was read, and only what
+/// the later stages need is copied out of it.
+async fn read_batch<'c>(
+    consumer: &'c StreamConsumer,
     limits: BatchLimits,
     shutdown: &CancellationToken,
-) -> Vec<OwnedMessage> {
+) -> Vec<BorrowedMessage<'c>> {
     let mut batch = Vec::new();
     let first = loop {
         tokio::select! {
             received = consumer.recv() => match received {
-                Ok(m) => break m.detach(),
+                Ok(m) => break m,
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consumer error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -105,7 +107,7 @@ async fn read_batch(
     while batch.len() < limits.max_events {
         tokio::select! {
             received = consumer.recv() => match received {
-                Ok(m) => batch.push(m.detach()),
+                Ok(m) => batch.push(m),
                 Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
             },
             _ = &mut deadline => break,
@@ -114,19 +116,32 @@ async fn read_batch(
     batch
 }
 
-/// Commits, per partition, the offset after the last message of `batch`.
-fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
-    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for m in batch {
-        let entry = next
-            .entry((m.topic().to_owned(), m.partition()))
-            .or_default();
-        // The committed offset names the next message to read: the last one's offset + 1.
-        *entry = (*entry).max(m.offset() + 1);
+/// Per topic and partition, the offset to commit once a batch is done: the one after its
+/// last message (the committed offset names the next message to read).
+#[derive(Debug, Default)]
+struct NextOffsets(BTreeMap<(String, i32), i64>);
+
+impl NextOffsets {
+    fn of<'m, M: Message + 'm>(messages: impl IntoIterator<Item = &'m M>) -> Self {
+        let mut next = NextOffsets::default();
+        for m in messages {
+            match next.0.get_mut(&(m.topic().to_owned(), m.partition())) {
+                Some(offset) => *offset = (*offset).max(m.offset() + 1),
+                None => {
+                    next.0
+                        .insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+                }
+            }
+        }
+        next
     }
+}
+
+/// Commits `offsets`.
+fn commit(consumer: &StreamConsumer, offsets: &NextOffsets) {
     let mut list = TopicPartitionList::new();
-    for ((topic, partition), offset) in next {
-        if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(offset)) {
+    for ((topic, partition), offset) in &offsets.0 {
+        if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
             tracing::error!(%topic, partition, error = %e, "building the commit");
             return;
         }
@@ -138,7 +153,7 @@ fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
     }
 }
 
-fn dlq_headers(m: &OwnedMessage, error: String, kind: DlqErrorKind) -> DlqHeaders {
+fn dlq_headers(m: &impl Message, error: String, kind: DlqErrorKind) -> DlqHeaders {
     DlqHeaders {
         error,
         error_kind: kind,
@@ -147,6 +162,23 @@ fn dlq_headers(m: &OwnedMessage, error: String, kind: DlqErrorKind) -> DlqHeader
         source_offset: m.offset(),
         service: SERVICE.to_owned(),
         failed_at: Timestamp::now(),
+    }
+}
+
+/// A message bound for the dead-letter topic: its original key and bytes, and why.
+struct DeadLetter {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: DlqHeaders,
+}
+
+impl DeadLetter {
+    fn of(m: &impl Message, error: String, kind: DlqErrorKind) -> Self {
+        DeadLetter {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            headers: dlq_headers(m, error, kind),
+        }
     }
 }
 
@@ -167,14 +199,14 @@ pub struct Shared {
 
 /// A batch read from `usage.raw` and resolved against the meters: what the write stages need.
 struct MeteredBatch {
-    messages: Vec<OwnedMessage>,
     rows: Vec<MeteredEvent>,
     /// Every window the rows touch, sorted and without duplicates (rows are locked in this
     /// order when marked).
     windows: Vec<WindowKey>,
-    /// Messages for the dead-letter topic: index in `messages`, and why.
-    dead: Vec<(usize, DlqHeaders)>,
+    dead: Vec<DeadLetter>,
     unmetered: u64,
+    /// Committed once the batch is done.
+    offsets: NextOffsets,
 }
 
 /// Loop 1: `usage.raw` into ClickHouse, in three stages joined by channels of one batch, so
@@ -246,7 +278,9 @@ async fn read_and_meter(
         if retry!("refresh_meters", shutdown, cache.refresh()).is_none() {
             return;
         }
-        let batch = meter_batch(&cache, messages);
+        let batch = meter_batch(&cache, &messages);
+        // Gives the messages back to the consumer's buffers before waiting on the next stage.
+        drop(messages);
         if tx.send(batch).await.is_err() {
             return;
         }
@@ -254,16 +288,16 @@ async fn read_and_meter(
 }
 
 /// Parses every message of a batch and resolves it against the meters.
-fn meter_batch(cache: &MeterCache, messages: Vec<OwnedMessage>) -> MeteredBatch {
+fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) -> MeteredBatch {
     let now = OffsetDateTime::now_utc();
-    let mut rows = Vec::with_capacity(messages.len());
+    let mut rows = Vec::with_capacity(messages.len() * 2);
     let mut dead = Vec::new();
     let mut unmetered = 0u64;
-    for (index, m) in messages.iter().enumerate() {
+    for m in messages {
         let event = match RawUsageEvent::from_json_bytes(m.payload().unwrap_or_default()) {
             Ok(event) => Arc::new(event),
             Err(e) => {
-                dead.push((index, dlq_headers(m, e.to_string(), e.dlq_error_kind())));
+                dead.push(DeadLetter::of(m, e.to_string(), e.dlq_error_kind()));
                 continue;
             }
         };
@@ -275,10 +309,7 @@ fn meter_batch(cache: &MeterCache, messages: Vec<OwnedMessage>) -> MeteredBatch 
             {
                 Ok(w) => w,
                 Err(e) => {
-                    dead.push((
-                        index,
-                        dlq_headers(m, e.to_string(), DlqErrorKind::VALIDATION),
-                    ));
+                    dead.push(DeadLetter::of(m, e.to_string(), DlqErrorKind::VALIDATION));
                     continue;
                 }
             };
@@ -311,17 +342,17 @@ fn meter_batch(cache: &MeterCache, messages: Vec<OwnedMessage>) -> MeteredBatch 
             // The meters it fed correctly keep their rows; after a fix, a replay from the
             // dead-letter topic adds the rest and the copies of the others collapse.
             let kind = DlqErrorKind::parse("invalid_quantity").unwrap_or(DlqErrorKind::VALIDATION);
-            dead.push((index, dlq_headers(m, reasons.join("; "), kind)));
+            dead.push(DeadLetter::of(m, reasons.join("; "), kind));
         }
         rows.extend(metering.rows);
     }
     let windows = distinct_windows(&rows);
     MeteredBatch {
-        messages,
         rows,
         windows,
         dead,
         unmetered,
+        offsets: NextOffsets::of(messages),
     }
 }
 
@@ -376,7 +407,7 @@ async fn record_batches(
             // Shutting down in the middle of a step: leave the batch uncommitted.
             return;
         }
-        commit(consumer, &batch.messages);
+        commit(consumer, &batch.offsets);
         shared.batch_done.notify_one();
     }
 }
@@ -407,15 +438,12 @@ async fn record_batch(shared: &Shared, batch: &MeteredBatch, shutdown: &Cancella
     ::metrics::counter!(metrics::EXPIRED_EVENTS).increment(expired.len() as u64);
     ::metrics::counter!(metrics::EVENTS_UNMETERED).increment(batch.unmetered);
 
-    for (index, headers) in &batch.dead {
-        let m = &batch.messages[*index];
+    for dead in &batch.dead {
+        let headers = &dead.headers;
         let sent = retry!("dead_letter", shutdown, {
-            shared.dead_letters.send(
-                Topic::UsageRaw,
-                m.key(),
-                m.payload().unwrap_or_default(),
-                headers,
-            )
+            shared
+                .dead_letters
+                .send(Topic::UsageRaw, dead.key.as_deref(), &dead.payload, headers)
         });
         if sent.is_none() {
             return false;
@@ -423,8 +451,8 @@ async fn record_batch(shared: &Shared, batch: &MeteredBatch, shutdown: &Cancella
         ::metrics::counter!(metrics::EVENTS_REJECTED, "reason" => headers.error_kind.as_str().to_owned())
             .increment(1);
         tracing::warn!(
-            partition = m.partition(),
-            offset = m.offset(),
+            partition = headers.source_partition,
+            offset = headers.source_offset,
             reason = %headers.error,
             "message sent to the dead-letter topic"
         );
@@ -602,8 +630,7 @@ pub async fn consume_resync(
         if !handle_resync(&shared, &mut cache, &message, &shutdown).await {
             return Ok(());
         }
-        let owned = message.detach();
-        commit(&consumer, std::slice::from_ref(&owned));
+        commit(&consumer, &NextOffsets::of([&message]));
     }
 }
 
@@ -618,14 +645,18 @@ async fn handle_resync(
     let request = match ResyncRequest::from_json_bytes(payload) {
         Ok(r) => r,
         Err(e) => {
-            let owned = message.detach();
-            let headers = dlq_headers(&owned, e.to_string(), e.dlq_error_kind());
-            return retry!("dead_letter", shutdown, {
+            let headers = dlq_headers(message, e.to_string(), e.dlq_error_kind());
+            let sent = retry!("dead_letter", shutdown, {
                 shared
                     .dead_letters
-                    .send(Topic::UsageResync, owned.key(), payload, &headers)
+                    .send(Topic::UsageResync, message.key(), payload, &headers)
             })
             .is_some();
+            if sent {
+                ::metrics::counter!(metrics::EVENTS_REJECTED, "reason" => headers.error_kind.as_str().to_owned())
+                    .increment(1);
+            }
+            return sent;
         }
     };
     let mut after: Option<WindowKey> = None;

@@ -21,15 +21,23 @@ const LAG_BUCKETS: &[f64] = &[
     7200.0, 14400.0, 43200.0, 86400.0,
 ];
 
+/// Buckets for sizes of batches, in items: 1 up to a million (the largest batch any service
+/// allows).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 25000.0, 50000.0, 100000.0, 250000.0, 1000000.0,
+];
+
 /// Installs the global recorder and returns the handle that renders it. `_lag_seconds`
 /// metrics become histograms with the lag buckets, other `_seconds` metrics with the latency
-/// buckets. (The exporter tries suffix matchers in string order, so `_lag_seconds` is tried
-/// before `_seconds`.)
+/// buckets, `_batch_events` metrics with the batch buckets. (The exporter tries suffix
+/// matchers in string order, so `_lag_seconds` is tried before `_seconds`.)
 pub fn install(service: &'static str) -> Result<PrometheusHandle, Error> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_lag_seconds".into()), LAG_BUCKETS)
         .map_err(|e| Error::Metrics(e.to_string()))?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .map_err(|e| Error::Metrics(e.to_string()))?
+        .set_buckets_for_metric(Matcher::Suffix("_batch_events".into()), BATCH_BUCKETS)
         .map_err(|e| Error::Metrics(e.to_string()))?
         .install_recorder()
         .map_err(|e| Error::Metrics(e.to_string()))?;

@@ -2,21 +2,25 @@
 //!
 //! The aggregator looks up the meters and window size of every event's tenant environment;
 //! a map keyed by an owned `(TenantId, EnvironmentId)` pair would clone both ids for each
-//! lookup. Two levels keyed by the ids themselves are searched with the borrowed text.
+//! lookup. Two levels keyed by the ids themselves are searched with the borrowed text, and
+//! hashed with foldhash rather than SipHash: the keys are our own ids (a tenant and
+//! environment come from signed tokens), not input an attacker can choose to collide.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 
 use meterline_schemas::{EnvironmentId, TenantId};
 
 #[derive(Debug, Clone)]
 pub struct ScopeMap<V> {
-    tenants: HashMap<TenantId, HashMap<EnvironmentId, V>>,
+    tenants: HashMap<TenantId, HashMap<EnvironmentId, V, RandomState>, RandomState>,
 }
 
 impl<V> Default for ScopeMap<V> {
     fn default() -> Self {
         Self {
-            tenants: HashMap::new(),
+            tenants: HashMap::default(),
         }
     }
 }
