@@ -447,4 +447,33 @@ mod tests {
         let other = br#"{"error":{"param":"timestamp","message":"too old"}}"#;
         assert!(!names_identifier(other, "ml_1"));
     }
+
+    /// Stripe's API is HTTPS only: the client must speak TLS to an `https://` base. A local
+    /// listener sees what the client sends first: a TLS handshake record (0x16, version 3.x),
+    /// not an HTTP request line, and not a refusal to try.
+    #[tokio::test]
+    async fn https_bases_are_spoken_to_over_tls() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = StripeClient::new(&format!("https://{addr}"), Duration::from_secs(5)).unwrap();
+        let request = tokio::spawn(async move {
+            // No TLS server answers, so the request fails; what it sent first is the point.
+            let _ = client
+                .http
+                .get(format!("{}/v1/customers", client.base))
+                .send()
+                .await;
+        });
+        // A client built without TLS never connects (it refuses the scheme).
+        let (mut socket, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .expect("the client connected")
+            .unwrap();
+        let mut first = [0u8; 2];
+        socket.read_exact(&mut first).await.unwrap();
+        assert_eq!(first, [0x16, 0x03], "a TLS handshake record");
+        drop(socket);
+        request.await.unwrap();
+    }
 }
