@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::Error;
-use crate::state::{App, Faults, Inner, WebhookChaos};
+use crate::state::{App, FaultCounts, Faults, Inner, WebhookChaos};
 
 pub fn router() -> Router<App> {
     Router::new()
@@ -21,6 +21,7 @@ pub fn router() -> Router<App> {
         .route("/_standin/clock/advance", post(advance_clock))
         .route("/_standin/clock/set", post(set_clock))
         .route("/_standin/faults", get(get_faults).post(set_faults))
+        .route("/_standin/faults/injected", get(get_faults_injected))
         .route("/_standin/webhooks/chaos", get(get_chaos).post(set_chaos))
         .route("/_standin/accounts", post(upsert_account))
         .route("/_standin/accounts/{secret_key}/inspect", get(inspect))
@@ -81,6 +82,12 @@ async fn set_faults(State(app): State<App>, Json(faults): Json<Faults>) -> Json<
     }
     inner.faults = faults.clone();
     Json(faults)
+}
+
+/// How many faults were applied since the start, by kind (`too_many_requests`,
+/// `server_error`, `slow`, `dropped`); reconfiguring the faults does not reset them.
+async fn get_faults_injected(State(app): State<App>) -> Json<FaultCounts> {
+    Json(app.lock().faults_injected.clone())
 }
 
 async fn get_chaos(State(app): State<App>) -> Json<WebhookChaos> {

@@ -30,6 +30,7 @@ impl Standin {
             clock_offset_ms: 0,
             accounts: HashMap::new(),
             faults: Faults::default(),
+            faults_injected: FaultCounts::default(),
             rng: Rng::new(config.seed),
             sessions: HashMap::new(),
             chaos: WebhookChaos::default(),
@@ -63,6 +64,8 @@ pub struct Inner {
     /// By secret key.
     pub accounts: HashMap<String, Account>,
     pub faults: Faults,
+    /// How many faults were actually applied since the start, by kind.
+    pub faults_injected: FaultCounts,
     pub rng: Rng,
     /// v2 meter event session tokens.
     pub sessions: HashMap<String, Session>,
@@ -402,6 +405,17 @@ pub struct Faults {
     pub path_prefix: Option<String>,
     /// Reseeds the generator when given.
     pub seed: Option<u64>,
+}
+
+/// Faults applied so far, by kind: a draw counts only when it changed the answer (a drawn
+/// 429 after the account's own limiter refused, or a drawn 500 answered by an idempotent
+/// replay, does not).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FaultCounts {
+    pub too_many_requests: u64,
+    pub server_error: u64,
+    pub slow: u64,
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -209,9 +209,13 @@ async fn run(
         fault
     };
     if fault == Some(Fault::TooManyRequests) {
+        app.lock().faults_injected.too_many_requests += 1;
         return (rate_limited().into_response(), false);
     }
     let drop_connection = fault == Some(Fault::Drop);
+    if drop_connection {
+        app.lock().faults_injected.dropped += 1;
+    }
 
     let input = match decode_input(&route, uri, &body) {
         Ok(input) => input,
@@ -246,6 +250,11 @@ async fn run(
         Some(Fault::Slow(ms)) => Some(Duration::from_millis(ms)),
         _ => None,
     };
+    match fault {
+        Some(Fault::Slow(_)) => app.lock().faults_injected.slow += 1,
+        Some(Fault::ServerError) => app.lock().faults_injected.server_error += 1,
+        _ => {}
+    }
     let ctx = Ctx {
         app: app.clone(),
         key: key.clone(),
