@@ -120,6 +120,12 @@ impl ServiceProcess {
         }
     }
 
+    /// How the process ended, when it ended on its own (`None` while it runs): a test that
+    /// kills services on purpose checks that none of them died of anything else.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The last lines the process wrote.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

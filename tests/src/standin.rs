@@ -98,6 +98,69 @@ impl Standin {
         body["id"].as_str().expect("a meter id").to_owned()
     }
 
+    /// GETs a Stripe API route with the account's key, waiting out 429s (the account's rate
+    /// limit or an injected fault) as a well-behaved client would.
+    pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        loop {
+            let response = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(&self.key)
+                .query(query)
+                .send()
+                .await
+                .expect("the stand-in answers");
+            let status = response.status();
+            let body: Value = response.json().await.expect("stripe answers JSON");
+            if status.as_u16() == 429 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+            assert!(status.is_success(), "GET {path}: {status} {body}");
+            return body;
+        }
+    }
+
+    /// The aggregated value of meter `meter_id` (`mtr_...`) for `customer` (`cus_...`) over
+    /// `[start, end)` (Unix seconds, minute-aligned), from Stripe's meter event summaries.
+    pub async fn summarised_total(
+        &self,
+        meter_id: &str,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> f64 {
+        let (start, end) = (start.to_string(), end.to_string());
+        let body = self
+            .get(
+                &format!("/v1/billing/meters/{meter_id}/event_summaries"),
+                &[
+                    ("customer", customer),
+                    ("start_time", &start),
+                    ("end_time", &end),
+                ],
+            )
+            .await;
+        let summaries = body["data"].as_array().expect("a list of summaries");
+        assert_eq!(summaries.len(), 1, "one summary without grouping: {body}");
+        summaries[0]["aggregated_value"]
+            .as_f64()
+            .expect("an aggregated value")
+    }
+
+    /// Faults applied so far, by kind (`too_many_requests`, `server_error`, `slow`,
+    /// `dropped`).
+    pub async fn faults_injected(&self) -> Value {
+        self.http
+            .get(format!("{}/_standin/faults/injected", self.base))
+            .send()
+            .await
+            .expect("the stand-in answers")
+            .json()
+            .await
+            .expect("the fault counts are JSON")
+    }
+
     pub async fn inspect(&self) -> Value {
         self.http
             .get(format!(

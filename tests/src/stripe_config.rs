@@ -10,6 +10,20 @@ use crate::{Namespace, Stack};
 /// Stores a configuration for `tenant`/`environment` with the key `sk_test_standin`, 60-minute
 /// windows and `secrets` as its webhook secrets.
 pub async fn put_config(ns: &Namespace, tenant: &str, environment: &str, secrets: &[&str]) {
+    put_sync_config(ns, tenant, environment, secrets, 60, None).await;
+}
+
+/// Stores a configuration with the key `sk_test_standin`, `window_minutes` and
+/// `rate_limit_per_second`, straight in the store: unlike `PUT /v1/stripe/config` it schedules
+/// no window size change (set sizes with [`crate::usage::window_minutes_since_epoch`]).
+pub async fn put_sync_config(
+    ns: &Namespace,
+    tenant: &str,
+    environment: &str,
+    secrets: &[&str],
+    window_minutes: u32,
+    rate_limit_per_second: Option<u32>,
+) {
     let keys = Keyring::parse(&Stack::get().encryption_keys).expect("the stack's keys parse");
     StripeConfigStore::new(ns.pg_pool().await, keys)
         .put(
@@ -21,8 +35,8 @@ pub async fn put_config(ns: &Namespace, tenant: &str, environment: &str, secrets
                     .map(|s| WebhookSecret::parse(s).expect("a valid secret"))
                     .collect(),
                 sync_enabled: true,
-                aggregation_window_minutes: 60,
-                rate_limit_per_second: None,
+                aggregation_window_minutes: window_minutes,
+                rate_limit_per_second,
             },
         )
         .await

@@ -47,6 +47,26 @@ pub async fn create_meter(ns: &Namespace, tenant: &str, environment: &str, meter
         .expect("storing the meter");
 }
 
+/// Makes every window of `tenant`/`environment` `minutes` long, for all time (a size change
+/// effective at the Unix epoch), so that a test can have short windows fall due while it runs.
+pub async fn window_minutes_since_epoch(
+    ns: &Namespace,
+    tenant: &str,
+    environment: &str,
+    minutes: u32,
+) {
+    let pool = ns.pg_pool().await;
+    meterline_common::window_sizes::schedule_change(
+        &pool,
+        &scope(tenant, environment),
+        minutes,
+        OffsetDateTime::UNIX_EPOCH,
+    )
+    .await
+    .expect("storing the window size");
+    pool.close().await;
+}
+
 /// A usage event as a producer would write it.
 pub fn event(
     tenant: &str,
