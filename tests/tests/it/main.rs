@@ -4,6 +4,7 @@
 mod aggregator;
 mod allow_list;
 mod audit;
+mod chaos;
 mod clickhouse;
 mod customer_import;
 mod dlq_replay;
