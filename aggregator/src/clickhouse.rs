@@ -11,7 +11,7 @@ use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, Window};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use meterline_common::window_totals::{from_scaled, to_scaled, AGGREGATES_SQL};
+use meterline_common::window_totals::{to_scaled, AGGREGATES_SQL};
 
 use crate::billing::{MeteredEvent, WindowAggregates};
 use crate::Error;
@@ -130,16 +130,14 @@ impl Warehouse {
             .map(|row| {
                 let customer = CustomerId::parse(&row.customer_id)
                     .map_err(|e| Error::Quantity(format!("stored customer id: {e}")))?;
-                Ok((
-                    customer,
-                    WindowAggregates {
-                        events: row.events,
-                        sum: from_scaled(row.total)?,
-                        max: from_scaled(row.maximum)?,
-                        latest: from_scaled(row.latest)?,
-                        unique: row.unique,
-                    },
-                ))
+                let aggregates = WindowAggregates::from_scaled(
+                    row.events,
+                    row.total,
+                    row.maximum,
+                    row.latest,
+                    row.unique,
+                )?;
+                Ok((customer, aggregates))
             })
             .collect()
     }

@@ -54,6 +54,24 @@ pub struct WindowAggregates {
 }
 
 impl WindowAggregates {
+    /// The aggregates as [`AGGREGATES_SQL`] reads them: counts, and quantities as scaled
+    /// `Decimal(38, 9)` integers.
+    pub fn from_scaled(
+        events: u64,
+        total: i128,
+        maximum: i128,
+        latest: i128,
+        unique: u64,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            events,
+            sum: from_scaled(total)?,
+            max: from_scaled(maximum)?,
+            latest: from_scaled(latest)?,
+            unique,
+        })
+    }
+
     /// The total the meter bills for the window.
     pub fn quantity(&self, aggregation: &Aggregation) -> Decimal {
         match aggregation {
@@ -198,16 +216,14 @@ pub async fn window_aggregates(
                 .ok_or_else(|| Error::Corrupt(format!("window bucket {}", row.bucket)))?;
             let window = Window::containing(start, size_minutes)
                 .map_err(|e| Error::Corrupt(format!("window of bucket {}: {e}", row.bucket)))?;
-            out.push((
-                window,
-                WindowAggregates {
-                    events: row.events,
-                    sum: from_scaled(row.total)?,
-                    max: from_scaled(row.maximum)?,
-                    latest: from_scaled(row.latest)?,
-                    unique: row.unique,
-                },
-            ));
+            let aggregates = WindowAggregates::from_scaled(
+                row.events,
+                row.total,
+                row.maximum,
+                row.latest,
+                row.unique,
+            )?;
+            out.push((window, aggregates));
         }
     }
     Ok(out)
