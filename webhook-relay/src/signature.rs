@@ -24,8 +24,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// Length of an HMAC-SHA256 output.
 pub const SIGNATURE_BYTES: usize = 32;
 
-/// Longest `t` value accepted, in digits: enough for any i64.
-const MAX_TIMESTAMP_DIGITS: usize = 18;
+/// Longest `t` value accepted, in digits: enough for any non-negative i64 (`i64::MAX` has 19),
+/// so every header [`sign`] can write parses (the fuzz target `stripe_signature` checks it; 18
+/// refused `t` >= 10^18). Longer values, and 19 digits above `i64::MAX`, are malformed.
+const MAX_TIMESTAMP_DIGITS: usize = 19;
 
 /// Why a delivery is not accepted as Stripe's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -287,6 +289,8 @@ mod tests {
             format!("t=+5,v1={sig}"),
             format!("t={NOW},t={NOW},v1={sig}"),
             format!("t=1{},v1={sig}", "0".repeat(20)),
+            format!("t={}0,v1={sig}", i64::MAX),
+            format!("t=9223372036854775808,v1={sig}"),
             format!("t={NOW},v1=zz{}", &sig[2..]),
             format!("t={NOW},v1={}", &sig[..62]),
             format!("t={NOW},v1={sig}00"),
@@ -305,6 +309,23 @@ mod tests {
             SignatureHeader::parse(b"t=1,v1=\xff"),
             Err(SignatureError::Malformed)
         );
+    }
+
+    #[test]
+    fn every_non_negative_i64_timestamp_parses() {
+        // The largest `t` that `sign` can write must parse: an authentic delivery from any
+        // clock is judged by the tolerance, not refused as malformed.
+        for t in [
+            0,
+            999_999_999_999_999_999,
+            1_000_000_000_000_000_000,
+            i64::MAX,
+        ] {
+            let h = header(t, &[SECRET], BODY);
+            let parsed = SignatureHeader::parse(h.as_bytes()).expect(&h);
+            assert_eq!(parsed.timestamp(), t);
+            assert_eq!(verify(&parsed, BODY, [SECRET], t, 0), Ok(()));
+        }
     }
 
     #[test]
