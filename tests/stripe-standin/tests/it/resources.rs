@@ -228,6 +228,8 @@ async fn idempotency_key_replays_refuses_other_params_and_skips_failed_validatio
     let replayed = post("email=d%40x.io", "k3").await;
     assert_eq!(replayed.status, 500);
     assert_eq!(replayed.body, failed.body);
+    // One 500 was injected; its replay is counted as no new fault.
+    assert_eq!(faults_injected(&s).await["server_error"], 1);
 
     // Keys are forgotten after 24 h.
     s.advance(24 * 3600 + 1).await;
@@ -302,6 +304,23 @@ async fn concurrent_use_of_a_key_is_409_and_a_dropped_answer_is_replayed() {
         "created once"
     );
     assert_eq!(listed.body["data"][0]["id"], retried.body["id"]);
+    // The refused concurrent request was never delayed: one slow answer, one dropped.
+    assert_eq!(
+        faults_injected(&s).await,
+        json!({"too_many_requests": 0, "server_error": 0, "slow": 1, "dropped": 1})
+    );
+}
+
+/// The faults the stand-in applied so far, by kind.
+async fn faults_injected(s: &TestStandin) -> serde_json::Value {
+    s.client
+        .get(format!("{}/_standin/faults/injected", s.base))
+        .send()
+        .await
+        .expect("the stand-in answers")
+        .json()
+        .await
+        .expect("the counts are JSON")
 }
 
 async fn post_form(s: &TestStandin, key: &str, form: &str) -> crate::helpers::Answer {
