@@ -42,14 +42,16 @@ impl Timestamp {
 
     /// Converts to UTC and checks the year is writable as RFC 3339.
     pub fn new(value: OffsetDateTime) -> Result<Self, SchemaError> {
-        let utc = value.to_offset(UtcOffset::UTC);
-        if !(Self::MIN_YEAR..=Self::MAX_YEAR).contains(&utc.year()) {
-            return Err(SchemaError::invalid(
-                "timestamp",
-                "year must be within 0000..=9999 in UTC",
-            ));
-        }
-        Ok(Self(utc))
+        // `to_offset` panics when the UTC date leaves `time`'s own range (years -9999..=9999),
+        // which a valid RFC 3339 text such as 9999-12-31T23:59:59-23:59 reaches (a usage_raw
+        // fuzz seed, docs/fuzzing.md): the checked form refuses it like any year past 9999.
+        value
+            .checked_to_offset(UtcOffset::UTC)
+            .filter(|utc| (Self::MIN_YEAR..=Self::MAX_YEAR).contains(&utc.year()))
+            .map(Self)
+            .ok_or_else(|| {
+                SchemaError::invalid("timestamp", "year must be within 0000..=9999 in UTC")
+            })
     }
 
     /// The current time.
@@ -313,6 +315,10 @@ mod tests {
         assert!(Timestamp::new(datetime!(-0001-12-31 23:59:59 UTC)).is_err());
         // 0000-01-01 00:30 at +01:00 is 31 December of year -1 in UTC.
         assert!(Timestamp::parse("0000-01-01T00:30:00+01:00").is_err());
+        // Year 10000 in UTC is outside `time`'s range too: refused, not a panic.
+        assert!(Timestamp::parse("9999-12-31T23:59:59-23:59").is_err());
+        assert!(Timestamp::parse("9999-12-31T23:59:59-00:01").is_err());
+        assert!(Timestamp::parse("9999-12-31T23:59:59+00:01").is_ok());
     }
 
     #[test]
