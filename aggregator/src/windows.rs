@@ -8,7 +8,9 @@
 //! - Publication claims rows with `FOR UPDATE SKIP LOCKED`: replicas never publish one window
 //!   at once, and a window's revision only goes up. A marking that arrives while a window is
 //!   being published waits for that publication and sets it dirty again afterwards.
-//! - Rows are locked in primary-key order everywhere, and a deadlock is retried by the caller.
+//! - Claims lock rows in primary-key order; markings lock what is free at once and then wait
+//!   for the rest. A deadlock (two markings of one window, only after a rebalance) is
+//!   retried by the caller.
 
 use std::time::Duration;
 
@@ -127,6 +129,11 @@ impl TryFrom<StateRow> for WindowState {
     }
 }
 
+/// What marking does to a window row: dirty, with its newest event now, dirty since now
+/// unless it already was.
+const MARK: &str = "dirty = true, last_event_at = now(),
+                    dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END";
+
 const STATE_COLUMNS: &str = "tenant_id, environment_id, customer_id, meter_id, window_start, \
                              window_end, revision, published_quantity, published_event_count";
 
@@ -242,7 +249,14 @@ impl WindowRegistry {
 
     /// Marks `keys` dirty (creating unknown windows), due at their end plus `grace`, and
     /// returns those that had already been published: their events are late.
-    /// `keys` must be sorted and free of duplicates: rows are locked in that order.
+    /// `keys` must be sorted and free of duplicates.
+    ///
+    /// Three steps in one transaction, so that a batch waits only for the publications in
+    /// flight when it marks, not for every publication after them: (1) unknown windows are
+    /// inserted; (2) every window no publication holds is marked at once (`SKIP LOCKED`);
+    /// (3) the few a publication holds are marked after it commits, which dirties them again.
+    /// One statement locking row by row instead chased the publisher from claim to claim, and
+    /// a batch with late events waited seconds behind a whole backlog's publication.
     pub async fn mark_dirty(
         &self,
         keys: &[WindowKey],
@@ -253,23 +267,15 @@ impl WindowRegistry {
         }
         let c = KeyColumns::of(keys.iter());
         let due: Vec<OffsetDateTime> = c.end.iter().map(|end| *end + grace).collect();
-        // A window with revision > 0 had been published before this batch: its events are
-        // late. Only those rows come back; a batch marks thousands of windows, mostly new or
-        // not yet published.
-        let rows: Vec<StateRow> = sqlx::query_as(
-            "WITH marked AS (
-                 INSERT INTO aggregation_windows AS w
-                     (tenant_id, environment_id, customer_id, meter_id, window_start,
-                      window_end, due_at)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                      $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
-                 ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
-                 DO UPDATE SET dirty = true, last_event_at = now(),
-                     dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END
-                 RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
-                           w.window_start, w.window_end, w.revision, w.published_quantity,
-                           w.published_event_count)
-             SELECT * FROM marked WHERE revision > 0",
+        let mut tx = self.pool.begin().await.map_err(db("starting a marking"))?;
+        sqlx::query(
+            "INSERT INTO aggregation_windows
+                 (tenant_id, environment_id, customer_id, meter_id, window_start, window_end,
+                  due_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                  $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
+             ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
+             DO NOTHING",
         )
         .bind(&c.tenant)
         .bind(&c.environment)
@@ -278,12 +284,108 @@ impl WindowRegistry {
         .bind(&c.start)
         .bind(&c.end)
         .bind(&due)
-        .fetch_all(&self.pool)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("inserting new windows"))?;
+
+        // Step 2 answers the position (1-based) of each window it marked, and its revision.
+        let free: Vec<(i64, i32)> = sqlx::query_as(&format!(
+            "WITH k AS (
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                      $5::timestamptz[]) WITH ORDINALITY
+                     AS k(tenant_id, environment_id, customer_id, meter_id, window_start, i)),
+             free AS (
+                 SELECT w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
+                        w.window_start, k.i
+                 FROM aggregation_windows w
+                 JOIN k USING (tenant_id, environment_id, customer_id, meter_id, window_start)
+                 FOR UPDATE OF w SKIP LOCKED)
+             UPDATE aggregation_windows w SET {MARK}
+             FROM free
+             WHERE w.tenant_id = free.tenant_id AND w.environment_id = free.environment_id
+               AND w.customer_id = free.customer_id AND w.meter_id = free.meter_id
+               AND w.window_start = free.window_start
+             RETURNING free.i, w.revision"
+        ))
+        .bind(&c.tenant)
+        .bind(&c.environment)
+        .bind(&c.customer)
+        .bind(&c.meter)
+        .bind(&c.start)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("marking windows dirty"))?;
-        rows.into_iter()
-            .map(|row| WindowState::try_from(row).map(|state| state.key))
-            .collect()
+        let mut marked = vec![false; keys.len()];
+        let mut late = Vec::new();
+        for (position, revision) in free {
+            let index = usize::try_from(position - 1)
+                .ok()
+                .filter(|i| *i < keys.len())
+                .ok_or_else(|| Error::Corrupt(format!("marked window position {position}")))?;
+            marked[index] = true;
+            if revision > 0 {
+                late.push(keys[index].clone());
+            }
+        }
+
+        let held: Vec<&WindowKey> = keys
+            .iter()
+            .zip(&marked)
+            .filter(|(_, marked)| !**marked)
+            .map(|(key, _)| key)
+            .collect();
+        if !held.is_empty() {
+            let h = KeyColumns::of(held.iter().copied());
+            let revisions: Vec<(String, String, String, String, OffsetDateTime, i32)> =
+                sqlx::query_as(&format!(
+                    "UPDATE aggregation_windows w SET {MARK}
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                 $5::timestamptz[])
+                          AS k(tenant_id, environment_id, customer_id, meter_id, window_start)
+                     WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
+                       AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
+                       AND w.window_start = k.window_start
+                     RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
+                               w.window_start, w.revision"
+                ))
+                .bind(&h.tenant)
+                .bind(&h.environment)
+                .bind(&h.customer)
+                .bind(&h.meter)
+                .bind(&h.start)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db("marking windows a publication held"))?;
+            let published: std::collections::HashSet<(&str, &str, &str, &str, OffsetDateTime)> =
+                revisions
+                    .iter()
+                    .filter(|row| row.5 > 0)
+                    .map(|row| {
+                        (
+                            row.0.as_str(),
+                            row.1.as_str(),
+                            row.2.as_str(),
+                            row.3.as_str(),
+                            row.4,
+                        )
+                    })
+                    .collect();
+            late.extend(
+                held.into_iter()
+                    .filter(|k| {
+                        published.contains(&(
+                            k.tenant_id.as_str(),
+                            k.environment_id.as_str(),
+                            k.customer_id.as_str(),
+                            k.meter_id.as_str(),
+                            k.window.start(),
+                        ))
+                    })
+                    .cloned(),
+            );
+        }
+        tx.commit().await.map_err(db("committing a marking"))?;
+        Ok(late)
     }
 
     /// Claims up to `limit` dirty windows that are due at `now`, skipping windows another
