@@ -134,6 +134,11 @@ impl TryFrom<StateRow> for WindowState {
 const MARK: &str = "dirty = true, last_event_at = now(),
                     dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END";
 
+/// The state columns of an upserted row (`w`).
+const RETURNED_STATE: &str = "w.tenant_id, w.environment_id, w.customer_id, w.meter_id, \
+                              w.window_start, w.window_end, w.revision, \
+                              w.published_quantity, w.published_event_count";
+
 const STATE_COLUMNS: &str = "tenant_id, environment_id, customer_id, meter_id, window_start, \
                              window_end, revision, published_quantity, published_event_count";
 
@@ -251,12 +256,13 @@ impl WindowRegistry {
     /// returns those that had already been published: their events are late.
     /// `keys` must be sorted and free of duplicates.
     ///
-    /// Three steps in one transaction, so that a batch waits only for the publications in
-    /// flight when it marks, not for every publication after them: (1) unknown windows are
-    /// inserted; (2) every window no publication holds is marked at once (`SKIP LOCKED`);
-    /// (3) the few a publication holds are marked after it commits, which dirties them again.
-    /// One statement locking row by row instead chased the publisher from claim to claim, and
-    /// a batch with late events waited seconds behind a whole backlog's publication.
+    /// Two steps in one transaction, so that a batch waits only for the publications in
+    /// flight when it marks, not for every publication after them: (1) every known window no
+    /// publication holds is marked at once (`SKIP LOCKED`); (2) the rest, unknown windows and
+    /// the few a publication holds, are inserted or marked, the held ones after their
+    /// publication commits, which dirties them again. One statement locking row by row
+    /// instead chased the publisher from claim to claim, and a batch with late events waited
+    /// seconds behind a whole backlog's publication.
     pub async fn mark_dirty(
         &self,
         keys: &[WindowKey],
@@ -266,29 +272,8 @@ impl WindowRegistry {
             return Ok(Vec::new());
         }
         let c = KeyColumns::of(keys.iter());
-        let due: Vec<OffsetDateTime> = c.end.iter().map(|end| *end + grace).collect();
         let mut tx = self.pool.begin().await.map_err(db("starting a marking"))?;
-        sqlx::query(
-            "INSERT INTO aggregation_windows
-                 (tenant_id, environment_id, customer_id, meter_id, window_start, window_end,
-                  due_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                  $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
-             ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
-             DO NOTHING",
-        )
-        .bind(&c.tenant)
-        .bind(&c.environment)
-        .bind(&c.customer)
-        .bind(&c.meter)
-        .bind(&c.start)
-        .bind(&c.end)
-        .bind(&due)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("inserting new windows"))?;
-
-        // Step 2 answers the position (1-based) of each window it marked, and its revision.
+        // Answers the position (1-based) of each window it marked, and its revision.
         let free: Vec<(i64, i32)> = sqlx::query_as(&format!(
             "WITH k AS (
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
@@ -328,61 +313,42 @@ impl WindowRegistry {
             }
         }
 
-        let held: Vec<&WindowKey> = keys
+        let rest: Vec<&WindowKey> = keys
             .iter()
             .zip(&marked)
             .filter(|(_, marked)| !**marked)
             .map(|(key, _)| key)
             .collect();
-        if !held.is_empty() {
-            let h = KeyColumns::of(held.iter().copied());
-            let revisions: Vec<(String, String, String, String, OffsetDateTime, i32)> =
-                sqlx::query_as(&format!(
-                    "UPDATE aggregation_windows w SET {MARK}
-                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                 $5::timestamptz[])
-                          AS k(tenant_id, environment_id, customer_id, meter_id, window_start)
-                     WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
-                       AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
-                       AND w.window_start = k.window_start
-                     RETURNING w.tenant_id, w.environment_id, w.customer_id, w.meter_id,
-                               w.window_start, w.revision"
-                ))
-                .bind(&h.tenant)
-                .bind(&h.environment)
-                .bind(&h.customer)
-                .bind(&h.meter)
-                .bind(&h.start)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db("marking windows a publication held"))?;
-            let published: std::collections::HashSet<(&str, &str, &str, &str, OffsetDateTime)> =
-                revisions
-                    .iter()
-                    .filter(|row| row.5 > 0)
-                    .map(|row| {
-                        (
-                            row.0.as_str(),
-                            row.1.as_str(),
-                            row.2.as_str(),
-                            row.3.as_str(),
-                            row.4,
-                        )
-                    })
-                    .collect();
-            late.extend(
-                held.into_iter()
-                    .filter(|k| {
-                        published.contains(&(
-                            k.tenant_id.as_str(),
-                            k.environment_id.as_str(),
-                            k.customer_id.as_str(),
-                            k.meter_id.as_str(),
-                            k.window.start(),
-                        ))
-                    })
-                    .cloned(),
-            );
+        if !rest.is_empty() {
+            let r = KeyColumns::of(rest.iter().copied());
+            let due: Vec<OffsetDateTime> = r.end.iter().map(|end| *end + grace).collect();
+            // revision > 0 in the answer: the window had been published before this batch.
+            let rows: Vec<StateRow> = sqlx::query_as(&format!(
+                "WITH marked AS (
+                     INSERT INTO aggregation_windows AS w
+                         (tenant_id, environment_id, customer_id, meter_id, window_start,
+                          window_end, due_at)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                          $5::timestamptz[], $6::timestamptz[],
+                                          $7::timestamptz[])
+                     ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
+                     DO UPDATE SET {MARK}
+                     RETURNING {RETURNED_STATE})
+                 SELECT * FROM marked WHERE revision > 0"
+            ))
+            .bind(&r.tenant)
+            .bind(&r.environment)
+            .bind(&r.customer)
+            .bind(&r.meter)
+            .bind(&r.start)
+            .bind(&r.end)
+            .bind(&due)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("marking new and held windows"))?;
+            for row in rows {
+                late.push(WindowState::try_from(row)?.key);
+            }
         }
         tx.commit().await.map_err(db("committing a marking"))?;
         Ok(late)
