@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesOrdered, StreamExt};
 use meterline_schemas::{
     CustomerId, DlqErrorKind, DlqHeaders, EnvironmentId, JobId, MeterId, RawUsageEvent,
     ResyncRequest, TenantId, Timestamp, Topic, Window, WindowReason, WindowTotal,
@@ -214,7 +215,7 @@ struct MeteredBatch {
 /// windows overlap instead of waiting on each other:
 ///
 /// 1. read a batch and resolve it against the meters (CPU);
-/// 2. insert its rows into ClickHouse;
+/// 2. insert its rows into ClickHouse (up to [`INSERTS_IN_FLIGHT`] batches at once);
 /// 3. mark its windows dirty, dead-letter its bad messages, commit its offsets.
 ///
 /// Each stage takes batches in order, so offsets are committed in order and only after the
@@ -227,7 +228,7 @@ pub async fn consume_usage(
     limits: BatchLimits,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (metered_tx, metered_rx) = mpsc::channel(1);
+    let (metered_tx, metered_rx) = mpsc::channel(2);
     let (inserted_tx, inserted_rx) = mpsc::channel(1);
     let reading = tokio::spawn(read_and_meter(
         shared.clone(),
@@ -278,7 +279,8 @@ async fn read_and_meter(
         if retry!("refresh_meters", shutdown, cache.refresh()).is_none() {
             return;
         }
-        let batch = meter_batch(&cache, &messages);
+        // CPU work: other tasks move off this worker thread meanwhile.
+        let batch = tokio::task::block_in_place(|| meter_batch(&cache, &messages));
         // Gives the messages back to the consumer's buffers before waiting on the next stage.
         drop(messages);
         if tx.send(batch).await.is_err() {
@@ -288,8 +290,59 @@ async fn read_and_meter(
 }
 
 /// Parses every message of a batch and resolves it against the meters.
+///
+/// Parsing is most of a batch's CPU, and while it runs the other stages mostly wait on
+/// ClickHouse and PostgreSQL: the messages are split over one thread per core, so a batch is
+/// metered in about the time of its share rather than the whole.
 fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) -> MeteredBatch {
     let now = OffsetDateTime::now_utc();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let chunk = messages.len().div_ceil(threads).max(1);
+    let parts: Vec<MeteredPart> = std::thread::scope(|scope| {
+        let running: Vec<_> = messages
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || meter_messages(cache, part, now)))
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut rows = Vec::with_capacity(parts.iter().map(|p| p.rows.len()).sum());
+    let mut dead = Vec::new();
+    let mut unmetered = 0;
+    // In message order: rows of the same event id keep their relative order.
+    for part in parts {
+        rows.extend(part.rows);
+        dead.extend(part.dead);
+        unmetered += part.unmetered;
+    }
+    let windows = distinct_windows(&rows);
+    MeteredBatch {
+        rows,
+        windows,
+        dead,
+        unmetered,
+        offsets: NextOffsets::of(messages),
+    }
+}
+
+/// What metering a run of messages produced.
+struct MeteredPart {
+    rows: Vec<MeteredEvent>,
+    dead: Vec<DeadLetter>,
+    unmetered: u64,
+}
+
+fn meter_messages(
+    cache: &MeterCache,
+    messages: &[BorrowedMessage<'_>],
+    now: OffsetDateTime,
+) -> MeteredPart {
     let mut rows = Vec::with_capacity(messages.len() * 2);
     let mut dead = Vec::new();
     let mut unmetered = 0u64;
@@ -346,13 +399,10 @@ fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) -> MeteredB
         }
         rows.extend(metering.rows);
     }
-    let windows = distinct_windows(&rows);
-    MeteredBatch {
+    MeteredPart {
         rows,
-        windows,
         dead,
         unmetered,
-        offsets: NextOffsets::of(messages),
     }
 }
 
@@ -370,6 +420,11 @@ fn distinct_windows(rows: &[MeteredEvent]) -> Vec<WindowKey> {
     windows
 }
 
+/// Inserts into ClickHouse in flight at once. One insert leaves ClickHouse's cores idle while
+/// it parses and sorts a part on one of them; with two, a backlog's inserts overlap. Their
+/// results are still handed on in batch order.
+const INSERTS_IN_FLIGHT: usize = 2;
+
 /// Stage 2: inserts each batch's rows into ClickHouse.
 async fn insert_batches(
     shared: Arc<Shared>,
@@ -377,21 +432,42 @@ async fn insert_batches(
     shutdown: CancellationToken,
     tx: mpsc::Sender<MeteredBatch>,
 ) {
-    while let Some(batch) = next_batch(&mut rx, &shutdown).await {
-        let started = Instant::now();
-        if retry!("clickhouse_insert", shutdown, {
-            shared.warehouse.insert(&batch.rows)
-        })
-        .is_none()
-        {
-            return;
-        }
-        ::metrics::histogram!(metrics::INSERT_DURATION).record(started.elapsed().as_secs_f64());
-        ::metrics::counter!(metrics::ROWS_INSERTED).increment(batch.rows.len() as u64);
-        if tx.send(batch).await.is_err() {
-            return;
+    let mut in_flight = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            batch = next_batch(&mut rx, &shutdown), if open && in_flight.len() < INSERTS_IN_FLIGHT => {
+                match batch {
+                    Some(batch) => in_flight.push_back(insert_batch(&shared, batch, &shutdown)),
+                    None => open = false,
+                }
+            }
+            Some(inserted) = in_flight.next() => {
+                // None: shutdown in the middle of a retried insert. The batches after it are
+                // not handed on either, so no offset beyond an uninserted batch is committed.
+                let Some(batch) = inserted else { return };
+                if tx.send(batch).await.is_err() {
+                    return;
+                }
+            }
+            else => return,
         }
     }
+}
+
+/// Inserts one batch's rows (retried); `None` when shutdown interrupted it.
+async fn insert_batch(
+    shared: &Shared,
+    batch: MeteredBatch,
+    shutdown: &CancellationToken,
+) -> Option<MeteredBatch> {
+    let started = Instant::now();
+    retry!("clickhouse_insert", shutdown, {
+        shared.warehouse.insert(&batch.rows)
+    })?;
+    ::metrics::histogram!(metrics::INSERT_DURATION).record(started.elapsed().as_secs_f64());
+    ::metrics::counter!(metrics::ROWS_INSERTED).increment(batch.rows.len() as u64);
+    Some(batch)
 }
 
 /// Stage 3: marks each inserted batch's windows dirty, dead-letters its bad messages and

@@ -93,7 +93,12 @@ pub fn consumer_config(settings: &KafkaSettings, client_id: &str, group_id: &str
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        // librdkafka's default of 1 MiB per partition and fetch capped a backlog's replay at
+        // about 290,000 small messages/s on our stack (measured with kcat); 8 MiB lets the
+        // aggregator's batches fill as fast as it meters them. Memory stays bounded by
+        // queued.max.messages.kbytes (64 MiB per consumer).
+        .set("max.partition.fetch.bytes", "8388608");
     config
 }
 
