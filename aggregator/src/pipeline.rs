@@ -228,7 +228,7 @@ pub async fn consume_usage(
     limits: BatchLimits,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (metered_tx, metered_rx) = mpsc::channel(2);
+    let (metered_tx, metered_rx) = mpsc::channel(1);
     let (inserted_tx, inserted_rx) = mpsc::channel(1);
     let reading = tokio::spawn(read_and_meter(
         shared.clone(),
