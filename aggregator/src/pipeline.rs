@@ -118,20 +118,24 @@ async fn read_batch<'c>(
 }
 
 /// Per topic and partition, the offset to commit once a batch is done: the one after its
-/// last message (the committed offset names the next message to read).
+/// last message (the committed offset names the next message to read). A batch spans a
+/// handful of partitions, so a list searched by borrowed topic name costs no allocation per
+/// message, where a map keyed by an owned name cost one.
 #[derive(Debug, Default)]
-struct NextOffsets(BTreeMap<(String, i32), i64>);
+struct NextOffsets(Vec<(String, i32, i64)>);
 
 impl NextOffsets {
     fn of<'m, M: Message + 'm>(messages: impl IntoIterator<Item = &'m M>) -> Self {
         let mut next = NextOffsets::default();
         for m in messages {
-            match next.0.get_mut(&(m.topic().to_owned(), m.partition())) {
-                Some(offset) => *offset = (*offset).max(m.offset() + 1),
-                None => {
-                    next.0
-                        .insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
-                }
+            let after = m.offset() + 1;
+            match next
+                .0
+                .iter_mut()
+                .find(|(topic, partition, _)| *partition == m.partition() && topic == m.topic())
+            {
+                Some((_, _, offset)) => *offset = (*offset).max(after),
+                None => next.0.push((m.topic().to_owned(), m.partition(), after)),
             }
         }
         next
@@ -141,7 +145,7 @@ impl NextOffsets {
 /// Commits `offsets`.
 fn commit(consumer: &StreamConsumer, offsets: &NextOffsets) {
     let mut list = TopicPartitionList::new();
-    for ((topic, partition), offset) in &offsets.0 {
+    for (topic, partition, offset) in &offsets.0 {
         if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
             tracing::error!(%topic, partition, error = %e, "building the commit");
             return;
