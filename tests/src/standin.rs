@@ -55,12 +55,23 @@ impl Standin {
     /// POSTs a Stripe API form request with the account's key, waiting out the account's
     /// rate limit (429) as a well-behaved client would.
     pub async fn post(&self, path: &str, form: &[(&str, &str)]) -> Value {
+        self.call("POST", path, || {
+            self.http.post(format!("{}{path}", self.base)).form(form)
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes with the account's key until it is not refused with
+    /// 429 (the account's rate limit or an injected fault); its JSON body, asserting success.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Value {
         loop {
-            let response = self
-                .http
-                .post(format!("{}{path}", self.base))
+            let response = build()
                 .bearer_auth(&self.key)
-                .form(form)
                 .send()
                 .await
                 .expect("the stand-in answers");
@@ -70,7 +81,7 @@ impl Standin {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
-            assert!(status.is_success(), "POST {path}: {status} {body}");
+            assert!(status.is_success(), "{method} {path}: {status} {body}");
             return body;
         }
     }
@@ -101,24 +112,10 @@ impl Standin {
     /// GETs a Stripe API route with the account's key, waiting out 429s (the account's rate
     /// limit or an injected fault) as a well-behaved client would.
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        loop {
-            let response = self
-                .http
-                .get(format!("{}{path}", self.base))
-                .bearer_auth(&self.key)
-                .query(query)
-                .send()
-                .await
-                .expect("the stand-in answers");
-            let status = response.status();
-            let body: Value = response.json().await.expect("stripe answers JSON");
-            if status.as_u16() == 429 {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-            assert!(status.is_success(), "GET {path}: {status} {body}");
-            return body;
-        }
+        self.call("GET", path, || {
+            self.http.get(format!("{}{path}", self.base)).query(query)
+        })
+        .await
     }
 
     /// The aggregated value of meter `meter_id` (`mtr_...`) for `customer` (`cus_...`) over
