@@ -49,9 +49,9 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::baseline::{RawProducer, PRODUCE_TIMEOUT};
-use crate::procstat::{self, CpuTimes, Machine};
+use crate::procstat::{self, Machine, Snapshot, Watched};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{AggregatorReport, BacklogPublication, ComponentCpu, Latency, LiveReport};
+use crate::report::{AggregatorReport, BacklogPublication, Latency, LiveReport};
 use crate::workload::{ENVIRONMENT, TENANT};
 
 /// The tenant of the live phase; its windows are 1 minute long.
@@ -183,9 +183,9 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
     // 3. Baseline: the same rows, inserted directly.
     let rows = backlog.rows();
     let load_before_baseline = procstat::load_average();
-    let cpu_before = Snapshot::take(pids)?;
+    let cpu_before = Snapshot::take(&pids.watched())?;
     let baseline_elapsed = direct_insert(&baseline_ns, &rows).await?;
-    let baseline_cpu = Snapshot::take(pids)?.since(&cpu_before);
+    let baseline_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
     let baseline_count = count_rows(&baseline_ns).await?;
     if baseline_count != rows.len() as u64 {
         bail!(
@@ -237,10 +237,10 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         None
     } else {
         let before = scrape(&aggregator).await?;
-        let cpu_before = Snapshot::take(pids)?;
+        let cpu_before = Snapshot::take(&pids.watched())?;
         let started = Instant::now();
         let mut live = live_phase(&ns, params).await?;
-        let cpu = Snapshot::take(pids)?.since(&cpu_before);
+        let cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
         live.elapsed = started.elapsed();
         let after = scrape(&aggregator).await?;
         live.histogram = publish_lag_histogram(&before, &after);
@@ -329,11 +329,11 @@ async fn consume(
         let rows = count_rows(ns).await?;
         let now = Instant::now();
         if rows > 0 && first.is_none() {
-            first = Some((now, rows, Snapshot::take(pids)?));
+            first = Some((now, rows, Snapshot::take(&pids.watched())?));
         }
         if rows >= target {
             let (first, first_rows, before) = first.context("rows were seen")?;
-            let cpu = Snapshot::take(pids)?.since(&before);
+            let cpu = Snapshot::take(&pids.watched())?.since(&before);
             if rows > target {
                 eprintln!("note: {rows} rows for {target} expected (redelivered copies)");
             }
@@ -975,62 +975,18 @@ struct Pids {
     bench: u32,
 }
 
-/// CPU times of the processes a phase involves, at one instant.
-struct Snapshot {
-    aggregator: Option<CpuTimes>,
-    clickhouse: Option<CpuTimes>,
-    broker: Option<CpuTimes>,
-    /// The postmaster and each backend, by pid.
-    postgres: Option<HashMap<u32, CpuTimes>>,
-    bench: CpuTimes,
-}
-
-impl Snapshot {
-    fn take(pids: Pids) -> anyhow::Result<Snapshot> {
-        Ok(Snapshot {
-            aggregator: pids.aggregator.map(procstat::cpu_times).transpose()?,
-            clickhouse: pids.clickhouse.map(procstat::cpu_times).transpose()?,
-            broker: pids.broker.map(procstat::cpu_times).transpose()?,
-            postgres: pids.postgres.map(procstat::process_tree_cpu),
-            bench: procstat::cpu_times(pids.bench)?,
-        })
-    }
-
-    fn since(&self, before: &Snapshot) -> Snapshot {
-        let diff = |a: Option<CpuTimes>, b: Option<CpuTimes>| Some(a?.since(b?));
-        let postgres = match (&self.postgres, &before.postgres) {
-            (Some(now), Some(was)) => Some(procstat::tree_since(now, was)),
-            _ => None,
-        };
-        Snapshot {
-            aggregator: diff(self.aggregator, before.aggregator),
-            clickhouse: diff(self.clickhouse, before.clickhouse),
-            broker: diff(self.broker, before.broker),
-            postgres,
-            bench: self.bench.since(before.bench),
-        }
-    }
-
-    fn components(&self) -> Vec<ComponentCpu> {
-        let mut out = Vec::new();
-        if let Some(cpu) = self.aggregator {
-            out.push(ComponentCpu::new("aggregator", cpu));
-        }
-        if let Some(cpu) = self.clickhouse {
-            out.push(ComponentCpu::new("clickhouse server", cpu));
-        }
-        if let Some(cpu) = self.broker {
-            out.push(ComponentCpu::new("kafka broker", cpu));
-        }
-        if let Some(tree) = &self.postgres {
-            let cpu = tree.values().fold(CpuTimes::default(), |sum, c| CpuTimes {
-                user: sum.user + c.user,
-                system: sum.system + c.system,
-            });
-            out.push(ComponentCpu::new("postgresql (all backends)", cpu));
-        }
-        out.push(ComponentCpu::new("meterline-bench", self.bench));
-        out
+impl Pids {
+    fn watched(&self) -> [(&'static str, Option<Watched>); 5] {
+        [
+            ("aggregator", self.aggregator.map(Watched::Process)),
+            ("clickhouse server", self.clickhouse.map(Watched::Process)),
+            ("kafka broker", self.broker.map(Watched::Process)),
+            (
+                "postgresql (all backends)",
+                self.postgres.map(Watched::Tree),
+            ),
+            ("meterline-bench", Some(Watched::Process(self.bench))),
+        ]
     }
 }
 

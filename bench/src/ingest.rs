@@ -16,9 +16,9 @@ use meterline_schemas::Topic;
 use meterline_tests::{api, stack, Namespace, Stack};
 
 use crate::baseline::{self, RawProducer};
-use crate::procstat::{self, CpuTimes, Machine};
+use crate::procstat::{self, Machine, Snapshot, Watched};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{ComponentCpu, IngestReport, Latency};
+use crate::report::{IngestReport, Latency};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
 use meterline_tests::ServiceProcess;
 
@@ -84,10 +84,10 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
     producer.write_batch(workload.batch_events(0)).await?;
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
     let load_before_baseline = procstat::load_average();
-    let cpu_before = Snapshot::take(None, broker_pid, me)?;
+    let cpu_before = Snapshot::take(&watched(None, broker_pid, me))?;
     let baseline_elapsed =
         baseline::run(producer.clone(), workload.clone(), params.concurrency).await?;
-    let baseline_cpu = Snapshot::take(None, broker_pid, me)?.since(&cpu_before);
+    let baseline_cpu = Snapshot::take(&watched(None, broker_pid, me))?.since(&cpu_before);
     drop(producer);
 
     // Subject: the release ingest binary.
@@ -112,9 +112,9 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         ingest_pid, params.concurrency, params.batch
     );
     let load_before_ingest = procstat::load_average();
-    let cpu_before = Snapshot::take(Some(ingest_pid), broker_pid, me)?;
+    let cpu_before = Snapshot::take(&watched(Some(ingest_pid), broker_pid, me))?;
     let (ingest_elapsed, latencies) = driver.run(workload.batch_count()).await?;
-    let ingest_cpu = Snapshot::take(Some(ingest_pid), broker_pid, me)?.since(&cpu_before);
+    let ingest_cpu = Snapshot::take(&watched(Some(ingest_pid), broker_pid, me))?.since(&cpu_before);
 
     let profile = if params.profile_events == 0 {
         Err("disabled (--profile-events 0)".to_owned())
@@ -174,45 +174,20 @@ async fn profiled_pass(
     profile
 }
 
-/// CPU times of the processes a run involves, at one instant.
-struct Snapshot {
-    ingest: Option<CpuTimes>,
-    broker: Option<CpuTimes>,
-    bench: CpuTimes,
-}
-
-impl Snapshot {
-    fn take(ingest: Option<u32>, broker: Option<u32>, bench: u32) -> anyhow::Result<Snapshot> {
-        Ok(Snapshot {
-            ingest: ingest.map(procstat::cpu_times).transpose()?,
-            broker: broker.map(procstat::cpu_times).transpose()?,
-            bench: procstat::cpu_times(bench)?,
-        })
-    }
-
-    fn since(&self, before: &Snapshot) -> Snapshot {
-        let diff = |a: Option<CpuTimes>, b: Option<CpuTimes>| Some(a?.since(b?));
-        Snapshot {
-            ingest: diff(self.ingest, before.ingest),
-            broker: diff(self.broker, before.broker),
-            bench: self.bench.since(before.bench),
-        }
-    }
-
-    fn components(&self) -> Vec<ComponentCpu> {
-        let mut out = Vec::new();
-        if let Some(cpu) = self.ingest {
-            out.push(ComponentCpu::new("ingest", cpu));
-        }
-        if let Some(cpu) = self.broker {
-            out.push(ComponentCpu::new("kafka broker", cpu));
-        }
-        out.push(ComponentCpu::new(
+/// The processes a run's CPU is read from.
+fn watched(
+    ingest: Option<u32>,
+    broker: Option<u32>,
+    bench: u32,
+) -> [(&'static str, Option<Watched>); 3] {
+    [
+        ("ingest", ingest.map(Watched::Process)),
+        ("kafka broker", broker.map(Watched::Process)),
+        (
             "meterline-bench (load generator)",
-            self.bench,
-        ));
-        out
-    }
+            Some(Watched::Process(bench)),
+        ),
+    ]
 }
 
 /// `concurrency` HTTP clients sharing one connection pool, posting the workload's bodies.

@@ -227,3 +227,82 @@ mod tests {
         assert!(cpu_times(std::process::id()).is_ok());
     }
 }
+
+/// A process whose CPU a phase accounts.
+#[derive(Debug, Clone, Copy)]
+pub enum Watched {
+    /// One process.
+    Process(u32),
+    /// A process and its children: a postmaster and its backends.
+    Tree(u32),
+}
+
+#[derive(Debug, Clone)]
+enum Reading {
+    Process(CpuTimes),
+    Tree(std::collections::HashMap<u32, CpuTimes>),
+}
+
+impl Reading {
+    fn total(&self) -> CpuTimes {
+        match self {
+            Reading::Process(cpu) => *cpu,
+            Reading::Tree(tree) => tree.values().fold(CpuTimes::default(), |sum, c| CpuTimes {
+                user: sum.user + c.user,
+                system: sum.system + c.system,
+            }),
+        }
+    }
+}
+
+/// CPU times of named processes at one instant, or (after [`Snapshot::since`]) used between
+/// two instants.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    readings: Vec<(&'static str, Reading)>,
+}
+
+impl Snapshot {
+    /// Reads every process of `watched` whose pid was found (`None`: left out, its CPU is
+    /// not accounted), in that order.
+    pub fn take(watched: &[(&'static str, Option<Watched>)]) -> anyhow::Result<Snapshot> {
+        let mut readings = Vec::new();
+        for (name, process) in watched {
+            let reading = match process {
+                None => continue,
+                Some(Watched::Process(pid)) => Reading::Process(cpu_times(*pid)?),
+                Some(Watched::Tree(root)) => Reading::Tree(process_tree_cpu(*root)),
+            };
+            readings.push((*name, reading));
+        }
+        Ok(Snapshot { readings })
+    }
+
+    /// What each process used since `before`; a process not read then is left out.
+    pub fn since(&self, before: &Snapshot) -> Snapshot {
+        let readings = self
+            .readings
+            .iter()
+            .filter_map(|(name, now)| {
+                let (_, was) = before.readings.iter().find(|(n, _)| n == name)?;
+                let used = match (now, was) {
+                    (Reading::Process(now), Reading::Process(was)) => {
+                        Reading::Process(now.since(*was))
+                    }
+                    (Reading::Tree(now), Reading::Tree(was)) => Reading::Tree(tree_since(now, was)),
+                    _ => return None,
+                };
+                Some((*name, used))
+            })
+            .collect();
+        Snapshot { readings }
+    }
+
+    /// Each process's CPU, a tree's summed, for the report.
+    pub fn components(&self) -> Vec<crate::report::ComponentCpu> {
+        self.readings
+            .iter()
+            .map(|(name, reading)| crate::report::ComponentCpu::new(name, reading.total()))
+            .collect()
+    }
+}

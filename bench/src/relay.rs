@@ -12,7 +12,6 @@
 //! Signing happens in the client task just before the clock of each request starts (the
 //! signature's timestamp must stay within the relay's 300 s tolerance however long a run is).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,8 +28,8 @@ use rdkafka::util::Timeout;
 use serde_json::{json, Value};
 
 use crate::baseline::PRODUCE_TIMEOUT;
-use crate::procstat::{self, CpuTimes, Machine};
-use crate::report::{ComponentCpu, Latency, RelayReport};
+use crate::procstat::{self, Machine, Snapshot, Watched};
+use crate::report::{Latency, RelayReport};
 use crate::workload::{ENVIRONMENT, TENANT};
 
 /// The endpoint secret stored in the tenant environment's Stripe configuration.
@@ -107,10 +106,10 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         postgres: postgres_pid,
         bench: me,
     };
-    let cpu_before = Snapshot::take(pids)?;
+    let cpu_before = Snapshot::take(&pids.watched())?;
     let (baseline_elapsed, baseline_latencies) =
         baseline_run(&producer, &messages, params.deliveries, params.concurrency).await?;
-    let baseline_cpu = Snapshot::take(pids)?.since(&cpu_before);
+    let baseline_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
     drop(producer);
 
     // Subject: the release webhook-relay binary.
@@ -136,9 +135,9 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         params.concurrency, params.deliveries
     );
     let load_before_relay = procstat::load_average();
-    let cpu_before = Snapshot::take(pids)?;
+    let cpu_before = Snapshot::take(&pids.watched())?;
     let (relay_elapsed, latencies) = driver.run(params.deliveries).await?;
-    let relay_cpu = Snapshot::take(pids)?.since(&cpu_before);
+    let relay_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
     let after = topic_messages(&ns, &topic)?;
     let published = after - before;
     if published != params.deliveries as i64 || after != total as i64 {
@@ -531,58 +530,20 @@ struct Pids {
     bench: u32,
 }
 
-/// CPU times of the processes a phase involves, at one instant.
-struct Snapshot {
-    relay: Option<CpuTimes>,
-    broker: Option<CpuTimes>,
-    postgres: Option<HashMap<u32, CpuTimes>>,
-    bench: CpuTimes,
-}
-
-impl Snapshot {
-    fn take(pids: Pids) -> anyhow::Result<Snapshot> {
-        Ok(Snapshot {
-            relay: pids.relay.map(procstat::cpu_times).transpose()?,
-            broker: pids.broker.map(procstat::cpu_times).transpose()?,
-            postgres: pids.postgres.map(procstat::process_tree_cpu),
-            bench: procstat::cpu_times(pids.bench)?,
-        })
-    }
-
-    fn since(&self, before: &Snapshot) -> Snapshot {
-        let diff = |a: Option<CpuTimes>, b: Option<CpuTimes>| Some(a?.since(b?));
-        let postgres = match (&self.postgres, &before.postgres) {
-            (Some(now), Some(was)) => Some(procstat::tree_since(now, was)),
-            _ => None,
-        };
-        Snapshot {
-            relay: diff(self.relay, before.relay),
-            broker: diff(self.broker, before.broker),
-            postgres,
-            bench: self.bench.since(before.bench),
-        }
-    }
-
-    fn components(&self) -> Vec<ComponentCpu> {
-        let mut out = Vec::new();
-        if let Some(cpu) = self.relay {
-            out.push(ComponentCpu::new("webhook-relay", cpu));
-        }
-        if let Some(cpu) = self.broker {
-            out.push(ComponentCpu::new("kafka broker", cpu));
-        }
-        if let Some(tree) = &self.postgres {
-            let cpu = tree.values().fold(CpuTimes::default(), |sum, c| CpuTimes {
-                user: sum.user + c.user,
-                system: sum.system + c.system,
-            });
-            out.push(ComponentCpu::new("postgresql (all backends)", cpu));
-        }
-        out.push(ComponentCpu::new(
-            "meterline-bench (load generator)",
-            self.bench,
-        ));
-        out
+impl Pids {
+    fn watched(&self) -> [(&'static str, Option<Watched>); 4] {
+        [
+            ("webhook-relay", self.relay.map(Watched::Process)),
+            ("kafka broker", self.broker.map(Watched::Process)),
+            (
+                "postgresql (all backends)",
+                self.postgres.map(Watched::Tree),
+            ),
+            (
+                "meterline-bench (load generator)",
+                Some(Watched::Process(self.bench)),
+            ),
+        ]
     }
 }
 
