@@ -358,7 +358,8 @@ async fn consume(
     }
 }
 
-async fn count_rows(ns: &Namespace) -> anyhow::Result<u64> {
+/// Rows in the namespace's `events_processed`.
+pub(crate) async fn count_rows(ns: &Namespace) -> anyhow::Result<u64> {
     ns.clickhouse()
         .query("SELECT count() FROM events_processed")
         .fetch_one::<u64>()

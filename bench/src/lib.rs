@@ -12,6 +12,15 @@
 //! - [`relay`]: the webhook relay benchmark (`meterline-bench relay`): latency of signed,
 //!   valid deliveries through the release `webhook-relay` binary under load, next to raw Kafka
 //!   produces of the same messages in the same run.
+//! - [`sink`]: the stripe-sink's pacing (`meterline-bench sink`): achieved meter event rate
+//!   against each configured limit, next to a plain client with no limiter.
+//! - [`pipeline`]: the four services together under ingest's highest load (`meterline-bench
+//!   pipeline`): window due -> Stripe latency and each service's memory, next to the bare
+//!   Kafka -> Kafka -> HTTP path.
+//! - [`chaos`]: runs the chaos test at a chosen scale and reports its result
+//!   (`meterline-bench chaos`).
+//! - [`recorder`]: a recording pass-through in front of the Stripe stand-in (arrival times of
+//!   meter events to the microsecond).
 //! - [`procstat`]: CPU seconds of a process and facts about the machine, from `/proc`.
 //! - [`profile`]: `perf record` of a process and its top symbols.
 //! - [`report`]: the result block, and the generated sections of `docs/benchmarks.md`.
@@ -21,9 +30,13 @@
 
 pub mod aggregator;
 pub mod baseline;
+pub mod chaos;
 pub mod ingest;
+pub mod pipeline;
 pub mod procstat;
 pub mod profile;
+pub mod recorder;
 pub mod relay;
 pub mod report;
+pub mod sink;
 pub mod workload;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meterline_bench::{aggregator, ingest, relay, report};
+use meterline_bench::{aggregator, chaos, ingest, pipeline, relay, report, sink};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,25 @@ enum Command {
     /// Webhook relay latency (signed delivery -> Kafka acked -> 200) against raw produces of
     /// the same messages, in one run.
     Relay(relay::Params),
+    /// Stripe-sink pacing: achieved meter event rate against each configured limit, next to
+    /// a plain client with no limiter, in one run.
+    Sink(sink::Params),
+    /// The whole pipeline under ingest's highest load: latency from a window falling due to
+    /// Stripe receiving it, and each service's memory, next to the bare Kafka and HTTP path.
+    Pipeline(pipeline::Params),
+    /// Runs the chaos test (debug builds) at a chosen scale and reports its result.
+    Chaos(chaos::Params),
+}
+
+/// Prints a result and, with `--write-docs`, replaces its section of docs/benchmarks.md.
+fn finish(section: &str, write_docs: bool, text: String, markdown: String) -> anyhow::Result<()> {
+    println!("{text}");
+    if write_docs {
+        let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
+        report::replace_section(&path, section, &markdown)?;
+        println!("wrote the {section} section of {}", path.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -40,34 +59,28 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Ingest(params) => {
-                let result = ingest::run(&params).await?;
-                println!("{}", result.text());
-                if params.write_docs {
-                    let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
-                    report::replace_section(&path, "ingest", &result.markdown())?;
-                    println!("wrote the ingest section of {}", path.display());
-                }
-                anyhow::Ok(())
+                let r = ingest::run(&params).await?;
+                finish("ingest", params.write_docs, r.text(), r.markdown())
             }
             Command::Aggregator(params) => {
-                let result = aggregator::run(&params).await?;
-                println!("{}", result.text());
-                if params.write_docs {
-                    let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
-                    report::replace_section(&path, "aggregator", &result.markdown())?;
-                    println!("wrote the aggregator section of {}", path.display());
-                }
-                anyhow::Ok(())
+                let r = aggregator::run(&params).await?;
+                finish("aggregator", params.write_docs, r.text(), r.markdown())
             }
             Command::Relay(params) => {
-                let result = relay::run(&params).await?;
-                println!("{}", result.text());
-                if params.write_docs {
-                    let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
-                    report::replace_section(&path, "relay", &result.markdown())?;
-                    println!("wrote the relay section of {}", path.display());
-                }
-                anyhow::Ok(())
+                let r = relay::run(&params).await?;
+                finish("relay", params.write_docs, r.text(), r.markdown())
+            }
+            Command::Sink(params) => {
+                let r = sink::run(&params).await?;
+                finish("sink", params.write_docs, r.text(), r.markdown())
+            }
+            Command::Pipeline(params) => {
+                let r = pipeline::run(&params).await?;
+                finish("pipeline", params.write_docs, r.text(), r.markdown())
+            }
+            Command::Chaos(params) => {
+                let r = chaos::run(&params).await?;
+                finish("chaos", params.write_docs, r.text(), r.markdown())
             }
         }
     });

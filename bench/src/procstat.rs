@@ -115,6 +115,37 @@ pub fn listening_pid(port: u16) -> Option<u32> {
         })
 }
 
+/// Resident memory of a process, from `/proc/<pid>/status`, in KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Memory {
+    /// `VmRSS`: resident now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the most it was ever resident (the kernel's high-water mark), so a peak
+    /// between two samples is not missed.
+    pub peak_kib: u64,
+}
+
+pub fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_status(&text).with_context(|| format!("no VmRSS and VmHWM in {path}"))
+}
+
+fn parse_status(text: &str) -> Option<Memory> {
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(Memory {
+        rss_kib: kib("VmRSS:")?,
+        peak_kib: kib("VmHWM:")?,
+    })
+}
+
 /// The machine a run happened on.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -220,6 +251,21 @@ mod tests {
                 system: 0.75
             }
         );
+    }
+
+    #[test]
+    fn status_gives_resident_and_peak_memory() {
+        let status =
+            "Name:\tingest\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\n";
+        assert_eq!(
+            parse_status(status),
+            Some(Memory {
+                rss_kib: 40960,
+                peak_kib: 51200
+            })
+        );
+        assert_eq!(parse_status("Name:\tzombie\n"), None);
+        assert!(memory(std::process::id()).is_ok_and(|m| m.peak_kib >= m.rss_kib));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::report::{Latency, RelayReport};
 use crate::workload::{ENVIRONMENT, TENANT};
 
 /// The endpoint secret stored in the tenant environment's Stripe configuration.
-const SECRET: &str = "whsec_benchrelay0000000001";
+pub(crate) const SECRET: &str = "whsec_benchrelay0000000001";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Params {
@@ -196,7 +196,7 @@ async fn put_config(ns: &Namespace) -> anyhow::Result<()> {
 }
 
 /// A `customer.created` event as Stripe sends it (about 1 KB), unique by `id`.
-fn event_body(id: &str, index: usize) -> Vec<u8> {
+pub(crate) fn event_body(id: &str, index: usize) -> Vec<u8> {
     let created = unix_now();
     serde_json::to_vec(&json!({
         "id": id,
@@ -336,7 +336,7 @@ fn topic_messages(ns: &Namespace, topic: &str) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -425,7 +425,7 @@ impl Driver {
 }
 
 /// `t=<t>,v1=<hex(HMAC-SHA256(secret, "<t>.<body>"))>`, as Stripe signs.
-fn signature_header(t: i64, secret: &str, body: &[u8]) -> String {
+pub(crate) fn signature_header(t: i64, secret: &str, body: &[u8]) -> String {
     let mut message = Vec::with_capacity(body.len() + 12);
     message.extend_from_slice(t.to_string().as_bytes());
     message.push(b'.');

@@ -338,7 +338,7 @@ fn profile_markdown(s: &mut String, p: &Profile) {
 }
 
 /// `12.34 s (user 10.00, system 2.34)`, or `-` when the process was not accounted.
-fn cpu_cell(cpu: Option<CpuTimes>) -> String {
+pub(crate) fn cpu_cell(cpu: Option<CpuTimes>) -> String {
     match cpu {
         Some(c) => format!(
             "{:.2} s (user {:.2}, system {:.2})",
@@ -350,17 +350,17 @@ fn cpu_cell(cpu: Option<CpuTimes>) -> String {
     }
 }
 
-fn find_cpu(cpus: &[ComponentCpu], name: &str) -> Option<CpuTimes> {
+pub(crate) fn find_cpu(cpus: &[ComponentCpu], name: &str) -> Option<CpuTimes> {
     cpus.iter().find(|c| c.name == name).map(|c| c.cpu)
 }
 
-fn date_text(date: time::OffsetDateTime) -> String {
+pub(crate) fn date_text(date: time::OffsetDateTime) -> String {
     meterline_schemas::Timestamp::new(date)
         .map(|t| t.to_string())
         .unwrap_or_default()
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok {
         "PASS"
     } else {
@@ -1061,12 +1061,12 @@ fn replaced(text: &str, name: &str, content: &str) -> anyhow::Result<String> {
     Ok(format!("{head}\n{}\n{tail}", content.trim_end()))
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// `123456.7` as `123,457`.
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

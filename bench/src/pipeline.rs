@@ -1,0 +1,980 @@
+//! `meterline-bench pipeline`: the four release services together on one fresh namespace,
+//! ingest loaded as hard as its HTTP clients can push (or at `--rate`), one-minute windows
+//! due the moment they end (grace 0), and the Stripe stand-in behind the [`Recorder`].
+//!
+//! What it measures: for every (customer, meter, window), the time from the window falling
+//! due to the stand-in receiving its first meter event, and to receiving the one that made
+//! Stripe's total equal to every event ingest acknowledged for it; the events per second
+//! ingest sustained and how long the aggregator needed after the load to have every event in
+//! ClickHouse; each service's resident memory idle after start-up and its peak (`VmHWM`) at
+//! the end. The webhook relay gets a steady stream of signed deliveries meanwhile, so that its
+//! memory is taken under load too.
+//!
+//! The baseline, in the same run on another fresh namespace: the bare plumbing the pipeline's
+//! path is made of, with none of meterline's work: a message produced to one topic, consumed
+//! and produced (acknowledged) to a second topic, consumed, then one meter event POSTed to the
+//! stand-in; timed per message from the first produce to the POST's answer.
+//!
+//! The run fails unless Stripe's counted total of every window equals what ingest accepted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use meterline_common::kafka::{consumer_config, producer_config};
+use meterline_schemas::Topic;
+use meterline_tests::stripe_config::put_sync_config;
+use meterline_tests::usage::{create_meter, window_minutes_since_epoch};
+use meterline_tests::{api, Namespace, ServiceProcess, Stack};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::aggregator::count_rows;
+use crate::baseline::PRODUCE_TIMEOUT;
+use crate::procstat::{self, Machine, Memory, Snapshot, Watched};
+use crate::recorder::Receipt;
+use crate::relay::{event_body, signature_header, unix_now, SECRET};
+use crate::report::{cpu_cell, date_text, find_cpu, thousands, ComponentCpu, Latency};
+use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
+use crate::workload::{ENVIRONMENT, TENANT};
+
+const WINDOW_SECONDS: i64 = 60;
+const SERVICES: [&str; 4] = ["ingest", "aggregator", "stripe-sink", "webhook-relay"];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Params {
+    /// Seconds ingest is loaded.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Events per bulk request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent HTTP clients posting to ingest.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Events per second in all; 0: each client posts its next request as soon as the last
+    /// was answered (the most ingest takes).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Customers the events are spread over (each feeds both meters).
+    #[arg(long, default_value_t = 200)]
+    pub customers: usize,
+    /// The Stripe account's limit and the sink's configured rate, meter events per second
+    /// (live mode's meter event limit: 1,000).
+    #[arg(long, default_value_t = 1000)]
+    pub stripe_rate: u32,
+    /// Signed webhook deliveries per second sent to the relay during the load.
+    #[arg(long, default_value_t = 50)]
+    pub webhook_rate: u32,
+    /// Messages timed through the baseline path (20 a second).
+    #[arg(long, default_value_t = 300)]
+    pub baseline_messages: usize,
+    /// Replace the pipeline section of docs/benchmarks.md with this run's numbers.
+    #[arg(long)]
+    pub write_docs: bool,
+}
+
+/// (customer index, meter index, window start in Unix seconds).
+type WindowKey = (usize, usize, i64);
+
+pub struct ServiceMemory {
+    pub name: &'static str,
+    /// After start-up and configuration, before the load.
+    pub idle: Memory,
+    /// At the end of the run (`peak_kib` is the peak of the whole run).
+    pub end: Memory,
+}
+
+pub struct PipelineReport {
+    pub machine: Machine,
+    pub date: OffsetDateTime,
+    pub load_before_baseline: f64,
+    pub load_before_pipeline: f64,
+    pub params: Params,
+    pub baseline: Latency,
+    pub events: u64,
+    pub requests: Latency,
+    pub load_elapsed: Duration,
+    /// Rows in `events_processed` when the load ended, and the rows expected (2 per event).
+    pub rows_at_load_end: u64,
+    pub rows_expected: u64,
+    /// From the load's end until every row was in ClickHouse.
+    pub catch_up: Duration,
+    pub windows: usize,
+    /// Window due -> its first meter event received.
+    pub first: Latency,
+    /// Window due -> the meter event that made Stripe's total complete.
+    pub complete: Latency,
+    pub meter_events: usize,
+    pub too_many: usize,
+    pub webhooks: u64,
+    pub memory: Vec<ServiceMemory>,
+    pub cpu: Vec<ComponentCpu>,
+}
+
+impl PipelineReport {
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.load_elapsed.as_secs_f64()
+    }
+}
+
+pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
+    if params.batch == 0 || params.concurrency == 0 || params.customers == 0 {
+        bail!("--batch, --concurrency and --customers must be at least 1");
+    }
+    if params.seconds == 0 || params.baseline_messages == 0 || params.stripe_rate == 0 {
+        bail!("--seconds, --baseline-messages and --stripe-rate must be at least 1");
+    }
+    let machine = Machine::read();
+    let date = OffsetDateTime::now_utc();
+
+    eprintln!(
+        "baseline: {} messages through kafka -> kafka -> one POST",
+        params.baseline_messages
+    );
+    let load_before_baseline = procstat::load_average();
+    let baseline = bare_path(params).await?;
+
+    // The pipeline.
+    let ns = Namespace::create().await;
+    let stripe = Stripe::start(params.stripe_rate, params.customers).await?;
+    create_meter(
+        &ns,
+        TENANT,
+        ENVIRONMENT,
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    create_meter(
+        &ns,
+        TENANT,
+        ENVIRONMENT,
+        json!({"id": "tokens", "event_name": "api.request", "aggregation": "SUM",
+               "property": "tokens"}),
+    )
+    .await;
+    // One-minute windows straight in the sizes table (the config API's floor is 5 minutes);
+    // the stored configuration keeps a valid size, the sink reads windows from usage.windows.
+    window_minutes_since_epoch(&ns, TENANT, ENVIRONMENT, 1).await;
+    put_sync_config(
+        &ns,
+        TENANT,
+        ENVIRONMENT,
+        &[SECRET],
+        5,
+        Some(params.stripe_rate),
+    )
+    .await;
+    let mut ingest_env = ns.env();
+    ingest_env.push((
+        "INGEST_MAX_BULK_EVENTS".into(),
+        params.batch.max(2000).to_string(),
+    ));
+    ingest_env.push(("INGEST_MAX_BULK_BODY_BYTES".into(), (64 << 20).to_string()));
+    let ingest = ServiceProcess::spawn("ingest", &ingest_env).await;
+    let mut aggregator_env = ns.env();
+    aggregator_env.push(("STRIPE_SYNC_GRACE_PERIOD_MINUTES".into(), "0".into()));
+    let aggregator = ServiceProcess::spawn("aggregator", &aggregator_env).await;
+    let sink = spawn_sink(&ns, &stripe.recorder.base).await;
+    let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
+    map_through_api(&sink, &stripe).await?;
+    let services = [&ingest, &aggregator, &sink, &relay];
+    let pids: Vec<u32> = services
+        .iter()
+        .map(|s| s.pid().context("a service has a pid"))
+        .collect::<anyhow::Result<_>>()?;
+    // Let start-up work (consumer group joins, first polls) finish before the idle reading.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle: Vec<Memory> = pids
+        .iter()
+        .map(|pid| procstat::memory(*pid))
+        .collect::<anyhow::Result<_>>()?;
+
+    let stack = Stack::get();
+    let root = meterline_tests::stack::repo_root();
+    let mut watched: Vec<(&'static str, Option<Watched>)> = SERVICES
+        .iter()
+        .zip(&pids)
+        .map(|(name, pid)| (*name, Some(Watched::Process(*pid))))
+        .collect();
+    watched.push((
+        "kafka broker",
+        procstat::kafka_broker_pid(&root, &stack.kafka_brokers).map(Watched::Process),
+    ));
+    watched.push((
+        "clickhouse server",
+        procstat::listening_pid_of_url(&stack.clickhouse_url).map(Watched::Process),
+    ));
+    watched.push((
+        "postgresql (all backends)",
+        procstat::listening_pid_of_url(&stack.database_url).map(Watched::Tree),
+    ));
+    watched.push((
+        "meterline-bench",
+        Some(Watched::Process(std::process::id())),
+    ));
+
+    eprintln!(
+        "pipeline: {} s of load, {} clients, bulk requests of {}, {}",
+        params.seconds,
+        params.concurrency,
+        params.batch,
+        if params.rate == 0 {
+            "as fast as ingest answers".to_owned()
+        } else {
+            format!("{} events/s", params.rate)
+        }
+    );
+    let load_before_pipeline = procstat::load_average();
+    let cpu_before = Snapshot::take(&watched)?;
+    let stop_webhooks = Arc::new(AtomicBool::new(false));
+    let webhooks = tokio::spawn(webhook_stream(
+        relay.url(&format!("/webhooks/stripe/{TENANT}/{ENVIRONMENT}")),
+        params.webhook_rate,
+        stop_webhooks.clone(),
+    ));
+    let load = Load::new(&ingest, params)?;
+    let (load_elapsed, latencies) = load.run(params).await?;
+    stop_webhooks.store(true, Ordering::Relaxed);
+    let rows_at_load_end = count_rows(&ns).await?;
+    let load_ended = Instant::now();
+    let cpu = Snapshot::take(&watched)?.since(&cpu_before).components();
+    let webhooks = webhooks.await.context("the webhook stream panicked")??;
+    let truth = load.truth();
+    let events = load.events.load(Ordering::Relaxed);
+    eprintln!(
+        "pipeline: {events} events in {:.1} s ({:.0}/s); {rows_at_load_end} of {} rows in clickhouse",
+        load_elapsed.as_secs_f64(),
+        events as f64 / load_elapsed.as_secs_f64(),
+        events * 2
+    );
+
+    // The aggregator catches up.
+    let rows_expected = events * 2;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows = count_rows(&ns).await?;
+        if rows >= rows_expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {rows} of {rows_expected} rows in events_processed 600 s after the load");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let catch_up = load_ended.elapsed();
+
+    // Stripe receives every window: the last one falls due at the end of the load's last
+    // minute.
+    let last_due = truth.keys().map(|k| k.2).max().unwrap_or_default() + WINDOW_SECONDS;
+    let patience = (last_due - unix_now()).max(0) as u64 + 300;
+    let deadline = Instant::now() + Duration::from_secs(patience);
+    loop {
+        let got = stripe_totals(&stripe.recorder.receipts(), &stripe.customers);
+        if got == truth {
+            break;
+        }
+        if Instant::now() > deadline {
+            let wrong = truth
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .count();
+            bail!(
+                "{wrong} of {} windows still differ in stripe {patience} s after the load; sink log:\n{}",
+                truth.len(),
+                sink.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A late send still under way would show now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let receipts = stripe.recorder.receipts();
+    check_counted(&stripe, &truth).await?;
+    let (first, complete) = window_latencies(&receipts, &stripe, &truth);
+
+    let memory = SERVICES
+        .iter()
+        .zip(&pids)
+        .zip(idle)
+        .map(|((name, pid), idle)| {
+            Ok(ServiceMemory {
+                name,
+                idle,
+                end: procstat::memory(*pid)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for service in [ingest, aggregator, sink, relay] {
+        service.terminate(Duration::from_secs(15)).await;
+    }
+    ns.drop_databases().await;
+
+    Ok(PipelineReport {
+        machine,
+        date,
+        load_before_baseline,
+        load_before_pipeline,
+        params: params.clone(),
+        baseline,
+        events,
+        requests: Latency::of(latencies),
+        load_elapsed,
+        rows_at_load_end,
+        rows_expected,
+        catch_up,
+        windows: truth.len(),
+        first,
+        complete,
+        meter_events: receipts.iter().filter(|r| r.accepted()).count(),
+        too_many: receipts.iter().filter(|r| r.status == 429).count(),
+        webhooks,
+        memory,
+        cpu,
+    })
+}
+
+/// SplitMix64's finaliser: the customer and tokens of event `n`, without shared state.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The customer index and tokens of event `n`.
+fn content(n: u64, customers: usize) -> (usize, i64) {
+    let h = mix(n);
+    ((h % customers as u64) as usize, ((h >> 32) % 50) as i64 + 1)
+}
+
+/// Events stamped with the time their request is built, posted to ingest; what ingest
+/// accepted is the ground truth.
+struct Load {
+    client: reqwest::Client,
+    url: String,
+    token: String,
+    run: i64,
+    customers: usize,
+    next_event: AtomicU64,
+    events: AtomicU64,
+    truth: Mutex<BTreeMap<WindowKey, i64>>,
+}
+
+impl Load {
+    fn new(ingest: &ServiceProcess, params: &Params) -> anyhow::Result<Load> {
+        Ok(Load {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(params.concurrency)
+                .timeout(Duration::from_secs(60))
+                .build()
+                .context("building the http client")?,
+            url: ingest.url("/v1/events/bulk"),
+            token: api::token(TENANT, ENVIRONMENT),
+            run: unix_now(),
+            customers: params.customers,
+            next_event: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            truth: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn truth(&self) -> BTreeMap<WindowKey, i64> {
+        self.truth.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Posts for `params.seconds`; the elapsed time (to the last answer) and every request's
+    /// latency.
+    async fn run(&self, params: &Params) -> anyhow::Result<(Duration, Vec<Duration>)> {
+        let started = Instant::now();
+        let until = started + Duration::from_secs(params.seconds);
+        let tickets = AtomicUsize::new(0);
+        let clients = (0..params.concurrency).map(|_| async {
+            let mut latencies = Vec::new();
+            loop {
+                let ticket = tickets.fetch_add(1, Ordering::Relaxed);
+                if params.rate > 0 {
+                    // Open loop: request n is due at n x batch / rate seconds.
+                    let due = started
+                        + Duration::from_secs_f64(
+                            ticket as f64 * params.batch as f64 / params.rate as f64,
+                        );
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                if Instant::now() >= until {
+                    return anyhow::Ok(latencies);
+                }
+                latencies.push(self.post(params.batch).await?);
+            }
+        });
+        let mut all = Vec::new();
+        for outcome in futures::future::join_all(clients).await {
+            all.extend(outcome?);
+        }
+        Ok((started.elapsed(), all))
+    }
+
+    /// One bulk request of `batch` events stamped now; anything but 202 fails the run.
+    async fn post(&self, batch: usize) -> anyhow::Result<Duration> {
+        let first = self.next_event.fetch_add(batch as u64, Ordering::Relaxed);
+        let now = OffsetDateTime::now_utc();
+        let stamp = meterline_schemas::Timestamp::new(now)
+            .map_err(|e| anyhow::anyhow!("a timestamp: {e}"))?
+            .to_string();
+        let window = now.unix_timestamp().div_euclid(WINDOW_SECONDS) * WINDOW_SECONDS;
+        let mut body = String::with_capacity(batch * 140 + 16);
+        body.push_str("{\"events\":[");
+        for n in first..first + batch as u64 {
+            let (customer, tokens) = content(n, self.customers);
+            if n > first {
+                body.push(',');
+            }
+            let _ = write!(
+                body,
+                "{{\"id\":\"pl{}x{n}\",\"customer_id\":\"cust_{customer:05}\",\"event_name\":\"api.request\",\"timestamp\":\"{stamp}\",\"properties\":{{\"tokens\":{tokens}}}}}",
+                self.run
+            );
+        }
+        body.push_str("]}");
+        let started = Instant::now();
+        let response = self
+            .client
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(Bytes::from(body))
+            .send()
+            .await
+            .context("posting a bulk request")?;
+        let status = response.status();
+        let answer = response.bytes().await.context("reading the answer")?;
+        let elapsed = started.elapsed();
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!(
+                "ingest answered {status}: {}",
+                String::from_utf8_lossy(&answer[..answer.len().min(2000)])
+            );
+        }
+        let mut truth = self.truth.lock().unwrap_or_else(|p| p.into_inner());
+        for n in first..first + batch as u64 {
+            let (customer, tokens) = content(n, self.customers);
+            *truth.entry((customer, 0, window)).or_default() += 1;
+            *truth.entry((customer, 1, window)).or_default() += tokens;
+        }
+        drop(truth);
+        self.events.fetch_add(batch as u64, Ordering::Relaxed);
+        Ok(elapsed)
+    }
+}
+
+/// Signed `customer.created` deliveries to the relay at `rate` a second until `stop`; how
+/// many were delivered. Any answer but 200 fails the run.
+async fn webhook_stream(url: String, rate: u32, stop: Arc<AtomicBool>) -> anyhow::Result<u64> {
+    if rate == 0 {
+        return Ok(0);
+    }
+    let client = reqwest::Client::new();
+    let run = unix_now();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let due = started + Duration::from_secs_f64(sent as f64 / f64::from(rate));
+        tokio::time::sleep_until(due.into()).await;
+        let body = event_body(&format!("evt_pipe{run}x{sent:08}"), sent as usize);
+        let answer = client
+            .post(&url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/json; charset=utf-8",
+            )
+            .header(
+                "stripe-signature",
+                signature_header(unix_now(), SECRET, &body),
+            )
+            .body(body)
+            .send()
+            .await
+            .context("delivering a webhook")?;
+        if answer.status() != reqwest::StatusCode::OK {
+            bail!("webhook-relay answered {} to a delivery", answer.status());
+        }
+        sent += 1;
+    }
+    Ok(sent)
+}
+
+/// Stripe's totals per window from the accepted meter events (each identifier once).
+fn stripe_totals(receipts: &[Receipt], customers: &[String]) -> BTreeMap<WindowKey, i64> {
+    let index = customer_index(customers);
+    let mut seen = HashSet::new();
+    let mut totals = BTreeMap::new();
+    for r in receipts {
+        if !r.accepted() || !seen.insert(r.identifier.as_str()) {
+            continue;
+        }
+        if let Some(key) = window_of(r, &index) {
+            *totals.entry(key).or_default() += r.value;
+        }
+    }
+    totals
+}
+
+/// `cus_...` -> the customer's index.
+fn customer_index(customers: &[String]) -> HashMap<&str, usize> {
+    customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect()
+}
+
+fn window_of(r: &Receipt, customers: &HashMap<&str, usize>) -> Option<WindowKey> {
+    let customer = *customers.get(r.customer.as_str())?;
+    let meter = METERS.iter().position(|(_, e)| *e == r.event_name)?;
+    Some((
+        customer,
+        meter,
+        r.timestamp.div_euclid(WINDOW_SECONDS) * WINDOW_SECONDS,
+    ))
+}
+
+/// Fails unless the stand-in's own counted meter events give `truth` per window.
+async fn check_counted(stripe: &Stripe, truth: &BTreeMap<WindowKey, i64>) -> anyhow::Result<()> {
+    let index = customer_index(&stripe.customers);
+    let inspect = stripe.standin.inspect().await;
+    let mut counted: BTreeMap<WindowKey, i64> = BTreeMap::new();
+    for e in inspect["meter_events"].as_array().into_iter().flatten() {
+        if e["counted"] != json!(true) || e["cancelled"] == json!(true) {
+            continue;
+        }
+        let receipt = Receipt {
+            at: Duration::ZERO,
+            status: 200,
+            customer: e["customer"].as_str().unwrap_or_default().to_owned(),
+            event_name: e["event_name"].as_str().unwrap_or_default().to_owned(),
+            identifier: String::new(),
+            value: e["value"].as_i64().unwrap_or_default(),
+            timestamp: e["timestamp"].as_i64().unwrap_or_default(),
+        };
+        if let Some(key) = window_of(&receipt, &index) {
+            *counted.entry(key).or_default() += receipt.value;
+        }
+    }
+    if &counted != truth {
+        let wrong = truth
+            .iter()
+            .filter(|(k, v)| counted.get(*k) != Some(*v))
+            .count();
+        bail!(
+            "stripe's counted totals differ from what ingest accepted in {wrong} of {} windows",
+            truth.len()
+        );
+    }
+    Ok(())
+}
+
+/// Per window: due (its end, grace 0) to the first accepted meter event, and to the one
+/// after which Stripe's total equalled the truth.
+fn window_latencies(
+    receipts: &[Receipt],
+    stripe: &Stripe,
+    truth: &BTreeMap<WindowKey, i64>,
+) -> (Latency, Latency) {
+    let index = customer_index(&stripe.customers);
+    let mut seen = HashSet::new();
+    let mut sums: BTreeMap<WindowKey, i64> = BTreeMap::new();
+    let mut first: BTreeMap<WindowKey, i64> = BTreeMap::new();
+    let mut complete: BTreeMap<WindowKey, i64> = BTreeMap::new();
+    for r in receipts {
+        if !r.accepted() || !seen.insert(r.identifier.as_str()) {
+            continue;
+        }
+        let Some(key) = window_of(r, &index) else {
+            continue;
+        };
+        let at = stripe.recorder.unix_ms(r.at);
+        first.entry(key).or_insert(at);
+        let sum = sums.entry(key).or_default();
+        *sum += r.value;
+        if Some(&*sum) == truth.get(&key) {
+            complete.insert(key, at);
+        } else {
+            complete.remove(&key);
+        }
+    }
+    let after_due = |at: &BTreeMap<WindowKey, i64>| -> Vec<Duration> {
+        at.iter()
+            .map(|(key, ms)| {
+                let due_ms = (key.2 + WINDOW_SECONDS) * 1000;
+                Duration::from_millis((ms - due_ms).max(0) as u64)
+            })
+            .collect()
+    };
+    (
+        Latency::of(after_due(&first)),
+        Latency::of(after_due(&complete)),
+    )
+}
+
+/// The baseline: produce to topic A; a task consumes A and produces each message to topic B
+/// (waiting for the ack); a second task consumes B and POSTs one meter event per message to
+/// the stand-in. Per message: first produce -> the POST's answer.
+async fn bare_path(params: &Params) -> anyhow::Result<Latency> {
+    let ns = Namespace::create().await;
+    let stripe = Stripe::start(params.stripe_rate, 1).await?;
+    let producer: FutureProducer = producer_config(&ns.kafka, "meterline-bench", PRODUCE_TIMEOUT)
+        .create()
+        .context("creating the baseline producer")?;
+    let (topic_a, topic_b) = (ns.topic(Topic::UsageRaw), ns.topic(Topic::UsageWindows));
+    let consumer = |topic: &str, role: &str| -> anyhow::Result<StreamConsumer> {
+        let group = format!("{}-bare-{role}", ns.id);
+        let c: StreamConsumer = consumer_config(&ns.kafka, "meterline-bench", &group)
+            .create()
+            .context("creating a baseline consumer")?;
+        c.subscribe(&[topic]).context("subscribing")?;
+        Ok(c)
+    };
+    let hop_in = consumer(&topic_a, "hop")?;
+    let post_in = consumer(&topic_b, "post")?;
+    let hop = {
+        let (producer, topic_b) = (producer.clone(), topic_b.clone());
+        tokio::spawn(async move {
+            loop {
+                let message = hop_in.recv().await.context("reading topic a")?;
+                let (key, value) = (
+                    message.key().unwrap_or_default().to_vec(),
+                    message.payload().unwrap_or_default().to_vec(),
+                );
+                producer
+                    .send(
+                        FutureRecord::to(&topic_b).key(&key).payload(&value),
+                        PRODUCE_TIMEOUT,
+                    )
+                    .await
+                    .map_err(|(e, _)| anyhow::anyhow!("producing to topic b: {e}"))?;
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        })
+    };
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let poster = {
+        let url = format!("{}/v1/billing/meter_events", stripe.recorder.base);
+        let key = stripe.standin.key.clone();
+        let customer = stripe.customers[0].clone();
+        let run = unix_now();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            loop {
+                let message = post_in.recv().await.context("reading topic b")?;
+                let index: u64 = std::str::from_utf8(message.payload().unwrap_or_default())
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .context("a baseline message is its index")?;
+                let identifier = format!("bare_{run}_{index}");
+                let form = [
+                    ("event_name", METERS[0].1.to_owned()),
+                    ("payload[stripe_customer_id]", customer.clone()),
+                    ("payload[value]", "1".to_owned()),
+                    ("identifier", identifier.clone()),
+                    ("timestamp", (unix_now() - 1).to_string()),
+                ];
+                let answer = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("Idempotency-Key", &identifier)
+                    .form(&form)
+                    .send()
+                    .await
+                    .context("posting a baseline meter event")?;
+                let status = answer.status();
+                answer.bytes().await.context("reading an answer")?;
+                if !status.is_success() {
+                    bail!("the stand-in answered {status} to a baseline meter event");
+                }
+                if arrived_tx.send((index, Instant::now())).is_err() {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+    };
+
+    let send = |index: u64| {
+        let value = index.to_string();
+        let producer = producer.clone();
+        let topic = topic_a.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("cust_00000").payload(&value),
+                    PRODUCE_TIMEOUT,
+                )
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("producing to topic a: {e}"))
+        }
+    };
+    // Warm-up: until a message makes the whole trip, both groups are joined and every
+    // connection is open. Warm-up indices lie past the measured ones.
+    let measured = params.baseline_messages as u64;
+    let mut warm = measured;
+    loop {
+        send(warm).await?;
+        warm += 1;
+        match tokio::time::timeout(Duration::from_secs(2), arrived.recv()).await {
+            Ok(Some(_)) => break,
+            Ok(None) => bail!("the baseline path stopped: {:?}", poster.await),
+            Err(_) if warm - measured > 30 => bail!("the baseline path never carried a message"),
+            Err(_) => {}
+        }
+    }
+    while tokio::time::timeout(Duration::from_millis(500), arrived.recv())
+        .await
+        .is_ok()
+    {}
+
+    let mut sent_at = vec![None; params.baseline_messages];
+    let mut latencies = Vec::with_capacity(params.baseline_messages);
+    let pace = Duration::from_millis(50);
+    let started = Instant::now();
+    let mut next = 0u64;
+    let deadline = started + pace * params.baseline_messages as u32 + Duration::from_secs(60);
+    while latencies.len() < params.baseline_messages {
+        if next < measured {
+            let due = started + pace * next as u32;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {
+                    sent_at[next as usize] = Some(Instant::now());
+                    // Not awaited: the next message goes out on time whatever the ack takes.
+                    tokio::spawn(send(next));
+                    next += 1;
+                    continue;
+                }
+                got = arrived.recv() => record(got, &sent_at, &mut latencies)?,
+            }
+        } else {
+            match tokio::time::timeout_at(deadline.into(), arrived.recv()).await {
+                Ok(got) => record(got, &sent_at, &mut latencies)?,
+                Err(_) => bail!(
+                    "only {} of {} baseline messages made the trip",
+                    latencies.len(),
+                    params.baseline_messages
+                ),
+            }
+        }
+    }
+    hop.abort();
+    poster.abort();
+    ns.drop_databases().await;
+    Ok(Latency::of(latencies))
+}
+
+fn record(
+    got: Option<(u64, Instant)>,
+    sent_at: &[Option<Instant>],
+    latencies: &mut Vec<Duration>,
+) -> anyhow::Result<()> {
+    let (index, at) = got.context("the baseline path stopped")?;
+    if let Some(Some(sent)) = sent_at.get(index as usize) {
+        latencies.push(at - *sent);
+    }
+    Ok(())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+impl PipelineReport {
+    fn latency_text(l: &Latency) -> String {
+        format!(
+            "p50 {:.2} s, p99 {:.2} s, max {:.2} s ({} windows)",
+            l.p50.as_secs_f64(),
+            l.p99.as_secs_f64(),
+            l.max.as_secs_f64(),
+            thousands(l.count as f64)
+        )
+    }
+
+    fn baseline_text(&self) -> String {
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages, 20 a second)",
+            crate::report::ms(self.baseline.p50),
+            crate::report::ms(self.baseline.p99),
+            crate::report::ms(self.baseline.max),
+            self.baseline.count
+        )
+    }
+
+    fn load_text(&self) -> String {
+        if self.params.rate == 0 {
+            format!(
+                "{} clients posting bulk requests of {} events back to back (as fast as ingest answers) for {} s",
+                self.params.concurrency,
+                thousands(self.params.batch as f64),
+                self.params.seconds
+            )
+        } else {
+            format!(
+                "{} events/s in bulk requests of {} from {} clients for {} s",
+                thousands(self.params.rate as f64),
+                thousands(self.params.batch as f64),
+                self.params.concurrency,
+                self.params.seconds
+            )
+        }
+    }
+
+    fn kept_up(&self) -> String {
+        format!(
+            "{} of {} rows in `events_processed` when the load ended ({:.1}%); all of them {:.1} s later",
+            thousands(self.rows_at_load_end as f64),
+            thousands(self.rows_expected as f64),
+            100.0 * self.rows_at_load_end as f64 / self.rows_expected.max(1) as f64,
+            self.catch_up.as_secs_f64()
+        )
+    }
+
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "== pipeline benchmark ({}) ==", date_text(self.date));
+        let _ = writeln!(s, "load         {}", self.load_text());
+        let _ = writeln!(
+            s,
+            "sustained    {} events/s ({} events in {:.1}s)",
+            thousands(self.rate()),
+            thousands(self.events as f64),
+            self.load_elapsed.as_secs_f64()
+        );
+        let _ = writeln!(s, "aggregator   {}", self.kept_up());
+        let _ = writeln!(s, "due->first   {}", Self::latency_text(&self.first));
+        let _ = writeln!(s, "due->total   {}", Self::latency_text(&self.complete));
+        let _ = writeln!(s, "baseline     {}", self.baseline_text());
+        for m in &self.memory {
+            let _ = writeln!(
+                s,
+                "memory       {:<14} idle {:>6.1} MiB, peak {:>7.1} MiB, end {:>7.1} MiB",
+                m.name,
+                mib(m.idle.rss_kib),
+                mib(m.end.peak_kib),
+                mib(m.end.rss_kib)
+            );
+        }
+        s
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let p = &self.params;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Generated by `meterline-bench pipeline --write-docs` on {}; do not edit by hand.\n",
+            date_text(self.date)
+        );
+        let _ = writeln!(s, "| | |\n|---|---|");
+        let _ = writeln!(
+            s,
+            "| machine | {} cores, {}, {:.1} GiB memory; 1-minute load {:.2} before the baseline, {:.2} before the pipeline's load |",
+            m.cores, m.model, m.memory_gib, self.load_before_baseline, self.load_before_pipeline
+        );
+        let _ = writeln!(s, "| date | {} |", date_text(self.date));
+        let _ = writeln!(
+            s,
+            "| parameters | {}; {} customers, a COUNT and a SUM meter on `api.request`, 1-minute windows, grace 0; Stripe account limit and sink rate {}/s; {} signed webhook deliveries/s to the relay meanwhile |",
+            self.load_text(),
+            thousands(p.customers as f64),
+            thousands(f64::from(p.stripe_rate)),
+            p.webhook_rate
+        );
+        let _ = writeln!(
+            s,
+            "| **ingest sustained** | **{} events/s** ({} events accepted in {:.1} s; bulk request p50 {:.0} ms, p99 {:.0} ms) |",
+            thousands(self.rate()),
+            thousands(self.events as f64),
+            self.load_elapsed.as_secs_f64(),
+            crate::report::ms(self.requests.p50),
+            crate::report::ms(self.requests.p99)
+        );
+        let _ = writeln!(s, "| aggregator kept up? | {} |", self.kept_up());
+        let _ = writeln!(
+            s,
+            "| **window due -> first meter event received by Stripe** | **{}** |",
+            Self::latency_text(&self.first)
+        );
+        let _ = writeln!(
+            s,
+            "| window due -> Stripe's total complete | {} |",
+            Self::latency_text(&self.complete)
+        );
+        let _ = writeln!(
+            s,
+            "| baseline: produce -> consume -> produce (acked) -> consume -> one POST to the stand-in | {} |",
+            self.baseline_text()
+        );
+        let _ = writeln!(
+            s,
+            "| checked | Stripe's counted total of each of the {} windows equals the events ingest accepted for it; {} meter events accepted, {} answered 429; {} webhook deliveries answered 200 |",
+            thousands(self.windows as f64),
+            thousands(self.meter_events as f64),
+            self.too_many,
+            thousands(self.webhooks as f64)
+        );
+        let _ = writeln!(
+            s,
+            "\nResident memory of each service (`/proc/<pid>/status`): idle is `VmRSS` after start-up and configuration, before the load (the baseline); peak is `VmHWM` at the end of the run, the most it ever held.\n\n\
+             | service | idle (baseline) | peak during the run | at the end | peak / idle |\n|---|---|---|---|---|"
+        );
+        for mem in &self.memory {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} MiB | **{:.1} MiB** | {:.1} MiB | {:.1}x |",
+                mem.name,
+                mib(mem.idle.rss_kib),
+                mib(mem.end.peak_kib),
+                mib(mem.end.rss_kib),
+                mem.end.peak_kib as f64 / mem.idle.rss_kib.max(1) as f64
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nCPU seconds (user + system) during the load ({:.1} s, {:.1} core-seconds available):\n\n| process | load phase |\n|---|---|",
+            self.load_elapsed.as_secs_f64(),
+            self.load_elapsed.as_secs_f64() * m.cores as f64
+        );
+        for name in SERVICES.iter().copied().chain([
+            "kafka broker",
+            "clickhouse server",
+            "postgresql (all backends)",
+            "meterline-bench",
+        ]) {
+            if let Some(cpu) = find_cpu(&self.cpu, name) {
+                let _ = writeln!(s, "| {name} | {} |", cpu_cell(Some(cpu)));
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_spread_over_every_customer_with_tokens_in_range() {
+        let mut seen = HashSet::new();
+        for n in 0..2000 {
+            let (customer, tokens) = content(n, 20);
+            assert!(customer < 20 && (1..=50).contains(&tokens));
+            seen.insert(customer);
+        }
+        assert_eq!(seen.len(), 20);
+        assert_eq!(content(7, 20), content(7, 20));
+    }
+}
