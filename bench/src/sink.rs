@@ -572,9 +572,9 @@ impl SinkReport {
         let b = &self.baseline;
         let _ = writeln!(
             s,
-            "| **baseline**: plain HTTP client, {} connections, no limiter, account without a practical limit | **{:.0} meter events/s** ({} accepted in {:.2} s; busiest 1-second span {}; {} x 429) |",
+            "| **baseline**: plain HTTP client, {} connections, no limiter, account without a practical limit | **{} meter events/s** ({} accepted in {:.2} s; busiest 1-second span {}; {} x 429) |",
             self.concurrency,
-            b.rate(),
+            thousands(b.rate()),
             thousands(b.accepted as f64),
             b.span.as_secs_f64(),
             thousands(b.busiest_second as f64),
@@ -582,7 +582,7 @@ impl SinkReport {
         );
         let _ = writeln!(
             s,
-            "\n| configured limit | window totals | **achieved** (first to last arrival) | achieved / limit | busiest 1-second span | 429s | other errors | first meter event after the load | baseline / achieved | within the limit |\n\
+            "\n| configured limit | window totals | **achieved** (first to last arrival) | achieved / limit | busiest 1-second span | 429s | other errors | first meter event after the totals were written | baseline / achieved | within the limit |\n\
              |---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
