@@ -34,15 +34,18 @@ pub struct MeteredEvent {
     pub window: Window,
 }
 
-/// What metering one event produced.
+/// What metering one event produced besides its rows.
 #[derive(Debug, Default)]
 pub struct Metering {
-    pub rows: Vec<MeteredEvent>,
+    /// Rows appended: one per meter the event fed.
+    pub fed: usize,
     /// Meters the event matched but whose property it carried with an unusable value.
     pub failures: Vec<(MeterId, QuantityError)>,
 }
 
-/// Resolves `event` against the meters of its tenant environment. An event matching no
+/// Resolves `event` against the meters of its tenant environment and appends a row to `rows`
+/// for each meter it feeds (appended rather than returned: a batch meters tens of thousands
+/// of events, and a vector per event was an allocation per event). An event matching no
 /// meter yields no row; an event matching a meter without the property it reads does not
 /// feed that meter (`Ok(None)` from [`Aggregation::quantity`]).
 pub fn meter_event(
@@ -51,6 +54,7 @@ pub fn meter_event(
     window: Window,
     ingested_at: OffsetDateTime,
     now: OffsetDateTime,
+    rows: &mut Vec<MeteredEvent>,
 ) -> Metering {
     let mut metering = Metering::default();
     let timestamp = event.timestamp.as_offset_date_time();
@@ -59,20 +63,23 @@ pub fn meter_event(
         .filter(|m| m.matches(&event.event_name, &event.properties))
     {
         match meter.aggregation.quantity(&event.properties) {
-            Ok(Some(quantity)) => metering.rows.push(MeteredEvent {
-                event: Arc::clone(event),
-                meter_id: meter.id.clone(),
-                timestamp,
-                quantity,
-                unique_key: meter
-                    .aggregation
-                    .unique_key(&event.properties)
-                    .unwrap_or_default(),
-                version: version_of(ingested_at),
-                ingested_at,
-                expired: is_expired_event(timestamp, now),
-                window,
-            }),
+            Ok(Some(quantity)) => {
+                rows.push(MeteredEvent {
+                    event: Arc::clone(event),
+                    meter_id: meter.id.clone(),
+                    timestamp,
+                    quantity,
+                    unique_key: meter
+                        .aggregation
+                        .unique_key(&event.properties)
+                        .unwrap_or_default(),
+                    version: version_of(ingested_at),
+                    ingested_at,
+                    expired: is_expired_event(timestamp, now),
+                    window,
+                });
+                metering.fed += 1;
+            }
             Ok(None) => {}
             Err(e) => metering.failures.push((meter.id.clone(), e)),
         }
@@ -183,9 +190,10 @@ mod tests {
         ];
         let window = Window::containing(at, 60).unwrap();
         let e = event("api.request", json!({"bytes": "12.5", "region": "us"}), at);
-        let m = meter_event(&e, &meters, window, at, at);
-        let fed: Vec<(&str, Decimal)> = m
-            .rows
+        let mut rows = Vec::new();
+        let m = meter_event(&e, &meters, window, at, at, &mut rows);
+        assert_eq!(m.fed, 2);
+        let fed: Vec<(&str, Decimal)> = rows
             .iter()
             .map(|r| (r.meter_id.as_str(), r.quantity))
             .collect();
@@ -204,8 +212,10 @@ mod tests {
             meter(json!({"id": "sum", "event_name": "x", "aggregation": "SUM", "property": "n"})),
         ];
         let e = event("x", json!({"n": "lots"}), at);
-        let m = meter_event(&e, &meters, Window::containing(at, 60).unwrap(), at, at);
-        assert_eq!(m.rows.len(), 1);
+        let mut rows = Vec::new();
+        let window = Window::containing(at, 60).unwrap();
+        let m = meter_event(&e, &meters, window, at, at, &mut rows);
+        assert_eq!((m.fed, rows.len()), (1, 1));
         assert_eq!(m.failures.len(), 1);
         assert_eq!(m.failures[0].0.as_str(), "sum");
     }

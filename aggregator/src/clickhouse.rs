@@ -55,8 +55,12 @@ impl Warehouse {
     }
 
     /// Inserts `rows` in one insert; returns once ClickHouse acknowledged all of them.
-    pub async fn insert(&self, rows: &[MeteredEvent]) -> Result<(), Error> {
-        if rows.is_empty() {
+    pub async fn insert<'r>(
+        &self,
+        rows: impl IntoIterator<Item = &'r MeteredEvent, IntoIter: Send> + Send,
+    ) -> Result<(), Error> {
+        let mut rows = rows.into_iter().peekable();
+        if rows.peek().is_none() {
             return Ok(());
         }
         let ch = |e| Error::Clickhouse {
