@@ -281,7 +281,7 @@ impl Round {
         RoundRates {
             load_before_baseline: self.load_before_baseline,
             baseline_rate: events as f64 / self.baseline_elapsed.as_secs_f64(),
-            aggregator_rate: aggregator_rate(
+            rate: aggregator_rate(
                 self.target,
                 self.consumed.first_rows,
                 self.consumed.done - self.consumed.first,
