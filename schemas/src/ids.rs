@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -96,8 +97,9 @@ fn text_schema(description: &str, max_chars: usize) -> Schema {
     })
 }
 
-/// Defines a string identifier: private field, fallible construction, serde through `String`,
-/// and a hand-written JSON Schema carrying the same rule.
+/// Defines a string identifier: private field, fallible construction, serde as a JSON string
+/// validated on the way in, and a hand-written JSON Schema carrying the same rule. The text is
+/// a `CompactString`: up to 24 bytes inline, longer ones on the heap.
 macro_rules! string_id {
     (
         $(#[$attr:meta])*
@@ -108,14 +110,14 @@ macro_rules! string_id {
         }
     ) => {
         $(#[$attr])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(CompactString);
 
         impl $name {
             #[doc = concat!("Validates `value` as a `", $field, "`.")]
             pub fn parse(value: &str) -> Result<Self, SchemaError> {
-                Self::try_from(value.to_owned())
+                Self::check(value)?;
+                Ok(Self(CompactString::new(value)))
             }
 
             /// The identifier as text, exactly as it was parsed.
@@ -125,7 +127,12 @@ macro_rules! string_id {
 
             /// Gives back the owned text.
             pub fn into_string(self) -> String {
-                self.0
+                self.0.into_string()
+            }
+
+            fn check(value: &str) -> Result<(), SchemaError> {
+                let check: fn(&str) -> Result<(), String> = $check;
+                check(value).map_err(|reason| SchemaError::invalid($field, reason))
             }
         }
 
@@ -133,11 +140,40 @@ macro_rules! string_id {
             type Error = SchemaError;
 
             fn try_from(value: String) -> Result<Self, SchemaError> {
-                let check: fn(&str) -> Result<(), String> = $check;
-                match check(&value) {
-                    Ok(()) => Ok(Self(value)),
-                    Err(reason) => Err(SchemaError::invalid($field, reason)),
+                Self::check(&value)?;
+                Ok(Self(CompactString::from(value)))
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        // From the deserializer's own (often borrowed) text: a short identifier is never
+        // copied to the heap on the way in.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a string")
+                    }
+
+                    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<$name, E> {
+                        $name::parse(value).map_err(E::custom)
+                    }
+
+                    fn visit_string<E: serde::de::Error>(self, value: String) -> Result<$name, E> {
+                        $name::try_from(value).map_err(E::custom)
+                    }
                 }
+
+                deserializer.deserialize_str(Text)
             }
         }
 
@@ -159,7 +195,7 @@ macro_rules! string_id {
 
         impl From<$name> for String {
             fn from(value: $name) -> String {
-                value.0
+                value.into_string()
             }
         }
 
@@ -256,7 +292,10 @@ impl EventId {
     /// A fresh, time-ordered id (UUID v7, hyphenated) for events whose producer sent none.
     pub fn generate() -> Self {
         // A hyphenated UUID is 36 ASCII hex digits and hyphens, which the text rule accepts.
-        Self(Uuid::now_v7().hyphenated().to_string())
+        let mut text = Uuid::encode_buffer();
+        Self(CompactString::new(
+            Uuid::now_v7().hyphenated().encode_lower(&mut text),
+        ))
     }
 }
 
