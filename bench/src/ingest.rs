@@ -91,23 +91,11 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         round.finish().await;
     }
     let round = measure_round(params, &workload, &token, broker_pid).await?;
-    let Round {
-        ingest,
-        driver,
-        load_before_baseline,
-        baseline_elapsed,
-        baseline_cpu,
-        load_before_ingest,
-        ingest_elapsed,
-        latencies,
-        ingest_cpu,
-        ..
-    } = &round;
 
     let profile = if params.profile_events == 0 {
         Err("disabled (--profile-events 0)".to_owned())
     } else {
-        profiled_pass(driver, ingest, params).await
+        profiled_pass(&round.driver, &round.ingest, params).await
     };
     if let Err(reason) = &profile {
         eprintln!("profile: {reason}");
@@ -116,8 +104,8 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
     let report = IngestReport {
         machine,
         date,
-        load_before_baseline: *load_before_baseline,
-        load_before_ingest: *load_before_ingest,
+        load_before_baseline: round.load_before_baseline,
+        load_before_ingest: round.load_before_ingest,
         earlier_rounds,
         events: workload.events.len(),
         batch: params.batch,
@@ -125,11 +113,11 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         customers: params.customers,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         body_bytes: workload.body_bytes(),
-        baseline_elapsed: *baseline_elapsed,
-        ingest_elapsed: *ingest_elapsed,
-        latency: Latency::of(latencies.clone()),
-        baseline_cpu: baseline_cpu.components(),
-        ingest_cpu: ingest_cpu.components(),
+        baseline_elapsed: round.baseline_elapsed,
+        ingest_elapsed: round.ingest_elapsed,
+        latency: Latency::of(round.latencies.clone()),
+        baseline_cpu: round.baseline_cpu.components(),
+        ingest_cpu: round.ingest_cpu.components(),
         profile,
         profile_events: params.profile_events.min(workload.events.len()),
     };

@@ -22,7 +22,7 @@ use std::fmt;
 use std::time::Duration;
 
 use meterline_common::config::KafkaSettings;
-use meterline_common::kafka::{consumer_config, producer_config, Topics};
+use meterline_common::kafka::{consumer_config, producer_config, resume_offset, Topics};
 use meterline_schemas::{DlqHeaders, Topic};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -237,12 +237,7 @@ impl DlqReader {
                     .consumer
                     .fetch_watermarks(&self.dlq_name, element.partition(), METADATA_TIMEOUT)
                     .map_err(kafka("reading partition watermarks"))?;
-                // No commit yet (or one below what the topic still retains): from the start.
-                let committed = element
-                    .offset()
-                    .to_raw()
-                    .filter(|o| *o >= low)
-                    .unwrap_or(low);
+                let committed = resume_offset(element.offset(), low);
                 spans.insert(
                     element.partition(),
                     Span {

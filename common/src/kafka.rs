@@ -219,7 +219,8 @@ impl DeadLetters {
     }
 }
 
-/// Readiness: can we fetch cluster metadata from a broker right now?
+/// A metadata-only client: readiness (can we fetch cluster metadata from a broker right now?)
+/// and how many messages were ever written to a topic. One per service; it joins no group.
 pub struct KafkaProbe {
     client: std::sync::Arc<BaseConsumer>,
 }
@@ -229,7 +230,7 @@ impl KafkaProbe {
         let client: BaseConsumer = base_config(settings, client_id)
             .create()
             .map_err(|source| Error::Kafka {
-                context: "creating readiness client",
+                context: "creating the metadata client",
                 source,
             })?;
         Ok(Self {
@@ -247,6 +248,30 @@ impl KafkaProbe {
         })
         .await
         .map_err(|e| format!("readiness task failed: {e}"))?
+    }
+
+    /// The sum of the end offsets of every partition of `topic`: every message ever written
+    /// to it (transaction markers included), whatever retention has since removed. It never
+    /// goes down, so its increase is the number of messages written in a period.
+    pub async fn end_offsets_total(&self, topic: &str, timeout: Duration) -> Result<i64, Error> {
+        let client = self.client.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<i64, Error> {
+            partitions(&client, &topic, timeout)?
+                .into_iter()
+                .map(|partition| {
+                    client
+                        .fetch_watermarks(&topic, partition, timeout)
+                        .map(|(_, high)| high)
+                        .map_err(|source| Error::Kafka {
+                            context: "reading partition watermarks",
+                            source,
+                        })
+                })
+                .sum()
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
     }
 }
 
@@ -309,13 +334,7 @@ impl GroupWatch {
                     let (low, high) = client
                         .fetch_watermarks(&topic, element.partition(), timeout)
                         .map_err(kafka("reading partition watermarks"))?;
-                    // No committed offset yet (or one below the retained range): the group
-                    // will start at the earliest retained message.
-                    let from = element
-                        .offset()
-                        .to_raw()
-                        .filter(|o| *o >= low)
-                        .unwrap_or(low);
+                    let from = resume_offset(element.offset(), low);
                     Ok(PartitionLag {
                         partition: element.partition(),
                         lag: (high - from).max(0),
@@ -328,48 +347,10 @@ impl GroupWatch {
     }
 }
 
-/// Reads how many messages were ever written to a topic, for counting what lands on the
-/// dead-letter topics whoever wrote it.
-pub struct EndOffsets {
-    client: std::sync::Arc<BaseConsumer>,
-}
-
-impl EndOffsets {
-    pub fn new(settings: &KafkaSettings, client_id: &str) -> Result<Self, Error> {
-        let client: BaseConsumer = base_config(settings, client_id)
-            .create()
-            .map_err(|source| Error::Kafka {
-                context: "creating a metadata client",
-                source,
-            })?;
-        Ok(Self {
-            client: std::sync::Arc::new(client),
-        })
-    }
-
-    /// The sum of the end offsets of every partition of `topic`: every message ever written
-    /// to it (transaction markers included), whatever retention has since removed. It never
-    /// goes down, so its increase is the number of messages written in a period.
-    pub async fn total(&self, topic: &str, timeout: Duration) -> Result<i64, Error> {
-        let client = self.client.clone();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || -> Result<i64, Error> {
-            partitions(&client, &topic, timeout)?
-                .into_iter()
-                .map(|partition| {
-                    client
-                        .fetch_watermarks(&topic, partition, timeout)
-                        .map(|(_, high)| high)
-                        .map_err(|source| Error::Kafka {
-                            context: "reading partition watermarks",
-                            source,
-                        })
-                })
-                .sum()
-        })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))?
-    }
+/// Where a group resumes reading a partition whose earliest retained offset is `low`: its
+/// committed offset, or `low` when it has none yet or retention removed what it points at.
+pub fn resume_offset(committed: rdkafka::Offset, low: i64) -> i64 {
+    committed.to_raw().filter(|o| *o >= low).unwrap_or(low)
 }
 
 fn partitions(client: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>, Error> {

@@ -203,7 +203,8 @@ pub struct Watches {
         meterline_schemas::Topic,
         meterline_common::kafka::GroupWatch,
     )>,
-    end_offsets: meterline_common::kafka::EndOffsets,
+    /// The service's metadata client (also its readiness probe): end offsets of the DLQs.
+    metadata: std::sync::Arc<meterline_common::kafka::KafkaProbe>,
     topics: meterline_common::kafka::Topics,
 }
 
@@ -212,6 +213,7 @@ impl Watches {
     pub fn new(
         pool: sqlx::PgPool,
         kafka: &meterline_common::config::KafkaSettings,
+        metadata: std::sync::Arc<meterline_common::kafka::KafkaProbe>,
         client_id: &str,
         groups: &[(meterline_schemas::Topic, &str)],
     ) -> Result<Self, crate::Error> {
@@ -231,7 +233,7 @@ impl Watches {
         Ok(Self {
             pool,
             groups,
-            end_offsets: meterline_common::kafka::EndOffsets::new(kafka, client_id)?,
+            metadata,
             topics,
         })
     }
@@ -294,8 +296,8 @@ impl Watches {
         }
         for topic in meterline_schemas::Topic::all() {
             let written = self
-                .end_offsets
-                .total(&self.topics.dlq(*topic), KAFKA_TIMEOUT)
+                .metadata
+                .end_offsets_total(&self.topics.dlq(*topic), KAFKA_TIMEOUT)
                 .await?;
             metrics::counter!(DLQ_MESSAGES, "topic" => topic.dlq_base_name())
                 .absolute(written.max(0) as u64);

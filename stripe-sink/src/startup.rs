@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let watches = metrics::Watches::new(
         pool.clone(),
         &config.kafka,
+        kafka.clone(),
         SERVICE,
         &[
             (Topic::StripeWebhooks, WEBHOOKS_GROUP),

@@ -20,6 +20,13 @@ use time::OffsetDateTime;
 use crate::api::scope;
 use crate::{Namespace, ServiceProcess};
 
+/// The start of the hour `hours_ago` hours before now: windows there are long due.
+pub fn hour_start(hours_ago: i64) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours_ago * 3600)
+        .expect("a time within the representable range")
+}
+
 /// The aggregator in `ns`, publishing windows as soon as they end (no grace period) and
 /// batching for at most 200 ms, plus `extra` settings.
 pub async fn spawn_aggregator(ns: &Namespace, extra: &[(&str, &str)]) -> ServiceProcess {

@@ -11,9 +11,10 @@ use meterline_schemas::{
 };
 use meterline_tests::kafka::read_topic;
 use meterline_tests::usage::{
-    create_meter, event, produce_events, produce_raw, Expected, WindowWatcher,
+    create_meter, event, hour_start, produce_events, produce_raw, spawn_aggregator, Expected,
+    WindowWatcher,
 };
-use meterline_tests::{Namespace, ServiceProcess};
+use meterline_tests::Namespace;
 use rdkafka::message::Headers;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -24,29 +25,8 @@ fn dec(s: &str) -> Decimal {
     s.parse().unwrap()
 }
 
-/// The start of the hour `hours_ago` hours before now: windows there are long due.
-fn hour(hours_ago: i64) -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours_ago * 3600).unwrap()
-}
-
 fn minutes(m: i64) -> time::Duration {
     time::Duration::minutes(m)
-}
-
-async fn aggregator(ns: &Namespace, extra: &[(&str, &str)]) -> ServiceProcess {
-    let mut env = ns.env();
-    for (k, v) in [
-        ("STRIPE_SYNC_GRACE_PERIOD_MINUTES", "0"),
-        ("AGGREGATOR_BATCH_MAX_WAIT_MS", "200"),
-        ("AGGREGATOR_PUBLISH_INTERVAL_MS", "200"),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        env.push(((*k).into(), (*v).into()));
-    }
-    ServiceProcess::spawn("aggregator", &env).await
 }
 
 fn key(customer: &str, meter: &str, start: OffsetDateTime) -> (String, String, i64) {
@@ -57,7 +37,7 @@ fn key(customer: &str, meter: &str, start: OffsetDateTime) -> (String, String, i
 async fn totals_equal_the_ground_truth_for_every_aggregation() {
     let ns = Namespace::create().await;
     ns.stop_merges().await;
-    let aggregator = aggregator(&ns, &[]).await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
     // Meters created after the aggregator started: they apply without a restart.
     for meter in [
         json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
@@ -68,7 +48,7 @@ async fn totals_equal_the_ground_truth_for_every_aggregation() {
     ] {
         create_meter(&ns, TENANT, "env_prod", meter).await;
     }
-    let w0 = hour(5);
+    let w0 = hour_start(5);
     let w1 = w0 + time::Duration::HOUR;
     let e = |id: &str, customer: &str, name: &str, at, props| {
         event(TENANT, id, customer, name, at, props)
@@ -226,7 +206,7 @@ async fn totals_equal_the_ground_truth_for_every_aggregation() {
 #[tokio::test]
 async fn a_malformed_message_goes_to_the_dlq_with_its_reason_and_bytes() {
     let ns = Namespace::create().await;
-    let aggregator = aggregator(&ns, &[]).await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
     create_meter(
         &ns,
         TENANT,
@@ -235,7 +215,7 @@ async fn a_malformed_message_goes_to_the_dlq_with_its_reason_and_bytes() {
     )
     .await;
     let garbage = b"{\"schema_version\": 1, \"id\": ".to_vec();
-    let good = event(TENANT, "ok-1", "cust", "x", hour(3), json!({}));
+    let good = event(TENANT, "ok-1", "cust", "x", hour_start(3), json!({}));
     produce_raw(
         &ns,
         &[
@@ -279,7 +259,7 @@ async fn a_malformed_message_goes_to_the_dlq_with_its_reason_and_bytes() {
     let mut windows = WindowWatcher::new(&ns);
     windows
         .wait_for(
-            &BTreeMap::from([(key("cust", "calls", hour(3)), (dec("1"), 1))]),
+            &BTreeMap::from([(key("cust", "calls", hour_start(3)), (dec("1"), 1))]),
             Duration::from_secs(60),
         )
         .await;
@@ -348,9 +328,9 @@ async fn a_sigkilled_aggregator_loses_nothing_and_counts_nothing_twice() {
     let ns = Namespace::create().await;
     ns.stop_merges().await;
     stream_meters(&ns).await;
-    let (events, truth) = stream(12_000, 150, hour(6));
+    let (events, truth) = stream(12_000, 150, hour_start(6));
     let small_batches = [("AGGREGATOR_BATCH_MAX_EVENTS", "400")];
-    let first = aggregator(&ns, &small_batches).await;
+    let first = spawn_aggregator(&ns, &small_batches).await;
     let producer_ns = ns.clone();
     let chunks: Vec<Vec<RawUsageEvent>> = events.chunks(600).map(<[_]>::to_vec).collect();
     let writer = tokio::spawn(async move {
@@ -363,10 +343,10 @@ async fn a_sigkilled_aggregator_loses_nothing_and_counts_nothing_twice() {
     tokio::time::sleep(Duration::from_millis(900)).await;
     first.kill().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let second = aggregator(&ns, &small_batches).await;
+    let second = spawn_aggregator(&ns, &small_batches).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     second.kill().await;
-    let _third = aggregator(&ns, &small_batches).await;
+    let _third = spawn_aggregator(&ns, &small_batches).await;
     writer.await.unwrap();
 
     let mut windows = WindowWatcher::new(&ns);
@@ -379,10 +359,10 @@ async fn two_replicas_publish_no_conflicting_totals() {
     let ns = Namespace::create().await;
     ns.stop_merges().await;
     stream_meters(&ns).await;
-    let (events, truth) = stream(6_000, 80, hour(9));
+    let (events, truth) = stream(6_000, 80, hour_start(9));
     let batches = [("AGGREGATOR_BATCH_MAX_EVENTS", "300")];
-    let _a = aggregator(&ns, &batches).await;
-    let _b = aggregator(&ns, &batches).await;
+    let _a = spawn_aggregator(&ns, &batches).await;
+    let _b = spawn_aggregator(&ns, &batches).await;
     for chunk in events.chunks(500) {
         produce_events(&ns, chunk).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -409,9 +389,9 @@ async fn two_replicas_publish_no_conflicting_totals() {
 #[tokio::test]
 async fn resync_republishes_the_windows_in_range_with_the_job_id() {
     let ns = Namespace::create().await;
-    let _aggregator = aggregator(&ns, &[]).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
     stream_meters(&ns).await;
-    let w0 = hour(4);
+    let w0 = hour_start(4);
     let events = vec![
         event(
             TENANT,
@@ -513,9 +493,9 @@ async fn resync_republishes_the_windows_in_range_with_the_job_id() {
 #[tokio::test]
 async fn events_older_than_35_days_are_counted_but_flagged_expired() {
     let ns = Namespace::create().await;
-    let aggregator = aggregator(&ns, &[]).await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
     stream_meters(&ns).await;
-    let old = hour(24 * 40);
+    let old = hour_start(24 * 40);
     produce_events(
         &ns,
         &[event(

@@ -15,20 +15,13 @@ use meterline_tests::api::scope;
 use meterline_tests::namespace::TEST_PARTITIONS;
 use meterline_tests::process::run_command;
 use meterline_tests::usage::{
-    create_meter, event, produce_events, spawn_aggregator, Expected, WindowWatcher,
+    create_meter, event, hour_start, produce_events, spawn_aggregator, Expected, WindowWatcher,
 };
 use meterline_tests::Namespace;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
-use time::OffsetDateTime;
 
 const TENANT: &str = "tenant_dlq";
-
-/// The start of the hour `hours_ago` hours before now: windows there are long due.
-fn hour(hours_ago: i64) -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours_ago * 3600).unwrap()
-}
 
 /// Every message ever written to `topic` (the sum of its partitions' end offsets).
 fn messages_in(ns: &Namespace, topic: &str) -> i64 {
@@ -82,7 +75,7 @@ async fn a_replayed_dead_letter_counts_exactly_once_even_when_replayed_twice() {
                        "property": "duration"});
     create_meter(&ns, TENANT, "env_prod", wrong).await;
 
-    let w0 = hour(4);
+    let w0 = hour_start(4);
     let at = |m: i64| w0 + time::Duration::minutes(m);
     let events = vec![
         event(

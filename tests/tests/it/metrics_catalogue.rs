@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 use meterline_tests::api::{post_json, send, token};
 use meterline_tests::stack::repo_root;
 use meterline_tests::standin::Standin;
-use meterline_tests::usage::produce_raw;
+use meterline_tests::usage::{hour_start, produce_raw};
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::{json, Value};
-use time::OffsetDateTime;
 
 const TENANT: &str = "tenant_metrics";
 const ENVIRONMENT: &str = "env_prod";
@@ -288,11 +287,6 @@ fn problems(service: &str, documented: &[Documented], text: &str) -> Vec<String>
     problems
 }
 
-fn hour_ago(hours: i64) -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours * 3600).unwrap()
-}
-
 async fn put_json(url: &str, token: &str, body: &Value) -> meterline_tests::api::Answer {
     send(
         reqwest::Client::new()
@@ -417,7 +411,7 @@ async fn every_documented_metric_is_exported_and_every_exported_metric_is_docume
     let customer = standin.customer("cust_metrics").await;
 
     // Usage through ingest, in a window long due; one refused event and one refused token.
-    let at = hour_ago(2) + time::Duration::minutes(7);
+    let at = hour_start(2) + time::Duration::minutes(7);
     let timestamp = at
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();

@@ -9,18 +9,13 @@ use std::time::{Duration, Instant};
 
 use meterline_tests::api::{post_json, send, token};
 use meterline_tests::standin::Standin;
-use meterline_tests::usage::{create_meter, event, produce_events};
+use meterline_tests::usage::{create_meter, event, hour_start, produce_events, spawn_aggregator};
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 const TENANT: &str = "tenant_sink";
 const RATE: u32 = 40;
-
-fn hour(hours_ago: i64) -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours_ago * 3600).unwrap()
-}
 
 /// The stand-in's clock, Unix seconds.
 async fn standin_now(standin: &Standin) -> i64 {
@@ -36,14 +31,6 @@ async fn standin_now(standin: &Standin) -> i64 {
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap()
-}
-
-async fn aggregator(ns: &Namespace) -> ServiceProcess {
-    let mut env = ns.env();
-    env.push(("STRIPE_SYNC_GRACE_PERIOD_MINUTES".into(), "0".into()));
-    env.push(("AGGREGATOR_BATCH_MAX_WAIT_MS".into(), "200".into()));
-    env.push(("AGGREGATOR_PUBLISH_INTERVAL_MS".into(), "200".into()));
-    ServiceProcess::spawn("aggregator", &env).await
 }
 
 async fn sink(ns: &Namespace, standin: &Standin) -> ServiceProcess {
@@ -170,7 +157,7 @@ async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force
     )
     .await;
     create_meter(&ns, TENANT, "env_prod", json!({"id": "tokens", "event_name": "api.request", "aggregation": "SUM", "property": "tokens"})).await;
-    let _aggregator = aggregator(&ns).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
     let first = sink(&ns, &standin).await;
     configure(&first, &standin, &customers).await;
 
@@ -184,7 +171,7 @@ async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force
         .await;
 
     // 5,000 distinct events over 200 customers and three hours; every 20th sent twice.
-    let base = hour(7);
+    let base = hour_start(7);
     let mut events = Vec::new();
     let mut expected: BTreeMap<(String, String), f64> = BTreeMap::new();
     let mut windows_with_usage = std::collections::BTreeSet::new();
@@ -603,7 +590,7 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     .await;
     let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
     let sink = sink(&ns, &standin).await;
-    let _aggregator = aggregator(&ns).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
     let endpoint = standin
         .post(
             "/v1/webhook_endpoints",
@@ -633,7 +620,7 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     .await;
     assert_eq!(mapped.status, 201, "{:?}", mapped.body);
 
-    let at = hour(3) + time::Duration::minutes(10);
+    let at = hour_start(3) + time::Duration::minutes(10);
     let events: Vec<_> = (0..7)
         .map(|i| {
             event(

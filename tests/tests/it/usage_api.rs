@@ -10,7 +10,7 @@ use std::time::Duration;
 use meterline_schemas::Decimal;
 use meterline_tests::api::{post_json, send, token, Answer};
 use meterline_tests::usage::{
-    create_meter, event, produce_events, spawn_aggregator, Expected, WindowWatcher,
+    create_meter, event, hour_start, produce_events, spawn_aggregator, Expected, WindowWatcher,
 };
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::{json, Value};
@@ -20,12 +20,6 @@ const TENANT: &str = "tenant_usage";
 
 fn dec(s: &str) -> Decimal {
     s.parse().unwrap()
-}
-
-/// The start of the hour `hours_ago` hours before now: windows there are long due.
-fn hour(hours_ago: i64) -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    OffsetDateTime::from_unix_timestamp(now - now.rem_euclid(3600) - hours_ago * 3600).unwrap()
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -59,7 +53,7 @@ async fn usage_totals_equal_what_the_sync_is_sent() {
         create_meter(&ns, TENANT, "env_prod", meter).await;
     }
 
-    let w0 = hour(6);
+    let w0 = hour_start(6);
     let w1 = w0 + time::Duration::HOUR;
     let minutes = time::Duration::minutes;
     let call = |id: &str, customer: &str, at: OffsetDateTime, bytes: &str, ms: u32, user: &str| {
