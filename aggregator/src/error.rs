@@ -4,12 +4,8 @@
 pub enum Error {
     #[error(transparent)]
     Common(#[from] meterline_common::Error),
-    #[error("kafka: {context}: {source}")]
-    Kafka {
-        context: &'static str,
-        #[source]
-        source: rdkafka::error::KafkaError,
-    },
+    #[error("kafka: publishing window totals: {0}")]
+    Publish(meterline_common::kafka::WriteError),
     #[error("clickhouse: {context}: {source}")]
     Clickhouse {
         context: &'static str,

@@ -1,39 +1,36 @@
-//! Kafka for the aggregator: the publisher of `usage.windows`.
+//! Kafka for the aggregator: reading `usage.raw` in batches, the lag of the partitions this
+//! instance owns, and the publisher of `usage.windows`.
 //!
 //! Rule kept here: offsets are committed only by the pipeline, after the work they cover is
 //! durable (rows in ClickHouse and windows marked, or window totals acknowledged by Kafka);
 //! every write here is acknowledged by all in-sync replicas before it counts as done.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::config::KafkaSettings;
-use meterline_common::kafka::{producer_config, Topics};
+use meterline_common::kafka::{next_message, Publisher, Topics};
 use meterline_schemas::{Topic, WindowTotal};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use tokio_util::sync::CancellationToken;
 
-use crate::Error;
+use crate::config::BatchLimits;
+use crate::{metrics, Error};
 
 /// How long a write may wait for Kafka before the pipeline retries it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Writes to `usage.windows`.
 pub struct Writer {
-    producer: FutureProducer,
-    windows_topic: String,
+    publisher: Publisher,
 }
 
 impl Writer {
     pub fn new(settings: &KafkaSettings) -> Result<Self, Error> {
-        let topics = Topics::new(settings.topic_prefix.clone());
+        let topic = Topics::new(settings.topic_prefix.clone()).name(Topic::UsageWindows);
         Ok(Self {
-            producer: producer_config(settings, "aggregator", WRITE_TIMEOUT)
-                .create()
-                .map_err(|source| Error::Kafka {
-                    context: "creating the producer",
-                    source,
-                })?,
-            windows_topic: topics.name(Topic::UsageWindows),
+            publisher: Publisher::new(settings, "aggregator", topic, WRITE_TIMEOUT)?,
         })
     }
 
@@ -44,20 +41,88 @@ impl Writer {
             .iter()
             .map(|t| (t.kafka_key(), t.to_json_bytes()))
             .collect();
-        let sends = encoded.iter().map(|(key, payload)| {
-            self.producer.send(
-                FutureRecord::to(&self.windows_topic)
-                    .key(key)
-                    .payload(payload),
-                Timeout::After(WRITE_TIMEOUT),
-            )
-        });
-        for outcome in futures::future::join_all(sends).await {
-            outcome.map_err(|(source, _)| Error::Kafka {
-                context: "publishing window totals",
-                source,
-            })?;
+        match self
+            .publisher
+            .send_all(&encoded)
+            .await
+            .into_iter()
+            .find_map(Result::err)
+        {
+            None => Ok(()),
+            Some(e) => Err(Error::Publish(e)),
         }
-        Ok(())
+    }
+}
+
+/// Reads up to `limits.max_events` messages, waiting at most `limits.max_wait` after the
+/// first. Empty only when shutdown began before any message arrived. The messages stay in
+/// the consumer's buffers (borrowed): a batch is resolved where it was read, and only what
+/// the later stages need is copied out of it.
+pub(crate) async fn read_batch<'c>(
+    consumer: &'c StreamConsumer,
+    limits: BatchLimits,
+    shutdown: &CancellationToken,
+) -> Vec<BorrowedMessage<'c>> {
+    let mut batch = Vec::new();
+    let Some(first) = next_message(consumer, shutdown).await else {
+        return batch;
+    };
+    batch.push(first);
+    // One timer for the whole batch: a timer per message cost a clock read and a timer
+    // registration per event.
+    let deadline = tokio::time::sleep(limits.max_wait);
+    tokio::pin!(deadline);
+    while batch.len() < limits.max_events {
+        tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(m) => batch.push(m),
+                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+            },
+            _ = &mut deadline => break,
+        }
+    }
+    batch
+}
+
+/// Reports, every `every`, how far behind the end of each owned partition the group is.
+pub async fn report_lag(
+    consumer: Arc<StreamConsumer>,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        let consumer = consumer.clone();
+        let lags = tokio::task::spawn_blocking(move || -> Vec<(i32, i64)> {
+            let Ok(assignment) = consumer.assignment() else {
+                return Vec::new();
+            };
+            let Ok(positions) = consumer.position() else {
+                return Vec::new();
+            };
+            assignment
+                .elements()
+                .iter()
+                .filter_map(|tp| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(5))
+                        .ok()?;
+                    let position = positions
+                        .find_partition(tp.topic(), tp.partition())
+                        .and_then(|p| p.offset().to_raw())
+                        .filter(|o| *o >= 0)
+                        .unwrap_or(0);
+                    Some((tp.partition(), (high - position).max(0)))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
+        for (partition, lag) in lags {
+            metrics::consumer_lag(partition, lag);
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use meterline_common::kafka::{KafkaProbe, Topics};
+use meterline_common::kafka::{DeadLetters, KafkaProbe, Topics};
 use meterline_common::service::ServiceContext;
 use meterline_common::{clickhouse, postgres};
 use meterline_schemas::Topic;
@@ -33,7 +33,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         warehouse: Warehouse::new(warehouse_client.clone()),
         registry: WindowRegistry::new(pool.clone()),
         writer: Writer::new(&config.kafka)?,
-        dead_letters: meterline_common::kafka::DeadLetters::new(&config.kafka, SERVICE)?,
+        dead_letters: DeadLetters::new(&config.kafka, SERVICE)?,
         pool: pool.clone(),
         grace: config.grace,
         // Two batches' worth of waiting: events of one backlog batch are all in.
@@ -71,7 +71,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             resync,
             shutdown.clone(),
         )),
-        tokio::spawn(pipeline::report_lag(
+        tokio::spawn(crate::kafka::report_lag(
             usage,
             Duration::from_secs(10),
             shutdown.clone(),

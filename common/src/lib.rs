@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod ops;
 pub mod postgres;
 pub mod retention;
+pub mod retry;
 pub mod scope_map;
 pub mod server;
 pub mod service;

@@ -10,12 +10,8 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
-    #[error("kafka: {context}: {source}")]
-    Kafka {
-        context: &'static str,
-        #[source]
-        source: rdkafka::error::KafkaError,
-    },
+    #[error("kafka: {0}")]
+    Publish(meterline_common::kafka::WriteError),
     #[error("stripe config: {0}")]
     Config(String),
     #[error("stored value is invalid: {0}")]

@@ -428,8 +428,7 @@ impl ImportStore {
                 },
             };
             if matches!(imported, Imported::Created { .. }) {
-                ::metrics::counter!(crate::metrics::CUSTOMER_MAPPINGS_CREATED, "source" => "import")
-                    .increment(1);
+                crate::metrics::customer_mappings_created("import", 1);
             }
             progress.count(customer, imported);
         }

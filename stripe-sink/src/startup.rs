@@ -74,6 +74,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         imports,
         import_wake,
     };
+    let dead_letters = DeadLetters::new(&config.kafka, SERVICE)?;
     let sync = Arc::new(SyncContext {
         ledger,
         configs,
@@ -89,7 +90,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             base: Duration::from_millis(500),
             max: Duration::from_secs(30),
         },
-        dead_letters: DeadLetters::new(&config.kafka, SERVICE)?,
+        dead_letters: dead_letters.clone(),
     });
 
     let shutdown = context.shutdown.clone();
@@ -120,6 +121,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::spawn(webhook_events::consume(
             mappings,
             webhooks,
+            dead_letters,
             shutdown.clone(),
         )),
         tokio::spawn(sync::consume_windows(

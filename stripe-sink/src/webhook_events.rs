@@ -23,16 +23,11 @@
 
 use std::time::Duration;
 
-use meterline_common::config::{Env, KafkaSettings, ProcessEnv};
-use meterline_common::kafka::{producer_config, Topics};
-use meterline_schemas::{
-    DlqErrorKind, DlqHeaders, StripeEventType, StripeWebhook, Timestamp, Topic,
-};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
+use meterline_common::kafka::{commit, next_message, DeadLetter, DeadLetters, NextOffsets};
+use meterline_common::retry::{Backoff, Retriable};
+use meterline_schemas::{DlqErrorKind, StripeEventType, StripeWebhook, Topic};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::{BorrowedMessage, Message};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -45,11 +40,10 @@ use crate::{metrics, Error};
 
 const SERVICE: &str = "stripe-sink";
 
-/// How long a dead-letter write may wait for Kafka before it is retried.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Retry delays: from the first to the longest, doubling.
-const FIRST_RETRY: Duration = Duration::from_millis(100);
-const LONGEST_RETRY: Duration = Duration::from_secs(10);
+/// Between the attempts of a write: from 100 ms, doubling, to 10 s.
+fn write_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+}
 
 /// Stripe's thin meter error events this consumer records.
 pub const ERROR_REPORT_TRIGGERED: &str = "v1.billing.meter.error_report_triggered";
@@ -181,126 +175,29 @@ fn report_label(event_type: &StripeEventType) -> &'static str {
     }
 }
 
-/// Writes unusable messages to `stripe.webhooks.dlq`.
-pub struct DeadLetters {
-    producer: FutureProducer,
-    topic: String,
-}
-
-impl DeadLetters {
-    pub fn new(settings: &KafkaSettings) -> Result<Self, Error> {
-        Ok(Self {
-            producer: producer_config(settings, SERVICE, WRITE_TIMEOUT)
-                .create()
-                .map_err(|source| Error::Kafka {
-                    context: "creating the dead-letter producer",
-                    source,
-                })?,
-            topic: Topics::new(settings.topic_prefix.clone()).dlq(Topic::StripeWebhooks),
-        })
-    }
-
-    /// From `KAFKA_BROKERS` and `TOPIC_PREFIX`, the variables the service's config read.
-    pub fn from_env() -> Result<Self, Error> {
-        let settings = KafkaSettings::from_env(&Env::new(&ProcessEnv))
-            .map_err(|e| Error::Common(meterline_common::Error::Config(e)))?;
-        Self::new(&settings)
-    }
-
-    /// The original key and bytes, the reason in headers; returns once acknowledged.
-    async fn send(&self, message: &OwnedMessage, headers: &DlqHeaders) -> Result<(), Error> {
-        let mut kafka_headers = OwnedHeaders::new();
-        for (name, value) in headers.to_headers() {
-            kafka_headers = kafka_headers.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
-        }
-        let mut record = FutureRecord::to(&self.topic)
-            .payload(message.payload().unwrap_or_default())
-            .headers(kafka_headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        self.producer
-            .send(record, Timeout::After(WRITE_TIMEOUT))
-            .await
-            .map(|_| ())
-            .map_err(|(source, _)| Error::Kafka {
-                context: "writing to stripe.webhooks.dlq",
-                source,
-            })
-    }
-}
-
-/// Consumes `stripe.webhooks` until `shutdown`, with a dead-letter producer built from the
-/// process environment (see [`DeadLetters::from_env`]).
+/// Consumes `stripe.webhooks` until `shutdown`; unusable messages go to
+/// `stripe.webhooks.dlq` through `dead_letters`.
 pub async fn consume(
-    mappings: MappingStore,
-    consumer: StreamConsumer,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let dead_letters = DeadLetters::from_env()?;
-    consume_with(mappings, consumer, dead_letters, shutdown).await
-}
-
-/// [`consume`] with the dead-letter producer given.
-pub async fn consume_with(
     mappings: MappingStore,
     consumer: StreamConsumer,
     dead_letters: DeadLetters,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    loop {
-        let message = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            received = consumer.recv() => match received {
-                Ok(m) => m.detach(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = shutdown.cancelled() => return Ok(()),
-                    }
-                    continue;
-                }
-            },
-        };
-        ::metrics::counter!(metrics::WEBHOOK_EVENTS_CONSUMED).increment(1);
+    while let Some(message) = next_message(&consumer, &shutdown).await {
+        metrics::webhook_event_consumed();
         if !handle(&mappings, &dead_letters, &message, &shutdown).await {
             // Shutdown cut a retry short: leave the message uncommitted for the next start.
             return Ok(());
         }
-        commit(&consumer, &message);
+        // A failed commit re-delivers the message; applying it again changes nothing.
+        commit(&consumer, &NextOffsets::of([&message]), true);
     }
+    Ok(())
 }
 
-/// Commits the offset after `message`.
-fn commit(consumer: &StreamConsumer, message: &OwnedMessage) {
-    let mut list = TopicPartitionList::new();
-    // The committed offset names the next message to read: this one's offset + 1.
-    if let Err(e) = list.add_partition_offset(
-        message.topic(),
-        message.partition(),
-        Offset::Offset(message.offset() + 1),
-    ) {
-        tracing::error!(error = %e, "building the commit");
-        return;
-    }
-    // A failed commit re-delivers the message; applying it again changes nothing.
-    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
-        tracing::warn!(error = %e, "committing the offset failed; the message will be re-delivered");
-    }
-}
-
-/// Waits out one retry delay and doubles it; false when shutdown began meanwhile.
-async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    let wait = *delay;
-    *delay = (*delay * 2).min(LONGEST_RETRY);
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => true,
-        _ = shutdown.cancelled() => false,
+impl Retriable for MappingError {
+    fn is_retriable(&self) -> bool {
+        MappingError::is_retriable(self)
     }
 }
 
@@ -308,7 +205,7 @@ async fn back_off(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
 async fn handle(
     mappings: &MappingStore,
     dead_letters: &DeadLetters,
-    message: &OwnedMessage,
+    message: &BorrowedMessage<'_>,
     shutdown: &CancellationToken,
 ) -> bool {
     let hook = match StripeWebhook::from_json_bytes(message.payload().unwrap_or_default()) {
@@ -337,11 +234,10 @@ async fn handle(
             .await
         }
     };
-    let mut delay = FIRST_RETRY;
+    let mut backoff = write_backoff();
     match action {
         Action::Ignore => {
-            ::metrics::counter!(metrics::WEBHOOK_EVENTS_IGNORED, "reason" => "unhandled_type")
-                .increment(1);
+            metrics::webhook_event_ignored("unhandled_type");
             tracing::debug!(event_id = %hook.event_id, event_type = %hook.event_type, "event type not handled");
             true
         }
@@ -355,21 +251,22 @@ async fn handle(
                     record_customer_outcome(&hook, &outcome);
                     break true;
                 }
-                Err(e) => match retry_or_refuse(&e, "customer_mapping", &mut delay, shutdown).await
-                {
-                    Some(true) => {}
-                    Some(false) => {
-                        return dead_letter(
-                            dead_letters,
-                            message,
-                            e.to_string(),
-                            database_refused(),
-                            shutdown,
-                        )
-                        .await
+                Err(e) => {
+                    match retry_or_refuse(&e, "customer_mapping", &mut backoff, shutdown).await {
+                        Some(true) => {}
+                        Some(false) => {
+                            return dead_letter(
+                                dead_letters,
+                                message,
+                                e.to_string(),
+                                database_refused(),
+                                shutdown,
+                            )
+                            .await
+                        }
+                        None => return false,
                     }
-                    None => return false,
-                },
+                }
             }
         },
         Action::ErrorReport(report) => loop {
@@ -379,11 +276,7 @@ async fn handle(
             match result {
                 Ok(new_rows) => {
                     if new_rows > 0 {
-                        ::metrics::counter!(
-                            metrics::METER_ERROR_REPORTS_RECORDED,
-                            "type" => report_label(&report.event_type)
-                        )
-                        .increment(1);
+                        metrics::meter_error_report_recorded(report_label(&report.event_type));
                     }
                     tracing::warn!(
                         tenant_id = %hook.tenant_id,
@@ -396,7 +289,7 @@ async fn handle(
                     );
                     break true;
                 }
-                Err(e) => match retry_or_refuse(&e, "error_report", &mut delay, shutdown).await {
+                Err(e) => match retry_or_refuse(&e, "error_report", &mut backoff, shutdown).await {
                     Some(true) => {}
                     Some(false) => {
                         return dead_letter(
@@ -422,27 +315,27 @@ fn database_refused() -> DlqErrorKind {
 /// After a failed write: `Some(true)` to try again (after the backoff), `Some(false)` when the
 /// database refused the data (retrying cannot help), `None` when shutdown began.
 async fn retry_or_refuse(
-    error: &MappingError,
+    error: &(impl Retriable + std::fmt::Display),
     step: &'static str,
-    delay: &mut Duration,
+    backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> Option<bool> {
     if !error.is_retriable() {
         return Some(false);
     }
-    ::metrics::counter!(metrics::WEBHOOK_RETRIES, "step" => step).increment(1);
+    metrics::webhook_retry(step);
     tracing::warn!(
         step,
         error = %error,
-        retry_in_ms = delay.as_millis() as u64,
+        retry_in_ms = backoff.upcoming().as_millis() as u64,
         "applying a webhook event failed, retrying"
     );
-    back_off(delay, shutdown).await.then_some(true)
+    backoff.wait(shutdown).await.then_some(true)
 }
 
 fn record_customer_outcome(hook: &StripeWebhook, outcome: &crate::mappings::WebhookOutcome) {
     if !outcome.applied {
-        ::metrics::counter!(metrics::WEBHOOK_EVENTS_IGNORED, "reason" => "stale").increment(1);
+        metrics::webhook_event_ignored("stale");
         tracing::info!(
             tenant_id = %hook.tenant_id,
             environment_id = %hook.environment_id,
@@ -452,13 +345,11 @@ fn record_customer_outcome(hook: &StripeWebhook, outcome: &crate::mappings::Webh
         );
         return;
     }
-    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_CREATED, "source" => "webhook")
-        .increment(u64::from(outcome.created));
-    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_UPDATED).increment(u64::from(outcome.updated));
-    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_RETIRED, "source" => "webhook")
-        .increment(u64::from(outcome.retired));
+    metrics::customer_mappings_created("webhook", u64::from(outcome.created));
+    metrics::customer_mappings_updated(u64::from(outcome.updated));
+    metrics::customer_mappings_retired("webhook", u64::from(outcome.retired));
     if outcome.unmapped {
-        ::metrics::counter!(metrics::UNMAPPED_CUSTOMERS_RECORDED).increment(1);
+        metrics::unmapped_customer_recorded();
     }
     tracing::info!(
         tenant_id = %hook.tenant_id,
@@ -477,44 +368,21 @@ fn record_customer_outcome(hook: &StripeWebhook, outcome: &crate::mappings::Webh
 /// interrupted the retries (the message stays uncommitted).
 async fn dead_letter(
     dead_letters: &DeadLetters,
-    message: &OwnedMessage,
+    message: &BorrowedMessage<'_>,
     error: String,
     kind: DlqErrorKind,
     shutdown: &CancellationToken,
 ) -> bool {
-    let headers = DlqHeaders {
-        error,
-        error_kind: kind,
-        source_topic: message.topic().to_owned(),
-        source_partition: message.partition(),
-        source_offset: message.offset(),
-        service: SERVICE.to_owned(),
-        failed_at: Timestamp::now(),
-    };
-    let mut delay = FIRST_RETRY;
-    loop {
-        match dead_letters.send(message, &headers).await {
-            Ok(()) => break,
-            Err(e) => {
-                ::metrics::counter!(metrics::WEBHOOK_RETRIES, "step" => "dead_letter").increment(1);
-                tracing::warn!(error = %e, "writing to the dead-letter topic failed, retrying");
-                if !back_off(&mut delay, shutdown).await {
-                    return false;
-                }
-            }
+    let letter = DeadLetter::of(Topic::StripeWebhooks, message, SERVICE, error, kind);
+    let mut backoff = write_backoff();
+    while let Err(e) = dead_letters.send(&letter).await {
+        metrics::webhook_retry("dead_letter");
+        tracing::warn!(error = %e, "writing to the dead-letter topic failed, retrying");
+        if !backoff.wait(shutdown).await {
+            return false;
         }
     }
-    ::metrics::counter!(
-        metrics::WEBHOOK_EVENTS_REJECTED,
-        "reason" => headers.error_kind.as_str().to_owned()
-    )
-    .increment(1);
-    tracing::warn!(
-        partition = message.partition(),
-        offset = message.offset(),
-        reason = %headers.error,
-        "message sent to the dead-letter topic"
-    );
+    metrics::webhook_event_rejected(&letter.headers.error_kind);
     true
 }
 

@@ -329,7 +329,7 @@ pub async fn create_customer_mapping(
         .create_manual(&scope, &customer_id, &provider_customer_id)
         .await
         .map_err(store_error)?;
-    ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_CREATED, "source" => "manual").increment(1);
+    metrics::customer_mappings_created("manual", 1);
     tracing::info!(
         tenant_id = %scope.tenant_id,
         environment_id = %scope.environment_id,
@@ -386,8 +386,7 @@ pub async fn delete_customer_mapping(
         .await
     {
         Ok(true) => {
-            ::metrics::counter!(metrics::CUSTOMER_MAPPINGS_RETIRED, "source" => "manual")
-                .increment(1);
+            metrics::customer_mappings_retired("manual", 1);
             tracing::info!(
                 tenant_id = %scope.tenant_id,
                 environment_id = %scope.environment_id,

@@ -216,8 +216,7 @@ pub async fn bulk_mappings(
         answer.results.push(result);
     }
     if answer.created > 0 {
-        ::metrics::counter!(crate::metrics::CUSTOMER_MAPPINGS_CREATED, "source" => "manual")
-            .increment(answer.created as u64);
+        crate::metrics::customer_mappings_created("manual", answer.created as u64);
     }
     tracing::info!(
         tenant_id = %scope.tenant_id,

@@ -1,207 +1,29 @@
-//! The sync: window totals from `usage.windows` into the ledger, and from the ledger to
-//! Stripe.
+//! Settling one claimed window: resend an outstanding meter event unchanged, or send the
+//! difference between the window's billable total and what Stripe accepted, paced by the
+//! account's token bucket, behind its circuit breaker, retried with backoff.
 //!
-//! 1. [`consume_windows`] records each published total in the ledger and only then commits
-//!    its offset (a redelivery re-records the same total: harmless).
-//! 2. [`dispatch`] runs workers that claim ready windows (one per customer and meter at a
-//!    time) and settle each: resend an outstanding meter event unchanged, or send the
-//!    difference between the window's billable total and what Stripe accepted, paced by the
-//!    account's token bucket, behind its circuit breaker, retried with backoff.
-//! 3. [`release_mapped`] moves windows waiting for a customer mapping back to pending once the
-//!    mapping exists (from a webhook, the API or an import).
+//! Rules kept here: the ledger records a send (its identifier and value) before it goes out,
+//! so a crash resends the same event and Stripe's identifier check absorbs it; a send never
+//! answered for 23 h is not resent but flagged for reconciliation, since Stripe forgets an
+//! identifier after 24 h.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meterline_common::audit::{Actor, Purpose};
-use meterline_common::kafka::DeadLetters;
-use meterline_common::stripe_config::StripeConfigStore;
-use meterline_schemas::{DlqHeaders, Timestamp, Topic, WindowTotal};
-use rand::SeedableRng;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rust_decimal::prelude::ToPrimitive;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
+use super::{account_of, SyncContext, UNKNOWABLE_AFTER};
 use crate::billing::{self, Unsendable};
-use crate::config::StripeSettings;
-use crate::ledger::{Batch, Finish, Ledger, Send};
-use crate::mappings::MappingStore;
+use crate::ledger::{Batch, Finish, Send};
 use crate::metrics;
-use crate::pacing::{default_rate, Backoff, Pacer};
-use crate::stripe::{ErrorClass, MeterEvent, StripeClient};
+use crate::pacing::default_rate;
+use crate::stripe::ErrorClass;
+use crate::stripe::MeterEvent;
 use crate::Error;
 
-const SERVICE: &str = "stripe-sink";
-
-/// A meter event never answered for this long may have been recorded by Stripe and then
-/// forgotten with its identifier (24 h): resending it could bill twice.
-const UNKNOWABLE_AFTER: time::Duration = time::Duration::hours(23);
-
-/// Everything the sync needs.
-pub struct SyncContext {
-    pub ledger: Ledger,
-    pub configs: StripeConfigStore,
-    pub mappings: MappingStore,
-    pub stripe: StripeClient,
-    pub pacer: Arc<Pacer>,
-    pub settings: StripeSettings,
-    /// Between the attempts of one request (short: the window is held meanwhile).
-    pub request_backoff: Backoff,
-    /// Before a window that could not be settled is tried again.
-    pub window_backoff: Backoff,
-    pub dead_letters: DeadLetters,
-}
-
-impl SyncContext {
-    /// How long a claim holds a window: every attempt of one request at its time limit
-    /// plus the longest pause between attempts, with a margin.
-    fn lease(&self) -> Duration {
-        let attempts = self.settings.max_retries + 1;
-        (self.settings.timeout + self.request_backoff.max) * attempts * 4 + Duration::from_secs(10)
-    }
-}
-
-/// Loop 1: `usage.windows` into the ledger.
-pub async fn consume_windows(
-    ctx: Arc<SyncContext>,
-    consumer: StreamConsumer,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    loop {
-        let message = tokio::select! {
-            received = consumer.recv() => match received {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        let payload = message.payload().unwrap_or_default();
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let outcome = match WindowTotal::from_json_bytes(payload) {
-                Ok(total) => ctx.ledger.record_window(&total).await.map(|()| {
-                    ::metrics::counter!(metrics::WINDOWS_RECORDED).increment(1);
-                }),
-                Err(e) => {
-                    let headers = DlqHeaders {
-                        error: e.to_string(),
-                        error_kind: e.dlq_error_kind(),
-                        source_topic: message.topic().to_owned(),
-                        source_partition: message.partition(),
-                        source_offset: message.offset(),
-                        service: SERVICE.to_owned(),
-                        failed_at: Timestamp::now(),
-                    };
-                    ctx.dead_letters
-                        .send(Topic::UsageWindows, message.key(), payload, &headers)
-                        .await
-                        .map_err(Error::from)
-                }
-            };
-            match outcome {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "recording a window total failed, retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Not committed: the total is delivered again after a restart.
-                        _ = shutdown.cancelled() => return Ok(()),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-        // The ledger holds it now; a lost commit only re-records the same total.
-        if let Err(e) = consumer.commit_message(&message, CommitMode::Async) {
-            tracing::warn!(error = %e, "committing a window offset failed");
-        }
-    }
-}
-
-/// Loop 2: `workers` dispatchers settling ready windows.
-pub async fn dispatch(
-    ctx: Arc<SyncContext>,
-    workers: usize,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let handles: Vec<_> = (0..workers)
-        .map(|worker| tokio::spawn(dispatcher(ctx.clone(), worker, shutdown.clone())))
-        .collect();
-    for handle in handles {
-        handle.await.map_err(|e| Error::Task(e.to_string()))??;
-    }
-    Ok(())
-}
-
-async fn dispatcher(
-    ctx: Arc<SyncContext>,
-    worker: usize,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let mut rng = rand::rngs::StdRng::from_entropy();
-    loop {
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        let claimed = match ctx.ledger.claim(1, ctx.lease()).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(worker, error = %e, "claiming windows failed");
-                Vec::new()
-            }
-        };
-        let Some(batch) = claimed.into_iter().next() else {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-            continue;
-        };
-        // A claimed window is always finished, even during shutdown: its lease would
-        // otherwise hold it for minutes.
-        let finish = settle(&ctx, &batch, &mut rng).await;
-        let label = finish_label(&finish);
-        ::metrics::counter!(metrics::WINDOWS_SETTLED, "outcome" => label).increment(1);
-        if let Finish::Failed(reason) | Finish::NeedsReconciliation(reason) = &finish {
-            tracing::warn!(batch = batch.id, %reason, outcome = label, "window not sent");
-        }
-        let mut delay = Duration::from_millis(100);
-        while let Err(e) = ctx.ledger.finish(batch.id, &finish).await {
-            tracing::warn!(batch = batch.id, error = %e, "finishing a window failed, retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
-fn finish_label(finish: &Finish) -> &'static str {
-    match finish {
-        Finish::Settled => "settled",
-        Finish::RetryIn { .. } => "retry",
-        Finish::Unanswered { .. } => "unanswered",
-        Finish::PendingMapping => "pending_mapping",
-        Finish::Skipped(_) => "skipped",
-        Finish::Expired => "expired",
-        Finish::Failed(_) => "failed",
-        Finish::NeedsReconciliation(_) => "needs_reconciliation",
-    }
-}
-
-/// The account key of the pacer: a hash of the API key, so that the key itself is kept
-/// nowhere but in its encrypted row.
-pub(crate) fn account_of(api_key: &str) -> String {
-    hex::encode(&Sha256::digest(api_key.as_bytes())[..8])
-}
-
 /// Settles one claimed window as far as it can now.
-async fn settle(ctx: &SyncContext, batch: &Batch, rng: &mut impl rand::Rng) -> Finish {
+pub(super) async fn settle(ctx: &SyncContext, batch: &Batch, rng: &mut impl rand::Rng) -> Finish {
     match try_settle(ctx, batch, rng).await {
         Ok(finish) => finish,
         // Our own database or a decryption failed: try again soon; nothing was lost.
@@ -329,7 +151,7 @@ async fn try_settle(
             Delivery::Recorded => {
                 ctx.ledger.accepted(batch.id, &send).await?;
                 let lag = OffsetDateTime::now_utc() - batch.window.end();
-                ::metrics::histogram!(metrics::SYNC_LAG).record(lag.as_seconds_f64().max(0.0));
+                metrics::sync_lag(lag);
             }
             Delivery::Later {
                 error,
@@ -396,7 +218,7 @@ async fn deliver(
             timestamp: send.stripe_timestamp,
         };
         if let Err(wait) = account.admit() {
-            ::metrics::counter!(metrics::STRIPE_REQUESTS, "outcome" => "circuit_open").increment(1);
+            metrics::stripe_request(None, "circuit_open");
             return Delivery::Later {
                 error: "circuit open for this stripe account".into(),
                 retry_after: Some(wait),
@@ -405,11 +227,10 @@ async fn deliver(
         }
         let waited = Instant::now();
         account.until_ready().await;
-        ::metrics::histogram!(metrics::RATE_LIMIT_WAIT).record(waited.elapsed().as_secs_f64());
+        metrics::rate_limit_waited(waited.elapsed());
         let started = Instant::now();
         let result = ctx.stripe.create_meter_event(key, &event).await;
-        ::metrics::histogram!(metrics::STRIPE_REQUEST_DURATION)
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
         let outcome = match &result {
             Ok(crate::stripe::Recorded::Accepted) => "accepted",
             Ok(crate::stripe::Recorded::AlreadyRecorded) => "already_recorded",
@@ -421,7 +242,7 @@ async fn deliver(
                 ErrorClass::Permanent => "permanent",
             },
         };
-        ::metrics::counter!(metrics::STRIPE_REQUESTS, "outcome" => outcome).increment(1);
+        metrics::stripe_request(Some(took), outcome);
         account.record(result.as_ref().err().map(|e| e.class));
         match result {
             Ok(_) => return Delivery::Recorded,
@@ -466,31 +287,5 @@ async fn deliver(
         error: last_error,
         retry_after: last_retry_after,
         unanswered,
-    }
-}
-
-/// Loop 3: windows waiting for a mapping go out once it exists.
-pub async fn release_mapped(
-    ctx: Arc<SyncContext>,
-    every: Duration,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return Ok(()),
-        }
-        match ctx.ledger.release_mapped().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(windows = n, "windows released by new customer mappings"),
-            Err(e) => tracing::warn!(error = %e, "releasing mapped windows failed"),
-        }
-        let open = ctx
-            .pacer
-            .breaker_states()
-            .iter()
-            .filter(|(_, s)| *s != crate::pacing::BreakerState::Closed)
-            .count();
-        ::metrics::gauge!(metrics::CIRCUITS_OPEN).set(open as f64);
     }
 }

@@ -1,0 +1,242 @@
+//! Resolving a batch of `usage.raw` messages against the meters: the rows each event feeds,
+//! the windows they touch, the dead letters of the messages that cannot be metered.
+//!
+//! Rule kept here: a message that fails is never dropped: it becomes a dead letter with its
+//! reason, and the meters it fed correctly keep their rows (a replay collapses the copies).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use meterline_common::kafka::{DeadLetter, NextOffsets};
+use meterline_schemas::{DlqErrorKind, RawUsageEvent, Topic};
+use rdkafka::message::{BorrowedMessage, Message};
+use time::OffsetDateTime;
+
+use super::consume::MeteredBatch;
+use super::SERVICE;
+use crate::billing::{self, MeteredEvent};
+use crate::meter_cache::MeterCache;
+use crate::windows::{WindowKey, WindowKeyRef};
+
+/// Parses every message of a batch and resolves it against the meters.
+///
+/// Parsing is most of a batch's CPU, and while it runs the other stages mostly wait on
+/// ClickHouse and PostgreSQL: the messages are split over one thread per core, so a batch is
+/// metered in about the time of its share rather than the whole.
+pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) -> MeteredBatch {
+    let now = OffsetDateTime::now_utc();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let chunk = messages.len().div_ceil(threads).max(1);
+    let parts: Vec<MeteredPart> = std::thread::scope(|scope| {
+        let running: Vec<_> = messages
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || meter_messages(cache, part, now)))
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut runs = Vec::with_capacity(parts.len());
+    let mut windows = Vec::new();
+    let mut dead = Vec::new();
+    let mut unmetered = 0;
+    // In message order: rows of the same event id keep their relative order.
+    for part in parts {
+        runs.push(part.rows);
+        windows = merge_windows(windows, part.windows);
+        dead.extend(part.dead);
+        unmetered += part.unmetered;
+    }
+    MeteredBatch {
+        runs,
+        windows,
+        dead,
+        unmetered,
+        offsets: NextOffsets::of(messages),
+    }
+}
+
+/// What metering a run of messages produced.
+struct MeteredPart {
+    rows: Vec<MeteredEvent>,
+    /// The windows of `rows`, sorted, each once (found on the metering thread, which leaves
+    /// only a merge of a few sorted lists to the batch).
+    windows: Vec<WindowKey>,
+    dead: Vec<DeadLetter>,
+    unmetered: u64,
+}
+
+fn meter_messages(
+    cache: &MeterCache,
+    messages: &[BorrowedMessage<'_>],
+    now: OffsetDateTime,
+) -> MeteredPart {
+    let mut rows = Vec::with_capacity(messages.len() * 2);
+    let mut dead = Vec::new();
+    let mut unmetered = 0u64;
+    for m in messages {
+        let event = match RawUsageEvent::from_json_bytes(m.payload().unwrap_or_default()) {
+            Ok(event) => Arc::new(event),
+            Err(e) => {
+                dead.push(DeadLetter::of(
+                    Topic::UsageRaw,
+                    m,
+                    SERVICE,
+                    e.to_string(),
+                    e.dlq_error_kind(),
+                ));
+                continue;
+            }
+        };
+        let timestamp = event.timestamp.as_offset_date_time();
+        let window =
+            match cache
+                .sizes()
+                .window_at(&event.tenant_id, &event.environment_id, timestamp)
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    dead.push(DeadLetter::of(
+                        Topic::UsageRaw,
+                        m,
+                        SERVICE,
+                        e.to_string(),
+                        DlqErrorKind::VALIDATION,
+                    ));
+                    continue;
+                }
+            };
+        // Direct producers leave ingested_at out: the broker's timestamp stands in for it.
+        let ingested_at = event
+            .ingested_at
+            .map(|t| t.as_offset_date_time())
+            .or_else(|| {
+                m.timestamp().to_millis().and_then(|ms| {
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+                })
+            })
+            .unwrap_or(now);
+        let metering = billing::meter_event(
+            &event,
+            cache.meters(&event.tenant_id, &event.environment_id),
+            window,
+            ingested_at,
+            now,
+            &mut rows,
+        );
+        if metering.fed == 0 && metering.failures.is_empty() {
+            unmetered += 1;
+        }
+        if !metering.failures.is_empty() {
+            let reasons: Vec<String> = metering
+                .failures
+                .iter()
+                .map(|(meter, e)| format!("meter {meter}: {e}"))
+                .collect();
+            // The meters it fed correctly keep their rows; after a fix, a replay from the
+            // dead-letter topic adds the rest and the copies of the others collapse.
+            let kind = DlqErrorKind::parse("invalid_quantity").unwrap_or(DlqErrorKind::VALIDATION);
+            dead.push(DeadLetter::of(
+                Topic::UsageRaw,
+                m,
+                SERVICE,
+                reasons.join("; "),
+                kind,
+            ));
+        }
+    }
+    MeteredPart {
+        windows: distinct_windows(&rows),
+        rows,
+        dead,
+        unmetered,
+    }
+}
+
+/// The windows `rows` touch, sorted, each once. Deduplicated through borrowed keys first: a
+/// batch has up to a hundred thousand rows but a few thousand windows, and owned keys would
+/// copy four strings per row.
+fn distinct_windows(rows: &[MeteredEvent]) -> Vec<WindowKey> {
+    let mut first_row: HashMap<WindowKeyRef<'_>, &MeteredEvent, foldhash::fast::RandomState> =
+        HashMap::default();
+    for row in rows {
+        first_row.entry(row.window_key()).or_insert(row);
+    }
+    let mut windows: Vec<WindowKey> = first_row.into_values().map(WindowKey::of).collect();
+    windows.sort_unstable();
+    windows
+}
+
+/// The union of two sorted lists of distinct windows, sorted, each once.
+fn merge_windows(a: Vec<WindowKey>, b: Vec<WindowKey>) -> Vec<WindowKey> {
+    if a.is_empty() {
+        return b;
+    }
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => match x.cmp(y) {
+                std::cmp::Ordering::Less => a.next(),
+                std::cmp::Ordering::Greater => b.next(),
+                std::cmp::Ordering::Equal => {
+                    b.next();
+                    a.next()
+                }
+            },
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(window) => merged.push(window),
+            None => return merged,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, Window};
+    use time::macros::datetime;
+
+    fn key(customer: &str, meter: &str, minute: i64) -> WindowKey {
+        let at = datetime!(2026-11-27 10:00 UTC) + time::Duration::minutes(minute);
+        WindowKey {
+            tenant_id: TenantId::parse("t").unwrap(),
+            environment_id: EnvironmentId::parse("e").unwrap(),
+            customer_id: CustomerId::parse(customer).unwrap(),
+            meter_id: MeterId::parse(meter).unwrap(),
+            window: Window::containing(at, 1).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_windows_of_a_batchs_runs_merge_into_one_sorted_list_without_repeats() {
+        let runs = [
+            vec![
+                key("a", "calls", 0),
+                key("b", "calls", 1),
+                key("c", "tokens", 0),
+            ],
+            vec![
+                key("a", "calls", 0),
+                key("a", "calls", 1),
+                key("c", "tokens", 0),
+            ],
+            vec![],
+            vec![key("d", "calls", 0)],
+        ];
+        let merged = runs.iter().cloned().fold(Vec::new(), merge_windows);
+        let mut expected: Vec<WindowKey> = runs.concat();
+        expected.sort();
+        expected.dedup();
+        assert_eq!(merged.len(), 5);
+        assert_eq!(merged, expected);
+    }
+}

@@ -1,0 +1,167 @@
+//! Loop 2: dirty windows whose end plus grace has passed are claimed, their totals recomputed
+//! from the deduplicated rows, and published to `usage.windows` with a new revision when they
+//! changed (the first publication is `due`, later ones `late`).
+//!
+//! Rule kept here: a claim is recorded as published only after Kafka acknowledged every total
+//! of it; on any error the claim rolls back and the windows stay dirty.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meterline_schemas::{
+    CustomerId, EnvironmentId, JobId, MeterId, TenantId, Timestamp, Window, WindowReason,
+    WindowTotal,
+};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, CLAIM_LIMIT};
+use crate::billing::{self, is_expired_window, next_revision, Trigger, WindowAggregates};
+use crate::meter_cache::MeterCache;
+use crate::metrics;
+use crate::windows::{Claim, Publication, WindowKey};
+use crate::Error;
+
+/// Loop 2: publishes dirty windows once due.
+pub async fn publish_due(
+    shared: Arc<Shared>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut cache = MeterCache::new(shared.pool.clone());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.batch_done.notified() => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        loop {
+            let now = OffsetDateTime::now_utc();
+            let Some(claim) = retry!("claim_due", &shutdown, {
+                shared.registry.claim_due(now, CLAIM_LIMIT, shared.quiet)
+            }) else {
+                return Ok(());
+            };
+            if claim.windows.is_empty() {
+                break;
+            }
+            let full = claim.windows.len() as i64 == CLAIM_LIMIT;
+            if let Err(e) = publish_claim(&shared, &mut cache, claim, Trigger::Due, None).await {
+                // The claim was rolled back: the windows stay dirty and are retried.
+                tracing::warn!(error = %e, "publishing due windows failed, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                break;
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+}
+
+/// Recomputes the claimed windows, publishes those that go out, records them, and releases
+/// the claim. On error nothing is recorded (the claim rolls back).
+pub(super) async fn publish_claim(
+    shared: &Shared,
+    cache: &mut MeterCache,
+    claim: Claim,
+    trigger: Trigger,
+    job: Option<&JobId>,
+) -> Result<usize, Error> {
+    cache.refresh().await?;
+    let now = OffsetDateTime::now_utc();
+    let computed_at = Timestamp::new(now).map_err(|e| Error::Corrupt(e.to_string()))?;
+
+    // One query per (tenant, environment, meter, window), for all its customers.
+    let mut groups: BTreeMap<(TenantId, EnvironmentId, MeterId, Window), Vec<CustomerId>> =
+        BTreeMap::new();
+    for w in &claim.windows {
+        let k = &w.key;
+        groups
+            .entry((
+                k.tenant_id.clone(),
+                k.environment_id.clone(),
+                k.meter_id.clone(),
+                k.window,
+            ))
+            .or_default()
+            .push(k.customer_id.clone());
+    }
+    let mut aggregates: HashMap<WindowKey, WindowAggregates> = HashMap::new();
+    for ((tenant, environment, meter, window), customers) in groups {
+        let found = shared
+            .warehouse
+            .window_aggregates(&tenant, &environment, &meter, &window, &customers)
+            .await?;
+        for (customer, a) in found {
+            aggregates.insert(
+                WindowKey {
+                    tenant_id: tenant.clone(),
+                    environment_id: environment.clone(),
+                    customer_id: customer,
+                    meter_id: meter.clone(),
+                    window,
+                },
+                a,
+            );
+        }
+    }
+
+    let mut totals = Vec::new();
+    let mut publications = Vec::new();
+    let mut first_publication_lags = Vec::new();
+    for state in &claim.windows {
+        let key = &state.key;
+        let Some(meter) = cache.meter(&key.tenant_id, &key.environment_id, &key.meter_id) else {
+            tracing::error!(meter = %key.meter_id, "window of an unknown meter left unpublished");
+            continue;
+        };
+        let a = aggregates.get(key).copied().unwrap_or_default();
+        let quantity = a.quantity(&meter.aggregation);
+        let Some(revision) = next_revision(&state.published, quantity, a.events, trigger) else {
+            continue;
+        };
+        let reason = match (trigger, job) {
+            (Trigger::Resync, Some(job_id)) => WindowReason::Resync {
+                job_id: job_id.clone(),
+            },
+            _ if state.published.revision == 0 => WindowReason::Due,
+            _ => WindowReason::Late,
+        };
+        if state.published.revision == 0 {
+            first_publication_lags.push(now - billing::due_at(&key.window, shared.grace));
+        }
+        totals.push(WindowTotal {
+            tenant_id: key.tenant_id.clone(),
+            environment_id: key.environment_id.clone(),
+            customer_id: key.customer_id.clone(),
+            meter_id: key.meter_id.clone(),
+            window: key.window,
+            quantity,
+            event_count: a.events,
+            revision,
+            reason,
+            expired: is_expired_window(&key.window, now),
+            computed_at,
+        });
+        publications.push(Publication {
+            key: key.clone(),
+            revision: revision.get(),
+            quantity,
+            event_count: a.events,
+        });
+    }
+    shared.writer.publish_windows(&totals).await?;
+    claim.finish(&publications).await?;
+    for total in &totals {
+        metrics::window_published(&total.reason);
+    }
+    for lag in first_publication_lags {
+        metrics::first_publication_lag(lag);
+    }
+    Ok(totals.len())
+}

@@ -1,0 +1,111 @@
+//! Steps 2 and 3 of the sync: worker loops that claim ready windows (one per customer and
+//! meter at a time) and settle each, and the release of windows waiting for a mapping.
+//!
+//! Rule kept here: a claimed window is always finished, even during shutdown, so that its
+//! lease does not hold it for minutes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meterline_common::retry::Backoff;
+use rand::SeedableRng;
+use tokio_util::sync::CancellationToken;
+
+use super::settle::settle;
+use super::SyncContext;
+use crate::ledger::Finish;
+use crate::{metrics, Error};
+
+/// Loop 2: `workers` dispatchers settling ready windows.
+pub async fn dispatch(
+    ctx: Arc<SyncContext>,
+    workers: usize,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let handles: Vec<_> = (0..workers)
+        .map(|worker| tokio::spawn(dispatcher(ctx.clone(), worker, shutdown.clone())))
+        .collect();
+    for handle in handles {
+        handle.await.map_err(|e| Error::Task(e.to_string()))??;
+    }
+    Ok(())
+}
+
+async fn dispatcher(
+    ctx: Arc<SyncContext>,
+    worker: usize,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let claimed = match ctx.ledger.claim(1, ctx.lease()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(worker, error = %e, "claiming windows failed");
+                Vec::new()
+            }
+        };
+        let Some(batch) = claimed.into_iter().next() else {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            continue;
+        };
+        // A claimed window is always finished, even during shutdown: its lease would
+        // otherwise hold it for minutes.
+        let finish = settle(&ctx, &batch, &mut rng).await;
+        let label = finish_label(&finish);
+        metrics::window_settled(label);
+        if let Finish::Failed(reason) | Finish::NeedsReconciliation(reason) = &finish {
+            tracing::warn!(batch = batch.id, %reason, outcome = label, "window not sent");
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        while let Err(e) = ctx.ledger.finish(batch.id, &finish).await {
+            tracing::warn!(batch = batch.id, error = %e, "finishing a window failed, retrying");
+            backoff.sleep().await;
+        }
+    }
+}
+
+fn finish_label(finish: &Finish) -> &'static str {
+    match finish {
+        Finish::Settled => "settled",
+        Finish::RetryIn { .. } => "retry",
+        Finish::Unanswered { .. } => "unanswered",
+        Finish::PendingMapping => "pending_mapping",
+        Finish::Skipped(_) => "skipped",
+        Finish::Expired => "expired",
+        Finish::Failed(_) => "failed",
+        Finish::NeedsReconciliation(_) => "needs_reconciliation",
+    }
+}
+
+/// Loop 3: windows waiting for a mapping go out once it exists.
+pub async fn release_mapped(
+    ctx: Arc<SyncContext>,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        match ctx.ledger.release_mapped().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(windows = n, "windows released by new customer mappings"),
+            Err(e) => tracing::warn!(error = %e, "releasing mapped windows failed"),
+        }
+        let open = ctx
+            .pacer
+            .breaker_states()
+            .iter()
+            .filter(|(_, s)| *s != crate::pacing::BreakerState::Closed)
+            .count();
+        metrics::circuits_open(open);
+    }
+}
