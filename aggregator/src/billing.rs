@@ -5,8 +5,8 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use meterline_catalog::window_totals::WindowAggregates;
 use meterline_common::retention::STRIPE_MAX_EVENT_AGE_DAYS;
-pub use meterline_common::window_totals::WindowAggregates;
 use meterline_schemas::{Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window};
 
 use time::OffsetDateTime;

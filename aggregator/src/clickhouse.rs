@@ -11,7 +11,7 @@ use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, Window};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use meterline_common::window_totals::{to_scaled, AGGREGATES_SQL};
+use meterline_catalog::window_totals::{to_scaled, AGGREGATES_SQL};
 
 use crate::billing::{MeteredEvent, WindowAggregates};
 use crate::Error;

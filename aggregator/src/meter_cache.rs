@@ -7,9 +7,9 @@
 //! set. The refresh reads only meters changed since the last one (minus a margin for
 //! late-committing writes), so it costs one small query.
 
-use meterline_common::meters::MeterStore;
-use meterline_common::scope_map::ScopeMap;
-use meterline_common::window_sizes::{self, AllSizes};
+use meterline_catalog::meters::MeterStore;
+use meterline_catalog::scope_map::ScopeMap;
+use meterline_catalog::window_sizes::{self, AllSizes};
 use meterline_schemas::{EnvironmentId, MeterDefinition, MeterId, TenantId};
 use sqlx::PgPool;
 use time::OffsetDateTime;

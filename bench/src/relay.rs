@@ -17,9 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use meterline_common::crypto::Keyring;
+use meterline_accounts::crypto::Keyring;
+use meterline_accounts::stripe_config::{
+    NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret,
+};
 use meterline_common::kafka::{consumer_config, producer_config};
-use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
 use meterline_schemas::{StripeWebhook, Timestamp, Topic};
 use meterline_tests::{api, stack, Namespace, ServiceProcess, Stack};
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -15,14 +15,14 @@ mod dlq;
 mod error;
 
 use clap::{Parser, Subcommand};
+use meterline_accounts::crypto::Keyring;
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::auth::{JwtKeys, TenantScope};
 use meterline_common::config::{
     ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv,
 };
-use meterline_common::crypto::Keyring;
 use meterline_common::kafka::{self, Topics};
 use meterline_common::retention::{self, RetentionSettings};
-use meterline_common::stripe_config::StripeConfigStore;
 use meterline_common::{clickhouse, postgres};
 use meterline_schemas::{EnvironmentId, TenantId};
 

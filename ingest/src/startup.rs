@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use meterline_catalog::meters::MeterStore;
 use meterline_common::kafka::KafkaProbe;
-use meterline_common::meters::MeterStore;
 use meterline_common::service::ServiceContext;
 use meterline_common::{clickhouse, postgres};
 

@@ -3,11 +3,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use meterline_accounts::crypto::Keyring;
 use meterline_common::auth::JwtKeys;
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
-use meterline_common::crypto::Keyring;
 
 #[derive(Debug, Clone)]
 pub struct Config {

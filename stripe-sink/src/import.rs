@@ -18,9 +18,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meterline_common::audit::{Actor, Purpose};
+use meterline_accounts::audit::{Actor, Purpose};
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::auth::TenantScope;
-use meterline_common::stripe_config::StripeConfigStore;
 use meterline_schemas::{EnvironmentId, JobId, TenantId};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};

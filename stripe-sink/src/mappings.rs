@@ -29,7 +29,7 @@
 //! - Every mapping created or retired, and every meter mapping created or deleted, is written
 //!   to the audit trail ([`audit`]) in the transaction that makes the change.
 
-use meterline_common::audit::{self, Actor, Change};
+use meterline_accounts::audit::{self, Actor, Change};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{
     CustomerId, EnvironmentId, EventName, MeterId, SchemaError, StripeEventId, StripeEventType,

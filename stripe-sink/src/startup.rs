@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::kafka::{DeadLetters, KafkaProbe, Topics};
 use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
-use meterline_common::stripe_config::StripeConfigStore;
 use meterline_schemas::Topic;
 
 use crate::import::{self, ImportStore, Importer};

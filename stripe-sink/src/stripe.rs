@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use meterline_common::stripe_config::StripeApiKey;
+use meterline_accounts::stripe_config::StripeApiKey;
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 

@@ -1,8 +1,10 @@
 //! Stripe configurations written straight to the store, for tests of the services that read
 //! them (the webhook relay's secrets, the sink's keys).
 
-use meterline_common::crypto::Keyring;
-use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
+use meterline_accounts::crypto::Keyring;
+use meterline_accounts::stripe_config::{
+    NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret,
+};
 
 use crate::api::scope;
 use crate::{Namespace, Stack};

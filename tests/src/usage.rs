@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use meterline_catalog::meters::MeterStore;
 use meterline_common::kafka::{consumer_config, producer_config};
-use meterline_common::meters::MeterStore;
 use meterline_schemas::{
     CustomerId, Decimal, EnvironmentId, EventId, EventName, MeterDefinition, MeterInput,
     RawUsageEvent, TenantId, Timestamp, Topic, WindowTotal,
@@ -63,7 +63,7 @@ pub async fn window_minutes_since_epoch(
     minutes: u32,
 ) {
     let pool = ns.pg_pool().await;
-    meterline_common::window_sizes::schedule_change(
+    meterline_catalog::window_sizes::schedule_change(
         &pool,
         &scope(tenant, environment),
         minutes,

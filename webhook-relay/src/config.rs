@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use meterline_accounts::crypto::Keyring;
+use meterline_accounts::stripe_config::WebhookSecret;
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
-use meterline_common::crypto::Keyring;
 use meterline_common::retention::{self, RetentionSettings};
-use meterline_common::stripe_config::WebhookSecret;
 
 use crate::sources::{Networks, SourcePolicy};
 

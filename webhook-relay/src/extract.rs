@@ -9,7 +9,7 @@
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::StatusCode;
 use bytes::Bytes;
-use meterline_common::stripe_config::WebhookSecret;
+use meterline_accounts::stripe_config::WebhookSecret;
 use meterline_schemas::{EnvironmentId, TenantId, Timestamp};
 
 use crate::error::WebhookError;

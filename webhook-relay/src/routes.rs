@@ -76,9 +76,9 @@ mod tests {
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt;
+    use meterline_accounts::crypto::Keyring;
+    use meterline_accounts::stripe_config::StripeConfigStore;
     use meterline_common::config::KafkaSettings;
-    use meterline_common::crypto::Keyring;
-    use meterline_common::stripe_config::StripeConfigStore;
     use sqlx::postgres::PgPoolOptions;
     use tower::ServiceExt;
 

@@ -5,7 +5,7 @@
 //! all (`None`), even when a global secret is set: the global secret must not open an address
 //! for every tenant id anyone can type.
 
-use meterline_common::stripe_config::{ConfigStoreError, StripeConfigStore, WebhookSecret};
+use meterline_accounts::stripe_config::{ConfigStoreError, StripeConfigStore, WebhookSecret};
 use meterline_schemas::{EnvironmentId, TenantId};
 
 use crate::error::WebhookError;

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::kafka::KafkaProbe;
 use meterline_common::service::ServiceContext;
-use meterline_common::stripe_config::StripeConfigStore;
 use meterline_common::{postgres, retention};
 
 use crate::deliveries::DeliveryLog;

@@ -8,9 +8,9 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use meterline_catalog::meters::{MeterStoreError, StoredMeter};
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
-use meterline_common::meters::{MeterStoreError, StoredMeter};
 use meterline_schemas::{MeterDefinition, MeterId, MeterInput, SchemaError};
 use serde::Serialize;
 

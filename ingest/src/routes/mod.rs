@@ -14,9 +14,9 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 use axum::Router;
+use meterline_catalog::meters::MeterStore;
 use meterline_common::api::not_found_fallback;
 use meterline_common::auth::JwtKeys;
-use meterline_common::meters::MeterStore;
 
 use crate::config::Limits;
 use crate::kafka::UsageWriter;

@@ -17,10 +17,10 @@
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::Json;
+use meterline_catalog::window_sizes;
+use meterline_catalog::window_totals::{self, PlanError, WindowPlan};
 use meterline_common::api::ApiError;
 use meterline_common::auth::TenantScope;
-use meterline_common::window_sizes;
-use meterline_common::window_totals::{self, PlanError, WindowPlan};
 use meterline_schemas::{CustomerId, Decimal, MeterId, TimeRange, Timestamp};
 use serde::{Deserialize, Serialize};
 

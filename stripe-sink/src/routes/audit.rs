@@ -1,5 +1,5 @@
 //! `GET /v1/stripe/audit`: the audit trail of the caller's tenant and environment, newest
-//! first ([`meterline_common::audit`]): configuration, mapping and encryption key changes and
+//! first ([`meterline_accounts::audit`]): configuration, mapping and encryption key changes and
 //! API key decryptions, with who (actor kind, token subject) and when. No row holds a secret.
 //!
 //! Query: `limit` (1..=100, default 20), `before` (a row id: older rows only), `action`
@@ -7,8 +7,8 @@
 
 use axum::extract::State;
 use axum::Json;
+use meterline_accounts::audit::{self, AuditPage, AuditQuery, ACTIONS};
 use meterline_common::api::ApiError;
-use meterline_common::audit::{self, AuditPage, AuditQuery, ACTIONS};
 use meterline_common::auth::TenantScope;
 
 use super::mappings::{parse_limit, query_pairs, QueryPairs};

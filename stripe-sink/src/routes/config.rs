@@ -7,11 +7,11 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use meterline_accounts::audit::{Actor, Purpose};
+use meterline_accounts::stripe_config::{MaskedConfig, NewConfig, StripeApiKey, WebhookSecret};
+use meterline_catalog::window_sizes;
 use meterline_common::api::{ApiError, JsonBody};
-use meterline_common::audit::{Actor, Purpose};
 use meterline_common::auth::TenantScope;
-use meterline_common::stripe_config::{MaskedConfig, NewConfig, StripeApiKey, WebhookSecret};
-use meterline_common::window_sizes;
 use serde::Deserialize;
 use time::OffsetDateTime;
 

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::api::not_found_fallback;
 use meterline_common::auth::JwtKeys;
-use meterline_common::stripe_config::StripeConfigStore;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 

@@ -4,8 +4,8 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use meterline_accounts::audit::{Actor, Purpose};
 use meterline_common::api::{ApiError, JsonBody};
-use meterline_common::audit::{Actor, Purpose};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, TimeRange, Timestamp};
 use serde::{Deserialize, Serialize};

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::kafka::DeadLetters;
-use meterline_common::stripe_config::StripeConfigStore;
 use sha2::{Digest, Sha256};
 
 use crate::config::StripeSettings;

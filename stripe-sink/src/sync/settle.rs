@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use meterline_common::audit::{Actor, Purpose};
+use meterline_accounts::audit::{Actor, Purpose};
 use rust_decimal::prelude::ToPrimitive;
 use time::OffsetDateTime;
 
@@ -200,7 +200,7 @@ enum Delivery {
 async fn deliver(
     ctx: &SyncContext,
     account: &crate::pacing::Account,
-    key: &meterline_common::stripe_config::StripeApiKey,
+    key: &meterline_accounts::stripe_config::StripeApiKey,
     batch_id: i64,
     send: &mut Send,
     rng: &mut impl rand::Rng,

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use meterline_catalog::meters::MeterStore;
 use meterline_common::kafka::consumer_config;
-use meterline_common::meters::MeterStore;
 use meterline_schemas::{Decimal, MeterDefinition, MeterInput, Topic};
 use meterline_tests::api::scope;
 use meterline_tests::namespace::TEST_PARTITIONS;

@@ -9,9 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use meterline_common::crypto::Keyring;
+use meterline_accounts::crypto::Keyring;
+use meterline_accounts::stripe_config::{
+    NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret,
+};
 use meterline_common::kafka::producer_config;
-use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
 use meterline_schemas::{
     EnvironmentId, StripeEventId, StripeEventType, StripeWebhook, TenantId, Timestamp, Topic,
 };

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use meterline_catalog::meters::MeterStore;
 use meterline_common::auth::JwtKeys;
-use meterline_common::meters::MeterStore;
 use meterline_tests::api::{keys, post_json, scope, send, token, Answer};
 use meterline_tests::{Namespace, ServiceProcess};
 use reqwest::header::CONTENT_TYPE;

@@ -507,7 +507,7 @@ async fn bad_config_input_is_refused_and_changes_nothing() {
 /// documents them (stripe-mock validates every parameter against Stripe's OpenAPI spec).
 #[tokio::test]
 async fn stripe_mock_accepts_the_requests_our_client_sends() {
-    use meterline_common::stripe_config::StripeApiKey;
+    use meterline_accounts::stripe_config::StripeApiKey;
     use stripe_sink::stripe::{MeterEvent, Recorded, StripeClient};
 
     let binary = meterline_tests::stack::repo_root().join(".cache/stripe-mock/bin/stripe-mock");

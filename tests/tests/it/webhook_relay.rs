@@ -6,8 +6,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meterline_common::crypto::Keyring;
-use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
+use meterline_accounts::crypto::Keyring;
+use meterline_accounts::stripe_config::{
+    NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret,
+};
 use meterline_schemas::{StripeWebhook, Topic};
 use meterline_tests::api::{scope, send, Answer};
 use meterline_tests::kafka::read_topic;

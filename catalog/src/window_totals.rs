@@ -12,9 +12,9 @@ use meterline_schemas::{Aggregation, CustomerId, Decimal, MeterId, TimeRange, Wi
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::auth::TenantScope;
 use crate::window_sizes::SizeHistory;
-use crate::Error;
+use meterline_common::auth::TenantScope;
+use meterline_common::Error;
 
 /// Decimal places of `qty_billable`.
 pub const SCALE: u32 = 9;

@@ -15,8 +15,8 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use crate::audit::{self, Actor, Change, Purpose};
-use crate::auth::TenantScope;
 use crate::crypto::{CryptoError, Keyring};
+use meterline_common::auth::TenantScope;
 
 /// A Stripe secret or restricted key: `sk_test_`, `sk_live_`, `rk_test_` or `rk_live_`.
 #[derive(Clone, PartialEq, Eq)]

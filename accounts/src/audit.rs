@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use crate::auth::TenantScope;
 use crate::stripe_config::MaskedConfig;
+use meterline_common::auth::TenantScope;
 
 /// Longest page of the audit list.
 pub const MAX_PAGE: u32 = 100;
@@ -322,7 +322,7 @@ pub async fn list(
     pool: &PgPool,
     scope: &TenantScope,
     query: &AuditQuery,
-) -> Result<AuditPage, crate::Error> {
+) -> Result<AuditPage, meterline_common::Error> {
     let limit = query.limit.clamp(1, MAX_PAGE);
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, occurred_at, actor_kind, actor_subject, actor_ref, action, target, details
@@ -340,7 +340,7 @@ pub async fn list(
     .bind(i64::from(limit) + 1)
     .fetch_all(pool)
     .await
-    .map_err(|source| crate::Error::Postgres {
+    .map_err(|source| meterline_common::Error::Postgres {
         context: "reading the audit log",
         source,
     })?;

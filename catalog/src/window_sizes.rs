@@ -12,8 +12,8 @@ use meterline_schemas::{EnvironmentId, TenantId, Window};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use crate::auth::TenantScope;
 use crate::scope_map::ScopeMap;
+use meterline_common::auth::TenantScope;
 
 /// The size of a window when the tenant never chose one.
 pub const DEFAULT_WINDOW_MINUTES: u32 = 60;

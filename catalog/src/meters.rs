@@ -14,7 +14,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use crate::auth::TenantScope;
+use meterline_common::auth::TenantScope;
 
 /// A meter definition as stored, with its timestamps.
 ///

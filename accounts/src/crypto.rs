@@ -19,7 +19,7 @@ use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use crate::config::{ConfigError, Env};
+use meterline_common::config::{ConfigError, Env};
 
 const NONCE_BYTES: usize = 12;
 
