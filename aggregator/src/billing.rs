@@ -3,17 +3,14 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use meterline_catalog::window_totals::WindowAggregates;
-use meterline_common::retention::STRIPE_MAX_EVENT_AGE_DAYS;
+pub use meterline_schemas::stripe_limits::{
+    event_expired as is_expired_event, window_expired as is_expired_window,
+};
 use meterline_schemas::{Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window};
 
 use time::OffsetDateTime;
-
-/// Stripe refuses meter events older than 35 days.
-pub const STRIPE_MAX_EVENT_AGE: time::Duration =
-    time::Duration::days(STRIPE_MAX_EVENT_AGE_DAYS as i64);
 
 /// One event's contribution to one meter: a row of `events_processed`.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,21 +86,6 @@ pub fn meter_event(
 
 fn version_of(ingested_at: OffsetDateTime) -> u64 {
     u64::try_from(ingested_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
-}
-
-pub fn is_expired_event(timestamp: OffsetDateTime, now: OffsetDateTime) -> bool {
-    timestamp < now - STRIPE_MAX_EVENT_AGE
-}
-
-/// A window is expired when not one second of it is within Stripe's 35 days any more: a
-/// meter event for it, timestamped inside the window, would be refused.
-pub fn is_expired_window(window: &Window, now: OffsetDateTime) -> bool {
-    window.end() - time::Duration::SECOND < now - STRIPE_MAX_EVENT_AGE
-}
-
-/// When a window is first published: its end plus the grace period.
-pub fn due_at(window: &Window, grace: Duration) -> OffsetDateTime {
-    window.end() + grace
 }
 
 /// What was last published for a window.

@@ -3,13 +3,17 @@
 //!
 //! Layout:
 //! - [`config`]: the environment variables it reads.
-//! - [`billing`]: the rules as plain functions: meters an event feeds, quantities, windows
-//!   due and expired, revisions.
-//! - [`pipeline`]: the loops: usage.raw into ClickHouse, due windows out, resync requests.
+//! - [`billing`]: the rules as plain functions: meters an event feeds, quantities, expired
+//!   windows (Stripe's limits), revisions.
+//! - [`due`]: when a window becomes due, the one rule the marking, the claims and the lag
+//!   metric use.
+//! - [`pipeline`]: the loops, a file each: usage.raw into ClickHouse (`consume`, with
+//!   `metering`), due windows out (`publish`), resync requests (`resync`).
 //! - [`clickhouse`]: `events_processed` writes and deduplicated window aggregates.
 //! - [`windows`]: the window registry in PostgreSQL (dirty marks, claims, revisions).
 //! - [`meter_cache`]: meters and window sizes of every tenant, refreshed per batch.
-//! - [`kafka`]: consumers, the window publisher and the dead-letter writer.
+//! - [`kafka`]: batched reads of `usage.raw`, the consumer lag, the window publisher (on the
+//!   shared Kafka kit of `meterline_common::kafka`).
 //! - [`metrics`]: the names of every metric the aggregator exports.
 //! - [`startup`]: wiring of clients, loops, readiness checks and the HTTP server.
 //! - [`error`]: the crate's error type.
@@ -17,6 +21,7 @@
 pub mod billing;
 pub mod clickhouse;
 pub mod config;
+pub mod due;
 pub mod error;
 pub mod kafka;
 pub mod meter_cache;

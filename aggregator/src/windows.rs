@@ -321,7 +321,10 @@ impl WindowRegistry {
             .collect();
         if !rest.is_empty() {
             let r = KeyColumns::of(rest.iter().copied());
-            let due: Vec<OffsetDateTime> = r.end.iter().map(|end| *end + grace).collect();
+            let due: Vec<OffsetDateTime> = rest
+                .iter()
+                .map(|k| crate::due::due_at(&k.window, grace))
+                .collect();
             // revision > 0 in the answer: the window had been published before this batch.
             let rows: Vec<StateRow> = sqlx::query_as(&format!(
                 "WITH marked AS (

@@ -22,7 +22,7 @@ use crate::config::{ClickhouseSettings, ConfigError, Env};
 use crate::Error;
 
 /// Stripe refuses meter events older than this many days.
-pub const STRIPE_MAX_EVENT_AGE_DAYS: u32 = 35;
+pub use meterline_schemas::stripe_limits::MAX_EVENT_AGE_DAYS as STRIPE_MAX_EVENT_AGE_DAYS;
 /// Added to Stripe's limit: clocks, grace periods and a late resync must never meet pruning.
 pub const MARGIN_DAYS: u32 = 7;
 /// The shortest retention of anything.

@@ -48,7 +48,10 @@ impl Default for Limits {
             max_event_body_bytes: 512 << 10,
             max_bulk_body_bytes: 8 << 20,
             max_bulk_events: 2000,
-            max_future: Duration::from_secs(300),
+            // Stripe refuses meter events more than 5 minutes ahead.
+            max_future: Duration::from_secs(
+                meterline_schemas::stripe_limits::MAX_FUTURE.whole_seconds() as u64,
+            ),
         }
     }
 }

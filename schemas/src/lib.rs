@@ -17,6 +17,8 @@
 //!   [`usage_raw`] ([`RawUsageEvent`]), [`usage_windows`] ([`WindowTotal`]),
 //!   [`usage_resync`] ([`ResyncRequest`]), [`stripe_webhooks`] ([`StripeWebhook`]).
 //! - [`dlq`]: the `<topic>.dlq` convention, [`DlqHeaders`].
+//! - [`stripe_limits`]: Stripe's own limits on meter events (35 days back, 5 minutes ahead,
+//!   15 digits, identifier length), the one home every service reads them from.
 //! - [`json_schema`]: the schema documents generated from these types.
 
 pub mod dlq;
@@ -24,6 +26,7 @@ pub mod error;
 pub mod ids;
 pub mod json_schema;
 pub mod meter;
+pub mod stripe_limits;
 pub mod stripe_webhooks;
 pub mod timestamp;
 pub mod topic;

@@ -2,18 +2,13 @@
 //! window total, the difference still to send, the deterministic identifier of each meter
 //! event, its timestamp inside the window, and whether Stripe can still take it.
 
+pub use meterline_schemas::stripe_limits::event_timestamp;
+use meterline_schemas::stripe_limits::{self, TimestampRefusal, MAX_VALUE};
 use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::RoundingStrategy;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-
-/// Stripe takes meter events from the past 35 days.
-pub const MAX_AGE: time::Duration = time::Duration::days(35);
-/// ... and at most 5 minutes ahead.
-pub const MAX_FUTURE: time::Duration = time::Duration::minutes(5);
-/// Stripe refuses values with more than 15 significant digits.
-const MAX_VALUE: i64 = 999_999_999_999_999;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unsendable {
@@ -45,7 +40,8 @@ pub fn still_to_send(billable_total: i64, synced: i64) -> Option<i64> {
 
 /// The identifier (and Idempotency-Key) of the `seq`-th meter event of a window: the same
 /// inputs always give the same identifier, so a retry after a crash is recognised by Stripe,
-/// and different windows or sends never share one. 3 + 48 characters, within Stripe's 100.
+/// and different windows or sends never share one. 3 + 48 characters, within Stripe's
+/// [`stripe_limits::MAX_IDENTIFIER_CHARS`].
 pub fn identifier(
     tenant: &TenantId,
     environment: &EnvironmentId,
@@ -71,21 +67,12 @@ pub fn identifier(
     format!("ml_{}", &hex::encode(hash.finalize())[..48])
 }
 
-/// The timestamp of a window's meter events: its last second, inside `[start, end)`.
-pub fn event_timestamp(window: &Window) -> i64 {
-    window.end().unix_timestamp() - 1
-}
-
-/// Whether Stripe would accept a meter event for `window` at `now`.
+/// Whether Stripe would accept a meter event for `window` at `now` ([`stripe_limits`]).
 pub fn check_sendable(window: &Window, now: OffsetDateTime) -> Result<(), Unsendable> {
-    let at = event_timestamp(window);
-    if at < (now - MAX_AGE).unix_timestamp() {
-        Err(Unsendable::Expired)
-    } else if at > (now + MAX_FUTURE).unix_timestamp() {
-        Err(Unsendable::InFuture)
-    } else {
-        Ok(())
-    }
+    stripe_limits::check_timestamp(event_timestamp(window), now).map_err(|refusal| match refusal {
+        TimestampRefusal::TooOld => Unsendable::Expired,
+        TimestampRefusal::InFuture => Unsendable::InFuture,
+    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, CLAIM_LIMIT};
-use crate::billing::{self, is_expired_window, next_revision, Trigger, WindowAggregates};
+use crate::billing::{is_expired_window, next_revision, Trigger, WindowAggregates};
+use crate::due;
 use crate::meter_cache::MeterCache;
 use crate::metrics;
 use crate::windows::{Claim, Publication, WindowKey};
@@ -133,7 +134,7 @@ pub(super) async fn publish_claim(
             _ => WindowReason::Late,
         };
         if state.published.revision == 0 {
-            first_publication_lags.push(now - billing::due_at(&key.window, shared.grace));
+            first_publication_lags.push(due::publication_lag(&key.window, shared.grace, now));
         }
         totals.push(WindowTotal {
             tenant_id: key.tenant_id.clone(),
