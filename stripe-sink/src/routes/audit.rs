@@ -5,6 +5,7 @@
 //! Query: `limit` (1..=100, default 20), `before` (a row id: older rows only), `action`
 //! (one action only). Refusals: 400 `unknown_parameter`, `invalid_parameter`.
 
+use super::error::RouteError;
 use axum::extract::State;
 use axum::Json;
 use meterline_accounts::audit::{self, AuditPage, AuditQuery, ACTIONS};
@@ -55,13 +56,10 @@ pub async fn list(
     State(state): State<AppState>,
     scope: TenantScope,
     query: QueryPairs,
-) -> Result<Json<AuditPage>, ApiError> {
+) -> Result<Json<AuditPage>, RouteError> {
     let pairs = query_pairs(query, &["limit", "before", "action"])?;
     let query = audit_query(&pairs)?;
-    audit::list(&state.pool, &scope, &query)
-        .await
-        .map(Json)
-        .map_err(|e| ApiError::internal(&e))
+    Ok(Json(audit::list(&state.pool, &scope, &query).await?))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! never sent back: responses carry the masked key (`sk_test_****abcd`) and the number of
 //! webhook secrets.
 
+use super::error::RouteError;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -91,21 +92,16 @@ pub async fn put(
     State(state): State<AppState>,
     scope: TenantScope,
     JsonBody(input): JsonBody<ConfigInput>,
-) -> Result<Json<ConfigAnswer>, ApiError> {
+) -> Result<Json<ConfigAnswer>, RouteError> {
     let config = parse(input)?;
-    let masked = state
-        .configs
-        .put(&scope, &config)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let masked = state.configs.put(&scope, &config).await?;
     let effective = window_sizes::schedule_change(
         &state.pool,
         &scope,
         config.aggregation_window_minutes,
         OffsetDateTime::now_utc(),
     )
-    .await
-    .map_err(|e| ApiError::internal(&e))?;
+    .await?;
     tracing::info!(
         tenant = %scope.tenant_id,
         environment = %scope.environment_id,
@@ -121,21 +117,20 @@ pub async fn put(
 pub async fn get(
     State(state): State<AppState>,
     scope: TenantScope,
-) -> Result<Json<MaskedConfig>, ApiError> {
+) -> Result<Json<MaskedConfig>, RouteError> {
     state
         .configs
         .get(&scope)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
+        .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))
+        .ok_or_else(|| ApiError::not_found("no stripe config for this environment").into())
 }
 
 /// Calls `GET /v1/balance` with the stored key.
 pub async fn test(
     State(state): State<AppState>,
     scope: TenantScope,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, RouteError> {
     let key = state
         .configs
         .api_key(
@@ -144,8 +139,7 @@ pub async fn test(
             &Actor::api(&scope),
             Purpose::ConfigTest,
         )
-        .await
-        .map_err(|e| ApiError::internal(&e))?
+        .await?
         .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
     match state.stripe.check_key(&key).await {
         Ok(()) => Ok(Json(serde_json::json!({"status": "connected"}))),
@@ -153,11 +147,13 @@ pub async fn test(
             StatusCode::UNPROCESSABLE_ENTITY,
             "stripe_authentication_failed",
             format!("stripe refused the api key {}: {}", key.masked(), e.message),
-        )),
+        )
+        .into()),
         Err(e) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             "stripe_unreachable",
             format!("stripe did not answer as expected: {e}"),
-        )),
+        )
+        .into()),
     }
 }

@@ -11,6 +11,7 @@
 //! 404 `not_found`; 409 `meter_already_mapped`, `provider_meter_already_mapped`,
 //! `customer_already_mapped`, `provider_customer_already_mapped`, `provider_customer_deleted`.
 
+use super::error::RouteError;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -22,9 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use crate::mappings::{
-    CustomerMapping, CustomerMappingQuery, MappingError, MappingStatus, MeterMapping,
-    MeterMappingInput, Page, StripeCustomerId, UnmappedCustomer, UnmappedQuery, DEFAULT_PAGE,
-    MAX_PAGE, PROVIDER_STRIPE,
+    CustomerMapping, CustomerMappingQuery, MappingStatus, MeterMapping, MeterMappingInput, Page,
+    StripeCustomerId, UnmappedCustomer, UnmappedQuery, DEFAULT_PAGE, MAX_PAGE, PROVIDER_STRIPE,
 };
 use crate::metrics;
 
@@ -91,25 +91,6 @@ fn invalid_field(field: &str, e: SchemaError) -> ApiError {
         other => other.to_string(),
     };
     ApiError::bad_request("invalid_value", format!("invalid {field}: {reason}"))
-}
-
-fn conflict(code: &'static str, e: &MappingError) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, code, e.to_string())
-}
-
-fn store_error(e: MappingError) -> ApiError {
-    match &e {
-        MappingError::MeterAlreadyMapped(_) => conflict("meter_already_mapped", &e),
-        MappingError::ProviderMeterAlreadyMapped { .. } => {
-            conflict("provider_meter_already_mapped", &e)
-        }
-        MappingError::CustomerAlreadyMapped { .. } => conflict("customer_already_mapped", &e),
-        MappingError::ProviderCustomerAlreadyMapped { .. } => {
-            conflict("provider_customer_already_mapped", &e)
-        }
-        MappingError::ProviderCustomerDeleted(_) => conflict("provider_customer_deleted", &e),
-        MappingError::Database(_) | MappingError::Corrupt(_) => ApiError::internal(&e),
-    }
 }
 
 fn path_value(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -239,14 +220,9 @@ pub async fn create_meter_mapping(
     State(state): State<AppState>,
     scope: TenantScope,
     JsonBody(body): JsonBody<MeterMappingBody>,
-) -> Result<(StatusCode, Json<MeterMapping>), ApiError> {
+) -> Result<(StatusCode, Json<MeterMapping>), RouteError> {
     let input = MeterMappingInput::try_from(body)?;
-    let stored = state
-        .mappings
-        .meters()
-        .create(&scope, &input)
-        .await
-        .map_err(store_error)?;
+    let stored = state.mappings.meters().create(&scope, &input).await?;
     tracing::info!(
         tenant_id = %scope.tenant_id,
         environment_id = %scope.environment_id,
@@ -260,13 +236,8 @@ pub async fn create_meter_mapping(
 pub async fn list_meter_mappings(
     State(state): State<AppState>,
     scope: TenantScope,
-) -> Result<Json<List<MeterMapping>>, ApiError> {
-    let data = state
-        .mappings
-        .meters()
-        .list(&scope)
-        .await
-        .map_err(store_error)?;
+) -> Result<Json<List<MeterMapping>>, RouteError> {
+    let data = state.mappings.meters().list(&scope).await?;
     Ok(Json(List { data }))
 }
 
@@ -275,14 +246,14 @@ pub async fn get_meter_mapping(
     State(state): State<AppState>,
     scope: TenantScope,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<MeterMapping>, ApiError> {
+) -> Result<Json<MeterMapping>, RouteError> {
     let meter_id = meter_path(path)?;
     match state.mappings.meters().get(&scope, &meter_id).await {
         Ok(Some(mapping)) => Ok(Json(mapping)),
-        Ok(None) => Err(ApiError::not_found(format!(
-            "no stripe mapping for meter {meter_id}"
-        ))),
-        Err(e) => Err(store_error(e)),
+        Ok(None) => {
+            Err(ApiError::not_found(format!("no stripe mapping for meter {meter_id}")).into())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -291,7 +262,7 @@ pub async fn delete_meter_mapping(
     State(state): State<AppState>,
     scope: TenantScope,
     path: Result<Path<String>, PathRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, RouteError> {
     let meter_id = meter_path(path)?;
     match state.mappings.meters().delete(&scope, &meter_id).await {
         Ok(true) => {
@@ -303,10 +274,10 @@ pub async fn delete_meter_mapping(
             );
             Ok(StatusCode::NO_CONTENT)
         }
-        Ok(false) => Err(ApiError::not_found(format!(
-            "no stripe mapping for meter {meter_id}"
-        ))),
-        Err(e) => Err(store_error(e)),
+        Ok(false) => {
+            Err(ApiError::not_found(format!("no stripe mapping for meter {meter_id}")).into())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -319,7 +290,7 @@ pub async fn create_customer_mapping(
     State(state): State<AppState>,
     scope: TenantScope,
     JsonBody(body): JsonBody<CustomerMappingBody>,
-) -> Result<(StatusCode, Json<CustomerMapping>), ApiError> {
+) -> Result<(StatusCode, Json<CustomerMapping>), RouteError> {
     let customer_id = CustomerId::parse(&body.customer_id).map_err(invalid)?;
     let provider_customer_id =
         StripeCustomerId::parse(&body.provider_customer_id).map_err(invalid)?;
@@ -327,8 +298,7 @@ pub async fn create_customer_mapping(
         .mappings
         .customers()
         .create_manual(&scope, &customer_id, &provider_customer_id)
-        .await
-        .map_err(store_error)?;
+        .await?;
     metrics::customer_mappings_created("manual", 1);
     tracing::info!(
         tenant_id = %scope.tenant_id,
@@ -344,15 +314,10 @@ pub async fn list_customer_mappings(
     State(state): State<AppState>,
     scope: TenantScope,
     query: QueryPairs,
-) -> Result<Json<Page<CustomerMapping>>, ApiError> {
+) -> Result<Json<Page<CustomerMapping>>, RouteError> {
     let pairs = query_pairs(query, &["status", "limit", "starting_after"])?;
     let query = customer_list_query(&pairs)?;
-    let page = state
-        .mappings
-        .customers()
-        .list(&scope, &query)
-        .await
-        .map_err(store_error)?;
+    let page = state.mappings.customers().list(&scope, &query).await?;
     Ok(Json(page))
 }
 
@@ -361,14 +326,15 @@ pub async fn get_customer_mapping(
     State(state): State<AppState>,
     scope: TenantScope,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<CustomerMapping>, ApiError> {
+) -> Result<Json<CustomerMapping>, RouteError> {
     let customer_id = customer_path(path)?;
     match state.mappings.customers().get(&scope, &customer_id).await {
         Ok(Some(mapping)) => Ok(Json(mapping)),
         Ok(None) => Err(ApiError::not_found(format!(
             "no active stripe mapping for customer {customer_id}"
-        ))),
-        Err(e) => Err(store_error(e)),
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -377,7 +343,7 @@ pub async fn delete_customer_mapping(
     State(state): State<AppState>,
     scope: TenantScope,
     path: Result<Path<String>, PathRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, RouteError> {
     let customer_id = customer_path(path)?;
     match state
         .mappings
@@ -396,8 +362,9 @@ pub async fn delete_customer_mapping(
         }
         Ok(false) => Err(ApiError::not_found(format!(
             "no active stripe mapping for customer {customer_id}"
-        ))),
-        Err(e) => Err(store_error(e)),
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -408,15 +375,10 @@ pub async fn list_unmapped_customers(
     State(state): State<AppState>,
     scope: TenantScope,
     query: QueryPairs,
-) -> Result<Json<Page<UnmappedCustomer>>, ApiError> {
+) -> Result<Json<Page<UnmappedCustomer>>, RouteError> {
     let pairs = query_pairs(query, &["status", "limit", "starting_after"])?;
     let query = unmapped_list_query(&pairs)?;
-    let page = state
-        .mappings
-        .unmapped()
-        .list(&scope, &query)
-        .await
-        .map_err(store_error)?;
+    let page = state.mappings.unmapped().list(&scope, &query).await?;
     Ok(Json(page))
 }
 

@@ -7,6 +7,7 @@
 //! `body_too_large`, 400 `invalid_encoding`, `empty_file`, `too_many_rows`. A refused upload
 //! writes nothing; an accepted one answers every row.
 
+use super::error::RouteError;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -26,24 +27,15 @@ use crate::mappings::BulkOutcome;
 pub async fn start_import(
     State(state): State<AppState>,
     scope: TenantScope,
-) -> Result<(StatusCode, Json<ImportView>), ApiError> {
-    let configured = state
-        .configs
-        .get(&scope)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .is_some();
+) -> Result<(StatusCode, Json<ImportView>), RouteError> {
+    let configured = state.configs.get(&scope).await?.is_some();
     if !configured {
         return Err(ApiError::not_found(
             "no stripe config for this environment: PUT /v1/stripe/config first",
-        ));
+        )
+        .into());
     }
-    match state
-        .imports
-        .start(&scope)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-    {
+    match state.imports.start(&scope).await? {
         Started::Created(view) => {
             state.import_wake.notify_one();
             tracing::info!(
@@ -58,7 +50,8 @@ pub async fn start_import(
             StatusCode::CONFLICT,
             "import_already_running",
             format!("import {id} is still running; follow it at /v1/stripe/migrate/status/{id}"),
-        )),
+        )
+        .into()),
     }
 }
 
@@ -67,17 +60,16 @@ pub async fn import_status(
     State(state): State<AppState>,
     scope: TenantScope,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<ImportView>, ApiError> {
+) -> Result<Json<ImportView>, RouteError> {
     let not_found = || ApiError::not_found("no such import");
     let Path(id) = path.map_err(|_| not_found())?;
     let id = JobId::parse(&id).map_err(|_| not_found())?;
     state
         .imports
         .view(&scope, &id)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
+        .await?
         .map(Json)
-        .ok_or_else(not_found)
+        .ok_or_else(|| not_found().into())
 }
 
 /// A `text/csv` body within [`bulk::MAX_BYTES`].
@@ -134,7 +126,7 @@ pub async fn bulk_mappings(
     State(state): State<AppState>,
     scope: TenantScope,
     CsvBody(body): CsvBody,
-) -> Result<Json<BulkAnswer>, ApiError> {
+) -> Result<Json<BulkAnswer>, RouteError> {
     let rows = bulk::parse(&body).map_err(|e| {
         let code = match e {
             FileError::NotUtf8 => "invalid_encoding",
@@ -158,8 +150,7 @@ pub async fn bulk_mappings(
         .mappings
         .customers()
         .create_manual_bulk(&scope, &valid)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .await?;
     let mut outcomes = outcomes.into_iter();
     let mut answer = BulkAnswer {
         rows: rows.len(),
@@ -201,7 +192,9 @@ pub async fn bulk_mappings(
                         ("conflict", Some(reason))
                     }
                     None => {
-                        return Err(ApiError::internal(&"bulk upload: fewer outcomes than rows"))
+                        return Err(
+                            ApiError::internal(&"bulk upload: fewer outcomes than rows").into()
+                        )
                     }
                 };
                 RowResult {

@@ -1,12 +1,13 @@
 //! The Stripe control API. Every route is authenticated by a bearer JWT ([`TenantScope`]) and
 //! scoped by its tenant and environment: no route reads or changes another tenant's data.
-//! Errors are JSON ([`ApiError`]).
+//! Errors are JSON ([`ApiError`]), through one error type ([`error::RouteError`]).
 //!
 //! [`TenantScope`]: meterline_common::auth::TenantScope
 //! [`ApiError`]: meterline_common::api::ApiError
 
 pub mod audit;
 pub mod config;
+pub mod error;
 pub mod mappings;
 pub mod migrate;
 pub mod sync;

@@ -1,6 +1,7 @@
 //! Manual syncs, their jobs, the sync status, the ledger's batches, retries and the
 //! reconciliation report.
 
+use super::error::RouteError;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -43,9 +44,9 @@ pub async fn manual(
     State(state): State<AppState>,
     scope: TenantScope,
     JsonBody(input): JsonBody<ManualSync>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<serde_json::Value>), RouteError> {
     if input.entity_type != "customer" {
-        return Err(invalid("entity_type must be customer"));
+        return Err(invalid("entity_type must be customer").into());
     }
     let from = Timestamp::parse(&input.time_from).map_err(invalid)?;
     let to = Timestamp::parse(&input.time_to).map_err(invalid)?;
@@ -71,11 +72,7 @@ pub async fn manual(
         to: to.as_offset_date_time(),
         force_rerun: input.force_rerun,
     };
-    state
-        .ledger
-        .create_job(&scope, &job)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    state.ledger.create_job(&scope, &job).await?;
     let request = ResyncRequest {
         job_id: job.id.clone(),
         tenant_id: scope.tenant_id.clone(),
@@ -104,15 +101,14 @@ pub async fn job(
     State(state): State<AppState>,
     scope: TenantScope,
     Path(id): Path<String>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Json<JobView>, RouteError> {
     let id = JobId::parse(&id).map_err(|_| ApiError::not_found("no such job"))?;
     state
         .ledger
         .job(&scope, &id)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
+        .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found("no such job"))
+        .ok_or_else(|| ApiError::not_found("no such job").into())
 }
 
 #[derive(Debug, Serialize)]
@@ -133,12 +129,8 @@ struct Circuit {
 pub async fn status(
     State(state): State<AppState>,
     scope: TenantScope,
-) -> Result<Json<StatusAnswer>, ApiError> {
-    let ledger = state
-        .ledger
-        .status(&scope)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+) -> Result<Json<StatusAnswer>, RouteError> {
+    let ledger = state.ledger.status(&scope).await?;
     let circuits = state
         .pacer
         .breaker_states()
@@ -177,19 +169,16 @@ pub async fn batches(
     State(state): State<AppState>,
     scope: TenantScope,
     query: Result<Query<BatchQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, RouteError> {
     let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
     if let Some(s) = &q.status {
         if !STATUSES.contains(&s.as_str()) {
-            return Err(invalid(format!(
-                "status must be one of {}",
-                STATUSES.join(", ")
-            )));
+            return Err(invalid(format!("status must be one of {}", STATUSES.join(", "))).into());
         }
     }
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(invalid("limit must be between 1 and 500"));
+        return Err(invalid("limit must be between 1 and 500").into());
     }
     let filter = BatchFilter {
         status: q.status,
@@ -208,11 +197,7 @@ pub async fn batches(
         before_id: q.starting_after,
         limit,
     };
-    let data: Vec<BatchView> = state
-        .ledger
-        .batches(&scope, &filter)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let data: Vec<BatchView> = state.ledger.batches(&scope, &filter).await?;
     let has_more = data.len() as i64 == limit;
     // Stripe reports meter event errors asynchronously (v1.billing.meter.* webhooks); each
     // batch shows those that name the identifier of its meter event.
@@ -223,8 +208,7 @@ pub async fn batches(
     let reports = state
         .mappings
         .error_reports_for_identifiers(&scope, &identifiers)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .await?;
     let data: Vec<serde_json::Value> = data
         .into_iter()
         .map(|batch| {
@@ -256,7 +240,7 @@ pub async fn retry(
     State(state): State<AppState>,
     scope: TenantScope,
     JsonBody(input): JsonBody<RetryInput>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, RouteError> {
     let retried = state
         .ledger
         .retry(
@@ -264,8 +248,7 @@ pub async fn retry(
             input.batch_ids.as_deref(),
             input.include_needs_reconciliation,
         )
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .await?;
     Ok(Json(serde_json::json!({ "retried": retried })))
 }
 
@@ -298,7 +281,7 @@ pub async fn reconcile(
     State(state): State<AppState>,
     scope: TenantScope,
     query: Result<Query<ReconcileQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, RouteError> {
     let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
     let from = Timestamp::parse(&q.time_from).map_err(invalid)?;
     let to = Timestamp::parse(&q.time_to).map_err(invalid)?;
@@ -324,8 +307,7 @@ pub async fn reconcile(
             from.as_offset_date_time(),
             to.as_offset_date_time(),
         )
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .await?;
     let key = state
         .configs
         .api_key(
@@ -334,8 +316,7 @@ pub async fn reconcile(
             &Actor::api(&scope),
             Purpose::Reconcile,
         )
-        .await
-        .map_err(|e| ApiError::internal(&e))?
+        .await?
         .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
     let mut lines = Vec::new();
     let mut meter_ids: std::collections::HashMap<String, Option<String>> = Default::default();
