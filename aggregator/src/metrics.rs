@@ -1,6 +1,9 @@
 //! Every metric the aggregator exports, named in this one place (`aggregator_<noun>_<unit>`);
 //! labels are bounded (reasons, partitions), never an id.
 
+// The one file of this crate that may use the metrics macros (clippy.toml).
+#![allow(clippy::disallowed_macros)]
+
 /// Messages read from `usage.raw`.
 pub const EVENTS_CONSUMED: &str = "aggregator_events_consumed_total";
 /// Rows written to `events_processed` (one per event and meter it feeds).

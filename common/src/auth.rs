@@ -174,23 +174,18 @@ impl AuthError {
     }
 }
 
-/// Requests refused with a 401, by `reason` (the error code). Shared by every service that
-/// takes bearer tokens; Prometheus's `job` label tells them apart.
-pub const AUTH_FAILURES: &str = "meterline_auth_failures_total";
+pub use crate::metrics::AUTH_FAILURES;
 
 /// Describes [`AUTH_FAILURES`] and registers each `reason` at zero, so that dashboards and
 /// alerts see the series before the first refusal. Called by the services that authenticate.
 pub fn describe_metrics() {
-    metrics::describe_counter!(AUTH_FAILURES, "requests refused with a 401, by reason");
-    for error in AuthError::ALL {
-        metrics::counter!(AUTH_FAILURES, "reason" => error.code()).absolute(0);
-    }
+    crate::metrics::describe_auth_failures(AuthError::ALL.iter().map(|e| e.code()));
 }
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let code = e.code();
-        metrics::counter!(AUTH_FAILURES, "reason" => code).increment(1);
+        crate::metrics::auth_failure(code);
         ApiError::unauthorized(code, e.to_string())
     }
 }

@@ -4,6 +4,9 @@
 //! counters, base units (`_seconds`, `_bytes`), and only bounded label values: never a
 //! customer id, event id or other value that grows with traffic.
 
+// The one file of this crate that may use the metrics macros (clippy.toml).
+#![allow(clippy::disallowed_macros)]
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::Error;
@@ -63,4 +66,51 @@ pub fn install(service: &'static str) -> Result<PrometheusHandle, Error> {
     metrics::gauge!("meterline_build_info", "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     Ok(handle)
+}
+
+// The emit functions of the shared plumbing: the only places outside a service's own
+// `metrics.rs` that count or record (a `clippy.toml` rule keeps the raw macros out of the
+// rest of the workspace).
+
+/// Requests refused with a 401, by `reason` (the error code). Shared by every service that
+/// takes bearer tokens; Prometheus's `job` label tells them apart.
+pub const AUTH_FAILURES: &str = "meterline_auth_failures_total";
+
+/// Describes [`AUTH_FAILURES`] and registers each `reason` at zero, so that dashboards and
+/// alerts see the series before the first refusal.
+pub fn describe_auth_failures(reasons: impl IntoIterator<Item = &'static str>) {
+    metrics::describe_counter!(AUTH_FAILURES, "requests refused with a 401, by reason");
+    for reason in reasons {
+        metrics::counter!(AUTH_FAILURES, "reason" => reason).absolute(0);
+    }
+}
+
+pub fn auth_failure(reason: &'static str) {
+    metrics::counter!(AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+/// `<service>_dependency_up{dependency}`: 1 when the last readiness check of it passed.
+pub fn dependency_up(service: &'static str, dependency: &'static str, up: bool) {
+    metrics::gauge!(format!("{service}_dependency_up"), "dependency" => dependency).set(if up {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// One answered HTTP request: `<service>_http_requests_total` and
+/// `<service>_http_request_duration_seconds`, by bounded method, route template and status.
+pub fn http_request(
+    service: &'static str,
+    method: &'static str,
+    route: String,
+    status: u16,
+    elapsed: std::time::Duration,
+) {
+    metrics::counter!(format!("{service}_http_requests_total"),
+        "method" => method, "route" => route.clone(), "status" => status.to_string())
+    .increment(1);
+    metrics::histogram!(format!("{service}_http_request_duration_seconds"),
+        "method" => method, "route" => route)
+    .record(elapsed.as_secs_f64());
 }

@@ -98,8 +98,7 @@ impl Readiness {
         let mut report = BTreeMap::new();
         for (name, outcome) in outcomes {
             let up = outcome.is_ok();
-            metrics::gauge!(format!("{}_dependency_up", self.service), "dependency" => name)
-                .set(if up { 1.0 } else { 0.0 });
+            crate::metrics::dependency_up(self.service, name, up);
             ready &= up;
             report.insert(name, outcome.err().unwrap_or_else(|| "ok".into()));
         }
@@ -171,13 +170,13 @@ async fn record_request(service: &'static str, req: Request, next: Next) -> Resp
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = method_label(req.method());
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(format!("{service}_http_requests_total"),
-        "method" => method, "route" => route.clone(), "status" => status)
-    .increment(1);
-    metrics::histogram!(format!("{service}_http_request_duration_seconds"),
-        "method" => method, "route" => route)
-    .record(started.elapsed().as_secs_f64());
+    crate::metrics::http_request(
+        service,
+        method,
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 

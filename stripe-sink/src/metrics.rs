@@ -1,6 +1,9 @@
 //! Every metric stripe-sink exports, named in this one place (`stripe_sink_<noun>_<unit>`);
 //! labels are bounded (reasons, sources, kinds), never a customer, meter or event id.
 
+// The one file of this crate that may use the metrics macros (clippy.toml).
+#![allow(clippy::disallowed_macros)]
+
 /// Messages read from `stripe.webhooks`.
 pub const WEBHOOK_EVENTS_CONSUMED: &str = "stripe_sink_webhook_events_consumed_total";
 /// Webhook events that changed nothing, by `reason` (`unhandled_type`, `stale`).
