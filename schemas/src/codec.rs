@@ -7,7 +7,6 @@
 //! type says only how it maps to its wire struct; reading, writing, keying and the schema come
 //! from here, the same for every topic.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use rust_decimal::Decimal;
@@ -17,6 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::error::Category;
 
 use crate::error::{short_reason, SchemaError};
+use crate::json_schema::fixed_schema;
 
 /// The only `schema_version` this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -43,33 +43,33 @@ impl<'de> Deserialize<'de> for SchemaVersion1 {
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<SchemaVersion1, E> {
-                if v == u64::from(SCHEMA_VERSION) {
-                    Ok(SchemaVersion1)
-                } else {
-                    Err(E::custom(format!(
-                        "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
-                    )))
-                }
+                version_one(v == u64::from(SCHEMA_VERSION), v)
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<SchemaVersion1, E> {
                 match u64::try_from(v) {
                     Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(E::custom(format!(
-                        "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
-                    ))),
+                    Err(_) => version_one(false, v),
                 }
             }
 
             // JSON Schema's `const: 1` also matches `1.0`; accepting it keeps both sides agreed.
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<SchemaVersion1, E> {
-                if v == f64::from(SCHEMA_VERSION) {
-                    Ok(SchemaVersion1)
-                } else {
-                    Err(E::custom(format!(
-                        "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
-                    )))
-                }
+                version_one(v == f64::from(SCHEMA_VERSION), v)
+            }
+        }
+
+        /// The one refusal text for a number that is not version 1, whatever its JSON type.
+        fn version_one<E: de::Error>(
+            is_one: bool,
+            v: impl fmt::Display,
+        ) -> Result<SchemaVersion1, E> {
+            if is_one {
+                Ok(SchemaVersion1)
+            } else {
+                Err(E::custom(format!(
+                    "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
+                )))
             }
         }
 
@@ -77,23 +77,14 @@ impl<'de> Deserialize<'de> for SchemaVersion1 {
     }
 }
 
-impl JsonSchema for SchemaVersion1 {
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        "SchemaVersion1".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "Message format version. This schema describes version 1 only; a breaking change gets a new version and a new schema file.",
-            "type": "integer",
-            "const": SCHEMA_VERSION,
-        })
-    }
-}
+fixed_schema!(
+    inline SchemaVersion1,
+    json_schema!({
+        "description": "Message format version. This schema describes version 1 only; a breaking change gets a new version and a new schema file.",
+        "type": "integer",
+        "const": SCHEMA_VERSION,
+    })
+);
 
 /// Deserializer adaptor that only lets a JSON object through. Derived struct deserializers also
 /// accept a JSON array of field values in declaration order; the JSON Schemas say "object", so

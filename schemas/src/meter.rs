@@ -11,7 +11,6 @@
 //! (`"usage.tokens"` is one key), not a path, so a filter never reaches into nested objects.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
@@ -21,7 +20,7 @@ use serde_json::{Map, Number, Value};
 
 use crate::codec::{decimal_string, MapOnly};
 use crate::error::SchemaError;
-use crate::ids::{EventName, MeterId};
+use crate::ids::{text_conversions, EventName, MeterId};
 
 /// Longest property name, in characters.
 pub const PROPERTY_NAME_MAX_CHARS: usize = 128;
@@ -49,6 +48,11 @@ impl PropertyName {
     /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Gives back the owned text.
+    pub fn into_string(self) -> String {
+        self.0
     }
 
     fn check(value: &str) -> Result<(), &'static str> {
@@ -80,31 +84,7 @@ impl TryFrom<String> for PropertyName {
     }
 }
 
-impl FromStr for PropertyName {
-    type Err = SchemaError;
-
-    fn from_str(value: &str) -> Result<Self, SchemaError> {
-        Self::parse(value)
-    }
-}
-
-impl From<PropertyName> for String {
-    fn from(value: PropertyName) -> String {
-        value.0
-    }
-}
-
-impl AsRef<str> for PropertyName {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for PropertyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+text_conversions!(PropertyName);
 
 /// How a meter turns matching events into a value. Every kind but `Count` reads one property.
 #[derive(Debug, Clone, PartialEq, Eq)]
