@@ -16,8 +16,9 @@ fn meter(value: Value) -> Result<MeterDefinition, SchemaError> {
     MeterDefinition::try_from(input)
 }
 
-fn tokens_meter() -> MeterDefinition {
-    meter(json!({
+/// The flat JSON form of [`tokens_meter`], which is also exactly what it serialises to.
+fn tokens_json() -> Value {
+    json!({
         "id": "tokens",
         "event_name": "llm.completion",
         "aggregation": "SUM",
@@ -26,8 +27,11 @@ fn tokens_meter() -> MeterDefinition {
             {"property": "model", "in": ["gpt-4", "gpt-4o"]},
             {"property": "tier", "in": [1, true]}
         ]
-    }))
-    .expect("valid meter")
+    })
+}
+
+fn tokens_meter() -> MeterDefinition {
+    meter(tokens_json()).expect("valid meter")
 }
 
 #[test]
@@ -367,19 +371,7 @@ fn input_shape_is_strict() {
 fn serialises_flat_and_reads_back() {
     let m = tokens_meter();
     let value = serde_json::to_value(&m).expect("serialise");
-    assert_eq!(
-        value,
-        json!({
-            "id": "tokens",
-            "event_name": "llm.completion",
-            "aggregation": "SUM",
-            "property": "tokens",
-            "filters": [
-                {"property": "model", "in": ["gpt-4", "gpt-4o"]},
-                {"property": "tier", "in": [1, true]}
-            ]
-        })
-    );
+    assert_eq!(value, tokens_json());
     assert_eq!(
         serde_json::from_value::<MeterDefinition>(value).expect("parse"),
         m
