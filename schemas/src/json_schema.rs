@@ -1,5 +1,5 @@
 //! The JSON Schema documents (draft 2020-12) committed under `schemas/json/`, generated from the
-//! Rust types with schemars, and [`fixed_schema!`], the one way a hand-written schema (an id, a
+//! Rust types with schemars, and `fixed_schema!`, the one way a hand-written schema (an id, a
 //! timestamp, the DLQ headers) is attached to its type.
 //!
 //! Rule kept here: the committed files are exactly [`render`] of these documents; the drift test
