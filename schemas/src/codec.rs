@@ -1,10 +1,12 @@
 //! The JSON encoding shared by every message type: the `schema_version` marker, the one decode
-//! path (with error classification), the one encode path, and the decimal-string codec.
+//! path (with error classification), the one encode path, the [`WireForm`] glue that gives each
+//! topic's message type its codec ([`message_codec!`]), and the decimal-string codec.
 //!
 //! Rule kept here: decoding never panics and always ends in a short [`SchemaError`]; a message
-//! whose `schema_version` is not 1 is reported as such, whatever else is wrong with it.
+//! whose `schema_version` is not 1 is reported as such, whatever else is wrong with it. A message
+//! type says only how it maps to its wire struct; reading, writing, keying and the schema come
+//! from here, the same for every topic.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use rust_decimal::Decimal;
@@ -14,6 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::error::Category;
 
 use crate::error::{short_reason, SchemaError};
+use crate::json_schema::fixed_schema;
 
 /// The only `schema_version` this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -40,33 +43,33 @@ impl<'de> Deserialize<'de> for SchemaVersion1 {
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<SchemaVersion1, E> {
-                if v == u64::from(SCHEMA_VERSION) {
-                    Ok(SchemaVersion1)
-                } else {
-                    Err(E::custom(format!(
-                        "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
-                    )))
-                }
+                version_one(v == u64::from(SCHEMA_VERSION), v)
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<SchemaVersion1, E> {
                 match u64::try_from(v) {
                     Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(E::custom(format!(
-                        "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
-                    ))),
+                    Err(_) => version_one(false, v),
                 }
             }
 
             // JSON Schema's `const: 1` also matches `1.0`; accepting it keeps both sides agreed.
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<SchemaVersion1, E> {
-                if v == f64::from(SCHEMA_VERSION) {
-                    Ok(SchemaVersion1)
-                } else {
-                    Err(E::custom(format!(
-                        "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
-                    )))
-                }
+                version_one(v == f64::from(SCHEMA_VERSION), v)
+            }
+        }
+
+        /// The one refusal text for a number that is not version 1, whatever its JSON type.
+        fn version_one<E: de::Error>(
+            is_one: bool,
+            v: impl fmt::Display,
+        ) -> Result<SchemaVersion1, E> {
+            if is_one {
+                Ok(SchemaVersion1)
+            } else {
+                Err(E::custom(format!(
+                    "unsupported schema_version {v}, expected {SCHEMA_VERSION}"
+                )))
             }
         }
 
@@ -74,23 +77,14 @@ impl<'de> Deserialize<'de> for SchemaVersion1 {
     }
 }
 
-impl JsonSchema for SchemaVersion1 {
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        "SchemaVersion1".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "Message format version. This schema describes version 1 only; a breaking change gets a new version and a new schema file.",
-            "type": "integer",
-            "const": SCHEMA_VERSION,
-        })
-    }
-}
+fixed_schema!(
+    inline SchemaVersion1,
+    json_schema!({
+        "description": "Message format version. This schema describes version 1 only; a breaking change gets a new version and a new schema file.",
+        "type": "integer",
+        "const": SCHEMA_VERSION,
+    })
+);
 
 /// Deserializer adaptor that only lets a JSON object through. Derived struct deserializers also
 /// accept a JSON array of field values in declaration order; the JSON Schemas say "object", so
@@ -144,6 +138,108 @@ fn declared_unsupported_version(bytes: &[u8]) -> Option<String> {
     let is_one = declared.as_f64() == Some(f64::from(SCHEMA_VERSION));
     (!is_one).then(|| short_reason(&declared.to_string()))
 }
+
+/// A message type that travels as a derived wire struct. The wire struct carries the serde and
+/// schemars derives (field names and order, `deny_unknown_fields`, the docs the JSON Schema
+/// shows) and borrows from the message when writing, so writing copies no identifier or object;
+/// the message type only maps its fields to and from it.
+pub(crate) trait WireForm: Sized {
+    /// The derived wire struct.
+    type Wire<'a>: Serialize + Deserialize<'a> + JsonSchema
+    where
+        Self: 'a;
+
+    /// The wire form of `self`, borrowing its identifiers and objects.
+    fn to_wire(&self) -> Self::Wire<'_>;
+
+    /// The message from its wire form; the rules a derive cannot state are checked here.
+    fn from_wire(wire: Self::Wire<'_>) -> Result<Self, SchemaError>;
+}
+
+/// Reads a [`WireForm`] message: a JSON object only (see [`MapOnly`]), then the message's own
+/// rules, whose refusal becomes the serde error and so the decode error.
+pub(crate) fn deserialize_wire<'de, T, D>(deserializer: D) -> Result<T, D::Error>
+where
+    T: WireForm + 'de,
+    D: Deserializer<'de>,
+{
+    let wire = T::Wire::<'de>::deserialize(MapOnly(deserializer))?;
+    T::from_wire(wire).map_err(de::Error::custom)
+}
+
+/// Gives a [`WireForm`] message type its whole codec: the inherent `from_json_bytes`,
+/// `to_json_bytes` and `kafka_key` (the named fields joined by `:`), the
+/// [`TopicMessage`](crate::topic::TopicMessage) impl on `$topic`, and serde and JSON Schema impls
+/// that go through the wire struct (the schema's name is the type's).
+macro_rules! message_codec {
+    ($ty:ident, $topic:expr, key: [$($key:ident),+ $(,)?]) => {
+        impl $ty {
+            /// Parses and validates one message value of this type's topic.
+            pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, $crate::error::SchemaError> {
+                $crate::codec::decode(bytes)
+            }
+
+            /// The message value as compact JSON.
+            pub fn to_json_bytes(&self) -> Vec<u8> {
+                $crate::codec::encode(self)
+            }
+
+            #[doc = concat!(
+                "The Kafka key: ",
+                $("`", stringify!($key), "`, ",)+
+                "joined by `:`. It decides the partition, and so what stays in order; only for ",
+                "partitioning, never parsed back (ids may contain `:`).",
+            )]
+            pub fn kafka_key(&self) -> String {
+                [$(self.$key.as_str()),+].join(":")
+            }
+        }
+
+        impl $crate::topic::TopicMessage for $ty {
+            const TOPIC: $crate::topic::Topic = $topic;
+
+            fn from_json_bytes(bytes: &[u8]) -> Result<Self, $crate::error::SchemaError> {
+                <$ty>::from_json_bytes(bytes)
+            }
+
+            fn to_json_bytes(&self) -> Vec<u8> {
+                <$ty>::to_json_bytes(self)
+            }
+
+            fn kafka_key(&self) -> String {
+                <$ty>::kafka_key(self)
+            }
+        }
+
+        impl ::serde::Serialize for $ty {
+            fn serialize<S: ::serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                ::serde::Serialize::serialize(
+                    &<$ty as $crate::codec::WireForm>::to_wire(self),
+                    serializer,
+                )
+            }
+        }
+
+        impl<'de> ::serde::Deserialize<'de> for $ty {
+            fn deserialize<D: ::serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                $crate::codec::deserialize_wire(deserializer)
+            }
+        }
+
+        impl ::schemars::JsonSchema for $ty {
+            fn schema_name() -> ::std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+
+            fn json_schema(generator: &mut ::schemars::SchemaGenerator) -> ::schemars::Schema {
+                <<$ty as $crate::codec::WireForm>::Wire<'static> as ::schemars::JsonSchema>::json_schema(
+                    generator,
+                )
+            }
+        }
+    };
+}
+pub(crate) use message_codec;
 
 /// Writes one message; the single encode path behind every `to_json_bytes`.
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

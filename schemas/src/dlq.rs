@@ -10,11 +10,12 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use schemars::json_schema;
 use serde::ser::SerializeMap;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{short_reason, SchemaError};
+use crate::json_schema::fixed_schema;
 use crate::timestamp::{Timestamp, TIMESTAMP_PATTERN};
 
 /// Header carrying the human-readable reason.
@@ -203,13 +204,9 @@ impl<'de> Deserialize<'de> for DlqHeaders {
     }
 }
 
-impl JsonSchema for DlqHeaders {
-    fn schema_name() -> Cow<'static, str> {
-        "DlqHeaders".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
+fixed_schema!(
+    DlqHeaders,
+    json_schema!({
             "title": "DLQ headers (version 1)",
             "description": "Kafka headers on every message of a DLQ twin (usage.raw.dlq, usage.windows.dlq, usage.resync.dlq, stripe.webhooks.dlq), shown as a JSON object of header name to value. The DLQ message's value is the original message bytes, unchanged, and its key is the original key; these headers say why it was rejected. Header values are UTF-8 strings. Other headers may be present.",
             "type": "object",
@@ -254,9 +251,8 @@ impl JsonSchema for DlqHeaders {
             },
             "required": HEADER_NAMES,
             "additionalProperties": { "type": "string" },
-        })
-    }
-}
+    })
+);
 
 #[cfg(test)]
 mod tests {

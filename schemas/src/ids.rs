@@ -13,16 +13,15 @@
 //!   control character (Unicode category Cc), not only whitespace (Unicode `White_Space`). These
 //!   come from producers' own systems, so anything printable is allowed.
 
-use std::borrow::Cow;
 use std::fmt;
-use std::str::FromStr;
 
 use compact_str::CompactString;
-use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use schemars::{json_schema, Schema};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::SchemaError;
+use crate::json_schema::fixed_schema;
 
 /// Longest slug identifier, in characters.
 pub const SLUG_MAX_CHARS: usize = 64;
@@ -96,6 +95,39 @@ fn text_schema(description: &str, max_chars: usize) -> Schema {
         "pattern": TEXT_PATTERN,
     })
 }
+
+/// The conversions every validated text type has, from its `parse`, `as_str` and `into_string`:
+/// `FromStr` (validating), `From<T> for String`, `AsRef<str>` and `Display` (the text as is).
+macro_rules! text_conversions {
+    ($name:ident) => {
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::error::SchemaError;
+
+            fn from_str(value: &str) -> Result<Self, $crate::error::SchemaError> {
+                Self::parse(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.into_string()
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                self.as_str()
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use text_conversions;
 
 /// Defines a string identifier: private field, fallible construction, serde as a JSON string
 /// validated on the way in, and a hand-written JSON Schema carrying the same rule. The text is
@@ -185,25 +217,7 @@ macro_rules! string_id {
             }
         }
 
-        impl FromStr for $name {
-            type Err = SchemaError;
-
-            fn from_str(value: &str) -> Result<Self, SchemaError> {
-                Self::parse(value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.into_string()
-            }
-        }
-
-        impl AsRef<str> for $name {
-            fn as_ref(&self) -> &str {
-                &self.0
-            }
-        }
+        text_conversions!($name);
 
         // Hash and Eq are those of the text, so a map keyed by the id can be searched with
         // a `&str` without building an id.
@@ -213,21 +227,7 @@ macro_rules! string_id {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl JsonSchema for $name {
-            fn schema_name() -> Cow<'static, str> {
-                stringify!($name).into()
-            }
-
-            fn json_schema(_: &mut SchemaGenerator) -> Schema {
-                $schema
-            }
-        }
+        fixed_schema!($name, $schema);
     };
 }
 
@@ -392,11 +392,18 @@ impl JobId {
         &self.text
     }
 
+    /// Gives back the owned lowercase hyphenated text.
+    pub fn into_string(self) -> String {
+        self.text
+    }
+
     /// The UUID itself.
     pub fn as_uuid(&self) -> Uuid {
         self.uuid
     }
 }
+
+text_conversions!(JobId);
 
 impl From<Uuid> for JobId {
     fn from(uuid: Uuid) -> Self {
@@ -421,48 +428,17 @@ impl TryFrom<String> for JobId {
     }
 }
 
-impl FromStr for JobId {
-    type Err = SchemaError;
-
-    fn from_str(value: &str) -> Result<Self, SchemaError> {
-        Self::parse(value)
-    }
-}
-
-impl From<JobId> for String {
-    fn from(value: JobId) -> String {
-        value.text
-    }
-}
-
-impl AsRef<str> for JobId {
-    fn as_ref(&self) -> &str {
-        &self.text
-    }
-}
-
-impl fmt::Display for JobId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl JsonSchema for JobId {
-    fn schema_name() -> Cow<'static, str> {
-        "JobId".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "Manual sync job id: a hyphenated UUID.",
-            "type": "string",
-            "format": "uuid",
-            "minLength": 36,
-            "maxLength": 36,
-            "pattern": UUID_PATTERN,
-        })
-    }
-}
+fixed_schema!(
+    JobId,
+    json_schema!({
+        "description": "Manual sync job id: a hyphenated UUID.",
+        "type": "string",
+        "format": "uuid",
+        "minLength": 36,
+        "maxLength": 36,
+        "pattern": UUID_PATTERN,
+    })
+);
 
 #[cfg(test)]
 mod tests {
@@ -487,23 +463,33 @@ mod tests {
         }
     }
 
+    /// Each `(input, reason)` is refused by `parse` with exactly `invalid {field}: {reason}`.
+    fn assert_refusals<T: fmt::Debug>(
+        parse: fn(&str) -> Result<T, SchemaError>,
+        field: &str,
+        cases: &[(&str, &str)],
+    ) {
+        for (bad, reason) in cases {
+            let err = parse(bad).expect_err(bad).to_string();
+            assert_eq!(err, format!("invalid {field}: {reason}"), "{bad:?}");
+        }
+    }
+
     #[test]
     fn slug_ids_reject_what_breaks_paths_keys_or_sql() {
+        let start = "must start with an ASCII letter or digit";
+        let alphabet = "may contain only ASCII letters, digits, '_', '.', ':' and '-'";
         let cases = [
             ("", "must not be empty"),
-            ("-acme", "must start with an ASCII letter or digit"),
-            ("_acme", "must start with an ASCII letter or digit"),
-            ("acme corp", "may contain only"),
-            ("acme/prod", "may contain only"),
-            ("acme'; drop", "may contain only"),
-            ("café", "may contain only"),
-            ("ünïcode", "must start with an ASCII letter or digit"),
+            ("-acme", start),
+            ("_acme", start),
+            ("acme corp", alphabet),
+            ("acme/prod", alphabet),
+            ("acme'; drop", alphabet),
+            ("café", alphabet),
+            ("ünïcode", start),
         ];
-        for (bad, reason) in cases {
-            let err = MeterId::parse(bad).expect_err(bad).to_string();
-            assert!(err.starts_with("invalid meter_id: "), "{err}");
-            assert!(err.contains(reason), "{bad:?}: {err}");
-        }
+        assert_refusals(MeterId::parse, "meter_id", &cases);
         let too_long = "a".repeat(65);
         assert_eq!(
             TenantId::parse(&too_long)
@@ -543,10 +529,7 @@ mod tests {
             ("del\u{7f}", "must not contain control characters"),
             ("c1\u{85}", "must not contain control characters"),
         ];
-        for (bad, reason) in cases {
-            let err = CustomerId::parse(bad).expect_err(bad).to_string();
-            assert_eq!(err, format!("invalid customer_id: {reason}"), "{bad:?}");
-        }
+        assert_refusals(CustomerId::parse, "customer_id", &cases);
         assert!(EventId::parse(&"x".repeat(256)).is_err());
         assert!(EventName::parse(&"x".repeat(101)).is_err());
         assert!(EventSource::parse(&"x".repeat(256)).is_err());

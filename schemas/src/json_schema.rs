@@ -1,5 +1,6 @@
 //! The JSON Schema documents (draft 2020-12) committed under `schemas/json/`, generated from the
-//! Rust types with schemars.
+//! Rust types with schemars, and `fixed_schema!`, the one way a hand-written schema (an id, a
+//! timestamp, the DLQ headers) is attached to its type.
 //!
 //! Rule kept here: the committed files are exactly [`render`] of these documents; the drift test
 //! regenerates them and compares byte for byte (`UPDATE_SCHEMAS=1 cargo test -p
@@ -16,6 +17,34 @@ use crate::topic::Topic;
 use crate::usage_raw::RawUsageEvent;
 use crate::usage_resync::ResyncRequest;
 use crate::usage_windows::WindowTotal;
+
+/// Implements `JsonSchema` for a type whose schema is one fixed, hand-written document, named
+/// after the type (a `$defs` entry the message schemas refer to), or with `inline` written out
+/// wherever the type is used.
+macro_rules! fixed_schema {
+    (inline $ty:ident, $schema:expr) => {
+        $crate::json_schema::fixed_schema!(@impl $ty, true, $schema);
+    };
+    ($ty:ident, $schema:expr) => {
+        $crate::json_schema::fixed_schema!(@impl $ty, false, $schema);
+    };
+    (@impl $ty:ident, $inline:expr, $schema:expr) => {
+        impl ::schemars::JsonSchema for $ty {
+            fn inline_schema() -> bool {
+                $inline
+            }
+
+            fn schema_name() -> ::std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+
+            fn json_schema(_: &mut ::schemars::SchemaGenerator) -> ::schemars::Schema {
+                $schema
+            }
+        }
+    };
+}
+pub(crate) use fixed_schema;
 
 /// File name of the DLQ header schema, shared by the four DLQ twins.
 pub const DLQ_HEADERS_SCHEMA_FILE: &str = "dlq-headers.v1.schema.json";

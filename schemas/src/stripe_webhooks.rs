@@ -7,15 +7,15 @@
 
 use std::borrow::Cow;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::codec::{self, MapOnly, SchemaVersion1};
+use crate::codec::{message_codec, SchemaVersion1, WireForm};
 use crate::error::SchemaError;
 use crate::ids::{EnvironmentId, StripeEventId, StripeEventType, TenantId};
 use crate::timestamp::Timestamp;
-use crate::topic::{impl_topic_message, Topic};
+use crate::topic::Topic;
 
 /// A verified Stripe event, addressed to one tenant's environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,24 +38,7 @@ pub struct StripeWebhook {
     pub payload: Map<String, Value>,
 }
 
-impl StripeWebhook {
-    /// Parses and validates one `stripe.webhooks` message value.
-    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, SchemaError> {
-        codec::decode(bytes)
-    }
-
-    /// The message value as compact JSON.
-    pub fn to_json_bytes(&self) -> Vec<u8> {
-        codec::encode(self)
-    }
-
-    /// `{tenant_id}:{environment_id}`. Only for partitioning, never parsed back.
-    pub fn kafka_key(&self) -> String {
-        format!("{}:{}", self.tenant_id, self.environment_id)
-    }
-}
-
-impl_topic_message!(StripeWebhook, Topic::StripeWebhooks);
+message_codec!(StripeWebhook, Topic::StripeWebhooks, key: [tenant_id, environment_id]);
 
 /// A Stripe event on the `stripe.webhooks` Kafka topic, published by the webhook relay after it verified the Stripe-Signature. Key: "{tenant_id}:{environment_id}". Unknown fields are rejected.
 #[derive(Serialize, Deserialize, JsonSchema)]
@@ -65,7 +48,7 @@ impl_topic_message!(StripeWebhook, Topic::StripeWebhooks);
     expecting = "a stripe.webhooks message object"
 )]
 #[schemars(title = "stripe.webhooks message (schema_version 1)")]
-struct Wire<'a> {
+pub(crate) struct Wire<'a> {
     /// Always 1 for this schema.
     schema_version: SchemaVersion1,
     /// Tenant the webhook endpoint belongs to.
@@ -86,8 +69,10 @@ struct Wire<'a> {
     payload: Cow<'a, Map<String, Value>>,
 }
 
-impl Serialize for StripeWebhook {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl WireForm for StripeWebhook {
+    type Wire<'a> = Wire<'a>;
+
+    fn to_wire(&self) -> Wire<'_> {
         Wire {
             schema_version: SchemaVersion1,
             tenant_id: Cow::Borrowed(&self.tenant_id),
@@ -99,13 +84,9 @@ impl Serialize for StripeWebhook {
             received_at: self.received_at,
             payload: Cow::Borrowed(&self.payload),
         }
-        .serialize(serializer)
     }
-}
 
-impl<'de> Deserialize<'de> for StripeWebhook {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire = Wire::deserialize(MapOnly(deserializer))?;
+    fn from_wire(wire: Wire<'_>) -> Result<Self, SchemaError> {
         Ok(Self {
             tenant_id: wire.tenant_id.into_owned(),
             environment_id: wire.environment_id.into_owned(),
@@ -116,16 +97,6 @@ impl<'de> Deserialize<'de> for StripeWebhook {
             received_at: wire.received_at,
             payload: wire.payload.into_owned(),
         })
-    }
-}
-
-impl JsonSchema for StripeWebhook {
-    fn schema_name() -> Cow<'static, str> {
-        "StripeWebhook".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        Wire::json_schema(generator)
     }
 }
 

@@ -5,16 +5,16 @@
 //! fewest fractional digits that keep it exact (none for whole seconds). Parsing accepts any
 //! RFC 3339 offset and converts to UTC.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use schemars::{json_schema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::error::SchemaError;
+use crate::json_schema::fixed_schema;
 
 /// ECMA-262 pattern of an RFC 3339 date-time with a mandatory offset, as the schemas carry it
 /// beside `"format": "date-time"` (validators treat `format` as an annotation unless told
@@ -206,20 +206,15 @@ impl From<Timestamp> for OffsetDateTime {
     }
 }
 
-impl JsonSchema for Timestamp {
-    fn schema_name() -> Cow<'static, str> {
-        "Timestamp".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "description": "RFC 3339 date-time with an offset (upper-case T and Z), e.g. 2024-05-01T12:00:00Z or 2024-05-01T14:00:00.25+02:00. Written by meterline in UTC with Z.",
-            "type": "string",
-            "format": "date-time",
-            "pattern": TIMESTAMP_PATTERN,
-        })
-    }
-}
+fixed_schema!(
+    Timestamp,
+    json_schema!({
+        "description": "RFC 3339 date-time with an offset (upper-case T and Z), e.g. 2024-05-01T12:00:00Z or 2024-05-01T14:00:00.25+02:00. Written by meterline in UTC with Z.",
+        "type": "string",
+        "format": "date-time",
+        "pattern": TIMESTAMP_PATTERN,
+    })
+);
 
 /// Schema of a window bound: a timestamp on a whole minute.
 pub(crate) fn whole_minute_schema(_: &mut SchemaGenerator) -> Schema {

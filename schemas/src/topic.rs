@@ -81,7 +81,7 @@ impl Topic {
 
 /// A message type bound to its topic, so generic producer and consumer code can pick the topic,
 /// the key and the codec from the type alone. Each implementor also has the same functions as
-/// inherent methods.
+/// inherent methods (`codec::message_codec!` writes both).
 pub trait TopicMessage: Sized {
     /// The topic this message travels on.
     const TOPIC: Topic;
@@ -95,28 +95,6 @@ pub trait TopicMessage: Sized {
     /// The Kafka key: it decides the partition, and so what stays in order.
     fn kafka_key(&self) -> String;
 }
-
-/// Implements [`TopicMessage`] by delegating to the type's inherent methods.
-macro_rules! impl_topic_message {
-    ($ty:ty, $topic:expr) => {
-        impl $crate::topic::TopicMessage for $ty {
-            const TOPIC: $crate::topic::Topic = $topic;
-
-            fn from_json_bytes(bytes: &[u8]) -> Result<Self, $crate::error::SchemaError> {
-                <$ty>::from_json_bytes(bytes)
-            }
-
-            fn to_json_bytes(&self) -> Vec<u8> {
-                <$ty>::to_json_bytes(self)
-            }
-
-            fn kafka_key(&self) -> String {
-                <$ty>::kafka_key(self)
-            }
-        }
-    };
-}
-pub(crate) use impl_topic_message;
 
 #[cfg(test)]
 mod tests {

@@ -7,15 +7,15 @@
 
 use std::borrow::Cow;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::codec::{self, MapOnly, SchemaVersion1};
+use crate::codec::{message_codec, SchemaVersion1, WireForm};
 use crate::error::SchemaError;
 use crate::ids::{CustomerId, EnvironmentId, EventId, EventName, EventSource, TenantId};
 use crate::timestamp::Timestamp;
-use crate::topic::{impl_topic_message, Topic};
+use crate::topic::Topic;
 
 /// A usage event: something a customer did that meters may count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,28 +40,7 @@ pub struct RawUsageEvent {
     pub ingested_at: Option<Timestamp>,
 }
 
-impl RawUsageEvent {
-    /// Parses and validates one `usage.raw` message value.
-    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, SchemaError> {
-        codec::decode(bytes)
-    }
-
-    /// The message value as compact JSON.
-    pub fn to_json_bytes(&self) -> Vec<u8> {
-        codec::encode(self)
-    }
-
-    /// `{tenant_id}:{environment_id}:{customer_id}`: keeps a customer's events in one partition.
-    /// Only used for partitioning, never parsed back (ids may contain `:`).
-    pub fn kafka_key(&self) -> String {
-        format!(
-            "{}:{}:{}",
-            self.tenant_id, self.environment_id, self.customer_id
-        )
-    }
-}
-
-impl_topic_message!(RawUsageEvent, Topic::UsageRaw);
+message_codec!(RawUsageEvent, Topic::UsageRaw, key: [tenant_id, environment_id, customer_id]);
 
 /// One usage event on the `usage.raw` Kafka topic. Key: "{tenant_id}:{environment_id}:{customer_id}". Unknown fields are rejected.
 #[derive(Serialize, Deserialize, JsonSchema)]
@@ -71,7 +50,7 @@ impl_topic_message!(RawUsageEvent, Topic::UsageRaw);
     expecting = "a usage.raw message object"
 )]
 #[schemars(title = "usage.raw message (schema_version 1)")]
-struct Wire<'a> {
+pub(crate) struct Wire<'a> {
     /// Always 1 for this schema.
     schema_version: SchemaVersion1,
     /// Event id and deduplication key: an event id counts once in any total.
@@ -96,8 +75,10 @@ struct Wire<'a> {
     ingested_at: Option<Timestamp>,
 }
 
-impl Serialize for RawUsageEvent {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl WireForm for RawUsageEvent {
+    type Wire<'a> = Wire<'a>;
+
+    fn to_wire(&self) -> Wire<'_> {
         Wire {
             schema_version: SchemaVersion1,
             id: Cow::Borrowed(&self.id),
@@ -110,13 +91,9 @@ impl Serialize for RawUsageEvent {
             source: self.source.as_ref().map(Cow::Borrowed),
             ingested_at: self.ingested_at,
         }
-        .serialize(serializer)
     }
-}
 
-impl<'de> Deserialize<'de> for RawUsageEvent {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire = Wire::deserialize(MapOnly(deserializer))?;
+    fn from_wire(wire: Wire<'_>) -> Result<Self, SchemaError> {
         Ok(Self {
             id: wire.id.into_owned(),
             tenant_id: wire.tenant_id.into_owned(),
@@ -128,16 +105,6 @@ impl<'de> Deserialize<'de> for RawUsageEvent {
             source: wire.source.map(Cow::into_owned),
             ingested_at: wire.ingested_at,
         })
-    }
-}
-
-impl JsonSchema for RawUsageEvent {
-    fn schema_name() -> Cow<'static, str> {
-        "RawUsageEvent".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        Wire::json_schema(generator)
     }
 }
 

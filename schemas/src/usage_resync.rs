@@ -6,14 +6,14 @@
 
 use std::borrow::Cow;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator};
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, MapOnly, SchemaVersion1};
+use crate::codec::{message_codec, SchemaVersion1, WireForm};
 use crate::error::SchemaError;
 use crate::ids::{CustomerId, EnvironmentId, JobId, MeterId, TenantId};
 use crate::timestamp::Timestamp;
-use crate::topic::{impl_topic_message, Topic};
+use crate::topic::Topic;
 use crate::window::TimeRange;
 
 /// A request to recompute and resend window totals over a time range.
@@ -37,24 +37,7 @@ pub struct ResyncRequest {
     pub requested_at: Timestamp,
 }
 
-impl ResyncRequest {
-    /// Parses and validates one `usage.resync` message value.
-    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, SchemaError> {
-        codec::decode(bytes)
-    }
-
-    /// The message value as compact JSON.
-    pub fn to_json_bytes(&self) -> Vec<u8> {
-        codec::encode(self)
-    }
-
-    /// `{tenant_id}:{environment_id}`. Only for partitioning, never parsed back.
-    pub fn kafka_key(&self) -> String {
-        format!("{}:{}", self.tenant_id, self.environment_id)
-    }
-}
-
-impl_topic_message!(ResyncRequest, Topic::UsageResync);
+message_codec!(ResyncRequest, Topic::UsageResync, key: [tenant_id, environment_id]);
 
 /// A manual sync request on the `usage.resync` Kafka topic: recompute and resend the window totals of events with time_from <= timestamp < time_to. Key: "{tenant_id}:{environment_id}". Unknown fields are rejected. Rule a JSON Schema cannot state, checked by meterline on read: time_from < time_to.
 #[derive(Serialize, Deserialize, JsonSchema)]
@@ -64,7 +47,7 @@ impl_topic_message!(ResyncRequest, Topic::UsageResync);
     expecting = "a usage.resync message object"
 )]
 #[schemars(title = "usage.resync message (schema_version 1)")]
-struct Wire<'a> {
+pub(crate) struct Wire<'a> {
     /// Always 1 for this schema.
     schema_version: SchemaVersion1,
     /// The sync job this request belongs to.
@@ -89,8 +72,10 @@ struct Wire<'a> {
     requested_at: Timestamp,
 }
 
-impl Serialize for ResyncRequest {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl WireForm for ResyncRequest {
+    type Wire<'a> = Wire<'a>;
+
+    fn to_wire(&self) -> Wire<'_> {
         Wire {
             schema_version: SchemaVersion1,
             job_id: Cow::Borrowed(&self.job_id),
@@ -103,14 +88,9 @@ impl Serialize for ResyncRequest {
             force_rerun: self.force_rerun,
             requested_at: self.requested_at,
         }
-        .serialize(serializer)
     }
-}
 
-impl TryFrom<Wire<'_>> for ResyncRequest {
-    type Error = SchemaError;
-
-    fn try_from(wire: Wire<'_>) -> Result<Self, SchemaError> {
+    fn from_wire(wire: Wire<'_>) -> Result<Self, SchemaError> {
         Ok(Self {
             range: TimeRange::new(wire.time_from, wire.time_to)?,
             job_id: wire.job_id.into_owned(),
@@ -121,23 +101,6 @@ impl TryFrom<Wire<'_>> for ResyncRequest {
             force_rerun: wire.force_rerun,
             requested_at: wire.requested_at,
         })
-    }
-}
-
-impl<'de> Deserialize<'de> for ResyncRequest {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire = Wire::deserialize(MapOnly(deserializer))?;
-        Self::try_from(wire).map_err(de::Error::custom)
-    }
-}
-
-impl JsonSchema for ResyncRequest {
-    fn schema_name() -> Cow<'static, str> {
-        "ResyncRequest".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        Wire::json_schema(generator)
     }
 }
 

@@ -9,14 +9,14 @@ use std::borrow::Cow;
 use std::num::NonZeroU32;
 
 use rust_decimal::Decimal;
-use schemars::{JsonSchema, Schema, SchemaGenerator};
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use schemars::{JsonSchema, Schema};
+use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, decimal_string, MapOnly, SchemaVersion1};
+use crate::codec::{decimal_string, message_codec, SchemaVersion1, WireForm};
 use crate::error::SchemaError;
 use crate::ids::{CustomerId, EnvironmentId, JobId, MeterId, TenantId};
 use crate::timestamp::{whole_minute_schema, Timestamp};
-use crate::topic::{impl_topic_message, Topic};
+use crate::topic::Topic;
 use crate::window::Window;
 
 /// Why a window total was published.
@@ -79,28 +79,11 @@ pub struct WindowTotal {
     pub computed_at: Timestamp,
 }
 
-impl WindowTotal {
-    /// Parses and validates one `usage.windows` message value.
-    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, SchemaError> {
-        codec::decode(bytes)
-    }
-
-    /// The message value as compact JSON.
-    pub fn to_json_bytes(&self) -> Vec<u8> {
-        codec::encode(self)
-    }
-
-    /// `{tenant_id}:{environment_id}:{customer_id}:{meter_id}`: keeps every revision of one
-    /// customer's meter in one partition, in order. Only for partitioning, never parsed back.
-    pub fn kafka_key(&self) -> String {
-        format!(
-            "{}:{}:{}:{}",
-            self.tenant_id, self.environment_id, self.customer_id, self.meter_id
-        )
-    }
-}
-
-impl_topic_message!(WindowTotal, Topic::UsageWindows);
+message_codec!(
+    WindowTotal,
+    Topic::UsageWindows,
+    key: [tenant_id, environment_id, customer_id, meter_id]
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -123,7 +106,7 @@ enum ReasonTag {
     title = "usage.windows message (schema_version 1)",
     transform = job_id_only_for_resync
 )]
-struct Wire<'a> {
+pub(crate) struct Wire<'a> {
     /// Always 1 for this schema.
     schema_version: SchemaVersion1,
     /// Owning tenant.
@@ -183,8 +166,10 @@ fn job_id_only_for_resync(schema: &mut Schema) {
     );
 }
 
-impl Serialize for WindowTotal {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl WireForm for WindowTotal {
+    type Wire<'a> = Wire<'a>;
+
+    fn to_wire(&self) -> Wire<'_> {
         let reason = match self.reason {
             WindowReason::Due => ReasonTag::Due,
             WindowReason::Late => ReasonTag::Late,
@@ -206,14 +191,9 @@ impl Serialize for WindowTotal {
             expired: self.expired,
             computed_at: self.computed_at,
         }
-        .serialize(serializer)
     }
-}
 
-impl TryFrom<Wire<'_>> for WindowTotal {
-    type Error = SchemaError;
-
-    fn try_from(wire: Wire<'_>) -> Result<Self, SchemaError> {
+    fn from_wire(wire: Wire<'_>) -> Result<Self, SchemaError> {
         let window = Window::from_bounds(wire.window_start, wire.window_end)?;
         let reason = match (wire.reason, wire.job_id) {
             (ReasonTag::Resync, Some(job_id)) => WindowReason::Resync {
@@ -247,23 +227,6 @@ impl TryFrom<Wire<'_>> for WindowTotal {
             expired: wire.expired,
             computed_at: wire.computed_at,
         })
-    }
-}
-
-impl<'de> Deserialize<'de> for WindowTotal {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire = Wire::deserialize(MapOnly(deserializer))?;
-        Self::try_from(wire).map_err(de::Error::custom)
-    }
-}
-
-impl JsonSchema for WindowTotal {
-    fn schema_name() -> Cow<'static, str> {
-        "WindowTotal".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        Wire::json_schema(generator)
     }
 }
 

@@ -34,6 +34,10 @@ fn env() -> EnvironmentId {
     EnvironmentId::parse("prod").expect("valid")
 }
 
+fn customer() -> CustomerId {
+    CustomerId::parse("cus_42").expect("valid")
+}
+
 fn job() -> JobId {
     JobId::parse("0190c5a2-7b1e-7c3d-9e4f-a1b2c3d4e5f6").expect("valid")
 }
@@ -43,7 +47,7 @@ fn raw_event() -> RawUsageEvent {
         id: EventId::parse("evt_01HX3K8Q").expect("valid"),
         tenant_id: tenant(),
         environment_id: env(),
-        customer_id: CustomerId::parse("cus_42").expect("valid"),
+        customer_id: customer(),
         event_name: EventName::parse("api_call").expect("valid"),
         timestamp: ts("2024-05-01T14:34:56.5+02:00"),
         // Keys in sorted order, so the file reads the same whatever the map's ordering.
@@ -57,7 +61,7 @@ fn window_total() -> WindowTotal {
     WindowTotal {
         tenant_id: tenant(),
         environment_id: env(),
-        customer_id: CustomerId::parse("cus_42").expect("valid"),
+        customer_id: customer(),
         meter_id: MeterId::parse("api_calls").expect("valid"),
         window: Window::new(
             ts("2024-05-01T12:00:00Z").as_offset_date_time(),
@@ -78,7 +82,7 @@ fn resync_request() -> ResyncRequest {
         job_id: job(),
         tenant_id: tenant(),
         environment_id: env(),
-        customer_id: Some(CustomerId::parse("cus_42").expect("valid")),
+        customer_id: Some(customer()),
         meter_id: None,
         range: TimeRange::new(ts("2024-05-01T00:00:00Z"), ts("2024-05-02T00:00:00Z"))
             .expect("valid range"),

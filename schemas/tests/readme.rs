@@ -34,12 +34,17 @@ fn examples(text: &str) -> Vec<(String, String)> {
     found
 }
 
-fn schema_errors(subject: &str, json: &[u8]) -> Vec<String> {
+/// `json` satisfies `subject`'s committed schema; `what` names it in the failure.
+fn assert_schema_accepts(what: &str, subject: &str, json: &[u8]) {
     let instance: serde_json::Value = serde_json::from_slice(json).expect("example is JSON");
-    common::validator(subject)
+    let errors: Vec<String> = common::validator(subject)
         .iter_errors(&instance)
         .map(|e| e.to_string())
-        .collect()
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} rejected by the schema: {errors:?}"
+    );
 }
 
 #[test]
@@ -58,10 +63,10 @@ fn every_example_is_valid() {
         if let Err(err) = common::rust_parse(subject, json.as_bytes()) {
             panic!("README example {subject} rejected by Rust: {err}");
         }
-        let errors = schema_errors(subject, json.as_bytes());
-        assert!(
-            errors.is_empty(),
-            "README example {subject} rejected by the schema: {errors:?}"
+        assert_schema_accepts(
+            &format!("README example {subject}"),
+            subject,
+            json.as_bytes(),
         );
     }
 }
@@ -86,11 +91,7 @@ fn kcat_example_produces_a_valid_keyed_message() {
     let (key, value) = record.split_once('|').expect("key|value");
     let event = RawUsageEvent::from_json_bytes(value.as_bytes()).expect("kcat value parses");
     assert_eq!(key, event.kafka_key(), "kcat key is the key meterline uses");
-    let errors = schema_errors(Topic::UsageRaw.base_name(), value.as_bytes());
-    assert!(
-        errors.is_empty(),
-        "kcat value rejected by the schema: {errors:?}"
-    );
+    assert_schema_accepts("kcat value", Topic::UsageRaw.base_name(), value.as_bytes());
 }
 
 #[test]
