@@ -1,13 +1,12 @@
 //! The sink's billing rules as plain functions: the whole-number value Stripe bills for a
-//! window total, the difference still to send, the deterministic identifier of each meter
-//! event, its timestamp inside the window, and whether Stripe can still take it.
+//! window total, the difference still to send, its timestamp inside the window, and whether
+//! Stripe can still take it. The identifier of each meter event is [`crate::identifier`].
 
 pub use meterline_schemas::stripe_limits::event_timestamp;
 use meterline_schemas::stripe_limits::{self, TimestampRefusal, MAX_VALUE};
-use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
+use meterline_schemas::{Decimal, Window};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::RoundingStrategy;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,35 +35,6 @@ pub fn billable(total: Decimal) -> Result<i64, Unsendable> {
 pub fn still_to_send(billable_total: i64, synced: i64) -> Option<i64> {
     let delta = billable_total - synced;
     (delta != 0).then_some(delta)
-}
-
-/// The identifier (and Idempotency-Key) of the `seq`-th meter event of a window: the same
-/// inputs always give the same identifier, so a retry after a crash is recognised by Stripe,
-/// and different windows or sends never share one. 3 + 48 characters, within Stripe's
-/// [`stripe_limits::MAX_IDENTIFIER_CHARS`].
-pub fn identifier(
-    tenant: &TenantId,
-    environment: &EnvironmentId,
-    customer: &CustomerId,
-    meter: &MeterId,
-    window: &Window,
-    seq: u32,
-) -> String {
-    let mut hash = Sha256::new();
-    // Each part is length-prefixed: no two different tuples hash the same input.
-    for part in [
-        tenant.as_str(),
-        environment.as_str(),
-        customer.as_str(),
-        meter.as_str(),
-    ] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    hash.update(window.start().unix_timestamp().to_be_bytes());
-    hash.update(window.end().unix_timestamp().to_be_bytes());
-    hash.update(seq.to_be_bytes());
-    format!("ml_{}", &hex::encode(hash.finalize())[..48])
 }
 
 /// Whether Stripe would accept a meter event for `window` at `now` ([`stripe_limits`]).
@@ -100,30 +70,6 @@ mod tests {
         assert_eq!(still_to_send(10, 10), None);
         assert_eq!(still_to_send(12, 10), Some(2));
         assert_eq!(still_to_send(7, 10), Some(-3));
-    }
-
-    #[test]
-    fn identifiers_are_deterministic_and_distinct() {
-        let t = TenantId::parse("t").unwrap();
-        let e = EnvironmentId::parse("e").unwrap();
-        let c = CustomerId::parse("c").unwrap();
-        let m = MeterId::parse("m").unwrap();
-        let w = Window::containing(datetime!(2026-11-26 10:30 UTC), 60).unwrap();
-        let w2 = Window::containing(datetime!(2026-11-26 11:30 UTC), 60).unwrap();
-        let a = identifier(&t, &e, &c, &m, &w, 1);
-        assert_eq!(a, identifier(&t, &e, &c, &m, &w, 1));
-        assert!(a.len() <= 100 && a.starts_with("ml_"));
-        assert_ne!(a, identifier(&t, &e, &c, &m, &w, 2));
-        assert_ne!(a, identifier(&t, &e, &c, &m, &w2, 1));
-        // "ab" + "c" and "a" + "bc" must not collide.
-        let ab = TenantId::parse("ab").unwrap();
-        let env_c = EnvironmentId::parse("c").unwrap();
-        let a2 = TenantId::parse("a").unwrap();
-        let env_bc = EnvironmentId::parse("bc").unwrap();
-        assert_ne!(
-            identifier(&ab, &env_c, &c, &m, &w, 1),
-            identifier(&a2, &env_bc, &c, &m, &w, 1)
-        );
     }
 
     #[test]

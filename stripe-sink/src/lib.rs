@@ -3,16 +3,19 @@
 //!
 //! Layout:
 //! - [`config`]: the environment variables it reads.
-//! - [`routes`]: the control API (`/v1/stripe/...`).
-//! - [`sync`]: the loops: usage.windows into the ledger, the ledger to Stripe, windows
-//!   released by new mappings.
+//! - [`routes`]: the control API (`/v1/stripe/...`), one error type for every handler.
+//! - [`sync`]: the loops, a file per step: usage.windows into the ledger (`record`), claiming
+//!   ready windows and releasing mapped ones (`dispatch`), settling one window with Stripe
+//!   (`settle`).
 //! - [`billing`]: the rules as plain functions: billable whole numbers, differences,
-//!   identifiers, timestamps, Stripe's time bounds.
+//!   timestamps, Stripe's time bounds (from `meterline_schemas::stripe_limits`).
+//! - [`identifier`]: the deterministic identifier (and Idempotency-Key) of each meter event.
 //! - [`ledger`]: the sync ledger in PostgreSQL (windows, sends, jobs).
 //! - [`stripe`]: the Stripe client and the classification of its answers.
-//! - [`pacing`]: per-account token bucket, circuit breaker, backoff.
+//! - [`pacing`]: per-account token bucket, circuit breaker, the jittered backoff of Stripe
+//!   requests: where the rate limit is applied.
 //! - [`kafka`]: the publisher of resync requests.
-//! - [`metrics`]: the names of every metric the sink exports.
+//! - [`metrics`]: the names of every metric the sink exports and their emit functions.
 //! - [`mappings`]: customer and meter mappings in PostgreSQL.
 //! - [`bulk`]: the CSV file of the bulk mapping upload, read into validated rows.
 //! - [`import`]: imports of a Stripe account's existing customers, resumable jobs.
@@ -25,6 +28,7 @@ pub mod billing;
 pub mod bulk;
 pub mod config;
 pub mod error;
+pub mod identifier;
 pub mod import;
 pub mod kafka;
 pub mod ledger;

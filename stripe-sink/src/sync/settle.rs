@@ -128,7 +128,7 @@ async fn try_settle(
                 let seq = ctx.ledger.sends_so_far(batch.id).await? + 1;
                 let send = Send {
                     seq,
-                    identifier: billing::identifier(
+                    identifier: crate::identifier::identifier(
                         &batch.tenant_id,
                         &batch.environment_id,
                         &batch.customer_id,
