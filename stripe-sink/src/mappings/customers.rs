@@ -9,10 +9,10 @@
 //! - Writes to customer mappings of one tenant environment are serialised by a transaction-
 //!   scoped advisory lock ([`begin_locked`]), so the consumer and the API never interleave a
 //!   check and a write.
-//! - Every mapping created or retired is written to the audit trail ([`audit`]) in the
+//! - Every mapping created or retired is written to the audit trail ([`audit`](meterline_common::audit)) in the
 //!   transaction that makes the change.
 
-use meterline_common::audit::{self, Actor, Change};
+use meterline_common::audit::{Actor, Change};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, EnvironmentId, SchemaError, TenantId};
 use serde::Serialize;
@@ -21,7 +21,8 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use super::{
-    page, CustomerMappings, MappingError, MappingStore, Page, Tx, ENTITY_CUSTOMER, MAX_PAGE,
+    audit_change, keyed, keyed_scalar, page, page_limit, scope_of, unmapped, webhook_order,
+    CustomerMappings, MappingError, MappingStore, Page, Scope, Tx, ENTITY_CUSTOMER,
     PROVIDER_STRIPE,
 };
 
@@ -192,37 +193,44 @@ impl TryFrom<MappingRow> for CustomerMapping {
 pub struct CustomerMappingQuery {
     /// None: every status.
     pub status: Option<MappingStatus>,
-    /// 1..=[`MAX_PAGE`].
+    /// 1..=[`MAX_PAGE`](super::MAX_PAGE).
     pub limit: u32,
     /// Rows with a larger id than this one (the list is ordered by id).
     pub starting_after: Option<i64>,
 }
 
-/// Serialises customer mapping writes of one tenant environment until the transaction ends.
-pub(super) async fn lock_scope(tx: &mut Tx, tenant: &str, env: &str) -> Result<(), sqlx::Error> {
+/// A transaction of a tenant environment's customer mappings, holding its lock: an import
+/// applies one page of customers in it together with the update of its job row.
+pub(crate) type ScopeTx = Tx;
+
+/// Begins a transaction holding the customer mapping lock of `(tenant, env)`: writes to
+/// customer mappings of one tenant environment are serialised until it ends.
+pub(crate) async fn begin_locked(
+    pool: &PgPool,
+    (tenant, env): Scope<'_>,
+) -> Result<ScopeTx, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("meterline.customer_mappings:{tenant}:{env}"))
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
-    Ok(())
+    Ok(tx)
 }
 
 /// The active mapping of `customer_id`, locked: (row id, provider customer, source).
 pub(super) async fn active_for_entity(
     tx: &mut Tx,
-    tenant: &str,
-    env: &str,
+    scope: Scope<'_>,
     customer_id: &str,
 ) -> Result<Option<(i64, String, String)>, sqlx::Error> {
-    sqlx::query_as(
+    keyed(
         "SELECT id, provider_entity_id, source FROM entity_integration_mappings
          WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
            AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'
          FOR UPDATE",
+        scope,
+        customer_id,
     )
-    .bind(tenant)
-    .bind(env)
-    .bind(customer_id)
     .fetch_optional(&mut **tx)
     .await
 }
@@ -234,33 +242,43 @@ pub(crate) struct Writer<'a> {
     pub source: MappingSource,
 }
 
+/// Records a new mapping in the audit trail.
+pub(super) async fn audit_created(
+    tx: &mut Tx,
+    scope: Scope<'_>,
+    actor: &Actor,
+    (customer_id, provider_customer_id): (&str, &str),
+    source: MappingSource,
+) -> Result<(), sqlx::Error> {
+    let source = source.as_str();
+    let change = Change::CustomerMappingCreated {
+        customer_id,
+        provider_customer_id,
+        source,
+    };
+    audit_change(tx, scope, actor, &change).await
+}
+
 /// Records a retirement in the audit trail.
 async fn audit_retired(
     tx: &mut Tx,
-    tenant: &str,
-    env: &str,
+    scope: Scope<'_>,
     actor: &Actor,
     (customer_id, provider_customer_id): (&str, &str),
     reason: &str,
 ) -> Result<(), sqlx::Error> {
-    audit::record(
-        &mut **tx,
-        tenant,
-        env,
-        actor,
-        &Change::CustomerMappingRetired {
-            customer_id,
-            provider_customer_id,
-            reason,
-        },
-    )
-    .await
+    let change = Change::CustomerMappingRetired {
+        customer_id,
+        provider_customer_id,
+        reason,
+    };
+    audit_change(tx, scope, actor, &change).await
 }
 
 /// Retires the active mappings to `provider_customer_id`, except those of `keep_entity`.
 pub(super) async fn retire_provider(
     tx: &mut Tx,
-    (tenant, env): (&str, &str),
+    (tenant, env): Scope<'_>,
     provider_customer_id: &str,
     keep_entity: Option<&str>,
     actor: &Actor,
@@ -283,8 +301,7 @@ pub(super) async fn retire_provider(
     for entity in &retired {
         audit_retired(
             tx,
-            tenant,
-            env,
+            (tenant, env),
             actor,
             (entity, provider_customer_id),
             reason,
@@ -296,7 +313,7 @@ pub(super) async fn retire_provider(
 
 pub(super) async fn retire_row(
     tx: &mut Tx,
-    (tenant, env): (&str, &str),
+    scope: Scope<'_>,
     id: i64,
     actor: &Actor,
     reason: &str,
@@ -310,7 +327,7 @@ pub(super) async fn retire_row(
     .bind(id)
     .fetch_one(&mut **tx)
     .await?;
-    audit_retired(tx, tenant, env, actor, (&entity, &provider), reason).await
+    audit_retired(tx, scope, actor, (&entity, &provider), reason).await
 }
 
 impl MappingStore {
@@ -321,31 +338,16 @@ impl MappingStore {
         env: &EnvironmentId,
         customer_id: &CustomerId,
     ) -> Result<Option<String>, MappingError> {
-        Ok(sqlx::query_scalar(
+        Ok(keyed_scalar(
             "SELECT provider_entity_id FROM entity_integration_mappings
              WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
                AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'",
+            (tenant.as_str(), env.as_str()),
+            customer_id.as_str(),
         )
-        .bind(tenant.as_str())
-        .bind(env.as_str())
-        .bind(customer_id.as_str())
         .fetch_optional(&self.pool)
         .await?)
     }
-}
-
-/// A transaction of a tenant environment's customer mappings, holding its lock: an import
-/// applies one page of customers in it together with the update of its job row.
-pub(crate) type ScopeTx = Tx;
-
-/// Begins a transaction holding the customer mapping lock of `(tenant, env)`.
-pub(crate) async fn begin_locked(
-    pool: &PgPool,
-    (tenant, env): (&str, &str),
-) -> Result<ScopeTx, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    lock_scope(&mut tx, tenant, env).await?;
-    Ok(tx)
 }
 
 /// What one row of a bulk upload did.
@@ -363,25 +365,24 @@ pub enum BulkOutcome {
 /// deleted; otherwise the mapping is created and audited.
 async fn create_manual_in(
     tx: &mut Tx,
-    (t, e): (&str, &str),
+    scope: Scope<'_>,
     actor: &Actor,
     customer_id: &CustomerId,
     provider_customer_id: &StripeCustomerId,
 ) -> Result<MappingRow, MappingError> {
-    if let Some((_, provider, _)) = active_for_entity(tx, t, e, customer_id.as_str()).await? {
+    if let Some((_, provider, _)) = active_for_entity(tx, scope, customer_id.as_str()).await? {
         return Err(MappingError::CustomerAlreadyMapped {
             customer_id: customer_id.to_string(),
             provider_customer_id: provider,
         });
     }
-    let taken: Option<String> = sqlx::query_scalar(
+    let taken: Option<String> = keyed_scalar(
         "SELECT entity_id FROM entity_integration_mappings
          WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
            AND entity_type = 'customer' AND provider_entity_id = $3 AND status = 'active'",
+        scope,
+        provider_customer_id.as_str(),
     )
-    .bind(t)
-    .bind(e)
-    .bind(provider_customer_id.as_str())
     .fetch_optional(&mut **tx)
     .await?;
     if let Some(other) = taken {
@@ -390,20 +391,13 @@ async fn create_manual_in(
             provider_customer_id: provider_customer_id.to_string(),
         });
     }
-    let deleted: Option<bool> = sqlx::query_scalar(
-        "SELECT deleted FROM stripe_customer_states
-         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
-    )
-    .bind(t)
-    .bind(e)
-    .bind(provider_customer_id.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    if deleted == Some(true) {
+    let state = webhook_order::customer_state(tx, scope, provider_customer_id.as_str()).await?;
+    if state.is_some_and(|state| state.deleted) {
         return Err(MappingError::ProviderCustomerDeleted(
             provider_customer_id.to_string(),
         ));
     }
+    let (t, e) = scope;
     let row: MappingRow = sqlx::query_as(&format!(
         "INSERT INTO entity_integration_mappings
              (tenant_id, environment_id, entity_type, entity_id, provider_type,
@@ -417,28 +411,9 @@ async fn create_manual_in(
     .bind(provider_customer_id.as_str())
     .fetch_one(&mut **tx)
     .await?;
-    audit::record(
-        &mut **tx,
-        t,
-        e,
-        actor,
-        &Change::CustomerMappingCreated {
-            customer_id: customer_id.as_str(),
-            provider_customer_id: provider_customer_id.as_str(),
-            source: MappingSource::Manual.as_str(),
-        },
-    )
-    .await?;
-    sqlx::query(
-        "UPDATE stripe_unmapped_customers SET status = 'mapped', updated_at = now()
-         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3
-           AND status = 'unmapped'",
-    )
-    .bind(t)
-    .bind(e)
-    .bind(provider_customer_id.as_str())
-    .execute(&mut **tx)
-    .await?;
+    let mapping = (customer_id.as_str(), provider_customer_id.as_str());
+    audit_created(tx, scope, actor, mapping, MappingSource::Manual).await?;
+    unmapped::mark_mapped(tx, scope, provider_customer_id.as_str()).await?;
     Ok(row)
 }
 
@@ -450,12 +425,10 @@ impl CustomerMappings<'_> {
         customer_id: &CustomerId,
         provider_customer_id: &StripeCustomerId,
     ) -> Result<CustomerMapping, MappingError> {
-        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
-        let mut tx = self.pool.begin().await?;
-        lock_scope(&mut tx, t, e).await?;
+        let mut tx = begin_locked(self.pool, scope_of(scope)).await?;
         let row = create_manual_in(
             &mut tx,
-            (t, e),
+            scope_of(scope),
             &Actor::api(scope),
             customer_id,
             provider_customer_id,
@@ -474,14 +447,13 @@ impl CustomerMappings<'_> {
         scope: &TenantScope,
         rows: &[(CustomerId, StripeCustomerId)],
     ) -> Result<Vec<BulkOutcome>, MappingError> {
-        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
+        let ids = scope_of(scope);
         let actor = Actor::api(scope);
-        let mut tx = self.pool.begin().await?;
-        lock_scope(&mut tx, t, e).await?;
+        let mut tx = begin_locked(self.pool, ids).await?;
         let mut outcomes = Vec::with_capacity(rows.len());
         for (customer_id, provider_customer_id) in rows {
             if let Some((_, provider, _)) =
-                active_for_entity(&mut tx, t, e, customer_id.as_str()).await?
+                active_for_entity(&mut tx, ids, customer_id.as_str()).await?
             {
                 if provider == provider_customer_id.as_str() {
                     outcomes.push(BulkOutcome::Unchanged);
@@ -490,8 +462,7 @@ impl CustomerMappings<'_> {
             }
             // Every refusal of create_manual_in comes from a SELECT, before any write: the
             // transaction stays usable for the next row.
-            match create_manual_in(&mut tx, (t, e), &actor, customer_id, provider_customer_id).await
-            {
+            match create_manual_in(&mut tx, ids, &actor, customer_id, provider_customer_id).await {
                 Ok(_) => outcomes.push(BulkOutcome::Created),
                 Err(
                     e @ (MappingError::CustomerAlreadyMapped { .. }
@@ -511,14 +482,15 @@ impl CustomerMappings<'_> {
         scope: &TenantScope,
         customer_id: &CustomerId,
     ) -> Result<Option<CustomerMapping>, MappingError> {
-        let row: Option<MappingRow> = sqlx::query_as(&format!(
-            "SELECT {MAPPING_COLUMNS} FROM entity_integration_mappings
-             WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
-               AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'"
-        ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
-        .bind(customer_id.as_str())
+        let row: Option<MappingRow> = keyed(
+            &format!(
+                "SELECT {MAPPING_COLUMNS} FROM entity_integration_mappings
+                 WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
+                   AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'"
+            ),
+            scope_of(scope),
+            customer_id.as_str(),
+        )
         .fetch_optional(self.pool)
         .await?;
         row.map(CustomerMapping::try_from).transpose()
@@ -530,7 +502,7 @@ impl CustomerMappings<'_> {
         scope: &TenantScope,
         query: &CustomerMappingQuery,
     ) -> Result<Page<CustomerMapping>, MappingError> {
-        let limit = query.limit.clamp(1, MAX_PAGE);
+        let (limit, fetch) = page_limit(query.limit);
         let rows: Vec<MappingRow> = sqlx::query_as(&format!(
             "SELECT {MAPPING_COLUMNS} FROM entity_integration_mappings
              WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
@@ -544,7 +516,7 @@ impl CustomerMappings<'_> {
         .bind(scope.environment_id.as_str())
         .bind(query.status.map(MappingStatus::as_str))
         .bind(query.starting_after)
-        .bind(i64::from(limit) + 1)
+        .bind(fetch)
         .fetch_all(self.pool)
         .await?;
         let rows = rows
@@ -563,26 +535,23 @@ impl CustomerMappings<'_> {
         scope: &TenantScope,
         customer_id: &CustomerId,
     ) -> Result<bool, MappingError> {
-        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
-        let mut tx = self.pool.begin().await?;
-        lock_scope(&mut tx, t, e).await?;
-        let retired: Option<String> = sqlx::query_scalar(
+        let ids = scope_of(scope);
+        let mut tx = begin_locked(self.pool, ids).await?;
+        let retired: Option<String> = keyed_scalar(
             "UPDATE entity_integration_mappings
              SET status = 'retired', retired_at = now(), updated_at = now()
              WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
                AND entity_type = 'customer' AND entity_id = $3 AND status = 'active'
              RETURNING provider_entity_id",
+            ids,
+            customer_id.as_str(),
         )
-        .bind(t)
-        .bind(e)
-        .bind(customer_id.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(provider) = &retired {
             audit_retired(
                 &mut tx,
-                t,
-                e,
+                ids,
                 &Actor::api(scope),
                 (customer_id.as_str(), provider),
                 "retired through the api",

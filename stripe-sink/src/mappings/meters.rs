@@ -4,15 +4,18 @@
 //! Rules kept here: a meter has at most one mapping and a Stripe event_name serves at most
 //! one meter of a tenant environment (refused as [`MappingError::MeterAlreadyMapped`] /
 //! [`MappingError::ProviderMeterAlreadyMapped`]); every meter mapping created or deleted is
-//! written to the audit trail ([`audit`]) in the transaction that makes the change.
+//! written to the audit trail ([`audit`](meterline_common::audit)) in the transaction that makes the change.
 
-use meterline_common::audit::{self, Actor, Change};
+use meterline_common::audit::{Actor, Change};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{EnvironmentId, EventName, MeterId, SchemaError, TenantId};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{MappingError, MappingStore, MeterMappings, PROVIDER_STRIPE};
+use super::{
+    audit_change, keyed, keyed_scalar, scope_of, MappingError, MappingStore, MeterMappings,
+    PROVIDER_STRIPE,
+};
 
 /// A meter mapping as created through the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +75,12 @@ impl MappingStore {
         env: &EnvironmentId,
         meter_id: &MeterId,
     ) -> Result<Option<(String, bool)>, MappingError> {
-        Ok(sqlx::query_as(
+        Ok(keyed(
             "SELECT provider_meter_id, sync_enabled FROM stripe_meter_mappings
              WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3",
+            (tenant.as_str(), env.as_str()),
+            meter_id.as_str(),
         )
-        .bind(tenant.as_str())
-        .bind(env.as_str())
-        .bind(meter_id.as_str())
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -92,7 +94,7 @@ impl MeterMappings<'_> {
         scope: &TenantScope,
         input: &MeterMappingInput,
     ) -> Result<MeterMapping, MappingError> {
-        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
+        let (t, e) = scope_of(scope);
         let mut tx = self.pool.begin().await?;
         // ON CONFLICT DO NOTHING instead of catching the unique violation: no error code
         // matching; which constraint it was is read back after.
@@ -112,18 +114,12 @@ impl MeterMappings<'_> {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = row {
-            audit::record(
-                &mut *tx,
-                t,
-                e,
-                &Actor::api(scope),
-                &Change::MeterMappingCreated {
-                    meter_id: &row.meter_id,
-                    provider_meter_id: &row.provider_meter_id,
-                    sync_enabled: row.sync_enabled,
-                },
-            )
-            .await?;
+            let change = Change::MeterMappingCreated {
+                meter_id: &row.meter_id,
+                provider_meter_id: &row.provider_meter_id,
+                sync_enabled: row.sync_enabled,
+            };
+            audit_change(&mut tx, (t, e), &Actor::api(scope), &change).await?;
             tx.commit().await?;
             return row.try_into();
         }
@@ -131,14 +127,13 @@ impl MeterMappings<'_> {
         if self.get(scope, &input.meter_id).await?.is_some() {
             return Err(MappingError::MeterAlreadyMapped(input.meter_id.to_string()));
         }
-        let other: Option<String> = sqlx::query_scalar(
+        let other: Option<String> = keyed_scalar(
             "SELECT meter_id FROM stripe_meter_mappings
              WHERE tenant_id = $1 AND environment_id = $2 AND provider_type = 'stripe'
                AND provider_meter_id = $3",
+            (t, e),
+            input.provider_meter_id.as_str(),
         )
-        .bind(t)
-        .bind(e)
-        .bind(input.provider_meter_id.as_str())
         .fetch_optional(self.pool)
         .await?;
         Err(match other {
@@ -156,13 +151,14 @@ impl MeterMappings<'_> {
         scope: &TenantScope,
         meter_id: &MeterId,
     ) -> Result<Option<MeterMapping>, MappingError> {
-        let row: Option<MeterRow> = sqlx::query_as(&format!(
-            "SELECT {METER_COLUMNS} FROM stripe_meter_mappings
-             WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3"
-        ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
-        .bind(meter_id.as_str())
+        let row: Option<MeterRow> = keyed(
+            &format!(
+                "SELECT {METER_COLUMNS} FROM stripe_meter_mappings
+                 WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3"
+            ),
+            scope_of(scope),
+            meter_id.as_str(),
+        )
         .fetch_optional(self.pool)
         .await?;
         row.map(MeterMapping::try_from).transpose()
@@ -188,30 +184,23 @@ impl MeterMappings<'_> {
         scope: &TenantScope,
         meter_id: &MeterId,
     ) -> Result<bool, MappingError> {
-        let (t, e) = (scope.tenant_id.as_str(), scope.environment_id.as_str());
+        let (t, e) = scope_of(scope);
         let mut tx = self.pool.begin().await?;
-        let deleted: Option<String> = sqlx::query_scalar(
+        let deleted: Option<String> = keyed_scalar(
             "DELETE FROM stripe_meter_mappings
              WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3
              RETURNING provider_meter_id",
+            (t, e),
+            meter_id.as_str(),
         )
-        .bind(t)
-        .bind(e)
-        .bind(meter_id.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(provider_meter_id) = &deleted {
-            audit::record(
-                &mut *tx,
-                t,
-                e,
-                &Actor::api(scope),
-                &Change::MeterMappingDeleted {
-                    meter_id: meter_id.as_str(),
-                    provider_meter_id,
-                },
-            )
-            .await?;
+            let change = Change::MeterMappingDeleted {
+                meter_id: meter_id.as_str(),
+                provider_meter_id,
+            };
+            audit_change(&mut tx, (t, e), &Actor::api(scope), &change).await?;
         }
         tx.commit().await?;
         Ok(deleted.is_some())

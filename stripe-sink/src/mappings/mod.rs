@@ -5,11 +5,11 @@
 //!
 //! This file holds the store's handles ([`MappingStore`] and one handle per concern), the
 //! shared [`Page`] and [`MappingError`]; each concern keeps its own rules in its own file:
-//! - [`customers`]: customer mappings (manual ones, the scope lock, the audit of changes);
-//! - [`webhook_order`]: the ordering of Stripe's `customer.*` events and of imports;
-//! - [`unmapped`]: Stripe customers without a usable external id;
-//! - [`meters`]: meter mappings;
-//! - [`error_reports`]: Stripe's asynchronous meter error reports.
+//! - `customers.rs`: customer mappings (manual ones, the scope lock, the audit of changes);
+//! - `webhook_order.rs`: the ordering of Stripe's `customer.*` events and of imports;
+//! - `unmapped.rs`: Stripe customers without a usable external id;
+//! - `meters.rs`: meter mappings;
+//! - `error_reports.rs`: Stripe's asynchronous meter error reports.
 //!
 //! Rules kept everywhere below:
 //! - Every read and write is scoped by tenant AND environment. Handlers pass their
@@ -29,8 +29,12 @@ mod meters;
 mod unmapped;
 mod webhook_order;
 
+use meterline_common::audit::{self, Actor, Change};
+use meterline_common::auth::TenantScope;
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::{QueryAs, QueryScalar};
+use sqlx::{FromRow, PgPool, Postgres, Transaction};
 
 pub(crate) use customers::{begin_locked, Writer};
 pub use customers::{
@@ -60,6 +64,13 @@ pub const DEFAULT_PAGE: u32 = 10;
 pub struct Page<T> {
     pub data: Vec<T>,
     pub has_more: bool,
+}
+
+/// The page size a list answers for `requested` (1 to [`MAX_PAGE`]), and the `LIMIT` it
+/// queries: one row more, which tells [`page`] whether more follow.
+fn page_limit(requested: u32) -> (u32, i64) {
+    let limit = requested.clamp(1, MAX_PAGE);
+    (limit, i64::from(limit) + 1)
 }
 
 fn page<T>(mut rows: Vec<T>, limit: u32) -> Page<T> {
@@ -154,6 +165,43 @@ pub struct MeterMappings<'a> {
 }
 
 type Tx = Transaction<'static, Postgres>;
+
+/// A tenant environment as the queries bind it: tenant id `$1`, environment id `$2`.
+type Scope<'a> = (&'a str, &'a str);
+
+fn scope_of(scope: &TenantScope) -> Scope<'_> {
+    (scope.tenant_id.as_str(), scope.environment_id.as_str())
+}
+
+/// Writes `change` to the audit trail inside `tx`, the transaction that makes it.
+async fn audit_change(
+    tx: &mut Tx,
+    (tenant, env): Scope<'_>,
+    actor: &Actor,
+    change: &Change<'_>,
+) -> Result<(), sqlx::Error> {
+    audit::record(&mut **tx, tenant, env, actor, change).await
+}
+
+/// `sql` with `scope` bound as `$1`, `$2` and `key` as `$3`: the shape of every lookup of one
+/// key (a customer, a Stripe customer, a meter) in a tenant environment.
+fn keyed<'q, O>(sql: &'q str, (tenant, env): Scope<'q>, key: &'q str) -> PgQueryAs<'q, O>
+where
+    O: for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_as(sql).bind(tenant).bind(env).bind(key)
+}
+
+/// [`keyed`] for a query that answers one column.
+fn keyed_scalar<'q, O>(sql: &'q str, (tenant, env): Scope<'q>, key: &'q str) -> PgQueryScalar<'q, O>
+where
+    (O,): for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_scalar(sql).bind(tenant).bind(env).bind(key)
+}
+
+type PgQueryAs<'q, O> = QueryAs<'q, Postgres, O, PgArguments>;
+type PgQueryScalar<'q, O> = QueryScalar<'q, Postgres, O, PgArguments>;
 
 impl MappingStore {
     pub fn new(pool: PgPool) -> Self {

@@ -15,14 +15,16 @@
 //!   the list was read, so a webhook event newer than the list wins and an older one is stale.
 //!   Mappings made by webhooks and imports alike follow Stripe's metadata; manual ones stand.
 
-use meterline_common::audit::{self, Actor, Change};
+use meterline_common::audit::Actor;
 use meterline_schemas::{CustomerId, EnvironmentId, SchemaError, StripeEventId, TenantId};
 use serde_json::Value;
 
 use super::customers::{
-    active_for_entity, lock_scope, retire_provider, retire_row, ScopeTx, Writer,
+    active_for_entity, audit_created, begin_locked, retire_provider, retire_row, ScopeTx, Writer,
 };
-use super::{CustomerMappings, MappingError, MappingSource, StripeCustomerId, Tx};
+use super::{
+    keyed, unmapped, CustomerMappings, MappingError, MappingSource, Scope, StripeCustomerId, Tx,
+};
 
 /// The three `customer.*` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -86,6 +88,22 @@ impl ExternalId {
                 Err(_) => Self::Invalid,
             },
             Some(_) => Self::Invalid,
+        }
+    }
+
+    /// The customer id it carries, if it is [`Self::Present`].
+    pub(super) fn customer_id(&self) -> Option<&str> {
+        match self {
+            Self::Present(id) => Some(id.as_str()),
+            Self::Missing | Self::Invalid => None,
+        }
+    }
+
+    /// Why a customer carrying it is unmapped (when it is not [`Self::Present`]).
+    pub(super) fn unmapped_reason(&self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid_external_id",
+            _ => "missing_external_id",
         }
     }
 }
@@ -171,9 +189,8 @@ impl CustomerMappings<'_> {
         env: &EnvironmentId,
         event: &CustomerEvent,
     ) -> Result<WebhookOutcome, MappingError> {
-        let (t, e) = (tenant.as_str(), env.as_str());
-        let mut tx = self.pool.begin().await?;
-        lock_scope(&mut tx, t, e).await?;
+        let scope = (tenant.as_str(), env.as_str());
+        let mut tx = begin_locked(self.pool, scope).await?;
         let actor = Actor::Webhook {
             event_id: event.event_id.as_str().to_owned(),
         };
@@ -181,52 +198,72 @@ impl CustomerMappings<'_> {
             actor: &actor,
             source: MappingSource::Webhook,
         };
-        let outcome = apply_event(&mut tx, (t, e), event, &writer).await?;
+        let outcome = apply_event(&mut tx, scope, event, &writer).await?;
         tx.commit().await?;
         Ok(outcome)
     }
 }
 
+/// What `stripe_customer_states` holds of one Stripe customer: the newest event applied to
+/// it, and what that event said.
+pub(super) struct CustomerState {
+    pub external_id: Option<String>,
+    pub deleted: bool,
+    pub newest: EventOrder,
+}
+
+/// The state of Stripe customer `customer`, if any event of it was applied.
+pub(super) async fn customer_state(
+    tx: &mut Tx,
+    scope: Scope<'_>,
+    customer: &str,
+) -> Result<Option<CustomerState>, sqlx::Error> {
+    let row: Option<(Option<String>, bool, String, i64, i16)> = keyed(
+        "SELECT external_id, deleted, last_event_id, last_event_created, last_event_rank
+         FROM stripe_customer_states
+         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
+        scope,
+        customer,
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(
+        |(external_id, deleted, event_id, created, rank)| CustomerState {
+            external_id,
+            deleted,
+            newest: EventOrder {
+                created,
+                rank,
+                event_id,
+            },
+        },
+    ))
+}
+
 /// Applies one customer event (a webhook's, or an import's snapshot) inside `tx`, which holds
-/// the scope's lock ([`lock_scope`]).
+/// the scope's lock ([`begin_locked`]).
 pub(crate) async fn apply_event(
     tx: &mut Tx,
-    (t, e): (&str, &str),
+    scope: Scope<'_>,
     event: &CustomerEvent,
     writer: &Writer<'_>,
 ) -> Result<WebhookOutcome, MappingError> {
     let customer = event.customer.as_str();
     let order = event.order();
 
-    let previous: Option<(Option<String>, bool, String, i64, i16)> = sqlx::query_as(
-        "SELECT external_id, deleted, last_event_id, last_event_created, last_event_rank
-         FROM stripe_customer_states
-         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
-    )
-    .bind(t)
-    .bind(e)
-    .bind(customer)
-    .fetch_optional(&mut **tx)
-    .await?;
+    let previous = customer_state(tx, scope, customer).await?;
     let mut outcome = WebhookOutcome::default();
-    if let Some((_, deleted, id, created, rank)) = &previous {
-        let newest = EventOrder {
-            created: *created,
-            rank: *rank,
-            event_id: id.clone(),
-        };
+    if let Some(previous) = &previous {
         // A deleted customer is never revived, whatever `created` a later event claims.
-        if *deleted || order <= newest {
+        if previous.deleted || order <= previous.newest {
             return Ok(outcome);
         }
     }
     outcome.applied = true;
 
     let deleted = event.kind == CustomerEventKind::Deleted;
-    let external_id = match &event.external_id {
-        ExternalId::Present(id) => Some(id.as_str()),
-        ExternalId::Missing | ExternalId::Invalid => None,
-    };
+    let external_id = event.external_id.customer_id();
+    let (t, e) = scope;
     sqlx::query(
         "INSERT INTO stripe_customer_states
              (tenant_id, environment_id, provider_customer_id, external_id, deleted,
@@ -252,7 +289,7 @@ pub(crate) async fn apply_event(
     if deleted {
         outcome.retired += retire_provider(
             tx,
-            (t, e),
+            scope,
             customer,
             None,
             writer.actor,
@@ -263,7 +300,7 @@ pub(crate) async fn apply_event(
     // The external ids whose owner may have changed: the one the customer had, and the
     // one it has now.
     let mut affected: Vec<&str> = Vec::new();
-    if let Some((Some(old), ..)) = &previous {
+    if let Some(old) = previous.as_ref().and_then(|p| p.external_id.as_deref()) {
         affected.push(old);
     }
     if let Some(new) = external_id {
@@ -272,67 +309,10 @@ pub(crate) async fn apply_event(
         }
     }
     for entity in affected {
-        reconcile(tx, (t, e), entity, event, writer, &mut outcome).await?;
+        reconcile(tx, scope, entity, event, writer, &mut outcome).await?;
     }
 
-    if deleted || external_id.is_some() {
-        sqlx::query(
-            "UPDATE stripe_unmapped_customers
-             SET status = CASE WHEN $4 THEN 'deleted'
-                          WHEN EXISTS (SELECT 1 FROM entity_integration_mappings m
-                                       WHERE m.tenant_id = $1 AND m.environment_id = $2
-                                         AND m.provider_type = 'stripe'
-                                         AND m.entity_type = 'customer'
-                                         AND m.provider_entity_id = $3
-                                         AND m.status = 'active') THEN 'mapped'
-                          ELSE 'unmapped' END,
-                 last_event_id = $5, last_event_created = $6, updated_at = now()
-             WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
-        )
-        .bind(t)
-        .bind(e)
-        .bind(customer)
-        .bind(deleted)
-        .bind(&order.event_id)
-        .bind(order.created)
-        .execute(&mut **tx)
-        .await?;
-    } else {
-        let reason = match event.external_id {
-            ExternalId::Invalid => "invalid_external_id",
-            _ => "missing_external_id",
-        };
-        let status: String = sqlx::query_scalar(
-            "INSERT INTO stripe_unmapped_customers
-                 (tenant_id, environment_id, provider_customer_id, email, name, reason,
-                  last_event_id, last_event_created, status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-                     CASE WHEN EXISTS (SELECT 1 FROM entity_integration_mappings m
-                                       WHERE m.tenant_id = $1 AND m.environment_id = $2
-                                         AND m.provider_type = 'stripe'
-                                         AND m.entity_type = 'customer'
-                                         AND m.provider_entity_id = $3
-                                         AND m.status = 'active')
-                          THEN 'mapped' ELSE 'unmapped' END)
-             ON CONFLICT (tenant_id, environment_id, provider_customer_id) DO UPDATE
-             SET email = EXCLUDED.email, name = EXCLUDED.name, reason = EXCLUDED.reason,
-                 last_event_id = EXCLUDED.last_event_id,
-                 last_event_created = EXCLUDED.last_event_created,
-                 status = EXCLUDED.status, updated_at = now()
-             RETURNING status",
-        )
-        .bind(t)
-        .bind(e)
-        .bind(customer)
-        .bind(&event.email)
-        .bind(&event.name)
-        .bind(reason)
-        .bind(&order.event_id)
-        .bind(order.created)
-        .fetch_one(&mut **tx)
-        .await?;
-        outcome.unmapped = status == "unmapped";
-    }
+    outcome.unmapped = unmapped::follow_event(tx, scope, event, &order).await?;
     Ok(outcome)
 }
 
@@ -340,25 +320,24 @@ pub(crate) async fn apply_event(
 /// newest event carries it (the newest such event wins).
 async fn reconcile(
     tx: &mut Tx,
-    (t, e): (&str, &str),
+    scope: Scope<'_>,
     entity: &str,
     event: &CustomerEvent,
     writer: &Writer<'_>,
     outcome: &mut WebhookOutcome,
 ) -> Result<(), sqlx::Error> {
-    let owner: Option<(String, String, i64)> = sqlx::query_as(
+    let owner: Option<(String, String, i64)> = keyed(
         "SELECT provider_customer_id, last_event_id, last_event_created
          FROM stripe_customer_states
          WHERE tenant_id = $1 AND environment_id = $2 AND external_id = $3 AND NOT deleted
          ORDER BY last_event_created DESC, last_event_rank DESC, last_event_id DESC
          LIMIT 1",
+        scope,
+        entity,
     )
-    .bind(t)
-    .bind(e)
-    .bind(entity)
     .fetch_optional(&mut **tx)
     .await?;
-    let active = active_for_entity(tx, t, e, entity).await?;
+    let active = active_for_entity(tx, scope, entity).await?;
     match (owner, active) {
         (None, None) => {}
         (None, Some((id, _, source))) => {
@@ -367,7 +346,7 @@ async fn reconcile(
             if source != MappingSource::Manual.as_str() {
                 retire_row(
                     tx,
-                    (t, e),
+                    scope,
                     id,
                     writer.actor,
                     "external id no longer on the stripe customer",
@@ -397,7 +376,7 @@ async fn reconcile(
             if let Some((id, ..)) = active {
                 retire_row(
                     tx,
-                    (t, e),
+                    scope,
                     id,
                     writer.actor,
                     "external id now on another stripe customer",
@@ -407,7 +386,7 @@ async fn reconcile(
             }
             outcome.retired += retire_provider(
                 tx,
-                (t, e),
+                scope,
                 &owner,
                 Some(entity),
                 writer.actor,
@@ -419,6 +398,7 @@ async fn reconcile(
             } else {
                 serde_json::json!({})
             };
+            let (t, e) = scope;
             sqlx::query(
                 "INSERT INTO entity_integration_mappings
                      (tenant_id, environment_id, entity_type, entity_id, provider_type,
@@ -436,18 +416,7 @@ async fn reconcile(
             .bind(writer.source.as_str())
             .execute(&mut **tx)
             .await?;
-            audit::record(
-                &mut **tx,
-                t,
-                e,
-                writer.actor,
-                &Change::CustomerMappingCreated {
-                    customer_id: entity,
-                    provider_customer_id: &owner,
-                    source: writer.source.as_str(),
-                },
-            )
-            .await?;
+            audit_created(tx, scope, writer.actor, (entity, &owner), writer.source).await?;
             outcome.created += 1;
         }
     }
@@ -476,42 +445,27 @@ pub enum Imported {
 /// of trading it back and forth.
 pub(crate) async fn import_snapshot(
     tx: &mut ScopeTx,
-    (t, e): (&str, &str),
+    scope: Scope<'_>,
     event: &CustomerEvent,
     writer: &Writer<'_>,
 ) -> Result<Imported, MappingError> {
     let customer = event.customer.as_str();
-    let state: Option<(Option<String>, bool)> = sqlx::query_as(
-        "SELECT external_id, deleted FROM stripe_customer_states
-         WHERE tenant_id = $1 AND environment_id = $2 AND provider_customer_id = $3",
-    )
-    .bind(t)
-    .bind(e)
-    .bind(customer)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let external = match &event.external_id {
-        ExternalId::Present(id) => Some(id.as_str()),
-        ExternalId::Missing | ExternalId::Invalid => None,
-    };
-    let known = matches!(&state, Some((ext, false)) if ext.as_deref() == external);
+    let state = customer_state(tx, scope, customer).await?;
+    let external = event.external_id.customer_id();
+    let known = matches!(&state, Some(s) if !s.deleted && s.external_id.as_deref() == external);
     let outcome = if known {
         WebhookOutcome::default()
     } else {
-        apply_event(tx, (t, e), event, writer).await?
+        apply_event(tx, scope, event, writer).await?
     };
     let Some(external) = external else {
-        let reason = match event.external_id {
-            ExternalId::Invalid => "invalid_external_id",
-            _ => "missing_external_id",
-        };
         return Ok(Imported::Unmapped {
-            reason,
+            reason: event.external_id.unmapped_reason(),
             retired: outcome.retired,
         });
     };
-    let deleted = matches!(state, Some((_, true)));
-    Ok(match active_for_entity(tx, t, e, external).await? {
+    let deleted = state.is_some_and(|s| s.deleted);
+    Ok(match active_for_entity(tx, scope, external).await? {
         Some((_, provider, _)) if provider == customer && outcome.created > 0 => {
             Imported::Created {
                 retired: outcome.retired,
