@@ -21,6 +21,9 @@ use time::OffsetDateTime;
 
 use crate::Error;
 
+mod state;
+pub use state::{LedgerState, UnknownLedgerState};
+
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |source| Error::Postgres { context, source }
 }
@@ -125,6 +128,50 @@ pub enum Finish {
     NeedsReconciliation(String),
 }
 
+impl Finish {
+    /// The state the window is left in; `None` for [`Finish::Settled`], whose state the
+    /// database decides (synced when everything owed was accepted, else pending).
+    fn state(&self) -> Option<LedgerState> {
+        match self {
+            Finish::Settled => None,
+            Finish::RetryIn { .. } => Some(LedgerState::Pending),
+            Finish::Unanswered { .. } => Some(LedgerState::InFlight),
+            Finish::PendingMapping => Some(LedgerState::PendingMapping),
+            Finish::Skipped(_) => Some(LedgerState::Skipped),
+            Finish::Expired => Some(LedgerState::Expired),
+            Finish::Failed(_) => Some(LedgerState::Failed),
+            Finish::NeedsReconciliation(_) => Some(LedgerState::NeedsReconciliation),
+        }
+    }
+
+    /// The SQL expression of [`Self::state`].
+    fn status_sql(&self) -> String {
+        match self.state() {
+            Some(state) => format!("'{state}'"),
+            // round() on numeric rounds half away from zero, as billing::billable does.
+            None => format!(
+                "CASE WHEN round(aggregated_quantity) = synced_quantity THEN '{}'
+                      ELSE '{}' END",
+                LedgerState::Synced,
+                LedgerState::Pending,
+            ),
+        }
+    }
+
+    /// The error recorded with the window, and the seconds until its next attempt.
+    fn error_and_delay(&self) -> (Option<&str>, f64) {
+        match self {
+            Finish::Settled | Finish::PendingMapping | Finish::Expired => (None, 0.0),
+            Finish::RetryIn { seconds, error } | Finish::Unanswered { seconds, error } => {
+                (Some(error), *seconds)
+            }
+            Finish::Skipped(reason)
+            | Finish::Failed(reason)
+            | Finish::NeedsReconciliation(reason) => (Some(reason), 0.0),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
@@ -155,7 +202,11 @@ impl Ledger {
             }
             None => false,
         };
-        let initial = if total.expired { "expired" } else { "pending" };
+        let initial = if total.expired {
+            LedgerState::Expired
+        } else {
+            LedgerState::Pending
+        };
         sqlx::query(
             "INSERT INTO stripe_sync_batches AS b
                  (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
@@ -190,7 +241,7 @@ impl Ledger {
         .bind(total.quantity)
         .bind(i64::try_from(total.event_count).unwrap_or(i64::MAX))
         .bind(i32::try_from(total.revision.get()).unwrap_or(i32::MAX))
-        .bind(initial)
+        .bind(initial.as_str())
         .bind(job.map(ToString::to_string))
         .bind(force)
         .execute(&self.pool)
@@ -410,26 +461,8 @@ impl Ledger {
 
     /// Releases a claimed window.
     pub async fn finish(&self, batch_id: i64, finish: &Finish) -> Result<(), Error> {
-        let (status_sql, error, delay): (&str, Option<&str>, f64) = match finish {
-            // round() on numeric rounds half away from zero, as billing::billable does.
-            Finish::Settled => (
-                "CASE WHEN round(aggregated_quantity) = synced_quantity THEN 'synced'
-                      ELSE 'pending' END",
-                None,
-                0.0,
-            ),
-            Finish::RetryIn { seconds, error } => ("'pending'", Some(error.as_str()), *seconds),
-            Finish::Unanswered { seconds, error } => {
-                ("'in_flight'", Some(error.as_str()), *seconds)
-            }
-            Finish::PendingMapping => ("'pending_mapping'", None, 0.0),
-            Finish::Skipped(reason) => ("'skipped'", Some(reason.as_str()), 0.0),
-            Finish::Expired => ("'expired'", None, 0.0),
-            Finish::Failed(reason) => ("'failed'", Some(reason.as_str()), 0.0),
-            Finish::NeedsReconciliation(reason) => {
-                ("'needs_reconciliation'", Some(reason.as_str()), 0.0)
-            }
-        };
+        let status_sql = finish.status_sql();
+        let (error, delay) = finish.error_and_delay();
         let attempts_reset = matches!(finish, Finish::Settled);
         sqlx::query(&format!(
             "UPDATE stripe_sync_batches
@@ -564,7 +597,10 @@ impl Ledger {
         let now = OffsetDateTime::now_utc();
         let counts: std::collections::BTreeMap<String, i64> = counts.into_iter().collect();
         Ok(StatusView {
-            pending_mappings: counts.get("pending_mapping").copied().unwrap_or(0),
+            pending_mappings: counts
+                .get(LedgerState::PendingMapping.as_str())
+                .copied()
+                .unwrap_or(0),
             windows_by_status: counts,
             last_success_at: last_success,
             lag_seconds: oldest_owed.map(|t| (now - t).whole_seconds().max(0)),
@@ -733,4 +769,63 @@ pub struct BatchView {
     pub updated_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub synced_at: Option<OffsetDateTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every state the SQL of this file names (a quoted word other than a send's status or a
+    /// mapping's constants) is a [`LedgerState`].
+    #[test]
+    fn the_ledger_sql_names_only_ledger_states() {
+        let source = include_str!("ledger.rs");
+        let (code, _) = source.split_once("#[cfg(test)]").unwrap();
+        let others = [
+            "sending", "accepted", "refused", "customer", "stripe", "active",
+        ];
+        let mut named = 0;
+        let mut rest = code;
+        while let Some(start) = rest.find('\'') {
+            rest = &rest[start + 1..];
+            let Some(end) = rest.find('\'') else { break };
+            let quoted = &rest[..end];
+            if quoted.is_empty()
+                || !quoted
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c == '-')
+            {
+                continue; // a lifetime, a char, a format argument
+            }
+            rest = &rest[end + 1..];
+            if !others.contains(&quoted) {
+                assert!(
+                    quoted.parse::<LedgerState>().is_ok(),
+                    "'{quoted}' in ledger.rs"
+                );
+                named += 1;
+            }
+        }
+        assert!(named > 10, "the scan found the states in the SQL");
+    }
+
+    #[test]
+    fn finishing_sets_the_same_sql_states_as_before() {
+        let error = || "e".to_owned();
+        let cases = [
+            (Finish::Settled, "CASE WHEN round(aggregated_quantity) = synced_quantity THEN 'synced' ELSE 'pending' END", None, 0.0),
+            (Finish::RetryIn { seconds: 2.5, error: error() }, "'pending'", Some("e"), 2.5),
+            (Finish::Unanswered { seconds: 9.0, error: error() }, "'in_flight'", Some("e"), 9.0),
+            (Finish::PendingMapping, "'pending_mapping'", None, 0.0),
+            (Finish::Skipped(error()), "'skipped'", Some("e"), 0.0),
+            (Finish::Expired, "'expired'", None, 0.0),
+            (Finish::Failed(error()), "'failed'", Some("e"), 0.0),
+            (Finish::NeedsReconciliation(error()), "'needs_reconciliation'", Some("e"), 0.0),
+        ];
+        for (finish, sql, error, delay) in cases {
+            let got = finish.status_sql();
+            assert_eq!(got.split_whitespace().collect::<Vec<_>>().join(" "), sql);
+            assert_eq!(finish.error_and_delay(), (error, delay), "{finish:?}");
+        }
+    }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::AppState;
-use crate::ledger::{BatchFilter, BatchView, JobView, NewJob, StatusView};
+use crate::ledger::{BatchFilter, BatchView, JobView, LedgerState, NewJob, StatusView};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,17 +162,6 @@ pub struct BatchQuery {
     limit: Option<i64>,
 }
 
-const STATUSES: [&str; 8] = [
-    "pending",
-    "in_flight",
-    "synced",
-    "pending_mapping",
-    "skipped",
-    "failed",
-    "expired",
-    "needs_reconciliation",
-];
-
 pub async fn batches(
     State(state): State<AppState>,
     scope: TenantScope,
@@ -180,10 +169,10 @@ pub async fn batches(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
     if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
+        if s.parse::<LedgerState>().is_err() {
             return Err(invalid(format!(
                 "status must be one of {}",
-                STATUSES.join(", ")
+                LedgerState::NAMES.join(", ")
             )));
         }
     }
