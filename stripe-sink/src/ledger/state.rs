@@ -4,8 +4,8 @@
 //! Rule kept here: each state is named once, by [`LedgerState::as_str`]; the lists the code
 //! needs (all states, the owed ones, the open ones) are lists of [`LedgerState`], and the
 //! states are exactly those the table's CHECK constraint allows (a test reads the embedded
-//! migration). The SQL of [`super::Ledger`] names them as literals, which a test of
-//! `ledger.rs` checks.
+//! migration). The SQL of [`super::Ledger`] names them as literals, which a test here
+//! checks against [`LedgerState`].
 
 /// The state of a window in the ledger (`stripe_sync_batches.sync_status`), each named once
 /// here: every state the Rust code sets, compares or lists is one of these, and they are
@@ -153,5 +153,39 @@ mod tests {
             .map(|name| name.trim().trim_matches('\''))
             .collect();
         assert_eq!(allowed, LedgerState::NAMES);
+    }
+
+    /// Every state the SQL of `ledger.rs` names (a quoted word other than a send's status or a
+    /// mapping's constants) is a [`LedgerState`].
+    #[test]
+    fn the_ledger_sql_names_only_ledger_states() {
+        let source = include_str!("../ledger.rs");
+        let (code, _) = source.split_once("#[cfg(test)]").unwrap();
+        let others = [
+            "sending", "accepted", "refused", "customer", "stripe", "active",
+        ];
+        let mut named = 0;
+        let mut rest = code;
+        while let Some(start) = rest.find('\'') {
+            rest = &rest[start + 1..];
+            let Some(end) = rest.find('\'') else { break };
+            let quoted = &rest[..end];
+            if quoted.is_empty()
+                || !quoted
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c == '-')
+            {
+                continue; // a lifetime, a char, a format argument
+            }
+            rest = &rest[end + 1..];
+            if !others.contains(&quoted) {
+                assert!(
+                    quoted.parse::<LedgerState>().is_ok(),
+                    "'{quoted}' in ledger.rs"
+                );
+                named += 1;
+            }
+        }
+        assert!(named > 10, "the scan found the states in the SQL");
     }
 }
