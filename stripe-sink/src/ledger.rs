@@ -16,10 +16,26 @@ use meterline_schemas::{
     CustomerId, Decimal, EnvironmentId, JobId, MeterId, TenantId, Window, WindowReason, WindowTotal,
 };
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::QueryAs;
+use sqlx::{FromRow, PgPool, Postgres};
 use time::OffsetDateTime;
 
 use crate::Error;
+
+mod state;
+pub use state::{LedgerState, UnknownLedgerState};
+
+/// `sql` with `scope` bound as `$1` (tenant) and `$2` (environment): the shape of every
+/// read of one tenant environment's windows.
+fn scoped<'q, O>(sql: &'q str, scope: &'q TenantScope) -> QueryAs<'q, Postgres, O, PgArguments>
+where
+    O: for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_as(sql)
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+}
 
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |source| Error::Postgres { context, source }
@@ -125,6 +141,50 @@ pub enum Finish {
     NeedsReconciliation(String),
 }
 
+impl Finish {
+    /// The state the window is left in; `None` for [`Finish::Settled`], whose state the
+    /// database decides (synced when everything owed was accepted, else pending).
+    fn state(&self) -> Option<LedgerState> {
+        match self {
+            Finish::Settled => None,
+            Finish::RetryIn { .. } => Some(LedgerState::Pending),
+            Finish::Unanswered { .. } => Some(LedgerState::InFlight),
+            Finish::PendingMapping => Some(LedgerState::PendingMapping),
+            Finish::Skipped(_) => Some(LedgerState::Skipped),
+            Finish::Expired => Some(LedgerState::Expired),
+            Finish::Failed(_) => Some(LedgerState::Failed),
+            Finish::NeedsReconciliation(_) => Some(LedgerState::NeedsReconciliation),
+        }
+    }
+
+    /// The SQL expression of [`Self::state`].
+    fn status_sql(&self) -> String {
+        match self.state() {
+            Some(state) => format!("'{state}'"),
+            // round() on numeric rounds half away from zero, as billing::billable does.
+            None => format!(
+                "CASE WHEN round(aggregated_quantity) = synced_quantity THEN '{}'
+                      ELSE '{}' END",
+                LedgerState::Synced,
+                LedgerState::Pending,
+            ),
+        }
+    }
+
+    /// The error recorded with the window, and the seconds until its next attempt.
+    fn error_and_delay(&self) -> (Option<&str>, f64) {
+        match self {
+            Finish::Settled | Finish::PendingMapping | Finish::Expired => (None, 0.0),
+            Finish::RetryIn { seconds, error } | Finish::Unanswered { seconds, error } => {
+                (Some(error), *seconds)
+            }
+            Finish::Skipped(reason)
+            | Finish::Failed(reason)
+            | Finish::NeedsReconciliation(reason) => (Some(reason), 0.0),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
@@ -155,7 +215,11 @@ impl Ledger {
             }
             None => false,
         };
-        let initial = if total.expired { "expired" } else { "pending" };
+        let initial = if total.expired {
+            LedgerState::Expired
+        } else {
+            LedgerState::Pending
+        };
         sqlx::query(
             "INSERT INTO stripe_sync_batches AS b
                  (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
@@ -190,7 +254,7 @@ impl Ledger {
         .bind(total.quantity)
         .bind(i64::try_from(total.event_count).unwrap_or(i64::MAX))
         .bind(i32::try_from(total.revision.get()).unwrap_or(i32::MAX))
-        .bind(initial)
+        .bind(initial.as_str())
         .bind(job.map(ToString::to_string))
         .bind(force)
         .execute(&self.pool)
@@ -410,26 +474,8 @@ impl Ledger {
 
     /// Releases a claimed window.
     pub async fn finish(&self, batch_id: i64, finish: &Finish) -> Result<(), Error> {
-        let (status_sql, error, delay): (&str, Option<&str>, f64) = match finish {
-            // round() on numeric rounds half away from zero, as billing::billable does.
-            Finish::Settled => (
-                "CASE WHEN round(aggregated_quantity) = synced_quantity THEN 'synced'
-                      ELSE 'pending' END",
-                None,
-                0.0,
-            ),
-            Finish::RetryIn { seconds, error } => ("'pending'", Some(error.as_str()), *seconds),
-            Finish::Unanswered { seconds, error } => {
-                ("'in_flight'", Some(error.as_str()), *seconds)
-            }
-            Finish::PendingMapping => ("'pending_mapping'", None, 0.0),
-            Finish::Skipped(reason) => ("'skipped'", Some(reason.as_str()), 0.0),
-            Finish::Expired => ("'expired'", None, 0.0),
-            Finish::Failed(reason) => ("'failed'", Some(reason.as_str()), 0.0),
-            Finish::NeedsReconciliation(reason) => {
-                ("'needs_reconciliation'", Some(reason.as_str()), 0.0)
-            }
-        };
+        let status_sql = finish.status_sql();
+        let (error, delay) = finish.error_and_delay();
         let attempts_reset = matches!(finish, Finish::Settled);
         sqlx::query(&format!(
             "UPDATE stripe_sync_batches
@@ -505,15 +551,14 @@ impl Ledger {
         .await
         .map_err(db("reading a sync job"))?;
         let Some(row) = row else { return Ok(None) };
-        let counts: Vec<(String, i64)> = sqlx::query_as(
+        let counts: Vec<(String, i64)> = scoped(
             "SELECT sync_status, count(*) FROM stripe_sync_batches
              WHERE tenant_id = $1 AND environment_id = $2
                AND ($3::text IS NULL OR entity_id = $3) AND ($4::text IS NULL OR meter_id = $4)
                AND window_start < $6 AND window_end > $5
              GROUP BY sync_status ORDER BY sync_status",
+            scope,
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
         .bind(&row.entity_id)
         .bind(&row.meter_id)
         .bind(row.time_from)
@@ -540,31 +585,31 @@ impl Ledger {
 
     /// Counts by status, the last success, the oldest window still owed, pending mappings.
     pub async fn status(&self, scope: &TenantScope) -> Result<StatusView, Error> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(
+        let counts: Vec<(String, i64)> = scoped(
             "SELECT sync_status, count(*) FROM stripe_sync_batches
              WHERE tenant_id = $1 AND environment_id = $2 GROUP BY sync_status",
+            scope,
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(db("counting windows"))?;
-        let (last_success, oldest_owed): (Option<OffsetDateTime>, Option<OffsetDateTime>) =
-            sqlx::query_as(
-                "SELECT max(synced_at),
-                        min(window_end) FILTER (WHERE sync_status IN
-                            ('pending', 'in_flight', 'pending_mapping'))
-                 FROM stripe_sync_batches WHERE tenant_id = $1 AND environment_id = $2",
-            )
-            .bind(scope.tenant_id.as_str())
-            .bind(scope.environment_id.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db("reading sync progress"))?;
+        let (last_success, oldest_owed): (Option<OffsetDateTime>, Option<OffsetDateTime>) = scoped(
+            "SELECT max(synced_at),
+                    min(window_end) FILTER (WHERE sync_status IN
+                        ('pending', 'in_flight', 'pending_mapping'))
+             FROM stripe_sync_batches WHERE tenant_id = $1 AND environment_id = $2",
+            scope,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("reading sync progress"))?;
         let now = OffsetDateTime::now_utc();
         let counts: std::collections::BTreeMap<String, i64> = counts.into_iter().collect();
         Ok(StatusView {
-            pending_mappings: counts.get("pending_mapping").copied().unwrap_or(0),
+            pending_mappings: counts
+                .get(LedgerState::PendingMapping.as_str())
+                .copied()
+                .unwrap_or(0),
             windows_by_status: counts,
             last_success_at: last_success,
             lag_seconds: oldest_owed.map(|t| (now - t).whole_seconds().max(0)),
@@ -577,7 +622,7 @@ impl Ledger {
         scope: &TenantScope,
         f: &BatchFilter,
     ) -> Result<Vec<BatchView>, Error> {
-        sqlx::query_as(
+        scoped(
             "SELECT id, entity_id, meter_id, window_start, window_end, aggregated_quantity,
                     event_count, window_revision, synced_quantity, sync_status, attempts,
                     stripe_event_id, last_error, created_at, updated_at, synced_at
@@ -588,9 +633,8 @@ impl Ledger {
                AND ($5::text IS NULL OR meter_id = $5)
                AND ($6::bigint IS NULL OR id < $6)
              ORDER BY id DESC LIMIT $7",
+            scope,
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
         .bind(&f.status)
         .bind(f.customer_id.as_ref().map(CustomerId::as_str))
         .bind(f.meter_id.as_ref().map(MeterId::as_str))
@@ -636,16 +680,15 @@ impl Ledger {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<(String, String, Decimal, Decimal)>, Error> {
-        sqlx::query_as(
+        scoped(
             "SELECT entity_id, meter_id, sum(synced_quantity), sum(round(aggregated_quantity))
              FROM stripe_sync_batches
              WHERE tenant_id = $1 AND environment_id = $2
                AND ($3::text IS NULL OR entity_id = $3) AND ($4::text IS NULL OR meter_id = $4)
                AND window_start >= $5 AND window_end <= $6
              GROUP BY entity_id, meter_id ORDER BY entity_id, meter_id",
+            scope,
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
         .bind(customer.map(CustomerId::as_str))
         .bind(meter.map(MeterId::as_str))
         .bind(from)
@@ -733,4 +776,29 @@ pub struct BatchView {
     pub updated_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub synced_at: Option<OffsetDateTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finishing_sets_the_same_sql_states_as_before() {
+        let error = || "e".to_owned();
+        let cases = [
+            (Finish::Settled, "CASE WHEN round(aggregated_quantity) = synced_quantity THEN 'synced' ELSE 'pending' END", None, 0.0),
+            (Finish::RetryIn { seconds: 2.5, error: error() }, "'pending'", Some("e"), 2.5),
+            (Finish::Unanswered { seconds: 9.0, error: error() }, "'in_flight'", Some("e"), 9.0),
+            (Finish::PendingMapping, "'pending_mapping'", None, 0.0),
+            (Finish::Skipped(error()), "'skipped'", Some("e"), 0.0),
+            (Finish::Expired, "'expired'", None, 0.0),
+            (Finish::Failed(error()), "'failed'", Some("e"), 0.0),
+            (Finish::NeedsReconciliation(error()), "'needs_reconciliation'", Some("e"), 0.0),
+        ];
+        for (finish, sql, error, delay) in cases {
+            let got = finish.status_sql();
+            assert_eq!(got.split_whitespace().collect::<Vec<_>>().join(" "), sql);
+            assert_eq!(finish.error_and_delay(), (error, delay), "{finish:?}");
+        }
+    }
 }

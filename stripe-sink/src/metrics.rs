@@ -4,6 +4,8 @@
 // The one file of this crate that may use the metrics macros (clippy.toml).
 #![allow(clippy::disallowed_macros)]
 
+use crate::ledger::LedgerState;
+
 /// Messages read from `stripe.webhooks`.
 pub const WEBHOOK_EVENTS_CONSUMED: &str = "stripe_sink_webhook_events_consumed_total";
 /// Webhook events that changed nothing, by `reason` (`unhandled_type`, `stale`).
@@ -187,13 +189,7 @@ pub const CONSUMER_LAG: &str = "stripe_sink_consumer_lag_messages";
 pub const DLQ_MESSAGES: &str = "stripe_sink_dlq_messages_total";
 
 /// The ledger states [`LEDGER_WINDOWS`] counts.
-pub const OPEN_STATES: &[&str] = &[
-    "pending",
-    "in_flight",
-    "pending_mapping",
-    "failed",
-    "needs_reconciliation",
-];
+pub const OPEN_STATES: &[&str] = &LedgerState::names(LedgerState::OPEN);
 
 /// How long one watch may wait for Kafka.
 const KAFKA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -273,11 +269,11 @@ impl Watches {
         })?;
         let now = time::OffsetDateTime::now_utc();
         let mut oldest_owed: Option<time::OffsetDateTime> = None;
-        for state in OPEN_STATES {
-            let row = rows.iter().find(|(status, _, _)| status == state);
+        for state in LedgerState::OPEN {
+            let row = rows.iter().find(|(status, _, _)| status == state.as_str());
             let count = row.map_or(0, |(_, count, _)| *count);
-            metrics::gauge!(LEDGER_WINDOWS, "state" => *state).set(count as f64);
-            if matches!(*state, "pending" | "in_flight" | "pending_mapping") {
+            metrics::gauge!(LEDGER_WINDOWS, "state" => state.as_str()).set(count as f64);
+            if state.is_owed() {
                 if let Some(end) = row.and_then(|(_, _, end)| *end) {
                     oldest_owed = Some(oldest_owed.map_or(end, |o| o.min(end)));
                 }

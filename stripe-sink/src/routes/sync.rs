@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::AppState;
-use crate::ledger::{BatchFilter, BatchView, JobView, NewJob, StatusView};
+use crate::ledger::{BatchFilter, BatchView, JobView, LedgerState, NewJob, StatusView};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,17 +154,6 @@ pub struct BatchQuery {
     limit: Option<i64>,
 }
 
-const STATUSES: [&str; 8] = [
-    "pending",
-    "in_flight",
-    "synced",
-    "pending_mapping",
-    "skipped",
-    "failed",
-    "expired",
-    "needs_reconciliation",
-];
-
 pub async fn batches(
     State(state): State<AppState>,
     scope: TenantScope,
@@ -172,8 +161,12 @@ pub async fn batches(
 ) -> Result<Json<serde_json::Value>, RouteError> {
     let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
     if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
-            return Err(invalid(format!("status must be one of {}", STATUSES.join(", "))).into());
+        if s.parse::<LedgerState>().is_err() {
+            return Err(invalid(format!(
+                "status must be one of {}",
+                LedgerState::NAMES.join(", ")
+            ))
+            .into());
         }
     }
     let limit = q.limit.unwrap_or(50);
