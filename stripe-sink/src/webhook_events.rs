@@ -33,8 +33,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::mappings::{
-    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingError,
-    MappingStore, StripeCustomerId,
+    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingStore,
+    StripeCustomerId,
 };
 use crate::{metrics, Error};
 
@@ -193,12 +193,6 @@ pub async fn consume(
         commit(&consumer, &NextOffsets::of([&message]), true);
     }
     Ok(())
-}
-
-impl Retriable for MappingError {
-    fn is_retriable(&self) -> bool {
-        MappingError::is_retriable(self)
-    }
 }
 
 /// Applies one message. False when shutdown interrupted a retry (nothing to commit).

@@ -31,6 +31,7 @@ mod webhook_order;
 
 use meterline_accounts::audit::{self, Actor, Change};
 use meterline_common::auth::TenantScope;
+use meterline_common::retry::Retriable;
 use serde::Serialize;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::{QueryAs, QueryScalar};
@@ -126,10 +127,10 @@ impl From<sqlx::Error> for MappingError {
     }
 }
 
-impl MappingError {
+impl Retriable for MappingError {
     /// Whether retrying the same write can succeed: connection and server trouble can pass;
     /// data the database refuses (SQLSTATE classes 22 and 23) will be refused again.
-    pub fn is_retriable(&self) -> bool {
+    fn is_retriable(&self) -> bool {
         match self {
             Self::Database(sqlx::Error::Database(e)) => !e
                 .code()
