@@ -22,7 +22,7 @@ use meterline_common::config::{
     ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv,
 };
 use meterline_common::kafka::{self, Topics};
-use meterline_common::retention::{self, RetentionSettings};
+use meterline_common::retention;
 use meterline_common::{clickhouse, postgres};
 use meterline_schemas::{EnvironmentId, TenantId};
 
@@ -157,18 +157,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate => migrate(&env).await,
         Command::Prune => {
             use anyhow::Context;
-            let settings = RetentionSettings::from_env(&env)?;
+            // Each table's rule lives with the service that owns it; this runs both once.
+            let ledger_days = stripe_sink::ledger::retention::retention_from_env(&env)?;
+            let deliveries_days = webhook_relay::deliveries::retention_from_env(&env)?;
             let pool = postgres::pool(&PostgresSettings::from_env(&env)?, 2)?;
-            let pruned = retention::prune(&pool, &settings, time::OffsetDateTime::now_utc())
+            let now = time::OffsetDateTime::now_utc();
+            let ledger = stripe_sink::ledger::retention::prune(&pool, ledger_days, now)
                 .await
-                .context("pruning")?;
+                .context("pruning the sync ledger")?;
+            let deliveries = webhook_relay::deliveries::prune(&pool, deliveries_days, now)
+                .await
+                .context("pruning webhook deliveries")?;
             println!(
-                "pruned {} sync ledger row(s) older than {} days and {} webhook delivery record(s) \
-                 older than {} days",
-                pruned.ledger_batches,
-                settings.ledger.days(),
-                pruned.webhook_deliveries,
-                settings.webhook_deliveries.days()
+                "pruned {ledger} sync ledger row(s) older than {} days and {deliveries} webhook \
+                 delivery record(s) older than {} days",
+                ledger_days.days(),
+                deliveries_days.days()
             );
             Ok(())
         }

@@ -1,5 +1,7 @@
-//! Retention: how long completed sync-ledger rows, webhook deduplication records and
-//! ClickHouse's `events_processed` rows are kept, and the pruning itself.
+//! Retention: the floor and form of every retention setting, the TTL of ClickHouse's
+//! `events_processed`, and the pruning loop and batched delete each service runs over its own
+//! tables (the sink prunes the sync ledger in `stripe_sink::ledger::retention`, the relay its
+//! deduplication records in `webhook_relay::deliveries`; `meterline prune` runs both).
 //!
 //! Rules kept here:
 //! - No retention may be shorter than [`MIN_RETENTION_DAYS`] (Stripe's 35 days for back-dated
@@ -7,9 +9,6 @@
 //!   late event can send again, and Stripe keeps events resendable for 30 days, so a younger
 //!   deduplication record may still be needed. A shorter setting is refused when the
 //!   configuration is read (exit code 2), never clamped silently.
-//! - Only ledger rows in a completed state ([`COMPLETED_STATES`]) are pruned, and only when
-//!   both their window ended and their row last changed before the cutoff: a row still being
-//!   worked on, failed, or waiting for an operator stays.
 //! - Pruning deletes in small batches of rows it can lock at once (`SKIP LOCKED`), so it never
 //!   waits on, or holds up, the sink; several replicas may prune at the same time.
 
@@ -29,12 +28,8 @@ pub const MARGIN_DAYS: u32 = 7;
 pub const MIN_RETENTION_DAYS: u32 = STRIPE_MAX_EVENT_AGE_DAYS + MARGIN_DAYS;
 /// The longest retention accepted (ten years): beyond it, a typo more likely than a wish.
 pub const MAX_RETENTION_DAYS: u32 = 3650;
-/// Ledger states pruning may delete: nothing is sent for them again once their window is past
-/// Stripe's 35 days. `failed` and `needs_reconciliation` wait for an operator, the others are
-/// still being worked on.
-pub const COMPLETED_STATES: [&str; 3] = ["synced", "skipped", "expired"];
 /// Rows deleted per statement.
-const BATCH: i64 = 5000;
+pub const BATCH: i64 = 5000;
 
 /// A retention age in whole days, at least [`MIN_RETENTION_DAYS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,29 +67,6 @@ impl RetentionDays {
     }
 }
 
-/// How long PostgreSQL records are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetentionSettings {
-    /// `RETENTION_LEDGER_DAYS` (default 400): completed `stripe_sync_batches` rows (and their
-    /// `stripe_sync_sends`).
-    pub ledger: RetentionDays,
-    /// `RETENTION_WEBHOOK_DELIVERIES_DAYS` (default 90): `webhook_deliveries` rows.
-    pub webhook_deliveries: RetentionDays,
-}
-
-impl RetentionSettings {
-    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
-        Ok(Self {
-            ledger: RetentionDays::from_env(env, "RETENTION_LEDGER_DAYS", 400)?,
-            webhook_deliveries: RetentionDays::from_env(
-                env,
-                "RETENTION_WEBHOOK_DELIVERIES_DAYS",
-                90,
-            )?,
-        })
-    }
-}
-
 /// `RETENTION_EVENTS_DAYS` (optional): the TTL of `events_processed` that `meterline migrate`
 /// sets; unset leaves the TTL as it is (400 days from migration 3).
 pub fn events_ttl_from_env(env: &Env<'_>) -> Result<Option<RetentionDays>, ConfigError> {
@@ -114,71 +86,32 @@ pub fn prune_interval_from_env(env: &Env<'_>) -> Result<Duration, ConfigError> {
     )?))
 }
 
-/// What one pruning round deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pruned {
-    /// `stripe_sync_batches` rows (their sends went with them).
-    pub ledger_batches: u64,
-    pub webhook_deliveries: u64,
-}
-
-/// Deletes completed ledger rows and webhook deduplication records older than `settings` at
-/// `now`, in batches, until none is left.
-pub async fn prune(
+/// Runs `delete` (a `DELETE` of at most [`BATCH`] rows older than `$1`, each statement
+/// limited with `LIMIT $2 FOR UPDATE SKIP LOCKED`) until it deletes fewer than a batch, and
+/// gives how many rows went. `what` names the table in the error.
+pub async fn delete_in_batches(
     pool: &PgPool,
-    settings: &RetentionSettings,
-    now: OffsetDateTime,
-) -> Result<Pruned, Error> {
-    let states: Vec<String> = COMPLETED_STATES.iter().map(|s| (*s).to_owned()).collect();
-    let ledger_cutoff = settings.ledger.cutoff(now);
-    let mut pruned = Pruned::default();
+    delete: &str,
+    cutoff: OffsetDateTime,
+    what: &'static str,
+) -> Result<u64, Error> {
+    let mut total = 0;
     loop {
-        let deleted = sqlx::query(
-            "DELETE FROM stripe_sync_batches WHERE id IN (
-                 SELECT id FROM stripe_sync_batches
-                 WHERE sync_status = ANY($1) AND window_end < $2 AND updated_at < $2
-                 LIMIT $3
-                 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(&states)
-        .bind(ledger_cutoff)
-        .bind(BATCH)
-        .execute(pool)
-        .await
-        .map_err(|source| Error::Postgres {
-            context: "pruning the sync ledger",
-            source,
-        })?
-        .rows_affected();
-        pruned.ledger_batches += deleted;
+        let deleted = sqlx::query(delete)
+            .bind(cutoff)
+            .bind(BATCH)
+            .execute(pool)
+            .await
+            .map_err(|source| Error::Postgres {
+                context: what,
+                source,
+            })?
+            .rows_affected();
+        total += deleted;
         if deleted < BATCH as u64 {
-            break;
+            return Ok(total);
         }
     }
-    let deliveries_cutoff = settings.webhook_deliveries.cutoff(now);
-    loop {
-        let deleted = sqlx::query(
-            "DELETE FROM webhook_deliveries WHERE (tenant_id, environment_id, event_id) IN (
-                 SELECT tenant_id, environment_id, event_id FROM webhook_deliveries
-                 WHERE received_at < $1
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(deliveries_cutoff)
-        .bind(BATCH)
-        .execute(pool)
-        .await
-        .map_err(|source| Error::Postgres {
-            context: "pruning webhook deliveries",
-            source,
-        })?
-        .rows_affected();
-        pruned.webhook_deliveries += deleted;
-        if deleted < BATCH as u64 {
-            break;
-        }
-    }
-    Ok(pruned)
 }
 
 /// Sets the TTL of `events_processed` to `days` after each event's timestamp. ClickHouse
@@ -201,22 +134,26 @@ pub async fn set_events_ttl(
         })
 }
 
-/// Prunes every `interval` until `shutdown`; a failed round is logged and tried again at the
-/// next one (pruning is never urgent).
-pub async fn run_pruning(
-    pool: PgPool,
-    settings: RetentionSettings,
+/// Runs `prune` every `interval` until `shutdown`; a failed round is logged and tried again at
+/// the next one (pruning is never urgent). `what` names the records in the log.
+pub async fn run_pruning<F, Fut>(
+    what: &'static str,
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
-) -> Result<(), Error> {
+    mut prune: F,
+) -> Result<(), Error>
+where
+    F: FnMut(OffsetDateTime) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, Error>>,
+{
     loop {
-        match prune(&pool, &settings, OffsetDateTime::now_utc()).await {
-            Ok(pruned) => tracing::info!(
-                ledger_batches = pruned.ledger_batches,
-                webhook_deliveries = pruned.webhook_deliveries,
-                "retention pruning done"
+        match prune(OffsetDateTime::now_utc()).await {
+            Ok(deleted) => tracing::info!(records = what, deleted, "retention pruning done"),
+            Err(e) => tracing::warn!(
+                records = what,
+                error = %e,
+                "retention pruning failed; trying again later"
             ),
-            Err(e) => tracing::warn!(error = %e, "retention pruning failed; trying again later"),
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -241,20 +178,23 @@ mod tests {
     #[test]
     fn settings_from_the_environment() {
         let none: [(&str, &str); 0] = [];
-        let s = RetentionSettings::from_env(&Env::new(&none)).unwrap();
-        assert_eq!((s.ledger.days(), s.webhook_deliveries.days()), (400, 90));
-        assert_eq!(events_ttl_from_env(&Env::new(&none)).unwrap(), None);
+        let env = Env::new(&none);
+        assert_eq!(
+            RetentionDays::from_env(&env, "RETENTION_LEDGER_DAYS", 400)
+                .unwrap()
+                .days(),
+            400
+        );
+        assert_eq!(events_ttl_from_env(&env).unwrap(), None);
 
         let short = [("RETENTION_LEDGER_DAYS", "30")];
-        let err = RetentionSettings::from_env(&Env::new(&short))
+        let err = RetentionDays::from_env(&Env::new(&short), "RETENTION_LEDGER_DAYS", 400)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("RETENTION_LEDGER_DAYS") && err.contains("42"),
             "{err}"
         );
-        let short = [("RETENTION_WEBHOOK_DELIVERIES_DAYS", "7")];
-        assert!(RetentionSettings::from_env(&Env::new(&short)).is_err());
         let short = [("RETENTION_EVENTS_DAYS", "36")];
         assert!(events_ttl_from_env(&Env::new(&short)).is_err());
         let ttl = [("RETENTION_EVENTS_DAYS", "90")];
@@ -265,7 +205,7 @@ mod tests {
             Some(90)
         );
         let bad = [("RETENTION_LEDGER_DAYS", "a year")];
-        assert!(RetentionSettings::from_env(&Env::new(&bad)).is_err());
+        assert!(RetentionDays::from_env(&Env::new(&bad), "RETENTION_LEDGER_DAYS", 400).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use meterline_common::auth::JwtKeys;
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
+use meterline_common::retention::{self, RetentionDays};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -20,6 +21,11 @@ pub struct Config {
     /// `ENCRYPTION_KEYS`: encrypts Stripe keys and webhook secrets at rest.
     pub keys: Keyring,
     pub stripe: StripeSettings,
+    /// `RETENTION_LEDGER_DAYS` (default 400): how long completed ledger rows are kept
+    /// ([`crate::ledger::retention`]), pruned every `RETENTION_PRUNE_INTERVAL_SECONDS`
+    /// (default 3600).
+    pub ledger_retention: RetentionDays,
+    pub prune_interval: Duration,
 }
 
 /// How the sink talks to Stripe.
@@ -68,6 +74,8 @@ impl Config {
                 )?),
                 max_retries: env.u64_in_range("STRIPE_MAX_RETRIES", 5, 0..=20)? as u32,
             },
+            ledger_retention: crate::ledger::retention::retention_from_env(&env)?,
+            prune_interval: retention::prune_interval_from_env(&env)?,
         })
     }
 }

@@ -23,6 +23,7 @@ use time::OffsetDateTime;
 
 use crate::Error;
 
+pub mod retention;
 mod state;
 pub use state::{LedgerState, UnknownLedgerState};
 

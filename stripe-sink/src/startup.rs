@@ -1,5 +1,6 @@
 //! Wiring: the stores, the Stripe client, the consumers of `stripe.webhooks` and
-//! `usage.windows`, the dispatchers, readiness checks, and the control API server. Shutdown
+//! `usage.windows`, the dispatchers, the ledger's pruning, readiness checks, and the control
+//! API server. Shutdown
 //! (SIGTERM) lets each loop finish the work in hand and record it before the process exits.
 
 use std::sync::Arc;
@@ -7,13 +8,13 @@ use std::time::Duration;
 
 use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::kafka::{DeadLetters, KafkaProbe, Topics};
-use meterline_common::postgres;
 use meterline_common::service::ServiceContext;
+use meterline_common::{postgres, retention};
 use meterline_schemas::Topic;
 
 use crate::import::{self, ImportStore, Importer};
 use crate::kafka::ResyncPublisher;
-use crate::ledger::Ledger;
+use crate::ledger::{self, Ledger};
 use crate::mappings::MappingStore;
 use crate::pacing::{Backoff, Pacer};
 use crate::routes::{self, AppState};
@@ -136,6 +137,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
             shutdown.clone(),
         )),
         tokio::spawn(metrics::report(watches, GAUGES_EVERY, shutdown.clone())),
+        tokio::spawn({
+            let (pool, days) = (pool.clone(), config.ledger_retention);
+            let pruning = retention::run_pruning(
+                "sync ledger",
+                config.prune_interval,
+                shutdown.clone(),
+                move |now| {
+                    let pool = pool.clone();
+                    async move { ledger::retention::prune(&pool, days, now).await }
+                },
+            );
+            async move { pruning.await.map_err(Error::from) }
+        }),
     ];
 
     let readiness = context.readiness().kafka(kafka).postgres(pool);

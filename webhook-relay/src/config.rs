@@ -8,7 +8,7 @@ use meterline_accounts::stripe_config::WebhookSecret;
 use meterline_common::config::{
     ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
-use meterline_common::retention::{self, RetentionSettings};
+use meterline_common::retention::{self, RetentionDays};
 
 use crate::sources::{Networks, SourcePolicy};
 
@@ -38,11 +38,9 @@ pub struct Config {
     /// `WEBHOOK_TRUSTED_PROXIES` (optional, only with the former): the proxies whose
     /// `X-Forwarded-For` is believed. `None`: every source is accepted.
     pub sources: Option<SourcePolicy>,
-    /// `RETENTION_LEDGER_DAYS`, `RETENTION_WEBHOOK_DELIVERIES_DAYS`: what the relay prunes, every
-    /// `RETENTION_PRUNE_INTERVAL_SECONDS` (see [`meterline_common::retention`]). The relay
-    /// prunes because it is the service that owns `webhook_deliveries` and, being small and
-    /// always running, a natural home for the ledger's pruning too.
-    pub retention: RetentionSettings,
+    /// `RETENTION_WEBHOOK_DELIVERIES_DAYS`: how long the relay keeps its deduplication records
+    /// ([`crate::deliveries::prune`]), pruned every `RETENTION_PRUNE_INTERVAL_SECONDS`.
+    pub retention: RetentionDays,
     pub prune_interval: Duration,
 }
 
@@ -110,7 +108,7 @@ impl Config {
                 100..=60_000,
             )?),
             sources: source_policy(&env)?,
-            retention: RetentionSettings::from_env(&env)?,
+            retention: crate::deliveries::retention_from_env(&env)?,
             prune_interval: retention::prune_interval_from_env(&env)?,
         })
     }
@@ -138,17 +136,19 @@ mod tests {
         assert!(config.fallback_secret.is_none());
         assert_eq!(config.http_addr.port(), 8082);
         assert!(config.sources.is_none(), "the allow-list is off by default");
-        assert_eq!(config.retention.ledger.days(), 400);
+        assert_eq!(config.retention.days(), 90);
         assert_eq!(config.prune_interval, Duration::from_secs(3600));
     }
 
     #[test]
     fn retention_below_the_floor_is_refused() {
-        for var in ["RETENTION_LEDGER_DAYS", "RETENTION_WEBHOOK_DELIVERIES_DAYS"] {
-            let src = [BASE[0], BASE[1], BASE[2], (var, "34")];
-            let err = Config::from_source(&src).unwrap_err().to_string();
-            assert!(err.contains(var), "{err}");
-        }
+        let var = "RETENTION_WEBHOOK_DELIVERIES_DAYS";
+        let src = [BASE[0], BASE[1], BASE[2], (var, "34")];
+        let err = Config::from_source(&src).unwrap_err().to_string();
+        assert!(err.contains(var), "{err}");
+        // The ledger is the sink's: the relay does not read its retention.
+        let src = [BASE[0], BASE[1], BASE[2], ("RETENTION_LEDGER_DAYS", "34")];
+        assert!(Config::from_source(&src).is_ok());
     }
 
     #[test]

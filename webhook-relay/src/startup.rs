@@ -1,5 +1,5 @@
 //! Wiring: the stripe.webhooks publisher, the secret and deduplication stores, readiness
-//! checks, the HTTP server, and the retention pruning loop.
+//! checks, the HTTP server, and the pruning of its deduplication records.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use meterline_common::kafka::KafkaProbe;
 use meterline_common::service::ServiceContext;
 use meterline_common::{postgres, retention};
 
-use crate::deliveries::DeliveryLog;
+use crate::deliveries::{self, DeliveryLog};
 use crate::kafka::WebhookPublisher;
 use crate::relay::Relay;
 use crate::routes::{self, AppState};
@@ -40,10 +40,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let pruning = tokio::spawn({
         let (pool, shutdown) = (pool.clone(), context.shutdown.clone());
+        let days = config.retention;
         async move {
-            retention::run_pruning(pool, config.retention, config.prune_interval, shutdown)
-                .await
-                .map_err(Error::from)
+            retention::run_pruning(
+                "webhook deliveries",
+                config.prune_interval,
+                shutdown,
+                |now| {
+                    let pool = pool.clone();
+                    async move { deliveries::prune(&pool, days, now).await }
+                },
+            )
+            .await
+            .map_err(Error::from)
         }
     });
     let readiness = context.readiness().kafka(kafka).postgres(pool);

@@ -141,6 +141,9 @@ STRIPE_API_BASE: {{ $v.stripe.apiBase | quote }}
 STRIPE_INTEGRATION_ENABLED: {{ $v.stripe.integrationEnabled | quote }}
 STRIPE_API_TIMEOUT_SECONDS: {{ $v.stripe.apiTimeoutSeconds | int64 | quote }}
 STRIPE_MAX_RETRIES: {{ $v.stripe.maxRetries | int64 | quote }}
+{{- /* The sink prunes its own sync ledger. */}}
+RETENTION_LEDGER_DAYS: {{ $v.retention.ledgerDays | int64 | quote }}
+RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 | quote }}
 {{- else if eq .binary "webhook-relay" }}
 WEBHOOK_TOLERANCE_SECONDS: {{ $c.toleranceSeconds | int64 | quote }}
 WEBHOOK_MAX_BODY_BYTES: {{ $c.maxBodyBytes | int64 | quote }}
@@ -151,8 +154,7 @@ WEBHOOK_ALLOWED_SOURCES: {{ join "," . | quote }}
 {{- with $c.trustedProxies }}
 WEBHOOK_TRUSTED_PROXIES: {{ join "," . | quote }}
 {{- end }}
-{{- /* The relay prunes the sync ledger and its own deduplication records. */}}
-RETENTION_LEDGER_DAYS: {{ $v.retention.ledgerDays | int64 | quote }}
+{{- /* The relay prunes its own deduplication records. */}}
 RETENTION_WEBHOOK_DELIVERIES_DAYS: {{ $v.retention.webhookDeliveriesDays | int64 | quote }}
 RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 | quote }}
 {{- end }}

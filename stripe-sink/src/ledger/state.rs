@@ -56,6 +56,11 @@ impl LedgerState {
         Self::NeedsReconciliation,
     ];
 
+    /// The states nothing is ever sent for again once their window is past Stripe's 35 days:
+    /// what retention may prune. `failed` and `needs_reconciliation` wait for an operator,
+    /// the others are still being worked on.
+    pub const COMPLETED: [Self; 3] = [Self::Synced, Self::Skipped, Self::Expired];
+
     /// The name stored in `sync_status` and shown by the API.
     pub const fn as_str(self) -> &'static str {
         match self {

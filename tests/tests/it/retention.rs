@@ -1,7 +1,8 @@
-//! Retention on the real stack: `meterline prune` and the webhook relay's pruning loop delete
-//! completed sync-ledger rows (with their sends) and webhook deduplication records older than
-//! the configured age, and keep every recent, unfinished or operator-bound row and anything
-//! within Stripe's 35 days; a retention under the 42-day floor is refused with exit code 2;
+//! Retention on the real stack: `meterline prune` deletes completed sync-ledger rows (with
+//! their sends) and webhook deduplication records older than the configured age; each service
+//! prunes its own table on its own (the sink the ledger, the relay its deliveries) and leaves
+//! the other's alone; every recent, unfinished or operator-bound row and anything within
+//! Stripe's 35 days is kept; a retention under the 42-day floor is refused with exit code 2;
 //! `events_processed` carries a TTL, which `RETENTION_EVENTS_DAYS` changes.
 
 use std::time::{Duration, Instant};
@@ -188,31 +189,44 @@ async fn meterline_prune_deletes_only_old_completed_records() {
     ns.drop_databases().await;
 }
 
-#[tokio::test]
-async fn the_webhook_relay_prunes_on_its_own_and_refuses_a_short_retention() {
-    let ns = Namespace::create().await;
-    let pool = ns.pg_pool().await;
-    seed(&pool).await;
-
+/// `service` refuses `var` under the floor: exit code 2 and one line naming it.
+async fn refuses_a_short_retention(ns: &Namespace, service: &str, var: &str) {
     let mut env = ns.env();
-    env.push(("RETENTION_LEDGER_DAYS".into(), "30".into()));
+    env.push((var.into(), "30".into()));
     let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let (status, stderr) = run_to_exit("webhook-relay", &env_ref).await;
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("RETENTION_LEDGER_DAYS"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let (status, stderr) = run_to_exit(service, &env_ref).await;
+    assert_eq!(status.code(), Some(2), "{service}: {stderr}");
+    assert!(stderr.contains(var), "{service}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{service}: {stderr}");
+}
 
+/// The environment of a service that prunes every second with the 42-day floor.
+fn pruning_env(ns: &Namespace) -> Vec<(String, String)> {
     let mut env = ns.env();
     env.push(("RETENTION_LEDGER_DAYS".into(), "42".into()));
     env.push(("RETENTION_WEBHOOK_DELIVERIES_DAYS".into(), "42".into()));
     env.push(("RETENTION_PRUNE_INTERVAL_SECONDS".into(), "1".into()));
-    let relay = ServiceProcess::spawn("webhook-relay", &env).await;
+    env
+}
+
+const SEEDED_DELIVERIES: [&str; 4] = ["evt_day_40", "evt_day_50", "evt_new", "evt_old"];
+
+#[tokio::test]
+async fn the_webhook_relay_prunes_its_deliveries_on_its_own_and_refuses_a_short_retention() {
+    let ns = Namespace::create().await;
+    let pool = ns.pg_pool().await;
+    seed(&pool).await;
+    let seeded_ledger = ledger(&pool).await;
+    assert_eq!(deliveries(&pool).await, SEEDED_DELIVERIES);
+
+    refuses_a_short_retention(&ns, "webhook-relay", "RETENTION_WEBHOOK_DELIVERIES_DAYS").await;
+
+    let relay = ServiceProcess::spawn("webhook-relay", &pruning_env(&ns)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ledger(&pool).await != KEPT_LEDGER || deliveries(&pool).await.len() != 2 {
+    while deliveries(&pool).await.len() != 2 {
         assert!(
             Instant::now() < deadline,
-            "the relay did not prune within a minute: {:?} {:?}\n{}",
-            ledger(&pool).await,
+            "the relay did not prune within a minute: {:?}\n{}",
             deliveries(&pool).await,
             relay.log_tail()
         );
@@ -227,7 +241,41 @@ async fn the_webhook_relay_prunes_on_its_own_and_refuses_a_short_retention() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     relay.terminate(Duration::from_secs(30)).await;
+    // The ledger is the sink's to prune: the relay left every row of it.
+    assert_eq!(ledger(&pool).await, seeded_ledger);
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn the_sink_prunes_the_ledger_on_its_own_and_refuses_a_short_retention() {
+    let ns = Namespace::create().await;
+    let pool = ns.pg_pool().await;
+    seed(&pool).await;
+
+    refuses_a_short_retention(&ns, "stripe-sink", "RETENTION_LEDGER_DAYS").await;
+
+    let sink = ServiceProcess::spawn("stripe-sink", &pruning_env(&ns)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ledger(&pool).await != KEPT_LEDGER {
+        assert!(
+            Instant::now() < deadline,
+            "the sink did not prune within a minute: {:?}\n{}",
+            ledger(&pool).await,
+            sink.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Rows that became prunable later go at the next round.
+    ledger_row(&pool, "late_old_synced", "synced", 60, 60).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ledger(&pool).await.contains(&"late_old_synced".to_owned()) {
+        assert!(Instant::now() < deadline, "{}", sink.log_tail());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    sink.terminate(Duration::from_secs(30)).await;
     assert_eq!(ledger(&pool).await, KEPT_LEDGER);
+    // The deduplication records are the relay's to prune: the sink left them all.
+    assert_eq!(deliveries(&pool).await, SEEDED_DELIVERIES);
     ns.drop_databases().await;
 }
 
