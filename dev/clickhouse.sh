@@ -100,27 +100,10 @@ cmd_stop() {
 
 cmd_status() {
   [[ $# -eq 2 ]] || usage "$0 status DIR HTTP_PORT"
-  local dir http=$2 pid
+  local dir http=$2
   require_port "$http"
   dir=$(abs_path "$1")
-  if ! pid=$(running_pid "$dir/clickhouse.pid" "$dir/data"); then
-    status_line clickhouse "127.0.0.1:$http" "" stopped
-    return 1
-  fi
-  if ping_ok "$http"; then
-    status_line clickhouse "127.0.0.1:$http" "$pid" healthy
-  else
-    status_line clickhouse "127.0.0.1:$http" "$pid" unhealthy
-    return 1
-  fi
+  server_status clickhouse "$http" "$dir/clickhouse.pid" "$dir/data" ping_ok "$http"
 }
 
-case ${1:-} in
-install) cmd_install ;;
-start | stop | status)
-  cmd=$1
-  shift
-  "cmd_$cmd" "$@"
-  ;;
-*) usage "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT" ;;
-esac
+server_main "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT" "$@"

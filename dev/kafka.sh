@@ -192,27 +192,10 @@ cmd_stop() {
 
 cmd_status() {
   [[ $# -eq 2 ]] || usage "$0 status DIR PORT"
-  local dir port=$2 pid
+  local dir port=$2
   require_port "$port"
   dir=$(abs_path "$1")
-  if ! pid=$(running_pid "$dir/kafka.pid" "$dir/server.properties"); then
-    status_line kafka "127.0.0.1:$port" "" stopped
-    return 1
-  fi
-  if api_versions_ok "$port"; then
-    status_line kafka "127.0.0.1:$port" "$pid" healthy
-  else
-    status_line kafka "127.0.0.1:$port" "$pid" unhealthy
-    return 1
-  fi
+  server_status kafka "$port" "$dir/kafka.pid" "$dir/server.properties" api_versions_ok "$port"
 }
 
-case ${1:-} in
-install) cmd_install ;;
-start | stop | status)
-  cmd=$1
-  shift
-  "cmd_$cmd" "$@"
-  ;;
-*) usage "$0 install|start DIR PORT CONTROLLER_PORT|stop DIR|status DIR PORT" ;;
-esac
+server_main "$0 install|start DIR PORT CONTROLLER_PORT|stop DIR|status DIR PORT" "$@"

@@ -180,6 +180,39 @@ stop_pid() {
 # status_line NAME ADDRESS PID STATE: the one-line format shared by every component.
 status_line() { printf '%-10s  %-16s  pid %-7s  %s\n' "$1" "$2" "${3:--}" "$4"; }
 
+# server_status NAME PORT PIDFILE MARK CHECK [ARGS...]: the status line of a server started by
+# start_detached: stopped, healthy (CHECK succeeds) or unhealthy. Returns 1 unless healthy.
+server_status() {
+  local name=$1 port=$2 pidfile=$3 mark=$4 pid
+  shift 4
+  if ! pid=$(running_pid "$pidfile" "$mark"); then
+    status_line "$name" "127.0.0.1:$port" "" stopped
+    return 1
+  fi
+  if "$@"; then
+    status_line "$name" "127.0.0.1:$port" "$pid" healthy
+  else
+    status_line "$name" "127.0.0.1:$port" "$pid" unhealthy
+    return 1
+  fi
+}
+
+# server_main USAGE [ARGS...]: the command line of a server script (install, or start, stop
+# and status with their arguments), dispatched to its cmd_* functions.
+server_main() {
+  local usage_text=$1
+  shift
+  case ${1:-} in
+  install) cmd_install ;;
+  start | stop | status)
+    local cmd=$1
+    shift
+    "cmd_$cmd" "$@"
+    ;;
+  *) usage "$usage_text" ;;
+  esac
+}
+
 # Takes an exclusive lock on FILE for the rest of the calling script, on fd 9. Used so two
 # callers (dev/up and a test harness, or two tests) do not install or start the same thing at
 # the same time.
