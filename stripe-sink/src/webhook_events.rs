@@ -33,8 +33,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::mappings::{
-    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingStore,
-    StripeCustomerId,
+    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingError,
+    MappingStore, StripeCustomerId,
 };
 use crate::{metrics, Error};
 
@@ -228,78 +228,108 @@ async fn handle(
             .await
         }
     };
-    let mut backoff = write_backoff();
-    match action {
+    let (tenant, environment) = (&hook.tenant_id, &hook.environment_id);
+    let done = match action {
         Action::Ignore => {
             metrics::webhook_event_ignored("unhandled_type");
             tracing::debug!(event_id = %hook.event_id, event_type = %hook.event_type, "event type not handled");
-            true
+            return true;
         }
-        Action::Customer(event) => loop {
-            let result = mappings
-                .customers()
-                .upsert_from_webhook(&hook.tenant_id, &hook.environment_id, &event)
-                .await;
-            match result {
-                Ok(outcome) => {
-                    record_customer_outcome(&hook, &outcome);
-                    break true;
-                }
-                Err(e) => {
-                    match retry_or_refuse(&e, "customer_mapping", &mut backoff, shutdown).await {
-                        Some(true) => {}
-                        Some(false) => {
-                            return dead_letter(
-                                dead_letters,
-                                message,
-                                e.to_string(),
-                                database_refused(),
-                                shutdown,
-                            )
-                            .await
-                        }
-                        None => return false,
-                    }
-                }
-            }
-        },
-        Action::ErrorReport(report) => loop {
-            let result = mappings
-                .record_error_report(&hook.tenant_id, &hook.environment_id, &report)
-                .await;
-            match result {
-                Ok(new_rows) => {
-                    if new_rows > 0 {
-                        metrics::meter_error_report_recorded(report_label(&report.event_type));
-                    }
-                    tracing::warn!(
-                        tenant_id = %hook.tenant_id,
-                        environment_id = %hook.environment_id,
-                        event_id = %hook.event_id,
-                        event_type = %hook.event_type,
-                        samples = report.entries.len(),
-                        details = !report.entries.is_empty(),
-                        "stripe reported meter event errors"
-                    );
-                    break true;
-                }
-                Err(e) => match retry_or_refuse(&e, "error_report", &mut backoff, shutdown).await {
-                    Some(true) => {}
-                    Some(false) => {
-                        return dead_letter(
-                            dead_letters,
-                            message,
-                            e.to_string(),
-                            database_refused(),
-                            shutdown,
-                        )
-                        .await
-                    }
-                    None => return false,
-                },
-            }
-        },
+        Action::Customer(event) => {
+            let event = &event;
+            let write = || async move {
+                mappings
+                    .customers()
+                    .upsert_from_webhook(tenant, environment, event)
+                    .await
+            };
+            write_retried("customer_mapping", write, shutdown)
+                .await
+                .map(|outcome| record_customer_outcome(&hook, &outcome))
+        }
+        Action::ErrorReport(report) => {
+            let write = || async {
+                mappings
+                    .record_error_report(tenant, environment, &report)
+                    .await
+            };
+            write_retried("error_report", write, shutdown)
+                .await
+                .map(|new_rows| record_error_report(&hook, &report, new_rows))
+        }
+    };
+    match done {
+        Written::Done(()) => true,
+        Written::Refused(e) => {
+            dead_letter(
+                dead_letters,
+                message,
+                e.to_string(),
+                database_refused(),
+                shutdown,
+            )
+            .await
+        }
+        Written::ShuttingDown => false,
     }
+}
+
+/// How a retried write ended.
+enum Written<T> {
+    Done(T),
+    /// The database refused the data: retrying cannot help.
+    Refused(MappingError),
+    /// Shutdown began during a retry wait: the message stays uncommitted.
+    ShuttingDown,
+}
+
+impl<T> Written<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Written<U> {
+        match self {
+            Written::Done(value) => Written::Done(f(value)),
+            Written::Refused(e) => Written::Refused(e),
+            Written::ShuttingDown => Written::ShuttingDown,
+        }
+    }
+}
+
+/// Runs `write` until it succeeds, the database refuses it, or shutdown begins; database
+/// trouble of the moment is retried with backoff, in order.
+async fn write_retried<T, F, Fut>(
+    step: &'static str,
+    mut write: F,
+    shutdown: &CancellationToken,
+) -> Written<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, MappingError>>,
+{
+    let mut backoff = write_backoff();
+    loop {
+        match write().await {
+            Ok(value) => return Written::Done(value),
+            Err(e) => match retry_or_refuse(&e, step, &mut backoff, shutdown).await {
+                Some(true) => {}
+                Some(false) => return Written::Refused(e),
+                None => return Written::ShuttingDown,
+            },
+        }
+    }
+}
+
+fn record_error_report(hook: &StripeWebhook, report: &ErrorReport, new_rows: u32) {
+    if new_rows > 0 {
+        metrics::meter_error_report_recorded(report_label(&report.event_type));
+    }
+    tracing::warn!(
+        tenant_id = %hook.tenant_id,
+        environment_id = %hook.environment_id,
+        event_id = %hook.event_id,
+        event_type = %hook.event_type,
+        samples = report.entries.len(),
+        details = !report.entries.is_empty(),
+        "stripe reported meter event errors"
+    );
 }
 
 fn database_refused() -> DlqErrorKind {

@@ -126,21 +126,31 @@ pub async fn get(
         .ok_or_else(|| ApiError::not_found("no stripe config for this environment").into())
 }
 
+/// The tenant environment's decrypted API key for `purpose` (audited as the API caller); 404
+/// when it has no Stripe config.
+pub(super) async fn stored_api_key(
+    state: &AppState,
+    scope: &TenantScope,
+    purpose: Purpose,
+) -> Result<StripeApiKey, RouteError> {
+    state
+        .configs
+        .api_key(
+            &scope.tenant_id,
+            &scope.environment_id,
+            &Actor::api(scope),
+            purpose,
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no stripe config for this environment").into())
+}
+
 /// Calls `GET /v1/balance` with the stored key.
 pub async fn test(
     State(state): State<AppState>,
     scope: TenantScope,
 ) -> Result<Json<serde_json::Value>, RouteError> {
-    let key = state
-        .configs
-        .api_key(
-            &scope.tenant_id,
-            &scope.environment_id,
-            &Actor::api(&scope),
-            Purpose::ConfigTest,
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
+    let key = stored_api_key(&state, &scope, Purpose::ConfigTest).await?;
     match state.stripe.check_key(&key).await {
         Ok(()) => Ok(Json(serde_json::json!({"status": "connected"}))),
         Err(e) if e.class == ErrorClass::Authentication => Err(ApiError::new(

@@ -5,7 +5,7 @@ use super::error::RouteError;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use meterline_accounts::audit::{Actor, Purpose};
+use meterline_accounts::audit::Purpose;
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, TimeRange, Timestamp};
@@ -301,16 +301,7 @@ pub async fn reconcile(
             to.as_offset_date_time(),
         )
         .await?;
-    let key = state
-        .configs
-        .api_key(
-            &scope.tenant_id,
-            &scope.environment_id,
-            &Actor::api(&scope),
-            Purpose::Reconcile,
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("no stripe config for this environment"))?;
+    let key = super::config::stored_api_key(&state, &scope, Purpose::Reconcile).await?;
     let mut lines = Vec::new();
     let mut meter_ids: std::collections::HashMap<String, Option<String>> = Default::default();
     for (customer_id, meter_id, synced, expected) in totals {
