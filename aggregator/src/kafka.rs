@@ -5,6 +5,7 @@
 //! durable (rows in ClickHouse and windows marked, or window totals acknowledged by Kafka);
 //! every write here is acknowledged by all in-sync replicas before it counts as done.
 
+use meterline_common::shutdown::pause;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,9 +92,8 @@ pub async fn report_lag(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+        if !pause(every, &shutdown).await {
+            return Ok(());
         }
         let consumer = consumer.clone();
         let lags = tokio::task::spawn_blocking(move || -> Vec<(i32, i64)> {

@@ -12,6 +12,7 @@
 //! - Pruning deletes in small batches of rows it can lock at once (`SKIP LOCKED`), so it never
 //!   waits on, or holds up, the sink; several replicas may prune at the same time.
 
+use crate::shutdown::pause;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -155,9 +156,8 @@ where
                 "retention pruning failed; trying again later"
             ),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+        if !pause(interval, &shutdown).await {
+            return Ok(());
         }
     }
 }

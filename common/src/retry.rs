@@ -6,6 +6,7 @@
 //! shutting down, in which case its Kafka offset stays uncommitted and the work is redone
 //! after the restart. Nothing is dropped in between.
 
+use crate::shutdown::pause;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -44,10 +45,7 @@ impl Backoff {
     /// Waits the next delay. False when shutdown began first: the caller abandons the step.
     pub async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
         let delay = self.next_delay();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            _ = shutdown.cancelled() => false,
-        }
+        pause(delay, shutdown).await
     }
 
     /// Waits the next delay whatever happens: for work that must be finished even during a

@@ -35,3 +35,30 @@ async fn wait_for_signal() {
         }
     }
 }
+
+/// Waits `period`, or less if shutdown begins: true when the full period passed, false when
+/// the task should stop. The pause of every periodic loop and retry wait, so none of them
+/// holds up a shutdown.
+pub async fn pause(period: std::time::Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_ends_early_when_shutdown_begins() {
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert!(pause(Duration::from_secs(5), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        shutdown.cancel();
+        assert!(!pause(Duration::from_secs(5), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+}

@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_macros)]
 
 use crate::ledger::LedgerState;
+use meterline_common::shutdown::pause;
 
 /// Messages read from `stripe.webhooks`.
 pub const WEBHOOK_EVENTS_CONSUMED: &str = "stripe_sink_webhook_events_consumed_total";
@@ -320,9 +321,8 @@ pub async fn report(
         if let Err(e) = watches.kafka().await {
             tracing::warn!(error = %e, "reading the kafka gauges failed");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+        if !pause(every, &shutdown).await {
+            return Ok(());
         }
     }
 }

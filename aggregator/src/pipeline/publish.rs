@@ -5,6 +5,7 @@
 //! Rule kept here: a claim is recorded as published only after Kafka acknowledged every total
 //! of it; on any error the claim rolls back and the windows stay dirty.
 
+use meterline_common::shutdown::pause;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,9 +52,8 @@ pub async fn publish_due(
             if let Err(e) = publish_claim(&shared, &mut cache, claim, Trigger::Due, None).await {
                 // The claim was rolled back: the windows stay dirty and are retried.
                 tracing::warn!(error = %e, "publishing due windows failed, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
+                if !pause(Duration::from_secs(1), &shutdown).await {
+                    return Ok(());
                 }
                 break;
             }

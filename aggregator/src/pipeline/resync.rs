@@ -5,6 +5,7 @@
 //! published (or the request was dead-lettered); a shutdown in between leaves it uncommitted,
 //! and redoing it publishes the same totals again under the same job.
 
+use meterline_common::shutdown::pause;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,10 +97,10 @@ async fn handle_resync(
             }
             Err(e) => {
                 tracing::warn!(job = %request.job_id, error = %e, "resync step failed, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = shutdown.cancelled() => return false,
+                if pause(Duration::from_secs(1), shutdown).await {
+                    continue;
                 }
+                return false;
             }
         }
         if !full {

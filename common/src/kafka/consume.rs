@@ -7,6 +7,7 @@
 //! rebalance took the partitions) re-delivers the messages to their new owner: duplicates,
 //! which every consumer absorbs, never a loss.
 
+use crate::shutdown::pause;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -32,9 +33,8 @@ pub async fn next_message<'c>(
                 Ok(m) => return Some(m),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consumer error");
-                    tokio::select! {
-                        _ = tokio::time::sleep(ERROR_PAUSE) => {}
-                        _ = shutdown.cancelled() => return None,
+                    if !pause(ERROR_PAUSE, shutdown).await {
+                        return None;
                     }
                 }
             },

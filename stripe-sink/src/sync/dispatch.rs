@@ -4,6 +4,7 @@
 //! Rule kept here: a claimed window is always finished, even during shutdown, so that its
 //! lease does not hold it for minutes.
 
+use meterline_common::shutdown::pause;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,9 +50,8 @@ async fn dispatcher(
             }
         };
         let Some(batch) = claimed.into_iter().next() else {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = shutdown.cancelled() => return Ok(()),
+            if !pause(Duration::from_millis(200), &shutdown).await {
+                return Ok(());
             }
             continue;
         };
@@ -91,9 +91,8 @@ pub async fn release_mapped(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+        if !pause(every, &shutdown).await {
+            return Ok(());
         }
         match ctx.ledger.release_mapped().await {
             Ok(0) => {}
