@@ -21,6 +21,19 @@ use time::OffsetDateTime;
 use crate::billing::{MeteredEvent, Published};
 use crate::Error;
 
+/// Binds the five key columns of a [`KeyColumns`] as `$1` to `$5`, the order of every
+/// `UNNEST` of keys here. A macro: sqlx's `Query` and `QueryAs` share no bind trait.
+macro_rules! bind_keys {
+    ($query:expr, $keys:expr) => {
+        $query
+            .bind(&$keys.tenant)
+            .bind(&$keys.environment)
+            .bind(&$keys.customer)
+            .bind(&$keys.meter)
+            .bind(&$keys.start)
+    };
+}
+
 /// One window of one customer and meter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WindowKey {
@@ -153,19 +166,17 @@ impl Claim {
     /// Records what was published and clears the dirty mark of every claimed window.
     pub async fn finish(mut self, published: &[Publication]) -> Result<(), Error> {
         let keys = KeyColumns::of(self.windows.iter().map(|w| &w.key));
-        sqlx::query(
-            "UPDATE aggregation_windows w SET dirty = false
+        bind_keys!(
+            sqlx::query(
+                "UPDATE aggregation_windows w SET dirty = false
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
                   AS k(tenant_id, environment_id, customer_id, meter_id, window_start)
              WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
                AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
                AND w.window_start = k.window_start",
+            ),
+            keys
         )
-        .bind(&keys.tenant)
-        .bind(&keys.environment)
-        .bind(&keys.customer)
-        .bind(&keys.meter)
-        .bind(&keys.start)
         .execute(&mut *self.tx)
         .await
         .map_err(db("clearing published windows"))?;
@@ -180,8 +191,9 @@ impl Claim {
                 .iter()
                 .map(|p| i64::try_from(p.event_count).unwrap_or(i64::MAX))
                 .collect();
-            sqlx::query(
-                "UPDATE aggregation_windows w
+            bind_keys!(
+                sqlx::query(
+                    "UPDATE aggregation_windows w
                  SET revision = k.revision, published_quantity = k.quantity,
                      published_event_count = k.event_count, published_at = now()
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
@@ -191,12 +203,9 @@ impl Claim {
                  WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
                    AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
                    AND w.window_start = k.window_start",
+                ),
+                keys
             )
-            .bind(&keys.tenant)
-            .bind(&keys.environment)
-            .bind(&keys.customer)
-            .bind(&keys.meter)
-            .bind(&keys.start)
             .bind(&revisions)
             .bind(&quantities)
             .bind(&counts)
@@ -274,8 +283,9 @@ impl WindowRegistry {
         let c = KeyColumns::of(keys.iter());
         let mut tx = self.pool.begin().await.map_err(db("starting a marking"))?;
         // Answers the position (1-based) of each window it marked, and its revision.
-        let free: Vec<(i64, i32)> = sqlx::query_as(&format!(
-            "WITH k AS (
+        let free: Vec<(i64, i32)> = bind_keys!(
+            sqlx::query_as(&format!(
+                "WITH k AS (
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
                                       $5::timestamptz[]) WITH ORDINALITY
                      AS k(tenant_id, environment_id, customer_id, meter_id, window_start, i)),
@@ -291,12 +301,9 @@ impl WindowRegistry {
                AND w.customer_id = free.customer_id AND w.meter_id = free.meter_id
                AND w.window_start = free.window_start
              RETURNING free.i, w.revision"
-        ))
-        .bind(&c.tenant)
-        .bind(&c.environment)
-        .bind(&c.customer)
-        .bind(&c.meter)
-        .bind(&c.start)
+            )),
+            c
+        )
         .fetch_all(&mut *tx)
         .await
         .map_err(db("marking windows dirty"))?;
@@ -326,8 +333,9 @@ impl WindowRegistry {
                 .map(|k| crate::due::due_at(&k.window, grace))
                 .collect();
             // revision > 0 in the answer: the window had been published before this batch.
-            let rows: Vec<StateRow> = sqlx::query_as(&format!(
-                "WITH marked AS (
+            let rows: Vec<StateRow> = bind_keys!(
+                sqlx::query_as(&format!(
+                    "WITH marked AS (
                      INSERT INTO aggregation_windows AS w
                          (tenant_id, environment_id, customer_id, meter_id, window_start,
                           window_end, due_at)
@@ -338,12 +346,9 @@ impl WindowRegistry {
                      DO UPDATE SET {MARK}
                      RETURNING {RETURNED_STATE})
                  SELECT * FROM marked WHERE revision > 0"
-            ))
-            .bind(&r.tenant)
-            .bind(&r.environment)
-            .bind(&r.customer)
-            .bind(&r.meter)
-            .bind(&r.start)
+                )),
+                r
+            )
             .bind(&r.end)
             .bind(&due)
             .fetch_all(&mut *tx)

@@ -129,6 +129,27 @@ impl MeterStore {
         Self { pool }
     }
 
+    /// Runs `sql`, an insert or update of one meter returning its row, with the scope as `$1`
+    /// and `$2` and the definition's id and columns as `$3` to `$7`.
+    async fn write(
+        &self,
+        sql: &str,
+        scope: &TenantScope,
+        definition: &MeterDefinition,
+    ) -> Result<Option<MeterRow>, MeterStoreError> {
+        let (event_name, aggregation, property, filters) = columns_of(definition)?;
+        Ok(sqlx::query_as(sql)
+            .bind(scope.tenant_id.as_str())
+            .bind(scope.environment_id.as_str())
+            .bind(definition.id.as_str())
+            .bind(event_name)
+            .bind(aggregation)
+            .bind(property)
+            .bind(filters)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// Stores a new meter in the caller's scope; [`MeterStoreError::Duplicate`] when the id is
     /// taken there (the same id in another tenant or environment is a different meter).
     pub async fn create(
@@ -136,25 +157,21 @@ impl MeterStore {
         scope: &TenantScope,
         definition: &MeterDefinition,
     ) -> Result<StoredMeter, MeterStoreError> {
-        let (event_name, aggregation, property, filters) = columns_of(definition)?;
         // ON CONFLICT DO NOTHING instead of catching the unique violation: no error code
         // matching, and the transaction is not aborted.
-        let row: Option<MeterRow> = sqlx::query_as(&format!(
-            "INSERT INTO meters
+        let row = self
+            .write(
+                &format!(
+                    "INSERT INTO meters
                  (tenant_id, environment_id, id, event_name, aggregation, property, filters)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (tenant_id, environment_id, id) DO NOTHING
              RETURNING {COLUMNS}"
-        ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
-        .bind(definition.id.as_str())
-        .bind(event_name)
-        .bind(aggregation)
-        .bind(property)
-        .bind(filters)
-        .fetch_optional(&self.pool)
-        .await?;
+                ),
+                scope,
+                definition,
+            )
+            .await?;
         row.ok_or(MeterStoreError::Duplicate)?.try_into()
     }
 
@@ -197,23 +214,19 @@ impl MeterStore {
         scope: &TenantScope,
         definition: &MeterDefinition,
     ) -> Result<Option<StoredMeter>, MeterStoreError> {
-        let (event_name, aggregation, property, filters) = columns_of(definition)?;
-        let row: Option<MeterRow> = sqlx::query_as(&format!(
-            "UPDATE meters
+        let row = self
+            .write(
+                &format!(
+                    "UPDATE meters
              SET event_name = $4, aggregation = $5, property = $6, filters = $7,
                  updated_at = now()
              WHERE tenant_id = $1 AND environment_id = $2 AND id = $3
              RETURNING {COLUMNS}"
-        ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
-        .bind(definition.id.as_str())
-        .bind(event_name)
-        .bind(aggregation)
-        .bind(property)
-        .bind(filters)
-        .fetch_optional(&self.pool)
-        .await?;
+                ),
+                scope,
+                definition,
+            )
+            .await?;
         row.map(StoredMeter::try_from).transpose()
     }
 
