@@ -56,17 +56,13 @@ impl Config {
                     50_000,
                     1..=1_000_000,
                 )? as usize,
-                max_wait: Duration::from_millis(env.u64_in_range(
-                    "AGGREGATOR_BATCH_MAX_WAIT_MS",
-                    1000,
-                    10..=60_000,
-                )?),
+                max_wait: env.millis_in_range("AGGREGATOR_BATCH_MAX_WAIT_MS", 1000, 10..=60_000)?,
             },
-            publish_interval: Duration::from_millis(env.u64_in_range(
+            publish_interval: env.millis_in_range(
                 "AGGREGATOR_PUBLISH_INTERVAL_MS",
                 1000,
                 50..=60_000,
-            )?),
+            )?,
         })
     }
 }

@@ -107,6 +107,34 @@ impl<'a> Env<'a> {
         }
     }
 
+    /// A duration in milliseconds (`*_MS` variables), in `range`.
+    pub fn millis_in_range(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<std::time::Duration, ConfigError> {
+        self.u64_in_range(var, default, range)
+            .map(std::time::Duration::from_millis)
+    }
+
+    /// A duration in whole seconds (`*_SECONDS` variables), in `range`.
+    pub fn seconds_in_range(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<std::time::Duration, ConfigError> {
+        self.u64_in_range(var, default, range)
+            .map(std::time::Duration::from_secs)
+    }
+
+    /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a write on behalf of a
+    /// request may wait for Kafka's acknowledgement before the request is answered 503.
+    pub fn produce_timeout(&self) -> Result<std::time::Duration, ConfigError> {
+        self.millis_in_range("KAFKA_PRODUCE_TIMEOUT_MS", 5000, 100..=60_000)
+    }
+
     pub fn socket_addr_or(
         &self,
         var: &'static str,
@@ -185,6 +213,24 @@ impl KafkaSettings {
     }
 }
 
+/// Refuses a URL whose scheme is not one of `schemes`; the message says "expected {what} URL"
+/// and never echoes the value, which may hold a password.
+pub fn require_scheme(
+    var: &'static str,
+    url: &str,
+    schemes: &[&str],
+    what: &str,
+) -> Result<(), ConfigError> {
+    if schemes.iter().any(|scheme| url.starts_with(scheme)) {
+        Ok(())
+    } else {
+        Err(ConfigError::Malformed {
+            var,
+            reason: format!("expected {what} URL"),
+        })
+    }
+}
+
 /// Where ClickHouse is.
 #[derive(Debug, Clone)]
 pub struct ClickhouseSettings {
@@ -200,12 +246,12 @@ pub struct ClickhouseSettings {
 impl ClickhouseSettings {
     pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
         let url = env.required("CLICKHOUSE_URL")?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::Malformed {
-                var: "CLICKHOUSE_URL",
-                reason: "expected an http:// or https:// URL".into(),
-            });
-        }
+        require_scheme(
+            "CLICKHOUSE_URL",
+            &url,
+            &["http://", "https://"],
+            "an http:// or https://",
+        )?;
         let database = env.string_or("CLICKHOUSE_DATABASE", "meterline");
         if !is_identifier(&database) {
             return Err(ConfigError::Malformed {
@@ -240,13 +286,12 @@ impl std::fmt::Debug for PostgresSettings {
 impl PostgresSettings {
     pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
         let url = env.required("DATABASE_URL")?;
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            // The value itself is not echoed: it may hold a password.
-            return Err(ConfigError::Malformed {
-                var: "DATABASE_URL",
-                reason: "expected a postgres:// URL".into(),
-            });
-        }
+        require_scheme(
+            "DATABASE_URL",
+            &url,
+            &["postgres://", "postgresql://"],
+            "a postgres://",
+        )?;
         Ok(Self { url })
     }
 }

@@ -80,11 +80,7 @@ pub fn events_ttl_from_env(env: &Env<'_>) -> Result<Option<RetentionDays>, Confi
 /// `RETENTION_PRUNE_INTERVAL_SECONDS` (default 3600, 1..=86400): how often a service that
 /// prunes does so.
 pub fn prune_interval_from_env(env: &Env<'_>) -> Result<Duration, ConfigError> {
-    Ok(Duration::from_secs(env.u64_in_range(
-        "RETENTION_PRUNE_INTERVAL_SECONDS",
-        3600,
-        1..=86_400,
-    )?))
+    env.seconds_in_range("RETENTION_PRUNE_INTERVAL_SECONDS", 3600, 1..=86_400)
 }
 
 /// Runs `delete` (a `DELETE` of at most [`BATCH`] rows older than `$1`, each statement

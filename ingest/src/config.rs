@@ -86,17 +86,13 @@ impl Config {
                     defaults.max_bulk_events as u64,
                     1..=100_000,
                 )? as usize,
-                max_future: Duration::from_secs(env.u64_in_range(
+                max_future: env.seconds_in_range(
                     "INGEST_MAX_FUTURE_SECONDS",
                     defaults.max_future.as_secs(),
                     0..=86_400,
-                )?),
+                )?,
             },
-            produce_timeout: Duration::from_millis(env.u64_in_range(
-                "KAFKA_PRODUCE_TIMEOUT_MS",
-                5000,
-                100..=60_000,
-            )?),
+            produce_timeout: env.produce_timeout()?,
         })
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use meterline_accounts::crypto::Keyring;
 use meterline_common::auth::JwtKeys;
 use meterline_common::config::{
-    ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
+    require_scheme, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
 use meterline_common::retention::{self, RetentionDays};
 
@@ -52,12 +52,12 @@ impl Config {
     pub fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
         let env = Env::new(source);
         let api_base = env.string_or("STRIPE_API_BASE", "https://api.stripe.com");
-        if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
-            return Err(ConfigError::Malformed {
-                var: "STRIPE_API_BASE",
-                reason: "expected an http(s):// URL".into(),
-            });
-        }
+        require_scheme(
+            "STRIPE_API_BASE",
+            &api_base,
+            &["https://", "http://"],
+            "an http(s)://",
+        )?;
         Ok(Self {
             http_addr: env.socket_addr_or("HTTP_ADDR", "0.0.0.0:8081")?,
             kafka: KafkaSettings::from_env(&env)?,
@@ -67,11 +67,7 @@ impl Config {
             stripe: StripeSettings {
                 enabled: env.bool_or("STRIPE_INTEGRATION_ENABLED", true)?,
                 api_base: api_base.trim_end_matches('/').to_owned(),
-                timeout: Duration::from_secs(env.u64_in_range(
-                    "STRIPE_API_TIMEOUT_SECONDS",
-                    30,
-                    1..=300,
-                )?),
+                timeout: env.seconds_in_range("STRIPE_API_TIMEOUT_SECONDS", 30, 1..=300)?,
                 max_retries: env.u64_in_range("STRIPE_MAX_RETRIES", 5, 0..=20)? as u32,
             },
             ledger_retention: crate::ledger::retention::retention_from_env(&env)?,

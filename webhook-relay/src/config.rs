@@ -92,21 +92,13 @@ impl Config {
             postgres: PostgresSettings::from_env(&env)?,
             keys: Keyring::from_env(&env)?,
             fallback_secret,
-            tolerance: Duration::from_secs(env.u64_in_range(
-                "WEBHOOK_TOLERANCE_SECONDS",
-                300,
-                1..=3600,
-            )?),
+            tolerance: env.seconds_in_range("WEBHOOK_TOLERANCE_SECONDS", 300, 1..=3600)?,
             max_body_bytes: env.u64_in_range(
                 "WEBHOOK_MAX_BODY_BYTES",
                 256 << 10,
                 1024..=(900 << 10),
             )? as usize,
-            produce_timeout: Duration::from_millis(env.u64_in_range(
-                "KAFKA_PRODUCE_TIMEOUT_MS",
-                5000,
-                100..=60_000,
-            )?),
+            produce_timeout: env.produce_timeout()?,
             sources: source_policy(&env)?,
             retention: crate::deliveries::retention_from_env(&env)?,
             prune_interval: retention::prune_interval_from_env(&env)?,
