@@ -248,13 +248,19 @@ pub async fn get_meter_mapping(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<MeterMapping>, RouteError> {
     let meter_id = meter_path(path)?;
-    match state.mappings.meters().get(&scope, &meter_id).await {
-        Ok(Some(mapping)) => Ok(Json(mapping)),
-        Ok(None) => {
-            Err(ApiError::not_found(format!("no stripe mapping for meter {meter_id}")).into())
-        }
-        Err(e) => Err(e.into()),
-    }
+    let mapping = state.mappings.meters().get(&scope, &meter_id).await?;
+    mapping.map(Json).ok_or_else(|| no_meter_mapping(&meter_id))
+}
+
+fn no_meter_mapping(meter_id: &MeterId) -> RouteError {
+    ApiError::not_found(format!("no stripe mapping for meter {meter_id}")).into()
+}
+
+fn no_customer_mapping(customer_id: &CustomerId) -> RouteError {
+    ApiError::not_found(format!(
+        "no active stripe mapping for customer {customer_id}"
+    ))
+    .into()
 }
 
 /// 204, or 404 `not_found`.
@@ -264,21 +270,16 @@ pub async fn delete_meter_mapping(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, RouteError> {
     let meter_id = meter_path(path)?;
-    match state.mappings.meters().delete(&scope, &meter_id).await {
-        Ok(true) => {
-            tracing::info!(
-                tenant_id = %scope.tenant_id,
-                environment_id = %scope.environment_id,
-                meter_id = %meter_id,
-                "meter mapping deleted"
-            );
-            Ok(StatusCode::NO_CONTENT)
-        }
-        Ok(false) => {
-            Err(ApiError::not_found(format!("no stripe mapping for meter {meter_id}")).into())
-        }
-        Err(e) => Err(e.into()),
+    if !state.mappings.meters().delete(&scope, &meter_id).await? {
+        return Err(no_meter_mapping(&meter_id));
     }
+    tracing::info!(
+        tenant_id = %scope.tenant_id,
+        environment_id = %scope.environment_id,
+        meter_id = %meter_id,
+        "meter mapping deleted"
+    );
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,14 +329,10 @@ pub async fn get_customer_mapping(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CustomerMapping>, RouteError> {
     let customer_id = customer_path(path)?;
-    match state.mappings.customers().get(&scope, &customer_id).await {
-        Ok(Some(mapping)) => Ok(Json(mapping)),
-        Ok(None) => Err(ApiError::not_found(format!(
-            "no active stripe mapping for customer {customer_id}"
-        ))
-        .into()),
-        Err(e) => Err(e.into()),
-    }
+    let mapping = state.mappings.customers().get(&scope, &customer_id).await?;
+    mapping
+        .map(Json)
+        .ok_or_else(|| no_customer_mapping(&customer_id))
 }
 
 /// Retires the customer's active mapping: 204, or 404 `not_found`.
@@ -345,27 +342,21 @@ pub async fn delete_customer_mapping(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, RouteError> {
     let customer_id = customer_path(path)?;
-    match state
+    if !state
         .mappings
         .customers()
         .retire(&scope, &customer_id)
-        .await
+        .await?
     {
-        Ok(true) => {
-            metrics::customer_mappings_retired("manual", 1);
-            tracing::info!(
-                tenant_id = %scope.tenant_id,
-                environment_id = %scope.environment_id,
-                "customer mapping retired by hand"
-            );
-            Ok(StatusCode::NO_CONTENT)
-        }
-        Ok(false) => Err(ApiError::not_found(format!(
-            "no active stripe mapping for customer {customer_id}"
-        ))
-        .into()),
-        Err(e) => Err(e.into()),
+        return Err(no_customer_mapping(&customer_id));
     }
+    metrics::customer_mappings_retired("manual", 1);
+    tracing::info!(
+        tenant_id = %scope.tenant_id,
+        environment_id = %scope.environment_id,
+        "customer mapping retired by hand"
+    );
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// 200 `{"data": [...], "has_more"}`: Stripe customers without a usable
