@@ -40,3 +40,6 @@ pub mod relay;
 pub mod report;
 pub mod sink;
 pub mod workload;
+
+#[cfg(test)]
+mod golden;
