@@ -52,7 +52,8 @@ use crate::baseline::{RawProducer, PRODUCE_TIMEOUT};
 use crate::procstat::{self, Machine, Snapshot, Watched};
 use crate::profile::{self, Profile, Recording};
 use crate::report::{AggregatorReport, BacklogPublication, Latency, LiveReport, RoundRates};
-use crate::workload::{ENVIRONMENT, TENANT};
+use crate::rng::SplitMix64;
+use crate::workload::{object, ENVIRONMENT, TENANT};
 
 /// The tenant of the live phase; its windows are 1 minute long.
 pub const LIVE_TENANT: &str = "bench_live";
@@ -652,7 +653,7 @@ impl Generator {
     fn new(customers: usize) -> Self {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         Self {
-            rng: SplitMix64(0x6167_6772_6567_6174),
+            rng: SplitMix64::new(0x6167_6772_6567_6174),
             customers,
             first_hour: now - now.rem_euclid(3600) - 4 * 3600,
         }
@@ -689,32 +690,11 @@ impl Generator {
 
 fn properties(rng: &mut SplitMix64) -> Map<String, Value> {
     const REGIONS: [&str; 4] = ["eu-west-1", "us-east-1", "us-west-2", "ap-southeast-1"];
-    let value = json!({
+    object(json!({
         "model": if rng.below(3) == 0 { "large-2" } else { "small-3" },
         "tokens": rng.below(4000) + 1,
         "region": REGIONS[rng.below(4) as usize],
-    });
-    match value {
-        Value::Object(map) => map,
-        _ => unreachable!("json! of an object literal is an object"),
-    }
-}
-
-/// A small deterministic generator (SplitMix64).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
+    }))
 }
 
 /// The live phase: events of the live tenant (1-minute windows) at `--live-rate`, and every
@@ -734,7 +714,7 @@ async fn live_phase(ns: &Namespace, params: &Params) -> anyhow::Result<LiveRepor
     let customers: Vec<CustomerId> = (0..params.live_customers)
         .map(|i| CustomerId::parse(&format!("cust_l{i:05}")))
         .collect::<Result<_, _>>()?;
-    let mut rng = SplitMix64(0x6c69_7665);
+    let mut rng = SplitMix64::new(0x6c69_7665);
 
     let started = OffsetDateTime::now_utc();
     let end = started + time::Duration::seconds(params.live_seconds as i64);

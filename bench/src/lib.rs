@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`workload`]: the usage events a benchmark sends, generated once in memory before any
 //!   clock starts, and their bulk request bodies.
+//! - [`rng`]: the one random generator (SplitMix64), seeded, for every generated event.
 //! - [`baseline`]: the raw Kafka producer a subject is compared with.
 //! - [`ingest`]: the ingest benchmark (`meterline-bench ingest`): baseline, then the release
 //!   `ingest` binary over HTTP, back to back in one run so the ratio shares one machine state.
@@ -38,6 +39,7 @@ pub mod profile;
 pub mod recorder;
 pub mod relay;
 pub mod report;
+pub mod rng;
 pub mod sink;
 pub mod workload;
 

@@ -40,6 +40,7 @@ use crate::aggregator::count_rows;
 use crate::baseline::PRODUCE_TIMEOUT;
 use crate::procstat::{self, Machine, Memory, Snapshot, Watched};
 use crate::recorder::Receipt;
+use crate::rng::SplitMix64;
 use crate::relay::{event_body, signature_header, unix_now, SECRET};
 use crate::report::{cpu_cell, date_text, find_cpu, thousands, ComponentCpu, Latency};
 use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
@@ -341,17 +342,10 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     })
 }
 
-/// SplitMix64's finaliser: the customer and tokens of event `n`, without shared state.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The customer index and tokens of event `n`.
+/// The customer index and tokens of event `n`: the same in every client task, without shared
+/// state.
 fn content(n: u64, customers: usize) -> (usize, i64) {
-    let h = mix(n);
+    let h = SplitMix64::at(n);
     ((h % customers as u64) as usize, ((h >> 32) % 50) as i64 + 1)
 }
 
