@@ -28,7 +28,6 @@
 //!    backlog events with `perf record` attached, so the measured pass ran without a profiler.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +48,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::baseline::{RawProducer, PRODUCE_TIMEOUT};
-use crate::procstat::{self, Machine, Snapshot, Watched};
+use crate::procstat::{self, Machine, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
 use crate::report::{AggregatorReport, BacklogPublication, Latency, LiveReport, RoundRates};
 use crate::rng::SplitMix64;
@@ -122,31 +121,23 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
     let stack = Stack::get();
     let root = stack::repo_root();
     let broker_pid = procstat::kafka_broker_pid(&root, &stack.kafka_brokers);
-    let clickhouse_pid = clickhouse_server_pid(&root, &stack.clickhouse_url);
-    for (name, pid) in [
+    let clickhouse_pid = procstat::clickhouse_server_pid(&root, &stack.clickhouse_url);
+    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
+    procstat::warn_unaccounted(&[
         ("kafka broker", broker_pid),
         ("clickhouse server", clickhouse_pid),
-        (
-            "postgresql server",
-            procstat::listening_pid_of_url(&stack.database_url),
-        ),
-    ] {
-        if pid.is_none() {
-            eprintln!("the {name}'s pid was not found: its cpu is not accounted");
-        }
-    }
-    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
-    let pids = Pids {
-        aggregator: None,
-        clickhouse: clickhouse_pid,
-        broker: broker_pid,
-        postgres: postgres_pid,
-        bench: std::process::id(),
-    };
+        ("postgresql server", postgres_pid),
+    ]);
+    let watched = Watchlist::new()
+        .process("aggregator", None)
+        .process("clickhouse server", clickhouse_pid)
+        .process("kafka broker", broker_pid)
+        .tree("postgresql (all backends)", postgres_pid)
+        .this_process("meterline-bench");
 
     let mut earlier_rounds = Vec::new();
     for number in 1..params.rounds {
-        let round = measure_round(params, pids).await?;
+        let round = measure_round(params, &watched).await?;
         earlier_rounds.push(round.rates(params.events));
         eprintln!(
             "round {number} of {}: ratio {:.2}",
@@ -169,10 +160,10 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         spawned_at,
         aggregator,
         aggregator_pid,
-        pids,
+        watched,
         target,
         consumed,
-    } = measure_round(params, pids).await?;
+    } = measure_round(params, &watched).await?;
     let metrics_after_backlog = scrape(&aggregator).await?;
 
     // 5. The backlog's windows, published once hours past due.
@@ -190,17 +181,17 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         None
     } else {
         let before = scrape(&aggregator).await?;
-        let cpu_before = Snapshot::take(&pids.watched())?;
+        let cpu_before = watched.snapshot()?;
         let started = Instant::now();
         let mut live = live_phase(&ns, params).await?;
-        let cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
+        let cpu = watched.snapshot()?.since(&cpu_before);
         live.elapsed = started.elapsed();
         let after = scrape(&aggregator).await?;
         live.histogram = publish_lag_histogram(&before, &after);
         live.cpu = cpu.components();
         Some(live)
     };
-    let peak_rss_kib = peak_rss_kib(aggregator_pid);
+    let peak_rss_kib = procstat::memory(aggregator_pid).ok().map(|m| m.peak_kib);
     let metrics_end = scrape(&aggregator).await?;
     aggregator.terminate(Duration::from_secs(30)).await;
 
@@ -272,7 +263,8 @@ struct Round {
     spawned_at: Instant,
     aggregator: ServiceProcess,
     aggregator_pid: u32,
-    pids: Pids,
+    /// What the round's phases account, the aggregator's pid included.
+    watched: Watchlist,
     target: u64,
     consumed: Consumed,
 }
@@ -294,7 +286,7 @@ impl Round {
 
 /// Steps 1 to 4 of a round: fresh namespaces and meters, the backlog pre-loaded, the
 /// baseline's direct insert of its rows, then the aggregator consuming it.
-async fn measure_round(params: &Params, pids: Pids) -> anyhow::Result<Round> {
+async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<Round> {
     // 1. Namespaces, meters, the live tenant's window size.
     let baseline_ns = Namespace::create().await;
     let ns = Namespace::create().await;
@@ -341,9 +333,9 @@ async fn measure_round(params: &Params, pids: Pids) -> anyhow::Result<Round> {
     // 3. Baseline: the same rows, inserted directly.
     let rows = backlog.rows();
     let load_before_baseline = procstat::load_average();
-    let cpu_before = Snapshot::take(&pids.watched())?;
+    let cpu_before = watched.snapshot()?;
     let baseline_elapsed = direct_insert(&baseline_ns, &rows).await?;
-    let baseline_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
+    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
     let baseline_count = count_rows(&baseline_ns).await?;
     if baseline_count != rows.len() as u64 {
         bail!(
@@ -373,11 +365,8 @@ async fn measure_round(params: &Params, pids: Pids) -> anyhow::Result<Round> {
         .context("the aggregator process has a pid")?;
     eprintln!("aggregator: pid {aggregator_pid}, consuming the backlog");
     let target = (params.events * ROWS_PER_EVENT) as u64;
-    let pids = Pids {
-        aggregator: Some(aggregator_pid),
-        ..pids
-    };
-    let consumed = consume(&ns, target, aggregator_pid, pids).await?;
+    let watched = watched.with_pid("aggregator", aggregator_pid);
+    let consumed = consume(&ns, target, aggregator_pid, &watched).await?;
     Ok(Round {
         ns,
         pool,
@@ -391,7 +380,7 @@ async fn measure_round(params: &Params, pids: Pids) -> anyhow::Result<Round> {
         spawned_at,
         aggregator,
         aggregator_pid,
-        pids,
+        watched,
         target,
         consumed,
     })
@@ -430,7 +419,7 @@ async fn consume(
     ns: &Namespace,
     target: u64,
     aggregator_pid: u32,
-    pids: Pids,
+    watched: &Watchlist,
 ) -> anyhow::Result<Consumed> {
     let deadline = Instant::now() + CONSUME_TIMEOUT;
     let mut first: Option<(Instant, u64, Snapshot)> = None;
@@ -439,11 +428,11 @@ async fn consume(
         let rows = count_rows(ns).await?;
         let now = Instant::now();
         if rows > 0 && first.is_none() {
-            first = Some((now, rows, Snapshot::take(&pids.watched())?));
+            first = Some((now, rows, watched.snapshot()?));
         }
         if rows >= target {
             let (first, first_rows, before) = first.context("rows were seen")?;
-            let cpu = Snapshot::take(&pids.watched())?.since(&before);
+            let cpu = watched.snapshot()?.since(&before);
             if rows > target {
                 eprintln!("note: {rows} rows for {target} expected (redelivered copies)");
             }
@@ -454,7 +443,7 @@ async fn consume(
                 cpu,
             });
         }
-        if !Path::new(&format!("/proc/{aggregator_pid}")).exists() {
+        if !procstat::is_running(aggregator_pid) {
             bail!("the aggregator exited with {rows} of {target} rows inserted");
         }
         if now > deadline {
@@ -955,40 +944,14 @@ async fn profiled_pass(
     let data = aggregator.log.with_extension("perf.data");
     let recording = Recording::start(pid, data).map_err(fail)?;
     let target = before + (params.profile_events * ROWS_PER_EVENT) as u64;
-    let pids = Pids {
-        aggregator: Some(pid),
-        clickhouse: None,
-        broker: None,
-        postgres: None,
-        bench: std::process::id(),
-    };
-    let consumed = consume(ns, target, pid, pids).await;
+    let watched = Watchlist::new()
+        .process("aggregator", Some(pid))
+        .this_process("meterline-bench");
+    let consumed = consume(ns, target, pid, &watched).await;
     let profile = recording.finish().map_err(fail);
     aggregator.terminate(Duration::from_secs(30)).await;
     consumed.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
     profile
-}
-
-/// The ClickHouse server's pid: from `dev/.state/clickhouse/clickhouse.pid` when that process
-/// runs, otherwise the process listening on the port of `url`.
-fn clickhouse_server_pid(repo_root: &Path, url: &str) -> Option<u32> {
-    let from_file = std::fs::read_to_string(repo_root.join("dev/.state/clickhouse/clickhouse.pid"))
-        .ok()
-        .and_then(|text| text.trim().parse::<u32>().ok())
-        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    from_file.or_else(|| procstat::listening_pid_of_url(url))
-}
-
-/// The peak resident set size (`VmHWM`) of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The aggregator's `/metrics` text.
@@ -1052,32 +1015,6 @@ fn publish_lag_histogram(before: &str, after: &str) -> Option<(u64, f64, f64)> {
             .map_or(f64::INFINITY, |(le, _)| *le)
     };
     Some((total as u64, bound(0.5), bound(0.99)))
-}
-
-/// The pids whose CPU a phase accounts.
-#[derive(Debug, Clone, Copy)]
-struct Pids {
-    aggregator: Option<u32>,
-    clickhouse: Option<u32>,
-    broker: Option<u32>,
-    /// The postmaster: its backends (children) are accounted with it.
-    postgres: Option<u32>,
-    bench: u32,
-}
-
-impl Pids {
-    fn watched(&self) -> [(&'static str, Option<Watched>); 5] {
-        [
-            ("aggregator", self.aggregator.map(Watched::Process)),
-            ("clickhouse server", self.clickhouse.map(Watched::Process)),
-            ("kafka broker", self.broker.map(Watched::Process)),
-            (
-                "postgresql (all backends)",
-                self.postgres.map(Watched::Tree),
-            ),
-            ("meterline-bench", Some(Watched::Process(self.bench))),
-        ]
-    }
 }
 
 #[cfg(test)]

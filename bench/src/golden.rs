@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use crate::chaos::{ChaosReport, Summary};
 use crate::pipeline::{self, PipelineReport, ServiceMemory};
-use crate::procstat::{CpuTimes, Machine, Memory};
+use crate::procstat::{ComponentCpu, CpuTimes, Machine, Memory};
 use crate::profile::{Entry, Profile};
 use crate::report::{
-    AggregatorReport, BacklogPublication, ComponentCpu, IngestReport, Latency, LiveReport,
-    RelayReport, RoundRates,
+    AggregatorReport, BacklogPublication, IngestReport, Latency, LiveReport, RelayReport,
+    RoundRates,
 };
 use crate::sink::{LimitPhase, Pace, SinkReport};
 
@@ -72,7 +72,10 @@ fn cpu(names: &[&'static str], scale: f64) -> Vec<ComponentCpu> {
 }
 
 fn profile() -> Profile {
-    let long = format!("core::ptr::drop_in_place<{}>", "alloc::vec::Vec<u8>|`x`".repeat(8));
+    let long = format!(
+        "core::ptr::drop_in_place<{}>",
+        "alloc::vec::Vec<u8>|`x`".repeat(8)
+    );
     Profile {
         samples: 3975,
         entries: vec![
@@ -115,7 +118,10 @@ fn ingest(profiled: bool) -> IngestReport {
         date: date(),
         load_before_baseline: 0.71,
         load_before_ingest: 1.234,
-        earlier_rounds: vec![round(0.5, 210_000.0, 98_765.4), round(0.6, 190_000.0, 101_234.5)],
+        earlier_rounds: vec![
+            round(0.5, 210_000.0, 98_765.4),
+            round(0.6, 190_000.0, 101_234.5),
+        ],
         events: 500_000,
         batch: 1000,
         concurrency: 8,

@@ -16,7 +16,7 @@ use meterline_schemas::Topic;
 use meterline_tests::{api, stack, Namespace, Stack};
 
 use crate::baseline::{self, RawProducer};
-use crate::procstat::{self, Machine, Snapshot, Watched};
+use crate::procstat::{self, Machine, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
 use crate::report::{IngestReport, Latency, RoundRates};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
@@ -74,13 +74,15 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         started.elapsed().as_secs_f64()
     );
     let broker_pid = procstat::kafka_broker_pid(&stack::repo_root(), &stack.kafka_brokers);
-    if broker_pid.is_none() {
-        eprintln!("the kafka broker's pid was not found: its cpu is not accounted");
-    }
+    procstat::warn_unaccounted(&[("kafka broker", broker_pid)]);
+    let watched = Watchlist::new()
+        .process("ingest", None)
+        .process("kafka broker", broker_pid)
+        .this_process("meterline-bench (load generator)");
 
     let mut earlier_rounds = Vec::new();
     for number in 1..params.rounds {
-        let round = measure_round(params, &workload, &token, broker_pid).await?;
+        let round = measure_round(params, &workload, &token, &watched).await?;
         let rates = round.rates(workload.events.len());
         eprintln!(
             "round {number} of {}: ratio {:.2}",
@@ -90,7 +92,7 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         earlier_rounds.push(rates);
         round.finish().await;
     }
-    let round = measure_round(params, &workload, &token, broker_pid).await?;
+    let round = measure_round(params, &workload, &token, &watched).await?;
 
     let profile = if params.profile_events == 0 {
         Err("disabled (--profile-events 0)".to_owned())
@@ -163,9 +165,8 @@ async fn measure_round(
     params: &Params,
     workload: &Arc<Workload>,
     token: &str,
-    broker_pid: Option<u32>,
+    watched: &Watchlist,
 ) -> anyhow::Result<Round> {
-    let me = std::process::id();
     // Baseline.
     let baseline_ns = Namespace::create().await;
     let producer = Arc::new(RawProducer::new(
@@ -176,10 +177,10 @@ async fn measure_round(
     producer.write_batch(workload.batch_events(0)).await?;
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
     let load_before_baseline = procstat::load_average();
-    let cpu_before = Snapshot::take(&watched(None, broker_pid, me))?;
+    let cpu_before = watched.snapshot()?;
     let baseline_elapsed =
         baseline::run(producer.clone(), Arc::clone(workload), params.concurrency).await?;
-    let baseline_cpu = Snapshot::take(&watched(None, broker_pid, me))?.since(&cpu_before);
+    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
     drop(producer);
 
     // Subject: the release ingest binary.
@@ -209,9 +210,10 @@ async fn measure_round(
         ingest_pid, params.concurrency, params.batch
     );
     let load_before_ingest = procstat::load_average();
-    let cpu_before = Snapshot::take(&watched(Some(ingest_pid), broker_pid, me))?;
+    let watched = watched.with_pid("ingest", ingest_pid);
+    let cpu_before = watched.snapshot()?;
     let (ingest_elapsed, latencies) = driver.run(workload.batch_count()).await?;
-    let ingest_cpu = Snapshot::take(&watched(Some(ingest_pid), broker_pid, me))?.since(&cpu_before);
+    let ingest_cpu = watched.snapshot()?.since(&cpu_before);
 
     Ok(Round {
         baseline_ns,
@@ -250,22 +252,6 @@ async fn profiled_pass(
     let profile = recording.finish().map_err(|e| format!("{e:#}"));
     sent.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
     profile
-}
-
-/// The processes a run's CPU is read from.
-fn watched(
-    ingest: Option<u32>,
-    broker: Option<u32>,
-    bench: u32,
-) -> [(&'static str, Option<Watched>); 3] {
-    [
-        ("ingest", ingest.map(Watched::Process)),
-        ("kafka broker", broker.map(Watched::Process)),
-        (
-            "meterline-bench (load generator)",
-            Some(Watched::Process(bench)),
-        ),
-    ]
 }
 
 /// `concurrency` HTTP clients sharing one connection pool, posting the workload's bodies.

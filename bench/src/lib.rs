@@ -22,7 +22,8 @@
 //!   (`meterline-bench chaos`).
 //! - [`recorder`]: a recording pass-through in front of the Stripe stand-in (arrival times of
 //!   meter events to the microsecond).
-//! - [`procstat`]: CPU seconds of a process and facts about the machine, from `/proc`.
+//! - [`procstat`]: everything read from `/proc`: CPU seconds of the processes a phase watches
+//!   (a [`procstat::Watchlist`]), resident memory, the stack servers' pids, load, the machine.
 //! - [`profile`]: `perf record` of a process and its top symbols.
 //! - [`report`]: the result block, and the generated sections of `docs/benchmarks.md`.
 //!

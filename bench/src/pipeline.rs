@@ -38,11 +38,12 @@ use time::OffsetDateTime;
 
 use crate::aggregator::count_rows;
 use crate::baseline::PRODUCE_TIMEOUT;
-use crate::procstat::{self, Machine, Memory, Snapshot, Watched};
+use crate::procstat::ComponentCpu;
+use crate::procstat::{self, Machine, Memory, Watchlist};
 use crate::recorder::Receipt;
-use crate::rng::SplitMix64;
 use crate::relay::{event_body, signature_header, unix_now, SECRET};
-use crate::report::{cpu_cell, date_text, find_cpu, thousands, ComponentCpu, Latency};
+use crate::report::{cpu_cell, date_text, find_cpu, thousands, Latency};
+use crate::rng::SplitMix64;
 use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
 use crate::workload::{ENVIRONMENT, TENANT};
 
@@ -200,27 +201,25 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
 
     let stack = Stack::get();
     let root = meterline_tests::stack::repo_root();
-    let mut watched: Vec<(&'static str, Option<Watched>)> = SERVICES
+    let watched = SERVICES
         .iter()
         .zip(&pids)
-        .map(|(name, pid)| (*name, Some(Watched::Process(*pid))))
-        .collect();
-    watched.push((
-        "kafka broker",
-        procstat::kafka_broker_pid(&root, &stack.kafka_brokers).map(Watched::Process),
-    ));
-    watched.push((
-        "clickhouse server",
-        procstat::listening_pid_of_url(&stack.clickhouse_url).map(Watched::Process),
-    ));
-    watched.push((
-        "postgresql (all backends)",
-        procstat::listening_pid_of_url(&stack.database_url).map(Watched::Tree),
-    ));
-    watched.push((
-        "meterline-bench",
-        Some(Watched::Process(std::process::id())),
-    ));
+        .fold(Watchlist::new(), |list, (name, pid)| {
+            list.process(name, Some(*pid))
+        })
+        .process(
+            "kafka broker",
+            procstat::kafka_broker_pid(&root, &stack.kafka_brokers),
+        )
+        .process(
+            "clickhouse server",
+            procstat::listening_pid_of_url(&stack.clickhouse_url),
+        )
+        .tree(
+            "postgresql (all backends)",
+            procstat::listening_pid_of_url(&stack.database_url),
+        )
+        .this_process("meterline-bench");
 
     eprintln!(
         "pipeline: {} s of load, {} clients, bulk requests of {}, {}",
@@ -234,7 +233,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
         }
     );
     let load_before_pipeline = procstat::load_average();
-    let cpu_before = Snapshot::take(&watched)?;
+    let cpu_before = watched.snapshot()?;
     let stop_webhooks = Arc::new(AtomicBool::new(false));
     let webhooks = tokio::spawn(webhook_stream(
         relay.url(&format!("/webhooks/stripe/{TENANT}/{ENVIRONMENT}")),
@@ -246,7 +245,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     stop_webhooks.store(true, Ordering::Relaxed);
     let rows_at_load_end = count_rows(&ns).await?;
     let load_ended = Instant::now();
-    let cpu = Snapshot::take(&watched)?.since(&cpu_before).components();
+    let cpu = watched.snapshot()?.since(&cpu_before).components();
     let webhooks = webhooks.await.context("the webhook stream panicked")??;
     let truth = load.truth();
     let events = load.events.load(Ordering::Relaxed);

@@ -28,7 +28,7 @@ use rdkafka::util::Timeout;
 use serde_json::{json, Value};
 
 use crate::baseline::PRODUCE_TIMEOUT;
-use crate::procstat::{self, Machine, Snapshot, Watched};
+use crate::procstat::{self, Machine, Watchlist};
 use crate::report::{Latency, RelayReport};
 use crate::workload::{ENVIRONMENT, TENANT};
 
@@ -58,15 +58,10 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     let root = stack::repo_root();
     let broker_pid = procstat::kafka_broker_pid(&root, &stack.kafka_brokers);
     let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
-    for (name, pid) in [
+    procstat::warn_unaccounted(&[
         ("kafka broker", broker_pid),
         ("postgresql server", postgres_pid),
-    ] {
-        if pid.is_none() {
-            eprintln!("the {name}'s pid was not found: its cpu is not accounted");
-        }
-    }
-    let me = std::process::id();
+    ]);
 
     // The bodies: the measured deliveries, then one warm-up delivery per client.
     let run_id = date.unix_timestamp();
@@ -100,16 +95,15 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     }
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
     let load_before_baseline = procstat::load_average();
-    let pids = Pids {
-        relay: None,
-        broker: broker_pid,
-        postgres: postgres_pid,
-        bench: me,
-    };
-    let cpu_before = Snapshot::take(&pids.watched())?;
+    let watched = Watchlist::new()
+        .process("webhook-relay", None)
+        .process("kafka broker", broker_pid)
+        .tree("postgresql (all backends)", postgres_pid)
+        .this_process("meterline-bench (load generator)");
+    let cpu_before = watched.snapshot()?;
     let (baseline_elapsed, baseline_latencies) =
         baseline_run(&producer, &messages, params.deliveries, params.concurrency).await?;
-    let baseline_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
+    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
     drop(producer);
 
     // Subject: the release webhook-relay binary.
@@ -117,10 +111,7 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     put_config(&ns).await?;
     let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
     let relay_pid = relay.pid().context("the webhook-relay process has a pid")?;
-    let pids = Pids {
-        relay: Some(relay_pid),
-        ..pids
-    };
+    let watched = watched.with_pid("webhook-relay", relay_pid);
     let driver = Driver::new(&relay, bodies.clone(), params.concurrency)?;
     // One delivery per client, so every connection (and the relay's producer) is up before
     // the clock starts.
@@ -135,9 +126,9 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         params.concurrency, params.deliveries
     );
     let load_before_relay = procstat::load_average();
-    let cpu_before = Snapshot::take(&pids.watched())?;
+    let cpu_before = watched.snapshot()?;
     let (relay_elapsed, latencies) = driver.run(params.deliveries).await?;
-    let relay_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
+    let relay_cpu = watched.snapshot()?.since(&cpu_before);
     let after = topic_messages(&ns, &topic)?;
     let published = after - before;
     if published != params.deliveries as i64 || after != total as i64 {
@@ -518,33 +509,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
         out[i * 4..i * 4 + 4].copy_from_slice(&word.to_be_bytes());
     }
     out
-}
-
-/// The pids whose CPU a phase accounts.
-#[derive(Debug, Clone, Copy)]
-struct Pids {
-    relay: Option<u32>,
-    broker: Option<u32>,
-    /// The postmaster: its backends (children) are accounted with it.
-    postgres: Option<u32>,
-    bench: u32,
-}
-
-impl Pids {
-    fn watched(&self) -> [(&'static str, Option<Watched>); 4] {
-        [
-            ("webhook-relay", self.relay.map(Watched::Process)),
-            ("kafka broker", self.broker.map(Watched::Process)),
-            (
-                "postgresql (all backends)",
-                self.postgres.map(Watched::Tree),
-            ),
-            (
-                "meterline-bench (load generator)",
-                Some(Watched::Process(self.bench)),
-            ),
-        ]
-    }
 }
 
 #[cfg(test)]

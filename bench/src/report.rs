@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::procstat::{CpuTimes, Machine};
+use crate::procstat::{ComponentCpu, CpuTimes, Machine};
 use crate::profile::Profile;
 
 /// The goals the ingest benchmark is held to.
@@ -21,17 +21,6 @@ pub const AGGREGATOR_GOAL_EVENTS_PER_SECOND: f64 = 100_000.0;
 
 /// How many symbols of the profile are listed.
 const TOP_SYMBOLS: usize = 12;
-
-pub struct ComponentCpu {
-    pub name: &'static str,
-    pub cpu: CpuTimes,
-}
-
-impl ComponentCpu {
-    pub fn new(name: &'static str, cpu: CpuTimes) -> Self {
-        Self { name, cpu }
-    }
-}
 
 /// Latencies of the bulk requests.
 pub struct Latency {
