@@ -6,14 +6,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::aggregator::{AggregatorReport, BacklogPublication, LiveReport};
 use crate::chaos::{ChaosReport, Summary};
+use crate::ingest::IngestReport;
 use crate::pipeline::{self, PipelineReport, ServiceMemory};
 use crate::procstat::{ComponentCpu, CpuTimes, Machine, Memory};
 use crate::profile::{Entry, Profile};
-use crate::report::{
-    AggregatorReport, BacklogPublication, IngestReport, Latency, LiveReport, RelayReport,
-    RoundRates,
-};
+use crate::relay::RelayReport;
+use crate::report::{Latency, RoundRates};
 use crate::sink::{LimitPhase, Pace, SinkReport};
 
 fn check(name: &str, actual: &str) {

@@ -18,9 +18,12 @@ use meterline_tests::{api, stack, Namespace, Stack};
 use crate::baseline::{self, RawProducer};
 use crate::procstat::{self, Machine, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{IngestReport, Latency, RoundRates};
+use crate::report::{Latency, RoundRates};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
 use meterline_tests::ServiceProcess;
+
+mod report;
+pub use report::{IngestReport, GOAL_EVENTS_PER_SECOND, GOAL_RATIO};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Params {

@@ -38,14 +38,16 @@ use time::OffsetDateTime;
 
 use crate::aggregator::count_rows;
 use crate::baseline::PRODUCE_TIMEOUT;
-use crate::procstat::ComponentCpu;
 use crate::procstat::{self, Machine, Memory, Watchlist};
 use crate::recorder::Receipt;
 use crate::relay::{event_body, signature_header, unix_now, SECRET};
-use crate::report::{cpu_cell, date_text, find_cpu, thousands, Latency};
+use crate::report::Latency;
 use crate::rng::SplitMix64;
 use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
 use crate::workload::{ENVIRONMENT, TENANT};
+
+mod report;
+pub use report::{PipelineReport, ServiceMemory};
 
 const WINDOW_SECONDS: i64 = 60;
 const SERVICES: [&str; 4] = ["ingest", "aggregator", "stripe-sink", "webhook-relay"];
@@ -85,47 +87,6 @@ pub struct Params {
 
 /// (customer index, meter index, window start in Unix seconds).
 type WindowKey = (usize, usize, i64);
-
-pub struct ServiceMemory {
-    pub name: &'static str,
-    /// After start-up and configuration, before the load.
-    pub idle: Memory,
-    /// At the end of the run (`peak_kib` is the peak of the whole run).
-    pub end: Memory,
-}
-
-pub struct PipelineReport {
-    pub machine: Machine,
-    pub date: OffsetDateTime,
-    pub load_before_baseline: f64,
-    pub load_before_pipeline: f64,
-    pub params: Params,
-    pub baseline: Latency,
-    pub events: u64,
-    pub requests: Latency,
-    pub load_elapsed: Duration,
-    /// Rows in `events_processed` when the load ended, and the rows expected (2 per event).
-    pub rows_at_load_end: u64,
-    pub rows_expected: u64,
-    /// From the load's end until every row was in ClickHouse.
-    pub catch_up: Duration,
-    pub windows: usize,
-    /// Window due -> its first meter event received.
-    pub first: Latency,
-    /// Window due -> the meter event that made Stripe's total complete.
-    pub complete: Latency,
-    pub meter_events: usize,
-    pub too_many: usize,
-    pub webhooks: u64,
-    pub memory: Vec<ServiceMemory>,
-    pub cpu: Vec<ComponentCpu>,
-}
-
-impl PipelineReport {
-    pub fn rate(&self) -> f64 {
-        self.events as f64 / self.load_elapsed.as_secs_f64()
-    }
-}
 
 pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     if params.batch == 0 || params.concurrency == 0 || params.customers == 0 {
@@ -778,181 +739,6 @@ fn record(
         latencies.push(at - *sent);
     }
     Ok(())
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-impl PipelineReport {
-    fn latency_text(l: &Latency) -> String {
-        format!(
-            "p50 {:.2} s, p99 {:.2} s, max {:.2} s ({} windows)",
-            l.p50.as_secs_f64(),
-            l.p99.as_secs_f64(),
-            l.max.as_secs_f64(),
-            thousands(l.count as f64)
-        )
-    }
-
-    fn baseline_text(&self) -> String {
-        format!(
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages, 20 a second)",
-            crate::report::ms(self.baseline.p50),
-            crate::report::ms(self.baseline.p99),
-            crate::report::ms(self.baseline.max),
-            self.baseline.count
-        )
-    }
-
-    fn load_text(&self) -> String {
-        if self.params.rate == 0 {
-            format!(
-                "{} clients posting bulk requests of {} events back to back (as fast as ingest answers) for {} s",
-                self.params.concurrency,
-                thousands(self.params.batch as f64),
-                self.params.seconds
-            )
-        } else {
-            format!(
-                "{} events/s in bulk requests of {} from {} clients for {} s",
-                thousands(self.params.rate as f64),
-                thousands(self.params.batch as f64),
-                self.params.concurrency,
-                self.params.seconds
-            )
-        }
-    }
-
-    fn kept_up(&self) -> String {
-        format!(
-            "{} of {} rows in `events_processed` when the load ended ({:.1}%); all of them {:.1} s later",
-            thousands(self.rows_at_load_end as f64),
-            thousands(self.rows_expected as f64),
-            100.0 * self.rows_at_load_end as f64 / self.rows_expected.max(1) as f64,
-            self.catch_up.as_secs_f64()
-        )
-    }
-
-    pub fn text(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "== pipeline benchmark ({}) ==", date_text(self.date));
-        let _ = writeln!(s, "load         {}", self.load_text());
-        let _ = writeln!(
-            s,
-            "sustained    {} events/s ({} events in {:.1}s)",
-            thousands(self.rate()),
-            thousands(self.events as f64),
-            self.load_elapsed.as_secs_f64()
-        );
-        let _ = writeln!(s, "aggregator   {}", self.kept_up());
-        let _ = writeln!(s, "due->first   {}", Self::latency_text(&self.first));
-        let _ = writeln!(s, "due->total   {}", Self::latency_text(&self.complete));
-        let _ = writeln!(s, "baseline     {}", self.baseline_text());
-        for m in &self.memory {
-            let _ = writeln!(
-                s,
-                "memory       {:<14} idle {:>6.1} MiB, peak {:>7.1} MiB, end {:>7.1} MiB",
-                m.name,
-                mib(m.idle.rss_kib),
-                mib(m.end.peak_kib),
-                mib(m.end.rss_kib)
-            );
-        }
-        s
-    }
-
-    pub fn markdown(&self) -> String {
-        let m = &self.machine;
-        let p = &self.params;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "Generated by `meterline-bench pipeline --write-docs` on {}; do not edit by hand.\n",
-            date_text(self.date)
-        );
-        let _ = writeln!(s, "| | |\n|---|---|");
-        let _ = writeln!(
-            s,
-            "| machine | {} cores, {}, {:.1} GiB memory; 1-minute load {:.2} before the baseline, {:.2} before the pipeline's load |",
-            m.cores, m.model, m.memory_gib, self.load_before_baseline, self.load_before_pipeline
-        );
-        let _ = writeln!(s, "| date | {} |", date_text(self.date));
-        let _ = writeln!(
-            s,
-            "| parameters | {}; {} customers, a COUNT and a SUM meter on `api.request`, 1-minute windows, grace 0; Stripe account limit and sink rate {}/s; {} signed webhook deliveries/s to the relay meanwhile |",
-            self.load_text(),
-            thousands(p.customers as f64),
-            thousands(f64::from(p.stripe_rate)),
-            p.webhook_rate
-        );
-        let _ = writeln!(
-            s,
-            "| **ingest sustained** | **{} events/s** ({} events accepted in {:.1} s; bulk request p50 {:.0} ms, p99 {:.0} ms) |",
-            thousands(self.rate()),
-            thousands(self.events as f64),
-            self.load_elapsed.as_secs_f64(),
-            crate::report::ms(self.requests.p50),
-            crate::report::ms(self.requests.p99)
-        );
-        let _ = writeln!(s, "| aggregator kept up? | {} |", self.kept_up());
-        let _ = writeln!(
-            s,
-            "| **window due -> first meter event received by Stripe** | **{}** |",
-            Self::latency_text(&self.first)
-        );
-        let _ = writeln!(
-            s,
-            "| window due -> Stripe's total complete | {} |",
-            Self::latency_text(&self.complete)
-        );
-        let _ = writeln!(
-            s,
-            "| baseline: produce -> consume -> produce (acked) -> consume -> one POST to the stand-in | {} |",
-            self.baseline_text()
-        );
-        let _ = writeln!(
-            s,
-            "| checked | Stripe's counted total of each of the {} windows equals the events ingest accepted for it; {} meter events accepted, {} answered 429; {} webhook deliveries answered 200 |",
-            thousands(self.windows as f64),
-            thousands(self.meter_events as f64),
-            self.too_many,
-            thousands(self.webhooks as f64)
-        );
-        let _ = writeln!(
-            s,
-            "\nResident memory of each service (`/proc/<pid>/status`): idle is `VmRSS` after start-up and configuration, before the load (the baseline); peak is `VmHWM` at the end of the run, the most it ever held.\n\n\
-             | service | idle (baseline) | peak during the run | at the end | peak / idle |\n|---|---|---|---|---|"
-        );
-        for mem in &self.memory {
-            let _ = writeln!(
-                s,
-                "| {} | {:.1} MiB | **{:.1} MiB** | {:.1} MiB | {:.1}x |",
-                mem.name,
-                mib(mem.idle.rss_kib),
-                mib(mem.end.peak_kib),
-                mib(mem.end.rss_kib),
-                mem.end.peak_kib as f64 / mem.idle.rss_kib.max(1) as f64
-            );
-        }
-        let _ = writeln!(
-            s,
-            "\nCPU seconds (user + system) during the load ({:.1} s, {:.1} core-seconds available):\n\n| process | load phase |\n|---|---|",
-            self.load_elapsed.as_secs_f64(),
-            self.load_elapsed.as_secs_f64() * m.cores as f64
-        );
-        for name in SERVICES.iter().copied().chain([
-            "kafka broker",
-            "clickhouse server",
-            "postgresql (all backends)",
-            "meterline-bench",
-        ]) {
-            if let Some(cpu) = find_cpu(&self.cpu, name) {
-                let _ = writeln!(s, "| {name} | {} |", cpu_cell(Some(cpu)));
-            }
-        }
-        s
-    }
 }
 
 #[cfg(test)]

@@ -29,8 +29,11 @@ use serde_json::{json, Value};
 
 use crate::baseline::PRODUCE_TIMEOUT;
 use crate::procstat::{self, Machine, Watchlist};
-use crate::report::{Latency, RelayReport};
+use crate::report::Latency;
 use crate::workload::{ENVIRONMENT, TENANT};
+
+mod report;
+pub use report::RelayReport;
 
 /// The endpoint secret stored in the tenant environment's Stripe configuration.
 pub(crate) const SECRET: &str = "whsec_benchrelay0000000001";

@@ -50,9 +50,15 @@ use serde_json::{json, Map, Value};
 use crate::baseline::{RawProducer, PRODUCE_TIMEOUT};
 use crate::procstat::{self, Machine, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{AggregatorReport, BacklogPublication, Latency, LiveReport, RoundRates};
+use crate::report::{Latency, RoundRates};
 use crate::rng::SplitMix64;
 use crate::workload::{object, ENVIRONMENT, TENANT};
+
+mod report;
+pub use report::{
+    AggregatorReport, BacklogPublication, LiveReport, AGGREGATOR_GOAL_EVENTS_PER_SECOND,
+    AGGREGATOR_GOAL_RATIO,
+};
 
 /// The tenant of the live phase; its windows are 1 minute long.
 pub const LIVE_TENANT: &str = "bench_live";
