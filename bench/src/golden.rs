@@ -13,7 +13,7 @@ use crate::pipeline::{self, PipelineReport, ServiceMemory};
 use crate::procstat::{ComponentCpu, CpuTimes, Machine, Memory};
 use crate::profile::{Entry, Profile};
 use crate::relay::RelayReport;
-use crate::report::{Latency, RoundRates};
+use crate::report::{Latency, Report, RoundRates};
 use crate::sink::{LimitPhase, Pace, SinkReport};
 
 fn check(name: &str, actual: &str) {

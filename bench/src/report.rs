@@ -13,8 +13,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::procstat::{ComponentCpu, CpuTimes};
+use crate::procstat::{ComponentCpu, CpuTimes, Machine};
 use crate::profile::Profile;
+
+/// A benchmark's result: what `meterline-bench` prints, and what `--write-docs` puts in its
+/// section of `docs/benchmarks.md`.
+pub trait Report {
+    /// The block printed at the end of a run.
+    fn text(&self) -> String;
+    /// The generated Markdown of the benchmark's section.
+    fn markdown(&self) -> String;
+}
+
+/// A goal of a benchmark: what it asks, what was measured, [`verdict`].
+pub(crate) type Goal = (String, String, &'static str);
 
 /// How many symbols of the profile are listed.
 const TOP_SYMBOLS: usize = 12;
@@ -45,8 +57,9 @@ impl Latency {
         }
     }
 }
+
 /// The profile's components and top symbols, for the terminal.
-pub(crate) fn profile_text(s: &mut String, p: &Profile) {
+fn profile_text(s: &mut String, p: &Profile) {
     for (name, share) in p.components() {
         let _ = writeln!(s, "               {share:>5.1}%  {name}");
     }
@@ -64,7 +77,7 @@ pub(crate) fn profile_text(s: &mut String, p: &Profile) {
 
 /// The profile's components and top symbols, as the two Markdown tables of a section (the
 /// components table's header is written by the caller, after its own introduction).
-pub(crate) fn profile_markdown(s: &mut String, p: &Profile) {
+fn profile_markdown(s: &mut String, p: &Profile) {
     for (name, share) in p.components() {
         let _ = writeln!(s, "| {name} | {share:.1}% |");
     }
@@ -113,6 +126,7 @@ pub(crate) fn verdict(ok: bool) -> &'static str {
         "MISS"
     }
 }
+
 /// The two rates of one round of a benchmark that is judged on a ratio: its baseline's and
 /// its subject's (ingest, the aggregator), events per second.
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +139,22 @@ pub struct RoundRates {
 impl RoundRates {
     pub fn ratio(&self) -> f64 {
         self.rate / self.baseline_rate
+    }
+
+    /// The earlier rounds and then the last (detailed) one, in the order they ran.
+    pub fn with_last(
+        earlier: &[RoundRates],
+        load_before_baseline: f64,
+        baseline_rate: f64,
+        rate: f64,
+    ) -> Vec<RoundRates> {
+        let mut rounds = earlier.to_vec();
+        rounds.push(RoundRates {
+            load_before_baseline,
+            baseline_rate,
+            rate,
+        });
+        rounds
     }
 }
 
@@ -150,6 +180,7 @@ pub(crate) fn median_by_ratio(mut rounds: Vec<RoundRates>) -> RoundRates {
     rounds.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
     rounds[(rounds.len() - 1) / 2]
 }
+
 /// CPU seconds of a phase, for the terminal.
 pub(crate) fn cpu_text(
     s: &mut String,
@@ -174,6 +205,193 @@ pub(crate) fn cpu_text(
             c.cpu.user,
             c.cpu.system
         );
+    }
+}
+
+/// The judged goals of a benchmark measured in rounds against its baseline: the median
+/// round's ratio, and its rate on this machine's cores.
+pub(crate) fn ratio_goals(
+    rounds: Vec<RoundRates>,
+    subject: &str,
+    baseline: &str,
+    goal_ratio: f64,
+    goal_rate: f64,
+    cores: usize,
+) -> [Goal; 2] {
+    let count = rounds.len();
+    let median = median_by_ratio(rounds);
+    [
+        (
+            format!("{subject} >= {goal_ratio}x {baseline}"),
+            format!("{:.2}x (median of {count} rounds)", median.ratio()),
+            verdict(median.ratio() >= goal_ratio),
+        ),
+        (
+            format!(
+                "{subject} >= {} events/s on {cores} cores",
+                thousands(goal_rate)
+            ),
+            format!("{} events/s (the median round)", thousands(median.rate)),
+            verdict(median.rate >= goal_rate),
+        ),
+    ]
+}
+
+/// The terminal line of every round's ratio, and the median's.
+pub(crate) fn rounds_line(s: &mut String, subject: &str, rounds: Vec<RoundRates>) {
+    let _ = writeln!(
+        s,
+        "rounds       ratio ({subject} / baseline events/s) of each round, the last above: {}; median {:.2}",
+        rounds_text(&rounds),
+        median_by_ratio(rounds).ratio()
+    );
+}
+
+/// The docs row of every round's ratio and the median's; `how` says what a round is.
+pub(crate) fn rounds_row(s: &mut String, subject: &str, rounds: Vec<RoundRates>, how: &str) {
+    let _ = writeln!(
+        s,
+        "| every round: ratio ({subject} / baseline events/s) | {}; **median {:.2}**. {how}; the rows above and below detail the last one |",
+        rounds_text(&rounds),
+        median_by_ratio(rounds).ratio()
+    );
+}
+
+/// The first line of a terminal block: `== <title> (<date>) ==`.
+pub(crate) fn title_line(s: &mut String, title: &str, date: time::OffsetDateTime) {
+    let _ = writeln!(s, "== {title} ({}) ==", date_text(date));
+}
+
+/// The terminal's machine line; `loads` (the 1-minute load before each phase) may be empty.
+pub(crate) fn machine_line(s: &mut String, m: &Machine, loads: &str) {
+    let _ = write!(
+        s,
+        "machine      {} cores, {}, {:.1} GiB",
+        m.cores, m.model, m.memory_gib
+    );
+    if loads.is_empty() {
+        let _ = writeln!(s);
+    } else {
+        let _ = writeln!(s, "; load {loads}");
+    }
+}
+
+/// The head of a docs section: the generated-by line, then the table's machine and date rows
+/// (`loads`: the 1-minute load before each phase). The caller goes on with its own rows.
+pub(crate) fn section_head(
+    s: &mut String,
+    benchmark: &str,
+    date: time::OffsetDateTime,
+    m: &Machine,
+    loads: &str,
+) {
+    let date = date_text(date);
+    let _ = writeln!(
+        s,
+        "Generated by `meterline-bench {benchmark} --write-docs` on {date}; do not edit by hand.\n"
+    );
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(
+        s,
+        "| machine | {} cores, {}, {:.1} GiB memory; 1-minute load {loads} |",
+        m.cores, m.model, m.memory_gib
+    );
+    let _ = writeln!(s, "| date | {date} |");
+}
+
+/// The goals, one terminal line each.
+pub(crate) fn goals_text(s: &mut String, goals: &[Goal]) {
+    for (goal, measured, verdict) in goals {
+        let _ = writeln!(s, "goal         {verdict}  {goal}: {measured}");
+    }
+}
+
+/// The goals table of a docs section.
+pub(crate) fn goals_markdown(s: &mut String, goals: &[Goal]) {
+    let _ = writeln!(s, "\nGoals:\n\n| goal | measured | result |\n|---|---|---|");
+    for (goal, measured, verdict) in goals {
+        let _ = writeln!(s, "| {goal} | {measured} | **{verdict}** |");
+    }
+}
+
+/// The profile of a run for the terminal, or why there is none; `intro` says whose profile
+/// over what.
+pub(crate) fn profile_section_text(
+    s: &mut String,
+    profile: &Result<Profile, String>,
+    intro: impl FnOnce(&Profile) -> String,
+) {
+    match profile {
+        Ok(p) => {
+            let _ = writeln!(s, "profile      {}:", intro(p));
+            profile_text(s, p);
+        }
+        Err(reason) => {
+            let _ = writeln!(s, "profile      unavailable: {reason}");
+        }
+    }
+}
+
+/// The profile of a run in a docs section, or why there is none; `intro` says how it was
+/// taken.
+pub(crate) fn profile_section_markdown(
+    s: &mut String,
+    profile: &Result<Profile, String>,
+    intro: impl FnOnce(&Profile) -> String,
+) {
+    match profile {
+        Ok(p) => {
+            let _ = writeln!(
+                s,
+                "\n{}. Share of samples by component:\n\n| component | share |\n|---|---|",
+                intro(p)
+            );
+            profile_markdown(s, p);
+        }
+        Err(reason) => {
+            let _ = writeln!(s, "\nProfile: unavailable ({reason}).");
+        }
+    }
+}
+
+/// The head of a docs section's CPU table, one column per phase (`columns`).
+pub(crate) fn cpu_table_head(s: &mut String, columns: &[&str]) {
+    let _ = writeln!(
+        s,
+        "\nCPU seconds (user + system) used during each phase, from `/proc/<pid>/stat`:\n\n\
+         | process | {} |\n|---|{}",
+        columns.join(" | "),
+        "---|".repeat(columns.len())
+    );
+}
+
+/// Seconds per `unit` of `count` (events, deliveries) of one phase: a column of a CPU table.
+pub(crate) struct PerUnit {
+    /// The phase the column follows.
+    pub phase: usize,
+    pub unit: f64,
+    pub count: f64,
+}
+
+/// The rows of a CPU table: one per process of `names` that some phase accounted, a cell per
+/// phase and the [`PerUnit`] column after its phase.
+pub(crate) fn cpu_rows(s: &mut String, names: &[&str], phases: &[&[ComponentCpu]], per: PerUnit) {
+    for name in names {
+        let cpus: Vec<Option<CpuTimes>> = phases.iter().map(|p| find_cpu(p, name)).collect();
+        if cpus.iter().all(Option::is_none) {
+            continue;
+        }
+        let mut cells = vec![name.to_string()];
+        for (i, cpu) in cpus.iter().enumerate() {
+            cells.push(cpu_cell(*cpu));
+            if i == per.phase {
+                cells.push(
+                    cpu.map(|c| format!("{:.2} s", c.total() * per.unit / per.count))
+                        .unwrap_or_else(|| "-".to_owned()),
+                );
+            }
+        }
+        let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
 }
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
-    cpu_cell, cpu_text, date_text, find_cpu, median_by_ratio, profile_markdown, profile_text,
-    rounds_text, thousands, verdict, Latency, RoundRates,
+    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, machine_line,
+    profile_section_markdown, profile_section_text, ratio_goals, rounds_line, rounds_row,
+    section_head, thousands, title_line, Goal, Latency, PerUnit, Report, RoundRates,
 };
 
 /// The goals the aggregator benchmark is held to.
@@ -123,40 +124,24 @@ impl AggregatorReport {
 
     /// Every round, the last (detailed) one included, in the order they ran.
     pub fn rounds(&self) -> Vec<RoundRates> {
-        let mut rounds = self.earlier_rounds.clone();
-        rounds.push(RoundRates {
-            load_before_baseline: self.load_before_baseline,
-            baseline_rate: self.baseline_rate(),
-            rate: self.aggregator_rate(),
-        });
-        rounds
+        RoundRates::with_last(
+            &self.earlier_rounds,
+            self.load_before_baseline,
+            self.baseline_rate(),
+            self.aggregator_rate(),
+        )
     }
 
-    /// The round of median ratio (the lower middle one of an even count): what the goals
-    /// are judged on.
-    pub fn median_round(&self) -> RoundRates {
-        median_by_ratio(self.rounds())
-    }
-
-    fn goals(&self) -> [(String, String, &'static str); 2] {
-        let median = self.median_round();
-        let rounds = self.rounds().len();
-        [
-            (
-                format!("aggregator >= {AGGREGATOR_GOAL_RATIO}x the direct insert"),
-                format!("{:.2}x (median of {} rounds)", median.ratio(), rounds),
-                verdict(median.ratio() >= AGGREGATOR_GOAL_RATIO),
-            ),
-            (
-                format!(
-                    "aggregator >= {} events/s on {} cores",
-                    thousands(AGGREGATOR_GOAL_EVENTS_PER_SECOND),
-                    self.machine.cores
-                ),
-                format!("{} events/s (the median round)", thousands(median.rate)),
-                verdict(median.rate >= AGGREGATOR_GOAL_EVENTS_PER_SECOND),
-            ),
-        ]
+    /// Judged on the round of median ratio (the lower middle one of an even count).
+    fn goals(&self) -> [Goal; 2] {
+        ratio_goals(
+            self.rounds(),
+            "aggregator",
+            "the direct insert",
+            AGGREGATOR_GOAL_RATIO,
+            AGGREGATOR_GOAL_EVENTS_PER_SECOND,
+            self.machine.cores,
+        )
     }
 
     fn parameters(&self) -> String {
@@ -240,20 +225,44 @@ impl AggregatorReport {
         }
     }
 
-    /// The block printed at the end of a run.
-    pub fn text(&self) -> String {
-        let mut s = String::new();
-        let m = &self.machine;
-        let _ = writeln!(s, "== aggregator benchmark ({}) ==", date_text(self.date));
+    /// The live phase's rows of the docs table.
+    fn live_rows(&self, s: &mut String, live: &LiveReport) {
+        let _ = writeln!(s, "| live phase | {} |", Self::live_parameters(live));
         let _ = writeln!(
             s,
-            "machine      {} cores, {}, {:.1} GiB; load {:.2} before baseline, {:.2} before aggregator, {:.2} before live",
-            m.cores,
-            m.model,
-            m.memory_gib,
-            self.load_before_baseline,
-            self.load_before_aggregator,
-            self.load_before_live
+            "| **publish lag**: window end -> first total read on usage.windows | **{}** |",
+            Self::lag_text(&live.first)
+        );
+        let _ = writeln!(
+            s,
+            "| window end -> total with every event read | {} |",
+            Self::lag_text(&live.complete)
+        );
+        let _ = writeln!(
+            s,
+            "| `aggregator_window_publish_lag_seconds` over the live phase | {} |",
+            Self::histogram_text(live)
+        );
+        let _ = writeln!(
+            s,
+            "| live windows never read / never complete / republished | {} / {} / {} |",
+            live.missing, live.incomplete, live.republished
+        );
+    }
+}
+
+impl Report for AggregatorReport {
+    fn text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        title_line(&mut s, "aggregator benchmark", self.date);
+        machine_line(
+            &mut s,
+            m,
+            &format!(
+                "{:.2} before baseline, {:.2} before aggregator, {:.2} before live",
+                self.load_before_baseline, self.load_before_aggregator, self.load_before_live
+            ),
         );
         let _ = writeln!(s, "parameters   {}", self.parameters());
         let _ = writeln!(
@@ -279,12 +288,7 @@ impl AggregatorReport {
             self.startup.as_secs_f64()
         );
         let _ = writeln!(s, "ratio        {:.2}", self.ratio());
-        let _ = writeln!(
-            s,
-            "rounds       ratio (aggregator / baseline events/s) of each round, the last above: {}; median {:.2}",
-            rounds_text(&self.rounds()),
-            self.median_round().ratio()
-        );
+        rounds_line(&mut s, "aggregator", self.rounds());
         if let Some(insert) = self.insert_text() {
             let _ = writeln!(s, "inserts      {insert}");
         }
@@ -301,13 +305,20 @@ impl AggregatorReport {
                 rss as f64 / 1024.0
             );
         }
-        let phases = [
-            ("baseline", &self.baseline_cpu, self.baseline_elapsed),
-            ("consume", &self.aggregator_cpu, self.measured_elapsed),
-        ];
-        for (phase, cpus, elapsed) in phases {
-            cpu_text(&mut s, phase, cpus, elapsed, m.cores);
-        }
+        cpu_text(
+            &mut s,
+            "baseline",
+            &self.baseline_cpu,
+            self.baseline_elapsed,
+            m.cores,
+        );
+        cpu_text(
+            &mut s,
+            "consume",
+            &self.aggregator_cpu,
+            self.measured_elapsed,
+            m.cores,
+        );
         if let Some(live) = &self.live {
             let _ = writeln!(s, "live         {}", Self::live_parameters(live));
             let _ = writeln!(s, "lag first    {}", Self::lag_text(&live.first));
@@ -320,46 +331,29 @@ impl AggregatorReport {
             );
             cpu_text(&mut s, "live", &live.cpu, live.elapsed, m.cores);
         }
-        match &self.profile {
-            Ok(p) => {
-                let _ = writeln!(
-                    s,
-                    "profile      aggregator, {} samples over {} more backlog events:",
-                    p.samples, self.profile_events
-                );
-                profile_text(&mut s, p);
-            }
-            Err(reason) => {
-                let _ = writeln!(s, "profile      unavailable: {reason}");
-            }
-        }
-        for (goal, measured, verdict) in self.goals() {
-            let _ = writeln!(s, "goal         {verdict}  {goal}: {measured}");
-        }
+        profile_section_text(&mut s, &self.profile, |p| {
+            format!(
+                "aggregator, {} samples over {} more backlog events",
+                p.samples, self.profile_events
+            )
+        });
+        goals_text(&mut s, &self.goals());
         s
     }
 
-    /// The generated Markdown of the aggregator section.
-    pub fn markdown(&self) -> String {
+    fn markdown(&self) -> String {
         let m = &self.machine;
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "Generated by `meterline-bench aggregator --write-docs` on {}; do not edit by hand.\n",
-            date_text(self.date)
+        section_head(
+            &mut s,
+            "aggregator",
+            self.date,
+            m,
+            &format!(
+                "{:.2} before the baseline, {:.2} before the aggregator, {:.2} before the live phase",
+                self.load_before_baseline, self.load_before_aggregator, self.load_before_live
+            ),
         );
-        let _ = writeln!(s, "| | |\n|---|---|");
-        let _ = writeln!(
-            s,
-            "| machine | {} cores, {}, {:.1} GiB memory; 1-minute load {:.2} before the baseline, {:.2} before the aggregator, {:.2} before the live phase |",
-            m.cores,
-            m.model,
-            m.memory_gib,
-            self.load_before_baseline,
-            self.load_before_aggregator,
-            self.load_before_live
-        );
-        let _ = writeln!(s, "| date | {} |", date_text(self.date));
         let _ = writeln!(s, "| parameters | {} |", self.parameters());
         let _ = writeln!(
             s,
@@ -388,11 +382,11 @@ impl AggregatorReport {
             "| ratio aggregator / baseline | **{:.2}** in this round |",
             self.ratio()
         );
-        let _ = writeln!(
-            s,
-            "| every round: ratio (aggregator / baseline events/s) | {}; **median {:.2}**. Each round is a baseline then the aggregator on fresh namespaces and a backlog of its own; the rows above and below detail the last one |",
-            rounds_text(&self.rounds()),
-            self.median_round().ratio()
+        rounds_row(
+            &mut s,
+            "aggregator",
+            self.rounds(),
+            "Each round is a baseline then the aggregator on fresh namespaces and a backlog of its own",
         );
         if let Some(insert) = self.insert_text() {
             let _ = writeln!(s, "| ClickHouse inserts (aggregator metric) | {insert} |");
@@ -411,66 +405,36 @@ impl AggregatorReport {
             );
         }
         if let Some(live) = &self.live {
-            let _ = writeln!(s, "| live phase | {} |", Self::live_parameters(live));
-            let _ = writeln!(
-                s,
-                "| **publish lag**: window end -> first total read on usage.windows | **{}** |",
-                Self::lag_text(&live.first)
-            );
-            let _ = writeln!(
-                s,
-                "| window end -> total with every event read | {} |",
-                Self::lag_text(&live.complete)
-            );
-            let _ = writeln!(
-                s,
-                "| `aggregator_window_publish_lag_seconds` over the live phase | {} |",
-                Self::histogram_text(live)
-            );
-            let _ = writeln!(
-                s,
-                "| live windows never read / never complete / republished | {} / {} / {} |",
-                live.missing, live.incomplete, live.republished
-            );
+            self.live_rows(&mut s, live);
         }
+        goals_markdown(&mut s, &self.goals());
 
-        let _ = writeln!(s, "\nGoals:\n\n| goal | measured | result |\n|---|---|---|");
-        for (goal, measured, verdict) in self.goals() {
-            let _ = writeln!(s, "| {goal} | {measured} | **{verdict}** |");
-        }
-
-        let live_cpu = self.live.as_ref().map(|l| l.cpu.as_slice()).unwrap_or(&[]);
-        let _ = writeln!(
-            s,
-            "\nCPU seconds (user + system) used during each phase, from `/proc/<pid>/stat`:\n\n\
-             | process | baseline phase | consume phase (measured interval) | consume phase, per 100,000 events | live phase |\n\
-             |---|---|---|---|---|"
+        cpu_table_head(
+            &mut s,
+            &[
+                "baseline phase",
+                "consume phase (measured interval)",
+                "consume phase, per 100,000 events",
+                "live phase",
+            ],
         );
-        let measured_events = self.measured_events().max(1.0);
-        for name in [
-            "aggregator",
-            "clickhouse server",
-            "kafka broker",
-            "postgresql (all backends)",
-            "meterline-bench",
-        ] {
-            let base = find_cpu(&self.baseline_cpu, name);
-            let agg = find_cpu(&self.aggregator_cpu, name);
-            let live = find_cpu(live_cpu, name);
-            if base.is_none() && agg.is_none() && live.is_none() {
-                continue;
-            }
-            let per = agg
-                .map(|c| format!("{:.2} s", c.total() * 100_000.0 / measured_events))
-                .unwrap_or_else(|| "-".to_owned());
-            let _ = writeln!(
-                s,
-                "| {name} | {} | {} | {per} | {} |",
-                cpu_cell(base),
-                cpu_cell(agg),
-                cpu_cell(live)
-            );
-        }
+        let live_cpu = self.live.as_ref().map(|l| l.cpu.as_slice()).unwrap_or(&[]);
+        cpu_rows(
+            &mut s,
+            &[
+                "aggregator",
+                "clickhouse server",
+                "kafka broker",
+                "postgresql (all backends)",
+                "meterline-bench",
+            ],
+            &[&self.baseline_cpu, &self.aggregator_cpu, live_cpu],
+            PerUnit {
+                phase: 1,
+                unit: 100_000.0,
+                count: self.measured_events().max(1.0),
+            },
+        );
         let live_available = self
             .live
             .as_ref()
@@ -483,24 +447,15 @@ impl AggregatorReport {
             self.baseline_elapsed.as_secs_f64() * m.cores as f64,
             self.measured_elapsed.as_secs_f64() * m.cores as f64
         );
-
-        match &self.profile {
-            Ok(p) => {
-                let _ = writeln!(
-                    s,
-                    "\nProfile of the aggregator (`perf record -g -e cpu-clock`, {} samples) while a \
-                     restarted aggregator consumed {} more backlog events, so the measured phase \
-                     above ran without a profiler. Share of samples by component:\n\n\
-                     | component | share |\n|---|---|",
-                    p.samples,
-                    thousands(self.profile_events as f64)
-                );
-                profile_markdown(&mut s, p);
-            }
-            Err(reason) => {
-                let _ = writeln!(s, "\nProfile: unavailable ({reason}).");
-            }
-        }
+        profile_section_markdown(&mut s, &self.profile, |p| {
+            format!(
+                "Profile of the aggregator (`perf record -g -e cpu-clock`, {} samples) while a \
+                 restarted aggregator consumed {} more backlog events, so the measured phase \
+                 above ran without a profiler",
+                p.samples,
+                thousands(self.profile_events as f64)
+            )
+        });
         s
     }
 }
