@@ -26,35 +26,32 @@
 //!    phase is reported beside it.
 //! 7. Optionally a profiled pass: the aggregator is restarted on `--profile-events` more
 //!    backlog events with `perf record` attached, so the measured pass ran without a profiler.
+//!
+//! Here: the rounds, the consume phase and the profiled pass; the backlog and the baseline's
+//! rows in `backlog`, the live phase in `live`, the aggregator's `/metrics` in `metrics`, the
+//! result's text and docs section in `report`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clickhouse::Row;
-use meterline_common::kafka::{consumer_config, producer_config};
-use meterline_schemas::{
-    CustomerId, EnvironmentId, EventId, EventName, OffsetDateTime, RawUsageEvent, TenantId,
-    Timestamp, Topic, WindowTotal,
-};
+use meterline_schemas::{OffsetDateTime, Topic};
 use meterline_tests::usage::create_meter;
 use meterline_tests::{stack, Namespace, ServiceProcess, Stack};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
-use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
-use crate::baseline::{RawProducer, PRODUCE_TIMEOUT};
 use crate::procstat::{self, Machine, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{Latency, RoundRates};
-use crate::rng::SplitMix64;
-use crate::workload::{object, ENVIRONMENT, TENANT};
+use crate::report::RoundRates;
+use crate::workload::{ENVIRONMENT, TENANT};
 
+mod backlog;
+mod live;
+mod metrics;
 mod report;
+
+use backlog::{direct_insert, preload, Backlog, Generator};
+use live::live_phase;
+use metrics::{metric_value, publish_lag_histogram, scrape};
 pub use report::{
     AggregatorReport, BacklogPublication, LiveReport, AGGREGATOR_GOAL_EVENTS_PER_SECOND,
     AGGREGATOR_GOAL_RATIO,
@@ -153,28 +150,12 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         round.aggregator.terminate(Duration::from_secs(30)).await;
         round.ns.drop_databases().await;
     }
-    let Round {
-        ns,
-        pool,
-        mut generator,
-        backlog,
-        load_before_baseline,
-        baseline_elapsed,
-        baseline_cpu,
-        env,
-        load_before_aggregator,
-        spawned_at,
-        aggregator,
-        aggregator_pid,
-        watched,
-        target,
-        consumed,
-    } = measure_round(params, &watched).await?;
-    let metrics_after_backlog = scrape(&aggregator).await?;
+    let mut round = measure_round(params, &watched).await?;
+    let metrics_after_backlog = scrape(&round.aggregator).await?;
 
     // 5. The backlog's windows, published once hours past due.
     let publication = if params.grace_minutes == 0 {
-        wait_backlog_published(&pool, backlog.windows(), consumed.done).await?
+        wait_backlog_published(&round.pool, round.backlog.windows(), round.consumed.done).await?
     } else {
         BacklogPublication {
             after_last_row: None,
@@ -186,37 +167,46 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
     let live = if params.live_seconds == 0 {
         None
     } else {
-        let before = scrape(&aggregator).await?;
-        let cpu_before = watched.snapshot()?;
+        let before = scrape(&round.aggregator).await?;
+        let cpu_before = round.watched.snapshot()?;
         let started = Instant::now();
-        let mut live = live_phase(&ns, params).await?;
-        let cpu = watched.snapshot()?.since(&cpu_before);
+        let mut live = live_phase(&round.ns, params).await?;
+        let cpu = round.watched.snapshot()?.since(&cpu_before);
         live.elapsed = started.elapsed();
-        let after = scrape(&aggregator).await?;
+        let after = scrape(&round.aggregator).await?;
         live.histogram = publish_lag_histogram(&before, &after);
         live.cpu = cpu.components();
         Some(live)
     };
-    let peak_rss_kib = procstat::memory(aggregator_pid).ok().map(|m| m.peak_kib);
-    let metrics_end = scrape(&aggregator).await?;
-    aggregator.terminate(Duration::from_secs(30)).await;
+    let peak_rss_kib = procstat::memory(round.aggregator_pid)
+        .ok()
+        .map(|m| m.peak_kib);
+    let metrics_end = scrape(&round.aggregator).await?;
+    round.aggregator.terminate(Duration::from_secs(30)).await;
 
     // 7. Profiled pass on a restarted aggregator.
     let profile = if params.profile_events == 0 {
         Err("disabled (--profile-events 0)".to_owned())
     } else {
-        profiled_pass(&ns, &env, &mut generator, params, target).await
+        profiled_pass(
+            &round.ns,
+            &round.env,
+            &mut round.generator,
+            params,
+            round.target,
+        )
+        .await
     };
     if let Err(reason) = &profile {
         eprintln!("profile: {reason}");
     }
-    ns.drop_databases().await;
+    round.ns.drop_databases().await;
 
     Ok(AggregatorReport {
         machine,
         date,
-        load_before_baseline,
-        load_before_aggregator,
+        load_before_baseline: round.load_before_baseline,
+        load_before_aggregator: round.load_before_aggregator,
         load_before_live,
         earlier_rounds,
         events: params.events,
@@ -224,14 +214,14 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         batch_events: BATCH_EVENTS,
         grace_minutes: params.grace_minutes,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
-        backlog_windows: backlog.windows(),
-        baseline_elapsed,
-        first_rows: consumed.first_rows,
-        measured_elapsed: consumed.done - consumed.first,
-        startup: consumed.first - spawned_at,
-        from_spawn: consumed.done - spawned_at,
-        aggregator_cpu: consumed.cpu.components(),
-        baseline_cpu: baseline_cpu.components(),
+        backlog_windows: round.backlog.windows(),
+        baseline_elapsed: round.baseline_elapsed,
+        first_rows: round.consumed.first_rows,
+        measured_elapsed: round.consumed.done - round.consumed.first,
+        startup: round.consumed.first - round.spawned_at,
+        from_spawn: round.consumed.done - round.spawned_at,
+        aggregator_cpu: round.consumed.cpu.components(),
+        baseline_cpu: round.baseline_cpu.components(),
         insert_seconds: metric_value(
             &metrics_after_backlog,
             "aggregator_clickhouse_insert_duration_seconds_sum",
@@ -503,427 +493,6 @@ async fn wait_backlog_published(
     }
 }
 
-/// Backlog events as the generator made them, kept compact for the baseline's rows.
-struct Backlog {
-    events: Vec<Compact>,
-    customers: Vec<String>,
-}
-
-struct Compact {
-    customer: u32,
-    event_id: String,
-    timestamp: OffsetDateTime,
-    tokens: u64,
-    ingested_at: OffsetDateTime,
-}
-
-impl Backlog {
-    /// Distinct (customer, meter, window) of the backlog.
-    fn windows(&self) -> usize {
-        let keys: HashSet<(u32, i64)> = self
-            .events
-            .iter()
-            .map(|e| {
-                let t = e.timestamp.unix_timestamp();
-                (e.customer, t - t.rem_euclid(3600))
-            })
-            .collect();
-        keys.len() * ROWS_PER_EVENT
-    }
-
-    /// The rows the aggregator writes for these events, in event order.
-    fn rows(&self) -> Vec<DirectRow<'_>> {
-        let mut rows = Vec::with_capacity(self.events.len() * ROWS_PER_EVENT);
-        for e in &self.events {
-            let customer = self.customers[e.customer as usize].as_str();
-            for (meter, quantity) in [(COUNT_METER, 1), (SUM_METER, e.tokens)] {
-                rows.push(DirectRow {
-                    tenant_id: TENANT,
-                    environment_id: ENVIRONMENT,
-                    customer_id: customer,
-                    meter_id: meter,
-                    event_id: &e.event_id,
-                    timestamp: e.timestamp,
-                    // Decimal(38, 9): the quantity scaled by 10^9, as the aggregator sends it.
-                    qty_billable: i128::from(quantity) * 1_000_000_000,
-                    sign: 1,
-                    version: (e.ingested_at.unix_timestamp_nanos() / 1_000_000) as u64,
-                    ingested_at: e.ingested_at,
-                    expired: 0,
-                    unique_key: "",
-                });
-            }
-        }
-        rows
-    }
-}
-
-/// A row of `events_processed`, field for field the aggregator's `ProcessedRow`
-/// (`aggregator/src/clickhouse.rs`, private there).
-#[derive(Debug, Row, Serialize)]
-struct DirectRow<'a> {
-    tenant_id: &'a str,
-    environment_id: &'a str,
-    customer_id: &'a str,
-    meter_id: &'a str,
-    event_id: &'a str,
-    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
-    timestamp: OffsetDateTime,
-    qty_billable: i128,
-    sign: i8,
-    version: u64,
-    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
-    ingested_at: OffsetDateTime,
-    expired: u8,
-    unique_key: &'a str,
-}
-
-/// Inserts `rows` into the namespace's `events_processed`, one insert per aggregator batch,
-/// one after the other, as the aggregator does; returns the elapsed time.
-async fn direct_insert(ns: &Namespace, rows: &[DirectRow<'_>]) -> anyhow::Result<Duration> {
-    let client = ns.clickhouse();
-    let started = Instant::now();
-    for chunk in rows.chunks(BATCH_EVENTS * ROWS_PER_EVENT) {
-        let mut insert = client
-            .insert::<DirectRow<'_>>("events_processed")
-            .await
-            .context("starting a baseline insert")?;
-        for row in chunk {
-            insert.write(row).await.context("writing a baseline row")?;
-        }
-        insert.end().await.context("ending a baseline insert")?;
-    }
-    Ok(started.elapsed())
-}
-
-/// Writes `count` backlog events to `usage.raw`, keeping their compact form.
-async fn preload(
-    ns: &Namespace,
-    generator: &mut Generator,
-    count: usize,
-) -> anyhow::Result<Backlog> {
-    let producer = RawProducer::new(&ns.kafka, ns.topic(Topic::UsageRaw))?;
-    let mut events = Vec::with_capacity(count);
-    let mut left = count;
-    while left > 0 {
-        let n = left.min(PRELOAD_CHUNK);
-        let (chunk, customers) = generator.backlog_events(n)?;
-        producer.write_batch(&chunk).await?;
-        events.extend(chunk.into_iter().zip(customers).map(|(e, customer)| {
-            Compact {
-                customer,
-                timestamp: e.timestamp.as_offset_date_time(),
-                tokens: e.properties["tokens"].as_u64().unwrap_or(0),
-                ingested_at: e
-                    .ingested_at
-                    .map_or(e.timestamp.as_offset_date_time(), |t| {
-                        t.as_offset_date_time()
-                    }),
-                event_id: e.id.into_string(),
-            }
-        }));
-        left -= n;
-    }
-    Ok(Backlog {
-        events,
-        customers: (0..generator.customers).map(customer_name).collect(),
-    })
-}
-
-fn customer_name(index: usize) -> String {
-    format!("cust_{index:06}")
-}
-
-/// Backlog events: spread over `customers` customers and the 3 whole hours before the
-/// previous one (windows that ended 1 to 3 hours before the current hour began), with
-/// LLM-usage-like properties. A fixed seed gives the same shapes.
-struct Generator {
-    rng: SplitMix64,
-    customers: usize,
-    /// The start of the oldest of the 3 hours.
-    first_hour: i64,
-}
-
-impl Generator {
-    fn new(customers: usize) -> Self {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        Self {
-            rng: SplitMix64::new(0x6167_6772_6567_6174),
-            customers,
-            first_hour: now - now.rem_euclid(3600) - 4 * 3600,
-        }
-    }
-
-    /// `n` events, and the index of each one's customer.
-    fn backlog_events(&mut self, n: usize) -> anyhow::Result<(Vec<RawUsageEvent>, Vec<u32>)> {
-        let tenant = TenantId::parse(TENANT)?;
-        let environment = EnvironmentId::parse(ENVIRONMENT)?;
-        let name = EventName::parse(EVENT_NAME)?;
-        let ingested_at = Timestamp::now();
-        let mut events = Vec::with_capacity(n);
-        let mut customers = Vec::with_capacity(n);
-        for _ in 0..n {
-            let customer = self.rng.below(self.customers as u64) as u32;
-            let ms = self.first_hour * 1000 + self.rng.below(3 * 3_600_000) as i64;
-            let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)?;
-            events.push(RawUsageEvent {
-                id: EventId::generate(),
-                tenant_id: tenant.clone(),
-                environment_id: environment.clone(),
-                customer_id: CustomerId::parse(&customer_name(customer as usize))?,
-                event_name: name.clone(),
-                timestamp: Timestamp::new(at)?,
-                properties: properties(&mut self.rng),
-                source: None,
-                ingested_at: Some(ingested_at),
-            });
-            customers.push(customer);
-        }
-        Ok((events, customers))
-    }
-}
-
-fn properties(rng: &mut SplitMix64) -> Map<String, Value> {
-    const REGIONS: [&str; 4] = ["eu-west-1", "us-east-1", "us-west-2", "ap-southeast-1"];
-    object(json!({
-        "model": if rng.below(3) == 0 { "large-2" } else { "small-3" },
-        "tokens": rng.below(4000) + 1,
-        "region": REGIONS[rng.below(4) as usize],
-    }))
-}
-
-/// The live phase: events of the live tenant (1-minute windows) at `--live-rate`, and every
-/// total of that tenant read from `usage.windows` with the instant it was read.
-async fn live_phase(ns: &Namespace, params: &Params) -> anyhow::Result<LiveReport> {
-    let watcher = Watcher::start(ns)?;
-    watcher.wait_assigned(Duration::from_secs(30)).await?;
-
-    let producer: FutureProducer =
-        producer_config(&ns.kafka, "meterline-bench-live", PRODUCE_TIMEOUT)
-            .create()
-            .context("creating the live producer")?;
-    let topic = ns.topic(Topic::UsageRaw);
-    let tenant = TenantId::parse(LIVE_TENANT)?;
-    let environment = EnvironmentId::parse(ENVIRONMENT)?;
-    let name = EventName::parse(EVENT_NAME)?;
-    let customers: Vec<CustomerId> = (0..params.live_customers)
-        .map(|i| CustomerId::parse(&format!("cust_l{i:05}")))
-        .collect::<Result<_, _>>()?;
-    let mut rng = SplitMix64::new(0x6c69_7665);
-
-    let started = OffsetDateTime::now_utc();
-    let end = started + time::Duration::seconds(params.live_seconds as i64);
-    let end_s = end.unix_timestamp();
-    let stop = OffsetDateTime::from_unix_timestamp(end_s + (60 - end_s.rem_euclid(60)) % 60)?;
-    eprintln!(
-        "live phase: {} customers, {} events/s, until {} ({:.0}s)",
-        params.live_customers,
-        params.live_rate,
-        Timestamp::new(stop)?,
-        (stop - started).as_seconds_f64()
-    );
-    // Events sent per (customer index, window start).
-    let mut sent: HashMap<(usize, i64), u64> = HashMap::new();
-    let tick = Duration::from_millis(100);
-    let per_tick = params.live_rate.div_ceil(10).max(1);
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_customer = 0usize;
-    let mut events_sent = 0u64;
-    'send: loop {
-        ticker.tick().await;
-        let mut messages = Vec::with_capacity(per_tick);
-        for _ in 0..per_tick {
-            let now = OffsetDateTime::now_utc();
-            if now >= stop {
-                break;
-            }
-            let c = next_customer;
-            next_customer = (next_customer + 1) % customers.len();
-            let event = RawUsageEvent {
-                id: EventId::generate(),
-                tenant_id: tenant.clone(),
-                environment_id: environment.clone(),
-                customer_id: customers[c].clone(),
-                event_name: name.clone(),
-                timestamp: Timestamp::new(now)?,
-                properties: properties(&mut rng),
-                source: None,
-                ingested_at: Some(Timestamp::new(now)?),
-            };
-            let t = now.unix_timestamp();
-            *sent.entry((c, t - t.rem_euclid(60))).or_default() += 1;
-            messages.push((event.kafka_key(), event.to_json_bytes()));
-        }
-        let sends = messages.iter().map(|(key, payload)| {
-            producer.send(
-                FutureRecord::to(&topic).key(key).payload(payload),
-                Timeout::After(PRODUCE_TIMEOUT),
-            )
-        });
-        for outcome in futures::future::join_all(sends).await {
-            outcome.map_err(|(e, _)| anyhow::anyhow!("kafka refused a live event: {e}"))?;
-        }
-        events_sent += messages.len() as u64;
-        if messages.len() < per_tick {
-            break 'send;
-        }
-    }
-    let sending = OffsetDateTime::now_utc() - started;
-
-    // Every (customer, meter, window) sent must come out with its full count.
-    let expected: HashMap<(String, String, i64), u64> = sent
-        .iter()
-        .flat_map(|(&(c, start), &n)| {
-            [COUNT_METER, SUM_METER]
-                .map(|m| ((customers[c].as_str().to_owned(), m.to_owned(), start), n))
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let complete = watcher.complete(&expected);
-        if complete == expected.len() || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // A little longer, for late revisions of the last windows.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let seen = watcher.stop();
-
-    let mut first: BTreeMap<(String, String, i64), Duration> = BTreeMap::new();
-    let mut complete: BTreeMap<(String, String, i64), Duration> = BTreeMap::new();
-    let mut republished = HashSet::new();
-    for (total, read_at) in &seen {
-        let key = (
-            total.customer_id.as_str().to_owned(),
-            total.meter_id.as_str().to_owned(),
-            total.window.start().unix_timestamp(),
-        );
-        let due = total.window.end() + time::Duration::minutes(params.grace_minutes as i64);
-        let lag = (*read_at - due).max(time::Duration::ZERO);
-        let lag = Duration::try_from(lag).unwrap_or_default();
-        if total.revision.get() == 1 {
-            first.entry(key.clone()).or_insert(lag);
-        } else {
-            republished.insert(key.clone());
-        }
-        if expected.get(&key) == Some(&total.event_count) {
-            complete.entry(key).or_insert(lag);
-        }
-    }
-    Ok(LiveReport {
-        customers: params.live_customers,
-        rate: params.live_rate,
-        events: events_sent,
-        sending: Duration::try_from(sending).unwrap_or_default(),
-        elapsed: Duration::ZERO,
-        windows: expected.len(),
-        missing: expected.keys().filter(|k| !first.contains_key(*k)).count(),
-        incomplete: expected
-            .keys()
-            .filter(|k| !complete.contains_key(*k))
-            .count(),
-        republished: republished.len(),
-        first: Latency::of(first.into_values().collect()),
-        complete: Latency::of(complete.into_values().collect()),
-        histogram: None,
-        cpu: Vec::new(),
-    })
-}
-
-/// Reads the live tenant's totals from `usage.windows`, with the instant each was read.
-struct Watcher {
-    consumer: Arc<StreamConsumer>,
-    seen: Arc<Mutex<Vec<(WindowTotal, OffsetDateTime)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Watcher {
-    fn start(ns: &Namespace) -> anyhow::Result<Watcher> {
-        let group = format!("{}-bench-windows", ns.id);
-        // Only what is published from now on: the backlog's windows are not read.
-        let consumer: StreamConsumer = consumer_config(&ns.kafka, "meterline-bench", &group)
-            .set("auto.offset.reset", "latest")
-            .create()
-            .context("creating the usage.windows reader")?;
-        consumer
-            .subscribe(&[&ns.topic(Topic::UsageWindows)])
-            .context("subscribing to usage.windows")?;
-        let consumer = Arc::new(consumer);
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let task = tokio::spawn({
-            let (consumer, seen) = (consumer.clone(), seen.clone());
-            async move {
-                loop {
-                    match consumer.recv().await {
-                        Ok(m) => {
-                            let read_at = OffsetDateTime::now_utc();
-                            let Ok(total) =
-                                WindowTotal::from_json_bytes(m.payload().unwrap_or_default())
-                            else {
-                                eprintln!("usage.windows: an invalid total");
-                                continue;
-                            };
-                            if total.tenant_id.as_str() == LIVE_TENANT {
-                                seen.lock().expect("not poisoned").push((total, read_at));
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("usage.windows: {e}");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Watcher {
-            consumer,
-            seen,
-            task,
-        })
-    }
-
-    /// Waits until the group gave the reader its partitions and their positions are known.
-    async fn wait_assigned(&self, within: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            let assigned = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
-            if assigned > 0 {
-                // The positions are fetched (at the end, `latest`) right after assignment.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the usage.windows reader got no partitions within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// How many expected windows were read with their full event count.
-    fn complete(&self, expected: &HashMap<(String, String, i64), u64>) -> usize {
-        let seen = self.seen.lock().expect("not poisoned");
-        let done: HashSet<(String, String, i64)> = seen
-            .iter()
-            .filter_map(|(t, _)| {
-                let key = (
-                    t.customer_id.as_str().to_owned(),
-                    t.meter_id.as_str().to_owned(),
-                    t.window.start().unix_timestamp(),
-                );
-                (expected.get(&key) == Some(&t.event_count)).then_some(key)
-            })
-            .collect();
-        done.len()
-    }
-
-    fn stop(self) -> Vec<(WindowTotal, OffsetDateTime)> {
-        self.task.abort();
-        std::mem::take(&mut *self.seen.lock().expect("not poisoned"))
-    }
-}
-
 /// Restarts the aggregator on `profile_events` more backlog events with `perf record`
 /// attached; `rows_before` rows are already in `events_processed`.
 async fn profiled_pass(
@@ -958,144 +527,4 @@ async fn profiled_pass(
     aggregator.terminate(Duration::from_secs(30)).await;
     consumed.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
     profile
-}
-
-/// The aggregator's `/metrics` text.
-async fn scrape(aggregator: &ServiceProcess) -> anyhow::Result<String> {
-    reqwest::get(aggregator.url("/metrics"))
-        .await
-        .context("reading the aggregator's /metrics")?
-        .text()
-        .await
-        .context("reading the aggregator's /metrics")
-}
-
-/// The value of the sample named exactly `name` (labels included) in a Prometheus text.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (sample, value) = line.rsplit_once(' ')?;
-        (sample == name).then(|| value.parse().ok()).flatten()
-    })
-}
-
-/// The buckets `(le, cumulative count)` of a histogram.
-fn buckets(text: &str, histogram: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{histogram}_bucket{{le=\"");
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(&prefix)?;
-            let (le, value) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// The aggregator's publish-lag histogram between two scrapes: observations, and the upper
-/// bounds of the buckets holding the median and the 99th percentile.
-fn publish_lag_histogram(before: &str, after: &str) -> Option<(u64, f64, f64)> {
-    const NAME: &str = "aggregator_window_publish_lag_seconds";
-    let before = buckets(before, NAME);
-    let after = buckets(after, NAME);
-    let diff: Vec<(f64, f64)> = after
-        .iter()
-        .map(|&(le, n)| {
-            let was = before
-                .iter()
-                .find(|(b, _)| *b == le)
-                .map_or(0.0, |(_, n)| *n);
-            (le, n - was)
-        })
-        .collect();
-    let total = diff.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let bound = |p: f64| {
-        diff.iter()
-            .find(|(_, n)| *n >= p * total)
-            .map_or(f64::INFINITY, |(le, _)| *le)
-    };
-    Some((total as u64, bound(0.5), bound(0.99)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const METRICS: &str = "\
-# TYPE aggregator_window_publish_lag_seconds histogram
-aggregator_window_publish_lag_seconds_bucket{le=\"0.5\"} 0
-aggregator_window_publish_lag_seconds_bucket{le=\"1\"} 10
-aggregator_window_publish_lag_seconds_bucket{le=\"2.5\"} 100
-aggregator_window_publish_lag_seconds_bucket{le=\"+Inf\"} 120
-aggregator_window_publish_lag_seconds_sum 300
-aggregator_window_publish_lag_seconds_count 120
-aggregator_windows_published_total{reason=\"due\"} 120
-";
-
-    #[test]
-    fn metrics_are_read_from_the_prometheus_text() {
-        assert_eq!(
-            metric_value(
-                METRICS,
-                "aggregator_windows_published_total{reason=\"due\"}"
-            ),
-            Some(120.0)
-        );
-        assert_eq!(
-            metric_value(METRICS, "aggregator_window_publish_lag_seconds_sum"),
-            Some(300.0)
-        );
-        assert_eq!(
-            buckets(METRICS, "aggregator_window_publish_lag_seconds").len(),
-            4
-        );
-        let before = "aggregator_window_publish_lag_seconds_bucket{le=\"+Inf\"} 20\n\
-                      aggregator_window_publish_lag_seconds_bucket{le=\"1\"} 0\n";
-        // 100 new observations: 10 at <= 1 s, 90 more at <= 2.5 s, 0 above.
-        assert_eq!(
-            publish_lag_histogram(before, METRICS),
-            Some((100, 2.5, 2.5))
-        );
-    }
-
-    #[test]
-    fn backlog_rows_match_the_aggregator_s_rows() {
-        let mut g = Generator::new(10);
-        let (events, customers) = g.backlog_events(3).unwrap();
-        assert!(customers.iter().all(|c| *c < 10));
-        let backlog = Backlog {
-            events: events
-                .iter()
-                .map(|e| Compact {
-                    customer: 1,
-                    event_id: e.id.as_str().to_owned(),
-                    timestamp: e.timestamp.as_offset_date_time(),
-                    tokens: e.properties["tokens"].as_u64().unwrap(),
-                    ingested_at: e.ingested_at.unwrap().as_offset_date_time(),
-                })
-                .collect(),
-            customers: (0..10).map(customer_name).collect(),
-        };
-        let rows = backlog.rows();
-        assert_eq!(rows.len(), 6);
-        assert_eq!(rows[0].meter_id, COUNT_METER);
-        assert_eq!(rows[0].qty_billable, 1_000_000_000);
-        assert_eq!(
-            rows[1].qty_billable,
-            i128::from(backlog.events[0].tokens) * 1_000_000_000
-        );
-        assert_eq!(rows[1].customer_id, "cust_000001");
-        // Every event falls in one of the 3 hours before the previous hour: 1 to 5 hours old.
-        let now = OffsetDateTime::now_utc();
-        for e in &events {
-            let age = now - e.timestamp.as_offset_date_time();
-            assert!(age > time::Duration::HOUR && age < time::Duration::hours(5));
-        }
-    }
 }
