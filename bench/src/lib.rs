@@ -33,6 +33,7 @@
 pub mod aggregator;
 pub mod baseline;
 pub mod chaos;
+pub mod clients;
 pub mod ingest;
 pub mod pipeline;
 pub mod procstat;

@@ -7,7 +7,6 @@
 //! profiled pass over part of the events. The ratio therefore compares two phases a few
 //! seconds apart on the same machine state.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use meterline_schemas::Topic;
 use meterline_tests::{api, stack, Namespace, Stack};
 
 use crate::baseline::{self, RawProducer};
+use crate::clients::{http_client, post_bulk, run_clients};
 use crate::procstat::{self, Machine, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
 use crate::report::{Latency, RoundRates};
@@ -273,13 +273,8 @@ impl Driver {
         workload: Arc<Workload>,
         concurrency: usize,
     ) -> anyhow::Result<Driver> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(concurrency)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .context("building the http client")?;
         Ok(Driver {
-            client,
+            client: http_client(concurrency, Duration::from_secs(60))?,
             url: ingest.url("/v1/events/bulk"),
             token,
             workload,
@@ -298,45 +293,13 @@ impl Driver {
 
     /// Posts batches `0..batches`; returns the elapsed time and every request's latency.
     async fn run(&self, batches: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
-        let next = AtomicUsize::new(0);
-        let started = Instant::now();
-        let clients = (0..self.concurrency).map(|_| async {
-            let mut latencies = Vec::new();
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= batches {
-                    return anyhow::Ok(latencies);
-                }
-                latencies.push(self.post(index).await?);
-            }
-        });
-        let mut all = Vec::with_capacity(batches);
-        for outcome in futures::future::join_all(clients).await {
-            all.extend(outcome?);
-        }
-        Ok((started.elapsed(), all))
+        run_clients(self.concurrency, batches, |index| self.post(index)).await
     }
 
     /// Posts bulk body `index`; anything but 202 fails the run.
     async fn post(&self, index: usize) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let response = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(self.workload.bodies[index].clone())
-            .send()
-            .await
-            .context("posting a bulk request")?;
-        let status = response.status();
-        let body = response.bytes().await.context("reading the answer")?;
-        if status != reqwest::StatusCode::ACCEPTED {
-            bail!(
-                "ingest answered {status} to bulk request {index}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(2000)])
-            );
-        }
-        Ok(started.elapsed())
+        let body = self.workload.bodies[index].clone();
+        let which = format!(" to bulk request {index}");
+        post_bulk(&self.client, &self.url, &self.token, body, &which).await
     }
 }

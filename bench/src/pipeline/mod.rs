@@ -38,9 +38,10 @@ use time::OffsetDateTime;
 
 use crate::aggregator::count_rows;
 use crate::baseline::PRODUCE_TIMEOUT;
+use crate::clients::{http_client, post_bulk};
 use crate::procstat::{self, Machine, Memory, Watchlist};
 use crate::recorder::Receipt;
-use crate::relay::{event_body, signature_header, unix_now, SECRET};
+use crate::relay::{event_body, signed_delivery, unix_now, SECRET};
 use crate::report::Latency;
 use crate::rng::SplitMix64;
 use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
@@ -325,11 +326,7 @@ struct Load {
 impl Load {
     fn new(ingest: &ServiceProcess, params: &Params) -> anyhow::Result<Load> {
         Ok(Load {
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(params.concurrency)
-                .timeout(Duration::from_secs(60))
-                .build()
-                .context("building the http client")?,
+            client: http_client(params.concurrency, Duration::from_secs(60))?,
             url: ingest.url("/v1/events/bulk"),
             token: api::token(TENANT, ENVIRONMENT),
             run: unix_now(),
@@ -397,25 +394,8 @@ impl Load {
             );
         }
         body.push_str("]}");
-        let started = Instant::now();
-        let response = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(Bytes::from(body))
-            .send()
-            .await
-            .context("posting a bulk request")?;
-        let status = response.status();
-        let answer = response.bytes().await.context("reading the answer")?;
-        let elapsed = started.elapsed();
-        if status != reqwest::StatusCode::ACCEPTED {
-            bail!(
-                "ingest answered {status}: {}",
-                String::from_utf8_lossy(&answer[..answer.len().min(2000)])
-            );
-        }
+        let elapsed =
+            post_bulk(&self.client, &self.url, &self.token, Bytes::from(body), "").await?;
         let mut truth = self.truth.lock().unwrap_or_else(|p| p.into_inner());
         for n in first..first + batch as u64 {
             let (customer, tokens) = content(n, self.customers);
@@ -442,17 +422,7 @@ async fn webhook_stream(url: String, rate: u32, stop: Arc<AtomicBool>) -> anyhow
         let due = started + Duration::from_secs_f64(sent as f64 / f64::from(rate));
         tokio::time::sleep_until(due.into()).await;
         let body = event_body(&format!("evt_pipe{run}x{sent:08}"), sent as usize);
-        let answer = client
-            .post(&url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/json; charset=utf-8",
-            )
-            .header(
-                "stripe-signature",
-                signature_header(unix_now(), SECRET, &body),
-            )
-            .body(body)
+        let answer = signed_delivery(&client, &url, body)
             .send()
             .await
             .context("delivering a webhook")?;

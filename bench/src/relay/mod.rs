@@ -12,7 +12,6 @@
 //! Signing happens in the client task just before the clock of each request starts (the
 //! signature's timestamp must stay within the relay's 300 s tolerance however long a run is).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,9 +24,11 @@ use meterline_tests::{api, stack, Namespace, ServiceProcess, Stack};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use reqwest::RequestBuilder;
 use serde_json::{json, Value};
 
 use crate::baseline::PRODUCE_TIMEOUT;
+use crate::clients::{excerpt, http_client, run_clients, send_timed};
 use crate::procstat::{self, Machine, Watchlist};
 use crate::report::Latency;
 use crate::workload::{ENVIRONMENT, TENANT};
@@ -292,26 +293,13 @@ async fn baseline_run(
     deliveries: usize,
     concurrency: usize,
 ) -> anyhow::Result<(Duration, Vec<Duration>)> {
-    let next = AtomicUsize::new(0);
-    let started = Instant::now();
-    let tasks = (0..concurrency).map(|_| async {
-        let mut latencies = Vec::new();
-        loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            if index >= deliveries {
-                return anyhow::Ok(latencies);
-            }
-            let (key, value) = &messages[index];
-            let sent = Instant::now();
-            producer.produce_one(key, value).await?;
-            latencies.push(sent.elapsed());
-        }
-    });
-    let mut all = Vec::with_capacity(deliveries);
-    for outcome in futures::future::join_all(tasks).await {
-        all.extend(outcome?);
-    }
-    Ok((started.elapsed(), all))
+    run_clients(concurrency, deliveries, |index| async move {
+        let (key, value) = &messages[index];
+        let sent = Instant::now();
+        producer.produce_one(key, value).await?;
+        Ok(sent.elapsed())
+    })
+    .await
 }
 
 /// Messages on `topic` (high - low watermark, summed over its partitions).
@@ -351,13 +339,8 @@ impl Driver {
         bodies: Arc<Vec<Vec<u8>>>,
         concurrency: usize,
     ) -> anyhow::Result<Driver> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(concurrency)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .context("building the http client")?;
         Ok(Driver {
-            client,
+            client: http_client(concurrency, Duration::from_secs(30))?,
             url: relay.url(&format!("/webhooks/stripe/{TENANT}/{ENVIRONMENT}")),
             bodies,
             concurrency,
@@ -366,48 +349,18 @@ impl Driver {
 
     /// Delivers bodies `0..deliveries`; returns the elapsed time and every request's latency.
     async fn run(&self, deliveries: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
-        let next = AtomicUsize::new(0);
-        let started = Instant::now();
-        let clients = (0..self.concurrency).map(|_| async {
-            let mut latencies = Vec::new();
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= deliveries {
-                    return anyhow::Ok(latencies);
-                }
-                latencies.push(self.deliver(index).await?);
-            }
-        });
-        let mut all = Vec::with_capacity(deliveries);
-        for outcome in futures::future::join_all(clients).await {
-            all.extend(outcome?);
-        }
-        Ok((started.elapsed(), all))
+        run_clients(self.concurrency, deliveries, |index| self.deliver(index)).await
     }
 
     /// Signs and delivers body `index`; anything but a first-time 200 fails the run. The
     /// latency runs from just before the request is sent to the answer's body read.
     async fn deliver(&self, index: usize) -> anyhow::Result<Duration> {
-        let body = &self.bodies[index];
-        let signature = signature_header(unix_now(), SECRET, body);
-        let request = self
-            .client
-            .post(&self.url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/json; charset=utf-8",
-            )
-            .header("stripe-signature", signature)
-            .body(body.clone());
-        let started = Instant::now();
-        let response = request.send().await.context("delivering a webhook")?;
-        let status = response.status();
-        let answer = response.bytes().await.context("reading the answer")?;
-        let elapsed = started.elapsed();
+        let request = signed_delivery(&self.client, &self.url, self.bodies[index].clone());
+        let (elapsed, status, answer) = send_timed(request, "delivering a webhook").await?;
         if status != reqwest::StatusCode::OK {
             bail!(
                 "webhook-relay answered {status} to delivery {index}: {}",
-                String::from_utf8_lossy(&answer[..answer.len().min(2000)])
+                excerpt(&answer)
             );
         }
         let answer: Value = serde_json::from_slice(&answer).context("the answer is not JSON")?;
@@ -416,6 +369,23 @@ impl Driver {
         }
         Ok(elapsed)
     }
+}
+
+/// A delivery of `body` to the relay at `url`, signed now with [`SECRET`] as Stripe signs.
+pub(crate) fn signed_delivery(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+) -> RequestBuilder {
+    let signature = signature_header(unix_now(), SECRET, &body);
+    client
+        .post(url)
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )
+        .header("stripe-signature", signature)
+        .body(body)
 }
 
 /// `t=<t>,v1=<hex(HMAC-SHA256(secret, "<t>.<body>"))>`, as Stripe signs.
