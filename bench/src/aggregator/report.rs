@@ -8,9 +8,9 @@ use std::time::Duration;
 use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, machine_line,
-    profile_section_markdown, profile_section_text, ratio_goals, rounds_line, rounds_row,
-    section_head, thousands, title_line, Goal, Latency, PerUnit, Report, RoundRates,
+    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, profile_section_markdown,
+    profile_section_text, ratio_goals, rounds_line, rounds_row, thousands, Goal, Head, Latency,
+    PerUnit, Report, RoundRates,
 };
 
 /// The goals the aggregator benchmark is held to.
@@ -91,6 +91,26 @@ pub struct AggregatorReport {
 }
 
 impl AggregatorReport {
+    /// What opens the terminal block and the docs section.
+    fn head(&self) -> Head<'_> {
+        Head::new("aggregator", &self.machine, self.date)
+            .load(
+                self.load_before_baseline,
+                "before baseline",
+                "before the baseline",
+            )
+            .load(
+                self.load_before_aggregator,
+                "before aggregator",
+                "before the aggregator",
+            )
+            .load(
+                self.load_before_live,
+                "before live",
+                "before the live phase",
+            )
+    }
+
     pub fn rows(&self) -> usize {
         self.events * 2
     }
@@ -253,17 +273,8 @@ impl AggregatorReport {
 
 impl Report for AggregatorReport {
     fn text(&self) -> String {
-        let mut s = String::new();
+        let mut s = self.head().text();
         let m = &self.machine;
-        title_line(&mut s, "aggregator benchmark", self.date);
-        machine_line(
-            &mut s,
-            m,
-            &format!(
-                "{:.2} before baseline, {:.2} before aggregator, {:.2} before live",
-                self.load_before_baseline, self.load_before_aggregator, self.load_before_live
-            ),
-        );
         let _ = writeln!(s, "parameters   {}", self.parameters());
         let _ = writeln!(
             s,
@@ -343,17 +354,7 @@ impl Report for AggregatorReport {
 
     fn markdown(&self) -> String {
         let m = &self.machine;
-        let mut s = String::new();
-        section_head(
-            &mut s,
-            "aggregator",
-            self.date,
-            m,
-            &format!(
-                "{:.2} before the baseline, {:.2} before the aggregator, {:.2} before the live phase",
-                self.load_before_baseline, self.load_before_aggregator, self.load_before_live
-            ),
-        );
+        let mut s = self.head().markdown();
         let _ = writeln!(s, "| parameters | {} |", self.parameters());
         let _ = writeln!(
             s,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{Summary, BUILD, TEST};
 use crate::procstat::Machine;
-use crate::report::{date_text, section_head, thousands, Report};
+use crate::report::{date_text, thousands, Head, Report};
 
 pub struct ChaosReport {
     pub machine: Machine,
@@ -23,6 +23,13 @@ pub struct ChaosReport {
 }
 
 impl ChaosReport {
+    /// What opens the terminal block and the docs section.
+    fn head(&self) -> Head<'_> {
+        Head::new("chaos", &self.machine, self.date)
+            .load(self.load_before, "", "before the test")
+            .load(self.load_after, "", "after")
+    }
+
     fn command(&self) -> String {
         format!(
             "cargo {} && METERLINE_CHAOS_EVENTS={} cargo {}",
@@ -51,19 +58,8 @@ impl Report for ChaosReport {
     }
 
     fn markdown(&self) -> String {
-        let m = &self.machine;
         let s = &self.summary;
-        let mut out = String::new();
-        section_head(
-            &mut out,
-            "chaos",
-            self.date,
-            m,
-            &format!(
-                "{:.2} before the test, {:.2} after",
-                self.load_before, self.load_after
-            ),
-        );
+        let mut out = self.head().markdown();
         let _ = writeln!(out, "| commit | {} |", self.commit);
         let _ = writeln!(out, "| command | `{}` |", self.command());
         let _ = writeln!(

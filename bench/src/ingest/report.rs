@@ -7,9 +7,9 @@ use std::time::Duration;
 use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, machine_line, ms,
-    profile_section_markdown, profile_section_text, ratio_goals, rounds_line, rounds_row,
-    section_head, thousands, title_line, Goal, Latency, PerUnit, Report, RoundRates,
+    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, ms, profile_section_markdown,
+    profile_section_text, ratio_goals, rounds_line, rounds_row, thousands, Goal, Head, Latency,
+    PerUnit, Report, RoundRates,
 };
 
 /// The goals the ingest benchmark is held to.
@@ -40,6 +40,17 @@ pub struct IngestReport {
 }
 
 impl IngestReport {
+    /// What opens the terminal block and the docs section.
+    fn head(&self) -> Head<'_> {
+        Head::new("ingest", &self.machine, self.date)
+            .load(
+                self.load_before_baseline,
+                "before baseline",
+                "before the baseline",
+            )
+            .load(self.load_before_ingest, "before ingest", "before ingest")
+    }
+
     pub fn baseline_rate(&self) -> f64 {
         self.events as f64 / self.baseline_elapsed.as_secs_f64()
     }
@@ -98,17 +109,8 @@ impl IngestReport {
 
 impl Report for IngestReport {
     fn text(&self) -> String {
-        let mut s = String::new();
+        let mut s = self.head().text();
         let m = &self.machine;
-        title_line(&mut s, "ingest benchmark", self.date);
-        machine_line(
-            &mut s,
-            m,
-            &format!(
-                "{:.2} before baseline, {:.2} before ingest",
-                self.load_before_baseline, self.load_before_ingest
-            ),
-        );
         let _ = writeln!(s, "parameters   {}", self.parameters());
         let _ = writeln!(
             s,
@@ -156,17 +158,7 @@ impl Report for IngestReport {
 
     fn markdown(&self) -> String {
         let m = &self.machine;
-        let mut s = String::new();
-        section_head(
-            &mut s,
-            "ingest",
-            self.date,
-            m,
-            &format!(
-                "{:.2} before the baseline, {:.2} before ingest",
-                self.load_before_baseline, self.load_before_ingest
-            ),
-        );
+        let mut s = self.head().markdown();
         let _ = writeln!(s, "| parameters | {} |", self.parameters());
         let _ = writeln!(
             s,

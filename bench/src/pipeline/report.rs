@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::{Params, SERVICES};
 use crate::procstat::{ComponentCpu, Machine, Memory};
-use crate::report::{cpu_cell, find_cpu, ms, section_head, thousands, title_line, Latency, Report};
+use crate::report::{cpu_cell, find_cpu, ms, thousands, title_line, Head, Latency, Report};
 
 pub struct ServiceMemory {
     pub name: &'static str,
@@ -59,6 +59,13 @@ impl ServiceMemory {
 }
 
 impl PipelineReport {
+    /// What opens the terminal block and the docs section.
+    fn head(&self) -> Head<'_> {
+        Head::new("pipeline", &self.machine, self.date)
+            .load(self.load_before_baseline, "", "before the baseline")
+            .load(self.load_before_pipeline, "", "before the pipeline's load")
+    }
+
     pub fn rate(&self) -> f64 {
         self.events as f64 / self.load_elapsed.as_secs_f64()
     }
@@ -143,17 +150,7 @@ impl Report for PipelineReport {
     fn markdown(&self) -> String {
         let m = &self.machine;
         let p = &self.params;
-        let mut s = String::new();
-        section_head(
-            &mut s,
-            "pipeline",
-            self.date,
-            m,
-            &format!(
-                "{:.2} before the baseline, {:.2} before the pipeline's load",
-                self.load_before_baseline, self.load_before_pipeline
-            ),
-        );
+        let mut s = self.head().markdown();
         let _ = writeln!(
             s,
             "| parameters | {}; {} customers, a COUNT and a SUM meter on `api.request`, 1-minute windows, grace 0; Stripe account limit and sink rate {}/s; {} signed webhook deliveries/s to the relay meanwhile |",

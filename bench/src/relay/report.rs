@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use crate::procstat::{ComponentCpu, Machine};
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, machine_line, ms, section_head, thousands, title_line,
-    Latency, PerUnit, Report,
+    cpu_rows, cpu_table_head, cpu_text, ms, thousands, Head, Latency, PerUnit, Report,
 };
 
 /// The relay benchmark: signed deliveries through the release `webhook-relay`, and raw
@@ -32,6 +31,17 @@ pub struct RelayReport {
 }
 
 impl RelayReport {
+    /// What opens the terminal block and the docs section.
+    fn head(&self) -> Head<'_> {
+        Head::new("relay", &self.machine, self.date)
+            .load(
+                self.load_before_baseline,
+                "before baseline",
+                "before the baseline",
+            )
+            .load(self.load_before_relay, "before relay", "before the relay")
+    }
+
     pub fn baseline_rate(&self) -> f64 {
         self.deliveries as f64 / self.baseline_elapsed.as_secs_f64()
     }
@@ -101,17 +111,8 @@ impl RelayReport {
 
 impl Report for RelayReport {
     fn text(&self) -> String {
-        let mut s = String::new();
+        let mut s = self.head().text();
         let m = &self.machine;
-        title_line(&mut s, "relay benchmark", self.date);
-        machine_line(
-            &mut s,
-            m,
-            &format!(
-                "{:.2} before baseline, {:.2} before relay",
-                self.load_before_baseline, self.load_before_relay
-            ),
-        );
         let _ = writeln!(s, "parameters   {}", self.parameters());
         let [(base_latency, base_rate), (latency, rate)] = self.passes("s");
         let _ = writeln!(
@@ -148,17 +149,7 @@ impl Report for RelayReport {
 
     fn markdown(&self) -> String {
         let m = &self.machine;
-        let mut s = String::new();
-        section_head(
-            &mut s,
-            "relay",
-            self.date,
-            m,
-            &format!(
-                "{:.2} before the baseline, {:.2} before the relay",
-                self.load_before_baseline, self.load_before_relay
-            ),
-        );
+        let mut s = self.head().markdown();
         let _ = writeln!(s, "| parameters | {} |", self.parameters());
         let [(base_latency, base_rate), (latency, rate)] = self.passes(" s");
         let _ = writeln!(

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::{Pace, METERS};
 use crate::procstat::Machine;
-use crate::report::{machine_line, section_head, thousands, title_line, verdict, Report};
+use crate::report::{thousands, verdict, Head, Report};
 
 /// One configured limit's phase.
 pub struct LimitPhase {
@@ -30,6 +30,15 @@ pub struct SinkReport {
 }
 
 impl SinkReport {
+    /// What opens the terminal block and the docs section.
+    fn head(&self) -> Head<'_> {
+        let head = Head::new("sink", &self.machine, self.date).titled("sink pacing benchmark");
+        let head = head.load(self.baseline.load_before, "", "before the baseline");
+        self.phases.iter().fold(head, |head, p| {
+            head.load(p.pace.load_before, "", format!("before {}/s", p.limit))
+        })
+    }
+
     fn limit_ok(phase: &LimitPhase) -> bool {
         phase.pace.busiest_second <= phase.limit as usize && phase.pace.too_many == 0
     }
@@ -37,10 +46,7 @@ impl SinkReport {
 
 impl Report for SinkReport {
     fn text(&self) -> String {
-        let mut s = String::new();
-        let m = &self.machine;
-        title_line(&mut s, "sink pacing benchmark", self.date);
-        machine_line(&mut s, m, "");
+        let mut s = self.head().text();
         let b = &self.baseline;
         let _ = writeln!(
             s,
@@ -70,19 +76,7 @@ impl Report for SinkReport {
     }
 
     fn markdown(&self) -> String {
-        let m = &self.machine;
-        let mut s = String::new();
-        let loads: Vec<String> = std::iter::once(format!(
-            "{:.2} before the baseline",
-            self.baseline.load_before
-        ))
-        .chain(
-            self.phases
-                .iter()
-                .map(|p| format!("{:.2} before {}/s", p.pace.load_before, p.limit)),
-        )
-        .collect();
-        section_head(&mut s, "sink", self.date, m, &loads.join(", "));
+        let mut s = self.head().markdown();
         let _ = writeln!(
             s,
             "| parameters | {} customers x {} `sum` meters, hourly windows ending 1 h and more ago; per configured limit, limit x {} s window totals written to `usage.windows` at once; the stand-in account's own limit is the configured one |",
