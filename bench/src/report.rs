@@ -141,6 +141,21 @@ impl RoundRates {
         self.rate / self.baseline_rate
     }
 
+    /// A round that sent `events` in `baseline_elapsed` through the baseline and at `rate`
+    /// through the subject.
+    pub fn measured(
+        load_before_baseline: f64,
+        events: usize,
+        baseline_elapsed: Duration,
+        rate: f64,
+    ) -> RoundRates {
+        RoundRates {
+            load_before_baseline,
+            baseline_rate: events as f64 / baseline_elapsed.as_secs_f64(),
+            rate,
+        }
+    }
+
     /// The earlier rounds and then the last (detailed) one, in the order they ran.
     pub fn with_last(
         earlier: &[RoundRates],

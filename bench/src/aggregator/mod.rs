@@ -267,16 +267,19 @@ struct Round {
 
 impl Round {
     fn rates(&self, events: usize) -> RoundRates {
-        RoundRates {
-            load_before_baseline: self.load_before_baseline,
-            baseline_rate: events as f64 / self.baseline_elapsed.as_secs_f64(),
-            rate: aggregator_rate(
-                self.target,
-                self.consumed.first_rows,
-                self.consumed.done - self.consumed.first,
-                self.consumed.done - self.spawned_at,
-            ),
-        }
+        let consumed = &self.consumed;
+        let rate = aggregator_rate(
+            self.target,
+            consumed.first_rows,
+            consumed.done - consumed.first,
+            consumed.done - self.spawned_at,
+        );
+        RoundRates::measured(
+            self.load_before_baseline,
+            events,
+            self.baseline_elapsed,
+            rate,
+        )
     }
 }
 

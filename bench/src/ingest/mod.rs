@@ -147,11 +147,13 @@ struct Round {
 
 impl Round {
     fn rates(&self, events: usize) -> RoundRates {
-        RoundRates {
-            load_before_baseline: self.load_before_baseline,
-            baseline_rate: events as f64 / self.baseline_elapsed.as_secs_f64(),
-            rate: events as f64 / self.ingest_elapsed.as_secs_f64(),
-        }
+        let rate = events as f64 / self.ingest_elapsed.as_secs_f64();
+        RoundRates::measured(
+            self.load_before_baseline,
+            events,
+            self.baseline_elapsed,
+            rate,
+        )
     }
 
     async fn finish(self) {

@@ -44,7 +44,7 @@ use crate::recorder::Receipt;
 use crate::relay::{event_body, signed_delivery, unix_now, SECRET};
 use crate::report::Latency;
 use crate::rng::SplitMix64;
-use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
+use crate::sink::{differing, map_through_api, spawn_sink, Stripe, METERS};
 use crate::workload::{ENVIRONMENT, TENANT};
 
 mod report;
@@ -244,10 +244,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
             break;
         }
         if Instant::now() > deadline {
-            let wrong = truth
-                .iter()
-                .filter(|(k, v)| got.get(*k) != Some(*v))
-                .count();
+            let wrong = differing(&truth, &got);
             bail!(
                 "{wrong} of {} windows still differ in stripe {patience} s after the load; sink log:\n{}",
                 truth.len(),
@@ -492,10 +489,7 @@ async fn check_counted(stripe: &Stripe, truth: &BTreeMap<WindowKey, i64>) -> any
         }
     }
     if &counted != truth {
-        let wrong = truth
-            .iter()
-            .filter(|(k, v)| counted.get(*k) != Some(*v))
-            .count();
+        let wrong = differing(truth, &counted);
         bail!(
             "stripe's counted totals differ from what ingest accepted in {wrong} of {} windows",
             truth.len()

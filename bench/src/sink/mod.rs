@@ -157,10 +157,7 @@ impl Stripe {
     ) -> anyhow::Result<()> {
         let got = self.standin.totals().await;
         if &got != expected {
-            let wrong = expected
-                .iter()
-                .filter(|(k, v)| got.get(*k) != Some(*v))
-                .count();
+            let wrong = differing(expected, &got);
             bail!(
                 "{what}: stripe's totals differ from what was loaded ({wrong} of {} customer \
                  meters wrong, {} totals in stripe)",
@@ -170,6 +167,17 @@ impl Stripe {
         }
         Ok(())
     }
+}
+
+/// How many entries of `expected` `got` lacks or holds with another value.
+pub(crate) fn differing<K: Ord, V: PartialEq>(
+    expected: &BTreeMap<K, V>,
+    got: &BTreeMap<K, V>,
+) -> usize {
+    expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .count()
 }
 
 /// The release stripe-sink in `ns`, talking to `stripe_base`.
