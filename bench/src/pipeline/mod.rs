@@ -1,6 +1,6 @@
 //! `meterline-bench pipeline`: the four release services together on one fresh namespace,
 //! ingest loaded as hard as its HTTP clients can push (or at `--rate`), one-minute windows
-//! due the moment they end (grace 0), and the Stripe stand-in behind the [`Recorder`].
+//! due the moment they end (grace 0), and the Stripe stand-in behind the [`Recorder`](crate::recorder::Recorder).
 //!
 //! What it measures: for every (customer, meter, window), the time from the window falling
 //! due to the stand-in receiving its first meter event, and to receiving the one that made
