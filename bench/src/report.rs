@@ -252,8 +252,9 @@ pub(crate) fn ratio_goals(
     ]
 }
 
-/// The terminal line of every round's ratio, and the median's.
-pub(crate) fn rounds_line(s: &mut String, subject: &str, rounds: Vec<RoundRates>) {
+/// The terminal lines of the last round's ratio and of every round's, with the median's.
+pub(crate) fn ratio_lines(s: &mut String, subject: &str, ratio: f64, rounds: Vec<RoundRates>) {
+    let _ = writeln!(s, "ratio        {ratio:.2}");
     let _ = writeln!(
         s,
         "rounds       ratio ({subject} / baseline events/s) of each round, the last above: {}; median {:.2}",
@@ -262,8 +263,18 @@ pub(crate) fn rounds_line(s: &mut String, subject: &str, rounds: Vec<RoundRates>
     );
 }
 
-/// The docs row of every round's ratio and the median's; `how` says what a round is.
-pub(crate) fn rounds_row(s: &mut String, subject: &str, rounds: Vec<RoundRates>, how: &str) {
+/// The docs rows of the same; `how` says what a round is.
+pub(crate) fn ratio_rows(
+    s: &mut String,
+    subject: &str,
+    ratio: f64,
+    rounds: Vec<RoundRates>,
+    how: &str,
+) {
+    let _ = writeln!(
+        s,
+        "| ratio {subject} / baseline | **{ratio:.2}** in this round |"
+    );
     let _ = writeln!(
         s,
         "| every round: ratio ({subject} / baseline events/s) | {}; **median {:.2}**. {how}; the rows above and below detail the last one |",

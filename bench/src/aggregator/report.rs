@@ -9,7 +9,7 @@ use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
     cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, profile_section_markdown,
-    profile_section_text, ratio_goals, rounds_line, rounds_row, thousands, Goal, Head, Latency,
+    profile_section_text, ratio_goals, ratio_lines, ratio_rows, thousands, Goal, Head, Latency,
     PerUnit, Report, RoundRates,
 };
 
@@ -298,8 +298,7 @@ impl Report for AggregatorReport {
             self.from_spawn.as_secs_f64(),
             self.startup.as_secs_f64()
         );
-        let _ = writeln!(s, "ratio        {:.2}", self.ratio());
-        rounds_line(&mut s, "aggregator", self.rounds());
+        ratio_lines(&mut s, "aggregator", self.ratio(), self.rounds());
         if let Some(insert) = self.insert_text() {
             let _ = writeln!(s, "inserts      {insert}");
         }
@@ -378,14 +377,10 @@ impl Report for AggregatorReport {
             self.from_spawn.as_secs_f64(),
             self.startup.as_secs_f64()
         );
-        let _ = writeln!(
-            s,
-            "| ratio aggregator / baseline | **{:.2}** in this round |",
-            self.ratio()
-        );
-        rounds_row(
+        ratio_rows(
             &mut s,
             "aggregator",
+            self.ratio(),
             self.rounds(),
             "Each round is a baseline then the aggregator on fresh namespaces and a backlog of its own",
         );

@@ -8,7 +8,7 @@ use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
     cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, ms, profile_section_markdown,
-    profile_section_text, ratio_goals, rounds_line, rounds_row, thousands, Goal, Head, Latency,
+    profile_section_text, ratio_goals, ratio_lines, ratio_rows, thousands, Goal, Head, Latency,
     PerUnit, Report, RoundRates,
 };
 
@@ -124,8 +124,7 @@ impl Report for IngestReport {
             thousands(self.ingest_rate()),
             self.ingest_elapsed.as_secs_f64()
         );
-        let _ = writeln!(s, "ratio        {:.2}", self.ratio());
-        rounds_line(&mut s, "ingest", self.rounds());
+        ratio_lines(&mut s, "ingest", self.ratio(), self.rounds());
         let _ = writeln!(
             s,
             "latency      {} over {} bulk requests",
@@ -172,14 +171,10 @@ impl Report for IngestReport {
             thousands(self.ingest_rate()),
             self.ingest_elapsed.as_secs_f64()
         );
-        let _ = writeln!(
-            s,
-            "| ratio ingest / baseline | **{:.2}** in this round |",
-            self.ratio()
-        );
-        rounds_row(
+        ratio_rows(
             &mut s,
             "ingest",
+            self.ratio(),
             self.rounds(),
             "Each round is the baseline then a fresh ingest on fresh namespaces",
         );
