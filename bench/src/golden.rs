@@ -71,12 +71,16 @@ fn cpu(names: &[&'static str], scale: f64) -> Vec<ComponentCpu> {
         .collect()
 }
 
-fn profile() -> Profile {
+/// A profile, or (`taken` false) the reason there is none.
+fn profile(taken: bool, reason: &str) -> Result<Profile, String> {
+    if !taken {
+        return Err(reason.to_owned());
+    }
     let long = format!(
         "core::ptr::drop_in_place<{}>",
         "alloc::vec::Vec<u8>|`x`".repeat(8)
     );
-    Profile {
+    Ok(Profile {
         samples: 3975,
         entries: vec![
             Entry {
@@ -100,7 +104,7 @@ fn profile() -> Profile {
                 symbol: long,
             },
         ],
-    }
+    })
 }
 
 fn round(load: f64, baseline: f64, rate: f64) -> RoundRates {
@@ -133,11 +137,7 @@ fn ingest(profiled: bool) -> IngestReport {
         latency: latency(12),
         baseline_cpu: cpu(&names[1..], 1.5),
         ingest_cpu: cpu(&names, 2.25),
-        profile: if profiled {
-            Ok(profile())
-        } else {
-            Err("disabled (--profile-events 0)".to_owned())
-        },
+        profile: profile(profiled, "disabled (--profile-events 0)"),
         profile_events: 200_000,
     }
 }
@@ -196,11 +196,7 @@ fn aggregator(full: bool) -> AggregatorReport {
         windows_published: vec![("due", 12_000), ("late", 7)],
         live: full.then(live),
         peak_rss_kib: full.then_some(123_456),
-        profile: if full {
-            Ok(profile())
-        } else {
-            Err("`perf` could not be run: not found".to_owned())
-        },
+        profile: profile(full, "`perf` could not be run: not found"),
         profile_events: 300_000,
     }
 }

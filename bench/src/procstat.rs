@@ -158,13 +158,44 @@ pub fn listening_pid(port: u16) -> Option<u32> {
         })
 }
 
-/// Says on stderr which servers' CPU a run cannot account, their pid not being found.
-pub fn warn_unaccounted(servers: &[(&str, Option<u32>)]) {
-    for (name, pid) in servers {
-        if pid.is_none() {
-            eprintln!("the {name}'s pid was not found: its cpu is not accounted");
+/// A server of the local stack (`dev/up`) whose CPU a benchmark accounts.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    KafkaBroker,
+    ClickHouse,
+    /// The postmaster (its backends are its children).
+    Postgres,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::KafkaBroker => "kafka broker",
+            Server::ClickHouse => "clickhouse server",
+            Server::Postgres => "postgresql server",
         }
     }
+}
+
+/// The pid of each of `servers` on the local stack, in that order; says on stderr which
+/// were not found (their CPU is then not accounted).
+pub fn stack_pids<const N: usize>(servers: [Server; N]) -> [Option<u32>; N] {
+    let stack = meterline_tests::Stack::get();
+    let root = meterline_tests::stack::repo_root();
+    servers.map(|server| {
+        let pid = match server {
+            Server::KafkaBroker => kafka_broker_pid(&root, &stack.kafka_brokers),
+            Server::ClickHouse => clickhouse_server_pid(&root, &stack.clickhouse_url),
+            Server::Postgres => listening_pid_of_url(&stack.database_url),
+        };
+        if pid.is_none() {
+            eprintln!(
+                "the {}'s pid was not found: its cpu is not accounted",
+                server.name()
+            );
+        }
+        pid
+    })
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`, in KiB.

@@ -392,33 +392,20 @@ pub(crate) fn goals_markdown(s: &mut String, goals: &[Goal]) {
     }
 }
 
-/// The profile of a run for the terminal, or why there is none; `intro` says whose profile
-/// over what.
-pub(crate) fn profile_section_text(
+/// The profile of a run, or why there is none, for the terminal or (`markdown`) for a docs
+/// section; `intro` says whose profile it is and how it was taken.
+pub(crate) fn profile_section(
     s: &mut String,
+    markdown: bool,
     profile: &Result<Profile, String>,
     intro: impl FnOnce(&Profile) -> String,
 ) {
-    match profile {
-        Ok(p) => {
+    match (profile, markdown) {
+        (Ok(p), false) => {
             let _ = writeln!(s, "profile      {}:", intro(p));
             profile_text(s, p);
         }
-        Err(reason) => {
-            let _ = writeln!(s, "profile      unavailable: {reason}");
-        }
-    }
-}
-
-/// The profile of a run in a docs section, or why there is none; `intro` says how it was
-/// taken.
-pub(crate) fn profile_section_markdown(
-    s: &mut String,
-    profile: &Result<Profile, String>,
-    intro: impl FnOnce(&Profile) -> String,
-) {
-    match profile {
-        Ok(p) => {
+        (Ok(p), true) => {
             let _ = writeln!(
                 s,
                 "\n{}. Share of samples by component:\n\n| component | share |\n|---|---|",
@@ -426,7 +413,10 @@ pub(crate) fn profile_section_markdown(
             );
             profile_markdown(s, p);
         }
-        Err(reason) => {
+        (Err(reason), false) => {
+            let _ = writeln!(s, "profile      unavailable: {reason}");
+        }
+        (Err(reason), true) => {
             let _ = writeln!(s, "\nProfile: unavailable ({reason}).");
         }
     }

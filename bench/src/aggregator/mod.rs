@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use meterline_schemas::{OffsetDateTime, Topic};
 use meterline_tests::usage::create_meter;
-use meterline_tests::{stack, Namespace, ServiceProcess, Stack};
+use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::json;
 
-use crate::procstat::{self, Machine, Snapshot, Watchlist};
+use crate::procstat::{self, Machine, Server, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
 use crate::report::RoundRates;
 use crate::workload::{ENVIRONMENT, TENANT};
@@ -121,16 +121,8 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
     }
     let machine = Machine::read();
     let date = time::OffsetDateTime::now_utc();
-    let stack = Stack::get();
-    let root = stack::repo_root();
-    let broker_pid = procstat::kafka_broker_pid(&root, &stack.kafka_brokers);
-    let clickhouse_pid = procstat::clickhouse_server_pid(&root, &stack.clickhouse_url);
-    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
-    procstat::warn_unaccounted(&[
-        ("kafka broker", broker_pid),
-        ("clickhouse server", clickhouse_pid),
-        ("postgresql server", postgres_pid),
-    ]);
+    let [broker_pid, clickhouse_pid, postgres_pid] =
+        procstat::stack_pids([Server::KafkaBroker, Server::ClickHouse, Server::Postgres]);
     let watched = Watchlist::new()
         .process("aggregator", None)
         .process("clickhouse server", clickhouse_pid)

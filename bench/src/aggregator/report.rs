@@ -8,9 +8,8 @@ use std::time::Duration;
 use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, profile_section_markdown,
-    profile_section_text, ratio_goals, ratio_lines, ratio_rows, thousands, Goal, Head, Latency,
-    PerUnit, Report, RoundRates,
+    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, profile_section, ratio_goals,
+    ratio_lines, ratio_rows, thousands, Goal, Head, Latency, PerUnit, Report, RoundRates,
 };
 
 /// The goals the aggregator benchmark is held to.
@@ -341,7 +340,7 @@ impl Report for AggregatorReport {
             );
             cpu_text(&mut s, "live", &live.cpu, live.elapsed, m.cores);
         }
-        profile_section_text(&mut s, &self.profile, |p| {
+        profile_section(&mut s, false, &self.profile, |p| {
             format!(
                 "aggregator, {} samples over {} more backlog events",
                 p.samples, self.profile_events
@@ -443,7 +442,7 @@ impl Report for AggregatorReport {
             self.baseline_elapsed.as_secs_f64() * m.cores as f64,
             self.measured_elapsed.as_secs_f64() * m.cores as f64
         );
-        profile_section_markdown(&mut s, &self.profile, |p| {
+        profile_section(&mut s, true, &self.profile, |p| {
             format!(
                 "Profile of the aggregator (`perf record -g -e cpu-clock`, {} samples) while a \
                  restarted aggregator consumed {} more backlog events, so the measured phase \

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use meterline_schemas::Topic;
-use meterline_tests::{api, stack, Namespace, Stack};
+use meterline_tests::{api, Namespace, Stack};
 
 use crate::baseline::{self, RawProducer};
 use crate::clients::{http_client, post_bulk, run_clients};
-use crate::procstat::{self, Machine, Snapshot, Watchlist};
+use crate::procstat::{self, Machine, Server, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
 use crate::report::{Latency, RoundRates};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
@@ -58,7 +58,8 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
     }
     let machine = Machine::read();
     let date = time::OffsetDateTime::now_utc();
-    let stack = Stack::get();
+    // Before generating anything: a run without the stack stops here, saying what to do.
+    Stack::get();
     let scope = api::scope(TENANT, ENVIRONMENT);
     let token = api::token(TENANT, ENVIRONMENT);
 
@@ -76,8 +77,7 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         workload.body_bytes() as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64()
     );
-    let broker_pid = procstat::kafka_broker_pid(&stack::repo_root(), &stack.kafka_brokers);
-    procstat::warn_unaccounted(&[("kafka broker", broker_pid)]);
+    let [broker_pid] = procstat::stack_pids([Server::KafkaBroker]);
     let watched = Watchlist::new()
         .process("ingest", None)
         .process("kafka broker", broker_pid)

@@ -7,9 +7,9 @@ use std::time::Duration;
 use crate::procstat::{ComponentCpu, Machine};
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, ms, profile_section_markdown,
-    profile_section_text, ratio_goals, ratio_lines, ratio_rows, thousands, Goal, Head, Latency,
-    PerUnit, Report, RoundRates,
+    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, ms, profile_section,
+    ratio_goals, ratio_lines, ratio_rows, thousands, Goal, Head, Latency, PerUnit, Report,
+    RoundRates,
 };
 
 /// The goals the ingest benchmark is held to.
@@ -145,7 +145,7 @@ impl Report for IngestReport {
             self.ingest_elapsed,
             m.cores,
         );
-        profile_section_text(&mut s, &self.profile, |p| {
+        profile_section(&mut s, false, &self.profile, |p| {
             format!(
                 "ingest, {} samples over {} re-sent events",
                 p.samples, self.profile_events
@@ -211,7 +211,7 @@ impl Report for IngestReport {
             self.baseline_elapsed.as_secs_f64() * m.cores as f64,
             self.ingest_elapsed.as_secs_f64() * m.cores as f64
         );
-        profile_section_markdown(&mut s, &self.profile, |p| {
+        profile_section(&mut s, true, &self.profile, |p| {
             format!(
                 "Profile of ingest (`perf record -g -e cpu-clock`, {} samples) during a separate \
                  pass re-sending {} events, so the measured pass above ran without a profiler",

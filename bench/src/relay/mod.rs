@@ -20,7 +20,7 @@ use meterline_common::crypto::Keyring;
 use meterline_common::kafka::{consumer_config, producer_config};
 use meterline_common::stripe_config::{NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret};
 use meterline_schemas::{StripeWebhook, Timestamp, Topic};
-use meterline_tests::{api, stack, Namespace, ServiceProcess, Stack};
+use meterline_tests::{api, Namespace, ServiceProcess, Stack};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use crate::baseline::PRODUCE_TIMEOUT;
 use crate::clients::{excerpt, http_client, run_clients, send_timed};
-use crate::procstat::{self, Machine, Watchlist};
+use crate::procstat::{self, Machine, Server, Watchlist};
 use crate::report::Latency;
 use crate::workload::{ENVIRONMENT, TENANT};
 
@@ -60,14 +60,7 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     }
     let machine = Machine::read();
     let date = time::OffsetDateTime::now_utc();
-    let stack = Stack::get();
-    let root = stack::repo_root();
-    let broker_pid = procstat::kafka_broker_pid(&root, &stack.kafka_brokers);
-    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
-    procstat::warn_unaccounted(&[
-        ("kafka broker", broker_pid),
-        ("postgresql server", postgres_pid),
-    ]);
+    let [broker_pid, postgres_pid] = procstat::stack_pids([Server::KafkaBroker, Server::Postgres]);
 
     // The bodies: the measured deliveries, then one warm-up delivery per client.
     let run_id = date.unix_timestamp();
