@@ -13,7 +13,7 @@ use crate::pipeline::{self, PipelineReport, ServiceMemory};
 use crate::procstat::{ComponentCpu, CpuTimes, Machine, Memory};
 use crate::profile::{Entry, Profile};
 use crate::relay::RelayReport;
-use crate::report::{Latency, Report, RoundRates};
+use crate::report::{Latency, Phase, Report, RoundRates};
 use crate::sink::{LimitPhase, Pace, SinkReport};
 
 fn check(name: &str, actual: &str) {
@@ -72,6 +72,13 @@ fn cpu(names: &[&'static str], scale: f64) -> Vec<ComponentCpu> {
 }
 
 /// A profile, or (`taken` false) the reason there is none.
+fn phase(elapsed_ms: u64, names: &[&'static str], scale: f64) -> Phase {
+    Phase {
+        elapsed: ms(elapsed_ms),
+        cpu: cpu(names, scale),
+    }
+}
+
 fn profile(taken: bool, reason: &str) -> Result<Profile, String> {
     if !taken {
         return Err(reason.to_owned());
@@ -132,11 +139,9 @@ fn ingest(profiled: bool) -> IngestReport {
         customers: 1000,
         partitions: 3,
         body_bytes: 123_456_789,
-        baseline_elapsed: ms(2_345),
-        ingest_elapsed: ms(4_567),
+        baseline: phase(2_345, &names[1..], 1.5),
+        ingest: phase(4_567, &names, 2.25),
         latency: latency(12),
-        baseline_cpu: cpu(&names[1..], 1.5),
-        ingest_cpu: cpu(&names, 2.25),
         profile: profile(profiled, "disabled (--profile-events 0)"),
         profile_events: 200_000,
     }
@@ -217,13 +222,11 @@ fn relay() -> RelayReport {
         concurrency: 16,
         partitions: 3,
         average_body_bytes: 1042,
-        baseline_elapsed: ms(2_000),
+        baseline: phase(2_000, &names[1..], 0.5),
         baseline_latency: latency(2),
-        relay_elapsed: ms(3_500),
+        relay: phase(3_500, &names, 1.25),
         relay_latency: latency(3),
         published: 20_000,
-        baseline_cpu: cpu(&names[1..], 0.5),
-        relay_cpu: cpu(&names, 1.25),
     }
 }
 

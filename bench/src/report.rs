@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::procstat::{ComponentCpu, CpuTimes, Machine};
+use crate::procstat::{ComponentCpu, CpuTimes, Machine, Snapshot};
 use crate::profile::Profile;
 
 /// A benchmark's result: what `meterline-bench` prints, and what `--write-docs` puts in its
@@ -124,6 +124,38 @@ pub(crate) fn verdict(ok: bool) -> &'static str {
         "PASS"
     } else {
         "MISS"
+    }
+}
+
+/// A measured phase of a benchmark: how long it took, and the CPU each watched process used
+/// meanwhile.
+pub struct Phase {
+    pub elapsed: Duration,
+    pub cpu: Vec<ComponentCpu>,
+}
+
+impl Phase {
+    /// The phase that took `elapsed`, with the CPU `used` in it.
+    pub fn new(elapsed: Duration, used: &Snapshot) -> Phase {
+        Phase {
+            elapsed,
+            cpu: used.components(),
+        }
+    }
+
+    /// `count` (events, deliveries) a second over the phase.
+    pub fn rate(&self, count: usize) -> f64 {
+        count as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The core-seconds the machine had during the phase.
+    pub fn available(&self, cores: usize) -> f64 {
+        self.elapsed.as_secs_f64() * cores as f64
+    }
+
+    /// The phase's CPU seconds for the terminal ([`cpu_text`]).
+    pub(crate) fn cpu_text(&self, s: &mut String, name: &str, cores: usize) {
+        cpu_text(s, name, &self.cpu, self.elapsed, cores);
     }
 }
 

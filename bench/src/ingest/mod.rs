@@ -18,7 +18,7 @@ use crate::baseline::{self, RawProducer};
 use crate::clients::{http_client, post_bulk, run_clients};
 use crate::procstat::{self, Machine, Server, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{Latency, RoundRates};
+use crate::report::{Latency, Phase, RoundRates};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
 use meterline_tests::ServiceProcess;
 
@@ -118,11 +118,9 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         customers: params.customers,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         body_bytes: workload.body_bytes(),
-        baseline_elapsed: round.baseline_elapsed,
-        ingest_elapsed: round.ingest_elapsed,
+        baseline: Phase::new(round.baseline_elapsed, &round.baseline_cpu),
+        ingest: Phase::new(round.ingest_elapsed, &round.ingest_cpu),
         latency: Latency::of(round.latencies.clone()),
-        baseline_cpu: round.baseline_cpu.components(),
-        ingest_cpu: round.ingest_cpu.components(),
         profile,
         profile_events: params.profile_events.min(workload.events.len()),
     };

@@ -2,14 +2,12 @@
 //! `docs/benchmarks.md`, judged on the median round's ratio to the raw producer.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
-use crate::procstat::{ComponentCpu, Machine};
+use crate::procstat::Machine;
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, ms, profile_section,
-    ratio_goals, ratio_lines, ratio_rows, thousands, Goal, Head, Latency, PerUnit, Report,
-    RoundRates,
+    cpu_rows, cpu_table_head, goals_markdown, goals_text, ms, profile_section, ratio_goals,
+    ratio_lines, ratio_rows, thousands, Goal, Head, Latency, PerUnit, Phase, Report, RoundRates,
 };
 
 /// The goals the ingest benchmark is held to.
@@ -29,11 +27,9 @@ pub struct IngestReport {
     pub customers: usize,
     pub partitions: i32,
     pub body_bytes: usize,
-    pub baseline_elapsed: Duration,
-    pub ingest_elapsed: Duration,
+    pub baseline: Phase,
+    pub ingest: Phase,
     pub latency: Latency,
-    pub baseline_cpu: Vec<ComponentCpu>,
-    pub ingest_cpu: Vec<ComponentCpu>,
     /// The profile of the profiled pass, or why there is none.
     pub profile: Result<Profile, String>,
     pub profile_events: usize,
@@ -51,16 +47,8 @@ impl IngestReport {
             .load(self.load_before_ingest, "before ingest", "before ingest")
     }
 
-    pub fn baseline_rate(&self) -> f64 {
-        self.events as f64 / self.baseline_elapsed.as_secs_f64()
-    }
-
-    pub fn ingest_rate(&self) -> f64 {
-        self.events as f64 / self.ingest_elapsed.as_secs_f64()
-    }
-
     pub fn ratio(&self) -> f64 {
-        self.ingest_rate() / self.baseline_rate()
+        self.ingest.rate(self.events) / self.baseline.rate(self.events)
     }
 
     /// Every round, the last (detailed) one included, in the order they ran.
@@ -68,8 +56,8 @@ impl IngestReport {
         RoundRates::with_last(
             &self.earlier_rounds,
             self.load_before_baseline,
-            self.baseline_rate(),
-            self.ingest_rate(),
+            self.baseline.rate(self.events),
+            self.ingest.rate(self.events),
         )
     }
 
@@ -115,14 +103,14 @@ impl Report for IngestReport {
         let _ = writeln!(
             s,
             "baseline     {:>10} events/s  ({:.2}s, raw rdkafka producer)",
-            thousands(self.baseline_rate()),
-            self.baseline_elapsed.as_secs_f64()
+            thousands(self.baseline.rate(self.events)),
+            self.baseline.elapsed.as_secs_f64()
         );
         let _ = writeln!(
             s,
             "ingest       {:>10} events/s  ({:.2}s, HTTP in -> Kafka acked)",
-            thousands(self.ingest_rate()),
-            self.ingest_elapsed.as_secs_f64()
+            thousands(self.ingest.rate(self.events)),
+            self.ingest.elapsed.as_secs_f64()
         );
         ratio_lines(&mut s, "ingest", self.ratio(), self.rounds());
         let _ = writeln!(
@@ -131,20 +119,8 @@ impl Report for IngestReport {
             self.latency_text(),
             self.latency.count
         );
-        cpu_text(
-            &mut s,
-            "baseline",
-            &self.baseline_cpu,
-            self.baseline_elapsed,
-            m.cores,
-        );
-        cpu_text(
-            &mut s,
-            "ingest",
-            &self.ingest_cpu,
-            self.ingest_elapsed,
-            m.cores,
-        );
+        self.baseline.cpu_text(&mut s, "baseline", m.cores);
+        self.ingest.cpu_text(&mut s, "ingest", m.cores);
         profile_section(&mut s, false, &self.profile, |p| {
             format!(
                 "ingest, {} samples over {} re-sent events",
@@ -162,14 +138,14 @@ impl Report for IngestReport {
         let _ = writeln!(
             s,
             "| baseline: raw producer | **{} events/s** ({:.2} s) |",
-            thousands(self.baseline_rate()),
-            self.baseline_elapsed.as_secs_f64()
+            thousands(self.baseline.rate(self.events)),
+            self.baseline.elapsed.as_secs_f64()
         );
         let _ = writeln!(
             s,
             "| ingest: HTTP in -> Kafka acked | **{} events/s** ({:.2} s) |",
-            thousands(self.ingest_rate()),
-            self.ingest_elapsed.as_secs_f64()
+            thousands(self.ingest.rate(self.events)),
+            self.ingest.elapsed.as_secs_f64()
         );
         ratio_rows(
             &mut s,
@@ -197,7 +173,7 @@ impl Report for IngestReport {
         cpu_rows(
             &mut s,
             &["ingest", "kafka broker", "meterline-bench (load generator)"],
-            &[&self.baseline_cpu, &self.ingest_cpu],
+            &[&self.baseline.cpu, &self.ingest.cpu],
             PerUnit {
                 phase: 1,
                 unit: 100_000.0,
@@ -208,8 +184,8 @@ impl Report for IngestReport {
             s,
             "| available (wall time x {} cores) | {:.2} s | {:.2} s | |",
             m.cores,
-            self.baseline_elapsed.as_secs_f64() * m.cores as f64,
-            self.ingest_elapsed.as_secs_f64() * m.cores as f64
+            self.baseline.available(m.cores),
+            self.ingest.available(m.cores)
         );
         profile_section(&mut s, true, &self.profile, |p| {
             format!(

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use crate::baseline::PRODUCE_TIMEOUT;
 use crate::clients::{excerpt, http_client, run_clients, send_timed};
 use crate::procstat::{self, Machine, Server, Watchlist};
-use crate::report::Latency;
+use crate::report::{Latency, Phase};
 use crate::workload::{ENVIRONMENT, TENANT};
 
 mod report;
@@ -153,13 +153,11 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         concurrency: params.concurrency,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         average_body_bytes: measured_bytes / params.deliveries,
-        baseline_elapsed,
+        baseline: Phase::new(baseline_elapsed, &baseline_cpu),
         baseline_latency: Latency::of(baseline_latencies),
-        relay_elapsed,
+        relay: Phase::new(relay_elapsed, &relay_cpu),
         relay_latency: Latency::of(latencies),
         published: published as usize,
-        baseline_cpu: baseline_cpu.components(),
-        relay_cpu: relay_cpu.components(),
     })
 }
 

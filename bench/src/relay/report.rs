@@ -4,9 +4,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::procstat::{ComponentCpu, Machine};
+use crate::procstat::Machine;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, ms, thousands, Head, Latency, PerUnit, Report,
+    cpu_rows, cpu_table_head, ms, thousands, Head, Latency, PerUnit, Phase, Report,
 };
 
 /// The relay benchmark: signed deliveries through the release `webhook-relay`, and raw
@@ -20,14 +20,12 @@ pub struct RelayReport {
     pub concurrency: usize,
     pub partitions: i32,
     pub average_body_bytes: usize,
-    pub baseline_elapsed: Duration,
+    pub baseline: Phase,
     pub baseline_latency: Latency,
-    pub relay_elapsed: Duration,
+    pub relay: Phase,
     pub relay_latency: Latency,
     /// Messages the measured pass added to `stripe.webhooks` (watermarks).
     pub published: usize,
-    pub baseline_cpu: Vec<ComponentCpu>,
-    pub relay_cpu: Vec<ComponentCpu>,
 }
 
 impl RelayReport {
@@ -40,14 +38,6 @@ impl RelayReport {
                 "before the baseline",
             )
             .load(self.load_before_relay, "before relay", "before the relay")
-    }
-
-    pub fn baseline_rate(&self) -> f64 {
-        self.deliveries as f64 / self.baseline_elapsed.as_secs_f64()
-    }
-
-    pub fn relay_rate(&self) -> f64 {
-        self.deliveries as f64 / self.relay_elapsed.as_secs_f64()
     }
 
     fn parameters(&self) -> String {
@@ -95,15 +85,20 @@ impl RelayReport {
             (
                 Self::latency_text(&self.baseline_latency),
                 Self::rate_text(
-                    self.baseline_rate(),
+                    self.baseline.rate(self.deliveries),
                     "produces",
-                    self.baseline_elapsed,
+                    self.baseline.elapsed,
                     unit,
                 ),
             ),
             (
                 Self::latency_text(&self.relay_latency),
-                Self::rate_text(self.relay_rate(), "deliveries", self.relay_elapsed, unit),
+                Self::rate_text(
+                    self.relay.rate(self.deliveries),
+                    "deliveries",
+                    self.relay.elapsed,
+                    unit,
+                ),
             ),
         ]
     }
@@ -130,20 +125,8 @@ impl Report for RelayReport {
             "checked      {} answers 200 (none duplicate); {} messages added to stripe.webhooks",
             self.relay_latency.count, self.published
         );
-        cpu_text(
-            &mut s,
-            "baseline",
-            &self.baseline_cpu,
-            self.baseline_elapsed,
-            m.cores,
-        );
-        cpu_text(
-            &mut s,
-            "relay",
-            &self.relay_cpu,
-            self.relay_elapsed,
-            m.cores,
-        );
+        self.baseline.cpu_text(&mut s, "baseline", m.cores);
+        self.relay.cpu_text(&mut s, "relay", m.cores);
         s
     }
 
@@ -187,7 +170,7 @@ impl Report for RelayReport {
                 "postgresql (all backends)",
                 "meterline-bench (load generator)",
             ],
-            &[&self.baseline_cpu, &self.relay_cpu],
+            &[&self.baseline.cpu, &self.relay.cpu],
             PerUnit {
                 phase: 1,
                 unit: 10_000.0,
@@ -198,8 +181,8 @@ impl Report for RelayReport {
             s,
             "| available (wall time x {} cores) | {:.2} s | {:.2} s | |",
             m.cores,
-            self.baseline_elapsed.as_secs_f64() * m.cores as f64,
-            self.relay_elapsed.as_secs_f64() * m.cores as f64
+            self.baseline.available(m.cores),
+            self.relay.available(m.cores)
         );
         s
     }
