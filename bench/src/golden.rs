@@ -355,44 +355,41 @@ fn chaos() -> ChaosReport {
     }
 }
 
+/// Both renderings of `report`: `<name>.txt` and `<name>.md`.
+fn check_report(name: &str, report: &dyn Report) {
+    check(&format!("{name}.txt"), &report.text());
+    check(&format!("{name}.md"), &report.markdown());
+}
+
 #[test]
 fn ingest_report_format() {
-    check("ingest.txt", &ingest(true).text());
-    check("ingest.md", &ingest(true).markdown());
-    check("ingest-unprofiled.txt", &ingest(false).text());
-    check("ingest-unprofiled.md", &ingest(false).markdown());
+    check_report("ingest", &ingest(true));
+    check_report("ingest-unprofiled", &ingest(false));
 }
 
 #[test]
 fn aggregator_report_format() {
-    check("aggregator.txt", &aggregator(true).text());
-    check("aggregator.md", &aggregator(true).markdown());
-    check("aggregator-minimal.txt", &aggregator(false).text());
-    check("aggregator-minimal.md", &aggregator(false).markdown());
+    check_report("aggregator", &aggregator(true));
+    check_report("aggregator-minimal", &aggregator(false));
 }
 
 #[test]
 fn relay_report_format() {
-    check("relay.txt", &relay().text());
-    check("relay.md", &relay().markdown());
+    check_report("relay", &relay());
 }
 
 #[test]
 fn sink_report_format() {
-    check("sink.txt", &sink().text());
-    check("sink.md", &sink().markdown());
+    check_report("sink", &sink());
 }
 
 #[test]
 fn pipeline_report_format() {
-    check("pipeline.txt", &pipeline(0).text());
-    check("pipeline.md", &pipeline(0).markdown());
-    check("pipeline-paced.txt", &pipeline(50_000).text());
-    check("pipeline-paced.md", &pipeline(50_000).markdown());
+    check_report("pipeline", &pipeline(0));
+    check_report("pipeline-paced", &pipeline(50_000));
 }
 
 #[test]
 fn chaos_report_format() {
-    check("chaos.txt", &chaos().text());
-    check("chaos.md", &chaos().markdown());
+    check_report("chaos", &chaos());
 }

@@ -2,7 +2,6 @@
 //! `docs/benchmarks.md`: the relay's latency next to raw produces of the same messages.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use crate::procstat::Machine;
 use crate::report::{
@@ -70,36 +69,18 @@ impl RelayReport {
         )
     }
 
-    /// A pass's rate and time, `<rate> <what>/s, <seconds><unit>`.
-    fn rate_text(rate: f64, what: &str, elapsed: Duration, unit: &str) -> String {
-        format!(
-            "{} {what}/s, {:.2}{unit}",
-            thousands(rate),
-            elapsed.as_secs_f64()
-        )
-    }
-
-    /// The baseline's and the relay's latency and rate; `unit` follows the seconds.
+    /// The baseline's and the relay's latency, and their rate and time
+    /// (`<rate> <what>/s, <seconds><unit>`).
     fn passes(&self, unit: &str) -> [(String, String); 2] {
+        let pass = |latency: &Latency, phase: &Phase, what: &str| {
+            let rate = thousands(phase.rate(self.deliveries));
+            let seconds = phase.elapsed.as_secs_f64();
+            let rate = format!("{rate} {what}/s, {seconds:.2}{unit}");
+            (Self::latency_text(latency), rate)
+        };
         [
-            (
-                Self::latency_text(&self.baseline_latency),
-                Self::rate_text(
-                    self.baseline.rate(self.deliveries),
-                    "produces",
-                    self.baseline.elapsed,
-                    unit,
-                ),
-            ),
-            (
-                Self::latency_text(&self.relay_latency),
-                Self::rate_text(
-                    self.relay.rate(self.deliveries),
-                    "deliveries",
-                    self.relay.elapsed,
-                    unit,
-                ),
-            ),
+            pass(&self.baseline_latency, &self.baseline, "produces"),
+            pass(&self.relay_latency, &self.relay, "deliveries"),
         ]
     }
 }
