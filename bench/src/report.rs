@@ -356,6 +356,11 @@ impl<'a> Head<'a> {
         self
     }
 
+    /// The load before the baseline phase, which every benchmark with one words the same.
+    pub fn before_baseline(self, load: f64) -> Self {
+        self.load(load, "before baseline", "before the baseline")
+    }
+
     fn loads_text(&self, docs: bool) -> String {
         self.loads
             .iter()
@@ -493,6 +498,39 @@ pub(crate) fn cpu_rows(s: &mut String, names: &[&str], phases: &[&[ComponentCpu]
         }
         let _ = writeln!(s, "| {} |", cells.join(" | "));
     }
+}
+
+/// The docs CPU table of a benchmark measured in two phases, its baseline and its subject:
+/// a column each, the subject's seconds per `unit` of its `count` `what` (events,
+/// deliveries), and the core-seconds each phase had.
+pub(crate) fn two_phase_cpu_table(
+    s: &mut String,
+    subject: &str,
+    names: &[&str],
+    [baseline, measured]: [&Phase; 2],
+    (unit, count, what): (f64, f64, &str),
+    cores: usize,
+) {
+    cpu_table_head(
+        s,
+        &[
+            "baseline phase",
+            &format!("{subject} phase"),
+            &format!("{subject} phase, per {} {what}", thousands(unit)),
+        ],
+    );
+    let per = PerUnit {
+        phase: 1,
+        unit,
+        count,
+    };
+    cpu_rows(s, names, &[&baseline.cpu, &measured.cpu], per);
+    let _ = writeln!(
+        s,
+        "| available (wall time x {cores} cores) | {:.2} s | {:.2} s | |",
+        baseline.available(cores),
+        measured.available(cores)
+    );
 }
 
 /// Replaces what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `path`.

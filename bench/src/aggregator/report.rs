@@ -93,11 +93,7 @@ impl AggregatorReport {
     /// What opens the terminal block and the docs section.
     fn head(&self) -> Head<'_> {
         Head::new("aggregator", &self.machine, self.date)
-            .load(
-                self.load_before_baseline,
-                "before baseline",
-                "before the baseline",
-            )
+            .before_baseline(self.load_before_baseline)
             .load(
                 self.load_before_aggregator,
                 "before aggregator",

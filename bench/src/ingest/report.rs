@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use crate::procstat::Machine;
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, goals_markdown, goals_text, ms, profile_section, ratio_goals,
-    ratio_lines, ratio_rows, thousands, Goal, Head, Latency, PerUnit, Phase, Report, RoundRates,
+    goals_markdown, goals_text, ms, profile_section, ratio_goals, ratio_lines, ratio_rows,
+    thousands, two_phase_cpu_table, Goal, Head, Latency, Phase, Report, RoundRates,
 };
 
 /// The goals the ingest benchmark is held to.
@@ -39,11 +39,7 @@ impl IngestReport {
     /// What opens the terminal block and the docs section.
     fn head(&self) -> Head<'_> {
         Head::new("ingest", &self.machine, self.date)
-            .load(
-                self.load_before_baseline,
-                "before baseline",
-                "before the baseline",
-            )
+            .before_baseline(self.load_before_baseline)
             .load(self.load_before_ingest, "before ingest", "before ingest")
     }
 
@@ -162,30 +158,13 @@ impl Report for IngestReport {
         );
         goals_markdown(&mut s, &self.goals());
 
-        cpu_table_head(
+        two_phase_cpu_table(
             &mut s,
-            &[
-                "baseline phase",
-                "ingest phase",
-                "ingest phase, per 100,000 events",
-            ],
-        );
-        cpu_rows(
-            &mut s,
+            "ingest",
             &["ingest", "kafka broker", "meterline-bench (load generator)"],
-            &[&self.baseline.cpu, &self.ingest.cpu],
-            PerUnit {
-                phase: 1,
-                unit: 100_000.0,
-                count: self.events as f64,
-            },
-        );
-        let _ = writeln!(
-            s,
-            "| available (wall time x {} cores) | {:.2} s | {:.2} s | |",
+            [&self.baseline, &self.ingest],
+            (100_000.0, self.events as f64, "events"),
             m.cores,
-            self.baseline.available(m.cores),
-            self.ingest.available(m.cores)
         );
         profile_section(&mut s, true, &self.profile, |p| {
             format!(

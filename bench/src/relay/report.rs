@@ -4,9 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::procstat::Machine;
-use crate::report::{
-    cpu_rows, cpu_table_head, ms, thousands, Head, Latency, PerUnit, Phase, Report,
-};
+use crate::report::{ms, thousands, two_phase_cpu_table, Head, Latency, Phase, Report};
 
 /// The relay benchmark: signed deliveries through the release `webhook-relay`, and raw
 /// produces of the same `stripe.webhooks` messages.
@@ -31,11 +29,7 @@ impl RelayReport {
     /// What opens the terminal block and the docs section.
     fn head(&self) -> Head<'_> {
         Head::new("relay", &self.machine, self.date)
-            .load(
-                self.load_before_baseline,
-                "before baseline",
-                "before the baseline",
-            )
+            .before_baseline(self.load_before_baseline)
             .load(self.load_before_relay, "before relay", "before the relay")
     }
 
@@ -135,36 +129,15 @@ impl Report for RelayReport {
             thousands(self.relay_latency.count as f64),
             thousands(self.published as f64)
         );
-        cpu_table_head(
-            &mut s,
-            &[
-                "baseline phase",
-                "relay phase",
-                "relay phase, per 10,000 deliveries",
-            ],
-        );
-        cpu_rows(
-            &mut s,
-            &[
-                "webhook-relay",
-                "kafka broker",
-                "postgresql (all backends)",
-                "meterline-bench (load generator)",
-            ],
-            &[&self.baseline.cpu, &self.relay.cpu],
-            PerUnit {
-                phase: 1,
-                unit: 10_000.0,
-                count: self.deliveries as f64,
-            },
-        );
-        let _ = writeln!(
-            s,
-            "| available (wall time x {} cores) | {:.2} s | {:.2} s | |",
-            m.cores,
-            self.baseline.available(m.cores),
-            self.relay.available(m.cores)
-        );
+        let names = [
+            "webhook-relay",
+            "kafka broker",
+            "postgresql (all backends)",
+            "meterline-bench (load generator)",
+        ];
+        let phases = [&self.baseline, &self.relay];
+        let per = (10_000.0, self.deliveries as f64, "deliveries");
+        two_phase_cpu_table(&mut s, "relay", &names, phases, per, m.cores);
         s
     }
 }
