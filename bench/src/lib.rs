@@ -10,8 +10,7 @@
 //!   the release `aggregator` binary; then a live phase for the publish lag (`live.rs`) and the
 //!   aggregator's own metrics (`metrics.rs`).
 //! - [`relay`]: `meterline-bench relay`: latency of signed, valid deliveries through the
-//!   release `webhook-relay` under load, next to raw Kafka produces of the same messages
-//!   (`sign.rs`: Stripe's signature).
+//!   release `webhook-relay` under load, next to raw Kafka produces of the same messages.
 //! - [`sink`]: `meterline-bench sink`: the stripe-sink's achieved meter event rate against
 //!   each configured limit, next to a plain client with no limiter; the Stripe stand-in behind
 //!   the recorder, shared with the pipeline.
