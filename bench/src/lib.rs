@@ -16,7 +16,7 @@
 //!   the recorder, shared with the pipeline.
 //! - [`pipeline`]: `meterline-bench pipeline`: the four services together under ingest's
 //!   highest load: window due -> Stripe latency and each service's memory, next to the bare
-//!   Kafka -> Kafka -> HTTP path.
+//!   Kafka -> Kafka -> HTTP path (`bare.rs`).
 //! - [`chaos`]: `meterline-bench chaos`: runs the chaos test at a chosen scale and reports its
 //!   result.
 //! - [`report`]: what the results share: latency percentiles, rounds and their median, the
