@@ -1,7 +1,8 @@
-//! What every benchmark's result shares: latency percentiles, rounds judged on their median
-//! ratio, number and CPU formatting, the profile's tables, and the replacement of a generated
-//! section of `docs/benchmarks.md`. Each benchmark's own block and section live beside it
-//! (`ingest/report.rs`, `aggregator/report.rs`, ...).
+//! What every benchmark's result shares: the [`Report`] trait `main` prints and writes, the
+//! `Head` that opens a block and a section, latency percentiles, measured [`Phase`]s, rounds
+//! judged on their median ratio, goals, CPU and profile tables, number formatting, and the
+//! replacement of a generated section of `docs/benchmarks.md`. Each benchmark's own block and
+//! section live beside it (`ingest/report.rs`, `aggregator/report.rs`, ...).
 //!
 //! Rule kept: a result is a plain-text block for the terminal and a Markdown section that
 //! replaces the text between `<!-- <name>:begin -->` and `<!-- <name>:end -->` and nothing
@@ -31,7 +32,7 @@ pub(crate) type Goal = (String, String, &'static str);
 /// How many symbols of the profile are listed.
 const TOP_SYMBOLS: usize = 12;
 
-/// Latencies of the bulk requests.
+/// Nearest-rank percentiles of a set of latencies (requests, produces, windows).
 pub struct Latency {
     pub count: usize,
     pub p50: Duration,
@@ -206,7 +207,7 @@ impl RoundRates {
 }
 
 /// Every round as "ratio (subject / baseline events/s)", in the order they ran.
-pub(crate) fn rounds_text(rounds: &[RoundRates]) -> String {
+fn rounds_text(rounds: &[RoundRates]) -> String {
     rounds
         .iter()
         .map(|r| {
