@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meterline_bench::{aggregator, chaos, ingest, pipeline, relay, report, sink};
+use meterline_bench::report::{self, Report};
+use meterline_bench::{aggregator, chaos, ingest, pipeline, relay, sink};
 
 #[derive(Parser)]
 #[command(
@@ -37,11 +38,11 @@ enum Command {
 }
 
 /// Prints a result and, with `--write-docs`, replaces its section of docs/benchmarks.md.
-fn finish(section: &str, write_docs: bool, text: String, markdown: String) -> anyhow::Result<()> {
-    println!("{text}");
+fn finish(section: &str, write_docs: bool, report: &impl Report) -> anyhow::Result<()> {
+    println!("{}", report.text());
     if write_docs {
         let path = meterline_tests::stack::repo_root().join("docs/benchmarks.md");
-        report::replace_section(&path, section, &markdown)?;
+        report::replace_section(&path, section, &report.markdown())?;
         println!("wrote the {section} section of {}", path.display());
     }
     Ok(())
@@ -58,30 +59,14 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Ingest(params) => {
-                let r = ingest::run(&params).await?;
-                finish("ingest", params.write_docs, r.text(), r.markdown())
+            Command::Ingest(p) => finish("ingest", p.write_docs, &ingest::run(&p).await?),
+            Command::Aggregator(p) => {
+                finish("aggregator", p.write_docs, &aggregator::run(&p).await?)
             }
-            Command::Aggregator(params) => {
-                let r = aggregator::run(&params).await?;
-                finish("aggregator", params.write_docs, r.text(), r.markdown())
-            }
-            Command::Relay(params) => {
-                let r = relay::run(&params).await?;
-                finish("relay", params.write_docs, r.text(), r.markdown())
-            }
-            Command::Sink(params) => {
-                let r = sink::run(&params).await?;
-                finish("sink", params.write_docs, r.text(), r.markdown())
-            }
-            Command::Pipeline(params) => {
-                let r = pipeline::run(&params).await?;
-                finish("pipeline", params.write_docs, r.text(), r.markdown())
-            }
-            Command::Chaos(params) => {
-                let r = chaos::run(&params).await?;
-                finish("chaos", params.write_docs, r.text(), r.markdown())
-            }
+            Command::Relay(p) => finish("relay", p.write_docs, &relay::run(&p).await?),
+            Command::Sink(p) => finish("sink", p.write_docs, &sink::run(&p).await?),
+            Command::Pipeline(p) => finish("pipeline", p.write_docs, &pipeline::run(&p).await?),
+            Command::Chaos(p) => finish("chaos", p.write_docs, &chaos::run(&p).await?),
         }
     });
     match outcome {

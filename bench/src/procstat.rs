@@ -1,6 +1,12 @@
-//! What `/proc` tells about processes and the machine: CPU seconds of a process (all its
-//! threads), the pid of the local Kafka broker, and the machine a run happened on.
+//! Everything the benchmarks read from `/proc`: CPU seconds of processes (all threads, or a
+//! postmaster with its backends), resident memory, whether a process still runs, the pids of
+//! the local stack's servers, the 1-minute load and the machine a run happened on.
+//!
+//! Rule kept: no other module of `bench/` opens a file under `/proc`; a phase names the
+//! processes it accounts once, in a [`Watchlist`], in the order its report lists them, and
+//! reads CPU through that list.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -26,6 +32,18 @@ impl CpuTimes {
     }
 }
 
+/// The CPU one named process (or tree) used during a phase, as a report lists it.
+pub struct ComponentCpu {
+    pub name: &'static str,
+    pub cpu: CpuTimes,
+}
+
+impl ComponentCpu {
+    pub fn new(name: &'static str, cpu: CpuTimes) -> Self {
+        Self { name, cpu }
+    }
+}
+
 /// Reads `utime` and `stime` (fields 14 and 15) of `/proc/<pid>/stat`.
 pub fn cpu_times(pid: u32) -> anyhow::Result<CpuTimes> {
     let path = format!("/proc/{pid}/stat");
@@ -33,14 +51,16 @@ pub fn cpu_times(pid: u32) -> anyhow::Result<CpuTimes> {
     parse_stat(&text, clock_ticks()).with_context(|| format!("parsing {path}"))
 }
 
+/// The fields of a `/proc/<pid>/stat` line from field 3 (the state) on. The command name
+/// (field 2) is in parentheses and may contain spaces or parentheses: fields are counted
+/// after its last `)`.
+fn stat_fields(text: &str) -> Option<Vec<&str>> {
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().collect())
+}
+
 fn parse_stat(text: &str, ticks_per_second: f64) -> anyhow::Result<CpuTimes> {
-    // The command name (field 2) is in parentheses and may contain spaces or parentheses:
-    // fields are counted after the last `)`, where field 3 (the state) comes first.
-    let rest = text
-        .rfind(')')
-        .map(|i| &text[i + 1..])
-        .context("no `)` after the command name")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(text).context("no `)` after the command name")?;
     let field = |n: usize| -> anyhow::Result<f64> {
         let value: u64 = fields
             .get(n - 3)
@@ -65,24 +85,47 @@ fn clock_ticks() -> f64 {
     }
 }
 
-/// The pid of the Kafka broker: from `dev/.state/kafka/kafka.pid` when that process runs,
-/// otherwise the process listening on the first broker's port (a stack started from another
-/// checkout of the repository has its pid file there, not here).
-pub fn kafka_broker_pid(repo_root: &Path, brokers: &str) -> Option<u32> {
-    let from_file = std::fs::read_to_string(repo_root.join("dev/.state/kafka/kafka.pid"))
+/// Whether a process with this pid exists (a child that exited and was reaped does not).
+pub fn is_running(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid of a local server: from its pid file under `dev/.state/` when that process runs,
+/// otherwise the process listening on `port` (a stack started from another checkout of the
+/// repository has its pid file there, not here).
+fn server_pid(repo_root: &Path, pid_file: &str, port: Option<u16>) -> Option<u32> {
+    let from_file = std::fs::read_to_string(repo_root.join("dev/.state").join(pid_file))
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok())
-        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    from_file.or_else(|| {
-        let port = brokers
-            .split(',')
-            .next()?
-            .rsplit(':')
-            .next()?
-            .parse()
-            .ok()?;
-        listening_pid(port)
-    })
+        .filter(|pid| is_running(*pid));
+    from_file.or_else(|| listening_pid(port?))
+}
+
+/// The pid of the Kafka broker (`dev/.state/kafka/kafka.pid`, or the first broker's port).
+pub fn kafka_broker_pid(repo_root: &Path, brokers: &str) -> Option<u32> {
+    let port = brokers
+        .split(',')
+        .next()
+        .and_then(|b| b.rsplit(':').next()?.parse().ok());
+    server_pid(repo_root, "kafka/kafka.pid", port)
+}
+
+/// The pid of the ClickHouse server (`dev/.state/clickhouse/clickhouse.pid`, or the port of
+/// `url`).
+pub fn clickhouse_server_pid(repo_root: &Path, url: &str) -> Option<u32> {
+    server_pid(repo_root, "clickhouse/clickhouse.pid", url_port(url))
+}
+
+/// The port of `scheme://[user@]host:port/...`.
+fn url_port(url: &str) -> Option<u16> {
+    let authority = url.split("://").nth(1)?.split('/').next()?;
+    let address = authority.rsplit('@').next()?;
+    address.rsplit(':').next()?.parse().ok()
+}
+
+/// The process listening on the port of `url` (`scheme://[user@]host:port/...`).
+pub fn listening_pid_of_url(url: &str) -> Option<u32> {
+    listening_pid(url_port(url)?)
 }
 
 /// The process with a TCP socket listening on `port`, found through the socket's inode.
@@ -113,6 +156,46 @@ pub fn listening_pid(port: u16) -> Option<u32> {
                 })
                 .then_some(pid)
         })
+}
+
+/// A server of the local stack (`dev/up`) whose CPU a benchmark accounts.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    KafkaBroker,
+    ClickHouse,
+    /// The postmaster (its backends are its children).
+    Postgres,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::KafkaBroker => "kafka broker",
+            Server::ClickHouse => "clickhouse server",
+            Server::Postgres => "postgresql server",
+        }
+    }
+}
+
+/// The pid of each of `servers` on the local stack, in that order; says on stderr which
+/// were not found (their CPU is then not accounted).
+pub fn stack_pids<const N: usize>(servers: [Server; N]) -> [Option<u32>; N] {
+    let stack = meterline_tests::Stack::get();
+    let root = meterline_tests::stack::repo_root();
+    servers.map(|server| {
+        let pid = match server {
+            Server::KafkaBroker => kafka_broker_pid(&root, &stack.kafka_brokers),
+            Server::ClickHouse => clickhouse_server_pid(&root, &stack.clickhouse_url),
+            Server::Postgres => listening_pid_of_url(&stack.database_url),
+        };
+        if pid.is_none() {
+            eprintln!(
+                "the {}'s pid was not found: its cpu is not accounted",
+                server.name()
+            );
+        }
+        pid
+    })
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`, in KiB.
@@ -181,16 +264,16 @@ impl Machine {
 }
 
 /// The 1-minute load average.
-/// The process listening on the port of `url` (`scheme://[user@]host:port/...`).
-pub fn listening_pid_of_url(url: &str) -> Option<u32> {
-    let authority = url.split("://").nth(1)?.split('/').next()?;
-    let address = authority.rsplit('@').next()?;
-    listening_pid(address.rsplit(':').next()?.parse().ok()?)
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// CPU times of `root` and of its children (the backends of a postmaster), by pid.
-pub fn process_tree_cpu(root: u32) -> std::collections::HashMap<u32, CpuTimes> {
-    let mut out = std::collections::HashMap::new();
+fn process_tree_cpu(root: u32) -> HashMap<u32, CpuTimes> {
+    let mut out = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -204,11 +287,7 @@ pub fn process_tree_cpu(root: u32) -> std::collections::HashMap<u32, CpuTimes> {
         };
         let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|text| {
-                // Field 4 (the parent pid), counted after the command name's last `)`.
-                let rest = &text[text.rfind(')')? + 1..];
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
+            .and_then(|text| stat_fields(&text)?.get(1)?.parse::<u32>().ok());
         if pid == root || parent == Some(root) {
             if let Ok(cpu) = cpu_times(pid) {
                 out.insert(pid, cpu);
@@ -220,73 +299,83 @@ pub fn process_tree_cpu(root: u32) -> std::collections::HashMap<u32, CpuTimes> {
 
 /// CPU each process of a tree used between two [`process_tree_cpu`] readings; a process
 /// that started in between used all of its CPU in the interval.
-pub fn tree_since(
-    now: &std::collections::HashMap<u32, CpuTimes>,
-    was: &std::collections::HashMap<u32, CpuTimes>,
-) -> std::collections::HashMap<u32, CpuTimes> {
+fn tree_since(
+    now: &HashMap<u32, CpuTimes>,
+    was: &HashMap<u32, CpuTimes>,
+) -> HashMap<u32, CpuTimes> {
     now.iter()
         .map(|(pid, cpu)| (*pid, cpu.since(was.get(pid).copied().unwrap_or_default())))
         .collect()
 }
 
-pub fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stat_fields_are_counted_after_the_command_name() {
-        let line = "42 (my (odd) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0";
-        let cpu = parse_stat(line, 100.0).unwrap();
-        assert_eq!(
-            cpu,
-            CpuTimes {
-                user: 2.5,
-                system: 0.75
-            }
-        );
-    }
-
-    #[test]
-    fn status_gives_resident_and_peak_memory() {
-        let status =
-            "Name:\tingest\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\n";
-        assert_eq!(
-            parse_status(status),
-            Some(Memory {
-                rss_kib: 40960,
-                peak_kib: 51200
-            })
-        );
-        assert_eq!(parse_status("Name:\tzombie\n"), None);
-        assert!(memory(std::process::id()).is_ok_and(|m| m.peak_kib >= m.rss_kib));
-    }
-
-    #[test]
-    fn our_own_process_has_cpu_times() {
-        assert!(cpu_times(std::process::id()).is_ok());
-    }
-}
-
 /// A process whose CPU a phase accounts.
 #[derive(Debug, Clone, Copy)]
-pub enum Watched {
+enum Watched {
     /// One process.
     Process(u32),
     /// A process and its children: a postmaster and its backends.
     Tree(u32),
 }
 
+/// The processes a phase accounts, each under the name its report gives it, in the order
+/// the report lists them. A process whose pid is not known (`None`) is left out of every
+/// reading.
+#[derive(Debug, Clone, Default)]
+pub struct Watchlist(Vec<(&'static str, Option<Watched>)>);
+
+impl Watchlist {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One process (all its threads).
+    pub fn process(mut self, name: &'static str, pid: Option<u32>) -> Self {
+        self.0.push((name, pid.map(Watched::Process)));
+        self
+    }
+
+    /// A process and its children: a postmaster and its backends.
+    pub fn tree(mut self, name: &'static str, root: Option<u32>) -> Self {
+        self.0.push((name, root.map(Watched::Tree)));
+        self
+    }
+
+    /// This process: the benchmark's own load generator.
+    pub fn this_process(self, name: &'static str) -> Self {
+        self.process(name, Some(std::process::id()))
+    }
+
+    /// The same list with the process `name` now known as `pid` (a subject spawned after the
+    /// list was made).
+    pub fn with_pid(&self, name: &str, pid: u32) -> Self {
+        let mut list = self.clone();
+        for (n, watched) in &mut list.0 {
+            if *n == name {
+                *watched = Some(Watched::Process(pid));
+            }
+        }
+        list
+    }
+
+    /// Reads every known process, in the list's order.
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut readings = Vec::new();
+        for (name, process) in &self.0 {
+            let reading = match process {
+                None => continue,
+                Some(Watched::Process(pid)) => Reading::Process(cpu_times(*pid)?),
+                Some(Watched::Tree(root)) => Reading::Tree(process_tree_cpu(*root)),
+            };
+            readings.push((*name, reading));
+        }
+        Ok(Snapshot { readings })
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Reading {
     Process(CpuTimes),
-    Tree(std::collections::HashMap<u32, CpuTimes>),
+    Tree(HashMap<u32, CpuTimes>),
 }
 
 impl Reading {
@@ -301,29 +390,14 @@ impl Reading {
     }
 }
 
-/// CPU times of named processes at one instant, or (after [`Snapshot::since`]) used between
-/// two instants.
+/// CPU times of named processes at one instant ([`Watchlist::snapshot`]), or (after
+/// [`Snapshot::since`]) used between two instants.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     readings: Vec<(&'static str, Reading)>,
 }
 
 impl Snapshot {
-    /// Reads every process of `watched` whose pid was found (`None`: left out, its CPU is
-    /// not accounted), in that order.
-    pub fn take(watched: &[(&'static str, Option<Watched>)]) -> anyhow::Result<Snapshot> {
-        let mut readings = Vec::new();
-        for (name, process) in watched {
-            let reading = match process {
-                None => continue,
-                Some(Watched::Process(pid)) => Reading::Process(cpu_times(*pid)?),
-                Some(Watched::Tree(root)) => Reading::Tree(process_tree_cpu(*root)),
-            };
-            readings.push((*name, reading));
-        }
-        Ok(Snapshot { readings })
-    }
-
     /// What each process used since `before`; a process not read then is left out.
     pub fn since(&self, before: &Snapshot) -> Snapshot {
         let readings = self
@@ -345,10 +419,72 @@ impl Snapshot {
     }
 
     /// Each process's CPU, a tree's summed, for the report.
-    pub fn components(&self) -> Vec<crate::report::ComponentCpu> {
+    pub fn components(&self) -> Vec<ComponentCpu> {
         self.readings
             .iter()
-            .map(|(name, reading)| crate::report::ComponentCpu::new(name, reading.total()))
+            .map(|(name, reading)| ComponentCpu::new(name, reading.total()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let line = "42 (my (odd) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0";
+        let cpu = parse_stat(line, 100.0).unwrap();
+        assert_eq!(
+            cpu,
+            CpuTimes {
+                user: 2.5,
+                system: 0.75
+            }
+        );
+        assert_eq!(stat_fields(line).unwrap()[1], "1", "the parent pid");
+    }
+
+    #[test]
+    fn status_gives_resident_and_peak_memory() {
+        let status =
+            "Name:\tingest\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t   40960 kB\n";
+        assert_eq!(
+            parse_status(status),
+            Some(Memory {
+                rss_kib: 40960,
+                peak_kib: 51200
+            })
+        );
+        assert_eq!(parse_status("Name:\tzombie\n"), None);
+        assert!(memory(std::process::id()).is_ok_and(|m| m.peak_kib >= m.rss_kib));
+    }
+
+    #[test]
+    fn our_own_process_has_cpu_times() {
+        assert!(cpu_times(std::process::id()).is_ok());
+        assert!(is_running(std::process::id()));
+    }
+
+    #[test]
+    fn ports_are_read_from_urls() {
+        assert_eq!(url_port("postgres://u:p@127.0.0.1:5433/db"), Some(5433));
+        assert_eq!(url_port("http://localhost:8123"), Some(8123));
+        assert_eq!(url_port("localhost"), None);
+    }
+
+    #[test]
+    fn a_watchlist_reads_its_known_processes_in_order() {
+        let list = Watchlist::new()
+            .process("subject", None)
+            .this_process("meterline-bench");
+        let names = |s: &Snapshot| s.components().iter().map(|c| c.name).collect::<Vec<_>>();
+        assert_eq!(names(&list.snapshot().unwrap()), ["meterline-bench"]);
+        let list = list.with_pid("subject", std::process::id());
+        let before = list.snapshot().unwrap();
+        assert_eq!(
+            names(&list.snapshot().unwrap().since(&before)),
+            ["subject", "meterline-bench"]
+        );
     }
 }

@@ -10,6 +10,8 @@ use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, EventId, EventName, OffsetDateTime, RawUsageEvent, Timestamp};
 use serde_json::{json, Map, Value};
 
+use crate::rng::SplitMix64;
+
 /// The tenant and environment every benchmark event belongs to.
 pub const TENANT: &str = "bench_tenant";
 pub const ENVIRONMENT: &str = "env_bench";
@@ -33,7 +35,7 @@ impl Workload {
             count > 0 && customers > 0 && batch > 0,
             "counts must be positive"
         );
-        let mut rng = SplitMix64(0x6d65_7465_726c_696e);
+        let mut rng = SplitMix64::new(0x6d65_7465_726c_696e);
         let now = OffsetDateTime::now_utc();
         let mut events = Vec::with_capacity(count);
         for _ in 0..count {
@@ -139,26 +141,14 @@ fn usage(rng: &mut SplitMix64) -> (&'static str, Map<String, Value>) {
             }),
         ),
     };
-    match value {
-        Value::Object(map) => (name, map),
-        _ => unreachable!("json! of an object literal is an object"),
-    }
+    (name, object(value))
 }
 
-/// A small deterministic generator (SplitMix64): enough spread for benchmark data.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
+/// The map of a `json!` object literal.
+pub(crate) fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => unreachable!("json! of an object literal is an object"),
     }
 }
 

@@ -12,7 +12,6 @@
 //! Signing happens in the client task just before the clock of each request starts (the
 //! signature's timestamp must stay within the relay's 300 s tolerance however long a run is).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,16 +22,21 @@ use meterline_accounts::stripe_config::{
 };
 use meterline_common::kafka::{consumer_config, producer_config};
 use meterline_schemas::{StripeWebhook, Timestamp, Topic};
-use meterline_tests::{api, stack, Namespace, ServiceProcess, Stack};
+use meterline_tests::{api, Namespace, ServiceProcess, Stack};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use reqwest::RequestBuilder;
 use serde_json::{json, Value};
 
 use crate::baseline::PRODUCE_TIMEOUT;
-use crate::procstat::{self, Machine, Snapshot, Watched};
-use crate::report::{Latency, RelayReport};
+use crate::clients::{excerpt, http_client, run_clients, send_timed};
+use crate::procstat::{self, Machine, Server, Watchlist};
+use crate::report::{Latency, Phase};
 use crate::workload::{ENVIRONMENT, TENANT};
+
+mod report;
+pub use report::RelayReport;
 
 /// The endpoint secret stored in the tenant environment's Stripe configuration.
 pub(crate) const SECRET: &str = "whsec_benchrelay0000000001";
@@ -56,19 +60,7 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     }
     let machine = Machine::read();
     let date = time::OffsetDateTime::now_utc();
-    let stack = Stack::get();
-    let root = stack::repo_root();
-    let broker_pid = procstat::kafka_broker_pid(&root, &stack.kafka_brokers);
-    let postgres_pid = procstat::listening_pid_of_url(&stack.database_url);
-    for (name, pid) in [
-        ("kafka broker", broker_pid),
-        ("postgresql server", postgres_pid),
-    ] {
-        if pid.is_none() {
-            eprintln!("the {name}'s pid was not found: its cpu is not accounted");
-        }
-    }
-    let me = std::process::id();
+    let [broker_pid, postgres_pid] = procstat::stack_pids([Server::KafkaBroker, Server::Postgres]);
 
     // The bodies: the measured deliveries, then one warm-up delivery per client.
     let run_id = date.unix_timestamp();
@@ -102,16 +94,15 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     }
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
     let load_before_baseline = procstat::load_average();
-    let pids = Pids {
-        relay: None,
-        broker: broker_pid,
-        postgres: postgres_pid,
-        bench: me,
-    };
-    let cpu_before = Snapshot::take(&pids.watched())?;
+    let watched = Watchlist::new()
+        .process("webhook-relay", None)
+        .process("kafka broker", broker_pid)
+        .tree("postgresql (all backends)", postgres_pid)
+        .this_process("meterline-bench (load generator)");
+    let cpu_before = watched.snapshot()?;
     let (baseline_elapsed, baseline_latencies) =
         baseline_run(&producer, &messages, params.deliveries, params.concurrency).await?;
-    let baseline_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
+    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
     drop(producer);
 
     // Subject: the release webhook-relay binary.
@@ -119,10 +110,7 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
     put_config(&ns).await?;
     let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
     let relay_pid = relay.pid().context("the webhook-relay process has a pid")?;
-    let pids = Pids {
-        relay: Some(relay_pid),
-        ..pids
-    };
+    let watched = watched.with_pid("webhook-relay", relay_pid);
     let driver = Driver::new(&relay, bodies.clone(), params.concurrency)?;
     // One delivery per client, so every connection (and the relay's producer) is up before
     // the clock starts.
@@ -137,9 +125,9 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         params.concurrency, params.deliveries
     );
     let load_before_relay = procstat::load_average();
-    let cpu_before = Snapshot::take(&pids.watched())?;
+    let cpu_before = watched.snapshot()?;
     let (relay_elapsed, latencies) = driver.run(params.deliveries).await?;
-    let relay_cpu = Snapshot::take(&pids.watched())?.since(&cpu_before);
+    let relay_cpu = watched.snapshot()?.since(&cpu_before);
     let after = topic_messages(&ns, &topic)?;
     let published = after - before;
     if published != params.deliveries as i64 || after != total as i64 {
@@ -165,13 +153,11 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         concurrency: params.concurrency,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         average_body_bytes: measured_bytes / params.deliveries,
-        baseline_elapsed,
+        baseline: Phase::new(baseline_elapsed, &baseline_cpu),
         baseline_latency: Latency::of(baseline_latencies),
-        relay_elapsed,
+        relay: Phase::new(relay_elapsed, &relay_cpu),
         relay_latency: Latency::of(latencies),
         published: published as usize,
-        baseline_cpu: baseline_cpu.components(),
-        relay_cpu: relay_cpu.components(),
     })
 }
 
@@ -300,26 +286,13 @@ async fn baseline_run(
     deliveries: usize,
     concurrency: usize,
 ) -> anyhow::Result<(Duration, Vec<Duration>)> {
-    let next = AtomicUsize::new(0);
-    let started = Instant::now();
-    let tasks = (0..concurrency).map(|_| async {
-        let mut latencies = Vec::new();
-        loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            if index >= deliveries {
-                return anyhow::Ok(latencies);
-            }
-            let (key, value) = &messages[index];
-            let sent = Instant::now();
-            producer.produce_one(key, value).await?;
-            latencies.push(sent.elapsed());
-        }
-    });
-    let mut all = Vec::with_capacity(deliveries);
-    for outcome in futures::future::join_all(tasks).await {
-        all.extend(outcome?);
-    }
-    Ok((started.elapsed(), all))
+    run_clients(concurrency, deliveries, |index| async move {
+        let (key, value) = &messages[index];
+        let sent = Instant::now();
+        producer.produce_one(key, value).await?;
+        Ok(sent.elapsed())
+    })
+    .await
 }
 
 /// Messages on `topic` (high - low watermark, summed over its partitions).
@@ -359,13 +332,8 @@ impl Driver {
         bodies: Arc<Vec<Vec<u8>>>,
         concurrency: usize,
     ) -> anyhow::Result<Driver> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(concurrency)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .context("building the http client")?;
         Ok(Driver {
-            client,
+            client: http_client(concurrency, Duration::from_secs(30))?,
             url: relay.url(&format!("/webhooks/stripe/{TENANT}/{ENVIRONMENT}")),
             bodies,
             concurrency,
@@ -374,48 +342,18 @@ impl Driver {
 
     /// Delivers bodies `0..deliveries`; returns the elapsed time and every request's latency.
     async fn run(&self, deliveries: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
-        let next = AtomicUsize::new(0);
-        let started = Instant::now();
-        let clients = (0..self.concurrency).map(|_| async {
-            let mut latencies = Vec::new();
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= deliveries {
-                    return anyhow::Ok(latencies);
-                }
-                latencies.push(self.deliver(index).await?);
-            }
-        });
-        let mut all = Vec::with_capacity(deliveries);
-        for outcome in futures::future::join_all(clients).await {
-            all.extend(outcome?);
-        }
-        Ok((started.elapsed(), all))
+        run_clients(self.concurrency, deliveries, |index| self.deliver(index)).await
     }
 
     /// Signs and delivers body `index`; anything but a first-time 200 fails the run. The
     /// latency runs from just before the request is sent to the answer's body read.
     async fn deliver(&self, index: usize) -> anyhow::Result<Duration> {
-        let body = &self.bodies[index];
-        let signature = signature_header(unix_now(), SECRET, body);
-        let request = self
-            .client
-            .post(&self.url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/json; charset=utf-8",
-            )
-            .header("stripe-signature", signature)
-            .body(body.clone());
-        let started = Instant::now();
-        let response = request.send().await.context("delivering a webhook")?;
-        let status = response.status();
-        let answer = response.bytes().await.context("reading the answer")?;
-        let elapsed = started.elapsed();
+        let request = signed_delivery(&self.client, &self.url, self.bodies[index].clone());
+        let (elapsed, status, answer) = send_timed(request, "delivering a webhook").await?;
         if status != reqwest::StatusCode::OK {
             bail!(
                 "webhook-relay answered {status} to delivery {index}: {}",
-                String::from_utf8_lossy(&answer[..answer.len().min(2000)])
+                excerpt(&answer)
             );
         }
         let answer: Value = serde_json::from_slice(&answer).context("the answer is not JSON")?;
@@ -426,171 +364,33 @@ impl Driver {
     }
 }
 
-/// `t=<t>,v1=<hex(HMAC-SHA256(secret, "<t>.<body>"))>`, as Stripe signs.
-pub(crate) fn signature_header(t: i64, secret: &str, body: &[u8]) -> String {
-    let mut message = Vec::with_capacity(body.len() + 12);
-    message.extend_from_slice(t.to_string().as_bytes());
-    message.push(b'.');
-    message.extend_from_slice(body);
-    let mac = hmac_sha256(secret.as_bytes(), &message);
-    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
-    format!("t={t},v1={hex}")
+/// `t=<t>,v1=<hex(HMAC-SHA256(secret, "<t>.<body>"))>`, as Stripe signs: the stand-in's
+/// signer, the one the integration tests sign with.
+fn signature_header(t: i64, secret: &str, body: &[u8]) -> String {
+    stripe_standin::signature::header(t, &[secret], body)
+        .expect("hmac-sha256 takes a key of any length")
 }
 
-/// HMAC-SHA256 (RFC 2104) over [`sha256`]: this crate has no hashing dependency, and a few
-/// dozen lines checked against RFC 4231 beat adding one for the benchmark's client.
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&sha256(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let mut inner: Vec<u8> = block.iter().map(|b| b ^ 0x36).collect();
-    inner.extend_from_slice(message);
-    let mut outer: Vec<u8> = block.iter().map(|b| b ^ 0x5c).collect();
-    outer.extend_from_slice(&sha256(&inner));
-    sha256(&outer)
-}
-
-/// SHA-256 (FIPS 180-4).
-fn sha256(data: &[u8]) -> [u8; 32] {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    let mut padded = data.to_vec();
-    padded.push(0x80);
-    while padded.len() % 64 != 56 {
-        padded.push(0);
-    }
-    padded.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
-    for chunk in padded.chunks_exact(64) {
-        let mut w = [0u32; 64];
-        for (i, word) in chunk.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
-        for i in 0..64 {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = hh
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            hh = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (state, value) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
-            *state = state.wrapping_add(value);
-        }
-    }
-    let mut out = [0u8; 32];
-    for (i, word) in h.iter().enumerate() {
-        out[i * 4..i * 4 + 4].copy_from_slice(&word.to_be_bytes());
-    }
-    out
-}
-
-/// The pids whose CPU a phase accounts.
-#[derive(Debug, Clone, Copy)]
-struct Pids {
-    relay: Option<u32>,
-    broker: Option<u32>,
-    /// The postmaster: its backends (children) are accounted with it.
-    postgres: Option<u32>,
-    bench: u32,
-}
-
-impl Pids {
-    fn watched(&self) -> [(&'static str, Option<Watched>); 4] {
-        [
-            ("webhook-relay", self.relay.map(Watched::Process)),
-            ("kafka broker", self.broker.map(Watched::Process)),
-            (
-                "postgresql (all backends)",
-                self.postgres.map(Watched::Tree),
-            ),
-            (
-                "meterline-bench (load generator)",
-                Some(Watched::Process(self.bench)),
-            ),
-        ]
-    }
+/// A delivery of `body` to the relay at `url`, signed now with [`SECRET`] as Stripe signs.
+pub(crate) fn signed_delivery(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+) -> RequestBuilder {
+    let signature = signature_header(unix_now(), SECRET, &body);
+    client
+        .post(url)
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        )
+        .header("stripe-signature", signature)
+        .body(body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    #[test]
-    fn sha256_matches_known_vectors() {
-        assert_eq!(
-            hex(&sha256(b"")),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert_eq!(
-            hex(&sha256(b"abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(
-            hex(&sha256(
-                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
-            )),
-            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
-        );
-    }
-
-    #[test]
-    fn hmac_sha256_matches_rfc_4231() {
-        // Test case 2.
-        assert_eq!(
-            hex(&hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        // Test case 6: a key longer than the block.
-        assert_eq!(
-            hex(&hmac_sha256(
-                &[0xaa; 131],
-                b"Test Using Larger Than Block-Size Key - Hash Key First"
-            )),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
-    }
 
     #[test]
     fn bodies_are_about_a_kilobyte_and_messages_are_valid() {

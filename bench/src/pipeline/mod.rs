@@ -1,6 +1,6 @@
 //! `meterline-bench pipeline`: the four release services together on one fresh namespace,
 //! ingest loaded as hard as its HTTP clients can push (or at `--rate`), one-minute windows
-//! due the moment they end (grace 0), and the Stripe stand-in behind the [`Recorder`].
+//! due the moment they end (grace 0), and the Stripe stand-in behind the [`Recorder`](crate::recorder::Recorder).
 //!
 //! What it measures: for every (customer, meter, window), the time from the window falling
 //! due to the stand-in receiving its first meter event, and to receiving the one that made
@@ -13,7 +13,7 @@
 //! The baseline, in the same run on another fresh namespace: the bare plumbing the pipeline's
 //! path is made of, with none of meterline's work: a message produced to one topic, consumed
 //! and produced (acknowledged) to a second topic, consumed, then one meter event POSTed to the
-//! stand-in; timed per message from the first produce to the POST's answer.
+//! stand-in; timed per message from the first produce to the POST's answer (`bare.rs`).
 //!
 //! The run fails unless Stripe's counted total of every window equals what ingest accepted.
 
@@ -25,25 +25,27 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use meterline_common::kafka::{consumer_config, producer_config};
-use meterline_schemas::Topic;
 use meterline_tests::stripe_config::put_sync_config;
 use meterline_tests::usage::{create_meter, window_minutes_since_epoch};
 use meterline_tests::{api, Namespace, ServiceProcess, Stack};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::aggregator::count_rows;
-use crate::baseline::PRODUCE_TIMEOUT;
-use crate::procstat::{self, Machine, Memory, Snapshot, Watched};
+use crate::clients::{http_client, post_bulk};
+use crate::procstat::{self, Machine, Memory, Watchlist};
 use crate::recorder::Receipt;
-use crate::relay::{event_body, signature_header, unix_now, SECRET};
-use crate::report::{cpu_cell, date_text, find_cpu, thousands, ComponentCpu, Latency};
-use crate::sink::{map_through_api, spawn_sink, Stripe, METERS};
+use crate::relay::{event_body, signed_delivery, unix_now, SECRET};
+use crate::report::Latency;
+use crate::rng::SplitMix64;
+use crate::sink::{differing, map_through_api, spawn_sink, Stripe, METERS};
 use crate::workload::{ENVIRONMENT, TENANT};
+
+mod bare;
+mod report;
+
+use bare::bare_path;
+pub use report::{PipelineReport, ServiceMemory};
 
 const WINDOW_SECONDS: i64 = 60;
 const SERVICES: [&str; 4] = ["ingest", "aggregator", "stripe-sink", "webhook-relay"];
@@ -83,47 +85,6 @@ pub struct Params {
 
 /// (customer index, meter index, window start in Unix seconds).
 type WindowKey = (usize, usize, i64);
-
-pub struct ServiceMemory {
-    pub name: &'static str,
-    /// After start-up and configuration, before the load.
-    pub idle: Memory,
-    /// At the end of the run (`peak_kib` is the peak of the whole run).
-    pub end: Memory,
-}
-
-pub struct PipelineReport {
-    pub machine: Machine,
-    pub date: OffsetDateTime,
-    pub load_before_baseline: f64,
-    pub load_before_pipeline: f64,
-    pub params: Params,
-    pub baseline: Latency,
-    pub events: u64,
-    pub requests: Latency,
-    pub load_elapsed: Duration,
-    /// Rows in `events_processed` when the load ended, and the rows expected (2 per event).
-    pub rows_at_load_end: u64,
-    pub rows_expected: u64,
-    /// From the load's end until every row was in ClickHouse.
-    pub catch_up: Duration,
-    pub windows: usize,
-    /// Window due -> its first meter event received.
-    pub first: Latency,
-    /// Window due -> the meter event that made Stripe's total complete.
-    pub complete: Latency,
-    pub meter_events: usize,
-    pub too_many: usize,
-    pub webhooks: u64,
-    pub memory: Vec<ServiceMemory>,
-    pub cpu: Vec<ComponentCpu>,
-}
-
-impl PipelineReport {
-    pub fn rate(&self) -> f64 {
-        self.events as f64 / self.load_elapsed.as_secs_f64()
-    }
-}
 
 pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     if params.batch == 0 || params.concurrency == 0 || params.customers == 0 {
@@ -199,27 +160,25 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
 
     let stack = Stack::get();
     let root = meterline_tests::stack::repo_root();
-    let mut watched: Vec<(&'static str, Option<Watched>)> = SERVICES
+    let watched = SERVICES
         .iter()
         .zip(&pids)
-        .map(|(name, pid)| (*name, Some(Watched::Process(*pid))))
-        .collect();
-    watched.push((
-        "kafka broker",
-        procstat::kafka_broker_pid(&root, &stack.kafka_brokers).map(Watched::Process),
-    ));
-    watched.push((
-        "clickhouse server",
-        procstat::listening_pid_of_url(&stack.clickhouse_url).map(Watched::Process),
-    ));
-    watched.push((
-        "postgresql (all backends)",
-        procstat::listening_pid_of_url(&stack.database_url).map(Watched::Tree),
-    ));
-    watched.push((
-        "meterline-bench",
-        Some(Watched::Process(std::process::id())),
-    ));
+        .fold(Watchlist::new(), |list, (name, pid)| {
+            list.process(name, Some(*pid))
+        })
+        .process(
+            "kafka broker",
+            procstat::kafka_broker_pid(&root, &stack.kafka_brokers),
+        )
+        .process(
+            "clickhouse server",
+            procstat::listening_pid_of_url(&stack.clickhouse_url),
+        )
+        .tree(
+            "postgresql (all backends)",
+            procstat::listening_pid_of_url(&stack.database_url),
+        )
+        .this_process("meterline-bench");
 
     eprintln!(
         "pipeline: {} s of load, {} clients, bulk requests of {}, {}",
@@ -233,7 +192,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
         }
     );
     let load_before_pipeline = procstat::load_average();
-    let cpu_before = Snapshot::take(&watched)?;
+    let cpu_before = watched.snapshot()?;
     let stop_webhooks = Arc::new(AtomicBool::new(false));
     let webhooks = tokio::spawn(webhook_stream(
         relay.url(&format!("/webhooks/stripe/{TENANT}/{ENVIRONMENT}")),
@@ -245,7 +204,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     stop_webhooks.store(true, Ordering::Relaxed);
     let rows_at_load_end = count_rows(&ns).await?;
     let load_ended = Instant::now();
-    let cpu = Snapshot::take(&watched)?.since(&cpu_before).components();
+    let cpu = watched.snapshot()?.since(&cpu_before).components();
     let webhooks = webhooks.await.context("the webhook stream panicked")??;
     let truth = load.truth();
     let events = load.events.load(Ordering::Relaxed);
@@ -282,10 +241,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
             break;
         }
         if Instant::now() > deadline {
-            let wrong = truth
-                .iter()
-                .filter(|(k, v)| got.get(*k) != Some(*v))
-                .count();
+            let wrong = differing(&truth, &got);
             bail!(
                 "{wrong} of {} windows still differ in stripe {patience} s after the load; sink log:\n{}",
                 truth.len(),
@@ -341,17 +297,10 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     })
 }
 
-/// SplitMix64's finaliser: the customer and tokens of event `n`, without shared state.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The customer index and tokens of event `n`.
+/// The customer index and tokens of event `n`: the same in every client task, without shared
+/// state.
 fn content(n: u64, customers: usize) -> (usize, i64) {
-    let h = mix(n);
+    let h = SplitMix64::at(n);
     ((h % customers as u64) as usize, ((h >> 32) % 50) as i64 + 1)
 }
 
@@ -371,11 +320,7 @@ struct Load {
 impl Load {
     fn new(ingest: &ServiceProcess, params: &Params) -> anyhow::Result<Load> {
         Ok(Load {
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(params.concurrency)
-                .timeout(Duration::from_secs(60))
-                .build()
-                .context("building the http client")?,
+            client: http_client(params.concurrency, Duration::from_secs(60))?,
             url: ingest.url("/v1/events/bulk"),
             token: api::token(TENANT, ENVIRONMENT),
             run: unix_now(),
@@ -443,25 +388,8 @@ impl Load {
             );
         }
         body.push_str("]}");
-        let started = Instant::now();
-        let response = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(Bytes::from(body))
-            .send()
-            .await
-            .context("posting a bulk request")?;
-        let status = response.status();
-        let answer = response.bytes().await.context("reading the answer")?;
-        let elapsed = started.elapsed();
-        if status != reqwest::StatusCode::ACCEPTED {
-            bail!(
-                "ingest answered {status}: {}",
-                String::from_utf8_lossy(&answer[..answer.len().min(2000)])
-            );
-        }
+        let elapsed =
+            post_bulk(&self.client, &self.url, &self.token, Bytes::from(body), "").await?;
         let mut truth = self.truth.lock().unwrap_or_else(|p| p.into_inner());
         for n in first..first + batch as u64 {
             let (customer, tokens) = content(n, self.customers);
@@ -488,17 +416,7 @@ async fn webhook_stream(url: String, rate: u32, stop: Arc<AtomicBool>) -> anyhow
         let due = started + Duration::from_secs_f64(sent as f64 / f64::from(rate));
         tokio::time::sleep_until(due.into()).await;
         let body = event_body(&format!("evt_pipe{run}x{sent:08}"), sent as usize);
-        let answer = client
-            .post(&url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/json; charset=utf-8",
-            )
-            .header(
-                "stripe-signature",
-                signature_header(unix_now(), SECRET, &body),
-            )
-            .body(body)
+        let answer = signed_delivery(&client, &url, body)
             .send()
             .await
             .context("delivering a webhook")?;
@@ -568,10 +486,7 @@ async fn check_counted(stripe: &Stripe, truth: &BTreeMap<WindowKey, i64>) -> any
         }
     }
     if &counted != truth {
-        let wrong = truth
-            .iter()
-            .filter(|(k, v)| counted.get(*k) != Some(*v))
-            .count();
+        let wrong = differing(truth, &counted);
         bail!(
             "stripe's counted totals differ from what ingest accepted in {wrong} of {} windows",
             truth.len()
@@ -621,345 +536,6 @@ fn window_latencies(
         Latency::of(after_due(&first)),
         Latency::of(after_due(&complete)),
     )
-}
-
-/// The baseline: produce to topic A; a task consumes A and produces each message to topic B
-/// (waiting for the ack); a second task consumes B and POSTs one meter event per message to
-/// the stand-in. Per message: first produce -> the POST's answer.
-async fn bare_path(params: &Params) -> anyhow::Result<Latency> {
-    let ns = Namespace::create().await;
-    let stripe = Stripe::start(params.stripe_rate, 1).await?;
-    let producer: FutureProducer = producer_config(&ns.kafka, "meterline-bench", PRODUCE_TIMEOUT)
-        .create()
-        .context("creating the baseline producer")?;
-    let (topic_a, topic_b) = (ns.topic(Topic::UsageRaw), ns.topic(Topic::UsageWindows));
-    let consumer = |topic: &str, role: &str| -> anyhow::Result<StreamConsumer> {
-        let group = format!("{}-bare-{role}", ns.id);
-        let c: StreamConsumer = consumer_config(&ns.kafka, "meterline-bench", &group)
-            .create()
-            .context("creating a baseline consumer")?;
-        c.subscribe(&[topic]).context("subscribing")?;
-        Ok(c)
-    };
-    let hop_in = consumer(&topic_a, "hop")?;
-    let post_in = consumer(&topic_b, "post")?;
-    let hop = {
-        let (producer, topic_b) = (producer.clone(), topic_b.clone());
-        tokio::spawn(async move {
-            loop {
-                let message = hop_in.recv().await.context("reading topic a")?;
-                let (key, value) = (
-                    message.key().unwrap_or_default().to_vec(),
-                    message.payload().unwrap_or_default().to_vec(),
-                );
-                producer
-                    .send(
-                        FutureRecord::to(&topic_b).key(&key).payload(&value),
-                        PRODUCE_TIMEOUT,
-                    )
-                    .await
-                    .map_err(|(e, _)| anyhow::anyhow!("producing to topic b: {e}"))?;
-            }
-            #[allow(unreachable_code)]
-            anyhow::Ok(())
-        })
-    };
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-    let poster = {
-        let url = format!("{}/v1/billing/meter_events", stripe.recorder.base);
-        let key = stripe.standin.key.clone();
-        let customer = stripe.customers[0].clone();
-        let run = unix_now();
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            loop {
-                let message = post_in.recv().await.context("reading topic b")?;
-                let index: u64 = std::str::from_utf8(message.payload().unwrap_or_default())
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .context("a baseline message is its index")?;
-                let identifier = format!("bare_{run}_{index}");
-                let form = [
-                    ("event_name", METERS[0].1.to_owned()),
-                    ("payload[stripe_customer_id]", customer.clone()),
-                    ("payload[value]", "1".to_owned()),
-                    ("identifier", identifier.clone()),
-                    ("timestamp", (unix_now() - 1).to_string()),
-                ];
-                let answer = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .header("Idempotency-Key", &identifier)
-                    .form(&form)
-                    .send()
-                    .await
-                    .context("posting a baseline meter event")?;
-                let status = answer.status();
-                answer.bytes().await.context("reading an answer")?;
-                if !status.is_success() {
-                    bail!("the stand-in answered {status} to a baseline meter event");
-                }
-                if arrived_tx.send((index, Instant::now())).is_err() {
-                    return anyhow::Ok(());
-                }
-            }
-        })
-    };
-
-    let send = |index: u64| {
-        let value = index.to_string();
-        let producer = producer.clone();
-        let topic = topic_a.clone();
-        async move {
-            producer
-                .send(
-                    FutureRecord::to(&topic).key("cust_00000").payload(&value),
-                    PRODUCE_TIMEOUT,
-                )
-                .await
-                .map_err(|(e, _)| anyhow::anyhow!("producing to topic a: {e}"))
-        }
-    };
-    // Warm-up: until a message makes the whole trip, both groups are joined and every
-    // connection is open. Warm-up indices lie past the measured ones.
-    let measured = params.baseline_messages as u64;
-    let mut warm = measured;
-    loop {
-        send(warm).await?;
-        warm += 1;
-        match tokio::time::timeout(Duration::from_secs(2), arrived.recv()).await {
-            Ok(Some(_)) => break,
-            Ok(None) => bail!("the baseline path stopped: {:?}", poster.await),
-            Err(_) if warm - measured > 30 => bail!("the baseline path never carried a message"),
-            Err(_) => {}
-        }
-    }
-    while tokio::time::timeout(Duration::from_millis(500), arrived.recv())
-        .await
-        .is_ok()
-    {}
-
-    let mut sent_at = vec![None; params.baseline_messages];
-    let mut latencies = Vec::with_capacity(params.baseline_messages);
-    let pace = Duration::from_millis(50);
-    let started = Instant::now();
-    let mut next = 0u64;
-    let deadline = started + pace * params.baseline_messages as u32 + Duration::from_secs(60);
-    while latencies.len() < params.baseline_messages {
-        if next < measured {
-            let due = started + pace * next as u32;
-            tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {
-                    sent_at[next as usize] = Some(Instant::now());
-                    // Not awaited: the next message goes out on time whatever the ack takes.
-                    tokio::spawn(send(next));
-                    next += 1;
-                    continue;
-                }
-                got = arrived.recv() => record(got, &sent_at, &mut latencies)?,
-            }
-        } else {
-            match tokio::time::timeout_at(deadline.into(), arrived.recv()).await {
-                Ok(got) => record(got, &sent_at, &mut latencies)?,
-                Err(_) => bail!(
-                    "only {} of {} baseline messages made the trip",
-                    latencies.len(),
-                    params.baseline_messages
-                ),
-            }
-        }
-    }
-    hop.abort();
-    poster.abort();
-    ns.drop_databases().await;
-    Ok(Latency::of(latencies))
-}
-
-fn record(
-    got: Option<(u64, Instant)>,
-    sent_at: &[Option<Instant>],
-    latencies: &mut Vec<Duration>,
-) -> anyhow::Result<()> {
-    let (index, at) = got.context("the baseline path stopped")?;
-    if let Some(Some(sent)) = sent_at.get(index as usize) {
-        latencies.push(at - *sent);
-    }
-    Ok(())
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-impl PipelineReport {
-    fn latency_text(l: &Latency) -> String {
-        format!(
-            "p50 {:.2} s, p99 {:.2} s, max {:.2} s ({} windows)",
-            l.p50.as_secs_f64(),
-            l.p99.as_secs_f64(),
-            l.max.as_secs_f64(),
-            thousands(l.count as f64)
-        )
-    }
-
-    fn baseline_text(&self) -> String {
-        format!(
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages, 20 a second)",
-            crate::report::ms(self.baseline.p50),
-            crate::report::ms(self.baseline.p99),
-            crate::report::ms(self.baseline.max),
-            self.baseline.count
-        )
-    }
-
-    fn load_text(&self) -> String {
-        if self.params.rate == 0 {
-            format!(
-                "{} clients posting bulk requests of {} events back to back (as fast as ingest answers) for {} s",
-                self.params.concurrency,
-                thousands(self.params.batch as f64),
-                self.params.seconds
-            )
-        } else {
-            format!(
-                "{} events/s in bulk requests of {} from {} clients for {} s",
-                thousands(self.params.rate as f64),
-                thousands(self.params.batch as f64),
-                self.params.concurrency,
-                self.params.seconds
-            )
-        }
-    }
-
-    fn kept_up(&self) -> String {
-        format!(
-            "{} of {} rows in `events_processed` when the load ended ({:.1}%); all of them {:.1} s later",
-            thousands(self.rows_at_load_end as f64),
-            thousands(self.rows_expected as f64),
-            100.0 * self.rows_at_load_end as f64 / self.rows_expected.max(1) as f64,
-            self.catch_up.as_secs_f64()
-        )
-    }
-
-    pub fn text(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "== pipeline benchmark ({}) ==", date_text(self.date));
-        let _ = writeln!(s, "load         {}", self.load_text());
-        let _ = writeln!(
-            s,
-            "sustained    {} events/s ({} events in {:.1}s)",
-            thousands(self.rate()),
-            thousands(self.events as f64),
-            self.load_elapsed.as_secs_f64()
-        );
-        let _ = writeln!(s, "aggregator   {}", self.kept_up());
-        let _ = writeln!(s, "due->first   {}", Self::latency_text(&self.first));
-        let _ = writeln!(s, "due->total   {}", Self::latency_text(&self.complete));
-        let _ = writeln!(s, "baseline     {}", self.baseline_text());
-        for m in &self.memory {
-            let _ = writeln!(
-                s,
-                "memory       {:<14} idle {:>6.1} MiB, peak {:>7.1} MiB, end {:>7.1} MiB",
-                m.name,
-                mib(m.idle.rss_kib),
-                mib(m.end.peak_kib),
-                mib(m.end.rss_kib)
-            );
-        }
-        s
-    }
-
-    pub fn markdown(&self) -> String {
-        let m = &self.machine;
-        let p = &self.params;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "Generated by `meterline-bench pipeline --write-docs` on {}; do not edit by hand.\n",
-            date_text(self.date)
-        );
-        let _ = writeln!(s, "| | |\n|---|---|");
-        let _ = writeln!(
-            s,
-            "| machine | {} cores, {}, {:.1} GiB memory; 1-minute load {:.2} before the baseline, {:.2} before the pipeline's load |",
-            m.cores, m.model, m.memory_gib, self.load_before_baseline, self.load_before_pipeline
-        );
-        let _ = writeln!(s, "| date | {} |", date_text(self.date));
-        let _ = writeln!(
-            s,
-            "| parameters | {}; {} customers, a COUNT and a SUM meter on `api.request`, 1-minute windows, grace 0; Stripe account limit and sink rate {}/s; {} signed webhook deliveries/s to the relay meanwhile |",
-            self.load_text(),
-            thousands(p.customers as f64),
-            thousands(f64::from(p.stripe_rate)),
-            p.webhook_rate
-        );
-        let _ = writeln!(
-            s,
-            "| **ingest sustained** | **{} events/s** ({} events accepted in {:.1} s; bulk request p50 {:.0} ms, p99 {:.0} ms) |",
-            thousands(self.rate()),
-            thousands(self.events as f64),
-            self.load_elapsed.as_secs_f64(),
-            crate::report::ms(self.requests.p50),
-            crate::report::ms(self.requests.p99)
-        );
-        let _ = writeln!(s, "| aggregator kept up? | {} |", self.kept_up());
-        let _ = writeln!(
-            s,
-            "| **window due -> first meter event received by Stripe** | **{}** |",
-            Self::latency_text(&self.first)
-        );
-        let _ = writeln!(
-            s,
-            "| window due -> Stripe's total complete | {} |",
-            Self::latency_text(&self.complete)
-        );
-        let _ = writeln!(
-            s,
-            "| baseline: produce -> consume -> produce (acked) -> consume -> one POST to the stand-in | {} |",
-            self.baseline_text()
-        );
-        let _ = writeln!(
-            s,
-            "| checked | Stripe's counted total of each of the {} windows equals the events ingest accepted for it; {} meter events accepted, {} answered 429; {} webhook deliveries answered 200 |",
-            thousands(self.windows as f64),
-            thousands(self.meter_events as f64),
-            self.too_many,
-            thousands(self.webhooks as f64)
-        );
-        let _ = writeln!(
-            s,
-            "\nResident memory of each service (`/proc/<pid>/status`): idle is `VmRSS` after start-up and configuration, before the load (the baseline); peak is `VmHWM` at the end of the run, the most it ever held.\n\n\
-             | service | idle (baseline) | peak during the run | at the end | peak / idle |\n|---|---|---|---|---|"
-        );
-        for mem in &self.memory {
-            let _ = writeln!(
-                s,
-                "| {} | {:.1} MiB | **{:.1} MiB** | {:.1} MiB | {:.1}x |",
-                mem.name,
-                mib(mem.idle.rss_kib),
-                mib(mem.end.peak_kib),
-                mib(mem.end.rss_kib),
-                mem.end.peak_kib as f64 / mem.idle.rss_kib.max(1) as f64
-            );
-        }
-        let _ = writeln!(
-            s,
-            "\nCPU seconds (user + system) during the load ({:.1} s, {:.1} core-seconds available):\n\n| process | load phase |\n|---|---|",
-            self.load_elapsed.as_secs_f64(),
-            self.load_elapsed.as_secs_f64() * m.cores as f64
-        );
-        for name in SERVICES.iter().copied().chain([
-            "kafka broker",
-            "clickhouse server",
-            "postgresql (all backends)",
-            "meterline-bench",
-        ]) {
-            if let Some(cpu) = find_cpu(&self.cpu, name) {
-                let _ = writeln!(s, "| {name} | {} |", cpu_cell(Some(cpu)));
-            }
-        }
-        s
-    }
 }
 
 #[cfg(test)]

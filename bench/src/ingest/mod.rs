@@ -7,20 +7,23 @@
 //! profiled pass over part of the events. The ratio therefore compares two phases a few
 //! seconds apart on the same machine state.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use meterline_schemas::Topic;
-use meterline_tests::{api, stack, Namespace, Stack};
+use meterline_tests::{api, Namespace, Stack};
 
 use crate::baseline::{self, RawProducer};
-use crate::procstat::{self, Machine, Snapshot, Watched};
+use crate::clients::{http_client, post_bulk, run_clients};
+use crate::procstat::{self, Machine, Server, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{IngestReport, Latency, RoundRates};
+use crate::report::{Latency, Phase, RoundRates};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
 use meterline_tests::ServiceProcess;
+
+mod report;
+pub use report::{IngestReport, GOAL_EVENTS_PER_SECOND, GOAL_RATIO};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Params {
@@ -55,7 +58,8 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
     }
     let machine = Machine::read();
     let date = time::OffsetDateTime::now_utc();
-    let stack = Stack::get();
+    // Before generating anything: a run without the stack stops here, saying what to do.
+    Stack::get();
     let scope = api::scope(TENANT, ENVIRONMENT);
     let token = api::token(TENANT, ENVIRONMENT);
 
@@ -73,14 +77,15 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         workload.body_bytes() as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64()
     );
-    let broker_pid = procstat::kafka_broker_pid(&stack::repo_root(), &stack.kafka_brokers);
-    if broker_pid.is_none() {
-        eprintln!("the kafka broker's pid was not found: its cpu is not accounted");
-    }
+    let [broker_pid] = procstat::stack_pids([Server::KafkaBroker]);
+    let watched = Watchlist::new()
+        .process("ingest", None)
+        .process("kafka broker", broker_pid)
+        .this_process("meterline-bench (load generator)");
 
     let mut earlier_rounds = Vec::new();
     for number in 1..params.rounds {
-        let round = measure_round(params, &workload, &token, broker_pid).await?;
+        let round = measure_round(params, &workload, &token, &watched).await?;
         let rates = round.rates(workload.events.len());
         eprintln!(
             "round {number} of {}: ratio {:.2}",
@@ -90,7 +95,7 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         earlier_rounds.push(rates);
         round.finish().await;
     }
-    let round = measure_round(params, &workload, &token, broker_pid).await?;
+    let round = measure_round(params, &workload, &token, &watched).await?;
 
     let profile = if params.profile_events == 0 {
         Err("disabled (--profile-events 0)".to_owned())
@@ -113,11 +118,9 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         customers: params.customers,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         body_bytes: workload.body_bytes(),
-        baseline_elapsed: round.baseline_elapsed,
-        ingest_elapsed: round.ingest_elapsed,
+        baseline: Phase::new(round.baseline_elapsed, &round.baseline_cpu),
+        ingest: Phase::new(round.ingest_elapsed, &round.ingest_cpu),
         latency: Latency::of(round.latencies.clone()),
-        baseline_cpu: round.baseline_cpu.components(),
-        ingest_cpu: round.ingest_cpu.components(),
         profile,
         profile_events: params.profile_events.min(workload.events.len()),
     };
@@ -142,11 +145,13 @@ struct Round {
 
 impl Round {
     fn rates(&self, events: usize) -> RoundRates {
-        RoundRates {
-            load_before_baseline: self.load_before_baseline,
-            baseline_rate: events as f64 / self.baseline_elapsed.as_secs_f64(),
-            rate: events as f64 / self.ingest_elapsed.as_secs_f64(),
-        }
+        let rate = events as f64 / self.ingest_elapsed.as_secs_f64();
+        RoundRates::measured(
+            self.load_before_baseline,
+            events,
+            self.baseline_elapsed,
+            rate,
+        )
     }
 
     async fn finish(self) {
@@ -163,9 +168,8 @@ async fn measure_round(
     params: &Params,
     workload: &Arc<Workload>,
     token: &str,
-    broker_pid: Option<u32>,
+    watched: &Watchlist,
 ) -> anyhow::Result<Round> {
-    let me = std::process::id();
     // Baseline.
     let baseline_ns = Namespace::create().await;
     let producer = Arc::new(RawProducer::new(
@@ -176,10 +180,10 @@ async fn measure_round(
     producer.write_batch(workload.batch_events(0)).await?;
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
     let load_before_baseline = procstat::load_average();
-    let cpu_before = Snapshot::take(&watched(None, broker_pid, me))?;
+    let cpu_before = watched.snapshot()?;
     let baseline_elapsed =
         baseline::run(producer.clone(), Arc::clone(workload), params.concurrency).await?;
-    let baseline_cpu = Snapshot::take(&watched(None, broker_pid, me))?.since(&cpu_before);
+    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
     drop(producer);
 
     // Subject: the release ingest binary.
@@ -209,9 +213,10 @@ async fn measure_round(
         ingest_pid, params.concurrency, params.batch
     );
     let load_before_ingest = procstat::load_average();
-    let cpu_before = Snapshot::take(&watched(Some(ingest_pid), broker_pid, me))?;
+    let watched = watched.with_pid("ingest", ingest_pid);
+    let cpu_before = watched.snapshot()?;
     let (ingest_elapsed, latencies) = driver.run(workload.batch_count()).await?;
-    let ingest_cpu = Snapshot::take(&watched(Some(ingest_pid), broker_pid, me))?.since(&cpu_before);
+    let ingest_cpu = watched.snapshot()?.since(&cpu_before);
 
     Ok(Round {
         baseline_ns,
@@ -252,22 +257,6 @@ async fn profiled_pass(
     profile
 }
 
-/// The processes a run's CPU is read from.
-fn watched(
-    ingest: Option<u32>,
-    broker: Option<u32>,
-    bench: u32,
-) -> [(&'static str, Option<Watched>); 3] {
-    [
-        ("ingest", ingest.map(Watched::Process)),
-        ("kafka broker", broker.map(Watched::Process)),
-        (
-            "meterline-bench (load generator)",
-            Some(Watched::Process(bench)),
-        ),
-    ]
-}
-
 /// `concurrency` HTTP clients sharing one connection pool, posting the workload's bodies.
 struct Driver {
     client: reqwest::Client,
@@ -284,13 +273,8 @@ impl Driver {
         workload: Arc<Workload>,
         concurrency: usize,
     ) -> anyhow::Result<Driver> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(concurrency)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .context("building the http client")?;
         Ok(Driver {
-            client,
+            client: http_client(concurrency, Duration::from_secs(60))?,
             url: ingest.url("/v1/events/bulk"),
             token,
             workload,
@@ -309,45 +293,13 @@ impl Driver {
 
     /// Posts batches `0..batches`; returns the elapsed time and every request's latency.
     async fn run(&self, batches: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
-        let next = AtomicUsize::new(0);
-        let started = Instant::now();
-        let clients = (0..self.concurrency).map(|_| async {
-            let mut latencies = Vec::new();
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= batches {
-                    return anyhow::Ok(latencies);
-                }
-                latencies.push(self.post(index).await?);
-            }
-        });
-        let mut all = Vec::with_capacity(batches);
-        for outcome in futures::future::join_all(clients).await {
-            all.extend(outcome?);
-        }
-        Ok((started.elapsed(), all))
+        run_clients(self.concurrency, batches, |index| self.post(index)).await
     }
 
     /// Posts bulk body `index`; anything but 202 fails the run.
     async fn post(&self, index: usize) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let response = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(self.workload.bodies[index].clone())
-            .send()
-            .await
-            .context("posting a bulk request")?;
-        let status = response.status();
-        let body = response.bytes().await.context("reading the answer")?;
-        if status != reqwest::StatusCode::ACCEPTED {
-            bail!(
-                "ingest answered {status} to bulk request {index}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(2000)])
-            );
-        }
-        Ok(started.elapsed())
+        let body = self.workload.bodies[index].clone();
+        let which = format!(" to bulk request {index}");
+        post_bulk(&self.client, &self.url, &self.token, body, &which).await
     }
 }
