@@ -16,6 +16,11 @@ pub enum ConfigError {
     Malformed { var: &'static str, reason: String },
 }
 
+/// The accepted values of a numeric variable.
+type Range = std::ops::RangeInclusive<u64>;
+/// A duration read from a variable.
+type DurationVar = Result<std::time::Duration, ConfigError>;
+
 /// A source of variables: the process environment in services, a map in tests.
 pub trait Source {
     fn get(&self, var: &str) -> Option<String>;
@@ -108,30 +113,22 @@ impl<'a> Env<'a> {
     }
 
     /// A duration in milliseconds (`*_MS` variables), in `range`.
-    pub fn millis_in_range(
-        &self,
-        var: &'static str,
-        default: u64,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> Result<std::time::Duration, ConfigError> {
-        self.u64_in_range(var, default, range)
-            .map(std::time::Duration::from_millis)
+    pub fn millis_in_range(&self, var: &'static str, default: u64, range: Range) -> DurationVar {
+        Ok(std::time::Duration::from_millis(
+            self.u64_in_range(var, default, range)?,
+        ))
     }
 
     /// A duration in whole seconds (`*_SECONDS` variables), in `range`.
-    pub fn seconds_in_range(
-        &self,
-        var: &'static str,
-        default: u64,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> Result<std::time::Duration, ConfigError> {
-        self.u64_in_range(var, default, range)
-            .map(std::time::Duration::from_secs)
+    pub fn seconds_in_range(&self, var: &'static str, default: u64, range: Range) -> DurationVar {
+        Ok(std::time::Duration::from_secs(
+            self.u64_in_range(var, default, range)?,
+        ))
     }
 
     /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a write on behalf of a
     /// request may wait for Kafka's acknowledgement before the request is answered 503.
-    pub fn produce_timeout(&self) -> Result<std::time::Duration, ConfigError> {
+    pub fn produce_timeout(&self) -> DurationVar {
         self.millis_in_range("KAFKA_PRODUCE_TIMEOUT_MS", 5000, 100..=60_000)
     }
 
