@@ -44,7 +44,7 @@ pub struct Metering {
 /// for each meter it feeds (appended rather than returned: a batch meters tens of thousands
 /// of events, and a vector per event was an allocation per event). An event matching no
 /// meter yields no row; an event matching a meter without the property it reads does not
-/// feed that meter (`Ok(None)` from [`Aggregation::quantity`]).
+/// feed that meter (`Ok(None)` from [`meterline_schemas::Aggregation::quantity`]).
 pub fn meter_event(
     event: &Arc<RawUsageEvent>,
     meters: &[MeterDefinition],

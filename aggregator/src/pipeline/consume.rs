@@ -56,7 +56,7 @@ impl MeteredBatch {
 /// windows overlap instead of waiting on each other:
 ///
 /// 1. read a batch and resolve it against the meters (CPU);
-/// 2. insert its rows into ClickHouse (up to [`INSERTS_IN_FLIGHT`] batches at once);
+/// 2. insert its rows into ClickHouse (up to `INSERTS_IN_FLIGHT` batches at once);
 /// 3. mark its windows dirty, dead-letter its bad messages, commit its offsets.
 ///
 /// Each stage takes batches in order, so offsets are committed in order and only after the

@@ -1,21 +1,21 @@
 //! The aggregator's three loops, one file each:
 //!
-//! 1. [`consume`] ([`consume_usage`]): `usage.raw` -> `events_processed`. A batch (bounded by count and
-//!    time) is parsed, resolved against the meters, inserted into ClickHouse in one insert,
+//! 1. `consume.rs` ([`consume_usage`]): `usage.raw` -> `events_processed`. A batch (bounded
+//!    by count and time) is parsed, resolved against the meters, inserted into ClickHouse in one insert,
 //!    its windows are marked dirty in PostgreSQL, bad messages go to `usage.raw.dlq`, and only
 //!    then are its offsets committed. A crash at any point re-delivers the batch; re-inserted
 //!    copies collapse in ClickHouse and re-marking is harmless, so nothing is lost or counted
 //!    twice.
-//! 2. [`publish`] ([`publish_due`]): dirty windows whose end plus grace has passed are claimed, their totals
-//!    recomputed from the deduplicated rows, and published to `usage.windows` with a new
+//! 2. `publish.rs` ([`publish_due`]): dirty windows whose end plus grace has passed are
+//!    claimed, their totals recomputed from the deduplicated rows, and published to `usage.windows` with a new
 //!    revision when they changed (the first publication is `due`, later ones `late`).
-//! 3. [`resync`] ([`consume_resync`]): `usage.resync` requests recompute every due window in their range
-//!    and publish it with reason `resync` and the job id, changed or not.
+//! 3. `resync.rs` ([`consume_resync`]): `usage.resync` requests recompute every due window
+//!    in their range and publish it with reason `resync` and the job id, changed or not.
 //!
 //! Every step that talks to another system is retried with backoff until it succeeds or the
 //! service shuts down; a shutdown finishes the batch in hand first, or leaves it uncommitted.
 //!
-//! [`metering`] resolves a batch of raw events against the meters (the CPU stage of loop 1).
+//! `metering.rs` resolves a batch of raw events against the meters (the CPU stage of loop 1).
 //! Offsets are committed only after the work they cover is durable: rows in ClickHouse and
 //! windows marked for loop 1, the request's windows published for loop 3.
 

@@ -29,7 +29,7 @@ enum Step {
 }
 
 /// Runs jobs until shutdown: claims free ones (new, or left by a crashed sink), works on up to
-/// [`CONCURRENT_JOBS`] at a time. At shutdown each worker stops between pages and gives its
+/// `CONCURRENT_JOBS` at a time. At shutdown each worker stops between pages and gives its
 /// lease up.
 pub async fn run(importer: Arc<Importer>, shutdown: CancellationToken) -> Result<(), Error> {
     let owner = Uuid::new_v4();

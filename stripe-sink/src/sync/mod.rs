@@ -1,14 +1,14 @@
 //! The sync: window totals from `usage.windows` into the ledger, and from the ledger to
 //! Stripe.
 //!
-//! 1. [`record`] ([`consume_windows`]) records each published total in the ledger and only then commits
-//!    its offset (a redelivery re-records the same total: harmless).
-//! 2. [`dispatch`] ([`dispatch()`]) runs workers that claim ready windows (one per customer and meter at a
-//!    time) and [`settle`] each: resend an outstanding meter event unchanged, or send the
+//! 1. [`record`] ([`consume_windows`]) records each published total in the ledger and only
+//!    then commits its offset (a redelivery re-records the same total: harmless).
+//! 2. [`mod@dispatch`] ([`dispatch()`]) runs workers that claim ready windows (one per
+//!    customer and meter at a time) and [`settle`] each: resend an outstanding meter event unchanged, or send the
 //!    difference between the window's billable total and what Stripe accepted, paced by the
 //!    account's token bucket, behind its circuit breaker, retried with backoff.
-//! 3. [`release_mapped`] (in [`dispatch`]) moves windows waiting for a customer mapping back to pending once the
-//!    mapping exists (from a webhook, the API or an import).
+//! 3. [`release_mapped`] (in [`mod@dispatch`]) moves windows waiting for a customer mapping
+//!    back to pending once the mapping exists (from a webhook, the API or an import).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Webhook signing exactly as Stripe signs: `Stripe-Signature: t=<unix>,v1=<hex>[,v1=<hex>]`
-//! where each v1 is hex(HMAC-SHA256(endpoint secret, "<t>.<raw body>")). After a secret roll
+//! where each v1 is `hex(HMAC-SHA256(endpoint secret, "<t>.<raw body>"))`. After a secret roll
 //! one v1 is sent per live secret, so receivers that check only one value break visibly.
 
 use hmac::digest::InvalidLength;
@@ -8,7 +8,7 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// hex(HMAC-SHA256(secret, "<t>.<body>")). HMAC takes keys of any length, so the error
+/// `hex(HMAC-SHA256(secret, "<t>.<body>"))`. HMAC takes keys of any length, so the error
 /// (the `hmac` crate's generic key-length check) does not happen for HMAC-SHA256.
 pub fn sign(secret: &str, t: i64, body: &[u8]) -> Result<String, InvalidLength> {
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes())?;
