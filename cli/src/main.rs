@@ -158,16 +158,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Prune => {
             use anyhow::Context;
             // Each table's rule lives with the service that owns it; this runs both once.
-            let ledger_days = stripe_sink::ledger::retention::retention_from_env(&env)?;
-            let deliveries_days = webhook_relay::deliveries::retention_from_env(&env)?;
+            let (ledger, deliveries) = (
+                &stripe_sink::ledger::retention::LEDGER,
+                &webhook_relay::deliveries::DELIVERIES,
+            );
+            let ledger_days = ledger.retention_from_env(&env)?;
+            let deliveries_days = deliveries.retention_from_env(&env)?;
             let pool = postgres::pool(&PostgresSettings::from_env(&env)?, 2)?;
             let now = time::OffsetDateTime::now_utc();
-            let ledger = stripe_sink::ledger::retention::prune(&pool, ledger_days, now)
+            let ledger = ledger
+                .prune(&pool, ledger_days, now)
                 .await
-                .context("pruning the sync ledger")?;
-            let deliveries = webhook_relay::deliveries::prune(&pool, deliveries_days, now)
-                .await
-                .context("pruning webhook deliveries")?;
+                .context(ledger.context)?;
+            let deliveries = (deliveries.prune(&pool, deliveries_days, now).await)
+                .context(deliveries.context)?;
             println!(
                 "pruned {ledger} sync ledger row(s) older than {} days and {deliveries} webhook \
                  delivery record(s) older than {} days",

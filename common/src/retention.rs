@@ -1,7 +1,8 @@
 //! Retention: the floor and form of every retention setting, the TTL of ClickHouse's
-//! `events_processed`, and the pruning loop and batched delete each service runs over its own
-//! tables (the sink prunes the sync ledger in `stripe_sink::ledger::retention`, the relay its
-//! deduplication records in `webhook_relay::deliveries`; `meterline prune` runs both).
+//! `events_processed`, and [`PrunedTable`], the batched delete and pruning loop each service
+//! runs over the tables it owns (the sink its sync ledger in `stripe_sink::ledger::retention`,
+//! the relay its deduplication records in `webhook_relay::deliveries`; `meterline prune` runs
+//! both).
 //!
 //! Rules kept here:
 //! - No retention may be shorter than [`MIN_RETENTION_DAYS`] (Stripe's 35 days for back-dated
@@ -83,30 +84,54 @@ pub fn prune_interval_from_env(env: &Env<'_>) -> Result<Duration, ConfigError> {
     env.seconds_in_range("RETENTION_PRUNE_INTERVAL_SECONDS", 3600, 1..=86_400)
 }
 
-/// Runs `delete` (a `DELETE` of at most [`BATCH`] rows older than `$1`, each statement
-/// limited with `LIMIT $2 FOR UPDATE SKIP LOCKED`) until it deletes fewer than a batch, and
-/// gives how many rows went. `what` names the table in the error.
-pub async fn delete_in_batches(
-    pool: &PgPool,
-    delete: &str,
-    cutoff: OffsetDateTime,
-    what: &'static str,
-) -> Result<u64, Error> {
-    let mut total = 0;
-    loop {
-        let deleted = sqlx::query(delete)
-            .bind(cutoff)
-            .bind(BATCH)
-            .execute(pool)
-            .await
-            .map_err(|source| Error::Postgres {
-                context: what,
-                source,
-            })?
-            .rows_affected();
-        total += deleted;
-        if deleted < BATCH as u64 {
-            return Ok(total);
+/// A table a service prunes: the one description of its records, the variable and default
+/// of their retention, and the delete. Each service declares the tables it owns next to the
+/// code that writes them.
+#[derive(Debug)]
+pub struct PrunedTable {
+    /// What the rows are, for the log (`sync ledger`).
+    pub records: &'static str,
+    /// The error context of a failed delete (`pruning the sync ledger`).
+    pub context: &'static str,
+    /// The variable of the retention in days, and its default.
+    pub var: &'static str,
+    pub default_days: u32,
+    /// Deletes at most `$2` rows older than `$1`: `... LIMIT $2 FOR UPDATE SKIP LOCKED`, so
+    /// pruning never waits on or holds up the service's own writes.
+    pub delete: &'static str,
+}
+
+impl PrunedTable {
+    /// The table's retention from its variable; under [`MIN_RETENTION_DAYS`] is refused.
+    pub fn retention_from_env(&self, env: &Env<'_>) -> Result<RetentionDays, ConfigError> {
+        RetentionDays::from_env(env, self.var, self.default_days)
+    }
+
+    /// Deletes the rows older than `retention` at `now`, [`BATCH`] at a time, until fewer than
+    /// a batch go; gives how many went.
+    pub async fn prune(
+        &self,
+        pool: &PgPool,
+        retention: RetentionDays,
+        now: OffsetDateTime,
+    ) -> Result<u64, Error> {
+        let cutoff = retention.cutoff(now);
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(self.delete)
+                .bind(cutoff)
+                .bind(BATCH)
+                .execute(pool)
+                .await
+                .map_err(|source| Error::Postgres {
+                    context: self.context,
+                    source,
+                })?
+                .rows_affected();
+            total += deleted;
+            if deleted < BATCH as u64 {
+                return Ok(total);
+            }
         }
     }
 }
@@ -131,23 +156,25 @@ pub async fn set_events_ttl(
         })
 }
 
-/// Runs `prune` every `interval` until `shutdown`; a failed round is logged and tried again at
-/// the next one (pruning is never urgent). `what` names the records in the log.
-pub async fn run_pruning<F, Fut>(
-    what: &'static str,
+/// Prunes `table` every `interval` until `shutdown`; a failed round is logged and tried again
+/// at the next one (pruning is never urgent).
+pub async fn run_pruning(
+    table: &'static PrunedTable,
+    pool: PgPool,
+    retention: RetentionDays,
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
-    mut prune: F,
-) -> Result<(), Error>
-where
-    F: FnMut(OffsetDateTime) -> Fut,
-    Fut: std::future::Future<Output = Result<u64, Error>>,
-{
+) -> Result<(), Error> {
     loop {
-        match prune(OffsetDateTime::now_utc()).await {
-            Ok(deleted) => tracing::info!(records = what, deleted, "retention pruning done"),
+        match table
+            .prune(&pool, retention, OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(deleted) => {
+                tracing::info!(records = table.records, deleted, "retention pruning done")
+            }
             Err(e) => tracing::warn!(
-                records = what,
+                records = table.records,
                 error = %e,
                 "retention pruning failed; trying again later"
             ),

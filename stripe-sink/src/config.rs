@@ -70,7 +70,7 @@ impl Config {
                 timeout: env.seconds_in_range("STRIPE_API_TIMEOUT_SECONDS", 30, 1..=300)?,
                 max_retries: env.u64_in_range("STRIPE_MAX_RETRIES", 5, 0..=20)? as u32,
             },
-            ledger_retention: crate::ledger::retention::retention_from_env(&env)?,
+            ledger_retention: crate::ledger::retention::LEDGER.retention_from_env(&env)?,
             prune_interval: retention::prune_interval_from_env(&env)?,
         })
     }

@@ -138,15 +138,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
         )),
         tokio::spawn(metrics::report(watches, GAUGES_EVERY, shutdown.clone())),
         tokio::spawn({
-            let (pool, days) = (pool.clone(), config.ledger_retention);
             let pruning = retention::run_pruning(
-                "sync ledger",
+                &ledger::retention::LEDGER,
+                pool.clone(),
+                config.ledger_retention,
                 config.prune_interval,
                 shutdown.clone(),
-                move |now| {
-                    let pool = pool.clone();
-                    async move { ledger::retention::prune(&pool, days, now).await }
-                },
             );
             async move { pruning.await.map_err(Error::from) }
         }),

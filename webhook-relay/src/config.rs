@@ -39,7 +39,7 @@ pub struct Config {
     /// `X-Forwarded-For` is believed. `None`: every source is accepted.
     pub sources: Option<SourcePolicy>,
     /// `RETENTION_WEBHOOK_DELIVERIES_DAYS`: how long the relay keeps its deduplication records
-    /// ([`crate::deliveries::prune`]), pruned every `RETENTION_PRUNE_INTERVAL_SECONDS`.
+    /// ([`crate::deliveries::DELIVERIES`]), pruned every `RETENTION_PRUNE_INTERVAL_SECONDS`.
     pub retention: RetentionDays,
     pub prune_interval: Duration,
 }
@@ -100,7 +100,7 @@ impl Config {
             )? as usize,
             produce_timeout: env.produce_timeout()?,
             sources: source_policy(&env)?,
-            retention: crate::deliveries::retention_from_env(&env)?,
+            retention: crate::deliveries::DELIVERIES.retention_from_env(&env)?,
             prune_interval: retention::prune_interval_from_env(&env)?,
         })
     }

@@ -6,39 +6,27 @@
 //! - A row is written only AFTER Kafka acknowledged the event it names. A crash between the
 //!   two can therefore only cause a redelivery to be published again (consumers deduplicate
 //!   on the event id), never an event to be marked relayed without being published.
-//! - Rows older than `RETENTION_WEBHOOK_DELIVERIES_DAYS` are pruned ([`prune`]), never under
+//! - Rows older than `RETENTION_WEBHOOK_DELIVERIES_DAYS` are pruned ([`DELIVERIES`]), never under
 //!   the floor of [`meterline_common::retention`]: Stripe redelivers an event for up to 3
 //!   days, and a record younger than the floor may still be needed.
 
-use meterline_common::config::{ConfigError, Env};
-use meterline_common::retention::{delete_in_batches, RetentionDays};
+use meterline_common::retention::PrunedTable;
 use meterline_schemas::{EnvironmentId, StripeEventId, StripeEventType, TenantId, Timestamp};
 use sqlx::PgPool;
-use time::OffsetDateTime;
 
-/// `RETENTION_WEBHOOK_DELIVERIES_DAYS` (default 90): how long deduplication records are kept.
-pub fn retention_from_env(env: &Env<'_>) -> Result<RetentionDays, ConfigError> {
-    RetentionDays::from_env(env, "RETENTION_WEBHOOK_DELIVERIES_DAYS", 90)
-}
-
-/// Deletes deduplication records received before `retention` at `now`; gives how many went.
-pub async fn prune(
-    pool: &PgPool,
-    retention: RetentionDays,
-    now: OffsetDateTime,
-) -> Result<u64, meterline_common::Error> {
-    delete_in_batches(
-        pool,
-        "DELETE FROM webhook_deliveries WHERE (tenant_id, environment_id, event_id) IN (
-             SELECT tenant_id, environment_id, event_id FROM webhook_deliveries
-             WHERE received_at < $1
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED)",
-        retention.cutoff(now),
-        "pruning webhook deliveries",
-    )
-    .await
-}
+/// The deduplication records as retention prunes them (`RETENTION_WEBHOOK_DELIVERIES_DAYS`,
+/// default 90 days).
+pub const DELIVERIES: PrunedTable = PrunedTable {
+    records: "webhook deliveries",
+    context: "pruning webhook deliveries",
+    var: "RETENTION_WEBHOOK_DELIVERIES_DAYS",
+    default_days: 90,
+    delete: "DELETE FROM webhook_deliveries WHERE (tenant_id, environment_id, event_id) IN (
+                 SELECT tenant_id, environment_id, event_id FROM webhook_deliveries
+                 WHERE received_at < $1
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+};
 
 #[derive(Clone)]
 pub struct DeliveryLog {

@@ -40,16 +40,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let pruning = tokio::spawn({
         let (pool, shutdown) = (pool.clone(), context.shutdown.clone());
-        let days = config.retention;
         async move {
             retention::run_pruning(
-                "webhook deliveries",
+                &deliveries::DELIVERIES,
+                pool,
+                config.retention,
                 config.prune_interval,
                 shutdown,
-                |now| {
-                    let pool = pool.clone();
-                    async move { deliveries::prune(&pool, days, now).await }
-                },
             )
             .await
             .map_err(Error::from)

@@ -9,42 +9,43 @@
 //! - The retention is never under the floor of [`meterline_common::retention`] (Stripe's 35
 //!   days plus a week): a younger row may still belong to a window a resync or a late event
 //!   sends again, and its ledger entry is what stops a second billing.
-//! - Deletes go in small batches of rows locked with `SKIP LOCKED`, so pruning never waits on,
-//!   or holds up, the sync; several replicas may prune at the same time.
 
-use meterline_common::config::{ConfigError, Env};
-use meterline_common::retention::{delete_in_batches, RetentionDays};
-use sqlx::PgPool;
-use time::OffsetDateTime;
+use meterline_common::retention::PrunedTable;
 
+#[cfg(doc)]
 use super::LedgerState;
 
-/// `RETENTION_LEDGER_DAYS` (default 400): how long completed ledger rows are kept.
-pub fn retention_from_env(env: &Env<'_>) -> Result<RetentionDays, ConfigError> {
-    RetentionDays::from_env(env, "RETENTION_LEDGER_DAYS", 400)
-}
+/// The sync ledger as retention prunes it (default 400 days).
+pub const LEDGER: PrunedTable = PrunedTable {
+    records: "sync ledger",
+    context: "pruning the sync ledger",
+    var: "RETENTION_LEDGER_DAYS",
+    default_days: 400,
+    // The states of LedgerState::COMPLETED (a test checks that they are).
+    delete: "DELETE FROM stripe_sync_batches WHERE id IN (
+                 SELECT id FROM stripe_sync_batches
+                 WHERE sync_status IN ('synced', 'skipped', 'expired')
+                   AND window_end < $1 AND updated_at < $1
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+};
 
-/// Deletes completed ledger rows older than `retention` at `now`; gives how many went.
-pub async fn prune(
-    pool: &PgPool,
-    retention: RetentionDays,
-    now: OffsetDateTime,
-) -> Result<u64, meterline_common::Error> {
-    let completed = LedgerState::names(LedgerState::COMPLETED).map(|s| format!("'{s}'"));
-    // The state names are compile-time literals of LedgerState: safe to write into the SQL.
-    let delete = format!(
-        "DELETE FROM stripe_sync_batches WHERE id IN (
-             SELECT id FROM stripe_sync_batches
-             WHERE sync_status IN ({}) AND window_end < $1 AND updated_at < $1
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED)",
-        completed.join(", ")
-    );
-    delete_in_batches(
-        pool,
-        &delete,
-        retention.cutoff(now),
-        "pruning the sync ledger",
-    )
-    .await
+#[cfg(test)]
+mod tests {
+    use super::super::LedgerState;
+    use super::*;
+
+    #[test]
+    fn only_completed_states_are_pruned() {
+        let listed = LedgerState::names(LedgerState::COMPLETED)
+            .map(|s| format!("'{s}'"))
+            .join(", ");
+        assert!(
+            LEDGER
+                .delete
+                .contains(&format!("sync_status IN ({listed})")),
+            "{}",
+            LEDGER.delete
+        );
+    }
 }
