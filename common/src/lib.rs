@@ -7,18 +7,18 @@
 //! - [`auth`]: bearer JWTs and the [`auth::TenantScope`] every query is scoped by.
 //! - [`config`]: typed reading of environment variables; a missing or malformed variable is an
 //!   error that names it.
-//! - [`kafka`]: topic names (with `TOPIC_PREFIX`), client settings for producers and consumer
-//!   groups, topic creation, and the broker readiness check. No rdkafka type leaves this crate's
-//!   `kafka` module except the client handles the services drive.
+//! - [`kafka`]: the one Kafka kit: topic names (with `TOPIC_PREFIX`), client settings, topic
+//!   creation, acknowledged writes and their retriable/permanent split, receive-or-shutdown,
+//!   offsets and the commit, dead letters, and the readiness and lag watches.
 //! - [`clickhouse`]: the client, the versioned SQL migrator and its readiness check.
 //! - [`postgres`]: the connection pool, the sqlx migrations and the readiness check.
 //! - [`retry`]: the doubling backoff and the retriable/permanent split of a failed step.
-//! - [`retention`]: how long ledger rows, webhook deduplication records and ClickHouse rows
-//!   are kept (never under Stripe's 35 days plus a week), and the pruning.
+//! - [`retention`]: the floor of every retention (Stripe's 35 days plus a week), the
+//!   `events_processed` TTL, and the pruning each service runs over the tables it owns.
 //! - [`telemetry`]: JSON log lines.
 //! - [`metrics`]: the Prometheus recorder every service installs once.
 //! - [`ops`]: the `/healthz`, `/readyz` and `/metrics` routes every service serves.
-//! - [`shutdown`]: the signal that starts a graceful shutdown.
+//! - [`shutdown`]: the signal that starts a graceful shutdown, and the pause it cuts short.
 //! - [`server`]: binding and serving an axum router until shutdown.
 //! - [`service`]: what every service binary does around its own work (exit codes, logs,
 //!   metrics, signals, the HTTP server).
