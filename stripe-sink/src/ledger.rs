@@ -516,6 +516,33 @@ impl Ledger {
         Ok(done.rows_affected())
     }
 
+    /// Re-opens `skipped` windows whose reason is gone: their tenant environment's Stripe
+    /// config has sync on again and their meter has a Stripe mapping with sync on (created or
+    /// turned on since). Only windows Stripe still takes (ending after `oldest_end`, which is
+    /// Stripe's 35 days back) are re-opened; they go back to `pending`, and the dispatcher
+    /// sends what is still owed against what Stripe already accepted, so nothing goes twice.
+    /// The caller skips this while `STRIPE_INTEGRATION_ENABLED` is false.
+    pub async fn release_enabled(&self, oldest_end: OffsetDateTime) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "UPDATE stripe_sync_batches b SET sync_status = 'pending', next_attempt_at = now(),
+                 updated_at = now(), last_error = NULL
+             WHERE b.sync_status = 'skipped' AND b.window_end > $1
+               AND EXISTS (
+                 SELECT 1 FROM stripe_configs c
+                 WHERE c.tenant_id = b.tenant_id AND c.environment_id = b.environment_id
+                   AND c.sync_enabled)
+               AND EXISTS (
+                 SELECT 1 FROM stripe_meter_mappings m
+                 WHERE m.tenant_id = b.tenant_id AND m.environment_id = b.environment_id
+                   AND m.meter_id = b.meter_id AND m.sync_enabled)",
+        )
+        .bind(oldest_end)
+        .execute(&self.pool)
+        .await
+        .map_err(db("re-opening skipped windows"))?;
+        Ok(done.rows_affected())
+    }
+
     /// Creates a manual sync job.
     pub async fn create_job(&self, scope: &TenantScope, job: &NewJob) -> Result<(), Error> {
         sqlx::query(

@@ -131,7 +131,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             shutdown.clone(),
         )),
         tokio::spawn(sync::dispatch(sync.clone(), DISPATCHERS, shutdown.clone())),
-        tokio::spawn(sync::release_mapped(
+        tokio::spawn(sync::release_waiting(
             sync,
             Duration::from_secs(1),
             shutdown.clone(),

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::retry::Backoff;
+use meterline_schemas::stripe_limits;
 use rand::SeedableRng;
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::settle::settle;
@@ -84,8 +86,9 @@ fn finish_label(finish: &Finish) -> &'static str {
     }
 }
 
-/// Loop 3: windows waiting for a mapping go out once it exists.
-pub async fn release_mapped(
+/// Loop 3: windows waiting for a customer mapping go out once it exists, and windows skipped
+/// for their configuration (sync off, no meter mapping) go out once it allows them.
+pub async fn release_waiting(
     ctx: Arc<SyncContext>,
     every: Duration,
     shutdown: CancellationToken,
@@ -98,6 +101,17 @@ pub async fn release_mapped(
             Ok(0) => {}
             Ok(n) => tracing::info!(windows = n, "windows released by new customer mappings"),
             Err(e) => tracing::warn!(error = %e, "releasing mapped windows failed"),
+        }
+        if ctx.settings.enabled {
+            let oldest_end = OffsetDateTime::now_utc() - stripe_limits::MAX_EVENT_AGE;
+            match ctx.ledger.release_enabled(oldest_end).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    windows = n,
+                    "skipped windows re-opened: sync or their meter mapping is on now"
+                ),
+                Err(e) => tracing::warn!(error = %e, "re-opening skipped windows failed"),
+            }
         }
         let open = ctx
             .pacer

@@ -7,8 +7,9 @@
 //!    customer and meter at a time) and [`settle`] each: resend an outstanding meter event unchanged, or send the
 //!    difference between the window's billable total and what Stripe accepted, paced by the
 //!    account's token bucket, behind its circuit breaker, retried with backoff.
-//! 3. [`release_mapped`] (in [`mod@dispatch`]) moves windows waiting for a customer mapping
-//!    back to pending once the mapping exists (from a webhook, the API or an import).
+//! 3. [`release_waiting`] (in [`mod@dispatch`]) moves windows waiting for a customer mapping
+//!    back to pending once the mapping exists, and windows skipped for their configuration
+//!    once sync and their meter mapping are on again (from a webhook, the API or an import).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ pub mod dispatch;
 pub mod record;
 pub mod settle;
 
-pub use dispatch::{dispatch, release_mapped};
+pub use dispatch::{dispatch, release_waiting};
 pub use record::consume_windows;
 
 pub(crate) const SERVICE: &str = "stripe-sink";

@@ -676,3 +676,136 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     wait_for_totals(&standin, &sink, &expected, Duration::from_secs(60)).await;
     ns.drop_databases().await;
 }
+
+/// Windows marked `skipped` are not lost: while the Stripe config has sync off nothing is
+/// sent, and turning it on sends what is owed; a meter without a Stripe mapping is skipped
+/// until the mapping is created, and then goes out; turning sync off and on again afterwards
+/// sends nothing twice.
+#[tokio::test]
+async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    standin.sum_meter("tokens_used").await;
+    let cus = standin.customer("cust_skipped").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    create_meter(&ns, TENANT, "env_prod", json!({"id": "tokens", "event_name": "api.request", "aggregation": "SUM", "property": "tokens"})).await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    let set_sync = |on: bool| {
+        let (url, t, key) = (
+            sink.url("/v1/stripe/config"),
+            t.clone(),
+            standin.key.clone(),
+        );
+        async move {
+            let put = post_json_put(
+                &url,
+                &t,
+                &json!({"api_key": key, "sync_enabled": on, "rate_limit_per_second": RATE}),
+            )
+            .await;
+            assert_eq!(put.status, 200, "{:?}", put.body);
+        }
+    };
+    set_sync(false).await;
+    let mapped = post_json(
+        &sink.url("/v1/stripe/meters/mapping"),
+        &t,
+        &json!({"meter_id": "calls", "provider_type": "stripe", "provider_meter_id": "api_calls", "sync_enabled": true}),
+    )
+    .await;
+    assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    let customer = post_json(
+        &sink.url("/v1/stripe/customers/mapping"),
+        &t,
+        &json!({"customer_id": "cust_skipped", "provider_customer_id": cus}),
+    )
+    .await;
+    assert_eq!(customer.status, 201, "{:?}", customer.body);
+
+    let at = hour_start(3) + time::Duration::minutes(20);
+    let events: Vec<_> = (0..6)
+        .map(|i| {
+            event(
+                TENANT,
+                &format!("skipped-{i}"),
+                "cust_skipped",
+                "api.request",
+                at,
+                json!({"tokens": 2}),
+            )
+        })
+        .collect();
+    produce_events(&ns, &events).await;
+
+    // Both windows are skipped (sync off; and no mapping for tokens), and nothing is sent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let batches = send(
+            reqwest::Client::new()
+                .get(sink.url("/v1/stripe/sync/batches?status=skipped"))
+                .bearer_auth(&t),
+        )
+        .await;
+        let skipped = batches.body["data"].as_array().cloned().unwrap_or_default();
+        if skipped.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not both windows skipped: {:?}",
+            batches.body
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        standin.totals().await.is_empty(),
+        "nothing sent while sync is off"
+    );
+
+    // Sync on: the mapped meter's window goes out; the unmapped one stays skipped.
+    set_sync(true).await;
+    let calls = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 6.0)]);
+    wait_for_totals(&standin, &sink, &calls, Duration::from_secs(60)).await;
+
+    // The meter is mapped: its window goes out too.
+    let mapped = post_json(
+        &sink.url("/v1/stripe/meters/mapping"),
+        &t,
+        &json!({"meter_id": "tokens", "provider_type": "stripe", "provider_meter_id": "tokens_used", "sync_enabled": true}),
+    )
+    .await;
+    assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    let both = BTreeMap::from([
+        ((cus.clone(), "api_calls".to_owned()), 6.0),
+        ((cus.clone(), "tokens_used".to_owned()), 12.0),
+    ]);
+    wait_for_totals(&standin, &sink, &both, Duration::from_secs(60)).await;
+
+    // Off and on again: every window is synced, so nothing more goes to Stripe.
+    set_sync(false).await;
+    set_sync(true).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(standin.totals().await, both, "nothing sent twice");
+    let synced = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/sync/batches?status=synced"))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(
+        synced.body["data"].as_array().map(Vec::len),
+        Some(2),
+        "{:?}",
+        synced.body
+    );
+    ns.drop_databases().await;
+}
