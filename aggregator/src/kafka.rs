@@ -25,13 +25,14 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Writes to `usage.windows`.
 pub struct Writer {
     publisher: Publisher,
+    topic: String,
 }
 
 impl Writer {
     pub fn new(settings: &KafkaSettings) -> Result<Self, Error> {
-        let topic = Topics::new(settings.topic_prefix.clone()).name(Topic::UsageWindows);
         Ok(Self {
-            publisher: Publisher::new(settings, "aggregator", topic, WRITE_TIMEOUT)?,
+            publisher: Publisher::new(settings, "aggregator", WRITE_TIMEOUT)?,
+            topic: Topics::new(settings.topic_prefix.clone()).name(Topic::UsageWindows),
         })
     }
 
@@ -44,7 +45,7 @@ impl Writer {
             .collect();
         match self
             .publisher
-            .send_all(&encoded)
+            .send_all(&self.topic, &encoded)
             .await
             .into_iter()
             .find_map(Result::err)

@@ -31,7 +31,7 @@ pub const MIN_RETENTION_DAYS: u32 = STRIPE_MAX_EVENT_AGE_DAYS + MARGIN_DAYS;
 /// The longest retention accepted (ten years): beyond it, a typo more likely than a wish.
 pub const MAX_RETENTION_DAYS: u32 = 3650;
 /// Rows deleted per statement.
-pub const BATCH: i64 = 5000;
+const BATCH: i64 = 5000;
 
 /// A retention age in whole days, at least [`MIN_RETENTION_DAYS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -107,7 +107,7 @@ impl PrunedTable {
         RetentionDays::from_env(env, self.var, self.default_days)
     }
 
-    /// Deletes the rows older than `retention` at `now`, [`BATCH`] at a time, until fewer than
+    /// Deletes the rows older than `retention` at `now`, `BATCH` at a time, until fewer than
     /// a batch go; gives how many went.
     pub async fn prune(
         &self,

@@ -17,13 +17,14 @@ use crate::metrics;
 
 pub struct UsageWriter {
     publisher: Publisher,
+    topic: String,
 }
 
 impl UsageWriter {
     pub fn new(settings: &KafkaSettings, timeout: Duration) -> Result<Self, crate::Error> {
-        let topic = Topics::new(settings.topic_prefix.clone()).name(Topic::UsageRaw);
         Ok(Self {
-            publisher: Publisher::new(settings, "ingest", topic, timeout)?,
+            publisher: Publisher::new(settings, "ingest", timeout)?,
+            topic: Topics::new(settings.topic_prefix.clone()).name(Topic::UsageRaw),
         })
     }
 
@@ -35,7 +36,7 @@ impl UsageWriter {
             .iter()
             .map(|e| (e.kafka_key(), e.to_json_bytes()))
             .collect();
-        let outcomes = self.publisher.send_all(&encoded).await;
+        let outcomes = self.publisher.send_all(&self.topic, &encoded).await;
         metrics::produce_finished(started.elapsed(), &outcomes);
         outcomes
     }

@@ -13,20 +13,25 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct ResyncPublisher {
     publisher: Publisher,
+    topic: String,
 }
 
 impl ResyncPublisher {
     pub fn new(settings: &KafkaSettings) -> Result<Self, Error> {
-        let topic = Topics::new(settings.topic_prefix.clone()).name(Topic::UsageResync);
         Ok(Self {
-            publisher: Publisher::new(settings, "stripe-sink", topic, TIMEOUT)?,
+            publisher: Publisher::new(settings, "stripe-sink", TIMEOUT)?,
+            topic: Topics::new(settings.topic_prefix.clone()).name(Topic::UsageResync),
         })
     }
 
     /// Publishes a request; returns once Kafka acknowledged it.
     pub async fn request(&self, request: &ResyncRequest) -> Result<(), Error> {
         self.publisher
-            .write(request.kafka_key().as_bytes(), &request.to_json_bytes())
+            .write(
+                &self.topic,
+                request.kafka_key().as_bytes(),
+                &request.to_json_bytes(),
+            )
             .await
             .map_err(Error::Publish)
     }

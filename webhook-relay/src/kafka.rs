@@ -20,13 +20,14 @@ pub type PublishError = WriteError;
 
 pub struct WebhookPublisher {
     publisher: Publisher,
+    topic: String,
 }
 
 impl WebhookPublisher {
     pub fn new(settings: &KafkaSettings, timeout: Duration) -> Result<Self, crate::Error> {
-        let topic = Topics::new(settings.topic_prefix.clone()).name(Topic::StripeWebhooks);
         Ok(Self {
-            publisher: Publisher::new(settings, "webhook-relay", topic, timeout)?,
+            publisher: Publisher::new(settings, "webhook-relay", timeout)?,
+            topic: Topics::new(settings.topic_prefix.clone()).name(Topic::StripeWebhooks),
         })
     }
 
@@ -36,7 +37,11 @@ impl WebhookPublisher {
         let started = Instant::now();
         let outcome = self
             .publisher
-            .write(message.kafka_key().as_bytes(), &message.to_json_bytes())
+            .write(
+                &self.topic,
+                message.kafka_key().as_bytes(),
+                &message.to_json_bytes(),
+            )
             .await;
         match outcome {
             Ok(()) => metrics::published(started.elapsed()),

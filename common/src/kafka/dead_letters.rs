@@ -63,23 +63,16 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(settings: &KafkaSettings, client_id: &str) -> Result<Self, Error> {
-        let topics = Topics::new(settings.topic_prefix.clone());
         Ok(Self {
-            // The producer's own topic is unused: each letter names its twin.
-            publisher: Publisher::new(
-                settings,
-                client_id,
-                topics.dlq(Topic::UsageRaw),
-                WRITE_TIMEOUT,
-            )?,
-            topics,
+            publisher: Publisher::new(settings, client_id, WRITE_TIMEOUT)?,
+            topics: Topics::new(settings.topic_prefix.clone()),
         })
     }
 
     /// Writes one dead letter; returns once Kafka acknowledged it.
     pub async fn send(&self, letter: &DeadLetter) -> Result<(), Error> {
         self.publisher
-            .send_to(
+            .send(
                 &self.topics.dlq(letter.source),
                 letter.key.as_deref(),
                 &letter.payload,

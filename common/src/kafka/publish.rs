@@ -47,21 +47,19 @@ impl WriteError {
     }
 }
 
-/// Writes to one topic through an idempotent, `acks=all` producer.
+/// Writes through an idempotent, `acks=all` producer; each write names its topic (a full
+/// name, prefix included).
 #[derive(Clone)]
 pub struct Publisher {
     producer: FutureProducer,
-    topic: String,
     timeout: Duration,
 }
 
 impl Publisher {
-    /// A producer named `client_id` writing to `topic` (a full name, prefix included), each
-    /// write acknowledged or failed within `timeout`.
+    /// A producer named `client_id`, each write acknowledged or failed within `timeout`.
     pub fn new(
         settings: &KafkaSettings,
         client_id: &str,
-        topic: String,
         timeout: Duration,
     ) -> Result<Self, Error> {
         let producer = producer_config(settings, client_id, timeout)
@@ -70,25 +68,12 @@ impl Publisher {
                 context: "creating a producer",
                 source,
             })?;
-        Ok(Self {
-            producer,
-            topic,
-            timeout,
-        })
+        Ok(Self { producer, timeout })
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    /// Writes one message to the publisher's topic and waits for Kafka's acknowledgement.
-    pub async fn send(&self, key: Option<&[u8]>, payload: &[u8]) -> Result<(), KafkaError> {
-        self.send_to(&self.topic, key, payload, &[]).await
-    }
-
-    /// Writes one message with headers (name, value) to `topic`, a full topic name, and waits
-    /// for Kafka's acknowledgement.
-    pub async fn send_to(
+    /// Writes one message with headers (name, value) to `topic` and waits for Kafka's
+    /// acknowledgement.
+    pub async fn send(
         &self,
         topic: &str,
         key: Option<&[u8]>,
@@ -116,15 +101,16 @@ impl Publisher {
             .map_err(|(error, _)| error)
     }
 
-    /// Writes every (key, payload) at once and gives one outcome per message, in order.
-    /// Logs a producer's fatal state once when any write failed.
+    /// Writes every (key, payload) to `topic` at once and gives one outcome per message, in
+    /// order. Logs a producer's fatal state once when any write failed.
     pub async fn send_all<K: AsRef<[u8]>, P: AsRef<[u8]>>(
         &self,
+        topic: &str,
         records: &[(K, P)],
     ) -> Vec<Result<(), WriteError>> {
         let sends = records
             .iter()
-            .map(|(key, payload)| self.send(Some(key.as_ref()), payload.as_ref()));
+            .map(|(key, payload)| self.send(topic, Some(key.as_ref()), payload.as_ref(), &[]));
         let outcomes: Vec<Result<(), WriteError>> = futures::future::join_all(sends)
             .await
             .into_iter()
@@ -136,13 +122,16 @@ impl Publisher {
         outcomes
     }
 
-    /// [`Publisher::send`], the failure classified; logs the producer's fatal state on one.
-    pub async fn write(&self, key: &[u8], payload: &[u8]) -> Result<(), WriteError> {
-        self.send(Some(key), payload).await.map_err(|error| {
-            tracing::warn!(topic = %self.topic, %error, "writing to kafka failed");
-            self.log_fatal_state();
-            WriteError::of(&error)
-        })
+    /// One keyed write to `topic`, the failure classified; logs it and the producer's fatal
+    /// state.
+    pub async fn write(&self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), WriteError> {
+        self.send(topic, Some(key), payload, &[])
+            .await
+            .map_err(|error| {
+                tracing::warn!(%topic, %error, "writing to kafka failed");
+                self.log_fatal_state();
+                WriteError::of(&error)
+            })
     }
 
     /// An idempotent producer can hit a fatal error (such as a fencing); it then refuses every
@@ -156,7 +145,7 @@ impl Publisher {
     /// Waits for queued writes to finish, for a graceful shutdown.
     pub fn flush(&self) {
         if let Err(e) = self.producer.flush(Timeout::After(self.timeout)) {
-            tracing::warn!(topic = %self.topic, error = %e, "flushing a producer on shutdown");
+            tracing::warn!(error = %e, "flushing a producer on shutdown");
         }
     }
 }
