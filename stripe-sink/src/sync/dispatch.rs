@@ -86,6 +86,11 @@ fn finish_label(finish: &Finish) -> &'static str {
     }
 }
 
+/// How far before the last look a config or meter mapping change is looked at again: a change
+/// committed just after that statement read the tables can carry an earlier `updated_at`, and
+/// a dispatcher may mark a window skipped just after the change it has not seen yet.
+const CHANGE_MARGIN: time::Duration = time::Duration::minutes(1);
+
 /// Loop 3: windows waiting for a customer mapping go out once it exists, and windows skipped
 /// for their configuration (sync off, no meter mapping) go out once it allows them.
 pub async fn release_waiting(
@@ -93,6 +98,8 @@ pub async fn release_waiting(
     every: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // None: the first round looks at every enabled scope.
+    let mut changed_since = None;
     loop {
         if !pause(every, &shutdown).await {
             return Ok(());
@@ -104,12 +111,17 @@ pub async fn release_waiting(
         }
         if ctx.settings.enabled {
             let oldest_end = OffsetDateTime::now_utc() - stripe_limits::MAX_EVENT_AGE;
-            match ctx.ledger.release_enabled(oldest_end).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    windows = n,
-                    "skipped windows re-opened: sync or their meter mapping is on now"
-                ),
+            match ctx.ledger.release_enabled(oldest_end, changed_since).await {
+                Ok((reopened, at)) => {
+                    if reopened > 0 {
+                        tracing::info!(
+                            windows = reopened,
+                            "skipped windows re-opened: sync or their meter mapping is on now"
+                        );
+                    }
+                    changed_since = Some(at - CHANGE_MARGIN);
+                }
+                // The next round looks as far back as this one did.
                 Err(e) => tracing::warn!(error = %e, "re-opening skipped windows failed"),
             }
         }
