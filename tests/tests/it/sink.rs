@@ -89,6 +89,35 @@ async fn post_json_put(url: &str, token: &str, body: &Value) -> meterline_tests:
     .await
 }
 
+/// Polls `GET /v1/stripe/sync/batches?status=...` until `done` holds for its windows, failing
+/// after a minute with the last answer.
+async fn wait_for_batches(
+    sink: &ServiceProcess,
+    token: &str,
+    status: &str,
+    done: impl Fn(&[Value]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let batches = send(
+            reqwest::Client::new()
+                .get(sink.url(&format!("/v1/stripe/sync/batches?status={status}")))
+                .bearer_auth(token),
+        )
+        .await;
+        let windows = batches.body["data"].as_array().cloned().unwrap_or_default();
+        if done(&windows) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {status} windows as expected: {:?}",
+            batches.body
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Polls the stand-in until its totals equal `expected`, failing with the difference.
 async fn wait_for_totals(
     standin: &Standin,
@@ -636,28 +665,12 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     produce_events(&ns, &events).await;
 
     // The window waits for its mapping; nothing reaches Stripe.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let batches = send(
-            reqwest::Client::new()
-                .get(sink.url("/v1/stripe/sync/batches?status=pending_mapping"))
-                .bearer_auth(&t),
-        )
-        .await;
-        let waiting = batches.body["data"].as_array().cloned().unwrap_or_default();
-        if waiting
+    wait_for_batches(&sink, &t, "pending_mapping", |waiting| {
+        waiting
             .iter()
             .any(|b| b["entity_id"] == "cust_not_in_stripe_yet" && b["aggregated_quantity"] == "7")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no pending_mapping window: {:?}",
-            batches.body
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
     let status = send(
         reqwest::Client::new()
             .get(sink.url("/v1/stripe/sync/status"))
@@ -747,25 +760,7 @@ async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped
     produce_events(&ns, &events).await;
 
     // Both windows are skipped (sync off; and no mapping for tokens), and nothing is sent.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let batches = send(
-            reqwest::Client::new()
-                .get(sink.url("/v1/stripe/sync/batches?status=skipped"))
-                .bearer_auth(&t),
-        )
-        .await;
-        let skipped = batches.body["data"].as_array().cloned().unwrap_or_default();
-        if skipped.len() == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not both windows skipped: {:?}",
-            batches.body
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_batches(&sink, &t, "skipped", |skipped| skipped.len() == 2).await;
     assert!(
         standin.totals().await.is_empty(),
         "nothing sent while sync is off"
