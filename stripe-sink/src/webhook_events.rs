@@ -259,8 +259,8 @@ async fn handle(
         }
     };
     match done {
-        Written::Done(()) => true,
-        Written::Refused(e) => {
+        Ok(()) => true,
+        Err(NotWritten::Refused(e)) => {
             dead_letter(
                 dead_letters,
                 message,
@@ -270,27 +270,16 @@ async fn handle(
             )
             .await
         }
-        Written::ShuttingDown => false,
+        Err(NotWritten::ShuttingDown) => false,
     }
 }
 
-/// How a retried write ended.
-enum Written<T> {
-    Done(T),
+/// Why a retried write did not happen.
+enum NotWritten {
     /// The database refused the data: retrying cannot help.
     Refused(MappingError),
     /// Shutdown began during a retry wait: the message stays uncommitted.
     ShuttingDown,
-}
-
-impl<T> Written<T> {
-    fn map<U>(self, f: impl FnOnce(T) -> U) -> Written<U> {
-        match self {
-            Written::Done(value) => Written::Done(f(value)),
-            Written::Refused(e) => Written::Refused(e),
-            Written::ShuttingDown => Written::ShuttingDown,
-        }
-    }
 }
 
 /// Runs `write` until it succeeds, the database refuses it, or shutdown begins; database
@@ -299,20 +288,27 @@ async fn write_retried<T, F, Fut>(
     step: &'static str,
     mut write: F,
     shutdown: &CancellationToken,
-) -> Written<T>
+) -> Result<T, NotWritten>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, MappingError>>,
 {
     let mut backoff = write_backoff();
     loop {
-        match write().await {
-            Ok(value) => return Written::Done(value),
-            Err(e) => match retry_or_refuse(&e, step, &mut backoff, shutdown).await {
-                Some(true) => {}
-                Some(false) => return Written::Refused(e),
-                None => return Written::ShuttingDown,
-            },
+        let error = match write().await {
+            Ok(value) => return Ok(value),
+            Err(e) if !e.is_retriable() => return Err(NotWritten::Refused(e)),
+            Err(e) => e,
+        };
+        metrics::webhook_retry(step);
+        tracing::warn!(
+            step,
+            %error,
+            retry_in_ms = backoff.upcoming().as_millis() as u64,
+            "applying a webhook event failed, retrying"
+        );
+        if !backoff.wait(shutdown).await {
+            return Err(NotWritten::ShuttingDown);
         }
     }
 }
@@ -334,27 +330,6 @@ fn record_error_report(hook: &StripeWebhook, report: &ErrorReport, new_rows: u32
 
 fn database_refused() -> DlqErrorKind {
     DlqErrorKind::parse("database_refused").unwrap_or(DlqErrorKind::VALIDATION)
-}
-
-/// After a failed write: `Some(true)` to try again (after the backoff), `Some(false)` when the
-/// database refused the data (retrying cannot help), `None` when shutdown began.
-async fn retry_or_refuse(
-    error: &(impl Retriable + std::fmt::Display),
-    step: &'static str,
-    backoff: &mut Backoff,
-    shutdown: &CancellationToken,
-) -> Option<bool> {
-    if !error.is_retriable() {
-        return Some(false);
-    }
-    metrics::webhook_retry(step);
-    tracing::warn!(
-        step,
-        error = %error,
-        retry_in_ms = backoff.upcoming().as_millis() as u64,
-        "applying a webhook event failed, retrying"
-    );
-    backoff.wait(shutdown).await.then_some(true)
 }
 
 fn record_customer_outcome(hook: &StripeWebhook, outcome: &crate::mappings::WebhookOutcome) {
