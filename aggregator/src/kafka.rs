@@ -5,12 +5,12 @@
 //! durable (rows in ClickHouse and windows marked, or window totals acknowledged by Kafka);
 //! every write here is acknowledged by all in-sync replicas before it counts as done.
 
-use meterline_common::shutdown::pause;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::config::KafkaSettings;
 use meterline_common::kafka::{next_message, Publisher, Topics};
+use meterline_common::shutdown::pause;
 use meterline_schemas::{Topic, WindowTotal};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;

@@ -13,13 +13,13 @@
 //! - Pruning deletes in small batches of rows it can lock at once (`SKIP LOCKED`), so it never
 //!   waits on, or holds up, the sink; several replicas may prune at the same time.
 
-use crate::shutdown::pause;
 use std::time::Duration;
 
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use crate::config::{ClickhouseSettings, ConfigError, Env};
+use crate::shutdown::pause;
 use crate::Error;
 
 /// Stripe refuses meter events older than this many days.

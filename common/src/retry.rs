@@ -6,10 +6,11 @@
 //! shutting down, in which case its Kafka offset stays uncommitted and the work is redone
 //! after the restart. Nothing is dropped in between.
 
-use crate::shutdown::pause;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+use crate::shutdown::pause;
 
 /// Whether a failed step may succeed when tried again.
 pub trait Retriable {

@@ -4,8 +4,9 @@
 // The one file of this crate that may use the metrics macros (clippy.toml).
 #![allow(clippy::disallowed_macros)]
 
-use crate::ledger::LedgerState;
 use meterline_common::shutdown::pause;
+
+use crate::ledger::LedgerState;
 
 /// Messages read from `stripe.webhooks`.
 pub const WEBHOOK_EVENTS_CONSUMED: &str = "stripe_sink_webhook_events_consumed_total";

@@ -5,11 +5,11 @@
 //! Rule kept here: a claim is recorded as published only after Kafka acknowledged every total
 //! of it; on any error the claim rolls back and the windows stay dirty.
 
-use meterline_common::shutdown::pause;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meterline_common::shutdown::pause;
 use meterline_schemas::{
     CustomerId, EnvironmentId, JobId, MeterId, TenantId, Timestamp, Window, WindowReason,
     WindowTotal,

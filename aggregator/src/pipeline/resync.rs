@@ -5,11 +5,11 @@
 //! published (or the request was dead-lettered); a shutdown in between leaves it uncommitted,
 //! and redoing it publishes the same totals again under the same job.
 
-use meterline_common::shutdown::pause;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::kafka::{commit, next_message, DeadLetter, NextOffsets};
+use meterline_common::shutdown::pause;
 use meterline_schemas::{ResyncRequest, Topic};
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{BorrowedMessage, Message};

@@ -7,13 +7,14 @@
 //! rebalance took the partitions) re-delivers the messages to their new owner: duplicates,
 //! which every consumer absorbs, never a loss.
 
-use crate::shutdown::pause;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
+
+use crate::shutdown::pause;
 
 /// How long to wait after a consumer error before asking again: errors such as a broker
 /// going away repeat until it is back, and a tight loop would only fill the log.

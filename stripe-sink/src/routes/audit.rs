@@ -5,13 +5,13 @@
 //! Query: `limit` (1..=100, default 20), `before` (a row id: older rows only), `action`
 //! (one action only). Refusals: 400 `unknown_parameter`, `invalid_parameter`.
 
-use super::error::RouteError;
 use axum::extract::State;
 use axum::Json;
 use meterline_accounts::audit::{self, AuditPage, AuditQuery, ACTIONS};
 use meterline_common::api::ApiError;
 use meterline_common::auth::TenantScope;
 
+use super::error::RouteError;
 use super::mappings::{parse_limit, query_pairs, QueryPairs};
 use super::AppState;
 

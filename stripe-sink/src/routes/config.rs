@@ -4,7 +4,6 @@
 //! never sent back: responses carry the masked key (`sk_test_****abcd`) and the number of
 //! webhook secrets.
 
-use super::error::RouteError;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -16,6 +15,7 @@ use meterline_common::auth::TenantScope;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
+use super::error::RouteError;
 use super::AppState;
 use crate::stripe::ErrorClass;
 

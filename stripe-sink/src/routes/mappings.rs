@@ -11,7 +11,6 @@
 //! 404 `not_found`; 409 `meter_already_mapped`, `provider_meter_already_mapped`,
 //! `customer_already_mapped`, `provider_customer_already_mapped`, `provider_customer_deleted`.
 
-use super::error::RouteError;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -21,6 +20,7 @@ use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, EventName, MeterId, SchemaError};
 use serde::{Deserialize, Serialize};
 
+use super::error::RouteError;
 use super::AppState;
 use crate::mappings::{
     CustomerMapping, CustomerMappingQuery, MappingStatus, MeterMapping, MeterMappingInput, Page,

@@ -7,7 +7,6 @@
 //! `body_too_large`, 400 `invalid_encoding`, `empty_file`, `too_many_rows`. A refused upload
 //! writes nothing; an accepted one answers every row.
 
-use super::error::RouteError;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -17,6 +16,7 @@ use meterline_common::auth::TenantScope;
 use meterline_schemas::JobId;
 use serde::Serialize;
 
+use super::error::RouteError;
 use super::AppState;
 use crate::bulk::{self, FileError, Row};
 use crate::import::{ImportView, Started};

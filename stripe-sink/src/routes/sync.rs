@@ -1,7 +1,6 @@
 //! Manual syncs, their jobs, the sync status, the ledger's batches, retries and the
 //! reconciliation report.
 
-use super::error::RouteError;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -12,6 +11,7 @@ use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, Time
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::error::RouteError;
 use super::AppState;
 use crate::ledger::{BatchFilter, BatchView, JobView, LedgerState, NewJob, StatusView};
 

@@ -4,11 +4,11 @@
 //! Rule kept here: a claimed window is always finished, even during shutdown, so that its
 //! lease does not hold it for minutes.
 
-use meterline_common::shutdown::pause;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::retry::Backoff;
+use meterline_common::shutdown::pause;
 use meterline_schemas::stripe_limits;
 use rand::SeedableRng;
 use time::OffsetDateTime;
