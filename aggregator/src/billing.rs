@@ -5,9 +5,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 pub use meterline_catalog::window_totals::WindowAggregates;
-pub use meterline_schemas::stripe_limits::{
-    event_expired as is_expired_event, window_expired as is_expired_window,
-};
+use meterline_schemas::stripe_limits;
 use meterline_schemas::{Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window};
 
 use time::OffsetDateTime;
@@ -72,7 +70,7 @@ pub fn meter_event(
                         .unwrap_or_default(),
                     version: version_of(ingested_at),
                     ingested_at,
-                    expired: is_expired_event(timestamp, now),
+                    expired: stripe_limits::event_expired(timestamp, now),
                     window,
                 });
                 metering.fed += 1;
@@ -205,16 +203,19 @@ mod tests {
     #[test]
     fn expiry_follows_stripes_35_days() {
         let now = datetime!(2026-11-26 12:00 UTC);
-        assert!(!is_expired_event(now - time::Duration::days(35), now));
-        assert!(is_expired_event(
+        assert!(!stripe_limits::event_expired(
+            now - time::Duration::days(35),
+            now
+        ));
+        assert!(stripe_limits::event_expired(
             now - time::Duration::days(35) - time::Duration::SECOND,
             now
         ));
         let old = Window::containing(now - time::Duration::days(36), 60).unwrap();
-        assert!(is_expired_window(&old, now));
+        assert!(stripe_limits::window_expired(&old, now));
         // A window whose last second is still inside the 35 days can be sent.
         let edge = Window::containing(now - time::Duration::days(35), 60).unwrap();
-        assert!(!is_expired_window(&edge, now));
+        assert!(!stripe_limits::window_expired(&edge, now));
     }
 
     #[test]

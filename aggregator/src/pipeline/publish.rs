@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::shutdown::pause;
+use meterline_schemas::stripe_limits;
 use meterline_schemas::{
     CustomerId, EnvironmentId, JobId, MeterId, TenantId, Timestamp, Window, WindowReason,
     WindowTotal,
@@ -18,7 +19,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, CLAIM_LIMIT};
-use crate::billing::{is_expired_window, next_revision, Trigger, WindowAggregates};
+use crate::billing::{next_revision, Trigger, WindowAggregates};
 use crate::due;
 use crate::meter_cache::MeterCache;
 use crate::metrics;
@@ -146,7 +147,7 @@ pub(super) async fn publish_claim(
             event_count: a.events,
             revision,
             reason,
-            expired: is_expired_window(&key.window, now),
+            expired: stripe_limits::window_expired(&key.window, now),
             computed_at,
         });
         publications.push(Publication {
