@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use meterline_common::kafka::{commit, next_message, DeadLetter, DeadLetters, NextOffsets};
+use meterline_common::kafka::{commit_message, next_message, DeadLetter, DeadLetters};
 use meterline_common::retry::{Backoff, Retriable};
 use meterline_schemas::{DlqErrorKind, StripeEventType, StripeWebhook, Topic};
 use rdkafka::consumer::StreamConsumer;
@@ -190,7 +190,7 @@ pub async fn consume(
             return Ok(());
         }
         // A failed commit re-delivers the message; applying it again changes nothing.
-        commit(&consumer, &NextOffsets::of([&message]), true);
+        commit_message(&consumer, &message, true);
     }
     Ok(())
 }

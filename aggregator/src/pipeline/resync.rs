@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meterline_common::kafka::{commit, next_message, DeadLetter, NextOffsets};
+use meterline_common::kafka::{commit_message, next_message, DeadLetter};
 use meterline_common::shutdown::pause;
 use meterline_schemas::{ResyncRequest, Topic};
 use rdkafka::consumer::StreamConsumer;
@@ -38,7 +38,7 @@ pub async fn consume_resync(
         if !handle_resync(&shared, &mut cache, &message, &shutdown).await {
             return Ok(());
         }
-        commit(&consumer, &NextOffsets::of([&message]), true);
+        commit_message(&consumer, &message, true);
     }
 }
 

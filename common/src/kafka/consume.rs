@@ -1,8 +1,8 @@
 //! Consuming a topic: receive-or-shutdown, the next-offset bookkeeping and the commit.
 //!
-//! Rule kept here: offsets are stored only by [`commit`], which a service calls after the
-//! write that covers the messages is durable; nothing commits on its own (see
-//! [`super::consumer_config`]). The committed offset names the NEXT message to read, so a
+//! Rule kept here: offsets are stored only by [`commit`] and [`commit_message`], which a
+//! service calls after the write that covers the messages is durable; nothing commits on its
+//! own (see [`super::consumer_config`]). The committed offset names the NEXT message to read, so a
 //! message at offset n is covered by committing n + 1. A failed commit (for example after a
 //! rebalance took the partitions) re-delivers the messages to their new owner: duplicates,
 //! which every consumer absorbs, never a loss.
@@ -84,12 +84,25 @@ pub fn commit(consumer: &StreamConsumer, offsets: &NextOffsets, wait: bool) {
             return;
         }
     }
-    let mode = if wait {
+    log_failed(consumer.commit(&list, mode(wait)));
+}
+
+/// Commits the offset after `message` (librdkafka adds the 1), for a consumer that finishes
+/// one message at a time: no offset list is built per message.
+pub fn commit_message(consumer: &StreamConsumer, message: &BorrowedMessage<'_>, wait: bool) {
+    log_failed(consumer.commit_message(message, mode(wait)));
+}
+
+fn mode(wait: bool) -> CommitMode {
+    if wait {
         CommitMode::Sync
     } else {
         CommitMode::Async
-    };
-    if let Err(e) = consumer.commit(&list, mode) {
+    }
+}
+
+fn log_failed(outcome: rdkafka::error::KafkaResult<()>) {
+    if let Err(e) = outcome {
         tracing::warn!(error = %e, "committing offsets failed; the messages will be re-delivered");
     }
 }

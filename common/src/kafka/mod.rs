@@ -24,7 +24,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-pub use consume::{commit, next_message, NextOffsets};
+pub use consume::{commit, commit_message, next_message, NextOffsets};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use publish::{Publisher, WriteError};
 pub use watch::{resume_offset, GroupWatch, KafkaProbe, PartitionLag};

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meterline_common::kafka::{commit, next_message, DeadLetter, NextOffsets};
+use meterline_common::kafka::{commit_message, next_message, DeadLetter};
 use meterline_common::retry::Backoff;
 use meterline_schemas::{Topic, WindowTotal};
 use rdkafka::consumer::StreamConsumer;
@@ -51,7 +51,7 @@ pub async fn consume_windows(
         }
         // The ledger holds it now; a lost commit only re-records the same total. Not waited
         // for: one round trip per window would cap the sink's intake.
-        commit(&consumer, &NextOffsets::of([&message]), false);
+        commit_message(&consumer, &message, false);
     }
     Ok(())
 }
