@@ -690,25 +690,54 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     ns.drop_databases().await;
 }
 
-/// Windows marked `skipped` are not lost: while the Stripe config has sync off nothing is
-/// sent, and turning it on sends what is owed; a meter without a Stripe mapping is skipped
-/// until the mapping is created, and then goes out; turning sync off and on again afterwards
-/// sends nothing twice.
+/// The meters of the skipped-windows test, one of each kind (`calls` is mapped from the start;
+/// the others only later): meter id, definition, Stripe meter event name.
+const KIND_METERS: [(&str, &str, &str); 6] = [
+    ("calls", r#"{"aggregation": "COUNT"}"#, "api_calls"),
+    (
+        "tokens",
+        r#"{"aggregation": "SUM", "property": "tokens"}"#,
+        "tokens_used",
+    ),
+    (
+        "gigabytes",
+        r#"{"aggregation": "SUM", "property": "gb"}"#,
+        "gigabytes",
+    ),
+    (
+        "seats",
+        r#"{"aggregation": "MAX", "property": "seats"}"#,
+        "seats_peak",
+    ),
+    (
+        "plan_level",
+        r#"{"aggregation": "LATEST", "property": "level"}"#,
+        "plan_level",
+    ),
+    (
+        "users",
+        r#"{"aggregation": "COUNT_UNIQUE", "property": "user"}"#,
+        "active_users",
+    ),
+];
+
+/// Windows marked `skipped` are not lost, for every meter kind: while the Stripe config has
+/// sync off nothing is sent, and turning it on sends what is owed; meters without a Stripe
+/// mapping are skipped until the mapping is created, and then go out; turning sync off and on
+/// again afterwards sends nothing twice. What goes out is each window's total as the README
+/// says it is billed today (rounded half away from zero, to a `sum` meter).
 #[tokio::test]
 async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped() {
     let ns = Namespace::create().await;
     let standin = Standin::start(RATE).await;
-    standin.sum_meter("api_calls").await;
-    standin.sum_meter("tokens_used").await;
+    for (id, definition, stripe_event) in KIND_METERS {
+        standin.sum_meter(stripe_event).await;
+        let mut meter: Value = serde_json::from_str(definition).unwrap();
+        meter["id"] = json!(id);
+        meter["event_name"] = json!("api.request");
+        create_meter(&ns, TENANT, "env_prod", meter).await;
+    }
     let cus = standin.customer("cust_skipped").await;
-    create_meter(
-        &ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-    )
-    .await;
-    create_meter(&ns, TENANT, "env_prod", json!({"id": "tokens", "event_name": "api.request", "aggregation": "SUM", "property": "tokens"})).await;
     let sink = sink(&ns, &standin).await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let t = token(TENANT, "env_prod");
@@ -728,14 +757,17 @@ async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped
             assert_eq!(put.status, 200, "{:?}", put.body);
         }
     };
+    let map_meter = |meter: &str, stripe_event: &str| {
+        let (url, t) = (sink.url("/v1/stripe/meters/mapping"), t.clone());
+        let body = json!({"meter_id": meter, "provider_type": "stripe",
+                          "provider_meter_id": stripe_event, "sync_enabled": true});
+        async move {
+            let mapped = post_json(&url, &t, &body).await;
+            assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+        }
+    };
     set_sync(false).await;
-    let mapped = post_json(
-        &sink.url("/v1/stripe/meters/mapping"),
-        &t,
-        &json!({"meter_id": "calls", "provider_type": "stripe", "provider_meter_id": "api_calls", "sync_enabled": true}),
-    )
-    .await;
-    assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    map_meter("calls", "api_calls").await;
     let customer = post_json(
         &sink.url("/v1/stripe/customers/mapping"),
         &t,
@@ -744,63 +776,59 @@ async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped
     .await;
     assert_eq!(customer.status, 201, "{:?}", customer.body);
 
+    // Six events a second apart: 2 tokens and 0.25 GB each, seats 1..6, plan level 0, 10, ..,
+    // 50 (the last one counts), three distinct users.
     let at = hour_start(3) + time::Duration::minutes(20);
-    let events: Vec<_> = (0..6)
+    let events: Vec<_> = (0..6i64)
         .map(|i| {
             event(
                 TENANT,
                 &format!("skipped-{i}"),
                 "cust_skipped",
                 "api.request",
-                at,
-                json!({"tokens": 2}),
+                at + time::Duration::seconds(i),
+                json!({"tokens": 2, "gb": 0.25, "seats": i + 1, "level": 10 * i,
+                       "user": format!("u{}", i % 3)}),
             )
         })
         .collect();
     produce_events(&ns, &events).await;
 
-    // Both windows are skipped (sync off; and no mapping for tokens), and nothing is sent.
-    wait_for_batches(&sink, &t, "skipped", |skipped| skipped.len() == 2).await;
+    // Every window is skipped (sync off; and no mapping for five meters), nothing is sent.
+    wait_for_batches(&sink, &t, "skipped", |skipped| skipped.len() == 6).await;
     assert!(
         standin.totals().await.is_empty(),
         "nothing sent while sync is off"
     );
 
-    // Sync on: the mapped meter's window goes out; the unmapped one stays skipped.
+    // Sync on: the mapped meter's window goes out; the unmapped ones stay skipped.
     set_sync(true).await;
     let calls = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 6.0)]);
     wait_for_totals(&standin, &sink, &calls, Duration::from_secs(60)).await;
 
-    // The meter is mapped: its window goes out too.
-    let mapped = post_json(
-        &sink.url("/v1/stripe/meters/mapping"),
-        &t,
-        &json!({"meter_id": "tokens", "provider_type": "stripe", "provider_meter_id": "tokens_used", "sync_enabled": true}),
-    )
-    .await;
-    assert_eq!(mapped.status, 201, "{:?}", mapped.body);
-    let both = BTreeMap::from([
-        ((cus.clone(), "api_calls".to_owned()), 6.0),
-        ((cus.clone(), "tokens_used".to_owned()), 12.0),
-    ]);
-    wait_for_totals(&standin, &sink, &both, Duration::from_secs(60)).await;
+    // The other meters are mapped: their windows go out too, each at its kind's total
+    // (1.5 GB is billed 2: whole numbers, rounded half away from zero).
+    for (id, _, stripe_event) in &KIND_METERS[1..] {
+        map_meter(id, stripe_event).await;
+    }
+    let all: BTreeMap<(String, String), f64> = [
+        ("api_calls", 6.0),
+        ("tokens_used", 12.0),
+        ("gigabytes", 2.0),
+        ("seats_peak", 6.0),
+        ("plan_level", 50.0),
+        ("active_users", 3.0),
+    ]
+    .into_iter()
+    .map(|(event_name, total)| ((cus.clone(), event_name.to_owned()), total))
+    .collect();
+    wait_for_totals(&standin, &sink, &all, Duration::from_secs(60)).await;
 
     // Off and on again: every window is synced, so nothing more goes to Stripe.
     set_sync(false).await;
     set_sync(true).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(standin.totals().await, both, "nothing sent twice");
-    let synced = send(
-        reqwest::Client::new()
-            .get(sink.url("/v1/stripe/sync/batches?status=synced"))
-            .bearer_auth(&t),
-    )
-    .await;
-    assert_eq!(
-        synced.body["data"].as_array().map(Vec::len),
-        Some(2),
-        "{:?}",
-        synced.body
-    );
+    assert_eq!(standin.totals().await, all, "nothing sent twice");
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 6).await;
     ns.drop_databases().await;
 }
