@@ -1,6 +1,6 @@
-//! The sink's billing rules as plain functions: the whole-number value Stripe bills for a
-//! window total, the difference still to send, its timestamp inside the window, and whether
-//! Stripe can still take it. The identifier of each meter event is [`crate::identifier`].
+//! The sink's billing rules as plain functions: the whole number to send for a change of a
+//! window total (the running total rounded, the rest carried), its timestamp inside the
+//! window, and whether Stripe can still take it. The identifier of each meter event is [`crate::identifier`].
 
 pub use meterline_schemas::stripe_limits::event_timestamp;
 use meterline_schemas::stripe_limits::{self, TimestampRefusal, MAX_VALUE};
@@ -19,22 +19,36 @@ pub enum Unsendable {
     TooLarge(String),
 }
 
-/// The whole number Stripe bills for a window total: Stripe takes whole numbers only, so the
-/// total is rounded half away from zero (12.5 -> 13).
-pub fn billable(total: Decimal) -> Result<i64, Unsendable> {
-    total
+/// A meter event value and the carry it leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rounded {
+    /// The whole number to send; 0 when the change is absorbed by the carry.
+    pub value: i64,
+    /// The customer and meter's carry after the event is accepted.
+    pub carry: Decimal,
+}
+
+/// What to send for `change`, the part of a window's total that its accepted meter events do
+/// not account for yet, when the customer and meter carry `carry`: the exact quantity
+/// accounted for minus the whole numbers Stripe accepted, over all its windows.
+///
+/// Stripe takes whole numbers only. Rounding each window on its own drifts without bound
+/// (0.4 an hour bills 0 for ever, 0.5 an hour twice the usage), so the running total is
+/// rounded instead, half away from zero, and the rest carried: after every event the carry
+/// is within half a unit, and so any run of events adds up to within 1 of the exact usage it
+/// accounts for. Negative when a window went down (a late correction): sent as a negative
+/// meter event, which Stripe documents for corrections.
+pub fn round_with_carry(carry: Decimal, change: Decimal) -> Result<Rounded, Unsendable> {
+    let exact = carry + change;
+    let value = exact
         .round_dp_with_strategy(0, RoundingStrategy::MidpointAwayFromZero)
         .to_i64()
         .filter(|v| v.abs() <= MAX_VALUE)
-        .ok_or_else(|| Unsendable::TooLarge(total.to_string()))
-}
-
-/// What is left to send: the billable total minus what Stripe accepted. Negative when the
-/// window went down (a late correction or a deduplicated copy): sent as a negative meter
-/// event, which Stripe documents for corrections. `None` when nothing is owed either way.
-pub fn still_to_send(billable_total: i64, synced: i64) -> Option<i64> {
-    let delta = billable_total - synced;
-    (delta != 0).then_some(delta)
+        .ok_or_else(|| Unsendable::TooLarge(exact.to_string()))?;
+    Ok(Rounded {
+        value,
+        carry: exact - Decimal::from(value),
+    })
 }
 
 /// Whether Stripe would accept a meter event for `window` at `now` ([`stripe_limits`]).
@@ -54,22 +68,74 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn billable_rounds_half_away_from_zero() {
-        assert_eq!(billable(d("12.5")), Ok(13));
-        assert_eq!(billable(d("12.49")), Ok(12));
-        assert_eq!(billable(d("-2.5")), Ok(-3));
-        assert_eq!(billable(d("0")), Ok(0));
-        assert!(billable(d("1000000000000000")).is_err());
-        assert_eq!(billable(d("999999999999999")), Ok(999_999_999_999_999));
+    fn sent(carry: &str, change: &str) -> (i64, Decimal) {
+        let r = round_with_carry(d(carry), d(change)).unwrap();
+        (r.value, r.carry)
     }
 
     #[test]
-    fn only_the_difference_is_sent() {
-        assert_eq!(still_to_send(10, 0), Some(10));
-        assert_eq!(still_to_send(10, 10), None);
-        assert_eq!(still_to_send(12, 10), Some(2));
-        assert_eq!(still_to_send(7, 10), Some(-3));
+    fn the_running_total_is_rounded_half_away_from_zero() {
+        assert_eq!(sent("0", "12.5"), (13, d("-0.5")));
+        assert_eq!(sent("0", "12.49"), (12, d("0.49")));
+        assert_eq!(sent("0", "-2.5"), (-3, d("0.5")));
+        assert_eq!(sent("0", "0"), (0, d("0")));
+        assert_eq!(sent("0.4", "0.4"), (1, d("-0.2")));
+        assert_eq!(sent("-0.2", "0.4"), (0, d("0.2")));
+        assert_eq!(sent("0.5", "-1"), (-1, d("0.5")));
+        assert!(round_with_carry(d("0"), d("1000000000000000")).is_err());
+        assert_eq!(sent("0", "999999999999999"), (999_999_999_999_999, d("0")));
+    }
+
+    /// 0.4 and 0.5 an hour for a month: rounded per window they billed 0 and 720.
+    #[test]
+    fn a_month_of_fractional_hours_bills_its_exact_total() {
+        for (per_hour, expected) in [("0.4", 288), ("0.5", 360), ("0.333", 240)] {
+            let mut carry = Decimal::ZERO;
+            let mut billed = 0;
+            for _ in 0..720 {
+                let r = round_with_carry(carry, d(per_hour)).unwrap();
+                billed += r.value;
+                carry = r.carry;
+            }
+            assert_eq!(billed, expected, "{per_hour} an hour");
+        }
+    }
+
+    /// Random windows of random fractional totals, revised up and down in any order, each
+    /// change sent as it comes: after every send the whole numbers accepted are within half
+    /// a unit of the exact total accounted for, and every run of sends within 1 of the exact
+    /// change it covers.
+    #[test]
+    fn any_run_of_sends_adds_up_to_within_one_of_its_exact_total() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        for _ in 0..200 {
+            let mut windows = vec![Decimal::ZERO; rng.gen_range(1..40)];
+            let (mut carry, mut exact, mut billed) = (Decimal::ZERO, Decimal::ZERO, 0i64);
+            let mut runs = vec![(Decimal::ZERO, 0i64)];
+            for _ in 0..rng.gen_range(1..120) {
+                let w = rng.gen_range(0..windows.len());
+                // A new total with up to 4 decimals, sometimes lower than before.
+                let total = Decimal::new(rng.gen_range(-2_000..200_000), 4);
+                let change = total - windows[w];
+                windows[w] = total;
+                let r = round_with_carry(carry, change).unwrap();
+                carry = r.carry;
+                exact += change;
+                billed += r.value;
+                assert!(carry.abs() <= d("0.5"), "carry {carry}");
+                assert_eq!(Decimal::from(billed) + carry, exact);
+                runs.push((exact, billed));
+            }
+            assert_eq!(exact, windows.iter().sum::<Decimal>());
+            for (i, a) in runs.iter().enumerate() {
+                for b in &runs[i..] {
+                    let exact_run = b.0 - a.0;
+                    let billed_run = Decimal::from(b.1 - a.1);
+                    assert!((billed_run - exact_run).abs() <= Decimal::ONE);
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! Rules kept here:
 //! - A window's row holds the latest total the aggregator published (the highest revision
-//!   wins) and the sum Stripe accepted (`synced_quantity`); only their difference is sent.
+//!   wins), the exact part of it that accepted meter events account for
+//!   (`accounted_quantity`) and the whole numbers Stripe accepted (`synced_quantity`); only
+//!   the part not accounted for is sent, rounded against the customer and meter's carry
+//!   ([`carry`], [`crate::billing::round_with_carry`]).
 //! - A meter event is written as a `sending` row BEFORE its request goes out, with its
 //!   deterministic identifier and value; an outstanding `sending` row is always resolved
 //!   (resent unchanged) before anything new is computed. A crash between Stripe's answer and
@@ -23,6 +26,7 @@ use time::OffsetDateTime;
 
 use crate::Error;
 
+mod carry;
 pub mod retention;
 mod state;
 pub use state::{LedgerState, UnknownLedgerState};
@@ -97,6 +101,9 @@ pub struct Send {
     /// Which Idempotency-Key of the event is current (see [`Send::idempotency_key`]).
     pub key_generation: i32,
     pub value: Decimal,
+    /// The exact change of the window total this event accounts for: `value` is it plus the
+    /// carry, rounded.
+    pub accounted: Decimal,
     pub event_name: String,
     pub provider_customer_id: String,
     pub stripe_timestamp: i64,
@@ -162,9 +169,8 @@ impl Finish {
     fn status_sql(&self) -> String {
         match self.state() {
             Some(state) => format!("'{state}'"),
-            // round() on numeric rounds half away from zero, as billing::billable does.
             None => format!(
-                "CASE WHEN round(aggregated_quantity) = synced_quantity THEN '{}'
+                "CASE WHEN aggregated_quantity = accounted_quantity THEN '{}'
                       ELSE '{}' END",
                 LedgerState::Synced,
                 LedgerState::Pending,
@@ -352,11 +358,12 @@ impl Ledger {
         Ok(claimed)
     }
 
-    /// The latest total and synced sum of a claimed window (a newer revision may have arrived
-    /// since the claim).
+    /// The latest total of a claimed window (a newer revision may have arrived since the
+    /// claim) and the exact part of it that accepted meter events account for.
     pub async fn current(&self, batch_id: i64) -> Result<(Decimal, Decimal), Error> {
         sqlx::query_as(
-            "SELECT aggregated_quantity, synced_quantity FROM stripe_sync_batches WHERE id = $1",
+            "SELECT aggregated_quantity, accounted_quantity FROM stripe_sync_batches
+             WHERE id = $1",
         )
         .bind(batch_id)
         .fetch_one(&self.pool)
@@ -367,8 +374,8 @@ impl Ledger {
     /// The meter event of this window still waiting for Stripe's answer, if any.
     pub async fn outstanding(&self, batch_id: i64) -> Result<Option<Send>, Error> {
         sqlx::query_as(
-            "SELECT seq, identifier, key_generation, value, event_name, provider_customer_id,
-                    stripe_timestamp, created_at
+            "SELECT seq, identifier, key_generation, value, accounted, event_name,
+                    provider_customer_id, stripe_timestamp, created_at
              FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
              ORDER BY seq LIMIT 1",
         )
@@ -393,8 +400,8 @@ impl Ledger {
     pub async fn begin_send(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO stripe_sync_sends (batch_id, seq, identifier, value, event_name,
-                 provider_customer_id, stripe_timestamp, status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending')",
+                 provider_customer_id, stripe_timestamp, status, accounted)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8)",
         )
         .bind(batch_id)
         .bind(send.seq)
@@ -403,6 +410,7 @@ impl Ledger {
         .bind(&send.event_name)
         .bind(&send.provider_customer_id)
         .bind(send.stripe_timestamp)
+        .bind(send.accounted)
         .execute(&self.pool)
         .await
         .map_err(db("writing a send"))?;
@@ -424,7 +432,8 @@ impl Ledger {
         Ok(())
     }
 
-    /// Stripe accepted (or already held) the event: it counts as synced, in one transaction.
+    /// Stripe accepted (or already held) the event: it counts as synced, and the change it
+    /// accounts for as accounted, the carry moving by their difference, in one transaction.
     pub async fn accepted(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
         let mut tx = self
             .pool
@@ -440,20 +449,23 @@ impl Ledger {
         .execute(&mut *tx)
         .await
         .map_err(db("accepting a send"))?;
-        // Only a send that was still outstanding moves the synced sum: never twice.
+        // Only a send that was still outstanding moves the sums: never twice.
         if updated.rows_affected() == 1 {
             sqlx::query(
                 "UPDATE stripe_sync_batches
-                 SET synced_quantity = synced_quantity + $2, stripe_event_id = $3,
+                 SET synced_quantity = synced_quantity + $2,
+                     accounted_quantity = accounted_quantity + $4, stripe_event_id = $3,
                      synced_at = now(), updated_at = now()
                  WHERE id = $1",
             )
             .bind(batch_id)
             .bind(send.value)
             .bind(&send.identifier)
+            .bind(send.accounted)
             .execute(&mut *tx)
             .await
             .map_err(db("adding to the synced sum"))?;
+            carry::add(&mut tx, batch_id, send.accounted - send.value).await?;
         }
         tx.commit().await.map_err(db("committing an acceptance"))
     }
@@ -669,7 +681,8 @@ impl Ledger {
     ) -> Result<Vec<BatchView>, Error> {
         scoped(
             "SELECT id, entity_id, meter_id, window_start, window_end, aggregated_quantity,
-                    event_count, window_revision, synced_quantity, sync_status, attempts,
+                    event_count, window_revision, synced_quantity, accounted_quantity,
+                    sync_status, attempts,
                     stripe_event_id, last_error, created_at, updated_at, synced_at
              FROM stripe_sync_batches
              WHERE tenant_id = $1 AND environment_id = $2
@@ -715,8 +728,9 @@ impl Ledger {
         Ok(done.rows_affected())
     }
 
-    /// Per (customer, meter) of `scope` over `[from, to)`: what the ledger says Stripe
-    /// accepted, for the reconciliation report.
+    /// Per (customer, meter) of `scope` over `[from, to)`, for the reconciliation report: the
+    /// whole numbers Stripe accepted, the exact quantity they account for, and the exact
+    /// total of the latest window totals.
     pub async fn synced_totals(
         &self,
         scope: &TenantScope,
@@ -724,9 +738,10 @@ impl Ledger {
         meter: Option<&MeterId>,
         from: OffsetDateTime,
         to: OffsetDateTime,
-    ) -> Result<Vec<(String, String, Decimal, Decimal)>, Error> {
+    ) -> Result<Vec<LedgerTotals>, Error> {
         scoped(
-            "SELECT entity_id, meter_id, sum(synced_quantity), sum(round(aggregated_quantity))
+            "SELECT entity_id, meter_id, sum(synced_quantity) AS synced,
+                    sum(accounted_quantity) AS accounted, sum(aggregated_quantity) AS exact
              FROM stripe_sync_batches
              WHERE tenant_id = $1 AND environment_id = $2
                AND ($3::text IS NULL OR entity_id = $3) AND ($4::text IS NULL OR meter_id = $4)
@@ -742,6 +757,19 @@ impl Ledger {
         .await
         .map_err(db("summing the ledger"))
     }
+}
+
+/// One line of [`Ledger::synced_totals`].
+#[derive(Debug, sqlx::FromRow)]
+pub struct LedgerTotals {
+    pub entity_id: String,
+    pub meter_id: String,
+    /// Whole numbers Stripe accepted.
+    pub synced: Decimal,
+    /// The exact quantity those account for.
+    pub accounted: Decimal,
+    /// The exact total of the latest window totals.
+    pub exact: Decimal,
 }
 
 /// A manual sync request.
@@ -810,7 +838,11 @@ pub struct BatchView {
     pub aggregated_quantity: Decimal,
     pub event_count: i64,
     pub window_revision: i32,
+    /// The whole numbers Stripe accepted for this window.
     pub synced_quantity: Decimal,
+    /// The exact part of `aggregated_quantity` those account for; the two differ by what the
+    /// customer and meter's rounding carried into or out of this window.
+    pub accounted_quantity: Decimal,
     pub sync_status: String,
     pub attempts: i32,
     pub stripe_event_id: Option<String>,

@@ -5,8 +5,9 @@ use super::*;
 #[test]
 fn each_finish_sets_its_ledger_state_error_and_retry_delay() {
     let error = || "e".to_owned();
+    #[rustfmt::skip]
     let cases = [
-        (Finish::Settled, "CASE WHEN round(aggregated_quantity) = synced_quantity THEN 'synced' ELSE 'pending' END", None, 0.0),
+        (Finish::Settled, "CASE WHEN aggregated_quantity = accounted_quantity THEN 'synced' ELSE 'pending' END", None, 0.0),
         (Finish::RetryIn { seconds: 2.5, error: error() }, "'pending'", Some("e"), 2.5),
         (Finish::Unanswered { seconds: 9.0, error: error() }, "'in_flight'", Some("e"), 9.0),
         (Finish::PendingMapping, "'pending_mapping'", None, 0.0),

@@ -8,12 +8,15 @@ use meterline_accounts::audit::Purpose;
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, TimeRange, Timestamp};
+use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::error::RouteError;
 use super::AppState;
-use crate::ledger::{BatchFilter, BatchView, JobView, LedgerState, NewJob, StatusView};
+use crate::ledger::{
+    BatchFilter, BatchView, JobView, LedgerState, LedgerTotals, NewJob, StatusView,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,14 +261,26 @@ pub struct ReconcileQuery {
 struct ReconcileLine {
     customer_id: String,
     meter_id: String,
-    /// What the latest window totals bill, rounded per window as sent.
+    /// The exact total of the latest window totals: the usage itself, not rounded.
     expected: Decimal,
-    /// What the ledger says Stripe accepted.
+    /// The exact part of `expected` that accepted meter events account for.
+    ledger_accounted: Decimal,
+    /// The whole numbers the ledger says Stripe accepted.
     ledger_synced: Decimal,
     /// What Stripe's meter event summaries say, when they could be read.
     stripe: Option<f64>,
     status: &'static str,
     note: Option<String>,
+}
+
+/// A line matches when Stripe holds what the ledger says it accepted, everything is
+/// accounted for, and the whole numbers are within the rounding rule of the exact total
+/// (within 1 over any run of windows; `billing::round_with_carry`).
+fn reconciled(stripe: f64, totals: &LedgerTotals) -> bool {
+    let synced = totals.synced.to_f64().unwrap_or(f64::NAN);
+    (stripe - synced).abs() < 1e-6
+        && totals.accounted == totals.exact
+        && (totals.synced - totals.exact).abs() <= Decimal::ONE
 }
 
 /// `GET /v1/stripe/reconcile`: per customer and meter, the expected total, the ledger's
@@ -304,11 +319,11 @@ pub async fn reconcile(
     let key = super::config::stored_api_key(&state, &scope, Purpose::Reconcile).await?;
     let mut lines = Vec::new();
     let mut meter_ids: std::collections::HashMap<String, Option<String>> = Default::default();
-    for (customer_id, meter_id, synced, expected) in totals {
+    for line in totals {
         let mut note = None;
         let stripe_total = async {
-            let c = CustomerId::parse(&customer_id).ok()?;
-            let m = MeterId::parse(&meter_id).ok()?;
+            let c = CustomerId::parse(&line.entity_id).ok()?;
+            let m = MeterId::parse(&line.meter_id).ok()?;
             let cus = state
                 .mappings
                 .provider_customer(&scope.tenant_id, &scope.environment_id, &c)
@@ -344,20 +359,16 @@ pub async fn reconcile(
             note = Some("stripe's summaries could not be read (no mapping, no meter, or stripe unreachable)".to_owned());
         }
         let status = match stripe_total {
-            Some(s)
-                if (s - synced.to_string().parse::<f64>().unwrap_or(f64::NAN)).abs() < 1e-6
-                    && synced == expected =>
-            {
-                "match"
-            }
+            Some(s) if reconciled(s, &line) => "match",
             Some(_) => "mismatch",
             None => "unknown",
         };
         lines.push(ReconcileLine {
-            customer_id,
-            meter_id,
-            expected,
-            ledger_synced: synced,
+            customer_id: line.entity_id,
+            meter_id: line.meter_id,
+            expected: line.exact,
+            ledger_accounted: line.accounted,
+            ledger_synced: line.synced,
             stripe: stripe_total,
             status,
             note,

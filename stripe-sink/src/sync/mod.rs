@@ -4,9 +4,10 @@
 //! 1. [`record`] ([`consume_windows`]) records each published total in the ledger and only
 //!    then commits its offset (a redelivery re-records the same total: harmless).
 //! 2. [`mod@dispatch`] ([`dispatch()`]) runs workers that claim ready windows (one per
-//!    customer and meter at a time) and [`settle`] each: resend an outstanding meter event unchanged, or send the
-//!    difference between the window's billable total and what Stripe accepted, paced by the
-//!    account's token bucket, behind its circuit breaker, retried with backoff.
+//!    customer and meter at a time) and [`settle`] each: resend an outstanding meter event
+//!    unchanged, or send the change of the window's total not yet accounted for, rounded
+//!    against the customer and meter's carry, paced by the account's token bucket, behind
+//!    its circuit breaker, retried with backoff.
 //! 3. [`release_waiting`] (in [`mod@dispatch`]) moves windows waiting for a customer mapping
 //!    back to pending once the mapping exists, and windows skipped for their configuration
 //!    once sync and their meter mapping are on again (from a webhook, the API or an import).

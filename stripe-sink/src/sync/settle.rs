@@ -1,6 +1,7 @@
 //! Settling one claimed window: resend an outstanding meter event unchanged, or send the
-//! difference between the window's billable total and what Stripe accepted, paced by the
-//! account's token bucket, behind its circuit breaker, retried with backoff.
+//! change of the window's total not yet accounted for, rounded against the customer and
+//! meter's carry ([`billing::round_with_carry`]), paced by the account's token bucket,
+//! behind its circuit breaker, retried with backoff.
 //!
 //! Rules kept here: the ledger records a send (its identifier and value) before it goes out,
 //! so a crash resends the same event and Stripe's identifier check absorbs it; a send never
@@ -116,15 +117,21 @@ async fn try_settle(
             }
             Some(send) => send,
             None => {
-                let (total, synced) = ctx.ledger.current(batch.id).await?;
-                let billable = match billing::billable(total) {
-                    Ok(v) => v,
+                let (total, accounted) = ctx.ledger.current(batch.id).await?;
+                let change = total - accounted;
+                if change.is_zero() {
+                    return Ok(Finish::Settled);
+                }
+                let carry = ctx.ledger.carry(batch).await?;
+                let value = match billing::round_with_carry(carry, change) {
+                    Ok(rounded) => rounded.value,
                     Err(e) => return Ok(Finish::Failed(e.to_string())),
                 };
-                let synced = synced.to_i64().unwrap_or(0);
-                let Some(value) = billing::still_to_send(billable, synced) else {
-                    return Ok(Finish::Settled);
-                };
+                if value == 0 {
+                    // Less than half a unit with the carry: nothing to send yet.
+                    ctx.ledger.carried(batch.id, change).await?;
+                    continue;
+                }
                 let seq = ctx.ledger.sends_so_far(batch.id).await? + 1;
                 let send = Send {
                     seq,
@@ -138,6 +145,7 @@ async fn try_settle(
                     ),
                     key_generation: 0,
                     value: value.into(),
+                    accounted: change,
                     event_name: event_name.clone(),
                     provider_customer_id: customer.clone(),
                     stripe_timestamp: billing::event_timestamp(&batch.window),

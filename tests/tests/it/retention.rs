@@ -39,8 +39,8 @@ async fn ledger_row(pool: &PgPool, name: &str, status: &str, window_days: i64, u
     sqlx::query(
         "INSERT INTO stripe_sync_sends
              (batch_id, seq, identifier, value, event_name, provider_customer_id,
-              stripe_timestamp, status)
-         VALUES ($1, 1, $2, 1, 'api_calls', 'cus_1', 0, 'accepted')",
+              stripe_timestamp, status, accounted)
+         VALUES ($1, 1, $2, 1, 'api_calls', 'cus_1', 0, 'accepted', 1)",
     )
     .bind(id)
     .bind(format!("ml_{name}"))

@@ -832,3 +832,113 @@ async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped
     wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 6).await;
     ns.drop_databases().await;
 }
+
+/// Rounding drift: Stripe takes whole numbers, and rounding each window on its own billed a
+/// SUM meter of 0.4 an hour nothing and one of 0.5 an hour twice its usage. Ten hours of each
+/// bill 4 and 5; a late 0.7 added to an old window of each brings the exact totals to 4.7 and
+/// 5.7, billed 5 and 6; and the reconciliation report compares against the exact totals and
+/// says they match.
+#[tokio::test]
+async fn fractional_sum_meters_bill_the_rounded_exact_total_not_each_window_rounded() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    for (id, property, stripe_event) in [
+        ("storage", "gb", "gigabytes"),
+        ("compute", "cpu", "cpu_hours"),
+    ] {
+        standin.sum_meter(stripe_event).await;
+        let meter = json!({"id": id, "event_name": "usage.sample", "aggregation": "SUM",
+                           "property": property});
+        create_meter(&ns, TENANT, "env_prod", meter).await;
+    }
+    let cus = standin.customer("cust_fraction").await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    let config = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &t,
+        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+    )
+    .await;
+    assert_eq!(config.status, 200, "{:?}", config.body);
+    for (meter, stripe_event) in [("storage", "gigabytes"), ("compute", "cpu_hours")] {
+        let mapped = post_json(
+            &sink.url("/v1/stripe/meters/mapping"),
+            &t,
+            &json!({"meter_id": meter, "provider_type": "stripe",
+                    "provider_meter_id": stripe_event, "sync_enabled": true}),
+        )
+        .await;
+        assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    }
+    let customer = post_json(
+        &sink.url("/v1/stripe/customers/mapping"),
+        &t,
+        &json!({"customer_id": "cust_fraction", "provider_customer_id": cus}),
+    )
+    .await;
+    assert_eq!(customer.status, 201, "{:?}", customer.body);
+
+    let sample = |id: String, hours_ago: i64, gb: f64, cpu: f64| {
+        event(
+            TENANT,
+            &id,
+            "cust_fraction",
+            "usage.sample",
+            hour_start(hours_ago) + time::Duration::minutes(10),
+            json!({"gb": gb, "cpu": cpu}),
+        )
+    };
+    let hourly: Vec<_> = (1..=10)
+        .map(|h| sample(format!("hour-{h}"), h, 0.4, 0.5))
+        .collect();
+    produce_events(&ns, &hourly).await;
+    let billed = |gb: f64, cpu: f64| {
+        BTreeMap::from([
+            ((cus.clone(), "gigabytes".to_owned()), gb),
+            ((cus.clone(), "cpu_hours".to_owned()), cpu),
+        ])
+    };
+    wait_for_totals(&standin, &sink, &billed(4.0, 5.0), Duration::from_secs(90)).await;
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 20).await;
+
+    // A late correction to a window already settled: only the rounded running total moves.
+    produce_events(&ns, &[sample("late-5".into(), 5, 0.7, 0.7)]).await;
+    wait_for_totals(&standin, &sink, &billed(5.0, 6.0), Duration::from_secs(90)).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        synced.len() == 20
+            && synced
+                .iter()
+                .all(|w| w["aggregated_quantity"] == w["accounted_quantity"])
+    })
+    .await;
+
+    let report = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/reconcile"))
+            .query(&[
+                ("time_from", rfc3339(hour_start(11))),
+                ("time_to", rfc3339(hour_start(0))),
+            ])
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    let lines = report.body["data"].as_array().expect("report lines");
+    let line = |meter: &str| {
+        lines
+            .iter()
+            .find(|l| l["meter_id"] == meter)
+            .unwrap_or_else(|| panic!("no line for {meter}: {lines:?}"))
+            .clone()
+    };
+    for (meter, exact, synced) in [("storage", "4.7", "5"), ("compute", "5.7", "6")] {
+        let l = line(meter);
+        assert_eq!(l["expected"], exact, "the exact total: {l}");
+        assert_eq!(l["ledger_accounted"], exact, "all of it accounted for: {l}");
+        assert_eq!(l["ledger_synced"], synced, "{l}");
+        assert_eq!(l["status"], "match", "{l}");
+    }
+    ns.drop_databases().await;
+}

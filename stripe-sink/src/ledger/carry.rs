@@ -1,0 +1,79 @@
+//! The rounding carry of each customer and meter (`stripe_sync_carry`): the exact quantity
+//! its accepted meter events account for minus the whole numbers Stripe accepted, over all
+//! its windows. [`crate::billing::round_with_carry`] rounds each change against it, so what
+//! Stripe bills stays within half a unit of the exact usage however the usage is split into
+//! windows.
+//!
+//! The carry only ever moves by adding to it, in the transaction that accounts for a change:
+//! it stays true even if two workers of one key overlapped. It lives apart from the windows,
+//! so pruning old ledger rows keeps the fraction they carried.
+
+use meterline_schemas::Decimal;
+use sqlx::PgConnection;
+
+use super::{db, Batch, Ledger};
+use crate::Error;
+
+/// Adds `amount` to the carry of the customer and meter of window `batch_id`.
+pub(super) async fn add(
+    conn: &mut PgConnection,
+    batch_id: i64,
+    amount: Decimal,
+) -> Result<(), Error> {
+    if amount.is_zero() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO stripe_sync_carry AS c (tenant_id, environment_id, entity_id, meter_id, carry)
+         SELECT tenant_id, environment_id, entity_id, meter_id, $2
+         FROM stripe_sync_batches WHERE id = $1
+         ON CONFLICT (tenant_id, environment_id, entity_id, meter_id)
+         DO UPDATE SET carry = c.carry + EXCLUDED.carry, updated_at = now()",
+    )
+    .bind(batch_id)
+    .bind(amount)
+    .execute(conn)
+    .await
+    .map_err(db("moving the rounding carry"))?;
+    Ok(())
+}
+
+impl Ledger {
+    /// The rounding carry of the window's customer and meter (0 before its first send).
+    pub async fn carry(&self, batch: &Batch) -> Result<Decimal, Error> {
+        let carry: Option<Decimal> = sqlx::query_scalar(
+            "SELECT carry FROM stripe_sync_carry
+             WHERE tenant_id = $1 AND environment_id = $2 AND entity_id = $3 AND meter_id = $4",
+        )
+        .bind(batch.tenant_id.as_str())
+        .bind(batch.environment_id.as_str())
+        .bind(batch.customer_id.as_str())
+        .bind(batch.meter_id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading the rounding carry"))?;
+        Ok(carry.unwrap_or_default())
+    }
+
+    /// A change of the window total that rounds to no meter event: it is accounted for and
+    /// carried, so the next change of this customer and meter sends it.
+    pub async fn carried(&self, batch_id: i64, change: Decimal) -> Result<(), Error> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to carry a change"))?;
+        sqlx::query(
+            "UPDATE stripe_sync_batches
+             SET accounted_quantity = accounted_quantity + $2, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(batch_id)
+        .bind(change)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("accounting for a carried change"))?;
+        add(&mut tx, batch_id, change).await?;
+        tx.commit().await.map_err(db("committing a carried change"))
+    }
+}
