@@ -77,8 +77,8 @@ cmd_start() {
     return 0
   fi
   rm -f "$dir/clickhouse.pid"
-  port_open "$http" && die "127.0.0.1:$http is already in use by another process"
-  port_open "$tcp" && die "127.0.0.1:$tcp is already in use by another process"
+  require_free_port "$http"
+  require_free_port "$tcp"
   mkdir -p "$dir/data"
 
   log "starting on http 127.0.0.1:$http, tcp 127.0.0.1:$tcp, dir $dir"
@@ -91,19 +91,7 @@ cmd_start() {
   log "ready on 127.0.0.1:$http (pid $pid) after ${SECONDS}s"
 }
 
-cmd_stop() {
-  [[ $# -eq 1 ]] || usage "$0 stop DIR"
-  local dir
-  dir=$(abs_path "$1")
-  stop_pid "clickhouse in $dir" "$dir/clickhouse.pid" "$dir/data"
-}
-
-cmd_status() {
-  [[ $# -eq 2 ]] || usage "$0 status DIR HTTP_PORT"
-  local dir http=$2
-  require_port "$http"
-  dir=$(abs_path "$1")
-  server_status clickhouse "$http" "$dir/clickhouse.pid" "$dir/data" ping_ok "$http"
-}
+cmd_stop() { server_cmd_stop clickhouse data "$@"; }
+cmd_status() { server_cmd_status clickhouse data HTTP_PORT ping_ok "$@"; }
 
 server_main "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT" "$@"

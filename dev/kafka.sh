@@ -150,8 +150,8 @@ cmd_start() {
     return 0
   fi
   rm -f "$dir/kafka.pid"
-  port_open "$port" && die "127.0.0.1:$port is already in use by another process"
-  port_open "$cport" && die "127.0.0.1:$cport is already in use by another process"
+  require_free_port "$port"
+  require_free_port "$cport"
 
   write_config "$dir" "$port" "$cport"
 
@@ -183,19 +183,7 @@ cmd_start() {
   log "ready on 127.0.0.1:$port (pid $pid) after ${SECONDS}s"
 }
 
-cmd_stop() {
-  [[ $# -eq 1 ]] || usage "$0 stop DIR"
-  local dir
-  dir=$(abs_path "$1")
-  stop_pid "kafka in $dir" "$dir/kafka.pid" "$dir/server.properties"
-}
-
-cmd_status() {
-  [[ $# -eq 2 ]] || usage "$0 status DIR PORT"
-  local dir port=$2
-  require_port "$port"
-  dir=$(abs_path "$1")
-  server_status kafka "$port" "$dir/kafka.pid" "$dir/server.properties" api_versions_ok "$port"
-}
+cmd_stop() { server_cmd_stop kafka server.properties "$@"; }
+cmd_status() { server_cmd_status kafka server.properties PORT api_versions_ok "$@"; }
 
 server_main "$0 install|start DIR PORT CONTROLLER_PORT|stop DIR|status DIR PORT" "$@"

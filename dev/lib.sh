@@ -42,6 +42,9 @@ require_port() { is_port "$1" || die "not a port number: $1"; }
 # shellcheck disable=SC2016 # $1 is expanded by the inner bash, on purpose
 port_open() { timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null; }
 
+# Dies when something other than the server about to start already listens on 127.0.0.1:PORT.
+require_free_port() { ! port_open "$1" || die "127.0.0.1:$1 is already in use by another process"; }
+
 # Absolute, symlink-free path of DIR, existing or not, so pid-file checks that match the
 # process command line work whatever directory the caller passed the path from.
 abs_path() { realpath -m -- "$1"; }
@@ -58,6 +61,17 @@ pid_alive() {
   local stat
   stat=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
   [[ -n $stat && $stat != Z* ]]
+}
+
+# wait_gone PID TRIES INTERVAL_S: true as soon as PID has exited, polling up to TRIES times
+# INTERVAL_S apart; false when it still runs after that.
+wait_gone() {
+  local pid=$1 tries=$2 interval=$3
+  for _ in $(seq "$tries"); do
+    pid_alive "$pid" || return 0
+    sleep "$interval"
+  done
+  ! pid_alive "$pid"
 }
 
 # Prints the pid recorded in PIDFILE when that process is alive AND one of its command-line
@@ -162,17 +176,10 @@ stop_pid() {
   fi
   log "stopping $what (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 150); do
-    pid_alive "$pid" || break
-    sleep 0.2
-  done
-  if pid_alive "$pid"; then
+  if ! wait_gone "$pid" 150 0.2; then
     log "$what did not exit in 30s, killing it"
     kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-      pid_alive "$pid" || break
-      sleep 0.1
-    done
+    wait_gone "$pid" 50 0.1 || true
   fi
   rm -f "$pidfile"
 }
@@ -195,6 +202,30 @@ server_status() {
     status_line "$name" "127.0.0.1:$port" "$pid" unhealthy
     return 1
   fi
+}
+
+# The stop and status subcommands of a server script whose instance lives in DIR: pid file
+# DIR/NAME.pid (written by start_detached), DIR/MARK on its command line (see running_pid), and
+# `CHECK PORT` true while it serves. PORT_NAME is how the usage line names the port.
+# server_cmd_stop NAME MARK [ARGS...]
+server_cmd_stop() {
+  local name=$1 mark=$2
+  shift 2
+  [[ $# -eq 1 ]] || usage "$0 stop DIR"
+  local dir
+  dir=$(abs_path "$1")
+  stop_pid "$name in $dir" "$dir/$name.pid" "$dir/$mark"
+}
+
+# server_cmd_status NAME MARK PORT_NAME CHECK [ARGS...]
+server_cmd_status() {
+  local name=$1 mark=$2 port_name=$3 check=$4
+  shift 4
+  [[ $# -eq 2 ]] || usage "$0 status DIR $port_name"
+  local dir port=$2
+  require_port "$port"
+  dir=$(abs_path "$1")
+  server_status "$name" "$port" "$dir/$name.pid" "$dir/$mark" "$check" "$port"
 }
 
 # server_main USAGE [ARGS...]: the command line of a server script (install, or start, stop

@@ -141,7 +141,7 @@ cmd_start_private() {
   if private_running "$dir"; then
     log "private instance in $dir already running"
   else
-    port_open "$port" && die "127.0.0.1:$port is already in use by another process"
+    require_free_port "$port"
     log "starting private instance on 127.0.0.1:$port, dir $dir"
     # fsync=off: a test that kills this server still finds every committed row (the OS keeps the
     # written pages); only an OS crash could lose data, and this data is thrown away anyway.

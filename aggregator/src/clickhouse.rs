@@ -8,31 +8,13 @@ use std::collections::HashMap;
 
 use clickhouse::{Client, Row};
 use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, Window};
-use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
+use serde::Deserialize;
 
 use meterline_catalog::window_totals::{to_scaled, AGGREGATES_SQL};
+use meterline_common::clickhouse::{unix_millis, ProcessedRow};
 
 use crate::billing::{MeteredEvent, WindowAggregates};
 use crate::Error;
-
-#[derive(Debug, Row, Serialize)]
-struct ProcessedRow<'a> {
-    tenant_id: &'a str,
-    environment_id: &'a str,
-    customer_id: &'a str,
-    meter_id: &'a str,
-    event_id: &'a str,
-    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
-    timestamp: OffsetDateTime,
-    qty_billable: i128,
-    sign: i8,
-    version: u64,
-    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
-    ingested_at: OffsetDateTime,
-    expired: u8,
-    unique_key: &'a str,
-}
 
 #[derive(Debug, Row, Deserialize)]
 struct AggregateRow {
@@ -121,8 +103,8 @@ impl Warehouse {
             .bind(tenant.as_str())
             .bind(environment.as_str())
             .bind(meter.as_str())
-            .bind(millis(window.start()))
-            .bind(millis(window.end()))
+            .bind(unix_millis(window.start()))
+            .bind(unix_millis(window.end()))
             .bind(customer_ids)
             .fetch_all()
             .await
@@ -145,8 +127,4 @@ impl Warehouse {
             })
             .collect()
     }
-}
-
-fn millis(at: OffsetDateTime) -> i64 {
-    (at.unix_timestamp_nanos() / 1_000_000) as i64
 }

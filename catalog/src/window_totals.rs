@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::window_sizes::SizeHistory;
 use meterline_common::auth::TenantScope;
+use meterline_common::clickhouse::unix_millis;
 use meterline_common::Error;
 
 /// Decimal places of `qty_billable`.
@@ -200,8 +201,8 @@ pub async fn window_aggregates(
             .bind(scope.environment_id.as_str())
             .bind(customer.as_str())
             .bind(meter.as_str())
-            .bind(millis(from))
-            .bind(millis(to))
+            .bind(unix_millis(from))
+            .bind(unix_millis(to))
             .fetch_all()
             .await
             .map_err(|source| Error::Clickhouse {
@@ -227,10 +228,6 @@ pub async fn window_aggregates(
         }
     }
     Ok(out)
-}
-
-fn millis(at: OffsetDateTime) -> i64 {
-    (at.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[cfg(test)]

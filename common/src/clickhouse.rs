@@ -3,8 +3,11 @@
 //! Migrations are the numbered files in `common/migrations/clickhouse`, embedded in the
 //! binary. Each applied one is recorded in `schema_migrations` with a checksum of its text:
 //! a file edited after it ran is refused rather than silently diverging from the database.
+//! [`ProcessedRow`] is the row those migrations define for `events_processed`, so that the
+//! aggregator and the benchmark's baseline write the same columns.
 
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
 
 use crate::config::ClickhouseSettings;
 use crate::Error;
@@ -54,6 +57,31 @@ pub static MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/clickhouse/0003_events_ttl.sql"),
     },
 ];
+
+/// A row of `events_processed` as the migrations define it (`0001_events_processed.sql`,
+/// `0002_unique_key.sql`). Quantities are `Decimal(38, 9)`: the quantity scaled by 10^9.
+#[derive(Debug, ::clickhouse::Row, serde::Serialize)]
+pub struct ProcessedRow<'a> {
+    pub tenant_id: &'a str,
+    pub environment_id: &'a str,
+    pub customer_id: &'a str,
+    pub meter_id: &'a str,
+    pub event_id: &'a str,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    pub timestamp: OffsetDateTime,
+    pub qty_billable: i128,
+    pub sign: i8,
+    pub version: u64,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    pub ingested_at: OffsetDateTime,
+    pub expired: u8,
+    pub unique_key: &'a str,
+}
+
+/// `at` in Unix milliseconds, the parameter of `fromUnixTimestamp64Milli(?, 'UTC')`.
+pub fn unix_millis(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}
 
 /// A client bound to our database.
 pub fn client(settings: &ClickhouseSettings) -> ::clickhouse::Client {

@@ -1,18 +1,17 @@
 //! The aggregator benchmark's backlog: events of 3 past hours written to `usage.raw` before
 //! the aggregator starts, kept compact so that the baseline can insert the very rows the
-//! aggregator will write (`DirectRow`, field for field its `ProcessedRow`).
+//! aggregator will write (`meterline_common::clickhouse::ProcessedRow`, the type it writes them with).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clickhouse::Row;
+use meterline_common::clickhouse::ProcessedRow;
 use meterline_schemas::{
     CustomerId, EnvironmentId, EventId, EventName, OffsetDateTime, RawUsageEvent, TenantId,
     Timestamp, Topic,
 };
 use meterline_tests::Namespace;
-use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::{BATCH_EVENTS, COUNT_METER, EVENT_NAME, PRELOAD_CHUNK, ROWS_PER_EVENT, SUM_METER};
@@ -49,12 +48,12 @@ impl Backlog {
     }
 
     /// The rows the aggregator writes for these events, in event order.
-    pub(super) fn rows(&self) -> Vec<DirectRow<'_>> {
+    pub(super) fn rows(&self) -> Vec<ProcessedRow<'_>> {
         let mut rows = Vec::with_capacity(self.events.len() * ROWS_PER_EVENT);
         for e in &self.events {
             let customer = self.customers[e.customer as usize].as_str();
             for (meter, quantity) in [(COUNT_METER, 1), (SUM_METER, e.tokens)] {
-                rows.push(DirectRow {
+                rows.push(ProcessedRow {
                     tenant_id: TENANT,
                     environment_id: ENVIRONMENT,
                     customer_id: customer,
@@ -75,37 +74,17 @@ impl Backlog {
     }
 }
 
-/// A row of `events_processed`, field for field the aggregator's `ProcessedRow`
-/// (`aggregator/src/clickhouse.rs`, private there).
-#[derive(Debug, Row, Serialize)]
-pub(super) struct DirectRow<'a> {
-    tenant_id: &'a str,
-    environment_id: &'a str,
-    customer_id: &'a str,
-    meter_id: &'a str,
-    event_id: &'a str,
-    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
-    timestamp: OffsetDateTime,
-    qty_billable: i128,
-    sign: i8,
-    version: u64,
-    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
-    ingested_at: OffsetDateTime,
-    expired: u8,
-    unique_key: &'a str,
-}
-
 /// Inserts `rows` into the namespace's `events_processed`, one insert per aggregator batch,
 /// one after the other, as the aggregator does; returns the elapsed time.
 pub(super) async fn direct_insert(
     ns: &Namespace,
-    rows: &[DirectRow<'_>],
+    rows: &[ProcessedRow<'_>],
 ) -> anyhow::Result<Duration> {
     let client = ns.clickhouse();
     let started = Instant::now();
     for chunk in rows.chunks(BATCH_EVENTS * ROWS_PER_EVENT) {
         let mut insert = client
-            .insert::<DirectRow<'_>>("events_processed")
+            .insert::<ProcessedRow<'_>>("events_processed")
             .await
             .context("starting a baseline insert")?;
         for row in chunk {
