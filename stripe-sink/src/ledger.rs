@@ -5,7 +5,7 @@
 //!   wins), the exact part of it that accepted meter events account for
 //!   (`accounted_quantity`) and the whole numbers Stripe accepted (`synced_quantity`); only
 //!   the part not accounted for is sent, rounded against the customer and meter's carry
-//!   ([`carry`], [`crate::billing::round_with_carry`]).
+//!   (`ledger/carry.rs`, [`crate::billing::round_with_carry`]).
 //! - A meter event is written as a `sending` row BEFORE its request goes out, with its
 //!   deterministic identifier and value; an outstanding `sending` row is always resolved
 //!   (resent unchanged) before anything new is computed. A crash between Stripe's answer and
