@@ -359,11 +359,18 @@ impl Ledger {
     }
 
     /// The latest total of a claimed window (a newer revision may have arrived since the
-    /// claim) and the exact part of it that accepted meter events account for.
-    pub async fn current(&self, batch_id: i64) -> Result<(Decimal, Decimal), Error> {
+    /// claim), the exact part of it that accepted meter events account for, and the rounding
+    /// carry of its customer and meter (0 before their first send): one read for what
+    /// [`crate::billing::round_with_carry`] needs.
+    pub async fn current(&self, batch_id: i64) -> Result<Current, Error> {
         sqlx::query_as(
-            "SELECT aggregated_quantity, accounted_quantity FROM stripe_sync_batches
-             WHERE id = $1",
+            "SELECT b.aggregated_quantity AS total, b.accounted_quantity AS accounted,
+                    COALESCE(c.carry, 0) AS carry
+             FROM stripe_sync_batches b
+             LEFT JOIN stripe_sync_carry c
+               ON c.tenant_id = b.tenant_id AND c.environment_id = b.environment_id
+              AND c.entity_id = b.entity_id AND c.meter_id = b.meter_id
+             WHERE b.id = $1",
         )
         .bind(batch_id)
         .fetch_one(&self.pool)
@@ -757,6 +764,17 @@ impl Ledger {
         .await
         .map_err(db("summing the ledger"))
     }
+}
+
+/// What [`Ledger::current`] reads of a claimed window.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Current {
+    /// The latest window total.
+    pub total: Decimal,
+    /// The exact part of it accepted meter events account for.
+    pub accounted: Decimal,
+    /// The rounding carry of the window's customer and meter.
+    pub carry: Decimal,
 }
 
 /// One line of [`Ledger::synced_totals`].

@@ -11,7 +11,7 @@
 use meterline_schemas::Decimal;
 use sqlx::PgConnection;
 
-use super::{db, Batch, Ledger};
+use super::{db, Ledger};
 use crate::Error;
 
 /// Adds `amount` to the carry of the customer and meter of window `batch_id`.
@@ -39,22 +39,6 @@ pub(super) async fn add(
 }
 
 impl Ledger {
-    /// The rounding carry of the window's customer and meter (0 before its first send).
-    pub async fn carry(&self, batch: &Batch) -> Result<Decimal, Error> {
-        let carry: Option<Decimal> = sqlx::query_scalar(
-            "SELECT carry FROM stripe_sync_carry
-             WHERE tenant_id = $1 AND environment_id = $2 AND entity_id = $3 AND meter_id = $4",
-        )
-        .bind(batch.tenant_id.as_str())
-        .bind(batch.environment_id.as_str())
-        .bind(batch.customer_id.as_str())
-        .bind(batch.meter_id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading the rounding carry"))?;
-        Ok(carry.unwrap_or_default())
-    }
-
     /// A change of the window total that rounds to no meter event: it is accounted for and
     /// carried, so the next change of this customer and meter sends it.
     pub async fn carried(&self, batch_id: i64, change: Decimal) -> Result<(), Error> {

@@ -117,13 +117,12 @@ async fn try_settle(
             }
             Some(send) => send,
             None => {
-                let (total, accounted) = ctx.ledger.current(batch.id).await?;
-                let change = total - accounted;
+                let current = ctx.ledger.current(batch.id).await?;
+                let change = current.total - current.accounted;
                 if change.is_zero() {
                     return Ok(Finish::Settled);
                 }
-                let carry = ctx.ledger.carry(batch).await?;
-                let value = match billing::round_with_carry(carry, change) {
+                let value = match billing::round_with_carry(current.carry, change) {
                     Ok(rounded) => rounded.value,
                     Err(e) => return Ok(Finish::Failed(e.to_string())),
                 };
