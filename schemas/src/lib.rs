@@ -21,6 +21,7 @@
 //!   15 digits, identifier length), the one home every service reads them from.
 //! - [`json_schema`]: the schema documents generated from these types.
 
+pub mod billing_period;
 pub mod dlq;
 pub mod error;
 pub mod ids;
@@ -37,6 +38,7 @@ pub mod window;
 
 mod codec;
 
+pub use billing_period::{BillingPeriod, StripeFormula};
 pub use codec::{DECIMAL_PATTERN, SCHEMA_VERSION};
 pub use dlq::{DlqErrorKind, DlqHeaders};
 pub use error::SchemaError;

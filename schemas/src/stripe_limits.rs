@@ -8,7 +8,7 @@
 
 use time::OffsetDateTime;
 
-use crate::Window;
+use crate::{BillingPeriod, Window};
 
 /// Stripe takes meter events whose timestamp lies within the past 35 calendar days.
 pub const MAX_EVENT_AGE_DAYS: u32 = 35;
@@ -33,9 +33,12 @@ pub enum TimestampRefusal {
 }
 
 /// The timestamp (Unix seconds) of a window's meter events: its last second, inside
-/// `[start, end)`, so Stripe files the usage in the window's own billing period.
+/// `[start, end)`, so Stripe files the usage in the window's own billing period; for a window
+/// that crosses a calendar month's end, the month's last second
+/// ([`billing_period`](crate::billing_period): the window counts in the month it starts in).
 pub fn event_timestamp(window: &Window) -> i64 {
-    window.end().unix_timestamp() - 1
+    let period = BillingPeriod::of_window(window);
+    window.end().min(period.end()).unix_timestamp() - 1
 }
 
 /// Whether Stripe would take a meter event stamped `at` (Unix seconds, as sent) at `now`.
