@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 
 use clickhouse::{Client, Row};
-use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, Window};
+use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId};
 use serde::Deserialize;
+use time::OffsetDateTime;
 
 use meterline_catalog::window_totals::{to_scaled, AGGREGATES_SQL};
 use meterline_common::clickhouse::{unix_millis, ProcessedRow};
@@ -79,13 +80,14 @@ impl Warehouse {
         insert.end().await.map_err(ch)
     }
 
-    /// The aggregates of `meter` over `window` for each of `customers` that has events there.
+    /// The aggregates of `meter` over `[from, to)` (a window, or a billing period to a
+    /// window's end) for each of `customers` that has events there.
     pub async fn window_aggregates(
         &self,
         tenant: &TenantId,
         environment: &EnvironmentId,
         meter: &MeterId,
-        window: &Window,
+        (from, to): (OffsetDateTime, OffsetDateTime),
         customers: &[CustomerId],
     ) -> Result<HashMap<CustomerId, WindowAggregates>, Error> {
         let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
@@ -103,8 +105,8 @@ impl Warehouse {
             .bind(tenant.as_str())
             .bind(environment.as_str())
             .bind(meter.as_str())
-            .bind(unix_millis(window.start()))
-            .bind(unix_millis(window.end()))
+            .bind(unix_millis(from))
+            .bind(unix_millis(to))
             .bind(customer_ids)
             .fetch_all()
             .await

@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use meterline_schemas::billing_period::later_windows_affected_until;
 use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
@@ -360,6 +361,41 @@ impl WindowRegistry {
         }
         tx.commit().await.map_err(db("committing a marking"))?;
         Ok(late)
+    }
+
+    /// Marks dirty every window after each of `keys` (same customer and meter)
+    /// whose value includes its events: those of a meter that bills the period to date, up to
+    /// [`later_windows_affected_until`]. A late event in the first hour of a month changes the
+    /// month-to-date maximum of every later hour, and the period's last window is the one
+    /// Stripe's `last` formula bills. Unpublished windows are marked too: one being published
+    /// now may have been computed before these events, and is marked again once its
+    /// publication commits.
+    pub async fn mark_later_in_period(&self, keys: &[WindowKey]) -> Result<(), Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let c = KeyColumns::of(keys.iter());
+        let until: Vec<OffsetDateTime> = keys
+            .iter()
+            .map(|k| later_windows_affected_until(&k.window))
+            .collect();
+        bind_keys!(
+            sqlx::query(&format!(
+                "UPDATE aggregation_windows w SET {MARK}
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                             $6::timestamptz[])
+                      AS k(tenant_id, environment_id, customer_id, meter_id, window_start, until)
+                 WHERE w.tenant_id = k.tenant_id AND w.environment_id = k.environment_id
+                   AND w.customer_id = k.customer_id AND w.meter_id = k.meter_id
+                   AND w.window_start > k.window_start AND w.window_start < k.until"
+            )),
+            c
+        )
+        .bind(&until)
+        .execute(&self.pool)
+        .await
+        .map_err(db("marking later windows of the period"))?;
+        Ok(())
     }
 
     /// Claims up to `limit` dirty windows that are due at `now`, skipping windows another

@@ -35,6 +35,9 @@ pub(super) struct MeteredBatch {
     /// Every window the rows touch, sorted and without duplicates (rows are locked in this
     /// order when marked).
     pub(super) windows: Vec<WindowKey>,
+    /// The windows of `windows` whose meter bills the period to date (MAX, LATEST,
+    /// COUNT_UNIQUE): the published windows after them in their period are marked too.
+    pub(super) period_windows: Vec<WindowKey>,
     pub(super) dead: Vec<DeadLetter>,
     pub(super) unmetered: u64,
     /// Committed once the batch is done.
@@ -203,6 +206,13 @@ async fn record_batch(shared: &Shared, batch: &MeteredBatch, shutdown: &Cancella
     }) else {
         return false;
     };
+    if retry!("mark_later_windows", shutdown, {
+        shared.registry.mark_later_in_period(&batch.period_windows)
+    })
+    .is_none()
+    {
+        return false;
+    }
     let late_events = if late.is_empty() {
         0
     } else {

@@ -52,9 +52,20 @@ pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) 
         dead.extend(part.dead);
         unmetered += part.unmetered;
     }
+    // Their later windows of the period carry these windows' events too.
+    let period_windows = windows
+        .iter()
+        .filter(|k| {
+            cache
+                .meter(&k.tenant_id, &k.environment_id, &k.meter_id)
+                .is_some_and(|m| m.aggregation.bills_period_to_date())
+        })
+        .cloned()
+        .collect();
     MeteredBatch {
         runs,
         windows,
+        period_windows,
         dead,
         unmetered,
         offsets: NextOffsets::of(messages),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::shutdown::pause;
+use meterline_schemas::billing_period::period_to_date;
 use meterline_schemas::stripe_limits;
 use meterline_schemas::{
     CustomerId, EnvironmentId, JobId, MeterId, TenantId, Timestamp, Window, WindowReason,
@@ -95,9 +96,15 @@ pub(super) async fn publish_claim(
     }
     let mut aggregates: HashMap<WindowKey, WindowAggregates> = HashMap::new();
     for ((tenant, environment, meter, window), customers) in groups {
+        // A maximum, latest value or distinct count does not add up over windows: its
+        // windows carry the billing period to date, for Stripe's `last` formula.
+        let range = match cache.meter(&tenant, &environment, &meter) {
+            Some(m) if m.aggregation.bills_period_to_date() => period_to_date(&window),
+            _ => (window.start(), window.end()),
+        };
         let found = shared
             .warehouse
-            .window_aggregates(&tenant, &environment, &meter, &window, &customers)
+            .window_aggregates(&tenant, &environment, &meter, range, &customers)
             .await?;
         for (customer, a) in found {
             aggregates.insert(

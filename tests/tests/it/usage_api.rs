@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use meterline_schemas::Decimal;
+use meterline_schemas::{BillingPeriod, Decimal};
 use meterline_tests::api::{post_json, send, token, Answer};
 use meterline_tests::usage::{
     create_meter, event, hour_start, produce_events, spawn_aggregator, Expected, WindowWatcher,
@@ -107,7 +107,7 @@ async fn usage_totals_equal_what_the_sync_is_sent() {
 
     let key =
         |c: &str, m: &str, w: OffsetDateTime| (c.to_owned(), m.to_owned(), w.unix_timestamp());
-    let expected: Expected = BTreeMap::from([
+    let mut expected: Expected = BTreeMap::from([
         (key("cust_a", "calls", w0), (dec("3"), 3)),
         (key("cust_a", "bytes", w0), (dec("60.5"), 3)),
         (key("cust_a", "peak", w0), (dec("50"), 3)),
@@ -122,6 +122,15 @@ async fn usage_totals_equal_what_the_sync_is_sent() {
         (key("cust_b", "users", w0), (dec("1"), 1)),
         (key("cust_b", "seats", w0), (dec("3"), 2)),
     ]);
+    // The sync sends a maximum or a distinct count as the billing period to date (for
+    // Stripe's `last` formula): W1's include W0's events when both are in one calendar month.
+    // The usage API shows each window's own, as above.
+    let own = expected.clone();
+    let one_period = BillingPeriod::containing(w0) == BillingPeriod::containing(w1);
+    if one_period {
+        expected.insert(key("cust_a", "peak", w1), (dec("50"), 4));
+        expected.insert(key("cust_a", "users", w1), (dec("2"), 4));
+    }
     let mut windows = WindowWatcher::new(&ns);
     windows.wait_for(&expected, Duration::from_secs(90)).await;
     // Anything still on its way would show up here and make the comparison below unfair.
@@ -159,8 +168,8 @@ async fn usage_totals_equal_what_the_sync_is_sent() {
         }
     }
     assert_eq!(
-        answered, published,
-        "the usage API and usage.windows agree on every window"
+        answered, own,
+        "the usage API answers every window's own aggregate"
     );
 
     // One two-hour window over both: the aggregates of all the events, not a sum of totals.
