@@ -98,6 +98,8 @@ pub enum Purpose {
     Reconcile,
     /// Listing the account's customers for an import.
     CustomerImport,
+    /// Reading the Stripe meter of a new meter mapping (its formula).
+    MeterMapping,
 }
 
 impl Purpose {
@@ -107,6 +109,7 @@ impl Purpose {
             Self::ConfigTest => "config_test",
             Self::Reconcile => "reconcile",
             Self::CustomerImport => "customer_import",
+            Self::MeterMapping => "meter_mapping",
         }
     }
 }

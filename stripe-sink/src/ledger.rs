@@ -108,6 +108,42 @@ pub struct Send {
     pub provider_customer_id: String,
     pub stripe_timestamp: i64,
     pub created_at: OffsetDateTime,
+    /// How the event counts once accepted.
+    #[sqlx(rename = "formula", try_from = "String")]
+    pub counts: Counts,
+}
+
+/// How an accepted meter event counts in its window, by the formula of its Stripe meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counts {
+    /// `sum`: the event is a change, added to the window's synced sum; `accounted` is the
+    /// exact change, the rest goes to the carry.
+    Change,
+    /// `last`: the event is the window's period-to-date value and replaces what was synced;
+    /// `accounted` is the exact value. No carry: Stripe bills one value, not a sum.
+    Value,
+}
+
+impl Counts {
+    /// The `stripe_sync_sends.formula` of it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Change => "sum",
+            Self::Value => "last",
+        }
+    }
+}
+
+impl TryFrom<String> for Counts {
+    type Error = String;
+
+    fn try_from(formula: String) -> Result<Self, String> {
+        match formula.as_str() {
+            "sum" => Ok(Self::Change),
+            "last" => Ok(Self::Value),
+            other => Err(format!("send formula {other:?}")),
+        }
+    }
 }
 
 impl Send {
@@ -365,7 +401,8 @@ impl Ledger {
     pub async fn current(&self, batch_id: i64) -> Result<Current, Error> {
         sqlx::query_as(
             "SELECT b.aggregated_quantity AS total, b.accounted_quantity AS accounted,
-                    COALESCE(c.carry, 0) AS carry
+                    COALESCE(c.carry, 0) AS carry, b.synced_quantity AS synced,
+                    b.stripe_event_id IS NOT NULL AS sent
              FROM stripe_sync_batches b
              LEFT JOIN stripe_sync_carry c
                ON c.tenant_id = b.tenant_id AND c.environment_id = b.environment_id
@@ -382,7 +419,7 @@ impl Ledger {
     pub async fn outstanding(&self, batch_id: i64) -> Result<Option<Send>, Error> {
         sqlx::query_as(
             "SELECT seq, identifier, key_generation, value, accounted, event_name,
-                    provider_customer_id, stripe_timestamp, created_at
+                    provider_customer_id, stripe_timestamp, created_at, formula
              FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
              ORDER BY seq LIMIT 1",
         )
@@ -407,8 +444,8 @@ impl Ledger {
     pub async fn begin_send(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO stripe_sync_sends (batch_id, seq, identifier, value, event_name,
-                 provider_customer_id, stripe_timestamp, status, accounted)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8)",
+                 provider_customer_id, stripe_timestamp, status, accounted, formula)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, $9)",
         )
         .bind(batch_id)
         .bind(send.seq)
@@ -418,6 +455,7 @@ impl Ledger {
         .bind(&send.provider_customer_id)
         .bind(send.stripe_timestamp)
         .bind(send.accounted)
+        .bind(send.counts.as_str())
         .execute(&self.pool)
         .await
         .map_err(db("writing a send"))?;
@@ -457,7 +495,21 @@ impl Ledger {
         .await
         .map_err(db("accepting a send"))?;
         // Only a send that was still outstanding moves the sums: never twice.
-        if updated.rows_affected() == 1 {
+        if updated.rows_affected() == 1 && send.counts == Counts::Value {
+            sqlx::query(
+                "UPDATE stripe_sync_batches
+                 SET synced_quantity = $2, accounted_quantity = $4, stripe_event_id = $3,
+                     synced_at = now(), updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(batch_id)
+            .bind(send.value)
+            .bind(&send.identifier)
+            .bind(send.accounted)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("replacing the synced value"))?;
+        } else if updated.rows_affected() == 1 {
             sqlx::query(
                 "UPDATE stripe_sync_batches
                  SET synced_quantity = synced_quantity + $2,
@@ -475,6 +527,21 @@ impl Ledger {
             carry::add(&mut tx, batch_id, send.accounted - send.value).await?;
         }
         tx.commit().await.map_err(db("committing an acceptance"))
+    }
+
+    /// A new value of a `last` window that rounds to the value Stripe already holds for it:
+    /// accounted for without a meter event.
+    pub async fn unchanged_value(&self, batch_id: i64, total: Decimal) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE stripe_sync_batches SET accounted_quantity = $2, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(batch_id)
+        .bind(total)
+        .execute(&self.pool)
+        .await
+        .map_err(db("accounting for an unchanged value"))?;
+        Ok(())
     }
 
     /// Stripe refused the event for good: it did not count.
@@ -737,7 +804,8 @@ impl Ledger {
 
     /// Per (customer, meter) of `scope` over `[from, to)`, for the reconciliation report: the
     /// whole numbers Stripe accepted, the exact quantity they account for, and the exact
-    /// total of the latest window totals.
+    /// total of the latest window totals; for a meter mapped to a `last` Stripe meter, those
+    /// of the range's latest window.
     pub async fn synced_totals(
         &self,
         scope: &TenantScope,
@@ -746,14 +814,32 @@ impl Ledger {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<LedgerTotals>, Error> {
+        // A `last` meter's windows carry the period to date and Stripe bills the last one:
+        // its line is the range's latest window, not a sum.
         scoped(
-            "SELECT entity_id, meter_id, sum(synced_quantity) AS synced,
+            "WITH b AS (
+                 SELECT b.entity_id, b.meter_id, b.window_start, b.synced_quantity,
+                        b.accounted_quantity, b.aggregated_quantity,
+                        COALESCE(m.formula = 'last', false) AS last
+                 FROM stripe_sync_batches b
+                 LEFT JOIN stripe_meter_mappings m
+                   ON m.tenant_id = b.tenant_id AND m.environment_id = b.environment_id
+                  AND m.meter_id = b.meter_id
+                 WHERE b.tenant_id = $1 AND b.environment_id = $2
+                   AND ($3::text IS NULL OR b.entity_id = $3)
+                   AND ($4::text IS NULL OR b.meter_id = $4)
+                   AND b.window_start >= $5 AND b.window_end <= $6),
+             latest AS (
+                 SELECT DISTINCT ON (entity_id, meter_id) * FROM b WHERE last
+                 ORDER BY entity_id, meter_id, window_start DESC)
+             SELECT entity_id, meter_id, sum(synced_quantity) AS synced,
                     sum(accounted_quantity) AS accounted, sum(aggregated_quantity) AS exact
-             FROM stripe_sync_batches
-             WHERE tenant_id = $1 AND environment_id = $2
-               AND ($3::text IS NULL OR entity_id = $3) AND ($4::text IS NULL OR meter_id = $4)
-               AND window_start >= $5 AND window_end <= $6
-             GROUP BY entity_id, meter_id ORDER BY entity_id, meter_id",
+             FROM b WHERE NOT last GROUP BY entity_id, meter_id
+             UNION ALL
+             SELECT entity_id, meter_id, synced_quantity, accounted_quantity,
+                    aggregated_quantity
+             FROM latest
+             ORDER BY entity_id, meter_id",
             scope,
         )
         .bind(customer.map(CustomerId::as_str))
@@ -775,6 +861,10 @@ pub struct Current {
     pub accounted: Decimal,
     /// The rounding carry of the window's customer and meter.
     pub carry: Decimal,
+    /// The whole numbers Stripe accepted for it (for a `last` meter: its last value).
+    pub synced: Decimal,
+    /// Whether Stripe accepted any meter event of it.
+    pub sent: bool,
 }
 
 /// One line of [`Ledger::synced_totals`].

@@ -78,6 +78,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let dead_letters = DeadLetters::new(&config.kafka, SERVICE)?;
     let sync = Arc::new(SyncContext {
         ledger,
+        meters: meterline_catalog::meters::MeterStore::new(pool.clone()),
         configs,
         mappings: mappings.clone(),
         stripe,

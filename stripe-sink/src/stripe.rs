@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use meterline_accounts::stripe_config::StripeApiKey;
+use meterline_schemas::StripeFormula;
 use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
@@ -107,6 +108,21 @@ struct MeterList {
 struct Meter {
     id: String,
     event_name: String,
+    default_aggregation: Option<DefaultAggregation>,
+}
+
+#[derive(Deserialize)]
+struct DefaultAggregation {
+    formula: String,
+}
+
+/// A Stripe meter as the sink needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeMeter {
+    /// `mtr_...`.
+    pub id: String,
+    /// Its `default_aggregation.formula`; `None` for a formula this sink does not know.
+    pub formula: Option<StripeFormula>,
 }
 
 /// One page of `GET /v1/customers`.
@@ -210,12 +226,12 @@ impl StripeClient {
         self.get(key, "/v1/balance", &[]).await.map(|_| ())
     }
 
-    /// The id (`mtr_...`) of the meter whose event_name is `event_name`, if any.
+    /// The meter whose event_name is `event_name`, if any: its id and formula.
     pub async fn find_meter(
         &self,
         key: &StripeApiKey,
         event_name: &str,
-    ) -> Result<Option<String>, StripeError> {
+    ) -> Result<Option<StripeMeter>, StripeError> {
         let mut starting_after: Option<String> = None;
         loop {
             let mut query = vec![("limit", "100".to_owned())];
@@ -225,7 +241,13 @@ impl StripeClient {
             let body = self.get(key, "/v1/billing/meters", &query).await?;
             let list: MeterList = parse(&body)?;
             if let Some(m) = list.data.iter().find(|m| m.event_name == event_name) {
-                return Ok(Some(m.id.clone()));
+                return Ok(Some(StripeMeter {
+                    id: m.id.clone(),
+                    formula: m
+                        .default_aggregation
+                        .as_ref()
+                        .and_then(|a| StripeFormula::parse(&a.formula)),
+                }));
             }
             match (list.has_more, list.data.last()) {
                 (true, Some(last)) => starting_after = Some(last.id.clone()),

@@ -96,13 +96,18 @@ impl Standin {
 
     /// A `sum` meter for `event_name`; its `mtr_...` id.
     pub async fn sum_meter(&self, event_name: &str) -> String {
+        self.meter(event_name, "sum").await
+    }
+
+    /// A meter for `event_name` with `formula` (`sum`, `count`, `last`); its `mtr_...` id.
+    pub async fn meter(&self, event_name: &str, formula: &str) -> String {
         let body = self
             .post(
                 "/v1/billing/meters",
                 &[
                     ("display_name", event_name),
                     ("event_name", event_name),
-                    ("default_aggregation[formula]", "sum"),
+                    ("default_aggregation[formula]", formula),
                 ],
             )
             .await;

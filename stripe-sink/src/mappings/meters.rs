@@ -8,7 +8,9 @@
 
 use meterline_accounts::audit::{Actor, Change};
 use meterline_common::auth::TenantScope;
-use meterline_schemas::{EnvironmentId, EventName, MeterId, SchemaError, TenantId};
+use meterline_schemas::{
+    Aggregation, EnvironmentId, EventName, MeterId, SchemaError, StripeFormula, TenantId,
+};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -24,6 +26,8 @@ pub struct MeterMappingInput {
     /// The Stripe meter's event_name.
     pub provider_meter_id: EventName,
     pub sync_enabled: bool,
+    /// The Stripe meter's formula when it was read from Stripe (see [`needed_formula`]).
+    pub formula: Option<StripeFormula>,
 }
 
 /// A stored meter mapping.
@@ -67,22 +71,61 @@ impl TryFrom<MeterRow> for MeterMapping {
     }
 }
 
+/// Where the sync sends a meter's windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderMeter {
+    /// The Stripe meter's event_name.
+    pub event_name: String,
+    pub sync_enabled: bool,
+    /// The Stripe meter's formula, once read (at the mapping's creation or before a send).
+    pub formula: Option<StripeFormula>,
+}
+
 impl MappingStore {
-    /// The Stripe meter event_name `meter_id` is sent to, and whether its sync is enabled.
+    /// Where `meter_id` is sent: the Stripe event_name, whether its sync is enabled, and the
+    /// Stripe meter's formula if it was read.
     pub async fn provider_meter(
         &self,
         tenant: &TenantId,
         env: &EnvironmentId,
         meter_id: &MeterId,
-    ) -> Result<Option<(String, bool)>, MappingError> {
-        Ok(keyed(
-            "SELECT provider_meter_id, sync_enabled FROM stripe_meter_mappings
+    ) -> Result<Option<ProviderMeter>, MappingError> {
+        let row: Option<(String, bool, Option<String>)> = keyed(
+            "SELECT provider_meter_id, sync_enabled, formula FROM stripe_meter_mappings
              WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3",
             (tenant.as_str(), env.as_str()),
             meter_id.as_str(),
         )
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(
+            row.map(|(event_name, sync_enabled, formula)| ProviderMeter {
+                event_name,
+                sync_enabled,
+                formula: formula.as_deref().and_then(StripeFormula::parse),
+            }),
+        )
+    }
+
+    /// Records the formula of the Stripe meter `meter_id` is mapped to, read from Stripe.
+    pub async fn record_formula(
+        &self,
+        tenant: &TenantId,
+        env: &EnvironmentId,
+        meter_id: &MeterId,
+        formula: StripeFormula,
+    ) -> Result<(), MappingError> {
+        sqlx::query(
+            "UPDATE stripe_meter_mappings SET formula = $4
+             WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(env.as_str())
+        .bind(meter_id.as_str())
+        .bind(formula.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }
 
@@ -101,8 +144,8 @@ impl MeterMappings<'_> {
         let row: Option<MeterRow> = sqlx::query_as(&format!(
             "INSERT INTO stripe_meter_mappings
                  (tenant_id, environment_id, meter_id, provider_type, provider_meter_id,
-                  sync_enabled)
-             VALUES ($1, $2, $3, 'stripe', $4, $5)
+                  sync_enabled, formula)
+             VALUES ($1, $2, $3, 'stripe', $4, $5, $6)
              ON CONFLICT DO NOTHING
              RETURNING {METER_COLUMNS}"
         ))
@@ -111,6 +154,7 @@ impl MeterMappings<'_> {
         .bind(input.meter_id.as_str())
         .bind(input.provider_meter_id.as_str())
         .bind(input.sync_enabled)
+        .bind(input.formula.map(StripeFormula::as_str))
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = row {
@@ -207,9 +251,50 @@ impl MeterMappings<'_> {
     }
 }
 
+/// Whether a Stripe meter of `formula` bills `aggregation` correctly: `Err` with the formula
+/// it needs. `sum` for COUNT and SUM (each window's change is added up), `last` for MAX,
+/// LATEST and COUNT_UNIQUE (the period-to-date value of the period's last window is billed);
+/// never `count`, which would bill the number of windows.
+pub fn needed_formula(
+    aggregation: &Aggregation,
+    formula: StripeFormula,
+) -> Result<(), StripeFormula> {
+    let needed = aggregation.stripe_formula();
+    if needed == formula {
+        Ok(())
+    } else {
+        Err(needed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_aggregation_needs_its_stripe_formula() {
+        let p = meterline_schemas::PropertyName::parse("seats").unwrap();
+        assert_eq!(
+            needed_formula(&Aggregation::Count, StripeFormula::Sum),
+            Ok(())
+        );
+        assert_eq!(
+            needed_formula(&Aggregation::Count, StripeFormula::Count),
+            Err(StripeFormula::Sum)
+        );
+        assert_eq!(
+            needed_formula(&Aggregation::Sum(p.clone()), StripeFormula::Last),
+            Err(StripeFormula::Sum)
+        );
+        assert_eq!(
+            needed_formula(&Aggregation::Latest(p.clone()), StripeFormula::Last),
+            Ok(())
+        );
+        assert_eq!(
+            needed_formula(&Aggregation::Max(p), StripeFormula::Sum),
+            Err(StripeFormula::Last)
+        );
+    }
 
     #[test]
     fn corrupt_rows_are_refused() {

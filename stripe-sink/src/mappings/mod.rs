@@ -43,7 +43,7 @@ pub use customers::{
     StripeCustomerId,
 };
 pub use error_reports::{ErrorReport, ErrorReportEntry, StoredErrorReport};
-pub use meters::{MeterMapping, MeterMappingInput};
+pub use meters::{needed_formula, MeterMapping, MeterMappingInput, ProviderMeter};
 pub use unmapped::{UnmappedCustomer, UnmappedQuery};
 pub(crate) use webhook_order::import_snapshot;
 pub use webhook_order::{

@@ -75,6 +75,7 @@ internal_errors!(
     crate::Error,
     ConfigStoreError,
     WindowSizeError,
+    meterline_catalog::meters::MeterStoreError,
     meterline_common::Error,
 );
 

@@ -9,24 +9,30 @@
 //! Error codes: 400 `invalid_value` (a field broke its rule), `unsupported_provider`,
 //! `unknown_parameter`, `invalid_parameter` (query), plus the body codes of [`JsonBody`];
 //! 404 `not_found`; 409 `meter_already_mapped`, `provider_meter_already_mapped`,
-//! `customer_already_mapped`, `provider_customer_already_mapped`, `provider_customer_deleted`.
+//! `customer_already_mapped`, `provider_customer_already_mapped`, `provider_customer_deleted`;
+//! 422 `stripe_meter_formula_mismatch` (the Stripe meter's formula cannot bill the meter's
+//! aggregation).
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use meterline_accounts::audit::{Actor, Purpose};
+use meterline_catalog::meters::MeterStore;
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
-use meterline_schemas::{CustomerId, EventName, MeterId, SchemaError};
+use meterline_schemas::{CustomerId, EventName, MeterId, SchemaError, StripeFormula};
 use serde::{Deserialize, Serialize};
 
 use super::error::RouteError;
 use super::AppState;
 use crate::mappings::{
-    CustomerMapping, CustomerMappingQuery, MappingStatus, MeterMapping, MeterMappingInput, Page,
-    StripeCustomerId, UnmappedCustomer, UnmappedQuery, DEFAULT_PAGE, MAX_PAGE, PROVIDER_STRIPE,
+    needed_formula, CustomerMapping, CustomerMappingQuery, MappingStatus, MeterMapping,
+    MeterMappingInput, Page, StripeCustomerId, UnmappedCustomer, UnmappedQuery, DEFAULT_PAGE,
+    MAX_PAGE, PROVIDER_STRIPE,
 };
 use crate::metrics;
+use crate::stripe::StripeMeter;
 
 /// `{"data": [...]}`.
 #[derive(Debug, Serialize)]
@@ -69,6 +75,7 @@ impl TryFrom<MeterMappingBody> for MeterMappingInput {
             meter_id: MeterId::parse(&body.meter_id).map_err(invalid)?,
             provider_meter_id,
             sync_enabled: body.sync_enabled.unwrap_or(true),
+            formula: None,
         })
     }
 }
@@ -221,7 +228,8 @@ pub async fn create_meter_mapping(
     scope: TenantScope,
     JsonBody(body): JsonBody<MeterMappingBody>,
 ) -> Result<(StatusCode, Json<MeterMapping>), RouteError> {
-    let input = MeterMappingInput::try_from(body)?;
+    let mut input = MeterMappingInput::try_from(body)?;
+    input.formula = stripe_meter_formula(&state, &scope, &input).await?;
     let stored = state.mappings.meters().create(&scope, &input).await?;
     tracing::info!(
         tenant_id = %scope.tenant_id,
@@ -230,6 +238,69 @@ pub async fn create_meter_mapping(
         "meter mapping created"
     );
     Ok((StatusCode::CREATED, Json(stored)))
+}
+
+/// The formula of the Stripe meter `input` names, read with the tenant's key; 422 when it
+/// cannot bill the meter's aggregation ([`needed_formula`]). `None` when it cannot be read now
+/// (no Stripe config yet, no such Stripe meter yet, Stripe unreachable): the sync reads it
+/// before the first send of a meter that needs `last`, and sends nothing until it matches.
+async fn stripe_meter_formula(
+    state: &AppState,
+    scope: &TenantScope,
+    input: &MeterMappingInput,
+) -> Result<Option<StripeFormula>, RouteError> {
+    let Some(key) = state
+        .configs
+        .api_key(
+            &scope.tenant_id,
+            &scope.environment_id,
+            &Actor::api(scope),
+            Purpose::MeterMapping,
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let stripe_meter = match state
+        .stripe
+        .find_meter(&key, input.provider_meter_id.as_str())
+        .await
+    {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "the stripe meter of a new mapping could not be read");
+            return Ok(None);
+        }
+    };
+    let Some(StripeMeter {
+        id,
+        formula: Some(formula),
+    }) = stripe_meter
+    else {
+        return Ok(None);
+    };
+    let meter = MeterStore::new(state.pool.clone())
+        .get(scope, &input.meter_id)
+        .await?;
+    if let Some(meter) = meter {
+        let aggregation = &meter.definition.aggregation;
+        if let Err(needed) = needed_formula(aggregation, formula) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "stripe_meter_formula_mismatch",
+                format!(
+                    "meter {} aggregates {}: it needs a Stripe meter whose \
+                     default_aggregation.formula is {needed}, but Stripe meter {id} \
+                     (event_name {}) has {formula}",
+                    input.meter_id,
+                    aggregation.kind(),
+                    input.provider_meter_id
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(Some(formula))
 }
 
 /// 200 `{"data": [...]}`, by meter id.

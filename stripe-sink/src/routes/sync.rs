@@ -329,15 +329,21 @@ pub async fn reconcile(
                 .provider_customer(&scope.tenant_id, &scope.environment_id, &c)
                 .await
                 .ok()??;
-            let (event_name, _) = state
+            let event_name = state
                 .mappings
                 .provider_meter(&scope.tenant_id, &scope.environment_id, &m)
                 .await
-                .ok()??;
+                .ok()??
+                .event_name;
             let stripe_meter = match meter_ids.get(&event_name) {
                 Some(id) => id.clone(),
                 None => {
-                    let id = state.stripe.find_meter(&key, &event_name).await.ok()?;
+                    let id = state
+                        .stripe
+                        .find_meter(&key, &event_name)
+                        .await
+                        .ok()?
+                        .map(|m| m.id);
                     meter_ids.insert(event_name.clone(), id.clone());
                     id
                 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_accounts::stripe_config::StripeConfigStore;
+use meterline_catalog::meters::MeterStore;
 use meterline_common::kafka::DeadLetters;
 use sha2::{Digest, Sha256};
 
@@ -41,6 +42,8 @@ pub(super) const UNKNOWABLE_AFTER: time::Duration = time::Duration::hours(23);
 /// Everything the sync needs.
 pub struct SyncContext {
     pub ledger: Ledger,
+    /// The meters' definitions: which Stripe formula each needs.
+    pub meters: MeterStore,
     pub configs: StripeConfigStore,
     pub mappings: MappingStore,
     pub stripe: StripeClient,

@@ -11,16 +11,19 @@
 use std::time::{Duration, Instant};
 
 use meterline_accounts::audit::{Actor, Purpose};
+use meterline_accounts::stripe_config::StripeApiKey;
+use meterline_common::auth::TenantScope;
+use meterline_schemas::{Decimal, StripeFormula};
 use rust_decimal::prelude::ToPrimitive;
 use time::OffsetDateTime;
 
 use super::{account_of, SyncContext, UNKNOWABLE_AFTER};
 use crate::billing::{self, Unsendable};
-use crate::ledger::{Batch, Finish, Send};
+use crate::ledger::{Batch, Counts, Finish, Send};
+use crate::mappings::{needed_formula, ProviderMeter};
 use crate::metrics;
 use crate::pacing::default_rate;
-use crate::stripe::ErrorClass;
-use crate::stripe::MeterEvent;
+use crate::stripe::{ErrorClass, MeterEvent, StripeMeter};
 use crate::Error;
 
 /// Settles one claimed window as far as it can now.
@@ -66,7 +69,7 @@ async fn try_settle(
             "sync is disabled in the stripe config".into(),
         ));
     }
-    let Some((event_name, meter_enabled)) = ctx
+    let Some(target) = ctx
         .mappings
         .provider_meter(&batch.tenant_id, &batch.environment_id, &batch.meter_id)
         .await
@@ -74,9 +77,14 @@ async fn try_settle(
     else {
         return Ok(Finish::Skipped("the meter has no stripe mapping".into()));
     };
-    if !meter_enabled {
+    if !target.sync_enabled {
         return Ok(Finish::Skipped("sync is disabled for this meter".into()));
     }
+    let counts = match counts_for(ctx, batch, &config.api_key, &target).await? {
+        Ok(counts) => counts,
+        Err(finish) => return Ok(finish),
+    };
+    let event_name = target.event_name;
     let Some(customer) = ctx
         .mappings
         .provider_customer(&batch.tenant_id, &batch.environment_id, &batch.customer_id)
@@ -118,19 +126,41 @@ async fn try_settle(
             Some(send) => send,
             None => {
                 let current = ctx.ledger.current(batch.id).await?;
-                let change = current.total - current.accounted;
-                if change.is_zero() {
-                    return Ok(Finish::Settled);
-                }
-                let value = match billing::round_with_carry(current.carry, change) {
-                    Ok(rounded) => rounded.value,
-                    Err(e) => return Ok(Finish::Failed(e.to_string())),
+                let (value, accounted) = match counts {
+                    Counts::Change => {
+                        let change = current.total - current.accounted;
+                        if change.is_zero() {
+                            return Ok(Finish::Settled);
+                        }
+                        let value = match billing::round_with_carry(current.carry, change) {
+                            Ok(rounded) => rounded.value,
+                            Err(e) => return Ok(Finish::Failed(e.to_string())),
+                        };
+                        if value == 0 {
+                            // Less than half a unit with the carry: nothing to send yet.
+                            ctx.ledger.carried(batch.id, change).await?;
+                            continue;
+                        }
+                        (value, change)
+                    }
+                    Counts::Value => {
+                        if current.sent && current.accounted == current.total {
+                            return Ok(Finish::Settled);
+                        }
+                        // The value itself, rounded on its own: Stripe bills one value of the
+                        // period, so there is nothing to carry. A 0 is sent too: it may be
+                        // the period's last value.
+                        let value = match billing::round_with_carry(Decimal::ZERO, current.total) {
+                            Ok(rounded) => rounded.value,
+                            Err(e) => return Ok(Finish::Failed(e.to_string())),
+                        };
+                        if current.sent && Decimal::from(value) == current.synced {
+                            ctx.ledger.unchanged_value(batch.id, current.total).await?;
+                            continue;
+                        }
+                        (value, current.total)
+                    }
                 };
-                if value == 0 {
-                    // Less than half a unit with the carry: nothing to send yet.
-                    ctx.ledger.carried(batch.id, change).await?;
-                    continue;
-                }
                 let seq = ctx.ledger.sends_so_far(batch.id).await? + 1;
                 let send = Send {
                     seq,
@@ -144,7 +174,8 @@ async fn try_settle(
                     ),
                     key_generation: 0,
                     value: value.into(),
-                    accounted: change,
+                    accounted,
+                    counts,
                     event_name: event_name.clone(),
                     provider_customer_id: customer.clone(),
                     stripe_timestamp: billing::event_timestamp(&batch.window),
@@ -187,6 +218,87 @@ async fn try_settle(
         }
     }
     Ok(Finish::Settled)
+}
+
+/// How this window's meter events count ([`Counts`]), from the formula its meter's
+/// aggregation needs and the formula of the Stripe meter it is mapped to; read from Stripe
+/// and recorded on the mapping when a meter that needs `last` has none yet. `Err` with how the
+/// window is left when they do not fit: nothing is sent to a Stripe meter that would bill a
+/// maximum, a latest value or a distinct count as a sum (or a sum as a last value).
+async fn counts_for(
+    ctx: &SyncContext,
+    batch: &Batch,
+    key: &StripeApiKey,
+    target: &ProviderMeter,
+) -> Result<Result<Counts, Finish>, Error> {
+    let scope = TenantScope {
+        tenant_id: batch.tenant_id.clone(),
+        environment_id: batch.environment_id.clone(),
+        subject: None,
+    };
+    let meter = ctx
+        .meters
+        .get(&scope, &batch.meter_id)
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let Some(meter) = meter else {
+        // A deleted meter's windows go out as its mapping says.
+        return Ok(Ok(match target.formula {
+            Some(StripeFormula::Last) => Counts::Value,
+            _ => Counts::Change,
+        }));
+    };
+    let aggregation = &meter.definition.aggregation;
+    let needed = aggregation.stripe_formula();
+    let formula = match target.formula {
+        Some(formula) => formula,
+        // A sum meter whose Stripe meter was not read goes out as it always did.
+        None if needed == StripeFormula::Sum => return Ok(Ok(Counts::Change)),
+        None => match ctx.stripe.find_meter(key, &target.event_name).await {
+            Ok(Some(StripeMeter {
+                formula: Some(formula),
+                ..
+            })) => {
+                ctx.mappings
+                    .record_formula(
+                        &batch.tenant_id,
+                        &batch.environment_id,
+                        &batch.meter_id,
+                        formula,
+                    )
+                    .await
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                formula
+            }
+            found => {
+                let why = match found {
+                    Err(e) => format!("could not be read ({e})"),
+                    _ => "does not exist".to_owned(),
+                };
+                return Ok(Err(Finish::RetryIn {
+                    seconds: 60.0,
+                    error: format!(
+                        "the stripe meter with event_name {} {why}; meter {} aggregates {} \
+                         and needs one with formula last",
+                        target.event_name,
+                        batch.meter_id,
+                        aggregation.kind()
+                    ),
+                }));
+            }
+        },
+    };
+    Ok(match needed_formula(aggregation, formula) {
+        Ok(()) if formula == StripeFormula::Last => Ok(Counts::Value),
+        Ok(()) => Ok(Counts::Change),
+        Err(needed) => Err(Finish::Failed(format!(
+            "meter {} aggregates {}: it needs a Stripe meter with formula {needed}, but \
+             event_name {} has {formula}; map it to one with formula {needed}, then retry",
+            batch.meter_id,
+            aggregation.kind(),
+            target.event_name
+        ))),
+    })
 }
 
 enum Delivery {

@@ -354,6 +354,7 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
             "meter_mapping.deleted",
             "meter_mapping.created",
             "api_key.decrypted",
+            "api_key.decrypted",
             "stripe_config.put",
             "stripe_config.put",
         ],
@@ -376,36 +377,42 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
         json!({"purpose": "config_test", "api_key": "sk_test_****6789"})
     );
     assert!(row(2)["occurred_at"].as_str().unwrap().ends_with('Z'));
+    // The key decrypted to read the Stripe meter's formula for the new meter mapping.
+    assert!(by_api(row(3)));
     assert_eq!(
-        (row(3)["target"].as_str(), row(4)["target"].as_str()),
+        row(3)["details"],
+        json!({"purpose": "meter_mapping", "api_key": "sk_test_****6789"})
+    );
+    assert_eq!(
+        (row(4)["target"].as_str(), row(5)["target"].as_str()),
         (Some("calls"), Some("calls"))
     );
-    assert_eq!(row(3)["details"]["provider_meter_id"], "api_calls");
-    assert!(by_api(row(3)) && by_api(row(4)));
+    assert_eq!(row(4)["details"]["provider_meter_id"], "api_calls");
+    assert!(by_api(row(4)) && by_api(row(5)));
     assert_eq!(
-        row(5)["details"],
+        row(6)["details"],
         json!({"customer_id": "c_manual", "provider_customer_id": "cus_manual", "source": "manual"})
     );
-    assert_eq!(row(6)["details"]["reason"], "retired through the api");
-    assert!(by_api(row(5)) && by_api(row(6)));
+    assert_eq!(row(7)["details"]["reason"], "retired through the api");
+    assert!(by_api(row(6)) && by_api(row(7)));
     let webhook = |r: &Value, event: &str| {
         r["actor"] == json!({"kind": "webhook", "subject": null, "ref": event})
     };
-    assert!(webhook(row(7), "evt_audit_1"), "{}", row(7));
-    assert_eq!(row(7)["details"]["customer_id"], "c_hook");
-    assert_eq!(row(7)["details"]["source"], "webhook");
+    assert!(webhook(row(8), "evt_audit_1"), "{}", row(8));
+    assert_eq!(row(8)["details"]["customer_id"], "c_hook");
+    assert_eq!(row(8)["details"]["source"], "webhook");
     // The update moved cus_hook from c_hook to c_hook2: one retirement, one creation.
-    assert!(webhook(row(8), "evt_audit_2") && webhook(row(9), "evt_audit_2"));
+    assert!(webhook(row(9), "evt_audit_2") && webhook(row(10), "evt_audit_2"));
     assert_eq!(
-        (row(8)["target"].as_str(), row(9)["target"].as_str()),
+        (row(9)["target"].as_str(), row(10)["target"].as_str()),
         (Some("c_hook"), Some("c_hook2"))
     );
     assert_eq!(
-        row(10)["actor"],
+        row(11)["actor"],
         json!({"kind": "operator", "subject": null, "ref": "meterline rotate-keys"})
     );
     assert_eq!(
-        row(10)["details"],
+        row(11)["details"],
         json!({"from_key_ids": [old_key_id], "to_key_id": NEW_KEY_ID})
     );
 
@@ -418,7 +425,7 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
     )
     .await;
     let decrypted = actions(only.body["data"].as_array().unwrap());
-    assert_eq!(decrypted.len(), 1 + by_sync.len(), "{decrypted:?}");
+    assert_eq!(decrypted.len(), 2 + by_sync.len(), "{decrypted:?}");
     assert!(decrypted.iter().all(|a| *a == "api_key.decrypted"));
     for bad in ["limit=0", "before=x", "action=all", "tenant_id=x"] {
         let refused = call(

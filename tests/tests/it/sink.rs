@@ -731,8 +731,13 @@ async fn skipped_windows_go_out_once_sync_is_turned_on_and_their_meter_is_mapped
     let ns = Namespace::create().await;
     let standin = Standin::start(RATE).await;
     for (id, definition, stripe_event) in KIND_METERS {
-        standin.sum_meter(stripe_event).await;
         let mut meter: Value = serde_json::from_str(definition).unwrap();
+        // A maximum, latest value or distinct count is billed by Stripe's `last` formula.
+        let formula = match meter["aggregation"].as_str() {
+            Some("COUNT" | "SUM") => "sum",
+            _ => "last",
+        };
+        standin.meter(stripe_event, formula).await;
         meter["id"] = json!(id);
         meter["event_name"] = json!("api.request");
         create_meter(&ns, TENANT, "env_prod", meter).await;
@@ -938,6 +943,208 @@ async fn fractional_sum_meters_bill_the_rounded_exact_total_not_each_window_roun
         assert_eq!(l["expected"], exact, "the exact total: {l}");
         assert_eq!(l["ledger_accounted"], exact, "all of it accounted for: {l}");
         assert_eq!(l["ledger_synced"], synced, "{l}");
+        assert_eq!(l["status"], "match", "{l}");
+    }
+    ns.drop_databases().await;
+}
+
+/// Polls Stripe's meter event summaries of `meters` (`mtr_...`, expected value) for
+/// `customer` over `[start, end)` until each equals its expected value.
+async fn wait_for_summaries(
+    standin: &Standin,
+    customer: &str,
+    (start, end): (i64, i64),
+    expected: &[(&str, &str, f64)],
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut got = Vec::new();
+        for (name, mtr, _) in expected {
+            got.push((
+                *name,
+                standin.summarised_total(mtr, customer, start, end).await,
+            ));
+        }
+        if got.iter().zip(expected).all(|((_, g), (_, _, e))| g == e) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stripe's values for the period: {got:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Three hours of a workspace: seats 10, 12, 7 (LATEST), connections peaking at 5, 9, 4 (MAX)
+/// and users {u1, u2}, {u2, u3}, {u1} (COUNT_UNIQUE). Sent to `sum` meters they billed 29
+/// seats, 18 connections and 5 users; on `last` meters Stripe's value for the period is the
+/// period's: 7, 9 and 3. A late event in the first hour (20 connections, user u4) raises the
+/// period's peak and distinct count, and Stripe's value follows; a mapping whose Stripe
+/// formula cannot bill the meter's aggregation is refused with 422.
+#[tokio::test]
+async fn non_additive_meters_on_last_stripe_meters_bill_the_periods_value_not_a_sum_of_windows() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let meters = [
+        ("seats", "LATEST", "seats", "seats_last"),
+        ("peak", "MAX", "connections", "peak_last"),
+        ("users", "COUNT_UNIQUE", "user", "users_last"),
+    ];
+    let mut stripe_meters = BTreeMap::new();
+    for (id, aggregation, property, stripe_event) in meters {
+        stripe_meters.insert(id, standin.meter(stripe_event, "last").await);
+        let meter = json!({"id": id, "event_name": "workspace.sample",
+                           "aggregation": aggregation, "property": property});
+        create_meter(&ns, TENANT, "env_prod", meter).await;
+    }
+    let calls = json!({"id": "calls", "event_name": "workspace.sample", "aggregation": "COUNT"});
+    create_meter(&ns, TENANT, "env_prod", calls).await;
+    standin.meter("calls_sum", "sum").await;
+    let cus = standin.customer("cust_workspace").await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    let config = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &t,
+        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+    )
+    .await;
+    assert_eq!(config.status, 200, "{:?}", config.body);
+    let map = |meter: &str, stripe_event: &str| {
+        let body = json!({"meter_id": meter, "provider_type": "stripe",
+                          "provider_meter_id": stripe_event, "sync_enabled": true});
+        let url = sink.url("/v1/stripe/meters/mapping");
+        let t = t.clone();
+        async move { post_json(&url, &t, &body).await }
+    };
+    // The wrong formula either way is refused, naming the one needed, and stores nothing.
+    let refused = map("peak", "calls_sum").await;
+    assert_eq!(refused.status, 422, "{:?}", refused.body);
+    assert_eq!(refused.error_code(), "stripe_meter_formula_mismatch");
+    let message = refused.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("MAX") && message.contains("formula is last"),
+        "{message}"
+    );
+    let refused = map("calls", "seats_last").await;
+    assert_eq!(refused.status, 422, "{:?}", refused.body);
+    let message = refused.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("formula is sum"), "{message}");
+    let none = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/meters/mapping"))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(none.body["data"], json!([]), "refusals store nothing");
+    for (id, _, _, stripe_event) in meters {
+        let mapped = map(id, stripe_event).await;
+        assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    }
+    let customer = post_json(
+        &sink.url("/v1/stripe/customers/mapping"),
+        &t,
+        &json!({"customer_id": "cust_workspace", "provider_customer_id": cus}),
+    )
+    .await;
+    assert_eq!(customer.status, 201, "{:?}", customer.body);
+
+    // Three hours in one calendar month (a day earlier when this month began within them).
+    let month = |at: OffsetDateTime| (at.year(), at.month());
+    let first = if month(hour_start(4)) == month(hour_start(2)) {
+        2
+    } else {
+        26
+    };
+    let hours = [first + 2, first + 1, first];
+    let sample = |id: &str, hours_ago: i64, minute: i64, props: Value| {
+        event(
+            TENANT,
+            id,
+            "cust_workspace",
+            "workspace.sample",
+            hour_start(hours_ago) + time::Duration::minutes(minute),
+            props,
+        )
+    };
+    let mut events = Vec::new();
+    for (h, (seats, connections, users)) in hours.iter().zip([
+        (10, 5, vec!["u1", "u2"]),
+        (12, 9, vec!["u2", "u3"]),
+        (7, 4, vec!["u1"]),
+    ]) {
+        events.push(sample(
+            &format!("seats-{h}"),
+            *h,
+            5,
+            json!({"seats": seats}),
+        ));
+        events.push(sample(
+            &format!("conn-{h}"),
+            *h,
+            6,
+            json!({"connections": connections}),
+        ));
+        for (i, user) in users.iter().enumerate() {
+            let id = format!("user-{h}-{i}");
+            events.push(sample(&id, *h, 7 + i as i64, json!({"user": user})));
+        }
+    }
+    produce_events(&ns, &events).await;
+    let range = (
+        hour_start(hours[0]).unix_timestamp(),
+        hour_start(first - 1).unix_timestamp(),
+    );
+    let expect = |seats: f64, peak: f64, users: f64| {
+        [
+            ("seats", stripe_meters["seats"].as_str(), seats),
+            ("peak", stripe_meters["peak"].as_str(), peak),
+            ("users", stripe_meters["users"].as_str(), users),
+        ]
+    };
+    wait_for_summaries(&standin, &cus, range, &expect(7.0, 9.0, 3.0)).await;
+
+    // Late usage in the first hour: every later hour of the period carries it.
+    let late = [
+        sample("late-conn", hours[0], 30, json!({"connections": 20})),
+        sample("late-user", hours[0], 31, json!({"user": "u4"})),
+    ];
+    produce_events(&ns, &late).await;
+    wait_for_summaries(&standin, &cus, range, &expect(7.0, 20.0, 4.0)).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        synced.len() == 9
+            && synced
+                .iter()
+                .all(|w| w["aggregated_quantity"] == w["accounted_quantity"])
+    })
+    .await;
+
+    let report = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/reconcile"))
+            .query(&[
+                ("time_from", rfc3339(hour_start(hours[0]))),
+                ("time_to", rfc3339(hour_start(first - 1))),
+            ])
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    let lines = report.body["data"].as_array().expect("report lines");
+    for (meter, value) in [("seats", "7"), ("peak", "20"), ("users", "4")] {
+        let l = lines
+            .iter()
+            .find(|l| l["meter_id"] == meter)
+            .unwrap_or_else(|| panic!("no line for {meter}: {lines:?}"));
+        assert_eq!(l["expected"], value, "the period's value: {l}");
+        assert_eq!(l["ledger_synced"], value, "{l}");
+        assert_eq!(l["stripe"], value.parse::<f64>().unwrap(), "{l}");
         assert_eq!(l["status"], "match", "{l}");
     }
     ns.drop_databases().await;
