@@ -159,11 +159,13 @@ cmd_start() {
   if [[ ! -f $dir/data/meta.properties ]]; then
     # Cluster id: 16 random bytes in Kafka's Uuid text form (URL-safe base64, no padding),
     # generated once per DIR and kept, the same thing `kafka-storage random-uuid` prints.
+    # Passed as --cluster-id=ID: an id may start with "-" (1 in 64), which the tool would
+    # otherwise take for an option and refuse.
     [[ -s $dir/cluster.id ]] ||
       head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$dir/cluster.id"
     log "formatting storage in $dir/data"
     java -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$cp" kafka.tools.StorageTool \
-      format -t "$(<"$dir/cluster.id")" -c "$dir/server.properties" --standalone \
+      format --cluster-id="$(<"$dir/cluster.id")" -c "$dir/server.properties" --standalone \
       >>"$dir/kafka.out" 2>&1 || {
       show_logs "$dir/kafka.out"
       die "storage format failed"
