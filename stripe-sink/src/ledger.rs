@@ -495,36 +495,26 @@ impl Ledger {
         .await
         .map_err(db("accepting a send"))?;
         // Only a send that was still outstanding moves the sums: never twice.
-        if updated.rows_affected() == 1 && send.counts == Counts::Value {
+        if updated.rows_affected() == 1 {
+            // A `last` value replaces what was synced; a change adds to it.
             sqlx::query(
                 "UPDATE stripe_sync_batches
-                 SET synced_quantity = $2, accounted_quantity = $4, stripe_event_id = $3,
-                     synced_at = now(), updated_at = now()
+                 SET synced_quantity = CASE WHEN $5 THEN $2 ELSE synced_quantity + $2 END,
+                     accounted_quantity = CASE WHEN $5 THEN $4 ELSE accounted_quantity + $4 END,
+                     stripe_event_id = $3, synced_at = now(), updated_at = now()
                  WHERE id = $1",
             )
             .bind(batch_id)
             .bind(send.value)
             .bind(&send.identifier)
             .bind(send.accounted)
+            .bind(send.counts == Counts::Value)
             .execute(&mut *tx)
             .await
-            .map_err(db("replacing the synced value"))?;
-        } else if updated.rows_affected() == 1 {
-            sqlx::query(
-                "UPDATE stripe_sync_batches
-                 SET synced_quantity = synced_quantity + $2,
-                     accounted_quantity = accounted_quantity + $4, stripe_event_id = $3,
-                     synced_at = now(), updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(batch_id)
-            .bind(send.value)
-            .bind(&send.identifier)
-            .bind(send.accounted)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("adding to the synced sum"))?;
-            carry::add(&mut tx, batch_id, send.accounted - send.value).await?;
+            .map_err(db("recording an accepted send"))?;
+            if send.counts == Counts::Change {
+                carry::add(&mut tx, batch_id, send.accounted - send.value).await?;
+            }
         }
         tx.commit().await.map_err(db("committing an acceptance"))
     }

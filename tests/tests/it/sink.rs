@@ -919,18 +919,7 @@ async fn fractional_sum_meters_bill_the_rounded_exact_total_not_each_window_roun
     })
     .await;
 
-    let report = send(
-        reqwest::Client::new()
-            .get(sink.url("/v1/stripe/reconcile"))
-            .query(&[
-                ("time_from", rfc3339(hour_start(11))),
-                ("time_to", rfc3339(hour_start(0))),
-            ])
-            .bearer_auth(&t),
-    )
-    .await;
-    assert_eq!(report.status, 200, "{:?}", report.body);
-    let lines = report.body["data"].as_array().expect("report lines");
+    let lines = reconcile(&sink, &t, hour_start(11), hour_start(0)).await;
     let line = |meter: &str| {
         lines
             .iter()
@@ -946,6 +935,27 @@ async fn fractional_sum_meters_bill_the_rounded_exact_total_not_each_window_roun
         assert_eq!(l["status"], "match", "{l}");
     }
     ns.drop_databases().await;
+}
+
+/// The lines of `GET /v1/stripe/reconcile` over `[from, to)`.
+async fn reconcile(
+    sink: &ServiceProcess,
+    token: &str,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Vec<Value> {
+    let report = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/reconcile"))
+            .query(&[("time_from", rfc3339(from)), ("time_to", rfc3339(to))])
+            .bearer_auth(token),
+    )
+    .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    report.body["data"]
+        .as_array()
+        .expect("report lines")
+        .clone()
 }
 
 /// Polls Stripe's meter event summaries of `meters` (`mtr_...`, expected value) for
@@ -1125,18 +1135,7 @@ async fn non_additive_meters_on_last_stripe_meters_bill_the_periods_value_not_a_
     })
     .await;
 
-    let report = send(
-        reqwest::Client::new()
-            .get(sink.url("/v1/stripe/reconcile"))
-            .query(&[
-                ("time_from", rfc3339(hour_start(hours[0]))),
-                ("time_to", rfc3339(hour_start(first - 1))),
-            ])
-            .bearer_auth(&t),
-    )
-    .await;
-    assert_eq!(report.status, 200, "{:?}", report.body);
-    let lines = report.body["data"].as_array().expect("report lines");
+    let lines = reconcile(&sink, &t, hour_start(hours[0]), hour_start(first - 1)).await;
     for (meter, value) in [("seats", "7"), ("peak", "20"), ("users", "4")] {
         let l = lines
             .iter()
