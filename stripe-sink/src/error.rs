@@ -16,6 +16,9 @@ pub enum Error {
     Config(String),
     #[error("stored value is invalid: {0}")]
     Corrupt(String),
+    /// The window was claimed again after this dispatcher's lease ran out: it writes nothing.
+    #[error("window {batch_id} was claimed by another dispatcher; this one's claim ran out")]
+    ClaimLost { batch_id: i64 },
     #[error("task failed: {0}")]
     Task(String),
 }

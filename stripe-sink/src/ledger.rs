@@ -13,6 +13,10 @@
 //! - At most one window per (tenant, environment, customer, meter) is in flight at a time,
 //!   across every sink replica: claims take a transaction advisory lock on that key and
 //!   skip keys with a live lease.
+//! - Every claim takes the window's next claim number, and every write a dispatcher makes for
+//!   the window names its [`Claim`]: once the lease ran out and another dispatcher claimed
+//!   the window, the late one writes nothing ([`Error::ClaimLost`]) and leaves its
+//!   outstanding send to the new owner, who resends it unchanged.
 
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{
@@ -46,10 +50,19 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |source| Error::Postgres { context, source }
 }
 
+/// A dispatcher's hold on one window: the window and the number it was claimed under.
+/// Only [`Ledger::claim`] makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub batch_id: i64,
+    number: i64,
+}
+
 /// A claimed window.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub id: i64,
+    pub claim: Claim,
     pub tenant_id: TenantId,
     pub environment_id: EnvironmentId,
     pub customer_id: CustomerId,
@@ -72,6 +85,7 @@ struct BatchRow {
     aggregated_quantity: Decimal,
     synced_quantity: Decimal,
     attempts: i32,
+    claim: i64,
 }
 
 impl TryFrom<BatchRow> for Batch {
@@ -81,6 +95,10 @@ impl TryFrom<BatchRow> for Batch {
         let corrupt = |e: meterline_schemas::SchemaError| Error::Corrupt(e.to_string());
         Ok(Batch {
             id: r.id,
+            claim: Claim {
+                batch_id: r.id,
+                number: r.claim,
+            },
             tenant_id: TenantId::parse(&r.tenant_id).map_err(corrupt)?,
             environment_id: EnvironmentId::parse(&r.environment_id).map_err(corrupt)?,
             customer_id: CustomerId::parse(&r.entity_id).map_err(corrupt)?,
@@ -108,6 +126,9 @@ pub struct Send {
     pub provider_customer_id: String,
     pub stripe_timestamp: i64,
     pub created_at: OffsetDateTime,
+    /// Since when Stripe may hold the event (an attempt unanswered, a 409 or a 5xx); `None`
+    /// while every attempt was answered "not recorded" or none went out.
+    pub in_doubt_since: Option<OffsetDateTime>,
     /// How the event counts once accepted.
     #[sqlx(rename = "formula", try_from = "String")]
     pub counts: Counts,
@@ -320,7 +341,7 @@ impl Ledger {
         // must not hide every other ready window.
         let candidates: Vec<BatchRow> = sqlx::query_as(
             "SELECT id, tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
-                    aggregated_quantity, synced_quantity, attempts
+                    aggregated_quantity, synced_quantity, attempts, claim
              FROM stripe_sync_batches b
              WHERE ((sync_status = 'pending' AND next_attempt_at <= now())
                     OR (sync_status = 'in_flight' AND lease_until < now()))
@@ -377,18 +398,21 @@ impl Ledger {
             if busy {
                 continue;
             }
-            sqlx::query(
+            let number: i64 = sqlx::query_scalar(
                 "UPDATE stripe_sync_batches
                  SET sync_status = 'in_flight', lease_until = now() + make_interval(secs => $2),
-                     attempts = attempts + 1, updated_at = now()
-                 WHERE id = $1",
+                     attempts = attempts + 1, claim = claim + 1, updated_at = now()
+                 WHERE id = $1 RETURNING claim",
             )
             .bind(row.id)
             .bind(lease.as_secs_f64())
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db("leasing a window"))?;
-            claimed.push(Batch::try_from(row)?);
+            claimed.push(Batch::try_from(BatchRow {
+                claim: number,
+                ..row
+            })?);
         }
         tx.commit().await.map_err(db("committing a claim"))?;
         Ok(claimed)
@@ -419,7 +443,7 @@ impl Ledger {
     pub async fn outstanding(&self, batch_id: i64) -> Result<Option<Send>, Error> {
         sqlx::query_as(
             "SELECT seq, identifier, key_generation, value, accounted, event_name,
-                    provider_customer_id, stripe_timestamp, created_at, formula
+                    provider_customer_id, stripe_timestamp, created_at, in_doubt_since, formula
              FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
              ORDER BY seq LIMIT 1",
         )
@@ -440,14 +464,36 @@ impl Ledger {
         .map_err(db("counting sends"))
     }
 
+    /// Starts a write for the window `claim` holds: a transaction in which the window's row
+    /// is locked, so no other claim of it can start before the write commits.
+    /// [`Error::ClaimLost`] once the window was claimed again.
+    async fn hold(&self, claim: Claim) -> Result<sqlx::Transaction<'static, Postgres>, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("starting a write"))?;
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM stripe_sync_batches WHERE id = $1 AND claim = $2 FOR UPDATE",
+        )
+        .bind(claim.batch_id)
+        .bind(claim.number)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("checking a claim"))?;
+        match held {
+            Some(_) => Ok(tx),
+            None => Err(Error::ClaimLost {
+                batch_id: claim.batch_id,
+            }),
+        }
+    }
+
     /// Writes a meter event before it is sent.
-    pub async fn begin_send(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
+    pub async fn begin_send(&self, claim: Claim, send: &Send) -> Result<(), Error> {
+        let mut tx = self.hold(claim).await?;
         sqlx::query(
             "INSERT INTO stripe_sync_sends (batch_id, seq, identifier, value, event_name,
                  provider_customer_id, stripe_timestamp, status, accounted, formula)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8, $9)",
         )
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(send.seq)
         .bind(&send.identifier)
         .bind(send.value)
@@ -456,40 +502,58 @@ impl Ledger {
         .bind(send.stripe_timestamp)
         .bind(send.accounted)
         .bind(send.counts.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("writing a send"))?;
-        Ok(())
+        tx.commit().await.map_err(db("committing a send"))
     }
 
     /// After a 5xx answer: the next attempt uses a new Idempotency-Key, because Stripe
     /// replays a stored 500 for the old one.
-    pub async fn next_key_generation(&self, batch_id: i64, send: &mut Send) -> Result<(), Error> {
+    pub async fn next_key_generation(&self, claim: Claim, send: &mut Send) -> Result<(), Error> {
+        let mut tx = self.hold(claim).await?;
         send.key_generation = sqlx::query_scalar(
             "UPDATE stripe_sync_sends SET key_generation = key_generation + 1
              WHERE batch_id = $1 AND seq = $2 RETURNING key_generation",
         )
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(send.seq)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db("renewing an idempotency key"))?;
-        Ok(())
+        tx.commit()
+            .await
+            .map_err(db("committing an idempotency key"))
+    }
+
+    /// An attempt of the send got no certain "not recorded" (no answer, a 409, a 5xx):
+    /// Stripe may hold it from now on. The first time is kept.
+    pub async fn in_doubt(&self, claim: Claim, send: &mut Send) -> Result<(), Error> {
+        if send.in_doubt_since.is_some() {
+            return Ok(());
+        }
+        let mut tx = self.hold(claim).await?;
+        send.in_doubt_since = sqlx::query_scalar(
+            "UPDATE stripe_sync_sends SET in_doubt_since = COALESCE(in_doubt_since, now())
+             WHERE batch_id = $1 AND seq = $2 RETURNING in_doubt_since",
+        )
+        .bind(claim.batch_id)
+        .bind(send.seq)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("marking a send in doubt"))?;
+        tx.commit().await.map_err(db("committing a send in doubt"))
     }
 
     /// Stripe accepted (or already held) the event: it counts as synced, and the change it
     /// accounts for as accounted, the carry moving by their difference, in one transaction.
-    pub async fn accepted(&self, batch_id: i64, send: &Send) -> Result<(), Error> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("starting an acceptance"))?;
+    pub async fn accepted(&self, claim: Claim, send: &Send) -> Result<(), Error> {
+        let mut tx = self.hold(claim).await?;
         let updated = sqlx::query(
             "UPDATE stripe_sync_sends SET status = 'accepted', answered_at = now()
              WHERE batch_id = $1 AND seq = $2 AND status = 'sending'",
         )
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(send.seq)
         .execute(&mut *tx)
         .await
@@ -504,7 +568,7 @@ impl Ledger {
                      stripe_event_id = $3, synced_at = now(), updated_at = now()
                  WHERE id = $1",
             )
-            .bind(batch_id)
+            .bind(claim.batch_id)
             .bind(send.value)
             .bind(&send.identifier)
             .bind(send.accounted)
@@ -513,7 +577,7 @@ impl Ledger {
             .await
             .map_err(db("recording an accepted send"))?;
             if send.counts == Counts::Change {
-                carry::add(&mut tx, batch_id, send.accounted - send.value).await?;
+                carry::add(&mut tx, claim.batch_id, send.accounted - send.value).await?;
             }
         }
         tx.commit().await.map_err(db("committing an acceptance"))
@@ -521,39 +585,45 @@ impl Ledger {
 
     /// A new value of a `last` window that rounds to the value Stripe already holds for it:
     /// accounted for without a meter event.
-    pub async fn unchanged_value(&self, batch_id: i64, total: Decimal) -> Result<(), Error> {
+    pub async fn unchanged_value(&self, claim: Claim, total: Decimal) -> Result<(), Error> {
+        let mut tx = self.hold(claim).await?;
         sqlx::query(
             "UPDATE stripe_sync_batches SET accounted_quantity = $2, updated_at = now()
              WHERE id = $1",
         )
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(total)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("accounting for an unchanged value"))?;
-        Ok(())
+        tx.commit()
+            .await
+            .map_err(db("committing an unchanged value"))
     }
 
-    /// Stripe refused the event for good: it did not count.
-    pub async fn refused(&self, batch_id: i64, send: &Send, error: &str) -> Result<(), Error> {
+    /// Stripe refused the event for good and no attempt of it is in doubt: it did not count.
+    pub async fn refused(&self, claim: Claim, send: &Send, error: &str) -> Result<(), Error> {
+        let mut tx = self.hold(claim).await?;
         sqlx::query(
             "UPDATE stripe_sync_sends SET status = 'refused', error = $3, answered_at = now()
-             WHERE batch_id = $1 AND seq = $2",
+             WHERE batch_id = $1 AND seq = $2 AND status = 'sending'
+               AND in_doubt_since IS NULL",
         )
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(send.seq)
         .bind(error)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("refusing a send"))?;
-        Ok(())
+        tx.commit().await.map_err(db("committing a refusal"))
     }
 
     /// Releases a claimed window.
-    pub async fn finish(&self, batch_id: i64, finish: &Finish) -> Result<(), Error> {
+    pub async fn finish(&self, claim: Claim, finish: &Finish) -> Result<(), Error> {
         let status_sql = finish.status_sql();
         let (error, delay) = finish.error_and_delay();
         let attempts_reset = matches!(finish, Finish::Settled);
+        let mut tx = self.hold(claim).await?;
         sqlx::query(&format!(
             "UPDATE stripe_sync_batches
              SET sync_status = {status_sql},
@@ -565,14 +635,14 @@ impl Ledger {
                  updated_at = now()
              WHERE id = $1"
         ))
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(error)
         .bind(delay)
         .bind(attempts_reset)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("finishing a window"))?;
-        Ok(())
+        tx.commit().await.map_err(db("committing a finish"))
     }
 
     /// Windows waiting for a customer mapping that now exists become pending.

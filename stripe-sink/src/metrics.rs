@@ -106,7 +106,8 @@ pub fn describe() {
 pub const WINDOWS_RECORDED: &str = "stripe_sink_windows_recorded_total";
 /// Claimed windows released, by `outcome` (one of [`SETTLE_OUTCOMES`]).
 pub const WINDOWS_SETTLED: &str = "stripe_sink_windows_settled_total";
-/// The `outcome` labels of [`WINDOWS_SETTLED`], as `sync::finish_label` names them.
+/// The `outcome` labels of [`WINDOWS_SETTLED`], as `sync::finish_label` names them, and
+/// `claim_lost`: the lease ran out and another dispatcher took the window over.
 pub const SETTLE_OUTCOMES: &[&str] = &[
     "settled",
     "retry",
@@ -116,6 +117,7 @@ pub const SETTLE_OUTCOMES: &[&str] = &[
     "expired",
     "failed",
     "needs_reconciliation",
+    "claim_lost",
 ];
 /// Meter event requests to Stripe, by `outcome` (`accepted`, `already_recorded`,
 /// `retriable`, `rate_limited`, `in_progress`, `authentication`, `permanent`, `circuit_open`).

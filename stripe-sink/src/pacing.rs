@@ -3,12 +3,15 @@
 //! tested on its own.
 //!
 //! Rules kept here:
+//! - Pacing is per Stripe *account* (`acct_...`, asked of Stripe once per key), not per key:
+//!   Stripe's limits are the account's, and two keys of one account share them.
 //! - The bucket holds one token (no bursts) and refills 5% slower than the rate, so in any
-//!   one-second window an account sees at most its configured number of requests: Stripe's limit is per second, and a burst after
-//!   an idle period would cross it.
-//! - The breaker opens after consecutive failures of the account (5xx, timeouts, 429s,
-//!   authentication errors; not 429s, which only slow down) and stays open for a cool-down; then one request probes, and its
-//!   outcome closes or re-opens it. While open, no request reaches Stripe.
+//!   one-second window an account sees at most its configured number of requests: Stripe's
+//!   limit is per second, and a burst after an idle period would cross it.
+//! - The breaker opens after consecutive failures of the account (5xx, timeouts,
+//!   authentication errors; not 429s, which only slow down) and stays open for a cool-down;
+//!   then one request probes, and its outcome closes or re-opens it. While open, no request
+//!   reaches Stripe.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -16,10 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use meterline_accounts::stripe_config::StripeApiKey;
 use rand::Rng;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::stripe::ErrorClass;
+use crate::stripe::{ErrorClass, StripeClient, StripeError};
 
 /// Stripe's documented meter event rates: test mode shares the basic 25 writes/s, live mode
 /// has 1000 meter events/s.
@@ -183,35 +188,94 @@ impl Account {
     }
 }
 
-/// Every account the sink has talked to, keyed by a hash of its API key (tenants sharing a
-/// key share its limits).
+/// Every Stripe account the sink has talked to, keyed by its id (`acct_...`): Stripe's limits
+/// are the account's, so every key of one account (a secret and a restricted key, a rolled
+/// key, two tenant environments configured with keys of one account) shares one bucket and
+/// one breaker. Which account a key belongs to is asked once per key per process
+/// ([`paced_account`]).
 #[derive(Default)]
 pub struct Pacer {
-    accounts: Mutex<HashMap<String, Arc<Account>>>,
+    inner: Mutex<PacerInner>,
+}
+
+#[derive(Default)]
+struct PacerInner {
+    /// By account id.
+    accounts: HashMap<String, Shared>,
+    /// A key's fingerprint ([`key_fingerprint`]) → its account id.
+    owners: HashMap<String, String>,
+    /// A configuration scope (tenant/environment) → the account it was last paced under.
+    scopes: HashMap<String, String>,
+}
+
+/// An account's pacing and the rate each configuration scope asked of it.
+struct Shared {
+    account: Arc<Account>,
+    rates: HashMap<String, u32>,
+}
+
+/// A hash of an API key: what the pacer remembers a key by, so that the key itself is kept
+/// nowhere but in its encrypted row.
+pub fn key_fingerprint(key: &StripeApiKey) -> String {
+    hex::encode(&Sha256::digest(key.expose().as_bytes())[..8])
 }
 
 impl Pacer {
-    /// The account, created on first use; re-created when its configured rate changed.
-    pub fn account(&self, account: &str, rate: u32) -> Arc<Account> {
-        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        match accounts.get(account) {
-            Some(existing) if existing.rate == rate => existing.clone(),
-            _ => {
-                let fresh = Arc::new(Account::new(rate));
-                accounts.insert(account.to_owned(), fresh.clone());
-                fresh
+    /// The account a key was found to belong to, if it was asked already.
+    pub fn owner_of(&self, key: &StripeApiKey) -> Option<String> {
+        self.lock().owners.get(&key_fingerprint(key)).cloned()
+    }
+
+    /// Remembers the account of a key (from `GET /v1/account`).
+    pub fn learn_owner(&self, key: &StripeApiKey, account_id: &str) {
+        self.lock()
+            .owners
+            .insert(key_fingerprint(key), account_id.to_owned());
+    }
+
+    /// The pacing of `account_id` for the configuration `scope`, which asks for `rate`
+    /// requests per second. Scopes sharing an account share its bucket at the lowest rate
+    /// any of them asks for (each tenant's limit holds; their sum never exceeds Stripe's);
+    /// the bucket is re-created when that rate changes.
+    pub fn account(&self, account_id: &str, scope: &str, rate: u32) -> Arc<Account> {
+        let mut inner = self.lock();
+        // A scope that moved to another account (a new key) no longer holds the old one's
+        // rate down.
+        if let Some(before) = inner.scopes.insert(scope.to_owned(), account_id.to_owned()) {
+            if before != account_id {
+                if let Some(old) = inner.accounts.get_mut(&before) {
+                    old.rates.remove(scope);
+                }
             }
         }
+        let shared = inner
+            .accounts
+            .entry(account_id.to_owned())
+            .or_insert_with(|| Shared {
+                account: Arc::new(Account::new(rate)),
+                rates: HashMap::new(),
+            });
+        shared.rates.insert(scope.to_owned(), rate);
+        let lowest = shared.rates.values().copied().min().unwrap_or(rate);
+        if shared.account.rate != lowest {
+            shared.account = Arc::new(Account::new(lowest));
+        }
+        shared.account.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PacerInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// (account, breaker state) of every account, for the status endpoint and metrics.
     pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
         let now = Instant::now();
-        let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        accounts
+        self.lock()
+            .accounts
             .iter()
-            .map(|(id, a)| {
-                let state = a
+            .map(|(id, shared)| {
+                let state = shared
+                    .account
                     .breaker
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -220,6 +284,28 @@ impl Pacer {
             })
             .collect()
     }
+}
+
+/// The pacing for requests with `key`: its Stripe account's ([`Pacer::account`]), the
+/// account asked of Stripe (`GET /v1/account`) the first time the key is seen. Nothing is
+/// sent with a key before its account is known: pacing it alone could exceed the limit
+/// its account shares with other keys.
+pub async fn paced_account(
+    pacer: &Pacer,
+    stripe: &StripeClient,
+    key: &StripeApiKey,
+    scope: &str,
+    rate: u32,
+) -> Result<Arc<Account>, StripeError> {
+    let account_id = match pacer.owner_of(key) {
+        Some(known) => known,
+        None => {
+            let asked = stripe.account_id(key).await?;
+            pacer.learn_owner(key, &asked);
+            asked
+        }
+    };
+    Ok(pacer.account(&account_id, scope, rate))
 }
 
 #[cfg(test)]
@@ -304,5 +390,19 @@ mod tests {
             account.record(Some(ErrorClass::Retriable));
         }
         assert!(account.admit().is_err(), "ten failures in a row open it");
+    }
+
+    #[test]
+    fn scopes_sharing_an_account_share_one_bucket_at_the_lowest_rate() {
+        let pacer = Pacer::default();
+        let a = pacer.account("acct_1", "tenant_a/env_prod", 20);
+        assert_eq!(a.rate, 20);
+        let b = pacer.account("acct_1", "tenant_b/env_prod", 5);
+        assert_eq!(b.rate, 5, "the lower rate holds for both");
+        assert!(Arc::ptr_eq(&b, &pacer.account("acct_1", "tenant_a/env_prod", 20)));
+        // tenant_b moves to a key of another account: acct_1 is tenant_a's alone again.
+        assert_eq!(pacer.account("acct_2", "tenant_b/env_prod", 5).rate, 5);
+        assert_eq!(pacer.account("acct_1", "tenant_a/env_prod", 20).rate, 20);
+        assert_eq!(pacer.breaker_states().len(), 2, "one breaker per account");
     }
 }

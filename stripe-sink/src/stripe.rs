@@ -226,6 +226,17 @@ impl StripeClient {
         self.get(key, "/v1/balance", &[]).await.map(|_| ())
     }
 
+    /// `GET /v1/account`: the id (`acct_...`) of the account the key belongs to. Stripe's
+    /// rate limits are the account's, shared by all its keys.
+    pub async fn account_id(&self, key: &StripeApiKey) -> Result<String, StripeError> {
+        #[derive(Deserialize)]
+        struct Account {
+            id: String,
+        }
+        let body = self.get(key, "/v1/account", &[]).await?;
+        parse::<Account>(&body).map(|account| account.id)
+    }
+
     /// The meter whose event_name is `event_name`, if any: its id and formula.
     pub async fn find_meter(
         &self,

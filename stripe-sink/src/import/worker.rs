@@ -146,12 +146,28 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
         Ok(None) => return Step::Fatal("stripe is not configured for this environment".into()),
         Err(e) => return Step::Retry(e.to_string(), None),
     };
-    let account = importer.pacer.account(
-        &crate::sync::account_of(config.api_key.expose()),
-        config
-            .rate_limit_per_second
-            .unwrap_or_else(|| default_rate(config.api_key.livemode())),
-    );
+    let rate = config
+        .rate_limit_per_second
+        .unwrap_or_else(|| default_rate(config.api_key.livemode()));
+    let scope = format!("{}/{}", job.tenant_id, job.environment_id);
+    let account = match paced_account(
+        &importer.pacer,
+        &importer.stripe,
+        &config.api_key,
+        &scope,
+        rate,
+    )
+    .await
+    {
+        Ok(account) => account,
+        Err(e) if e.class == ErrorClass::Authentication => {
+            return Step::Fatal(format!(
+                "stripe refused the api key when asked for its account ({e}); fix the \
+                     stripe config, then start a new import"
+            ))
+        }
+        Err(e) => return Step::Retry(e.to_string(), e.retry_after),
+    };
     if let Err(wait) = account.admit() {
         return Step::Retry("circuit open for this stripe account".into(), Some(wait));
     }

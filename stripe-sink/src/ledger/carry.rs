@@ -4,14 +4,14 @@
 //! Stripe bills stays within half a unit of the exact usage however the usage is split into
 //! windows.
 //!
-//! The carry only ever moves by adding to it, in the transaction that accounts for a change:
-//! it stays true even if two workers of one key overlapped. It lives apart from the windows,
-//! so pruning old ledger rows keeps the fraction they carried.
+//! The carry only ever moves by adding to it, in the transaction that accounts for a change
+//! and under the claim of the window it is accounted in. It lives apart from the windows, so
+//! pruning old ledger rows keeps the fraction they carried.
 
 use meterline_schemas::Decimal;
 use sqlx::PgConnection;
 
-use super::{db, Ledger};
+use super::{db, Claim, Ledger};
 use crate::Error;
 
 /// Adds `amount` to the carry of the customer and meter of window `batch_id`.
@@ -41,23 +41,19 @@ pub(super) async fn add(
 impl Ledger {
     /// A change of the window total that rounds to no meter event: it is accounted for and
     /// carried, so the next change of this customer and meter sends it.
-    pub async fn carried(&self, batch_id: i64, change: Decimal) -> Result<(), Error> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("starting to carry a change"))?;
+    pub async fn carried(&self, claim: Claim, change: Decimal) -> Result<(), Error> {
+        let mut tx = self.hold(claim).await?;
         sqlx::query(
             "UPDATE stripe_sync_batches
              SET accounted_quantity = accounted_quantity + $2, updated_at = now()
              WHERE id = $1",
         )
-        .bind(batch_id)
+        .bind(claim.batch_id)
         .bind(change)
         .execute(&mut *tx)
         .await
         .map_err(db("accounting for a carried change"))?;
-        add(&mut tx, batch_id, change).await?;
+        add(&mut tx, claim.batch_id, change).await?;
         tx.commit().await.map_err(db("committing a carried change"))
     }
 }

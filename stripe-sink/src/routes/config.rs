@@ -145,14 +145,17 @@ pub(super) async fn stored_api_key(
         .ok_or_else(|| ApiError::not_found("no stripe config for this environment").into())
 }
 
-/// Calls `GET /v1/balance` with the stored key.
+/// Calls `GET /v1/account` with the stored key: it works, and names the Stripe account whose
+/// rate limit the sync shares.
 pub async fn test(
     State(state): State<AppState>,
     scope: TenantScope,
 ) -> Result<Json<serde_json::Value>, RouteError> {
     let key = stored_api_key(&state, &scope, Purpose::ConfigTest).await?;
-    match state.stripe.check_key(&key).await {
-        Ok(()) => Ok(Json(serde_json::json!({"status": "connected"}))),
+    match state.stripe.account_id(&key).await {
+        Ok(account) => Ok(Json(
+            serde_json::json!({"status": "connected", "stripe_account": account}),
+        )),
         Err(e) if e.class == ErrorClass::Authentication => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "stripe_authentication_failed",

@@ -44,6 +44,8 @@ async fn dispatcher(
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        // Taken before the claim, so it is never later than the lease the database records.
+        let held_until = tokio::time::Instant::now() + ctx.lease();
         let claimed = match ctx.ledger.claim(1, ctx.lease()).await {
             Ok(c) => c,
             Err(e) => {
@@ -59,18 +61,40 @@ async fn dispatcher(
         };
         // A claimed window is always finished, even during shutdown: its lease would
         // otherwise hold it for minutes.
-        let finish = settle(&ctx, &batch, &mut rng).await;
+        let Some(finish) = settle(&ctx, &batch, held_until, &mut rng).await else {
+            claim_lost(batch.id);
+            continue;
+        };
         let label = finish_label(&finish);
         metrics::window_settled(label);
         if let Finish::Failed(reason) | Finish::NeedsReconciliation(reason) = &finish {
             tracing::warn!(batch = batch.id, %reason, outcome = label, "window not sent");
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        while let Err(e) = ctx.ledger.finish(batch.id, &finish).await {
-            tracing::warn!(batch = batch.id, error = %e, "finishing a window failed, retrying");
-            backoff.sleep().await;
+        loop {
+            match ctx.ledger.finish(batch.claim, &finish).await {
+                Ok(()) => break,
+                Err(Error::ClaimLost { .. }) => {
+                    claim_lost(batch.id);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(batch = batch.id, error = %e, "finishing a window failed, retrying");
+                    backoff.sleep().await;
+                }
+            }
         }
     }
+}
+
+/// The window's lease ran out before this dispatcher was done and another claimed it: the
+/// new owner resends anything outstanding unchanged and finishes it.
+fn claim_lost(batch: i64) {
+    metrics::window_settled("claim_lost");
+    tracing::warn!(
+        batch,
+        "the window's lease ran out and another dispatcher claimed it; this one wrote nothing more"
+    );
 }
 
 fn finish_label(finish: &Finish) -> &'static str {

@@ -18,7 +18,6 @@ use std::time::Duration;
 use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_catalog::meters::MeterStore;
 use meterline_common::kafka::DeadLetters;
-use sha2::{Digest, Sha256};
 
 use crate::config::StripeSettings;
 use crate::ledger::Ledger;
@@ -63,10 +62,4 @@ impl SyncContext {
         let attempts = self.settings.max_retries + 1;
         (self.settings.timeout + self.request_backoff.max) * attempts * 4 + Duration::from_secs(10)
     }
-}
-
-/// The account key of the pacer: a hash of the API key, so that the key itself is kept
-/// nowhere but in its encrypted row.
-pub(crate) fn account_of(api_key: &str) -> String {
-    hex::encode(&Sha256::digest(api_key.as_bytes())[..8])
 }

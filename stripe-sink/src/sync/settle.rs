@@ -3,12 +3,20 @@
 //! meter's carry ([`billing::round_with_carry`]), paced by the account's token bucket,
 //! behind its circuit breaker, retried with backoff.
 //!
-//! Rules kept here: the ledger records a send (its identifier and value) before it goes out,
-//! so a crash resends the same event and Stripe's identifier check absorbs it; a send never
-//! answered for 23 h is not resent but flagged for reconciliation, since Stripe forgets an
-//! identifier after 24 h.
+//! Rules kept here:
+//! - The ledger records a send (its identifier and value) before it goes out, so a crash
+//!   resends the same event and Stripe's identifier check absorbs it.
+//! - A send is *in doubt* from its first attempt that got no certain "not recorded" (no
+//!   answer, a 409, a 5xx). A send in doubt keeps its units whatever comes next: a later 400
+//!   leaves the window for reconciliation, a later 401/403 keeps the send to go out unchanged
+//!   once the key is fixed; neither frees the units for a send under a new identifier. Only a
+//!   send in doubt for 23 h is flagged for reconciliation (Stripe forgets an identifier after
+//!   24 h); one that never reached Stripe (only 429s, 401s, an open breaker) is simply resent.
+//! - Nothing waits past the claim's lease: a `Retry-After` or a rate-limit wait that would
+//!   outlast it ends the attempt and the window is retried later, so no late worker acts on a
+//!   window another has claimed (and every ledger write checks the claim besides).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meterline_accounts::audit::{Actor, Purpose};
 use meterline_accounts::stripe_config::StripeApiKey;
@@ -16,31 +24,41 @@ use meterline_common::auth::TenantScope;
 use meterline_schemas::{Decimal, StripeFormula};
 use rust_decimal::prelude::ToPrimitive;
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
-use super::{account_of, SyncContext, UNKNOWABLE_AFTER};
+use super::{SyncContext, UNKNOWABLE_AFTER};
 use crate::billing::{self, Unsendable};
-use crate::ledger::{Batch, Counts, Finish, Send};
+use crate::ledger::{Batch, Claim, Counts, Finish, Send};
 use crate::mappings::{needed_formula, ProviderMeter};
 use crate::metrics;
-use crate::pacing::default_rate;
+use crate::pacing::{default_rate, paced_account};
 use crate::stripe::{ErrorClass, MeterEvent, StripeMeter};
 use crate::Error;
 
-/// Settles one claimed window as far as it can now.
-pub(super) async fn settle(ctx: &SyncContext, batch: &Batch, rng: &mut impl rand::Rng) -> Finish {
-    match try_settle(ctx, batch, rng).await {
-        Ok(finish) => finish,
+/// Settles one claimed window as far as it can now, before `held_until` (when its lease
+/// runs out). `None` when the window was claimed by another dispatcher meanwhile: it is
+/// theirs to finish.
+pub(super) async fn settle(
+    ctx: &SyncContext,
+    batch: &Batch,
+    held_until: Instant,
+    rng: &mut impl rand::Rng,
+) -> Option<Finish> {
+    match try_settle(ctx, batch, held_until, rng).await {
+        Ok(finish) => Some(finish),
+        Err(Error::ClaimLost { .. }) => None,
         // Our own database or a decryption failed: try again soon; nothing was lost.
-        Err(e) => Finish::RetryIn {
+        Err(e) => Some(Finish::RetryIn {
             seconds: 5.0,
             error: e.to_string(),
-        },
+        }),
     }
 }
 
 async fn try_settle(
     ctx: &SyncContext,
     batch: &Batch,
+    held_until: Instant,
     rng: &mut impl rand::Rng,
 ) -> Result<Finish, Error> {
     if !ctx.settings.enabled {
@@ -105,22 +123,47 @@ async fn try_settle(
         }
         Err(e @ Unsendable::TooLarge(_)) => return Ok(Finish::Failed(e.to_string())),
     }
-    let account = ctx.pacer.account(
-        &account_of(config.api_key.expose()),
-        config
-            .rate_limit_per_second
-            .unwrap_or_else(|| default_rate(config.api_key.livemode())),
-    );
+    let rate = config
+        .rate_limit_per_second
+        .unwrap_or_else(|| default_rate(config.api_key.livemode()));
+    let scope = format!("{}/{}", batch.tenant_id, batch.environment_id);
+    let account = match paced_account(&ctx.pacer, &ctx.stripe, &config.api_key, &scope, rate).await
+    {
+        Ok(account) => account,
+        // Nothing went out: any outstanding send stays as it is.
+        Err(e) if e.class == ErrorClass::Authentication => {
+            return Ok(Finish::Failed(format!(
+                "stripe refused the api key when asked for its account ({e}); meterline paces \
+                 requests per stripe account and needs the key to read it: fix the stripe \
+                 config, then retry"
+            )))
+        }
+        Err(e) => {
+            let seconds = ctx
+                .window_backoff
+                .delay(batch.attempts.max(0) as u32, e.retry_after, rng)
+                .as_secs_f64()
+                .max(0.5);
+            return Ok(Finish::RetryIn {
+                seconds,
+                error: format!("stripe did not say which account the api key belongs to: {e}"),
+            });
+        }
+    };
 
     // A window may need a few sends when new totals arrive while one is in flight; each
     // pass either settles or leaves for a retry.
     for _ in 0..4 {
         let mut send = match ctx.ledger.outstanding(batch.id).await? {
-            Some(send) if now - send.created_at > UNKNOWABLE_AFTER => {
+            Some(Send {
+                in_doubt_since: Some(since),
+                identifier,
+                ..
+            }) if now - since > UNKNOWABLE_AFTER => {
                 return Ok(Finish::NeedsReconciliation(format!(
-                    "meter event {} was never answered and is older than 23 h; check Stripe \
-                     before retrying",
-                    send.identifier
+                    "meter event {identifier} has been in doubt for over 23 h (an attempt got no \
+                     certain answer); Stripe may hold it and soon forgets its identifier: check \
+                     Stripe before retrying"
                 )))
             }
             Some(send) => send,
@@ -138,7 +181,7 @@ async fn try_settle(
                         };
                         if value == 0 {
                             // Less than half a unit with the carry: nothing to send yet.
-                            ctx.ledger.carried(batch.id, change).await?;
+                            ctx.ledger.carried(batch.claim, change).await?;
                             continue;
                         }
                         (value, change)
@@ -155,7 +198,9 @@ async fn try_settle(
                             Err(e) => return Ok(Finish::Failed(e.to_string())),
                         };
                         if current.sent && Decimal::from(value) == current.synced {
-                            ctx.ledger.unchanged_value(batch.id, current.total).await?;
+                            ctx.ledger
+                                .unchanged_value(batch.claim, current.total)
+                                .await?;
                             continue;
                         }
                         (value, current.total)
@@ -180,14 +225,24 @@ async fn try_settle(
                     provider_customer_id: customer.clone(),
                     stripe_timestamp: billing::event_timestamp(&batch.window),
                     created_at: now,
+                    in_doubt_since: None,
                 };
-                ctx.ledger.begin_send(batch.id, &send).await?;
+                ctx.ledger.begin_send(batch.claim, &send).await?;
                 send
             }
         };
-        match deliver(ctx, &account, &config.api_key, batch.id, &mut send, rng).await {
+        let delivery = deliver(
+            ctx,
+            &account,
+            &config.api_key,
+            (batch.claim, held_until),
+            &mut send,
+            rng,
+        )
+        .await?;
+        match delivery {
             Delivery::Recorded => {
-                ctx.ledger.accepted(batch.id, &send).await?;
+                ctx.ledger.accepted(batch.claim, &send).await?;
                 let lag = OffsetDateTime::now_utc() - batch.window.end();
                 metrics::sync_lag(lag);
             }
@@ -211,8 +266,23 @@ async fn try_settle(
                 }
                 return Ok(Finish::RetryIn { seconds, error });
             }
-            Delivery::Refused(error) => {
-                ctx.ledger.refused(batch.id, &send, &error).await?;
+            // A refused key says nothing about the event: it is kept, to go out unchanged
+            // (identifier and all) once the key is fixed and the window retried.
+            Delivery::Refused { error, key: true } => {
+                return Ok(Finish::Failed(format!(
+                    "{error}; meter event {} is kept and goes out unchanged after the retry",
+                    send.identifier
+                )));
+            }
+            Delivery::Refused { error, .. } if send.in_doubt_since.is_some() => {
+                return Ok(Finish::NeedsReconciliation(format!(
+                    "stripe refused meter event {} ({error}) after an earlier attempt got no \
+                     certain answer: Stripe may hold it; check Stripe before retrying",
+                    send.identifier
+                )));
+            }
+            Delivery::Refused { error, .. } => {
+                ctx.ledger.refused(batch.claim, &send, &error).await?;
                 return Ok(Finish::Failed(error));
             }
         }
@@ -311,19 +381,29 @@ enum Delivery {
         /// The last attempt got no answer at all: it may still be running at Stripe.
         unanswered: bool,
     },
-    /// Refused for good: the event did not count.
-    Refused(String),
+    /// Refused: this attempt did not count. `key`: for the API key (401, 403), not for the
+    /// event.
+    Refused {
+        error: String,
+        key: bool,
+    },
 }
 
-/// One meter event: paced, behind the breaker, retried up to `max_retries` times.
+/// One meter event: paced, behind the breaker, retried up to `max_retries` times, each
+/// attempt started only if it can end before `held_until`. `Err` only when a ledger write
+/// failed (or the claim was lost).
 async fn deliver(
     ctx: &SyncContext,
     account: &crate::pacing::Account,
-    key: &meterline_accounts::stripe_config::StripeApiKey,
-    batch_id: i64,
+    key: &StripeApiKey,
+    (claim, held_until): (Claim, Instant),
     send: &mut Send,
     rng: &mut impl rand::Rng,
-) -> Delivery {
+) -> Result<Delivery, Error> {
+    // The last moment an attempt may start: it can take the whole request timeout.
+    let last_start = held_until
+        .checked_sub(ctx.settings.timeout)
+        .unwrap_or(held_until);
     let mut last_error = String::new();
     let mut last_retry_after = None;
     let mut unanswered = false;
@@ -338,15 +418,24 @@ async fn deliver(
         };
         if let Err(wait) = account.admit() {
             metrics::stripe_request(None, "circuit_open");
-            return Delivery::Later {
+            return Ok(Delivery::Later {
                 error: "circuit open for this stripe account".into(),
                 retry_after: Some(wait),
-                unanswered: false,
-            };
+                unanswered,
+            });
         }
         let waited = Instant::now();
-        account.until_ready().await;
+        let ready = tokio::time::timeout_at(last_start, account.until_ready()).await;
         metrics::rate_limit_waited(waited.elapsed());
+        if ready.is_err() {
+            return Ok(Delivery::Later {
+                error: "the account's rate limit left no time for a request before this \
+                        window's lease ends"
+                    .into(),
+                retry_after: None,
+                unanswered,
+            });
+        }
         let started = Instant::now();
         let result = ctx.stripe.create_meter_event(key, &event).await;
         let took = started.elapsed();
@@ -364,25 +453,33 @@ async fn deliver(
         metrics::stripe_request(Some(took), outcome);
         account.record(result.as_ref().err().map(|e| e.class));
         match result {
-            Ok(_) => return Delivery::Recorded,
+            Ok(_) => return Ok(Delivery::Recorded),
             Err(e) => match e.class {
-                ErrorClass::Permanent => return Delivery::Refused(e.to_string()),
+                ErrorClass::Permanent => {
+                    return Ok(Delivery::Refused {
+                        error: e.to_string(),
+                        key: false,
+                    })
+                }
                 ErrorClass::Authentication => {
-                    return Delivery::Refused(format!(
-                        "stripe refused the api key ({e}); fix the stripe config, then retry"
-                    ))
+                    return Ok(Delivery::Refused {
+                        error: format!(
+                            "stripe refused the api key ({e}); fix the stripe config, then retry"
+                        ),
+                        key: true,
+                    })
                 }
                 ErrorClass::Retriable | ErrorClass::RateLimited | ErrorClass::InProgress => {
                     tracing::debug!(error = %e, attempt, "meter event not recorded yet, retrying");
-                    if e.status.is_some_and(|s| s >= 500) {
+                    let server_error = e.status.is_some_and(|s| s >= 500);
+                    // No answer, "still running" or a 5xx (whose outcome Stripe calls
+                    // indeterminate): Stripe may hold the event from now on.
+                    if e.status.is_none() || e.class == ErrorClass::InProgress || server_error {
+                        ctx.ledger.in_doubt(claim, send).await?;
+                    }
+                    if server_error {
                         // Stripe would replay this 5xx for the same key: take the next one.
-                        if let Err(db) = ctx.ledger.next_key_generation(batch_id, send).await {
-                            return Delivery::Later {
-                                error: db.to_string(),
-                                retry_after: None,
-                                unanswered: false,
-                            };
-                        }
+                        ctx.ledger.next_key_generation(claim, send).await?;
                     }
                     // A request that got no answer, or that Stripe says is still running
                     // (409), may still be in flight there: remembered for the whole delivery.
@@ -399,12 +496,17 @@ async fn deliver(
             },
         }
         if attempt < ctx.settings.max_retries {
-            tokio::time::sleep(ctx.request_backoff.delay(attempt, last_retry_after, rng)).await;
+            let pause = ctx.request_backoff.delay(attempt, last_retry_after, rng);
+            if Instant::now() + pause > last_start {
+                // A long Retry-After: the window waits for it unclaimed.
+                break;
+            }
+            tokio::time::sleep(pause).await;
         }
     }
-    Delivery::Later {
+    Ok(Delivery::Later {
         error: last_error,
         retry_after: last_retry_after,
         unanswered,
-    }
+    })
 }

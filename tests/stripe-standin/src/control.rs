@@ -1,6 +1,7 @@
 //! Test control under `/_standin/...` (a prefix no Stripe route uses), JSON in and out, no
 //! authentication: the movable clock every time rule reads, fault injection, webhook disorder,
-//! accounts created at runtime, webhook secret rolls, and inspection of what was received.
+//! accounts created at runtime, API key and webhook secret rolls, and inspection of what was
+//! received.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -25,6 +26,11 @@ pub fn router() -> Router<App> {
         .route("/_standin/webhooks/chaos", get(get_chaos).post(set_chaos))
         .route("/_standin/accounts", post(upsert_account))
         .route("/_standin/accounts/{secret_key}/inspect", get(inspect))
+        .route("/_standin/accounts/{secret_key}/roll_key", post(roll_key))
+        .route(
+            "/_standin/accounts/{secret_key}/restricted_keys",
+            post(add_restricted_key),
+        )
         .route(
             "/_standin/webhook_endpoints/{id}/roll_secret",
             post(roll_secret),
@@ -99,6 +105,8 @@ async fn set_chaos(State(app): State<App>, Json(chaos): Json<WebhookChaos>) -> J
     Json(chaos)
 }
 
+const KEY_PREFIXES: [&str; 4] = ["sk_test_", "sk_live_", "rk_test_", "rk_live_"];
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewAccount {
@@ -112,10 +120,7 @@ async fn upsert_account(
     State(app): State<App>,
     Json(body): Json<NewAccount>,
 ) -> Result<Json<Value>, Error> {
-    if !["sk_test_", "sk_live_", "rk_test_", "rk_live_"]
-        .iter()
-        .any(|p| body.secret_key.starts_with(p))
-    {
+    if !KEY_PREFIXES.iter().any(|p| body.secret_key.starts_with(p)) {
         return Err(Error::bad_value(
             "secret_key must start with sk_test_, sk_live_, rk_test_ or rk_live_",
             "secret_key",
@@ -147,8 +152,7 @@ async fn inspect(
 ) -> Result<Json<Value>, Error> {
     let inner = app.lock();
     let account = inner
-        .accounts
-        .get(&secret_key)
+        .account_of(&secret_key)
         .ok_or_else(|| Error::no_such("account", &secret_key, "secret_key"))?;
     let mut totals: std::collections::BTreeMap<(String, String), (i64, u64)> = Default::default();
     for e in account
@@ -230,4 +234,71 @@ async fn roll_secret(
         "previous_secret": old,
         "previous_secret_expires_at": now + expires_in
     })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollKey {
+    /// The key that replaces it; default a fresh one of the same kind.
+    new_secret_key: Option<String>,
+}
+
+/// Rolls an account's secret key with immediate expiry: the old key answers 401
+/// `api_key_expired`, the new one works for the same account and its data.
+async fn roll_key(
+    State(app): State<App>,
+    Path(secret_key): Path<String>,
+    body: Option<Json<RollKey>>,
+) -> Result<Json<Value>, Error> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let Some(prefix) = KEY_PREFIXES.iter().find(|p| secret_key.starts_with(**p)) else {
+        return Err(Error::no_such("account", &secret_key, "secret_key"));
+    };
+    let new_key = body
+        .new_secret_key
+        .unwrap_or_else(|| format!("{prefix}{}", uuid::Uuid::new_v4().simple()));
+    if !new_key.starts_with(prefix) {
+        return Err(Error::bad_value(
+            "new_secret_key must be of the same kind (prefix) as the key it replaces",
+            "new_secret_key",
+        ));
+    }
+    let mut inner = app.lock();
+    if inner.api_keys.contains_key(&new_key) || inner.expired_keys.contains(&new_key) {
+        return Err(Error::bad_value(
+            "new_secret_key is already in use",
+            "new_secret_key",
+        ));
+    }
+    let account = inner
+        .roll_key(&secret_key, &new_key)
+        .ok_or_else(|| Error::no_such("account", &secret_key, "secret_key"))?;
+    Ok(Json(json!({
+        "id": account.id,
+        "secret_key": new_key,
+        "previous_secret_key": secret_key
+    })))
+}
+
+/// Adds a restricted key (`rk_test_`/`rk_live_`, by the account's mode) to the account of a
+/// working key: another key of the same account, with its data and its rate limit.
+async fn add_restricted_key(
+    State(app): State<App>,
+    Path(secret_key): Path<String>,
+) -> Result<Json<Value>, Error> {
+    let mut inner = app.lock();
+    let Some(handle) = inner.api_keys.get(&secret_key).cloned() else {
+        return Err(Error::no_such("account", &secret_key, "secret_key"));
+    };
+    let account = inner
+        .accounts
+        .get(&handle)
+        .ok_or_else(|| Error::no_such("account", &secret_key, "secret_key"))?;
+    let mode = if account.livemode { "live" } else { "test" };
+    let (id, key) = (
+        account.id.clone(),
+        format!("rk_{mode}_{}", uuid::Uuid::new_v4().simple()),
+    );
+    inner.api_keys.insert(key.clone(), handle);
+    Ok(Json(json!({"id": id, "restricted_key": key})))
 }

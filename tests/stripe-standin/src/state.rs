@@ -29,6 +29,8 @@ impl Standin {
         let mut inner = Inner {
             clock_offset_ms: 0,
             accounts: HashMap::new(),
+            api_keys: HashMap::new(),
+            expired_keys: HashSet::new(),
             faults: Faults::default(),
             faults_injected: FaultCounts::default(),
             rng: Rng::new(config.seed),
@@ -61,8 +63,13 @@ impl Standin {
 pub struct Inner {
     /// Added to the system clock; moved forward by tests (`/_standin/clock/advance`).
     pub clock_offset_ms: i64,
-    /// By secret key.
+    /// By the secret key each account was created with (its handle, which stays when the
+    /// key is rolled: tests inspect an account by it).
     pub accounts: HashMap<String, Account>,
+    /// Every secret key that works now → its account's handle.
+    pub api_keys: HashMap<String, String>,
+    /// Keys rolled away: 401 `api_key_expired`, as Stripe answers an expired key.
+    pub expired_keys: HashSet<String>,
     pub faults: Faults,
     /// How many faults were actually applied since the start, by kind.
     pub faults_injected: FaultCounts,
@@ -105,13 +112,41 @@ impl Inner {
     ) -> &mut Account {
         let livemode = livemode.unwrap_or_else(|| is_live_key(secret_key));
         let id = self.id("acct");
+        let handle = self
+            .api_keys
+            .entry(secret_key.to_string())
+            .or_insert_with(|| secret_key.to_string())
+            .clone();
+        self.expired_keys.remove(secret_key);
         let account = self
             .accounts
-            .entry(secret_key.to_string())
+            .entry(handle)
             .or_insert_with(|| Account::new(id, secret_key.to_string(), livemode));
         account.livemode = livemode;
         account.rate_limit = rate_limit.unwrap_or(default_rate_limit);
         account
+    }
+
+    /// The account of `key`: a key that works now, or the key it was created with (rolled
+    /// or not).
+    pub fn account_of(&self, key: &str) -> Option<&Account> {
+        self.api_keys
+            .get(key)
+            .and_then(|handle| self.accounts.get(handle))
+            .or_else(|| self.accounts.get(key))
+    }
+
+    /// Rolls the account's secret key, as the Dashboard's "roll key" with expiry "now": the
+    /// old key answers 401 `api_key_expired` from now on, `new_key` works for the same
+    /// account (its customers, meters, events, identifiers and idempotency keys). `None`
+    /// when `old_key` works for no account.
+    pub fn roll_key(&mut self, old_key: &str, new_key: &str) -> Option<&Account> {
+        let handle = self.api_keys.remove(old_key)?;
+        self.expired_keys.insert(old_key.to_string());
+        self.api_keys.insert(new_key.to_string(), handle.clone());
+        let account = self.accounts.get_mut(&handle)?;
+        account.secret_key = new_key.to_string();
+        Some(account)
     }
 
     /// The account owning a webhook endpoint id, with the endpoint.

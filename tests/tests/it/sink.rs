@@ -473,7 +473,14 @@ async fn a_tenant_cannot_read_or_change_another_tenants_stripe_data() {
             .bearer_auth(&a),
     )
     .await;
-    assert_eq!(test.body, json!({"status": "connected"}));
+    assert_eq!(test.body["status"], "connected", "{:?}", test.body);
+    assert!(
+        test.body["stripe_account"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("acct_")),
+        "the test names the key's account: {:?}",
+        test.body
+    );
     ns.drop_databases().await;
 }
 
@@ -1146,5 +1153,442 @@ async fn non_additive_meters_on_last_stripe_meters_bill_the_periods_value_not_a_
         assert_eq!(l["stripe"], value.parse::<f64>().unwrap(), "{l}");
         assert_eq!(l["status"], "match", "{l}");
     }
+    ns.drop_databases().await;
+}
+
+/// Case 8 of the billing issue, on the real PostgreSQL: a dispatcher whose lease ran out
+/// (a long `Retry-After`, a rate-limit wait) while another took the window over writes
+/// nothing more. Before claims were numbered, the late worker's send of the change it had
+/// read (10) went in as a second meter event beside the new owner's, and Stripe billed 20.
+#[tokio::test]
+async fn a_dispatcher_whose_lease_ran_out_writes_nothing_over_the_next_claim() {
+    use meterline_schemas::{
+        CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Timestamp, Window, WindowReason,
+        WindowTotal,
+    };
+    use stripe_sink::ledger::{Counts, Finish, Ledger, Send};
+    use stripe_sink::Error;
+
+    let ns = Namespace::create().await;
+    let pool = ns.pg_pool().await;
+    let ledger = Ledger::new(pool.clone());
+    let start = hour_start(2);
+    let window = Window::new(start, start + time::Duration::hours(1)).unwrap();
+    ledger
+        .record_window(&WindowTotal {
+            tenant_id: TenantId::parse(TENANT).unwrap(),
+            environment_id: EnvironmentId::parse("env_prod").unwrap(),
+            customer_id: CustomerId::parse("cust_late").unwrap(),
+            meter_id: MeterId::parse("calls").unwrap(),
+            window,
+            quantity: Decimal::from(10),
+            event_count: 10,
+            revision: std::num::NonZeroU32::MIN,
+            reason: WindowReason::Due,
+            expired: false,
+            computed_at: Timestamp::now(),
+        })
+        .await
+        .unwrap();
+    let send = |seq: i32| Send {
+        seq,
+        identifier: format!("ml_late_{seq}"),
+        key_generation: 0,
+        value: Decimal::from(10),
+        accounted: Decimal::from(10),
+        event_name: "api_calls".into(),
+        provider_customer_id: "cus_late".into(),
+        stripe_timestamp: (start + time::Duration::minutes(59)).unix_timestamp(),
+        created_at: OffsetDateTime::now_utc(),
+        in_doubt_since: None,
+        counts: Counts::Change,
+    };
+
+    let late = ledger.claim(1, Duration::from_millis(1)).await.unwrap();
+    let late = late.first().expect("the window is claimed").clone();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let owner = ledger.claim(1, Duration::from_secs(60)).await.unwrap();
+    let owner = owner
+        .first()
+        .expect("an expired lease is taken over")
+        .clone();
+    assert_eq!(owner.id, late.id, "the same window");
+
+    // The new owner sends the window's 10 and settles it.
+    ledger.begin_send(owner.claim, &send(1)).await.unwrap();
+    ledger.accepted(owner.claim, &send(1)).await.unwrap();
+
+    // The late worker wakes up with what it read before: none of it lands.
+    let lost = |r: Result<(), Error>, what: &str| {
+        assert!(
+            matches!(r, Err(Error::ClaimLost { batch_id }) if batch_id == late.id),
+            "{what} by the late worker: {r:?}"
+        )
+    };
+    let mut stale = send(2);
+    lost(ledger.begin_send(late.claim, &stale).await, "a second send");
+    lost(ledger.accepted(late.claim, &send(1)).await, "an acceptance");
+    lost(
+        ledger.carried(late.claim, Decimal::new(4, 1)).await,
+        "a carry",
+    );
+    lost(ledger.in_doubt(late.claim, &mut stale).await, "a doubt");
+    lost(
+        ledger.refused(late.claim, &send(1), "late").await,
+        "a refusal",
+    );
+    lost(
+        ledger
+            .finish(late.claim, &Finish::Failed("late".into()))
+            .await,
+        "a finish",
+    );
+    ledger.finish(owner.claim, &Finish::Settled).await.unwrap();
+
+    let (status, synced, accounted): (String, Decimal, Decimal) = sqlx::query_as(
+        "SELECT sync_status, synced_quantity, accounted_quantity FROM stripe_sync_batches
+         WHERE id = $1",
+    )
+    .bind(owner.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), synced, accounted),
+        ("synced", Decimal::from(10), Decimal::from(10))
+    );
+    let sends: Vec<(i32, String)> =
+        sqlx::query_as("SELECT seq, status FROM stripe_sync_sends WHERE batch_id = $1")
+            .bind(owner.id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(sends, vec![(1, "accepted".to_owned())], "one meter event");
+    let carry: Option<Decimal> = sqlx::query_scalar("SELECT carry FROM stripe_sync_carry")
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+    assert!(
+        carry.is_none_or(|c| c.is_zero()),
+        "no carry moved: {carry:?}"
+    );
+    ns.drop_databases().await;
+}
+
+/// Case 9 of the billing issue: a meter event whose attempt went unanswered may be recorded
+/// at Stripe, so a refusal that follows must not free its units for a send under a new
+/// identifier. (1) Stripe records the event but every answer is lost; the account's key is
+/// then rolled and the resend gets 401: the window fails with the send kept, and after the
+/// new key is configured and the window retried the same event goes out again, so Stripe
+/// holds 5, not 10 (before, the 401 freed the units and seq 2 billed them again). (2) A send
+/// answered only with 500s, then refused with a 400 (its timestamp grew too old), waits for
+/// reconciliation with its one send kept, instead of failing with its units free.
+#[tokio::test]
+async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    let cus = standin.customer("cust_doubt").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    let put_config = |key: String| {
+        let url = sink.url("/v1/stripe/config");
+        let t = t.clone();
+        async move {
+            let config = post_json_put(
+                &url,
+                &t,
+                &json!({"api_key": key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+            )
+            .await;
+            assert_eq!(config.status, 200, "{:?}", config.body);
+        }
+    };
+    put_config(standin.key.clone()).await;
+    for (path, body) in [
+        (
+            "/v1/stripe/meters/mapping",
+            json!({"meter_id": "calls", "provider_type": "stripe",
+                   "provider_meter_id": "api_calls", "sync_enabled": true}),
+        ),
+        (
+            "/v1/stripe/customers/mapping",
+            json!({"customer_id": "cust_doubt", "provider_customer_id": cus}),
+        ),
+    ] {
+        let answer = post_json(&sink.url(path), &t, &body).await;
+        assert_eq!(answer.status, 201, "{path}: {:?}", answer.body);
+    }
+    let calls = |prefix: &str, hours_ago: i64, n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| {
+                event(
+                    TENANT,
+                    &format!("{prefix}-{i}"),
+                    "cust_doubt",
+                    "api.request",
+                    hour_start(hours_ago) + time::Duration::minutes(5 + i as i64),
+                    json!({}),
+                )
+            })
+            .collect()
+    };
+    let pg = ns.pg_pool().await;
+    let sends_of = |hours_ago: i64| {
+        let pg = pg.clone();
+        async move {
+            let sends: Vec<(i32, String)> = sqlx::query_as(
+                "SELECT s.seq, s.status FROM stripe_sync_sends s
+                 JOIN stripe_sync_batches b ON b.id = s.batch_id
+                 WHERE b.window_start = $1 ORDER BY s.seq",
+            )
+            .bind(hour_start(hours_ago))
+            .fetch_all(&pg)
+            .await
+            .unwrap();
+            sends
+        }
+    };
+
+    // (1) Every answer to a meter event is lost; Stripe records the first.
+    standin
+        .control(
+            "faults",
+            json!({"rate_drop": 1.0, "path_prefix": "/v1/billing/meter_events"}),
+        )
+        .await;
+    produce_events(&ns, &calls("dropped", 3, 5)).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while standin.faults_injected().await["dropped"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(Instant::now() < deadline, "no meter event reached stripe");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let recorded = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 5.0)]);
+    assert_eq!(
+        standin.totals().await,
+        recorded,
+        "stripe recorded the event"
+    );
+    let rolled = standin
+        .control(&format!("accounts/{}/roll_key", standin.key), json!({}))
+        .await;
+    let new_key = rolled["secret_key"].as_str().expect("a new key").to_owned();
+    standin.control("faults", json!({})).await;
+    wait_for_batches(&sink, &t, "failed", |failed| {
+        failed.len() == 1
+            && failed[0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("api key") && e.contains("kept"))
+    })
+    .await;
+    assert_eq!(
+        sends_of(3).await,
+        vec![(1, "sending".to_owned())],
+        "the send is kept"
+    );
+
+    put_config(new_key).await;
+    let retried = post_json(&sink.url("/v1/stripe/batches/retry"), &t, &json!({})).await;
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 1).await;
+    // Settled for good: nothing more goes out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(standin.totals().await, recorded, "billed once, not twice");
+    assert_eq!(sends_of(3).await, vec![(1, "accepted".to_owned())]);
+
+    // (2) Only 500s (whose outcome Stripe calls indeterminate), then a 400.
+    standin
+        .control(
+            "faults",
+            json!({"rate_500": 1.0, "path_prefix": "/v1/billing/meter_events"}),
+        )
+        .await;
+    produce_events(&ns, &calls("failing", 2, 3)).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while standin.faults_injected().await["server_error"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(Instant::now() < deadline, "no meter event reached stripe");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Stripe's 35 days pass on its clock: the next attempt is refused with a 400.
+    standin
+        .control("clock/advance", json!({"seconds": 36 * 86_400}))
+        .await;
+    standin.control("faults", json!({})).await;
+    wait_for_batches(&sink, &t, "needs_reconciliation", |open| {
+        open.len() == 1
+            && open[0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("may hold it"))
+    })
+    .await;
+    assert_eq!(
+        sends_of(2).await,
+        vec![(1, "sending".to_owned())],
+        "one send, kept for the reconciliation"
+    );
+    assert_eq!(standin.totals().await, recorded);
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn two_keys_of_one_stripe_account_share_its_rate_limit() {
+    // Stripe's limits are the account's: a secret key and a restricted key of one account,
+    // configured by two tenants, together stay under the limit each of them configures.
+    const LIMIT: u32 = 4;
+    let ns = Namespace::create().await;
+    let standin = Standin::start(LIMIT).await;
+    standin.sum_meter("api_calls").await;
+    standin.sum_meter("tokens_used").await;
+    let restricted = standin
+        .control(
+            &format!("accounts/{}/restricted_keys", standin.key),
+            json!({}),
+        )
+        .await;
+    let restricted = restricted["restricted_key"]
+        .as_str()
+        .expect("a restricted key")
+        .to_owned();
+    let mut customers = BTreeMap::new();
+    for i in 0..15 {
+        let external = format!("cust_{i:02}");
+        customers.insert(external.clone(), standin.customer(&external).await);
+    }
+    let sink = sink(&ns, &standin).await;
+    let tenants = [
+        ("tenant_a", standin.key.clone(), "api_calls"),
+        ("tenant_b", restricted, "tokens_used"),
+    ];
+    let mut accounts = Vec::new();
+    for (tenant, key, stripe_meter) in &tenants {
+        create_meter(
+            &ns,
+            tenant,
+            "env_prod",
+            json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+        )
+        .await;
+        let t = token(tenant, "env_prod");
+        let config = post_json_put(
+            &sink.url("/v1/stripe/config"),
+            &t,
+            &json!({"api_key": key, "sync_enabled": true, "rate_limit_per_second": LIMIT}),
+        )
+        .await;
+        assert_eq!(config.status, 200, "{:?}", config.body);
+        let answer = post_json(
+            &sink.url("/v1/stripe/meters/mapping"),
+            &t,
+            &json!({"meter_id": "calls", "provider_meter_id": stripe_meter, "sync_enabled": true}),
+        )
+        .await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        for (external, cus) in &customers {
+            let answer = post_json(
+                &sink.url("/v1/stripe/customers/mapping"),
+                &t,
+                &json!({"customer_id": external, "provider_customer_id": cus}),
+            )
+            .await;
+            assert_eq!(answer.status, 201, "{:?}", answer.body);
+        }
+        let test = send(
+            reqwest::Client::new()
+                .post(sink.url("/v1/stripe/config/test"))
+                .bearer_auth(&t),
+        )
+        .await;
+        assert_eq!(test.status, 200, "{:?}", test.body);
+        accounts.push(test.body["stripe_account"].clone());
+    }
+    // Both keys name one account.
+    assert!(accounts[0].is_string(), "{accounts:?}");
+    assert_eq!(accounts[0], accounts[1], "one stripe account");
+
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    // Two windows per customer and tenant: 60 meter events, 15 s at the shared limit.
+    let mut events = Vec::new();
+    let mut expected = BTreeMap::new();
+    for (tenant, _, stripe_meter) in &tenants {
+        for (n, (external, cus)) in customers.iter().enumerate() {
+            for hours_ago in [3, 2] {
+                events.push(event(
+                    tenant,
+                    &format!("{tenant}-{external}-{hours_ago}"),
+                    external,
+                    "api.request",
+                    hour_start(hours_ago) + time::Duration::minutes(n as i64),
+                    json!({}),
+                ));
+                *expected
+                    .entry((cus.clone(), stripe_meter.to_string()))
+                    .or_insert(0.0) += 1.0;
+            }
+        }
+    }
+    produce_events(&ns, &events).await;
+    // From the moment both keys are sending, count what the account sees.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let totals = standin.totals().await;
+        let meters: std::collections::BTreeSet<&str> =
+            totals.keys().map(|(_, meter)| meter.as_str()).collect();
+        if meters.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both keys send: {totals:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let both_sending_from = standin_now(&standin).await + 1;
+    wait_for_totals(&standin, &sink, &expected, Duration::from_secs(180)).await;
+    let inspect = standin.inspect().await;
+    let per_second: BTreeMap<i64, u64> = inspect["requests_per_second"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["second"].as_i64().unwrap_or(0) >= both_sending_from)
+        .map(|r| {
+            (
+                r["second"].as_i64().unwrap_or(0),
+                r["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        per_second.values().sum::<u64>() >= 20,
+        "enough requests after both keys started to judge the pacing: {per_second:?}"
+    );
+    // As in the test above: over every span of SPAN seconds, so that a request sent at the
+    // end of one second and counted in the next does not decide.
+    const SPAN: i64 = 3;
+    let busiest = per_second
+        .keys()
+        .map(|&from| {
+            (from..from + SPAN)
+                .map(|second| per_second.get(&second).copied().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        busiest <= u64::from(LIMIT) * SPAN as u64,
+        "the account saw {busiest} requests in {SPAN} seconds (limit {LIMIT}/s): {per_second:?}"
+    );
     ns.drop_databases().await;
 }

@@ -31,6 +31,7 @@ use params::Params;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
     Balance,
+    Account,
     CustomerCreate,
     CustomerList,
     CustomerGet(String),
@@ -58,6 +59,7 @@ fn route(method: &Method, path: &str) -> Option<Route> {
     let id = |s: &str| s.to_string();
     Some(match segments.as_slice() {
         ["v1", "balance"] if get => Route::Balance,
+        ["v1", "account"] if get => Route::Account,
         ["v1", "customers"] if post => Route::CustomerCreate,
         ["v1", "customers"] if get => Route::CustomerList,
         ["v1", "customers", c] if get => Route::CustomerGet(id(c)),
@@ -84,7 +86,8 @@ fn route(method: &Method, path: &str) -> Option<Route> {
 /// What a handler knows about the request besides its parameters.
 pub struct Ctx {
     pub app: App,
-    /// Secret key of the authenticated account (the key into `Inner::accounts`).
+    /// The authenticated account's handle: the key into `Inner::accounts`, which is the
+    /// secret key it was created with.
     pub key: String,
     pub livemode: bool,
     /// Injected slowness: meter events sleep while holding their (customer, meter) slot.
@@ -288,6 +291,10 @@ async fn dispatch(ctx: &Ctx, route: Route, input: Input) -> Result<Value, Error>
             input.form().allow(&[])?;
             Ok(balance(ctx.livemode))
         }
+        Route::Account => {
+            input.form().allow(&[])?;
+            account(ctx)
+        }
         Route::CustomerCreate => customers::create(ctx, &input.form()),
         Route::CustomerList => customers::list(ctx, &input.form()),
         Route::CustomerGet(id) => customers::retrieve(ctx, &input.form(), &id),
@@ -320,6 +327,26 @@ fn balance(livemode: bool) -> Value {
         "livemode": livemode,
         "pending": zero
     })
+}
+
+/// `GET /v1/account`: the authenticated account, with the fields an integration reads.
+fn account(ctx: &Ctx) -> Result<Value, Error> {
+    let inner = ctx.app.lock();
+    let account = inner
+        .accounts
+        .get(&ctx.key)
+        .ok_or_else(|| Error::unauthorized(None, "account removed"))?;
+    Ok(json!({
+        "id": account.id,
+        "object": "account",
+        "type": "standard",
+        "country": "US",
+        "default_currency": "usd",
+        "charges_enabled": true,
+        "payouts_enabled": true,
+        "details_submitted": true,
+        "metadata": {}
+    }))
 }
 
 fn rate_limited() -> Error {
@@ -365,8 +392,15 @@ fn authenticate(app: &App, route: &Route, headers: &HeaderMap) -> Result<(String
             "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').",
         ));
     };
-    match inner.accounts.get(&key) {
-        Some(account) => Ok((key, account.livemode)),
+    match inner.api_keys.get(&key) {
+        Some(handle) => {
+            let livemode = inner.accounts.get(handle).is_some_and(|a| a.livemode);
+            Ok((handle.clone(), livemode))
+        }
+        None if inner.expired_keys.contains(&key) => Err(Error::unauthorized(
+            Some("api_key_expired"),
+            format!("Expired API Key provided: {}", redact(&key)),
+        )),
         None => Err(Error::unauthorized(
             None,
             format!("Invalid API Key provided: {}", redact(&key)),
