@@ -24,7 +24,7 @@ use meterline_common::auth::TenantScope;
 pub const MAX_PAGE: u32 = 100;
 
 /// Every action the trail records (what [`Change::action`] answers).
-pub const ACTIONS: [&str; 7] = [
+pub const ACTIONS: [&str; 8] = [
     "stripe_config.put",
     "api_key.decrypted",
     "encryption_keys.rotated",
@@ -32,6 +32,7 @@ pub const ACTIONS: [&str; 7] = [
     "customer_mapping.retired",
     "meter_mapping.created",
     "meter_mapping.deleted",
+    "meter_event.resolved",
 ];
 
 /// Who made a change or had a key decrypted.
@@ -151,6 +152,17 @@ pub enum Change<'a> {
         meter_id: &'a str,
         provider_meter_id: &'a str,
     },
+    /// A meter event in doubt (Stripe may or may not hold it) was settled: `recorded` (it
+    /// counts as synced) or not (its units go out again under a new identifier), by an
+    /// operator or from Stripe's meter event summaries, with why.
+    MeterEventResolved {
+        customer_id: &'a str,
+        meter_id: &'a str,
+        identifier: &'a str,
+        value: meterline_schemas::Decimal,
+        recorded: bool,
+        reason: &'a str,
+    },
 }
 
 impl Change<'_> {
@@ -163,6 +175,7 @@ impl Change<'_> {
             Self::CustomerMappingRetired { .. } => "customer_mapping.retired",
             Self::MeterMappingCreated { .. } => "meter_mapping.created",
             Self::MeterMappingDeleted { .. } => "meter_mapping.deleted",
+            Self::MeterEventResolved { .. } => "meter_event.resolved",
         }
     }
 
@@ -170,6 +183,7 @@ impl Change<'_> {
         match self {
             Self::CustomerMappingCreated { customer_id, .. }
             | Self::CustomerMappingRetired { customer_id, .. } => Some(customer_id),
+            Self::MeterEventResolved { identifier, .. } => Some(identifier),
             Self::MeterMappingCreated { meter_id, .. }
             | Self::MeterMappingDeleted { meter_id, .. } => Some(meter_id),
             Self::StripeConfigPut { .. }
@@ -234,6 +248,21 @@ impl Change<'_> {
                 meter_id,
                 provider_meter_id,
             } => json!({"meter_id": meter_id, "provider_meter_id": provider_meter_id}),
+            Self::MeterEventResolved {
+                customer_id,
+                meter_id,
+                identifier,
+                value,
+                recorded,
+                reason,
+            } => json!({
+                "customer_id": customer_id,
+                "meter_id": meter_id,
+                "identifier": identifier,
+                "value": value.to_string(),
+                "recorded": recorded,
+                "reason": reason,
+            }),
         }
     }
 }

@@ -59,6 +59,36 @@ pub fn check_sendable(window: &Window, now: OffsetDateTime) -> Result<(), Unsend
     })
 }
 
+/// What Stripe's meter event summaries say of a meter event in doubt (its attempts got no
+/// certain answer), for a `sum` meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    Recorded,
+    NotRecorded,
+    /// Neither: another writer of the meter, or Stripe still aggregating. A person decides.
+    Unknown,
+}
+
+/// Whether Stripe holds a meter event of `value`, from its summary of the range the event is
+/// stamped in and the whole units the ledger knows Stripe accepted in that range: the
+/// summary is exactly those plus the event, or exactly those without it. The two never
+/// coincide (a meter event's value is never 0), so the answer is certain when one of them
+/// matches, as long as meterline is the only writer of the meter for the customer.
+pub fn held_by_stripe(summary: f64, accepted: Decimal, value: Decimal) -> Held {
+    let (Some(accepted), Some(value)) = (accepted.to_f64(), value.to_f64()) else {
+        return Held::Unknown;
+    };
+    // Stripe sums whole numbers: the summary is exact well within f64's 15 digits.
+    let is = |expected: f64| (summary - expected).abs() < 1e-6;
+    if value != 0.0 && is(accepted + value) {
+        Held::Recorded
+    } else if value != 0.0 && is(accepted) {
+        Held::NotRecorded
+    } else {
+        Held::Unknown
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +181,24 @@ mod tests {
         assert_eq!(check_sendable(&old, now), Err(Unsendable::Expired));
         let ahead = Window::containing(now + time::Duration::hours(2), 60).unwrap();
         assert_eq!(check_sendable(&ahead, now), Err(Unsendable::InFuture));
+    }
+
+    #[test]
+    fn a_summary_tells_a_recorded_event_from_a_lost_one_or_says_it_cannot() {
+        let d = |v: i64| Decimal::from(v);
+        assert_eq!(held_by_stripe(12.0, d(7), d(5)), Held::Recorded);
+        assert_eq!(held_by_stripe(7.0, d(7), d(5)), Held::NotRecorded);
+        assert_eq!(
+            held_by_stripe(9.0, d(7), d(5)),
+            Held::Unknown,
+            "another writer"
+        );
+        assert_eq!(
+            held_by_stripe(4.0, d(7), d(-3)),
+            Held::Recorded,
+            "a correction"
+        );
+        assert_eq!(held_by_stripe(0.0, d(0), d(5)), Held::NotRecorded);
+        assert_eq!(held_by_stripe(7.0, d(7), d(0)), Held::Unknown);
     }
 }

@@ -18,6 +18,7 @@
 //!   the window, the late one writes nothing ([`Error::ClaimLost`]) and leaves its
 //!   outstanding send to the new owner, who resends it unchanged.
 
+use meterline_accounts::audit::{self, Actor, Change};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{
     CustomerId, Decimal, EnvironmentId, JobId, MeterId, TenantId, Window, WindowReason, WindowTotal,
@@ -201,8 +202,10 @@ pub enum Finish {
     Expired,
     /// Refused for good; waits for `POST /v1/stripe/batches/retry`.
     Failed(String),
-    /// A request whose outcome cannot be known any more (sent over 23 h ago, never answered):
-    /// resending could bill twice once Stripe forgot its identifier, so a person decides.
+    /// A meter event in doubt (no certain answer for 23 h, or refused after such an
+    /// attempt) that Stripe's summaries cannot settle: resending could bill twice once
+    /// Stripe forgot its identifier, so a person decides
+    /// (`POST /v1/stripe/sync/batches/{id}/resolve`).
     NeedsReconciliation(String),
 }
 
@@ -441,16 +444,11 @@ impl Ledger {
 
     /// The meter event of this window still waiting for Stripe's answer, if any.
     pub async fn outstanding(&self, batch_id: i64) -> Result<Option<Send>, Error> {
-        sqlx::query_as(
-            "SELECT seq, identifier, key_generation, value, accounted, event_name,
-                    provider_customer_id, stripe_timestamp, created_at, in_doubt_since, formula
-             FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
-             ORDER BY seq LIMIT 1",
-        )
-        .bind(batch_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading outstanding sends"))
+        sqlx::query_as(OUTSTANDING_SEND)
+            .bind(batch_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading outstanding sends"))
     }
 
     /// How many meter events this window has had (the next one is `seq + 1`).
@@ -549,38 +547,129 @@ impl Ledger {
     /// accounts for as accounted, the carry moving by their difference, in one transaction.
     pub async fn accepted(&self, claim: Claim, send: &Send) -> Result<(), Error> {
         let mut tx = self.hold(claim).await?;
-        let updated = sqlx::query(
-            "UPDATE stripe_sync_sends SET status = 'accepted', answered_at = now()
-             WHERE batch_id = $1 AND seq = $2 AND status = 'sending'",
+        accept_in(&mut tx, claim.batch_id, send).await?;
+        tx.commit().await.map_err(db("committing an acceptance"))
+    }
+
+    /// A send in doubt settled from Stripe's meter event summaries (`recorded` or not),
+    /// audited as the sync's decision with `reason`, in one transaction.
+    pub async fn resolved_from_stripe(
+        &self,
+        batch: &Batch,
+        send: &Send,
+        recorded: bool,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let mut tx = self.hold(batch.claim).await?;
+        settle_doubt_in(&mut tx, batch.id, send, recorded, reason).await?;
+        audit::record(
+            &mut *tx,
+            batch.tenant_id.as_str(),
+            batch.environment_id.as_str(),
+            &Actor::Sync,
+            &resolution_change(
+                batch.customer_id.as_str(),
+                batch.meter_id.as_str(),
+                send,
+                recorded,
+                reason,
+            ),
         )
-        .bind(claim.batch_id)
-        .bind(send.seq)
+        .await
+        .map_err(db("auditing a resolution"))?;
+        tx.commit().await.map_err(db("committing a resolution"))
+    }
+
+    /// An operator's decision on a window in `needs_reconciliation`: its outstanding meter
+    /// event was `recorded` by Stripe (it counts as synced) or not (its units go out again
+    /// under a new identifier). The window goes back to pending to send whatever is still
+    /// owed; the decision is audited with `reason`, in the same transaction.
+    pub async fn resolve(
+        &self,
+        scope: &TenantScope,
+        batch_id: i64,
+        recorded: bool,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Resolution, Error> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting a resolution"))?;
+        let window: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT sync_status, entity_id, meter_id FROM stripe_sync_batches
+             WHERE id = $1 AND tenant_id = $2 AND environment_id = $3 FOR UPDATE",
+        )
+        .bind(batch_id)
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("reading a window to resolve"))?;
+        let Some((status, customer_id, meter_id)) = window else {
+            return Ok(Resolution::NoSuchWindow);
+        };
+        if status != LedgerState::NeedsReconciliation.to_string() {
+            return Ok(Resolution::NotInReconciliation(status));
+        }
+        let send: Option<Send> = sqlx::query_as(OUTSTANDING_SEND)
+            .bind(batch_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db("reading the send to resolve"))?;
+        let Some(send) = send else {
+            return Ok(Resolution::NothingOutstanding);
+        };
+        settle_doubt_in(&mut tx, batch_id, &send, recorded, reason).await?;
+        sqlx::query(
+            "UPDATE stripe_sync_batches
+             SET sync_status = 'pending', next_attempt_at = now(), attempts = 0,
+                 last_error = NULL, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(batch_id)
         .execute(&mut *tx)
         .await
-        .map_err(db("accepting a send"))?;
-        // Only a send that was still outstanding moves the sums: never twice.
-        if updated.rows_affected() == 1 {
-            // A `last` value replaces what was synced; a change adds to it.
-            sqlx::query(
-                "UPDATE stripe_sync_batches
-                 SET synced_quantity = CASE WHEN $5 THEN $2 ELSE synced_quantity + $2 END,
-                     accounted_quantity = CASE WHEN $5 THEN $4 ELSE accounted_quantity + $4 END,
-                     stripe_event_id = $3, synced_at = now(), updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(claim.batch_id)
-            .bind(send.value)
-            .bind(&send.identifier)
-            .bind(send.accounted)
-            .bind(send.counts == Counts::Value)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("recording an accepted send"))?;
-            if send.counts == Counts::Change {
-                carry::add(&mut tx, claim.batch_id, send.accounted - send.value).await?;
-            }
-        }
-        tx.commit().await.map_err(db("committing an acceptance"))
+        .map_err(db("re-opening a resolved window"))?;
+        audit::record(
+            &mut *tx,
+            scope.tenant_id.as_str(),
+            scope.environment_id.as_str(),
+            actor,
+            &resolution_change(&customer_id, &meter_id, &send, recorded, reason),
+        )
+        .await
+        .map_err(db("auditing a resolution"))?;
+        tx.commit().await.map_err(db("committing a resolution"))?;
+        Ok(Resolution::Resolved {
+            identifier: send.identifier,
+            value: send.value,
+        })
+    }
+
+    /// The whole units of every accepted meter event of `event_name` for the Stripe
+    /// customer stamped in `[start, end)` (Unix seconds), across all windows: what Stripe's
+    /// summaries of that range hold if meterline is the meter's only writer.
+    pub async fn accepted_units(
+        &self,
+        provider_customer_id: &str,
+        event_name: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Decimal, Error> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(sum(value), 0) FROM stripe_sync_sends
+             WHERE status = 'accepted' AND provider_customer_id = $1 AND event_name = $2
+               AND stripe_timestamp >= $3 AND stripe_timestamp < $4",
+        )
+        .bind(provider_customer_id)
+        .bind(event_name)
+        .bind(start)
+        .bind(end)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("summing accepted sends"))
     }
 
     /// A new value of a `last` window that rounds to the value Stripe already holds for it:
@@ -1021,6 +1110,109 @@ pub struct BatchView {
     pub updated_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub synced_at: Option<OffsetDateTime>,
+}
+
+/// A window's outstanding meter event (at most one: the next is written once it settled).
+const OUTSTANDING_SEND: &str =
+    "SELECT seq, identifier, key_generation, value, accounted, event_name,
+            provider_customer_id, stripe_timestamp, created_at, in_doubt_since, formula
+     FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
+     ORDER BY seq LIMIT 1";
+
+/// What became of an operator's resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    Resolved {
+        identifier: String,
+        value: Decimal,
+    },
+    NoSuchWindow,
+    /// The window is in this other state: nothing to decide.
+    NotInReconciliation(String),
+    /// The window has no meter event outstanding.
+    NothingOutstanding,
+}
+
+/// Marks `send` accepted and moves the window's sums by it; only a send still outstanding
+/// moves them, so never twice.
+async fn accept_in(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    batch_id: i64,
+    send: &Send,
+) -> Result<(), Error> {
+    let updated = sqlx::query(
+        "UPDATE stripe_sync_sends SET status = 'accepted', answered_at = now()
+         WHERE batch_id = $1 AND seq = $2 AND status = 'sending'",
+    )
+    .bind(batch_id)
+    .bind(send.seq)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("accepting a send"))?;
+    if updated.rows_affected() == 1 {
+        // A `last` value replaces what was synced; a change adds to it.
+        sqlx::query(
+            "UPDATE stripe_sync_batches
+             SET synced_quantity = CASE WHEN $5 THEN $2 ELSE synced_quantity + $2 END,
+                 accounted_quantity = CASE WHEN $5 THEN $4 ELSE accounted_quantity + $4 END,
+                 stripe_event_id = $3, synced_at = now(), updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(batch_id)
+        .bind(send.value)
+        .bind(&send.identifier)
+        .bind(send.accounted)
+        .bind(send.counts == Counts::Value)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("recording an accepted send"))?;
+        if send.counts == Counts::Change {
+            carry::add(tx, batch_id, send.accounted - send.value).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Settles a send in doubt: accepted when Stripe `recorded` it, else refused (its units are
+/// owed again), whatever attempts of it were in doubt.
+async fn settle_doubt_in(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    batch_id: i64,
+    send: &Send,
+    recorded: bool,
+    reason: &str,
+) -> Result<(), Error> {
+    if recorded {
+        return accept_in(tx, batch_id, send).await;
+    }
+    sqlx::query(
+        "UPDATE stripe_sync_sends SET status = 'refused', error = $3, answered_at = now()
+         WHERE batch_id = $1 AND seq = $2 AND status = 'sending'",
+    )
+    .bind(batch_id)
+    .bind(send.seq)
+    .bind(format!("not recorded by stripe: {reason}"))
+    .execute(&mut **tx)
+    .await
+    .map_err(db("settling a send in doubt"))?;
+    Ok(())
+}
+
+fn resolution_change<'a>(
+    customer_id: &'a str,
+    meter_id: &'a str,
+    send: &'a Send,
+    recorded: bool,
+    reason: &'a str,
+) -> Change<'a> {
+    Change::MeterEventResolved {
+        customer_id,
+        meter_id,
+        identifier: &send.identifier,
+        value: send.value,
+        recorded,
+        reason,
+    }
 }
 
 #[cfg(test)]

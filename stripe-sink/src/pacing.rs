@@ -399,7 +399,10 @@ mod tests {
         assert_eq!(a.rate, 20);
         let b = pacer.account("acct_1", "tenant_b/env_prod", 5);
         assert_eq!(b.rate, 5, "the lower rate holds for both");
-        assert!(Arc::ptr_eq(&b, &pacer.account("acct_1", "tenant_a/env_prod", 20)));
+        assert!(Arc::ptr_eq(
+            &b,
+            &pacer.account("acct_1", "tenant_a/env_prod", 20)
+        ));
         // tenant_b moves to a key of another account: acct_1 is tenant_a's alone again.
         assert_eq!(pacer.account("acct_2", "tenant_b/env_prod", 5).rate, 5);
         assert_eq!(pacer.account("acct_1", "tenant_a/env_prod", 20).rate, 20);

@@ -26,7 +26,8 @@ pub enum LedgerState {
     Failed,
     /// Older than Stripe's 35 days.
     Expired,
-    /// A request whose outcome cannot be known any more: a person decides.
+    /// A meter event in doubt that Stripe's summaries cannot settle: a person decides
+    /// (`POST /v1/stripe/sync/batches/{id}/resolve`).
     NeedsReconciliation,
 }
 

@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stripe/sync/status", get(sync::status))
         .route("/v1/stripe/sync/batches", get(sync::batches))
         .route("/v1/stripe/batches/retry", post(sync::retry))
+        .route("/v1/stripe/sync/batches/{id}/resolve", post(sync::resolve))
         .route("/v1/stripe/reconcile", get(sync::reconcile))
         .route("/v1/stripe/audit", get(audit::list))
         .route("/v1/stripe/migrate/customers", post(migrate::start_import))

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use super::error::RouteError;
 use super::AppState;
 use crate::ledger::{
-    BatchFilter, BatchView, JobView, LedgerState, LedgerTotals, NewJob, StatusView,
+    BatchFilter, BatchView, JobView, LedgerState, LedgerTotals, NewJob, Resolution, StatusView,
 };
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +246,77 @@ pub async fn retry(
         )
         .await?;
     Ok(Json(serde_json::json!({ "retried": retried })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveInput {
+    /// Whether Stripe holds the window's outstanding meter event (as checked in Stripe).
+    recorded: bool,
+    /// Why: what was checked. Kept in the audit trail.
+    reason: String,
+}
+
+/// The longest `reason` kept.
+const MAX_REASON: usize = 500;
+
+/// `POST /v1/stripe/sync/batches/{id}/resolve`: an operator settles the outstanding meter
+/// event of a window in `needs_reconciliation`: recorded by Stripe (it counts as synced) or
+/// not (its units go out again under a new identifier). Audited; the window goes back to
+/// pending to send whatever is still owed.
+pub async fn resolve(
+    State(state): State<AppState>,
+    scope: TenantScope,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    JsonBody(input): JsonBody<ResolveInput>,
+) -> Result<Json<serde_json::Value>, RouteError> {
+    let Path(id) = path.map_err(|e| invalid(e.body_text()))?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| invalid(format!("batch id must be a number, not {id:?}")))?;
+    let reason = input.reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON {
+        return Err(invalid(format!(
+            "reason must say what was checked in stripe, in 1 to {MAX_REASON} characters"
+        ))
+        .into());
+    }
+    let actor = meterline_accounts::audit::Actor::api(&scope);
+    match state
+        .ledger
+        .resolve(&scope, id, input.recorded, reason, &actor)
+        .await?
+    {
+        Resolution::Resolved { identifier, value } => {
+            tracing::info!(
+                tenant = %scope.tenant_id,
+                batch_id = id,
+                identifier = %identifier,
+                recorded = input.recorded,
+                "meter event in doubt resolved by an operator"
+            );
+            Ok(Json(serde_json::json!({
+                "batch_id": id,
+                "identifier": identifier,
+                "value": value,
+                "recorded": input.recorded,
+                "sync_status": LedgerState::Pending.to_string(),
+            })))
+        }
+        Resolution::NoSuchWindow => Err(ApiError::not_found(format!("no window {id}")).into()),
+        Resolution::NotInReconciliation(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_in_reconciliation",
+            format!("window {id} is {status}; only needs_reconciliation windows are resolved"),
+        )
+        .into()),
+        Resolution::NothingOutstanding => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "nothing_outstanding",
+            format!("window {id} has no meter event in doubt; retry it instead"),
+        )
+        .into()),
+    }
 }
 
 #[derive(Debug, Deserialize)]

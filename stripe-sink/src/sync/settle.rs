@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{SyncContext, UNKNOWABLE_AFTER};
-use crate::billing::{self, Unsendable};
+use crate::billing::{self, Held, Unsendable};
 use crate::ledger::{Batch, Claim, Counts, Finish, Send};
 use crate::mappings::{needed_formula, ProviderMeter};
 use crate::metrics;
@@ -155,16 +155,24 @@ async fn try_settle(
     // pass either settles or leaves for a retry.
     for _ in 0..4 {
         let mut send = match ctx.ledger.outstanding(batch.id).await? {
-            Some(Send {
-                in_doubt_since: Some(since),
-                identifier,
-                ..
-            }) if now - since > UNKNOWABLE_AFTER => {
-                return Ok(Finish::NeedsReconciliation(format!(
-                    "meter event {identifier} has been in doubt for over 23 h (an attempt got no \
-                     certain answer); Stripe may hold it and soon forgets its identifier: check \
-                     Stripe before retrying"
-                )))
+            Some(send)
+                if send
+                    .in_doubt_since
+                    .is_some_and(|since| now - since > UNKNOWABLE_AFTER) =>
+            {
+                // Resending could bill twice once Stripe forgot the identifier: Stripe's
+                // summaries decide, or a person.
+                match settle_doubt(ctx, batch, &config.api_key, &account, &send).await? {
+                    Ok(_) => continue,
+                    Err(why) => {
+                        return Ok(Finish::NeedsReconciliation(format!(
+                            "meter event {} has been in doubt for over 23 h (an attempt got no \
+                             certain answer) and {why}; Stripe may hold it and soon forgets its \
+                             identifier: check Stripe, then resolve the window",
+                            send.identifier
+                        )))
+                    }
+                }
             }
             Some(send) => send,
             None => {
@@ -275,11 +283,20 @@ async fn try_settle(
                 )));
             }
             Delivery::Refused { error, .. } if send.in_doubt_since.is_some() => {
-                return Ok(Finish::NeedsReconciliation(format!(
-                    "stripe refused meter event {} ({error}) after an earlier attempt got no \
-                     certain answer: Stripe may hold it; check Stripe before retrying",
-                    send.identifier
-                )));
+                match settle_doubt(ctx, batch, &config.api_key, &account, &send).await? {
+                    // Stripe holds it after all: nothing is owed for it.
+                    Ok(Held::Recorded) => continue,
+                    // Stripe holds nothing of it: the refusal stands, the units are owed.
+                    Ok(_) => return Ok(Finish::Failed(error)),
+                    Err(why) => {
+                        return Ok(Finish::NeedsReconciliation(format!(
+                            "stripe refused meter event {} ({error}) after an earlier attempt \
+                             got no certain answer, and {why}: Stripe may hold it; check \
+                             Stripe, then resolve the window",
+                            send.identifier
+                        )));
+                    }
+                }
             }
             Delivery::Refused { error, .. } => {
                 ctx.ledger.refused(batch.claim, &send, &error).await?;
@@ -288,6 +305,87 @@ async fn try_settle(
         }
     }
     Ok(Finish::Settled)
+}
+
+/// How long Stripe may take to fold an accepted meter event into its summaries: a send in
+/// doubt more recent than this is not judged by them.
+const SUMMARIES_SETTLED_AFTER: time::Duration = time::Duration::hours(1);
+
+/// Settles a send in doubt from Stripe's meter event summaries of its window
+/// ([`billing::held_by_stripe`]), in the ledger and the audit trail. `Err(why)` when they
+/// cannot tell: a `last` meter (a value, not a sum), a doubt too recent, another writer, or
+/// the summaries could not be read.
+async fn settle_doubt(
+    ctx: &SyncContext,
+    batch: &Batch,
+    key: &StripeApiKey,
+    account: &crate::pacing::Account,
+    send: &Send,
+) -> Result<Result<Held, String>, Error> {
+    if send.counts != Counts::Change {
+        return Ok(Err(
+            "a `last` meter's summaries cannot tell one value from another".into(),
+        ));
+    }
+    let recent = send
+        .in_doubt_since
+        .is_some_and(|since| OffsetDateTime::now_utc() - since < SUMMARIES_SETTLED_AFTER);
+    if recent {
+        return Ok(Err(
+            "it is too recent for Stripe's summaries to be sure of".into()
+        ));
+    }
+    let (start, end) = (
+        batch.window.start().unix_timestamp(),
+        batch.window.end().unix_timestamp(),
+    );
+    let summary = async {
+        account.until_ready().await;
+        let meter = ctx
+            .stripe
+            .find_meter(key, &send.event_name)
+            .await?
+            .map(|m| m.id);
+        let Some(meter) = meter else {
+            return Ok(None);
+        };
+        account.until_ready().await;
+        ctx.stripe
+            .summarised_total(key, &meter, &send.provider_customer_id, start, end)
+            .await
+            .map(Some)
+    }
+    .await;
+    let summary = match summary {
+        Ok(Some(summary)) => summary,
+        Ok(None) => return Ok(Err(format!("stripe has no meter {}", send.event_name))),
+        Err(e) => return Ok(Err(format!("stripe's summaries could not be read ({e})"))),
+    };
+    let accepted = ctx
+        .ledger
+        .accepted_units(&send.provider_customer_id, &send.event_name, start, end)
+        .await?;
+    let held = billing::held_by_stripe(summary, accepted, send.value);
+    let reason = format!(
+        "stripe's meter event summaries of {} for {start}..{end} hold {summary}; the ledger's \
+         accepted meter events there sum to {accepted}, this one is {}",
+        send.provider_customer_id, send.value
+    );
+    match held {
+        Held::Unknown => Ok(Err(reason)),
+        Held::Recorded | Held::NotRecorded => {
+            ctx.ledger
+                .resolved_from_stripe(batch, send, held == Held::Recorded, &reason)
+                .await?;
+            tracing::info!(
+                batch_id = batch.id,
+                identifier = %send.identifier,
+                recorded = held == Held::Recorded,
+                "meter event in doubt settled from stripe's summaries"
+            );
+            Ok(Ok(held))
+        }
+    }
 }
 
 /// How this window's meter events count ([`Counts`]), from the formula its meter's

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use meterline_schemas::RawUsageEvent;
 use meterline_tests::api::{post_json, send, token};
 use meterline_tests::standin::Standin;
 use meterline_tests::usage::{create_meter, event, hour_start, produce_events, spawn_aggregator};
@@ -95,7 +96,7 @@ async fn wait_for_batches(
     sink: &ServiceProcess,
     token: &str,
     status: &str,
-    done: impl Fn(&[Value]) -> bool,
+    mut done: impl FnMut(&[Value]) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -1283,20 +1284,86 @@ async fn a_dispatcher_whose_lease_ran_out_writes_nothing_over_the_next_claim() {
 /// holds 5, not 10 (before, the 401 freed the units and seq 2 billed them again). (2) A send
 /// answered only with 500s, then refused with a 400 (its timestamp grew too old), waits for
 /// reconciliation with its one send kept, instead of failing with its units free.
-#[tokio::test]
-async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
-    let ns = Namespace::create().await;
-    let standin = Standin::start(RATE).await;
+/// `n` calls of `customer` a few minutes into the hour `hours_ago`.
+fn calls(customer: &str, prefix: &str, hours_ago: i64, n: usize) -> Vec<RawUsageEvent> {
+    (0..n)
+        .map(|i| {
+            event(
+                TENANT,
+                &format!("{prefix}-{i}"),
+                customer,
+                "api.request",
+                hour_start(hours_ago) + time::Duration::minutes(5 + i as i64),
+                json!({}),
+            )
+        })
+        .collect()
+}
+
+/// (seq, status) of the sends of the window starting `hours_ago`.
+async fn sends_of(pg: &sqlx::PgPool, hours_ago: i64) -> Vec<(i32, String)> {
+    sqlx::query_as(
+        "SELECT s.seq, s.status FROM stripe_sync_sends s
+         JOIN stripe_sync_batches b ON b.id = s.batch_id
+         WHERE b.window_start = $1 ORDER BY s.seq",
+    )
+    .bind(hour_start(hours_ago))
+    .fetch_all(pg)
+    .await
+    .unwrap()
+}
+
+/// A sink sending the COUNT meter `calls` (event `api.request`) of one customer to the
+/// stand-in's `sum` meter `api_calls`; the customer's Stripe id with the sink.
+async fn one_customer_on_a_sum_meter(
+    ns: &Namespace,
+    standin: &Standin,
+    customer: &str,
+) -> (ServiceProcess, String) {
     standin.sum_meter("api_calls").await;
-    let cus = standin.customer("cust_doubt").await;
+    let cus = standin.customer(customer).await;
     create_meter(
-        &ns,
+        ns,
         TENANT,
         "env_prod",
         json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
     )
     .await;
-    let sink = sink(&ns, &standin).await;
+    let sink = sink(ns, standin).await;
+    let t = token(TENANT, "env_prod");
+    for (path, body, status) in [
+        (
+            "/v1/stripe/config",
+            json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+            200,
+        ),
+        (
+            "/v1/stripe/meters/mapping",
+            json!({"meter_id": "calls", "provider_type": "stripe",
+                   "provider_meter_id": "api_calls", "sync_enabled": true}),
+            201,
+        ),
+        (
+            "/v1/stripe/customers/mapping",
+            json!({"customer_id": customer, "provider_customer_id": cus}),
+            201,
+        ),
+    ] {
+        let answer = if path == "/v1/stripe/config" {
+            post_json_put(&sink.url(path), &t, &body).await
+        } else {
+            post_json(&sink.url(path), &t, &body).await
+        };
+        assert_eq!(answer.status, status, "{path}: {:?}", answer.body);
+    }
+    (sink, cus)
+}
+
+#[tokio::test]
+async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let (sink, cus) = one_customer_on_a_sum_meter(&ns, &standin, "cust_doubt").await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let t = token(TENANT, "env_prod");
     let put_config = |key: String| {
@@ -1312,51 +1379,7 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
             assert_eq!(config.status, 200, "{:?}", config.body);
         }
     };
-    put_config(standin.key.clone()).await;
-    for (path, body) in [
-        (
-            "/v1/stripe/meters/mapping",
-            json!({"meter_id": "calls", "provider_type": "stripe",
-                   "provider_meter_id": "api_calls", "sync_enabled": true}),
-        ),
-        (
-            "/v1/stripe/customers/mapping",
-            json!({"customer_id": "cust_doubt", "provider_customer_id": cus}),
-        ),
-    ] {
-        let answer = post_json(&sink.url(path), &t, &body).await;
-        assert_eq!(answer.status, 201, "{path}: {:?}", answer.body);
-    }
-    let calls = |prefix: &str, hours_ago: i64, n: usize| -> Vec<_> {
-        (0..n)
-            .map(|i| {
-                event(
-                    TENANT,
-                    &format!("{prefix}-{i}"),
-                    "cust_doubt",
-                    "api.request",
-                    hour_start(hours_ago) + time::Duration::minutes(5 + i as i64),
-                    json!({}),
-                )
-            })
-            .collect()
-    };
     let pg = ns.pg_pool().await;
-    let sends_of = |hours_ago: i64| {
-        let pg = pg.clone();
-        async move {
-            let sends: Vec<(i32, String)> = sqlx::query_as(
-                "SELECT s.seq, s.status FROM stripe_sync_sends s
-                 JOIN stripe_sync_batches b ON b.id = s.batch_id
-                 WHERE b.window_start = $1 ORDER BY s.seq",
-            )
-            .bind(hour_start(hours_ago))
-            .fetch_all(&pg)
-            .await
-            .unwrap();
-            sends
-        }
-    };
 
     // (1) Every answer to a meter event is lost; Stripe records the first.
     standin
@@ -1365,7 +1388,7 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
             json!({"rate_drop": 1.0, "path_prefix": "/v1/billing/meter_events"}),
         )
         .await;
-    produce_events(&ns, &calls("dropped", 3, 5)).await;
+    produce_events(&ns, &calls("cust_doubt", "dropped", 3, 5)).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     while standin.faults_injected().await["dropped"]
         .as_u64()
@@ -1394,7 +1417,7 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
     })
     .await;
     assert_eq!(
-        sends_of(3).await,
+        sends_of(&pg, 3).await,
         vec![(1, "sending".to_owned())],
         "the send is kept"
     );
@@ -1406,7 +1429,7 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
     // Settled for good: nothing more goes out.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(standin.totals().await, recorded, "billed once, not twice");
-    assert_eq!(sends_of(3).await, vec![(1, "accepted".to_owned())]);
+    assert_eq!(sends_of(&pg, 3).await, vec![(1, "accepted".to_owned())]);
 
     // (2) Only 500s (whose outcome Stripe calls indeterminate), then a 400.
     standin
@@ -1415,7 +1438,7 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
             json!({"rate_500": 1.0, "path_prefix": "/v1/billing/meter_events"}),
         )
         .await;
-    produce_events(&ns, &calls("failing", 2, 3)).await;
+    produce_events(&ns, &calls("cust_doubt", "failing", 2, 3)).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     while standin.faults_injected().await["server_error"]
         .as_u64()
@@ -1438,7 +1461,7 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
     })
     .await;
     assert_eq!(
-        sends_of(2).await,
+        sends_of(&pg, 2).await,
         vec![(1, "sending".to_owned())],
         "one send, kept for the reconciliation"
     );
@@ -1591,4 +1614,213 @@ async fn two_keys_of_one_stripe_account_share_its_rate_limit() {
         "the account saw {busiest} requests in {SPAN} seconds (limit {LIMIT}/s): {per_second:?}"
     );
     ns.drop_databases().await;
+}
+
+/// Waits until the window starting `hours_ago` has a send in doubt, then lets a day pass
+/// with the sink down: the doubt and the window's lease move a day back (the sink's clock
+/// cannot be moved; 23 h of real time is not a test), Stripe's clock 25 h on, so it has
+/// forgotten the identifier as it would have by then, and Stripe's faults end. The sink
+/// that comes back up.
+async fn a_day_of_doubt(
+    ns: &Namespace,
+    standin: &Standin,
+    running: ServiceProcess,
+    hours_ago: i64,
+) -> ServiceProcess {
+    let pg = ns.pg_pool().await;
+    let in_doubt = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM stripe_sync_sends s JOIN stripe_sync_batches b
+               ON b.id = s.batch_id
+             WHERE b.window_start = $1 AND s.status = 'sending'
+               AND s.in_doubt_since IS NOT NULL",
+        )
+        .bind(hour_start(hours_ago))
+        .fetch_one(&pg)
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while in_doubt().await != 1 {
+        assert!(Instant::now() < deadline, "no send in doubt");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    running.kill().await;
+    sqlx::query(
+        "UPDATE stripe_sync_sends s SET in_doubt_since = in_doubt_since - interval '24 hours'
+         FROM stripe_sync_batches b WHERE b.id = s.batch_id AND b.window_start = $1",
+    )
+    .bind(hour_start(hours_ago))
+    .execute(&pg)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE stripe_sync_batches SET lease_until = now() - interval '24 hours',
+             next_attempt_at = now()
+         WHERE window_start = $1",
+    )
+    .bind(hour_start(hours_ago))
+    .execute(&pg)
+    .await
+    .unwrap();
+    standin
+        .control("clock/advance", json!({"seconds": 25 * 3600}))
+        .await;
+    standin.control("faults", json!({})).await;
+    sink(ns, standin).await
+}
+
+async fn resolutions(sink: &ServiceProcess, t: &str) -> Vec<Value> {
+    let audit = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/audit?action=meter_event.resolved"))
+            .bearer_auth(t),
+    )
+    .await;
+    assert_eq!(audit.status, 200, "{:?}", audit.body);
+    audit.body["data"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_meter_event_in_doubt_for_a_day_is_settled_from_stripe_or_by_an_audited_decision() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let (sink, cus) = one_customer_on_a_sum_meter(&ns, &standin, "cust_day").await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    let pg = ns.pg_pool().await;
+    let meter_events = json!({"path_prefix": "/v1/billing/meter_events"});
+    let faults = |kind: &str| {
+        let mut f = meter_events.clone();
+        f[kind] = json!(1.0);
+        f
+    };
+
+    // (1) Stripe records the event and every answer is lost, for a day.
+    standin.control("faults", faults("rate_drop")).await;
+    produce_events(&ns, &calls("cust_day", "recorded", 3, 5)).await;
+    let sink = a_day_of_doubt(&ns, &standin, sink, 3).await;
+    // Its summaries hold it: the event counts as accepted, nothing is sent again.
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 1).await;
+    let five = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 5.0)]);
+    assert_eq!(standin.totals().await, five, "billed once");
+    assert_eq!(sends_of(&pg, 3).await, vec![(1, "accepted".to_owned())]);
+    let settled = resolutions(&sink, &t).await;
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert_eq!(settled[0]["actor"]["kind"], "sync");
+    assert_eq!(settled[0]["details"]["recorded"], true);
+
+    // (2) Another writer of the meter in the hour, then only 500s for a day: the summaries
+    // match neither answer, so a person decides.
+    let foreign = (hour_start(2) + time::Duration::minutes(30)).unix_timestamp();
+    standin
+        .post(
+            "/v1/billing/meter_events",
+            &[
+                ("event_name", "api_calls"),
+                ("payload[stripe_customer_id]", &cus),
+                ("payload[value]", "2"),
+                ("timestamp", &foreign.to_string()),
+            ],
+        )
+        .await;
+    standin.control("faults", faults("rate_500")).await;
+    produce_events(&ns, &calls("cust_day", "lost", 2, 3)).await;
+    let sink = a_day_of_doubt(&ns, &standin, sink, 2).await;
+    let mut open = Vec::new();
+    wait_for_batches(&sink, &t, "needs_reconciliation", |windows| {
+        open = windows.to_vec();
+        windows.len() == 1
+            && windows[0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("resolve the window"))
+    })
+    .await;
+    let open = open[0]["id"].as_i64().expect("a window id");
+    let synced = only_synced_window(&sink, &t).await;
+    let resolve = |id: i64, body: Value, who: String| {
+        let url = sink.url(&format!("/v1/stripe/sync/batches/{id}/resolve"));
+        async move { post_json(&url, &who, &body).await }
+    };
+    let decision = json!({"recorded": false,
+                          "reason": "no event with this identifier in the stripe dashboard"});
+    // Bad decisions are refused and change nothing.
+    for (id, body, who, status, code) in [
+        (
+            open,
+            json!({"recorded": false}),
+            t.clone(),
+            400,
+            "missing_field",
+        ),
+        (
+            open,
+            json!({"recorded": false, "reason": "  "}),
+            t.clone(),
+            400,
+            "invalid_value",
+        ),
+        (
+            open,
+            json!({"recorded": "no", "reason": "x"}),
+            t.clone(),
+            400,
+            "invalid_type",
+        ),
+        (
+            synced,
+            decision.clone(),
+            t.clone(),
+            409,
+            "not_in_reconciliation",
+        ),
+        (999_999, decision.clone(), t.clone(), 404, "not_found"),
+        (
+            open,
+            decision.clone(),
+            token("tenant_other", "env_prod"),
+            404,
+            "not_found",
+        ),
+    ] {
+        let answer = resolve(id, body.clone(), who).await;
+        assert_eq!(answer.status, status, "{body}: {:?}", answer.body);
+        assert_eq!(answer.error_code(), code, "{body}");
+    }
+    assert_eq!(sends_of(&pg, 2).await, vec![(1, "sending".to_owned())]);
+    assert_eq!(resolutions(&sink, &t).await.len(), 1, "nothing audited");
+
+    // Not recorded: the 3 units go out under a new identifier, once.
+    let answer = resolve(open, decision.clone(), t.clone()).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.body["recorded"], false);
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 2).await;
+    let billed = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 5.0 + 2.0 + 3.0)]);
+    assert_eq!(standin.totals().await, billed);
+    assert_eq!(
+        sends_of(&pg, 2).await,
+        vec![(1, "refused".to_owned()), (2, "accepted".to_owned())]
+    );
+    let settled = resolutions(&sink, &t).await;
+    assert_eq!(settled.len(), 2, "{settled:?}");
+    assert_eq!(settled[0]["actor"]["kind"], "api", "newest first");
+    assert_eq!(settled[0]["details"]["recorded"], false);
+    assert_eq!(settled[0]["details"]["reason"], decision["reason"]);
+    // Resolved once: a second decision finds nothing to decide.
+    let again = resolve(open, decision, t.clone()).await;
+    assert_eq!(again.status, 409, "{:?}", again.body);
+    ns.drop_databases().await;
+}
+
+/// The id of the one synced window.
+async fn only_synced_window(sink: &ServiceProcess, t: &str) -> i64 {
+    let synced = send(
+        reqwest::Client::new()
+            .get(sink.url("/v1/stripe/sync/batches?status=synced"))
+            .bearer_auth(t),
+    )
+    .await;
+    synced.body["data"][0]["id"]
+        .as_i64()
+        .expect("a synced window")
 }
