@@ -101,6 +101,8 @@ pub enum Purpose {
     CustomerImport,
     /// Reading the Stripe meter of a new meter mapping (its formula).
     MeterMapping,
+    /// Fetching the details of a thin meter error report (`GET /v2/core/events/{id}`).
+    ErrorReport,
 }
 
 impl Purpose {
@@ -111,6 +113,7 @@ impl Purpose {
             Self::Reconcile => "reconcile",
             Self::CustomerImport => "customer_import",
             Self::MeterMapping => "meter_mapping",
+            Self::ErrorReport => "error_report",
         }
     }
 }

@@ -19,6 +19,17 @@ pub trait Retriable {
     fn is_retriable(&self) -> bool;
 }
 
+/// Whether a PostgreSQL failure may pass when retried: connection and server trouble can;
+/// data the database refuses (SQLSTATE classes 22 and 23) will be refused again.
+pub fn postgres_retriable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => !e
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        _ => true,
+    }
+}
+
 /// A doubling delay: `first`, then twice that, up to `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {

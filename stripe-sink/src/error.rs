@@ -22,3 +22,13 @@ pub enum Error {
     #[error("task failed: {0}")]
     Task(String),
 }
+
+impl meterline_common::retry::Retriable for Error {
+    /// PostgreSQL trouble of the moment can pass; everything else will fail again.
+    fn is_retriable(&self) -> bool {
+        match self {
+            Self::Postgres { source, .. } => meterline_common::retry::postgres_retriable(source),
+            _ => false,
+        }
+    }
+}

@@ -648,6 +648,107 @@ impl Ledger {
         })
     }
 
+    /// Stripe dropped the accepted meter event `identifier` after answering 200 (its
+    /// asynchronous error report names it): the send is `dropped`, its units leave the
+    /// window's synced sums (and the carry what it moved), and the window is `failed` with
+    /// `reason`, so that after the cause is fixed a retry sends them once, under a new
+    /// identifier. The claim number moves on, so a dispatcher holding the window writes
+    /// nothing more (not the acceptance of a send the report overtook). `None` when no
+    /// accepted or outstanding send has that identifier (not ours, or dropped already: a
+    /// repeated report changes nothing).
+    pub async fn dropped_by_stripe(
+        &self,
+        identifier: &str,
+        reason: &str,
+    ) -> Result<Option<i64>, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("starting a drop"))?;
+        // A report can overtake the acceptance it follows (the webhook is faster than the
+        // dispatcher's write): a send still `sending` was received and dropped too.
+        let send: Option<(i64, i32, Decimal, Decimal, String, String)> = sqlx::query_as(
+            "SELECT batch_id, seq, value, accounted, formula, status FROM stripe_sync_sends
+             WHERE identifier = $1 AND status IN ('accepted', 'sending')",
+        )
+        .bind(identifier)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("finding a dropped send"))?;
+        let Some((batch_id, seq, value, accounted, formula, status)) = send else {
+            return Ok(None);
+        };
+        // The window's row first, as every other write of it does.
+        sqlx::query("SELECT id FROM stripe_sync_batches WHERE id = $1 FOR UPDATE")
+            .bind(batch_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("locking a window"))?;
+        let dropped = sqlx::query(
+            "UPDATE stripe_sync_sends SET status = 'dropped', error = $3
+             WHERE batch_id = $1 AND seq = $2 AND status = $4",
+        )
+        .bind(batch_id)
+        .bind(seq)
+        .bind(reason)
+        .bind(&status)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("dropping a send"))?;
+        if dropped.rows_affected() != 1 {
+            return Ok(None);
+        }
+        // Only an accepted send moved the sums.
+        let counts = Counts::try_from(formula).map_err(Error::Corrupt)?;
+        match counts {
+            _ if status != "accepted" => {}
+            Counts::Change => {
+                sqlx::query(
+                    "UPDATE stripe_sync_batches
+                     SET synced_quantity = synced_quantity - $2,
+                         accounted_quantity = accounted_quantity - $3
+                     WHERE id = $1",
+                )
+                .bind(batch_id)
+                .bind(value)
+                .bind(accounted)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("taking dropped units out"))?;
+                carry::add(&mut tx, batch_id, value - accounted).await?;
+            }
+            Counts::Value => {
+                // What Stripe holds for the window is its latest value still accepted.
+                sqlx::query(
+                    "UPDATE stripe_sync_batches b
+                     SET synced_quantity = COALESCE(p.value, 0),
+                         accounted_quantity = COALESCE(p.accounted, 0),
+                         stripe_event_id = p.identifier
+                     FROM (SELECT $1::bigint AS id) w
+                     LEFT JOIN LATERAL (
+                         SELECT value, accounted, identifier FROM stripe_sync_sends
+                         WHERE batch_id = $1 AND status = 'accepted'
+                         ORDER BY seq DESC LIMIT 1) p ON true
+                     WHERE b.id = w.id",
+                )
+                .bind(batch_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("restoring the value stripe holds"))?;
+            }
+        }
+        sqlx::query(
+            "UPDATE stripe_sync_batches
+             SET sync_status = 'failed', last_error = $2, lease_until = NULL,
+                 claim = claim + 1, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(batch_id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("failing a window with a dropped send"))?;
+        tx.commit().await.map_err(db("committing a drop"))?;
+        Ok(Some(batch_id))
+    }
+
     /// The whole units of every accepted meter event of `event_name` for the Stripe
     /// customer stamped in `[start, end)` (Unix seconds), across all windows: what Stripe's
     /// summaries of that range hold if meterline is the meter's only writer.

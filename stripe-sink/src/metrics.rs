@@ -29,6 +29,9 @@ pub const UNMAPPED_CUSTOMERS_RECORDED: &str = "stripe_sink_unmapped_customers_re
 /// Stripe meter error reports recorded, by `type` (`error_report_triggered`,
 /// `no_meter_found`).
 pub const METER_ERROR_REPORTS_RECORDED: &str = "stripe_sink_meter_error_reports_recorded_total";
+/// Accepted meter events that Stripe's error reports say it dropped: their units were taken
+/// back out of the synced sums and their windows failed.
+pub const METER_EVENTS_DROPPED: &str = "stripe_sink_meter_events_dropped_total";
 
 pub fn describe() {
     use metrics::describe_counter;
@@ -68,10 +71,15 @@ pub fn describe() {
         METER_ERROR_REPORTS_RECORDED,
         "stripe meter error reports recorded, by type"
     );
+    describe_counter!(
+        METER_EVENTS_DROPPED,
+        "accepted meter events stripe reported dropped; their units are owed again"
+    );
     for counter in [
         WEBHOOK_EVENTS_CONSUMED,
         CUSTOMER_MAPPINGS_UPDATED,
         UNMAPPED_CUSTOMERS_RECORDED,
+        METER_EVENTS_DROPPED,
     ] {
         metrics::counter!(counter).absolute(0);
     }
@@ -91,7 +99,13 @@ pub fn describe() {
     ] {
         metrics::counter!(WEBHOOK_EVENTS_REJECTED, "reason" => reason).absolute(0);
     }
-    for step in ["customer_mapping", "error_report", "dead_letter"] {
+    for step in [
+        "customer_mapping",
+        "error_report",
+        "error_report_details",
+        "dropped_send",
+        "dead_letter",
+    ] {
         metrics::counter!(WEBHOOK_RETRIES, "step" => step).absolute(0);
     }
     for kind in ["error_report_triggered", "no_meter_found"] {
@@ -371,6 +385,10 @@ pub(crate) fn unmapped_customer_recorded() {
 /// `kind`: `error_report_triggered` or `no_meter_found`.
 pub(crate) fn meter_error_report_recorded(kind: &'static str) {
     metrics::counter!(METER_ERROR_REPORTS_RECORDED, "type" => kind).increment(1);
+}
+
+pub(crate) fn meter_event_dropped() {
+    metrics::counter!(METER_EVENTS_DROPPED).increment(1);
 }
 
 pub(crate) fn window_recorded() {

@@ -76,6 +76,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
         import_wake,
     };
     let dead_letters = DeadLetters::new(&config.kafka, SERVICE)?;
+    let reports = webhook_events::Reports {
+        ledger: ledger.clone(),
+        configs: configs.clone(),
+        stripe: stripe.clone(),
+    };
     let sync = Arc::new(SyncContext {
         ledger,
         meters: meterline_catalog::meters::MeterStore::new(pool.clone()),
@@ -122,6 +127,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::spawn(import::run(importer, shutdown.clone())),
         tokio::spawn(webhook_events::consume(
             mappings,
+            reports,
             webhooks,
             dead_letters,
             shutdown.clone(),

@@ -237,6 +237,18 @@ impl StripeClient {
         parse::<Account>(&body).map(|account| account.id)
     }
 
+    /// `GET /v2/core/events/{id}`: a thin event with its details (`data`).
+    pub async fn fetch_event(
+        &self,
+        key: &StripeApiKey,
+        event_id: &str,
+    ) -> Result<serde_json::Value, StripeError> {
+        let body = self
+            .get(key, &format!("/v2/core/events/{event_id}"), &[])
+            .await?;
+        parse(&body)
+    }
+
     /// The meter whose event_name is `event_name`, if any: its id and formula.
     pub async fn find_meter(
         &self,

@@ -7,9 +7,12 @@
 //! - `v1.billing.meter.error_report_triggered` / `v1.billing.meter.no_meter_found` are recorded
 //!   as meter error reports. These are Stripe's *thin* events: the delivered body carries the
 //!   event id, type, time and related meter only; the details (error code, message, meter event
-//!   identifiers) are in `data`, which Stripe serves at `GET /v2/core/events/{id}` with the
-//!   tenant's API key. A body that carries `data` is recorded in full; a thin one is recorded
-//!   as one row without identifier, to be completed by whoever fetches the details.
+//!   identifiers) are in `data`, which is fetched from `GET /v2/core/events/{id}` with the
+//!   tenant's API key (audited, purpose `error_report`). Only when they cannot be had (no
+//!   config, a refused key) is the report recorded as one row without identifier.
+//! - Every accepted meter event a report names was dropped by Stripe after its 200: the
+//!   ledger takes its units back out of the synced sums and fails its window
+//!   ([`Ledger::dropped_by_stripe`]), so a retry after the cause is fixed sends them once.
 //! - Every other type is counted and skipped.
 //!
 //! Rule kept here: a message's offset is committed only after the write it causes is durable
@@ -23,6 +26,8 @@
 
 use std::time::Duration;
 
+use meterline_accounts::audit::{Actor, Purpose};
+use meterline_accounts::stripe_config::StripeConfigStore;
 use meterline_common::kafka::{commit_message, next_message, DeadLetter, DeadLetters};
 use meterline_common::retry::{Backoff, Retriable};
 use meterline_schemas::{DlqErrorKind, StripeEventType, StripeWebhook, Topic};
@@ -32,10 +37,12 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use crate::ledger::Ledger;
 use crate::mappings::{
-    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingError,
-    MappingStore, StripeCustomerId,
+    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingStore,
+    StripeCustomerId,
 };
+use crate::stripe::StripeClient;
 use crate::{metrics, Error};
 
 const SERVICE: &str = "stripe-sink";
@@ -179,13 +186,14 @@ fn report_label(event_type: &StripeEventType) -> &'static str {
 /// `stripe.webhooks.dlq` through `dead_letters`.
 pub async fn consume(
     mappings: MappingStore,
+    reports: Reports,
     consumer: StreamConsumer,
     dead_letters: DeadLetters,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     while let Some(message) = next_message(&consumer, &shutdown).await {
         metrics::webhook_event_consumed();
-        if !handle(&mappings, &dead_letters, &message, &shutdown).await {
+        if !handle(&mappings, &reports, &dead_letters, &message, &shutdown).await {
             // Shutdown cut a retry short: leave the message uncommitted for the next start.
             return Ok(());
         }
@@ -195,9 +203,19 @@ pub async fn consume(
     Ok(())
 }
 
+/// What error reports need besides the mappings: the ledger, to take the units of a dropped
+/// meter event back out, and the tenant's key and Stripe, to fetch a thin report's details.
+#[derive(Clone)]
+pub struct Reports {
+    pub ledger: Ledger,
+    pub configs: StripeConfigStore,
+    pub stripe: StripeClient,
+}
+
 /// Applies one message. False when shutdown interrupted a retry (nothing to commit).
 async fn handle(
     mappings: &MappingStore,
+    reports: &Reports,
     dead_letters: &DeadLetters,
     message: &BorrowedMessage<'_>,
     shutdown: &CancellationToken,
@@ -248,56 +266,150 @@ async fn handle(
                 .map(|outcome| record_customer_outcome(&hook, &outcome))
         }
         Action::ErrorReport(report) => {
-            let write = || async {
-                mappings
-                    .record_error_report(tenant, environment, &report)
-                    .await
-            };
-            write_retried("error_report", write, shutdown)
-                .await
-                .map(|new_rows| record_error_report(&hook, &report, new_rows))
+            apply_error_report(mappings, reports, &hook, report, shutdown).await
         }
     };
     match done {
         Ok(()) => true,
         Err(NotWritten::Refused(e)) => {
-            dead_letter(
-                dead_letters,
-                message,
-                e.to_string(),
-                database_refused(),
-                shutdown,
-            )
-            .await
+            dead_letter(dead_letters, message, e, database_refused(), shutdown).await
         }
         Err(NotWritten::ShuttingDown) => false,
+    }
+}
+
+/// Records an error report (its details fetched first when the webhook was thin) and takes
+/// the units of every accepted meter event it names back out of the ledger's synced sums.
+async fn apply_error_report(
+    mappings: &MappingStore,
+    reports: &Reports,
+    hook: &StripeWebhook,
+    thin_or_full: ErrorReport,
+    shutdown: &CancellationToken,
+) -> Result<(), NotWritten> {
+    let (tenant, environment) = (&hook.tenant_id, &hook.environment_id);
+    let report = if thin_or_full.entries.is_empty() {
+        details(reports, hook, shutdown)
+            .await?
+            .unwrap_or(thin_or_full)
+    } else {
+        thin_or_full
+    };
+    let write = || async {
+        mappings
+            .record_error_report(tenant, environment, &report)
+            .await
+    };
+    let new_rows = write_retried("error_report", write, shutdown).await?;
+    record_error_report(hook, &report, new_rows);
+    for entry in &report.entries {
+        let Some(identifier) = &entry.identifier else {
+            continue;
+        };
+        let reason = format!(
+            "stripe accepted meter event {identifier} and then dropped it ({}: {}); its units \
+             are owed again: fix the cause (the customer mapping, the meter), then retry the \
+             window",
+            entry.error_code.as_deref().unwrap_or("no code"),
+            entry.error_message.as_deref().unwrap_or("no message"),
+        );
+        let drop = || reports.ledger.dropped_by_stripe(identifier, &reason);
+        if let Some(batch_id) = write_retried("dropped_send", drop, shutdown).await? {
+            metrics::meter_event_dropped();
+            tracing::warn!(
+                tenant_id = %tenant,
+                environment_id = %environment,
+                batch_id,
+                identifier = %identifier,
+                "stripe dropped an accepted meter event: its units are owed again"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The details of a thin error report, read with the tenant's key
+/// (`GET /v2/core/events/{id}`). Stripe trouble of the moment is retried with backoff, in
+/// order, like a database write; `None` when they cannot be had (no config, a refused key,
+/// an unreadable answer): the report is then recorded thin, and said so in the log.
+async fn details(
+    reports: &Reports,
+    hook: &StripeWebhook,
+    shutdown: &CancellationToken,
+) -> Result<Option<ErrorReport>, NotWritten> {
+    let actor = Actor::Webhook {
+        event_id: hook.event_id.to_string(),
+    };
+    let mut backoff = write_backoff();
+    loop {
+        let key = reports
+            .configs
+            .api_key(
+                &hook.tenant_id,
+                &hook.environment_id,
+                &actor,
+                Purpose::ErrorReport,
+            )
+            .await;
+        let error = match key {
+            Ok(None) => {
+                tracing::warn!(event_id = %hook.event_id, "no stripe config: a thin error report is recorded without its details");
+                return Ok(None);
+            }
+            Ok(Some(key)) => match reports
+                .stripe
+                .fetch_event(&key, hook.event_id.as_str())
+                .await
+            {
+                Ok(event) => {
+                    let mut detailed = hook.clone();
+                    detailed.payload.insert(
+                        "data".to_owned(),
+                        event.get("data").cloned().unwrap_or(Value::Null),
+                    );
+                    return Ok(error_report(&detailed).ok());
+                }
+                Err(e) if e.is_retriable() => e.to_string(),
+                Err(e) => {
+                    tracing::warn!(event_id = %hook.event_id, error = %e, "stripe refused the details of a thin error report: recorded without them");
+                    return Ok(None);
+                }
+            },
+            Err(e) => e.to_string(),
+        };
+        metrics::webhook_retry("error_report_details");
+        tracing::warn!(event_id = %hook.event_id, %error, "fetching an error report's details failed, retrying");
+        if !backoff.wait(shutdown).await {
+            return Err(NotWritten::ShuttingDown);
+        }
     }
 }
 
 /// Why a retried write did not happen.
 enum NotWritten {
     /// The database refused the data: retrying cannot help.
-    Refused(MappingError),
+    Refused(String),
     /// Shutdown began during a retry wait: the message stays uncommitted.
     ShuttingDown,
 }
 
 /// Runs `write` until it succeeds, the database refuses it, or shutdown begins; database
 /// trouble of the moment is retried with backoff, in order.
-async fn write_retried<T, F, Fut>(
+async fn write_retried<T, E, F, Fut>(
     step: &'static str,
     mut write: F,
     shutdown: &CancellationToken,
 ) -> Result<T, NotWritten>
 where
+    E: Retriable + std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, MappingError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = write_backoff();
     loop {
         let error = match write().await {
             Ok(value) => return Ok(value),
-            Err(e) if !e.is_retriable() => return Err(NotWritten::Refused(e)),
+            Err(e) if !e.is_retriable() => return Err(NotWritten::Refused(e.to_string())),
             Err(e) => e,
         };
         metrics::webhook_retry(step);

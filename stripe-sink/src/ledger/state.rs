@@ -168,7 +168,7 @@ mod tests {
         let source = include_str!("../ledger.rs");
         let (code, _) = source.split_once("#[cfg(test)]").unwrap();
         let others = [
-            "sending", "accepted", "refused", "customer", "stripe", "active", "last",
+            "sending", "accepted", "refused", "dropped", "customer", "stripe", "active", "last",
         ];
         let mut named = 0;
         let mut rest = code;

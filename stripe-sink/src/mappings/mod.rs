@@ -132,10 +132,7 @@ impl Retriable for MappingError {
     /// data the database refuses (SQLSTATE classes 22 and 23) will be refused again.
     fn is_retriable(&self) -> bool {
         match self {
-            Self::Database(sqlx::Error::Database(e)) => !e
-                .code()
-                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
-            Self::Database(_) => true,
+            Self::Database(e) => meterline_common::retry::postgres_retriable(e),
             _ => false,
         }
     }

@@ -1824,3 +1824,133 @@ async fn only_synced_window(sink: &ServiceProcess, t: &str) -> i64 {
         .as_i64()
         .expect("a synced window")
 }
+
+#[tokio::test]
+async fn units_stripe_drops_after_accepting_them_go_out_again_once_the_cause_is_fixed() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    // Stripe's error reports are thin events: the relay passes on ids only.
+    let endpoint = standin
+        .post(
+            "/v1/webhook_endpoints",
+            &[
+                (
+                    "url",
+                    &relay.url(&format!("/webhooks/stripe/{TENANT}/env_prod")),
+                ),
+                (
+                    "enabled_events[]",
+                    "v1.billing.meter.error_report_triggered",
+                ),
+            ],
+        )
+        .await;
+    let secret = endpoint["secret"].as_str().unwrap().to_owned();
+    let t = token(TENANT, "env_prod");
+    let put = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &t,
+        &json!({"api_key": standin.key, "webhook_secrets": [secret], "rate_limit_per_second": RATE}),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    // The customer is mapped to a Stripe customer that does not exist (a typo): Stripe
+    // answers 200 and drops the event later.
+    for (path, body) in [
+        (
+            "/v1/stripe/meters/mapping",
+            json!({"meter_id": "calls", "provider_meter_id": "api_calls", "sync_enabled": true}),
+        ),
+        (
+            "/v1/stripe/customers/mapping",
+            json!({"customer_id": "cust_typo", "provider_customer_id": "cus_nosuchcustomer1"}),
+        ),
+    ] {
+        let answer = post_json(&sink.url(path), &t, &body).await;
+        assert_eq!(answer.status, 201, "{path}: {:?}", answer.body);
+    }
+    produce_events(&ns, &calls("cust_typo", "typo", 3, 4)).await;
+
+    let mut failed = Vec::new();
+    wait_for_batches(&sink, &t, "failed", |windows| {
+        failed = windows.to_vec();
+        windows.len() == 1
+    })
+    .await;
+    let window = &failed[0];
+    assert!(
+        window["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("dropped") && e.contains("meter_event_customer_not_found")),
+        "{window}"
+    );
+    assert_eq!(window["synced_quantity"], "0", "the units are owed again");
+    assert_eq!(window["aggregated_quantity"], "4");
+    let reports = window["error_reports"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        reports
+            .iter()
+            .any(|r| r["identifier"] == window["stripe_event_id"]
+                && r["error_code"] == "meter_event_customer_not_found"),
+        "the report's details were fetched and name the event: {window}"
+    );
+    assert!(standin.totals().await.is_empty(), "stripe billed nothing");
+    let metrics = reqwest::get(sink.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("stripe_sink_meter_events_dropped_total 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("dropped"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // The cause is fixed (the right customer mapped) and the window retried: the 4 units go
+    // out once, under a new identifier.
+    let cus = standin.customer("cust_typo").await;
+    let deleted = send(
+        reqwest::Client::new()
+            .delete(sink.url("/v1/stripe/customers/mapping/cust_typo"))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert!(deleted.status < 300, "{:?}", deleted.body);
+    let mapped = post_json(
+        &sink.url("/v1/stripe/customers/mapping"),
+        &t,
+        &json!({"customer_id": "cust_typo", "provider_customer_id": cus}),
+    )
+    .await;
+    assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    let retried = post_json(&sink.url("/v1/stripe/batches/retry"), &t, &json!({})).await;
+    assert_eq!(retried.status, 200, "{:?}", retried.body);
+    let expected = BTreeMap::from([((cus, "api_calls".to_owned()), 4.0)]);
+    wait_for_totals(&standin, &sink, &expected, Duration::from_secs(60)).await;
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 1).await;
+    let pg = ns.pg_pool().await;
+    assert_eq!(
+        sends_of(&pg, 3).await,
+        vec![(1, "dropped".to_owned()), (2, "accepted".to_owned())]
+    );
+    ns.drop_databases().await;
+}
