@@ -21,13 +21,13 @@ use std::time::Duration;
 use meterline_accounts::audit::{Actor, Purpose};
 use meterline_accounts::stripe_config::StripeApiKey;
 use meterline_common::auth::TenantScope;
-use meterline_schemas::{Decimal, StripeFormula};
+use meterline_schemas::StripeFormula;
 use rust_decimal::prelude::ToPrimitive;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{SyncContext, UNKNOWABLE_AFTER};
-use crate::billing::{self, Held, Unsendable};
+use crate::billing::{self, Held, Next, Unsendable};
 use crate::ledger::{Batch, Claim, Counts, Finish, Send};
 use crate::mappings::{needed_formula, ProviderMeter};
 use crate::metrics;
@@ -177,42 +177,18 @@ async fn try_settle(
             Some(send) => send,
             None => {
                 let current = ctx.ledger.current(batch.id).await?;
-                let (value, accounted) = match counts {
-                    Counts::Change => {
-                        let change = current.total - current.accounted;
-                        if change.is_zero() {
-                            return Ok(Finish::Settled);
-                        }
-                        let value = match billing::round_with_carry(current.carry, change) {
-                            Ok(rounded) => rounded.value,
-                            Err(e) => return Ok(Finish::Failed(e.to_string())),
-                        };
-                        if value == 0 {
-                            // Less than half a unit with the carry: nothing to send yet.
-                            ctx.ledger.carried(batch.claim, change).await?;
-                            continue;
-                        }
-                        (value, change)
+                let (value, accounted) = match billing::next_send(counts, &current) {
+                    Ok(Next::Settled) => return Ok(Finish::Settled),
+                    Ok(Next::Carry(change)) => {
+                        ctx.ledger.carried(batch.claim, change).await?;
+                        continue;
                     }
-                    Counts::Value => {
-                        if current.sent && current.accounted == current.total {
-                            return Ok(Finish::Settled);
-                        }
-                        // The value itself, rounded on its own: Stripe bills one value of the
-                        // period, so there is nothing to carry. A 0 is sent too: it may be
-                        // the period's last value.
-                        let value = match billing::round_with_carry(Decimal::ZERO, current.total) {
-                            Ok(rounded) => rounded.value,
-                            Err(e) => return Ok(Finish::Failed(e.to_string())),
-                        };
-                        if current.sent && Decimal::from(value) == current.synced {
-                            ctx.ledger
-                                .unchanged_value(batch.claim, current.total)
-                                .await?;
-                            continue;
-                        }
-                        (value, current.total)
+                    Ok(Next::Unchanged(total)) => {
+                        ctx.ledger.unchanged_value(batch.claim, total).await?;
+                        continue;
                     }
+                    Ok(Next::Send { value, accounted }) => (value, accounted),
+                    Err(e) => return Ok(Finish::Failed(e.to_string())),
                 };
                 let seq = ctx.ledger.sends_so_far(batch.id).await? + 1;
                 let send = Send {
