@@ -285,6 +285,23 @@ mod tests {
             }
         }
 
+        /// `revisions` (window, new total, settled at once) applied in order, then every
+        /// window settled.
+        fn run(counts: Counts, windows: usize, revisions: &[(usize, Decimal, bool)]) -> Self {
+            let mut sim = Self::new(windows);
+            for &(w, new_total, settle_now) in revisions {
+                let w = w % windows;
+                sim.windows[w].total = new_total;
+                if settle_now {
+                    sim.settle(counts, w);
+                }
+            }
+            for w in 0..windows {
+                sim.settle(counts, w);
+            }
+            sim
+        }
+
         fn settle(&mut self, counts: Counts, w: usize) {
             for _ in 0..8 {
                 let mut current = Current {
@@ -353,17 +370,7 @@ mod tests {
             windows in 1usize..12,
             revisions in proptest::collection::vec((0usize..12, total(), any::<bool>()), 1..80),
         ) {
-            let mut sim = Simulation::new(windows);
-            for (w, new_total, settle_now) in revisions {
-                let w = w % windows;
-                sim.windows[w].total = new_total;
-                if settle_now {
-                    sim.settle(Counts::Change, w);
-                }
-            }
-            for w in 0..windows {
-                sim.settle(Counts::Change, w);
-            }
+            let sim = Simulation::run(Counts::Change, windows, &revisions);
             let exact: Decimal = sim.windows.iter().map(|c| c.total).sum();
             let stripe = Decimal::from(sim.stripe_value(Counts::Change));
             prop_assert!((stripe - exact).abs() <= Decimal::new(5, 1), "stripe {stripe}, exact {exact}");
@@ -381,17 +388,7 @@ mod tests {
             windows in 1usize..12,
             revisions in proptest::collection::vec((0usize..12, total(), any::<bool>()), 1..80),
         ) {
-            let mut sim = Simulation::new(windows);
-            for (w, new_total, settle_now) in revisions {
-                let w = w % windows;
-                sim.windows[w].total = new_total;
-                if settle_now {
-                    sim.settle(Counts::Value, w);
-                }
-            }
-            for w in 0..windows {
-                sim.settle(Counts::Value, w);
-            }
+            let sim = Simulation::run(Counts::Value, windows, &revisions);
             let latest = sim.windows[windows - 1].total;
             let stripe = Decimal::from(sim.stripe_value(Counts::Value));
             prop_assert!((stripe - latest).abs() <= Decimal::new(5, 1), "stripe {stripe}, latest {latest}");

@@ -167,6 +167,41 @@ async fn wait_for_totals(
     }
 }
 
+/// The stand-in's count of requests per second (of its clock) from `from` on.
+fn requests_per_second_from(inspect: &Value, from: i64) -> BTreeMap<i64, u64> {
+    inspect["requests_per_second"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["second"].as_i64().unwrap_or(0) >= from)
+        .map(|r| {
+            (
+                r["second"].as_i64().unwrap_or(0),
+                r["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Seconds over which [`busiest_span`] counts.
+const SPAN: i64 = 3;
+
+/// The most requests in any SPAN seconds in a row. The sink paces 5% under the limit;
+/// arrivals on a loaded machine can still bunch across a second's boundary (a request sent
+/// at the end of one second lands in the next), so the limit is checked over every span of
+/// SPAN seconds: the pacing, not the scheduler.
+fn busiest_span(per_second: &BTreeMap<i64, u64>) -> u64 {
+    per_second
+        .keys()
+        .map(|&from| {
+            (from..from + SPAN)
+                .map(|second| per_second.get(&second).copied().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force_rerun() {
     let ns = Namespace::create().await;
@@ -246,32 +281,9 @@ async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force
 
     wait_for_totals(&standin, &third, &expected, Duration::from_secs(240)).await;
     let inspect = standin.inspect().await;
-    let per_second: BTreeMap<i64, u64> = inspect["requests_per_second"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["second"].as_i64().unwrap_or(0) >= single_process_from)
-        .map(|r| {
-            (
-                r["second"].as_i64().unwrap_or(0),
-                r["count"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let per_second = requests_per_second_from(&inspect, single_process_from);
     assert!(!per_second.is_empty(), "the sink's requests were counted");
-    // The sink paces 5% under the limit; arrivals on a loaded machine can still bunch across
-    // a second's boundary (a request sent at the end of one second lands in the next), so
-    // the limit is checked over every span of SPAN seconds: the pacing, not the scheduler.
-    const SPAN: i64 = 3;
-    let busiest = per_second
-        .keys()
-        .map(|&from| {
-            (from..from + SPAN)
-                .map(|second| per_second.get(&second).copied().unwrap_or(0))
-                .sum::<u64>()
-        })
-        .max()
-        .unwrap_or(0);
+    let busiest = busiest_span(&per_second);
     assert!(
         busiest <= u64::from(RATE) * SPAN as u64,
         "stripe saw {busiest} requests in {SPAN} seconds (limit {RATE}/s)"
@@ -613,21 +625,16 @@ async fn stripe_mock_accepts_the_requests_our_client_sends() {
 /// Usage of a customer Stripe does not know yet waits as `pending_mapping`, and goes out as
 /// soon as the customer is created in Stripe and its signed `customer.created` webhook has
 /// made the mapping (stand-in -> webhook-relay -> stripe.webhooks -> sink).
-#[tokio::test]
-async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrives() {
-    let ns = Namespace::create().await;
-    let standin = Standin::start(RATE).await;
-    standin.sum_meter("api_calls").await;
-    create_meter(
-        &ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-    )
-    .await;
+/// A relay and a sink for the tenant's `env_prod`: the relay's endpoint registered in the
+/// stand-in for `enabled_event`, the Stripe config (key and the endpoint's secret) saved.
+/// The relay, the sink and the tenant's token.
+async fn sink_behind_a_relay(
+    ns: &Namespace,
+    standin: &Standin,
+    enabled_event: &str,
+) -> (ServiceProcess, ServiceProcess, String) {
     let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
-    let sink = sink(&ns, &standin).await;
-    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let sink = sink(ns, standin).await;
     let endpoint = standin
         .post(
             "/v1/webhook_endpoints",
@@ -636,7 +643,7 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
                     "url",
                     &relay.url(&format!("/webhooks/stripe/{TENANT}/env_prod")),
                 ),
-                ("enabled_events[]", "customer.created"),
+                ("enabled_events[]", enabled_event),
             ],
         )
         .await;
@@ -649,6 +656,23 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     )
     .await;
     assert_eq!(put.status, 200, "{:?}", put.body);
+    (relay, sink, t)
+}
+
+#[tokio::test]
+async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrives() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    let (_relay, sink, t) = sink_behind_a_relay(&ns, &standin, "customer.created").await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
     let mapped = post_json(
         &sink.url("/v1/stripe/meters/mapping"),
         &t,
@@ -1580,35 +1604,12 @@ async fn two_keys_of_one_stripe_account_share_its_rate_limit() {
     }
     let both_sending_from = standin_now(&standin).await + 1;
     wait_for_totals(&standin, &sink, &expected, Duration::from_secs(180)).await;
-    let inspect = standin.inspect().await;
-    let per_second: BTreeMap<i64, u64> = inspect["requests_per_second"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["second"].as_i64().unwrap_or(0) >= both_sending_from)
-        .map(|r| {
-            (
-                r["second"].as_i64().unwrap_or(0),
-                r["count"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let per_second = requests_per_second_from(&standin.inspect().await, both_sending_from);
     assert!(
         per_second.values().sum::<u64>() >= 20,
         "enough requests after both keys started to judge the pacing: {per_second:?}"
     );
-    // As in the test above: over every span of SPAN seconds, so that a request sent at the
-    // end of one second and counted in the next does not decide.
-    const SPAN: i64 = 3;
-    let busiest = per_second
-        .keys()
-        .map(|&from| {
-            (from..from + SPAN)
-                .map(|second| per_second.get(&second).copied().unwrap_or(0))
-                .sum::<u64>()
-        })
-        .max()
-        .unwrap_or(0);
+    let busiest = busiest_span(&per_second);
     assert!(
         busiest <= u64::from(LIMIT) * SPAN as u64,
         "the account saw {busiest} requests in {SPAN} seconds (limit {LIMIT}/s): {per_second:?}"
@@ -1837,34 +1838,10 @@ async fn units_stripe_drops_after_accepting_them_go_out_again_once_the_cause_is_
         json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
     )
     .await;
-    let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;
-    let sink = sink(&ns, &standin).await;
-    let _aggregator = spawn_aggregator(&ns, &[]).await;
     // Stripe's error reports are thin events: the relay passes on ids only.
-    let endpoint = standin
-        .post(
-            "/v1/webhook_endpoints",
-            &[
-                (
-                    "url",
-                    &relay.url(&format!("/webhooks/stripe/{TENANT}/env_prod")),
-                ),
-                (
-                    "enabled_events[]",
-                    "v1.billing.meter.error_report_triggered",
-                ),
-            ],
-        )
-        .await;
-    let secret = endpoint["secret"].as_str().unwrap().to_owned();
-    let t = token(TENANT, "env_prod");
-    let put = post_json_put(
-        &sink.url("/v1/stripe/config"),
-        &t,
-        &json!({"api_key": standin.key, "webhook_secrets": [secret], "rate_limit_per_second": RATE}),
-    )
-    .await;
-    assert_eq!(put.status, 200, "{:?}", put.body);
+    let (_relay, sink, t) =
+        sink_behind_a_relay(&ns, &standin, "v1.billing.meter.error_report_triggered").await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
     // The customer is mapped to a Stripe customer that does not exist (a typo): Stripe
     // answers 200 and drops the event later.
     for (path, body) in [
