@@ -1308,6 +1308,22 @@ async fn a_dispatcher_whose_lease_ran_out_writes_nothing_over_the_next_claim() {
 /// holds 5, not 10 (before, the 401 freed the units and seq 2 billed them again). (2) A send
 /// answered only with 500s, then refused with a 400 (its timestamp grew too old), waits for
 /// reconciliation with its one send kept, instead of failing with its units free.
+/// Every meter event request from now on meets the fault `rate` (`rate_drop`, `rate_500`).
+async fn fail_every_meter_event(standin: &Standin, rate: &str) {
+    let mut faults = json!({"path_prefix": "/v1/billing/meter_events"});
+    faults[rate] = json!(1.0);
+    standin.control("faults", faults).await;
+}
+
+/// Waits until the stand-in applied a fault of `kind` (`dropped`, `server_error`).
+async fn until_a_fault_was_applied(standin: &Standin, kind: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while standin.faults_injected().await[kind].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "no meter event reached stripe");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// `n` calls of `customer` a few minutes into the hour `hours_ago`.
 fn calls(customer: &str, prefix: &str, hours_ago: i64, n: usize) -> Vec<RawUsageEvent> {
     (0..n)
@@ -1406,22 +1422,9 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
     let pg = ns.pg_pool().await;
 
     // (1) Every answer to a meter event is lost; Stripe records the first.
-    standin
-        .control(
-            "faults",
-            json!({"rate_drop": 1.0, "path_prefix": "/v1/billing/meter_events"}),
-        )
-        .await;
+    fail_every_meter_event(&standin, "rate_drop").await;
     produce_events(&ns, &calls("cust_doubt", "dropped", 3, 5)).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while standin.faults_injected().await["dropped"]
-        .as_u64()
-        .unwrap_or(0)
-        < 1
-    {
-        assert!(Instant::now() < deadline, "no meter event reached stripe");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_a_fault_was_applied(&standin, "dropped").await;
     let recorded = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 5.0)]);
     assert_eq!(
         standin.totals().await,
@@ -1456,22 +1459,9 @@ async fn a_refusal_after_an_unanswered_attempt_does_not_send_the_units_again() {
     assert_eq!(sends_of(&pg, 3).await, vec![(1, "accepted".to_owned())]);
 
     // (2) Only 500s (whose outcome Stripe calls indeterminate), then a 400.
-    standin
-        .control(
-            "faults",
-            json!({"rate_500": 1.0, "path_prefix": "/v1/billing/meter_events"}),
-        )
-        .await;
+    fail_every_meter_event(&standin, "rate_500").await;
     produce_events(&ns, &calls("cust_doubt", "failing", 2, 3)).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while standin.faults_injected().await["server_error"]
-        .as_u64()
-        .unwrap_or(0)
-        < 1
-    {
-        assert!(Instant::now() < deadline, "no meter event reached stripe");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_a_fault_was_applied(&standin, "server_error").await;
     // Stripe's 35 days pass on its clock: the next attempt is refused with a 400.
     standin
         .control("clock/advance", json!({"seconds": 36 * 86_400}))
@@ -1690,15 +1680,9 @@ async fn a_meter_event_in_doubt_for_a_day_is_settled_from_stripe_or_by_an_audite
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let t = token(TENANT, "env_prod");
     let pg = ns.pg_pool().await;
-    let meter_events = json!({"path_prefix": "/v1/billing/meter_events"});
-    let faults = |kind: &str| {
-        let mut f = meter_events.clone();
-        f[kind] = json!(1.0);
-        f
-    };
 
     // (1) Stripe records the event and every answer is lost, for a day.
-    standin.control("faults", faults("rate_drop")).await;
+    fail_every_meter_event(&standin, "rate_drop").await;
     produce_events(&ns, &calls("cust_day", "recorded", 3, 5)).await;
     let sink = a_day_of_doubt(&ns, &standin, sink, 3).await;
     // Its summaries hold it: the event counts as accepted, nothing is sent again.
@@ -1725,7 +1709,7 @@ async fn a_meter_event_in_doubt_for_a_day_is_settled_from_stripe_or_by_an_audite
             ],
         )
         .await;
-    standin.control("faults", faults("rate_500")).await;
+    fail_every_meter_event(&standin, "rate_500").await;
     produce_events(&ns, &calls("cust_day", "lost", 2, 3)).await;
     let sink = a_day_of_doubt(&ns, &standin, sink, 2).await;
     let mut open = Vec::new();
