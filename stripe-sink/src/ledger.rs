@@ -697,42 +697,8 @@ impl Ledger {
         }
         // Only an accepted send moved the sums.
         let counts = Counts::try_from(formula).map_err(Error::Corrupt)?;
-        match counts {
-            _ if status != "accepted" => {}
-            Counts::Change => {
-                sqlx::query(
-                    "UPDATE stripe_sync_batches
-                     SET synced_quantity = synced_quantity - $2,
-                         accounted_quantity = accounted_quantity - $3
-                     WHERE id = $1",
-                )
-                .bind(batch_id)
-                .bind(value)
-                .bind(accounted)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("taking dropped units out"))?;
-                carry::add(&mut tx, batch_id, value - accounted).await?;
-            }
-            Counts::Value => {
-                // What Stripe holds for the window is its latest value still accepted.
-                sqlx::query(
-                    "UPDATE stripe_sync_batches b
-                     SET synced_quantity = COALESCE(p.value, 0),
-                         accounted_quantity = COALESCE(p.accounted, 0),
-                         stripe_event_id = p.identifier
-                     FROM (SELECT $1::bigint AS id) w
-                     LEFT JOIN LATERAL (
-                         SELECT value, accounted, identifier FROM stripe_sync_sends
-                         WHERE batch_id = $1 AND status = 'accepted'
-                         ORDER BY seq DESC LIMIT 1) p ON true
-                     WHERE b.id = w.id",
-                )
-                .bind(batch_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("restoring the value stripe holds"))?;
-            }
+        if status == "accepted" {
+            undo_acceptance_in(&mut tx, batch_id, counts, value, accounted).await?;
         }
         sqlx::query(
             "UPDATE stripe_sync_batches
@@ -1269,6 +1235,55 @@ async fn accept_in(
         .map_err(db("recording an accepted send"))?;
         if send.counts == Counts::Change {
             carry::add(tx, batch_id, send.accounted - send.value).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes an accepted send back out of its window's sums, the inverse of [`accept_in`]: a
+/// change leaves the synced and accounted sums (and the carry what it moved); a `last`
+/// window returns to its latest value still accepted, or to nothing.
+async fn undo_acceptance_in(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    batch_id: i64,
+    counts: Counts,
+    value: Decimal,
+    accounted: Decimal,
+) -> Result<(), Error> {
+    match counts {
+        Counts::Change => {
+            sqlx::query(
+                "UPDATE stripe_sync_batches
+                 SET synced_quantity = synced_quantity - $2,
+                     accounted_quantity = accounted_quantity - $3
+                 WHERE id = $1",
+            )
+            .bind(batch_id)
+            .bind(value)
+            .bind(accounted)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("taking dropped units out"))?;
+            carry::add(tx, batch_id, value - accounted).await?;
+        }
+        Counts::Value => {
+            // What Stripe holds for the window is its latest value still accepted.
+            sqlx::query(
+                "UPDATE stripe_sync_batches b
+                 SET synced_quantity = COALESCE(p.value, 0),
+                     accounted_quantity = COALESCE(p.accounted, 0),
+                     stripe_event_id = p.identifier
+                 FROM (SELECT $1::bigint AS id) w
+                 LEFT JOIN LATERAL (
+                     SELECT value, accounted, identifier FROM stripe_sync_sends
+                     WHERE batch_id = $1 AND status = 'accepted'
+                     ORDER BY seq DESC LIMIT 1) p ON true
+                 WHERE b.id = w.id",
+            )
+            .bind(batch_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("restoring the value stripe holds"))?;
         }
     }
     Ok(())

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use meterline_accounts::stripe_config::StripeApiKey;
+use meterline_accounts::stripe_config::{StripeApiKey, SyncConfig};
+use meterline_schemas::{EnvironmentId, TenantId};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -286,17 +287,19 @@ impl Pacer {
     }
 }
 
-/// The pacing for requests with `key`: its Stripe account's ([`Pacer::account`]), the
+/// The pacing for requests with the configuration of `(tenant, environment)`: its key's
+/// Stripe account's ([`Pacer::account`]) at the configured rate or Stripe's default, the
 /// account asked of Stripe (`GET /v1/account`) the first time the key is seen. Nothing is
 /// sent with a key before its account is known: pacing it alone could exceed the limit
 /// its account shares with other keys.
 pub async fn paced_account(
     pacer: &Pacer,
     stripe: &StripeClient,
-    key: &StripeApiKey,
-    scope: &str,
-    rate: u32,
+    config: &SyncConfig,
+    tenant: &TenantId,
+    environment: &EnvironmentId,
 ) -> Result<Arc<Account>, StripeError> {
+    let key = &config.api_key;
     let account_id = match pacer.owner_of(key) {
         Some(known) => known,
         None => {
@@ -305,7 +308,10 @@ pub async fn paced_account(
             asked
         }
     };
-    Ok(pacer.account(&account_id, scope, rate))
+    let rate = config
+        .rate_limit_per_second
+        .unwrap_or_else(|| default_rate(key.livemode()));
+    Ok(pacer.account(&account_id, &format!("{tenant}/{environment}"), rate))
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use uuid::Uuid;
 use crate::mappings::{
     self, CustomerEvent, ExternalId, Imported, MappingSource, StripeCustomerId, Writer,
 };
-use crate::pacing::{default_rate, paced_account, Backoff, Pacer};
+use crate::pacing::{paced_account, Backoff, Pacer};
 use crate::stripe::{CustomerPage, ErrorClass, ListedCustomer, StripeClient};
 use crate::Error;
 

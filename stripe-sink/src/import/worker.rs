@@ -146,19 +146,14 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
         Ok(None) => return Step::Fatal("stripe is not configured for this environment".into()),
         Err(e) => return Step::Retry(e.to_string(), None),
     };
-    let rate = config
-        .rate_limit_per_second
-        .unwrap_or_else(|| default_rate(config.api_key.livemode()));
-    let scope = format!("{}/{}", job.tenant_id, job.environment_id);
-    let account = match paced_account(
+    let paced = paced_account(
         &importer.pacer,
         &importer.stripe,
-        &config.api_key,
-        &scope,
-        rate,
-    )
-    .await
-    {
+        &config,
+        &job.tenant_id,
+        &job.environment_id,
+    );
+    let account = match paced.await {
         Ok(account) => account,
         Err(e) if e.class == ErrorClass::Authentication => {
             return Step::Fatal(format!(

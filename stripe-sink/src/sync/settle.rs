@@ -31,7 +31,7 @@ use crate::billing::{self, Held, Next, Unsendable};
 use crate::ledger::{Batch, Claim, Counts, Finish, Send};
 use crate::mappings::{needed_formula, ProviderMeter};
 use crate::metrics;
-use crate::pacing::{default_rate, paced_account};
+use crate::pacing::paced_account;
 use crate::stripe::{ErrorClass, MeterEvent, StripeMeter};
 use crate::Error;
 
@@ -123,12 +123,14 @@ async fn try_settle(
         }
         Err(e @ Unsendable::TooLarge(_)) => return Ok(Finish::Failed(e.to_string())),
     }
-    let rate = config
-        .rate_limit_per_second
-        .unwrap_or_else(|| default_rate(config.api_key.livemode()));
-    let scope = format!("{}/{}", batch.tenant_id, batch.environment_id);
-    let account = match paced_account(&ctx.pacer, &ctx.stripe, &config.api_key, &scope, rate).await
-    {
+    let paced = paced_account(
+        &ctx.pacer,
+        &ctx.stripe,
+        &config,
+        &batch.tenant_id,
+        &batch.environment_id,
+    );
+    let account = match paced.await {
         Ok(account) => account,
         // Nothing went out: any outstanding send stays as it is.
         Err(e) if e.class == ErrorClass::Authentication => {

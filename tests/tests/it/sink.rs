@@ -214,13 +214,7 @@ async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force
         let cus = standin.customer(&external).await;
         customers.insert(external, cus);
     }
-    create_meter(
-        &ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-    )
-    .await;
+    calls_meter(&ns, TENANT).await;
     create_meter(&ns, TENANT, "env_prod", json!({"id": "tokens", "event_name": "api.request", "aggregation": "SUM", "property": "tokens"})).await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let first = sink(&ns, &standin).await;
@@ -664,13 +658,7 @@ async fn pending_mapping_windows_go_out_once_the_customer_created_webhook_arrive
     let ns = Namespace::create().await;
     let standin = Standin::start(RATE).await;
     standin.sum_meter("api_calls").await;
-    create_meter(
-        &ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-    )
-    .await;
+    calls_meter(&ns, TENANT).await;
     let (_relay, sink, t) = sink_behind_a_relay(&ns, &standin, "customer.created").await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let mapped = post_json(
@@ -1353,6 +1341,17 @@ async fn sends_of(pg: &sqlx::PgPool, hours_ago: i64) -> Vec<(i32, String)> {
     .unwrap()
 }
 
+/// The COUNT meter `calls` of `api.request` events, in the tenant's `env_prod`.
+async fn calls_meter(ns: &Namespace, tenant: &str) {
+    create_meter(
+        ns,
+        tenant,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+}
+
 /// A sink sending the COUNT meter `calls` (event `api.request`) of one customer to the
 /// stand-in's `sum` meter `api_calls`; the customer's Stripe id with the sink.
 async fn one_customer_on_a_sum_meter(
@@ -1362,13 +1361,7 @@ async fn one_customer_on_a_sum_meter(
 ) -> (ServiceProcess, String) {
     standin.sum_meter("api_calls").await;
     let cus = standin.customer(customer).await;
-    create_meter(
-        ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-    )
-    .await;
+    calls_meter(ns, TENANT).await;
     let sink = sink(ns, standin).await;
     let t = token(TENANT, "env_prod");
     for (path, body, status) in [
@@ -1514,13 +1507,7 @@ async fn two_keys_of_one_stripe_account_share_its_rate_limit() {
     ];
     let mut accounts = Vec::new();
     for (tenant, key, stripe_meter) in &tenants {
-        create_meter(
-            &ns,
-            tenant,
-            "env_prod",
-            json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-        )
-        .await;
+        calls_meter(&ns, tenant).await;
         let t = token(tenant, "env_prod");
         let config = post_json_put(
             &sink.url("/v1/stripe/config"),
@@ -1815,13 +1802,7 @@ async fn units_stripe_drops_after_accepting_them_go_out_again_once_the_cause_is_
     let ns = Namespace::create().await;
     let standin = Standin::start(RATE).await;
     standin.sum_meter("api_calls").await;
-    create_meter(
-        &ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
-    )
-    .await;
+    calls_meter(&ns, TENANT).await;
     // Stripe's error reports are thin events: the relay passes on ids only.
     let (_relay, sink, t) =
         sink_behind_a_relay(&ns, &standin, "v1.billing.meter.error_report_triggered").await;
@@ -1913,5 +1894,144 @@ async fn units_stripe_drops_after_accepting_them_go_out_again_once_the_cause_is_
         sends_of(&pg, 3).await,
         vec![(1, "dropped".to_owned()), (2, "accepted".to_owned())]
     );
+    ns.drop_databases().await;
+}
+
+/// Case 6 of the billing issue, on the real PostgreSQL: a meter event Stripe dropped after
+/// accepting it leaves its window exactly as before its acceptance, for both ways a send
+/// counts: a `sum` change (its units and the carry it moved) and a `last` value (the value
+/// before it). A repeated report changes nothing.
+#[tokio::test]
+async fn a_dropped_meter_event_leaves_its_window_as_before_it_was_accepted() {
+    use meterline_schemas::{
+        CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Timestamp, Window, WindowReason,
+        WindowTotal,
+    };
+    use stripe_sink::ledger::{Counts, Finish, Ledger, Send};
+
+    let ns = Namespace::create().await;
+    let pool = ns.pg_pool().await;
+    let ledger = Ledger::new(pool.clone());
+    let start = hour_start(2);
+    let window = Window::new(start, start + time::Duration::hours(1)).unwrap();
+    let d = |units: i64, tenths: u32| Decimal::new(units, tenths);
+    // (synced, accounted, the carry)
+    let sums = |batch_id: i64| {
+        let ledger = ledger.clone();
+        async move {
+            let current = ledger.current(batch_id).await.unwrap();
+            (current.synced, current.accounted, current.carry)
+        }
+    };
+    // A `last` window's value is its latest accepted send's: the one whose value Stripe holds.
+    let holds = |batch_id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT stripe_event_id FROM stripe_sync_batches WHERE id = $1",
+            )
+            .bind(batch_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for (customer, counts) in [("cust_sum", Counts::Change), ("cust_last", Counts::Value)] {
+        ledger
+            .record_window(&WindowTotal {
+                tenant_id: TenantId::parse(TENANT).unwrap(),
+                environment_id: EnvironmentId::parse("env_prod").unwrap(),
+                customer_id: CustomerId::parse(customer).unwrap(),
+                meter_id: MeterId::parse("calls").unwrap(),
+                window,
+                quantity: d(124, 1),
+                event_count: 3,
+                revision: std::num::NonZeroU32::MIN,
+                reason: WindowReason::Due,
+                expired: false,
+                computed_at: Timestamp::now(),
+            })
+            .await
+            .unwrap();
+        let claimed = ledger.claim(1, Duration::from_secs(60)).await.unwrap();
+        let batch = claimed.first().expect("the window is claimed").clone();
+        // Two accepted sends: 10 for 10.4, then 2 for 1.6 (sum) or 12 for 12.4 (last).
+        let (first, second) = match counts {
+            Counts::Change => ((10, d(104, 1)), (2, d(16, 1))),
+            Counts::Value => ((10, d(104, 1)), (12, d(124, 1))),
+        };
+        let send = |seq: i32, (value, accounted): (i64, Decimal)| Send {
+            seq,
+            identifier: format!("ml_{customer}_{seq}"),
+            key_generation: 0,
+            value: Decimal::from(value),
+            accounted,
+            event_name: "api_calls".into(),
+            provider_customer_id: format!("cus_{customer}"),
+            stripe_timestamp: (start + time::Duration::minutes(59)).unix_timestamp(),
+            created_at: OffsetDateTime::now_utc(),
+            in_doubt_since: None,
+            counts,
+        };
+        let before = sums(batch.id).await;
+        ledger
+            .begin_send(batch.claim, &send(1, first))
+            .await
+            .unwrap();
+        ledger.accepted(batch.claim, &send(1, first)).await.unwrap();
+        let after_first = sums(batch.id).await;
+        ledger
+            .begin_send(batch.claim, &send(2, second))
+            .await
+            .unwrap();
+        ledger
+            .accepted(batch.claim, &send(2, second))
+            .await
+            .unwrap();
+        ledger.finish(batch.claim, &Finish::Settled).await.unwrap();
+
+        let reason = "stripe dropped it: meter_event_customer_not_found";
+        let dropped = ledger
+            .dropped_by_stripe(&format!("ml_{customer}_2"), reason)
+            .await
+            .unwrap();
+        assert_eq!(dropped, Some(batch.id), "{customer}");
+        assert_eq!(
+            sums(batch.id).await,
+            after_first,
+            "{customer}: as before send 2"
+        );
+        if counts == Counts::Value {
+            assert_eq!(holds(batch.id).await, Some(format!("ml_{customer}_1")));
+        }
+        let again = ledger
+            .dropped_by_stripe(&format!("ml_{customer}_2"), reason)
+            .await
+            .unwrap();
+        assert_eq!(again, None, "{customer}: a repeated report changes nothing");
+        assert_eq!(sums(batch.id).await, after_first, "{customer}");
+        ledger
+            .dropped_by_stripe(&format!("ml_{customer}_1"), reason)
+            .await
+            .unwrap();
+        assert_eq!(
+            sums(batch.id).await,
+            before,
+            "{customer}: as before any send"
+        );
+        if counts == Counts::Value {
+            assert_eq!(holds(batch.id).await, None, "nothing sent any more");
+        }
+        let (status, error): (String, Option<String>) =
+            sqlx::query_as("SELECT sync_status, last_error FROM stripe_sync_batches WHERE id = $1")
+                .bind(batch.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            (status.as_str(), error.as_deref()),
+            ("failed", Some(reason))
+        );
+    }
     ns.drop_databases().await;
 }
