@@ -1,10 +1,14 @@
 //! Window sizes of each tenant and environment, as a history of changes.
 //!
-//! Rule kept here: windows never overlap. A size applies to events at or after its
-//! `effective_from`, and a change is scheduled at the first instant, not in the past, that is
-//! a boundary of BOTH the old and the new size (a multiple of their least common multiple
-//! since the Unix epoch). The last window of the old size therefore ends exactly where the
-//! first window of the new size starts, and an event belongs to exactly one window.
+//! Rules kept here:
+//! - Windows never overlap. A size applies to events at or after its `effective_from`, and a
+//!   change is scheduled at an instant that is a boundary of BOTH the old and the new size (a
+//!   multiple of their least common multiple since the Unix epoch). The last window of the old
+//!   size therefore ends exactly where the first window of the new size starts.
+//! - A window never changes size once an event is in it. Events may be up to the ingest's
+//!   `INGEST_MAX_FUTURE_SECONDS` ahead, so when a change is asked for, events that far ahead
+//!   may already be windowed in the old size: the change takes effect no earlier than that
+//!   lead, and only a change further ahead than the lead can still be replaced.
 
 use std::collections::HashMap;
 
@@ -168,15 +172,23 @@ pub async fn load_scope(
     Ok(SizeHistory::new(changes))
 }
 
-/// Changes the window size of `scope` to `minutes`, effective at the first instant at or
-/// after `now` aligned to both sizes, and returns that instant. A change still ahead is
-/// replaced. `None` when nothing new was scheduled: the size in force from now on already is
-/// `minutes` (or becomes it again because the pending change was withdrawn).
+/// Changes the window size of `scope` to `minutes` and returns when the change takes effect.
+///
+/// `lead` is how far ahead of `now` an event may already have been accepted and windowed (the
+/// ingest's `INGEST_MAX_FUTURE_SECONDS` plus clock skew). The change takes effect at the first
+/// instant at or after `now + lead` that is a boundary of both sizes: an event windowed before
+/// the change was written is then always earlier than it, so no event is ever counted in a
+/// window of the old size and another of the new. For the same reason a change still ahead is
+/// replaced (or withdrawn) only while it is past `now + lead`; one nearer than that is fixed,
+/// and the new change follows it. `None` when nothing new was scheduled: the size in force
+/// from then on already is `minutes` (or becomes it again because a pending change was
+/// withdrawn).
 pub async fn schedule_change(
     pool: &PgPool,
     scope: &TenantScope,
     minutes: u32,
     now: OffsetDateTime,
+    lead: std::time::Duration,
 ) -> Result<Option<OffsetDateTime>, WindowSizeError> {
     if !(1..=1440).contains(&minutes) {
         return Err(WindowSizeError::OutOfRange(minutes));
@@ -202,33 +214,20 @@ pub async fn schedule_change(
             .map(|(from, m)| (from, m.max(1) as u32))
             .collect(),
     );
-    let old = history.latest();
-    if old == minutes {
-        return Ok(None);
+    let horizon = now + lead;
+    let plan = plan_change(&history, minutes, horizon);
+    if plan.withdraws {
+        sqlx::query(
+            "DELETE FROM aggregation_window_sizes
+             WHERE tenant_id = $1 AND environment_id = $2 AND effective_from > $3",
+        )
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(horizon)
+        .execute(&mut *tx)
+        .await?;
     }
-    // A change still ahead of us is replaced, aligned from the size before it.
-    let pending_from = history
-        .changes
-        .last()
-        .filter(|(from, _)| *from > now)
-        .map(|(from, _)| *from);
-    let base = match pending_from {
-        Some(from) => {
-            sqlx::query(
-                "DELETE FROM aggregation_window_sizes
-                 WHERE tenant_id = $1 AND environment_id = $2 AND effective_from = $3",
-            )
-            .bind(scope.tenant_id.as_str())
-            .bind(scope.environment_id.as_str())
-            .bind(from)
-            .execute(&mut *tx)
-            .await?;
-            history.size_at(now)
-        }
-        None => old,
-    };
-    let effective_from = change_takes_effect(now, base, minutes);
-    if base != minutes {
+    if let Some(effective_from) = plan.effective_from {
         sqlx::query(
             "INSERT INTO aggregation_window_sizes
                  (tenant_id, environment_id, effective_from, window_minutes)
@@ -242,9 +241,35 @@ pub async fn schedule_change(
         .await?;
     }
     tx.commit().await?;
-    Ok((base != minutes).then_some(effective_from))
+    Ok(plan.effective_from)
 }
 
+/// What [`schedule_change`] writes: whether it withdraws the changes past the horizon, and
+/// when the new size takes effect (`None`: nothing to schedule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChangePlan {
+    withdraws: bool,
+    effective_from: Option<OffsetDateTime>,
+}
+
+/// The rule of [`schedule_change`] on a history: changes at or before `horizon` may already
+/// have windowed events and stay; those past it have windowed nothing yet and are replaced by
+/// this one, which follows whatever is in force from `horizon` on.
+fn plan_change(history: &SizeHistory, minutes: u32, horizon: OffsetDateTime) -> ChangePlan {
+    let kept = SizeHistory::new(
+        history
+            .changes
+            .iter()
+            .filter(|(from, _)| *from <= horizon)
+            .copied()
+            .collect(),
+    );
+    let base = kept.latest();
+    ChangePlan {
+        withdraws: kept.changes.len() < history.changes.len(),
+        effective_from: (base != minutes).then(|| change_takes_effect(horizon, base, minutes)),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,5 +335,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn apply(
+        history: &SizeHistory,
+        plan: ChangePlan,
+        horizon: OffsetDateTime,
+        minutes: u32,
+    ) -> SizeHistory {
+        let mut changes: Vec<_> = history
+            .changes
+            .iter()
+            .filter(|(from, _)| !plan.withdraws || *from <= horizon)
+            .copied()
+            .collect();
+        changes.extend(plan.effective_from.map(|from| (from, minutes)));
+        SizeHistory::new(changes)
+    }
+
+    #[test]
+    fn events_already_windowed_keep_their_window_after_a_change() {
+        let now = datetime!(2026-11-26 10:58:30 UTC);
+        for lead in [0, 5, 65, 240] {
+            let horizon = now + time::Duration::minutes(lead);
+            for (old, new) in [(60, 15), (15, 60), (7, 60), (45, 20), (1, 1440)] {
+                let before = SizeHistory::new(vec![(datetime!(2026-01-01 0:00 UTC), old)]);
+                let plan = plan_change(&before, new, horizon);
+                let from = plan.effective_from.expect("a change");
+                assert!(
+                    from >= horizon,
+                    "{old}->{new}, lead {lead}: {from} before {horizon}"
+                );
+                let after = apply(&before, plan, horizon, new);
+                // Every event that can have been accepted before the change (up to the lead
+                // ahead of now) stays in the window it was counted in.
+                let mut ts = now - time::Duration::hours(3);
+                while ts < horizon {
+                    assert_eq!(
+                        before.window_at(ts).unwrap(),
+                        after.window_at(ts).unwrap(),
+                        "{old}->{new}, lead {lead}, event at {ts}"
+                    );
+                    ts += time::Duration::seconds(37);
+                }
+                assert_eq!(after.size_at(from), new);
+            }
+        }
+    }
+
+    #[test]
+    fn a_pending_change_is_replaced_only_while_it_is_past_the_lead() {
+        let now = datetime!(2026-11-26 10:20 UTC);
+        let since = datetime!(2026-01-01 0:00 UTC);
+        let pending = datetime!(2026-11-26 11:00 UTC);
+        let history = SizeHistory::new(vec![(since, 60), (pending, 15)]);
+
+        // Far enough ahead: replaced, aligned from the size before it.
+        let plan = plan_change(&history, 30, now + time::Duration::minutes(5));
+        assert!(plan.withdraws);
+        assert_eq!(plan.effective_from, Some(pending));
+        // Asked back to the size in force: withdrawn, nothing new.
+        let plan = plan_change(&history, 60, now + time::Duration::minutes(5));
+        assert_eq!(
+            plan,
+            ChangePlan {
+                withdraws: true,
+                effective_from: None
+            }
+        );
+
+        // Within the lead: events of 15-minute windows may exist past 11:00, so it stays and
+        // the new size follows it, aligned from 15 minutes.
+        let horizon = now + time::Duration::minutes(45);
+        let plan = plan_change(&history, 60, horizon);
+        assert!(!plan.withdraws);
+        assert_eq!(plan.effective_from, Some(datetime!(2026-11-26 12:00 UTC)));
+        let plan = plan_change(&history, 15, horizon);
+        assert_eq!(
+            plan,
+            ChangePlan {
+                withdraws: false,
+                effective_from: None
+            }
+        );
     }
 }

@@ -74,6 +74,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         resync: Arc::new(ResyncPublisher::new(&config.kafka)?),
         imports,
         import_wake,
+        window_change_lead: config.window_change_lead,
     };
     let dead_letters = DeadLetters::new(&config.kafka, SERVICE)?;
     let reports = webhook_events::Reports {

@@ -68,6 +68,7 @@ pub async fn window_minutes_since_epoch(
         &scope(tenant, environment),
         minutes,
         OffsetDateTime::UNIX_EPOCH,
+        Duration::ZERO,
     )
     .await
     .expect("storing the window size");

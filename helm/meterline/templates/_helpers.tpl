@@ -141,6 +141,8 @@ STRIPE_API_BASE: {{ $v.stripe.apiBase | quote }}
 STRIPE_INTEGRATION_ENABLED: {{ $v.stripe.integrationEnabled | quote }}
 STRIPE_API_TIMEOUT_SECONDS: {{ $v.stripe.apiTimeoutSeconds | int64 | quote }}
 STRIPE_MAX_RETRIES: {{ $v.stripe.maxRetries | int64 | quote }}
+{{- /* Window size changes are scheduled past the ingest's future allowance. */}}
+INGEST_MAX_FUTURE_SECONDS: {{ $v.ingest.maxFutureSeconds | int64 | quote }}
 {{- /* The sink prunes its own sync ledger. */}}
 RETENTION_LEDGER_DAYS: {{ $v.retention.ledgerDays | int64 | quote }}
 RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 | quote }}

@@ -79,8 +79,9 @@ fn parse(input: ConfigInput) -> Result<NewConfig, ApiError> {
 pub struct ConfigAnswer {
     #[serde(flatten)]
     config: MaskedConfig,
-    /// When a changed `aggregation_window_minutes` takes effect: the first instant that is a
-    /// boundary of both the old and the new size, so windows never overlap.
+    /// When a changed `aggregation_window_minutes` takes effect: the first instant at least the
+    /// ingest's future allowance ahead that is a boundary of both the old and the new size, so
+    /// windows never overlap and no window changes size once it holds an event.
     #[serde(
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
@@ -100,6 +101,7 @@ pub async fn put(
         &scope,
         config.aggregation_window_minutes,
         OffsetDateTime::now_utc(),
+        state.window_change_lead,
     )
     .await?;
     tracing::info!(

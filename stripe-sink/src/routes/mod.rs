@@ -44,6 +44,8 @@ pub struct AppState {
     pub imports: ImportStore,
     /// Wakes the import loop when a job is created.
     pub import_wake: Arc<Notify>,
+    /// See [`crate::config::Config::window_change_lead`].
+    pub window_change_lead: std::time::Duration,
 }
 
 impl FromRef<AppState> for JwtKeys {

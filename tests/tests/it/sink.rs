@@ -2035,3 +2035,156 @@ async fn a_dropped_meter_event_leaves_its_window_as_before_it_was_accepted() {
     }
     ns.drop_databases().await;
 }
+
+/// One customer's COUNT meter billed while the tenant's window size changes from `old` to
+/// `new` minutes with events already counted up to `lead` ahead of the moment of the change:
+/// returns the windows the sink billed, oldest first, after checking that Stripe holds one
+/// unit per event. The scene is played on a clock hours in the past (`asked_at`), so that
+/// every window is due while the test runs; the change is scheduled as the config API does,
+/// with that clock.
+async fn bill_across_a_window_size_change(
+    old: u32,
+    new: u32,
+) -> Vec<(OffsetDateTime, OffsetDateTime, f64)> {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let customer = format!("cust_resize_{old}_{new}");
+    let (sink, cus) = one_customer_on_a_sum_meter(&ns, &standin, &customer).await;
+    if old != 60 {
+        meterline_tests::usage::window_minutes_since_epoch(&ns, TENANT, "env_prod", old).await;
+    }
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let pg = ns.pg_pool().await;
+    let asked_at = hour_start(7) + time::Duration::minutes(7);
+    // As if the ingest allowed events 2 h ahead (INGEST_MAX_FUTURE_SECONDS=7200).
+    let lead = Duration::from_secs(2 * 3600);
+    let every_10_minutes = |prefix: &str, n: i64| -> Vec<RawUsageEvent> {
+        (0..n)
+            .map(|k| {
+                event(
+                    TENANT,
+                    &format!("{prefix}-{k}"),
+                    &customer,
+                    "api.request",
+                    asked_at + time::Duration::minutes(10 * k),
+                    json!({}),
+                )
+            })
+            .collect()
+    };
+    let billed = |units: f64| BTreeMap::from([((cus.clone(), "api_calls".to_owned()), units)]);
+
+    // Before the change: events up to the lead ahead are counted in windows of the old size.
+    let early = every_10_minutes("early", 12);
+    produce_events(&ns, &early).await;
+    wait_for_totals(&standin, &sink, &billed(12.0), Duration::from_secs(90)).await;
+
+    let effective = meterline_catalog::window_sizes::schedule_change(
+        &pg,
+        &meterline_tests::api::scope(TENANT, "env_prod"),
+        new,
+        asked_at,
+        lead,
+    )
+    .await
+    .expect("scheduling the change")
+    .expect("a change");
+    assert!(
+        effective >= asked_at + lead,
+        "{old} -> {new}: effective at {effective}, inside the lead"
+    );
+
+    // After it: the same instants again, and on past the change into the new size.
+    let late = every_10_minutes("late", 30);
+    produce_events(&ns, &late).await;
+    wait_for_totals(&standin, &sink, &billed(42.0), Duration::from_secs(120)).await;
+    let t = token(TENANT, "env_prod");
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        synced
+            .iter()
+            .all(|w| w["aggregated_quantity"] == w["synced_quantity"])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        standin.totals().await,
+        billed(42.0),
+        "nothing more went out"
+    );
+
+    let windows: Vec<(OffsetDateTime, OffsetDateTime, f64)> = sqlx::query_as(
+        "SELECT window_start, window_end, synced_quantity::float8 FROM stripe_sync_batches
+         WHERE entity_id = $1 ORDER BY window_start",
+    )
+    .bind(&customer)
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    for pair in windows.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "{old} -> {new}: windows overlap: {pair:?}"
+        );
+    }
+    for e in early.iter().chain(&late) {
+        let at = e.timestamp.as_offset_date_time();
+        let holding: Vec<_> = windows
+            .iter()
+            .filter(|(start, end, _)| *start <= at && at < *end)
+            .collect();
+        assert_eq!(
+            holding.len(),
+            1,
+            "{old} -> {new}: the event at {at} is in {holding:?}"
+        );
+    }
+    for (start, end, _) in &windows {
+        let minutes = (*end - *start).whole_minutes();
+        let expected = if *start < effective { old } else { new };
+        assert_eq!(
+            minutes,
+            i64::from(expected),
+            "{old} -> {new}: window at {start}"
+        );
+    }
+    // The config API schedules with the ingest's allowance (300 s by default) and a minute of
+    // clock skew ahead of now.
+    let now = OffsetDateTime::now_utc();
+    let config = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &t,
+        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE,
+                "aggregation_window_minutes": old}),
+    )
+    .await;
+    assert_eq!(config.status, 200, "{:?}", config.body);
+    let from = OffsetDateTime::parse(
+        config.body["window_size_effective_from"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no effective time: {:?}", config.body)),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        from >= now + time::Duration::seconds(360),
+        "{from} is within the ingest's 5 minutes (+1) of {now}"
+    );
+    ns.drop_databases().await;
+    windows
+}
+
+#[tokio::test]
+async fn a_window_size_change_from_60_to_15_minutes_bills_every_instant_once() {
+    let windows = bill_across_a_window_size_change(60, 15).await;
+    assert!(windows
+        .iter()
+        .any(|(s, e, _)| (*e - *s).whole_minutes() == 15));
+}
+
+#[tokio::test]
+async fn a_window_size_change_from_15_to_60_minutes_bills_every_instant_once() {
+    let windows = bill_across_a_window_size_change(15, 60).await;
+    assert!(windows
+        .iter()
+        .any(|(s, e, _)| (*e - *s).whole_minutes() == 60));
+}
