@@ -29,6 +29,22 @@ pub struct MeteredEvent {
     pub window: Window,
 }
 
+/// An event as it arrived, kept in `events_raw` for meters created later.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    pub event: Arc<RawUsageEvent>,
+    /// Its `usage.raw` message.
+    pub payload: String,
+    pub ingested_at: OffsetDateTime,
+}
+
+impl RawEvent {
+    /// Orders copies of one event, as for its metered rows.
+    pub fn version(&self) -> u64 {
+        version_of(self.ingested_at)
+    }
+}
+
 /// What metering one event produced besides its rows.
 #[derive(Debug, Default)]
 pub struct Metering {

@@ -12,9 +12,9 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use meterline_catalog::window_totals::{to_scaled, AGGREGATES_SQL};
-use meterline_common::clickhouse::{unix_millis, ProcessedRow};
+use meterline_common::clickhouse::{unix_millis, ProcessedRow, RawRow};
 
-use crate::billing::{MeteredEvent, WindowAggregates};
+use crate::billing::{MeteredEvent, RawEvent, WindowAggregates};
 use crate::Error;
 
 #[derive(Debug, Row, Deserialize)]
@@ -25,6 +25,29 @@ struct AggregateRow {
     maximum: i128,
     latest: i128,
     unique: u64,
+}
+
+/// An event of `events_raw`, as a backfill reads it.
+#[derive(Debug, Row, Deserialize)]
+pub struct StoredRawEvent {
+    pub event_id: String,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    pub timestamp: OffsetDateTime,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    pub ingested_at: OffsetDateTime,
+    pub payload: String,
+}
+
+/// Where a backfill reads from: the meter, its event name, and the events after `after`
+/// (timestamp, event id) and before `until`.
+pub struct BackfillPage<'a> {
+    pub tenant: &'a TenantId,
+    pub environment: &'a EnvironmentId,
+    pub meter: &'a MeterId,
+    pub event_name: &'a str,
+    pub after: (OffsetDateTime, &'a str),
+    pub until: OffsetDateTime,
+    pub limit: u64,
 }
 
 #[derive(Clone)]
@@ -78,6 +101,87 @@ impl Warehouse {
                 .map_err(ch)?;
         }
         insert.end().await.map_err(ch)
+    }
+
+    /// Inserts `events` into `events_raw` in one insert.
+    pub async fn insert_raw<'r>(
+        &self,
+        events: impl IntoIterator<Item = &'r RawEvent, IntoIter: Send> + Send,
+    ) -> Result<(), Error> {
+        let mut events = events.into_iter().peekable();
+        if events.peek().is_none() {
+            return Ok(());
+        }
+        let ch = |e| Error::Clickhouse {
+            context: "inserting events_raw",
+            source: e,
+        };
+        let mut insert = self
+            .client
+            .insert::<RawRow<'_>>("events_raw")
+            .await
+            .map_err(ch)?;
+        for r in events {
+            insert
+                .write(&RawRow {
+                    tenant_id: r.event.tenant_id.as_str(),
+                    environment_id: r.event.environment_id.as_str(),
+                    event_name: r.event.event_name.as_str(),
+                    customer_id: r.event.customer_id.as_str(),
+                    event_id: r.event.id.as_str(),
+                    timestamp: r.event.timestamp.as_offset_date_time(),
+                    ingested_at: r.ingested_at,
+                    version: r.version(),
+                    payload: &r.payload,
+                })
+                .await
+                .map_err(ch)?;
+        }
+        insert.end().await.map_err(ch)
+    }
+
+    /// The next events of `events_raw` with the page's event name that `events_processed`
+    /// holds no row of for its meter, in (timestamp, event id) order, deduplicated.
+    pub async fn raw_events_without_meter(
+        &self,
+        page: &BackfillPage<'_>,
+    ) -> Result<Vec<StoredRawEvent>, Error> {
+        let (after, after_id) = page.after;
+        self.client
+            .query(
+                "SELECT event_id, timestamp, ingested_at, payload
+                 FROM events_raw FINAL
+                 WHERE tenant_id = ? AND environment_id = ? AND event_name = ?
+                   AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
+                   AND (timestamp > fromUnixTimestamp64Milli(?, 'UTC')
+                        OR (timestamp = fromUnixTimestamp64Milli(?, 'UTC') AND event_id > ?))
+                   AND event_id NOT IN (
+                       SELECT event_id FROM events_processed
+                       WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
+                         AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
+                         AND timestamp < fromUnixTimestamp64Milli(?, 'UTC'))
+                 ORDER BY timestamp, event_id
+                 LIMIT ?",
+            )
+            .bind(page.tenant.as_str())
+            .bind(page.environment.as_str())
+            .bind(page.event_name)
+            .bind(unix_millis(page.until))
+            .bind(unix_millis(after))
+            .bind(unix_millis(after))
+            .bind(after_id)
+            .bind(page.tenant.as_str())
+            .bind(page.environment.as_str())
+            .bind(page.meter.as_str())
+            .bind(unix_millis(after))
+            .bind(unix_millis(page.until))
+            .bind(page.limit)
+            .fetch_all()
+            .await
+            .map_err(|e| Error::Clickhouse {
+                context: "reading events_raw for a backfill",
+                source: e,
+            })
     }
 
     /// The aggregates of `meter` over `[from, to)` (a window, or a billing period to a

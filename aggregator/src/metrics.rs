@@ -31,13 +31,15 @@ pub const INSERT_DURATION: &str = "aggregator_clickhouse_insert_duration_seconds
 /// Failed attempts of a batch step (it is retried), by `step` ([`RETRY_STEPS`]).
 pub const BATCH_RETRIES: &str = "aggregator_batch_retries_total";
 /// Every `step` of [`BATCH_RETRIES`].
-pub const RETRY_STEPS: [&str; 6] = [
+pub const RETRY_STEPS: [&str; 8] = [
     "refresh_meters",
     "clickhouse_insert",
     "mark_windows",
+    "mark_later_windows",
     "dead_letter",
     "claim_due",
     "claim_resync",
+    "backfill",
 ];
 /// Messages behind the end of each `usage.raw` partition this instance owns.
 pub const CONSUMER_LAG: &str = "aggregator_consumer_lag_messages";

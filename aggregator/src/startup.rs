@@ -71,6 +71,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             resync,
             shutdown.clone(),
         )),
+        tokio::spawn(pipeline::run_backfills(shared.clone(), shutdown.clone())),
         tokio::spawn(crate::kafka::report_lag(
             usage,
             Duration::from_secs(10),

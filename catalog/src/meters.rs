@@ -8,12 +8,15 @@
 //! Rows are parsed back through the same validation as API input
 //! ([`MeterDefinition::try_from`]); a row that fails it is reported as
 //! [`MeterStoreError::Corrupt`], never handed out. No sqlx type leaves this module.
+//! A meter created, or changed in what it matches, schedules its backfill in the same
+//! transaction ([`crate::backfills`]).
 
 use meterline_schemas::{EnvironmentId, MeterDefinition, MeterId, MeterInput, TenantId};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 
+use crate::backfills::{self, Backfill, Reason};
 use meterline_common::auth::TenantScope;
 
 /// A meter definition as stored, with its timestamps.
@@ -132,7 +135,7 @@ impl MeterStore {
     /// Runs `sql`, an insert or update of one meter returning its row, with the scope as `$1`
     /// and `$2` and the definition's id and columns as `$3` to `$7`.
     async fn write(
-        &self,
+        tx: &mut Transaction<'_, Postgres>,
         sql: &str,
         scope: &TenantScope,
         definition: &MeterDefinition,
@@ -146,7 +149,7 @@ impl MeterStore {
             .bind(aggregation)
             .bind(property)
             .bind(filters)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut **tx)
             .await?)
     }
 
@@ -156,23 +159,27 @@ impl MeterStore {
         &self,
         scope: &TenantScope,
         definition: &MeterDefinition,
-    ) -> Result<StoredMeter, MeterStoreError> {
+    ) -> Result<(StoredMeter, Backfill), MeterStoreError> {
+        let mut tx = self.pool.begin().await?;
         // ON CONFLICT DO NOTHING instead of catching the unique violation: no error code
         // matching, and the transaction is not aborted.
-        let row = self
-            .write(
-                &format!(
-                    "INSERT INTO meters
+        let row = Self::write(
+            &mut tx,
+            &format!(
+                "INSERT INTO meters
                  (tenant_id, environment_id, id, event_name, aggregation, property, filters)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (tenant_id, environment_id, id) DO NOTHING
              RETURNING {COLUMNS}"
-                ),
-                scope,
-                definition,
-            )
-            .await?;
-        row.ok_or(MeterStoreError::Duplicate)?.try_into()
+            ),
+            scope,
+            definition,
+        )
+        .await?;
+        let stored: StoredMeter = row.ok_or(MeterStoreError::Duplicate)?.try_into()?;
+        let backfill = backfills::schedule(&mut tx, scope, &definition.id, Reason::Created).await?;
+        tx.commit().await?;
+        Ok((stored, backfill))
     }
 
     /// The caller's meter with this id, if there is one.
@@ -213,21 +220,52 @@ impl MeterStore {
         &self,
         scope: &TenantScope,
         definition: &MeterDefinition,
-    ) -> Result<Option<StoredMeter>, MeterStoreError> {
-        let row = self
-            .write(
-                &format!(
-                    "UPDATE meters
+    ) -> Result<Option<(StoredMeter, Option<Backfill>)>, MeterStoreError> {
+        let mut tx = self.pool.begin().await?;
+        let before: Option<MeterRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM meters
+             WHERE tenant_id = $1 AND environment_id = $2 AND id = $3 FOR UPDATE"
+        ))
+        .bind(scope.tenant_id.as_str())
+        .bind(scope.environment_id.as_str())
+        .bind(definition.id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(before) = before else {
+            return Ok(None);
+        };
+        let before = StoredMeter::try_from(before)?.definition;
+        let row = Self::write(
+            &mut tx,
+            &format!(
+                "UPDATE meters
              SET event_name = $4, aggregation = $5, property = $6, filters = $7,
                  updated_at = now()
              WHERE tenant_id = $1 AND environment_id = $2 AND id = $3
              RETURNING {COLUMNS}"
-                ),
-                scope,
-                definition,
+            ),
+            scope,
+            definition,
+        )
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let stored = StoredMeter::try_from(row)?;
+        // Events it did not match before may match now; the aggregation alone changing
+        // re-bills nothing.
+        let matching_changed =
+            before.event_name != definition.event_name || before.filters != definition.filters;
+        let backfill = if matching_changed {
+            Some(
+                backfills::schedule(&mut tx, scope, &definition.id, Reason::MatchingChanged)
+                    .await?,
             )
-            .await?;
-        row.map(StoredMeter::try_from).transpose()
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok(Some((stored, backfill)))
     }
 
     /// Meters of every tenant and environment whose `updated_at` is after `updated_after`,

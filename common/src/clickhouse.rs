@@ -56,6 +56,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "events_ttl",
         sql: include_str!("../migrations/clickhouse/0003_events_ttl.sql"),
     },
+    Migration {
+        version: 4,
+        name: "events_raw",
+        sql: include_str!("../migrations/clickhouse/0004_events_raw.sql"),
+    },
 ];
 
 /// A row of `events_processed` as the migrations define it (`0001_events_processed.sql`,
@@ -76,6 +81,23 @@ pub struct ProcessedRow<'a> {
     pub ingested_at: OffsetDateTime,
     pub expired: u8,
     pub unique_key: &'a str,
+}
+
+/// A row of `events_raw` (`0004_events_raw.sql`): an event's usage.raw message, kept for the
+/// meter backfill.
+#[derive(Debug, ::clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct RawRow<'a> {
+    pub tenant_id: &'a str,
+    pub environment_id: &'a str,
+    pub event_name: &'a str,
+    pub customer_id: &'a str,
+    pub event_id: &'a str,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    pub timestamp: OffsetDateTime,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    pub ingested_at: OffsetDateTime,
+    pub version: u64,
+    pub payload: &'a str,
 }
 
 /// `at` in Unix milliseconds, the parameter of `fromUnixTimestamp64Milli(?, 'UTC')`.

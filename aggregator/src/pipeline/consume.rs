@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metering::meter_batch;
 use super::Shared;
-use crate::billing::MeteredEvent;
+use crate::billing::{MeteredEvent, RawEvent};
 use crate::config::BatchLimits;
 use crate::kafka::read_batch;
 use crate::meter_cache::MeterCache;
@@ -32,6 +32,9 @@ pub(super) struct MeteredBatch {
     /// into one vector: that was a hundred thousand rows (15 MB) copied into freshly mapped
     /// memory per batch.
     pub(super) runs: Vec<Vec<MeteredEvent>>,
+    /// Every event parsed, metered or not, as runs too: kept in `events_raw` so that a meter
+    /// created later is given them.
+    pub(super) raw: Vec<Vec<RawEvent>>,
     /// Every window the rows touch, sorted and without duplicates (rows are locked in this
     /// order when marked).
     pub(super) windows: Vec<WindowKey>,
@@ -174,8 +177,12 @@ async fn insert_batch(
     shutdown: &CancellationToken,
 ) -> Option<MeteredBatch> {
     let started = Instant::now();
-    retry!("clickhouse_insert", shutdown, {
-        shared.warehouse.insert(batch.rows())
+    retry!("clickhouse_insert", shutdown, async {
+        // Both or neither are redone: copies collapse in either table.
+        futures::try_join!(
+            shared.warehouse.insert(batch.rows()),
+            shared.warehouse.insert_raw(batch.raw.iter().flatten()),
+        )
     })?;
     metrics::batch_inserted(started.elapsed(), batch.row_count());
     Some(batch)

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use super::consume::MeteredBatch;
 use super::SERVICE;
-use crate::billing::{self, MeteredEvent};
+use crate::billing::{self, MeteredEvent, RawEvent};
 use crate::meter_cache::MeterCache;
 use crate::windows::{WindowKey, WindowKeyRef};
 
@@ -42,12 +42,14 @@ pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) 
             .collect()
     });
     let mut runs = Vec::with_capacity(parts.len());
+    let mut raw = Vec::with_capacity(parts.len());
     let mut windows = Vec::new();
     let mut dead = Vec::new();
     let mut unmetered = 0;
     // In message order: rows of the same event id keep their relative order.
     for part in parts {
         runs.push(part.rows);
+        raw.push(part.raw);
         windows = merge_windows(windows, part.windows);
         dead.extend(part.dead);
         unmetered += part.unmetered;
@@ -64,6 +66,7 @@ pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) 
         .collect();
     MeteredBatch {
         runs,
+        raw,
         windows,
         period_windows,
         dead,
@@ -75,6 +78,8 @@ pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) 
 /// What metering a run of messages produced.
 struct MeteredPart {
     rows: Vec<MeteredEvent>,
+    /// Every event parsed, for `events_raw`.
+    raw: Vec<RawEvent>,
     /// The windows of `rows`, sorted, each once (found on the metering thread, which leaves
     /// only a merge of a few sorted lists to the batch).
     windows: Vec<WindowKey>,
@@ -88,6 +93,7 @@ fn meter_messages(
     now: OffsetDateTime,
 ) -> MeteredPart {
     let mut rows = Vec::with_capacity(messages.len() * 2);
+    let mut raw = Vec::with_capacity(messages.len());
     let mut dead = Vec::new();
     let mut unmetered = 0u64;
     for m in messages {
@@ -140,6 +146,11 @@ fn meter_messages(
             now,
             &mut rows,
         );
+        raw.push(RawEvent {
+            payload: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            event,
+            ingested_at,
+        });
         if metering.fed == 0 && metering.failures.is_empty() {
             unmetered += 1;
         }
@@ -164,6 +175,7 @@ fn meter_messages(
     MeteredPart {
         windows: distinct_windows(&rows),
         rows,
+        raw,
         dead,
         unmetered,
     }
@@ -172,7 +184,7 @@ fn meter_messages(
 /// The windows `rows` touch, sorted, each once. Deduplicated through borrowed keys first: a
 /// batch has up to a hundred thousand rows but a few thousand windows, and owned keys would
 /// copy four strings per row.
-fn distinct_windows(rows: &[MeteredEvent]) -> Vec<WindowKey> {
+pub(super) fn distinct_windows(rows: &[MeteredEvent]) -> Vec<WindowKey> {
     let mut first_row: HashMap<WindowKeyRef<'_>, &MeteredEvent, foldhash::fast::RandomState> =
         HashMap::default();
     for row in rows {

@@ -11,6 +11,9 @@
 //!    revision when they changed (the first publication is `due`, later ones `late`).
 //! 3. `resync.rs` ([`consume_resync`]): `usage.resync` requests recompute every due window
 //!    in their range and publish it with reason `resync` and the job id, changed or not.
+//! 4. `backfill.rs` ([`run_backfills`]): a meter created, or changed in what it matches, is
+//!    given the matching events of the past 35 days it does not have, from `events_raw`
+//!    (which loop 1 fills with every event, metered or not).
 //!
 //! Every step that talks to another system is retried with backoff until it succeeds or the
 //! service shuts down; a shutdown finishes the batch in hand first, or leaves it uncommitted.
@@ -57,11 +60,13 @@ macro_rules! retry {
     }};
 }
 
+mod backfill;
 mod consume;
 mod metering;
 mod publish;
 mod resync;
 
+pub use backfill::run_backfills;
 pub use consume::consume_usage;
 pub use publish::publish_due;
 pub use resync::consume_resync;

@@ -8,6 +8,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use meterline_catalog::backfills::{self, Backfill};
 use meterline_catalog::meters::{MeterStoreError, StoredMeter};
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
@@ -22,12 +23,23 @@ pub struct MeterList {
     pub data: Vec<StoredMeter>,
 }
 
-/// 201 with the stored meter; 409 `conflict` when the id is taken in this scope.
+/// A meter as answered: the stored meter and, where it has one, its latest backfill (the
+/// usage of the past 35 days it was given when created or when what it matches changed).
+#[derive(Debug, Serialize)]
+pub struct MeterAnswer {
+    #[serde(flatten)]
+    pub meter: StoredMeter,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<Backfill>,
+}
+
+/// 201 with the stored meter and its backfill; 409 `conflict` when the id is taken in this
+/// scope.
 pub async fn create(
     State(state): State<AppState>,
     scope: TenantScope,
     JsonBody(input): JsonBody<MeterInput>,
-) -> Result<(StatusCode, Json<StoredMeter>), ApiError> {
+) -> Result<(StatusCode, Json<MeterAnswer>), ApiError> {
     if input.id.is_none() {
         // The wire type leaves `id` optional for PUT, which takes it from the path.
         return Err(ApiError::bad_request(
@@ -37,14 +49,18 @@ pub async fn create(
     }
     let definition = MeterDefinition::try_from(input).map_err(invalid)?;
     match state.meters.create(&scope, &definition).await {
-        Ok(stored) => {
+        Ok((meter, backfill)) => {
             tracing::info!(
                 tenant_id = %scope.tenant_id,
                 environment_id = %scope.environment_id,
                 meter_id = %definition.id,
                 "meter created"
             );
-            Ok((StatusCode::CREATED, Json(stored)))
+            let answer = MeterAnswer {
+                meter,
+                backfill: Some(backfill),
+            };
+            Ok((StatusCode::CREATED, Json(answer)))
         }
         Err(MeterStoreError::Duplicate) => Err(ApiError::conflict(format!(
             "meter {} already exists; change it with PUT /v1/meters/{}",
@@ -67,28 +83,33 @@ pub async fn list(
     Ok(Json(MeterList { data }))
 }
 
-/// 200 with the meter, or 404 `not_found`.
+/// 200 with the meter and its latest backfill, or 404 `not_found`.
 pub async fn get_one(
     State(state): State<AppState>,
     scope: TenantScope,
     Path(id): Path<String>,
-) -> Result<Json<StoredMeter>, ApiError> {
+) -> Result<Json<MeterAnswer>, ApiError> {
     let id = path_id(&id)?;
-    match state.meters.get(&scope, &id).await {
-        Ok(Some(stored)) => Ok(Json(stored)),
-        Ok(None) => Err(not_found(&id)),
-        Err(e) => Err(ApiError::internal(&e)),
-    }
+    let meter = match state.meters.get(&scope, &id).await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Err(not_found(&id)),
+        Err(e) => return Err(ApiError::internal(&e)),
+    };
+    let backfill = backfills::latest(&state.pool, &scope, &id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(MeterAnswer { meter, backfill }))
 }
 
-/// 200 with the replaced meter, or 404 `not_found`; a body `id`, if given, must equal the path's
-/// (400 `id_mismatch`): renaming a meter would orphan its Stripe mapping and usage.
+/// 200 with the replaced meter (and its backfill when its event name or filters changed), or
+/// 404 `not_found`; a body `id`, if given, must equal the path's (400 `id_mismatch`): renaming
+/// a meter would orphan its Stripe mapping and usage.
 pub async fn replace(
     State(state): State<AppState>,
     scope: TenantScope,
     Path(id): Path<String>,
     JsonBody(mut input): JsonBody<MeterInput>,
-) -> Result<Json<StoredMeter>, ApiError> {
+) -> Result<Json<MeterAnswer>, ApiError> {
     let id = path_id(&id)?;
     match &input.id {
         Some(body_id) if body_id != id.as_str() => {
@@ -101,14 +122,14 @@ pub async fn replace(
     }
     let definition = MeterDefinition::try_from(input).map_err(invalid)?;
     match state.meters.replace(&scope, &definition).await {
-        Ok(Some(stored)) => {
+        Ok(Some((meter, backfill))) => {
             tracing::info!(
                 tenant_id = %scope.tenant_id,
                 environment_id = %scope.environment_id,
                 meter_id = %definition.id,
                 "meter replaced"
             );
-            Ok(Json(stored))
+            Ok(Json(MeterAnswer { meter, backfill }))
         }
         Ok(None) => Err(not_found(&id)),
         Err(e) => Err(ApiError::internal(&e)),

@@ -2188,3 +2188,184 @@ async fn a_window_size_change_from_15_to_60_minutes_bills_every_instant_once() {
         .iter()
         .any(|(s, e, _)| (*e - *s).whole_minutes() == 60));
 }
+
+/// Polls ClickHouse until `events_raw` holds `n` distinct events of the namespace.
+async fn until_events_are_kept(ns: &Namespace, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let kept: u64 = ns
+            .clickhouse()
+            .query("SELECT uniqExact(event_id) FROM events_raw")
+            .fetch_one()
+            .await
+            .unwrap_or(0);
+        if kept == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events_raw holds {kept} events, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The meters API's answer for `meter` once its backfill is done.
+async fn backfill_done(ingest: &ServiceProcess, pg: &sqlx::PgPool, t: &str, meter: &str) -> Value {
+    // The two minutes a backfill waits for batches already resolved pass at once.
+    sqlx::query("UPDATE meter_backfills SET not_before = now() WHERE status <> 'done'")
+        .execute(pg)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = send(
+            reqwest::Client::new()
+                .get(ingest.url(&format!("/v1/meters/{meter}")))
+                .bearer_auth(t),
+        )
+        .await;
+        if answer.body["backfill"]["status"] == "done" {
+            return answer.body["backfill"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill not done: {:?}",
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created_or_widened() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    standin.sum_meter("searches").await;
+    let cus = standin.customer("cust_early").await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let ingest = ServiceProcess::spawn("ingest", &ns.env()).await;
+    let sink = sink(&ns, &standin).await;
+    let t = token(TENANT, "env_prod");
+    let pg = ns.pg_pool().await;
+    let config = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &t,
+        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+    )
+    .await;
+    assert_eq!(config.status, 200, "{:?}", config.body);
+    let customer = post_json(
+        &sink.url("/v1/stripe/customers/mapping"),
+        &t,
+        &json!({"customer_id": "cust_early", "provider_customer_id": cus}),
+    )
+    .await;
+    assert_eq!(customer.status, 201, "{:?}", customer.body);
+
+    // Usage of two kinds, before any meter: 8 calls, 4 searches in the EU and 3 in the US.
+    let search = |id: String, hours_ago: i64, region: &str| {
+        event(
+            TENANT,
+            &id,
+            "cust_early",
+            "search.query",
+            hour_start(hours_ago) + time::Duration::minutes(20),
+            json!({"region": region}),
+        )
+    };
+    let mut early = calls("cust_early", "early", 3, 5);
+    early.extend(calls("cust_early", "earlier", 30 * 24, 3));
+    early.extend((0..4).map(|i| search(format!("eu-{i}"), 3, "eu")));
+    early.extend((0..3).map(|i| search(format!("us-{i}"), 2, "us")));
+    produce_events(&ns, &early).await;
+    until_events_are_kept(&ns, 15).await;
+
+    let create = |body: Value| {
+        let url = ingest.url("/v1/meters");
+        let t = t.clone();
+        async move { post_json(&url, &t, &body).await }
+    };
+    let created = create(json!({"id": "calls", "event_name": "api.request",
+                                "aggregation": "COUNT"}))
+    .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let backfill = &created.body["backfill"];
+    assert_eq!(backfill["reason"], "created", "{backfill}");
+    assert_eq!(backfill["status"], "pending", "{backfill}");
+    let from = OffsetDateTime::parse(
+        backfill["from"].as_str().expect("from"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        (OffsetDateTime::now_utc() - time::Duration::days(35) - from).abs()
+            < time::Duration::minutes(1),
+        "the past 35 days: {backfill}"
+    );
+    // A call sent after the meter exists, before the backfill ran: metered live, once.
+    produce_events(&ns, &calls("cust_early", "live", 2, 1)).await;
+    until_events_are_kept(&ns, 16).await;
+    for (meter, stripe_meter) in [("calls", "api_calls"), ("eu_searches", "searches")] {
+        if meter == "eu_searches" {
+            let created = create(json!({"id": "eu_searches", "event_name": "search.query",
+                                        "aggregation": "COUNT",
+                                        "filters": [{"property": "region", "in": ["eu"]}]}))
+            .await;
+            assert_eq!(created.status, 201, "{:?}", created.body);
+        }
+        let mapped = post_json(
+            &sink.url("/v1/stripe/meters/mapping"),
+            &t,
+            &json!({"meter_id": meter, "provider_type": "stripe",
+                    "provider_meter_id": stripe_meter, "sync_enabled": true}),
+        )
+        .await;
+        assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+    }
+    let calls_backfill = backfill_done(&ingest, &pg, &t, "calls").await;
+    assert_eq!(
+        calls_backfill["events_found"], 8,
+        "not the live one: {calls_backfill}"
+    );
+    let searches_backfill = backfill_done(&ingest, &pg, &t, "eu_searches").await;
+    assert_eq!(searches_backfill["events_found"], 4, "{searches_backfill}");
+    let billed = |calls: f64, searches: f64| {
+        BTreeMap::from([
+            ((cus.clone(), "api_calls".to_owned()), calls),
+            ((cus.clone(), "searches".to_owned()), searches),
+        ])
+    };
+    wait_for_totals(&standin, &sink, &billed(9.0, 4.0), Duration::from_secs(90)).await;
+
+    // Widened to the US as well: the 3 US searches are found, the 4 EU ones not again.
+    let widened = post_json_put(
+        &ingest.url("/v1/meters/eu_searches"),
+        &t,
+        &json!({"event_name": "search.query", "aggregation": "COUNT",
+                "filters": [{"property": "region", "in": ["eu", "us"]}]}),
+    )
+    .await;
+    assert_eq!(widened.status, 200, "{:?}", widened.body);
+    assert_eq!(widened.body["backfill"]["reason"], "matching_changed");
+    let again = backfill_done(&ingest, &pg, &t, "eu_searches").await;
+    assert_eq!(again["events_found"], 3, "{again}");
+    wait_for_totals(&standin, &sink, &billed(9.0, 7.0), Duration::from_secs(90)).await;
+    // An edit that changes what is counted but not what matches re-bills nothing.
+    let recounted = post_json_put(
+        &ingest.url("/v1/meters/calls"),
+        &t,
+        &json!({"event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    assert_eq!(recounted.status, 200, "{:?}", recounted.body);
+    assert!(
+        recounted.body.get("backfill").is_none(),
+        "{:?}",
+        recounted.body
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(standin.totals().await, billed(9.0, 7.0), "billed once");
+    ns.drop_databases().await;
+}
