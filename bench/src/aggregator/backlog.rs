@@ -1,12 +1,13 @@
 //! The aggregator benchmark's backlog: events of 3 past hours written to `usage.raw` before
 //! the aggregator starts, kept compact so that the baseline can insert the very rows the
-//! aggregator will write (`meterline_common::clickhouse::ProcessedRow`, the type it writes them with).
+//! aggregator will write (`meterline_common::clickhouse::ProcessedRow` and `RawRow`, the types
+//! it writes them with: two metered rows and the event as it arrived, per event).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use meterline_common::clickhouse::ProcessedRow;
+use meterline_common::clickhouse::{ProcessedRow, RawRow};
 use meterline_schemas::{
     CustomerId, EnvironmentId, EventId, EventName, OffsetDateTime, RawUsageEvent, TenantId,
     Timestamp, Topic,
@@ -31,6 +32,8 @@ pub(super) struct Compact {
     timestamp: OffsetDateTime,
     tokens: u64,
     ingested_at: OffsetDateTime,
+    /// The `usage.raw` message, which the aggregator keeps in `events_raw`.
+    payload: String,
 }
 
 impl Backlog {
@@ -72,25 +75,60 @@ impl Backlog {
         }
         rows
     }
+
+    /// The events as the aggregator keeps them in `events_raw`, in event order.
+    pub(super) fn raw_rows(&self) -> Vec<RawRow<'_>> {
+        self.events
+            .iter()
+            .map(|e| RawRow {
+                tenant_id: TENANT,
+                environment_id: ENVIRONMENT,
+                event_name: EVENT_NAME,
+                customer_id: self.customers[e.customer as usize].as_str(),
+                event_id: &e.event_id,
+                timestamp: e.timestamp,
+                ingested_at: e.ingested_at,
+                version: (e.ingested_at.unix_timestamp_nanos() / 1_000_000) as u64,
+                payload: &e.payload,
+            })
+            .collect()
+    }
 }
 
-/// Inserts `rows` into the namespace's `events_processed`, one insert per aggregator batch,
-/// one after the other, as the aggregator does; returns the elapsed time.
+/// Inserts `rows` into the namespace's `events_processed` and `raw` into its `events_raw`,
+/// per aggregator batch the two inserts at once and the batches one after the other, as the
+/// aggregator does; returns the elapsed time.
 pub(super) async fn direct_insert(
     ns: &Namespace,
     rows: &[ProcessedRow<'_>],
+    raw: &[RawRow<'_>],
 ) -> anyhow::Result<Duration> {
     let client = ns.clickhouse();
     let started = Instant::now();
-    for chunk in rows.chunks(BATCH_EVENTS * ROWS_PER_EVENT) {
-        let mut insert = client
-            .insert::<ProcessedRow<'_>>("events_processed")
-            .await
-            .context("starting a baseline insert")?;
-        for row in chunk {
-            insert.write(row).await.context("writing a baseline row")?;
+    for (chunk, raw) in rows
+        .chunks(BATCH_EVENTS * ROWS_PER_EVENT)
+        .zip(raw.chunks(BATCH_EVENTS))
+    {
+        // A macro, not a generic function: the crate's rows are written through their
+        // lifetime-generic `Row::Value`, which a generic bound cannot name.
+        macro_rules! insert {
+            ($row:ty, $table:literal, $rows:expr) => {
+                async {
+                    let mut insert = client
+                        .insert::<$row>($table)
+                        .await
+                        .context(concat!("starting a baseline insert into ", $table))?;
+                    for row in $rows {
+                        insert.write(row).await.context("writing a baseline row")?;
+                    }
+                    insert.end().await.context("ending a baseline insert")
+                }
+            };
         }
-        insert.end().await.context("ending a baseline insert")?;
+        futures::try_join!(
+            insert!(ProcessedRow<'_>, "events_processed", chunk),
+            insert!(RawRow<'_>, "events_raw", raw),
+        )?;
     }
     Ok(started.elapsed())
 }
@@ -118,6 +156,7 @@ pub(super) async fn preload(
                     .map_or(e.timestamp.as_offset_date_time(), |t| {
                         t.as_offset_date_time()
                     }),
+                payload: String::from_utf8_lossy(&e.to_json_bytes()).into_owned(),
                 event_id: e.id.into_string(),
             }
         }));
@@ -209,6 +248,7 @@ mod tests {
                     timestamp: e.timestamp.as_offset_date_time(),
                     tokens: e.properties["tokens"].as_u64().unwrap(),
                     ingested_at: e.ingested_at.unwrap().as_offset_date_time(),
+                    payload: String::from_utf8_lossy(&e.to_json_bytes()).into_owned(),
                 })
                 .collect(),
             customers: (0..10).map(customer_name).collect(),
@@ -222,6 +262,13 @@ mod tests {
             i128::from(backlog.events[0].tokens) * 1_000_000_000
         );
         assert_eq!(rows[1].customer_id, "cust_000001");
+        let raw = backlog.raw_rows();
+        assert_eq!(raw.len(), 3);
+        let kept = RawUsageEvent::from_json_bytes(raw[0].payload.as_bytes()).unwrap();
+        assert_eq!(
+            kept, events[0],
+            "the payload is the message the aggregator reads"
+        );
         // Every event falls in one of the 3 hours before the previous hour: 1 to 5 hours old.
         let now = OffsetDateTime::now_utc();
         for e in &events {

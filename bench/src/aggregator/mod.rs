@@ -323,9 +323,10 @@ async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<R
 
     // 3. Baseline: the same rows, inserted directly.
     let rows = backlog.rows();
+    let raw = backlog.raw_rows();
     let load_before_baseline = procstat::load_average();
     let cpu_before = watched.snapshot()?;
-    let baseline_elapsed = direct_insert(&baseline_ns, &rows).await?;
+    let baseline_elapsed = direct_insert(&baseline_ns, &rows, &raw).await?;
     let baseline_cpu = watched.snapshot()?.since(&cpu_before);
     let baseline_count = count_rows(&baseline_ns).await?;
     if baseline_count != rows.len() as u64 {
@@ -335,6 +336,7 @@ async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<R
         );
     }
     drop(rows);
+    drop(raw);
     baseline_ns.drop_databases().await;
     eprintln!(
         "baseline: {} rows inserted directly in {:.2}s",
