@@ -425,11 +425,23 @@ impl Ledger {
     /// claim), the exact part of it that accepted meter events account for, and the rounding
     /// carry of its customer and meter (0 before their first send): one read for what
     /// [`crate::billing::round_with_carry`] needs.
-    pub async fn current(&self, batch_id: i64) -> Result<Current, Error> {
+    pub async fn current(&self, batch_id: i64, window: &Window) -> Result<Current, Error> {
+        // A newer window of the period that Stripe holds (or may hold) a `last` value of
+        // supersedes this one: it carries the period to date, and Stripe's `last` is the
+        // period's last event.
+        let period_end = meterline_schemas::billing_period::BillingPeriod::of_window(window).end();
         sqlx::query_as(
             "SELECT b.aggregated_quantity AS total, b.accounted_quantity AS accounted,
                     COALESCE(c.carry, 0) AS carry, b.synced_quantity AS synced,
-                    b.stripe_event_id IS NOT NULL AS sent
+                    b.stripe_event_id IS NOT NULL AS sent,
+                    EXISTS (
+                        SELECT 1 FROM stripe_sync_batches n
+                        JOIN stripe_sync_sends s ON s.batch_id = n.id
+                        WHERE n.tenant_id = b.tenant_id AND n.environment_id = b.environment_id
+                          AND n.entity_id = b.entity_id AND n.meter_id = b.meter_id
+                          AND n.window_start > b.window_start AND n.window_start < $2
+                          AND s.formula = 'last' AND s.status IN ('sending', 'accepted')
+                    ) AS superseded
              FROM stripe_sync_batches b
              LEFT JOIN stripe_sync_carry c
                ON c.tenant_id = b.tenant_id AND c.environment_id = b.environment_id
@@ -437,6 +449,7 @@ impl Ledger {
              WHERE b.id = $1",
         )
         .bind(batch_id)
+        .bind(period_end)
         .fetch_one(&self.pool)
         .await
         .map_err(db("reading a window"))
@@ -1081,6 +1094,9 @@ pub struct Current {
     pub synced: Decimal,
     /// Whether Stripe accepted any meter event of it.
     pub sent: bool,
+    /// For a `last` meter: a newer window of the same billing period has a meter event
+    /// Stripe holds or may hold, so this window's value must not go out after it.
+    pub superseded: bool,
 }
 
 /// One line of [`Ledger::synced_totals`].

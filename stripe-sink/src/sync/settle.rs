@@ -178,7 +178,7 @@ async fn try_settle(
             }
             Some(send) => send,
             None => {
-                let current = ctx.ledger.current(batch.id).await?;
+                let current = ctx.ledger.current(batch.id, &batch.window).await?;
                 let (value, accounted) = match billing::next_send(counts, &current) {
                     Ok(Next::Settled) => return Ok(Finish::Settled),
                     Ok(Next::Carry(change)) => {

@@ -1919,7 +1919,7 @@ async fn a_dropped_meter_event_leaves_its_window_as_before_it_was_accepted() {
     let sums = |batch_id: i64| {
         let ledger = ledger.clone();
         async move {
-            let current = ledger.current(batch_id).await.unwrap();
+            let current = ledger.current(batch_id, &window).await.unwrap();
             (current.synced, current.accounted, current.carry)
         }
     };
@@ -2367,5 +2367,94 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(standin.totals().await, billed(9.0, 7.0), "billed once");
+    ns.drop_databases().await;
+}
+
+/// Stripe's `last` formula bills "the last event in the period": by timestamp (as the stand-in
+/// does) or by receipt, a window of a period must never send after a newer window of it has,
+/// or its older value could become the bill. Seats 10 (hour 3) and 12 (hour 2) go out; a late
+/// event makes hour 3's value 11: it is accounted for without a meter event, and Stripe's
+/// period value stays 12 however it orders them.
+#[tokio::test]
+async fn an_older_window_never_sends_after_a_newer_window_of_its_period_on_a_last_meter() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let mtr = standin.meter("seats_last", "last").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "seats", "event_name": "workspace.seats", "aggregation": "LATEST",
+               "property": "seats"}),
+    )
+    .await;
+    let cus = standin.customer("cust_seats").await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    for (path, body, status) in [
+        (
+            "/v1/stripe/config",
+            json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+            200,
+        ),
+        (
+            "/v1/stripe/meters/mapping",
+            json!({"meter_id": "seats", "provider_type": "stripe",
+                   "provider_meter_id": "seats_last", "sync_enabled": true}),
+            201,
+        ),
+        (
+            "/v1/stripe/customers/mapping",
+            json!({"customer_id": "cust_seats", "provider_customer_id": cus}),
+            201,
+        ),
+    ] {
+        let answer = if path == "/v1/stripe/config" {
+            post_json_put(&sink.url(path), &t, &body).await
+        } else {
+            post_json(&sink.url(path), &t, &body).await
+        };
+        assert_eq!(answer.status, status, "{path}: {:?}", answer.body);
+    }
+    let seats = |id: &str, hours_ago: i64, minute: i64, n: u32| {
+        event(
+            TENANT,
+            id,
+            "cust_seats",
+            "workspace.seats",
+            hour_start(hours_ago) + time::Duration::minutes(minute),
+            json!({"seats": n}),
+        )
+    };
+    produce_events(&ns, &[seats("s-3", 3, 10, 10), seats("s-2", 2, 10, 12)]).await;
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 2).await;
+    let meter_events = || async {
+        standin.inspect().await["totals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["event_name"] == "seats_last")
+            .map(|t| t["count"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert_eq!(meter_events().await, 2);
+
+    produce_events(&ns, &[seats("s-3-late", 3, 20, 11)]).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        synced.iter().any(|w| {
+            w["window_start"] == rfc3339(hour_start(3))
+                && w["aggregated_quantity"] == "11"
+                && w["accounted_quantity"] == "11"
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(meter_events().await, 2, "the older window sent nothing");
+    let period = (
+        hour_start(3).unix_timestamp(),
+        hour_start(0).unix_timestamp(),
+    );
+    wait_for_summaries(&standin, &cus, period, &[("seats", &mtr, 12.0)]).await;
     ns.drop_databases().await;
 }
