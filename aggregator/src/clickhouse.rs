@@ -25,6 +25,8 @@ struct AggregateRow {
     maximum: i128,
     latest: i128,
     unique: u64,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    last_at: OffsetDateTime,
 }
 
 /// An event of `events_raw`, as a backfill reads it.
@@ -185,7 +187,8 @@ impl Warehouse {
     }
 
     /// The aggregates of `meter` over `[from, to)` (a window, or a billing period to a
-    /// window's end) for each of `customers` that has events there.
+    /// window's end) for each of `customers` that has events there, with the timestamp of the
+    /// latest of those events.
     pub async fn window_aggregates(
         &self,
         tenant: &TenantId,
@@ -193,12 +196,12 @@ impl Warehouse {
         meter: &MeterId,
         (from, to): (OffsetDateTime, OffsetDateTime),
         customers: &[CustomerId],
-    ) -> Result<HashMap<CustomerId, WindowAggregates>, Error> {
+    ) -> Result<HashMap<CustomerId, (WindowAggregates, OffsetDateTime)>, Error> {
         let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
         let rows: Vec<AggregateRow> = self
             .client
             .query(&format!(
-                "SELECT customer_id, {AGGREGATES_SQL}
+                "SELECT customer_id, {AGGREGATES_SQL}, max(timestamp) AS last_at
                  FROM events_processed FINAL
                  WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
                    AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
@@ -229,7 +232,7 @@ impl Warehouse {
                     row.latest,
                     row.unique,
                 )?;
-                Ok((customer, aggregates))
+                Ok((customer, (aggregates, row.last_at)))
             })
             .collect()
     }

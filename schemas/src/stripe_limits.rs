@@ -41,6 +41,19 @@ pub fn event_timestamp(window: &Window) -> i64 {
     window.end().min(period.end()).unix_timestamp() - 1
 }
 
+/// The timestamp (Unix seconds) of a window's meter events when the latest event it counts is
+/// known: that event's second, so usage is never moved later than the last event it counts
+/// (and with it across a billing period boundary that falls inside the window after it), kept
+/// inside the window and the window's period (no earlier than its start, no later than
+/// [`event_timestamp`]). Without it, [`event_timestamp`].
+pub fn event_timestamp_at(window: &Window, last_event: Option<OffsetDateTime>) -> i64 {
+    let latest = event_timestamp(window);
+    last_event.map_or(latest, |at| {
+        at.unix_timestamp()
+            .clamp(window.start().unix_timestamp(), latest)
+    })
+}
+
 /// Whether Stripe would take a meter event stamped `at` (Unix seconds, as sent) at `now`.
 /// Compared in whole seconds, as Stripe sees them.
 pub fn check_timestamp(at: i64, now: OffsetDateTime) -> Result<(), TimestampRefusal> {
@@ -100,5 +113,38 @@ mod tests {
         assert_eq!(MAX_VALUE.to_string().len(), 15);
         assert_eq!(MAX_EVENT_AGE, time::Duration::days(35));
         assert_eq!(MAX_FUTURE, time::Duration::seconds(300));
+    }
+
+    #[test]
+    fn a_window_is_stamped_at_its_last_event_never_outside_it() {
+        let window = Window::new(
+            datetime!(2026-11-27 10:00 UTC),
+            datetime!(2026-11-27 11:00 UTC),
+        )
+        .unwrap();
+        let end = datetime!(2026-11-27 10:59:59 UTC).unix_timestamp();
+        assert_eq!(event_timestamp_at(&window, None), end);
+        assert_eq!(
+            event_timestamp_at(&window, Some(datetime!(2026-11-27 10:20:41.750 UTC))),
+            datetime!(2026-11-27 10:20:41 UTC).unix_timestamp(),
+            "the second of the last event, not later"
+        );
+        assert_eq!(
+            event_timestamp_at(&window, Some(datetime!(2026-11-27 09:59:59 UTC))),
+            datetime!(2026-11-27 10:00 UTC).unix_timestamp(),
+            "never before the window"
+        );
+        assert_eq!(
+            event_timestamp_at(&window, Some(datetime!(2026-11-27 11:30 UTC))),
+            end,
+            "never after it"
+        );
+        // A window crossing a month's end: never past the month's last second.
+        let crossing = Window::containing(datetime!(2026-11-30 23:59 UTC), 7).unwrap();
+        assert_eq!(crossing.end(), datetime!(2026-12-01 00:03 UTC));
+        assert_eq!(
+            event_timestamp_at(&crossing, Some(datetime!(2026-12-01 00:02 UTC))),
+            datetime!(2026-11-30 23:59:59 UTC).unix_timestamp()
+        );
     }
 }

@@ -77,6 +77,11 @@ pub struct WindowTotal {
     pub expired: bool,
     /// When the aggregator computed it.
     pub computed_at: Timestamp,
+    /// The timestamp of the latest event counted (for a meter billing the period to date,
+    /// the latest up to the window's end): meter events are stamped no later than it, so
+    /// usage is not moved towards the next billing period. `None` from an aggregator that
+    /// predates it.
+    pub last_event_at: Option<Timestamp>,
 }
 
 message_codec!(
@@ -95,7 +100,7 @@ enum ReasonTag {
     Resync,
 }
 
-/// One window total on the `usage.windows` Kafka topic: the aggregate of one meter for one customer over the window [window_start, window_end). Key: "{tenant_id}:{environment_id}:{customer_id}:{meter_id}". Unknown fields are rejected. Rules a JSON Schema cannot state, checked by meterline on read: window_start < window_end, and window_start is a multiple of the window size (window_end - window_start) since 1970-01-01T00:00:00Z.
+/// One window total on the `usage.windows` Kafka topic: the aggregate of one meter for one customer over the window [window_start, window_end). Key: "{tenant_id}:{environment_id}:{customer_id}:{meter_id}". Unknown fields are rejected. Rules a JSON Schema cannot state, checked by meterline on read: window_start < window_end, window_start is a multiple of the window size (window_end - window_start) since 1970-01-01T00:00:00Z, and last_event_at, when present, is before window_end.
 #[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
@@ -140,6 +145,9 @@ pub(crate) struct Wire<'a> {
     expired: bool,
     /// When the aggregator computed the total.
     computed_at: Timestamp,
+    /// The timestamp of the latest event in the total (for a meter that bills the period to date, the latest up to window_end); before window_end. Optional: absent from older aggregators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_event_at: Option<Timestamp>,
 }
 
 /// Adds the cross-field rule on `job_id` to the generated schema.
@@ -190,11 +198,21 @@ impl WireForm for WindowTotal {
             job_id: self.reason.job_id().map(Cow::Borrowed),
             expired: self.expired,
             computed_at: self.computed_at,
+            last_event_at: self.last_event_at,
         }
     }
 
     fn from_wire(wire: Wire<'_>) -> Result<Self, SchemaError> {
         let window = Window::from_bounds(wire.window_start, wire.window_end)?;
+        if wire
+            .last_event_at
+            .is_some_and(|at| at.as_offset_date_time() >= window.end())
+        {
+            return Err(SchemaError::invalid(
+                "last_event_at",
+                "must be before window_end",
+            ));
+        }
         let reason = match (wire.reason, wire.job_id) {
             (ReasonTag::Resync, Some(job_id)) => WindowReason::Resync {
                 job_id: job_id.into_owned(),
@@ -226,6 +244,7 @@ impl WireForm for WindowTotal {
             reason,
             expired: wire.expired,
             computed_at: wire.computed_at,
+            last_event_at: wire.last_event_at,
         })
     }
 }
@@ -252,6 +271,7 @@ mod tests {
             reason,
             expired: false,
             computed_at: Timestamp::parse("2024-05-01T13:05:00Z").expect("valid"),
+            last_event_at: None,
         }
     }
 
@@ -328,11 +348,30 @@ mod tests {
                 "start must be before end",
             ),
             ("window_end", json!("2024-05-01T12:59:30Z"), "whole minutes"),
+            (
+                "last_event_at",
+                json!("2024-05-01T13:00:00Z"),
+                "must be before window_end",
+            ),
         ];
         for (field, value, reason) in cases {
             let err = WindowTotal::from_json_bytes(&with(&due, field, value)).expect_err(reason);
             assert!(err.to_string().contains(reason), "{err}");
         }
+        let stamped = WindowTotal::from_json_bytes(&with(
+            &due,
+            "last_event_at",
+            json!("2024-05-01T12:59:41.25Z"),
+        ))
+        .expect("an event before the end");
+        assert_eq!(
+            stamped.last_event_at,
+            Some(Timestamp::parse("2024-05-01T12:59:41.25Z").expect("valid"))
+        );
+        assert_eq!(
+            WindowTotal::from_json_bytes(&stamped.to_json_bytes()).expect("round trip"),
+            stamped
+        );
     }
 
     #[test]

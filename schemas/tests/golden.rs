@@ -74,6 +74,7 @@ fn window_total() -> WindowTotal {
         reason: WindowReason::Resync { job_id: job() },
         expired: false,
         computed_at: ts("2024-05-01T13:05:00.5Z"),
+        last_event_at: None,
     }
 }
 

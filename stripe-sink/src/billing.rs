@@ -118,6 +118,17 @@ pub fn next_send(counts: Counts, current: &Current) -> Result<Next, Unsendable> 
     }
 }
 
+/// The timestamp of a new meter event of `window`: the second of the latest event it counts
+/// ([`stripe_limits::event_timestamp_at`]), so usage never moves later than its last event;
+/// but no older than Stripe takes at `now` (a window at the edge of Stripe's 35 days is
+/// stamped later inside itself rather than refused).
+pub fn stamp(window: &Window, last_event: Option<OffsetDateTime>, now: OffsetDateTime) -> i64 {
+    let oldest_taken = (now - stripe_limits::MAX_EVENT_AGE).unix_timestamp() + 60;
+    stripe_limits::event_timestamp_at(window, last_event)
+        .max(oldest_taken)
+        .min(event_timestamp(window))
+}
+
 /// Whether Stripe would accept a meter event for `window` at `now` ([`stripe_limits`]).
 pub fn check_sendable(window: &Window, now: OffsetDateTime) -> Result<(), Unsendable> {
     stripe_limits::check_timestamp(event_timestamp(window), now).map_err(|refusal| match refusal {
@@ -292,6 +303,7 @@ mod tests {
                         synced: Decimal::ZERO,
                         sent: false,
                         superseded: false,
+                        last_event_at: None,
                     })
                     .collect(),
                 ..Self::default()

@@ -290,14 +290,17 @@ impl Ledger {
         sqlx::query(
             "INSERT INTO stripe_sync_batches AS b
                  (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
-                  aggregated_quantity, event_count, window_revision, sync_status, last_job_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid)
+                  aggregated_quantity, event_count, window_revision, sync_status, last_job_id,
+                  last_event_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid, $13)
              ON CONFLICT (tenant_id, environment_id, entity_id, meter_id, window_start)
              DO UPDATE SET
                  aggregated_quantity = CASE WHEN EXCLUDED.window_revision >= b.window_revision
                      THEN EXCLUDED.aggregated_quantity ELSE b.aggregated_quantity END,
                  event_count = CASE WHEN EXCLUDED.window_revision >= b.window_revision
                      THEN EXCLUDED.event_count ELSE b.event_count END,
+                 last_event_at = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                     THEN EXCLUDED.last_event_at ELSE b.last_event_at END,
                  window_revision = GREATEST(b.window_revision, EXCLUDED.window_revision),
                  last_job_id = COALESCE(EXCLUDED.last_job_id, b.last_job_id),
                  sync_status = CASE
@@ -324,6 +327,7 @@ impl Ledger {
         .bind(initial.as_str())
         .bind(job.map(ToString::to_string))
         .bind(force)
+        .bind(total.last_event_at.map(|t| t.as_offset_date_time()))
         .execute(&self.pool)
         .await
         .map_err(db("recording a window total"))?;
@@ -433,7 +437,7 @@ impl Ledger {
         sqlx::query_as(
             "SELECT b.aggregated_quantity AS total, b.accounted_quantity AS accounted,
                     COALESCE(c.carry, 0) AS carry, b.synced_quantity AS synced,
-                    b.stripe_event_id IS NOT NULL AS sent,
+                    b.stripe_event_id IS NOT NULL AS sent, b.last_event_at,
                     EXISTS (
                         SELECT 1 FROM stripe_sync_batches n
                         JOIN stripe_sync_sends s ON s.batch_id = n.id
@@ -1097,6 +1101,8 @@ pub struct Current {
     /// For a `last` meter: a newer window of the same billing period has a meter event
     /// Stripe holds or may hold, so this window's value must not go out after it.
     pub superseded: bool,
+    /// The timestamp of the latest event in the total, when the aggregator sent it.
+    pub last_event_at: Option<OffsetDateTime>,
 }
 
 /// One line of [`Ledger::synced_totals`].

@@ -94,7 +94,7 @@ pub(super) async fn publish_claim(
             .or_default()
             .push(k.customer_id.clone());
     }
-    let mut aggregates: HashMap<WindowKey, WindowAggregates> = HashMap::new();
+    let mut aggregates: HashMap<WindowKey, (WindowAggregates, OffsetDateTime)> = HashMap::new();
     for ((tenant, environment, meter, window), customers) in groups {
         // A maximum, latest value or distinct count does not add up over windows: its
         // windows carry the billing period to date, for Stripe's `last` formula.
@@ -129,7 +129,10 @@ pub(super) async fn publish_claim(
             tracing::error!(meter = %key.meter_id, "window of an unknown meter left unpublished");
             continue;
         };
-        let a = aggregates.get(key).copied().unwrap_or_default();
+        let (a, last_event_at) = match aggregates.get(key) {
+            Some((a, last)) => (*a, Timestamp::new(*last).ok()),
+            None => (WindowAggregates::default(), None),
+        };
         let quantity = a.quantity(&meter.aggregation);
         let Some(revision) = next_revision(&state.published, quantity, a.events, trigger) else {
             continue;
@@ -156,6 +159,8 @@ pub(super) async fn publish_claim(
             reason,
             expired: stripe_limits::window_expired(&key.window, now),
             computed_at,
+            // Before the window's end by construction (read from [.., window end)).
+            last_event_at: last_event_at.filter(|at| at.as_offset_date_time() < key.window.end()),
         });
         publications.push(Publication {
             key: key.clone(),

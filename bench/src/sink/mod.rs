@@ -404,6 +404,7 @@ async fn produce_windows(ns: &Namespace, loaded: &[Loaded]) -> anyhow::Result<()
             reason: WindowReason::Due,
             expired: false,
             computed_at: Timestamp::now(),
+            last_event_at: None,
         };
         messages.push((total.kafka_key(), total.to_json_bytes()));
     }

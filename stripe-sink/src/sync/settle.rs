@@ -209,7 +209,7 @@ async fn try_settle(
                     counts,
                     event_name: event_name.clone(),
                     provider_customer_id: customer.clone(),
-                    stripe_timestamp: billing::event_timestamp(&batch.window),
+                    stripe_timestamp: billing::stamp(&batch.window, current.last_event_at, now),
                     created_at: now,
                     in_doubt_since: None,
                 };

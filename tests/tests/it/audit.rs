@@ -279,6 +279,7 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
         reason: WindowReason::Due,
         expired: false,
         computed_at: Timestamp::now(),
+        last_event_at: None,
     };
     produce(
         &ns,

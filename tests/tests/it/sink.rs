@@ -1200,6 +1200,7 @@ async fn a_dispatcher_whose_lease_ran_out_writes_nothing_over_the_next_claim() {
             reason: WindowReason::Due,
             expired: false,
             computed_at: Timestamp::now(),
+            last_event_at: None,
         })
         .await
         .unwrap();
@@ -1950,6 +1951,7 @@ async fn a_dropped_meter_event_leaves_its_window_as_before_it_was_accepted() {
                 reason: WindowReason::Due,
                 expired: false,
                 computed_at: Timestamp::now(),
+                last_event_at: None,
             })
             .await
             .unwrap();
@@ -2456,5 +2458,69 @@ async fn an_older_window_never_sends_after_a_newer_window_of_its_period_on_a_las
         hour_start(0).unix_timestamp(),
     );
     wait_for_summaries(&standin, &cus, period, &[("seats", &mtr, 12.0)]).await;
+    ns.drop_databases().await;
+}
+
+/// Case 7 of the billing issue: a window's meter event is stamped at the second of the latest
+/// event it counts, not at the window's last second, so usage is never moved later than its
+/// last event (towards a billing period that starts inside the window after it). Five calls
+/// at minutes 5 to 9 of an hour: Stripe files all five before minute 10; a late call at minute
+/// 30 of the same hour goes out stamped at minute 30.
+#[tokio::test]
+async fn a_windows_meter_event_is_stamped_at_its_last_event_not_at_the_windows_end() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let (_sink, cus) = one_customer_on_a_sum_meter(&ns, &standin, "cust_stamp").await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let meters = standin.get("/v1/billing/meters", &[]).await;
+    let mtr = meters["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["event_name"] == "api_calls")
+        .and_then(|m| m["id"].as_str())
+        .unwrap_or_else(|| panic!("the api_calls meter: {meters}"))
+        .to_owned();
+    let hour = hour_start(2);
+    let at = |minutes: i64| (hour + time::Duration::minutes(minutes)).unix_timestamp();
+    produce_events(&ns, &calls("cust_stamp", "stamp", 2, 5)).await;
+    let filed = |from: i64, to: i64| {
+        let (standin, mtr, cus) = (&standin, mtr.clone(), cus.clone());
+        async move { standin.summarised_total(&mtr, &cus, at(from), at(to)).await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while filed(0, 60).await < 5.0 {
+        assert!(Instant::now() < deadline, "the calls did not reach stripe");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(filed(0, 10).await, 5.0, "filed at the last call (minute 9)");
+    assert_eq!(filed(10, 60).await, 0.0);
+
+    produce_events(
+        &ns,
+        &[event(
+            TENANT,
+            "stamp-late",
+            "cust_stamp",
+            "api.request",
+            hour + time::Duration::minutes(30),
+            json!({}),
+        )],
+    )
+    .await;
+    while filed(0, 60).await < 6.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the late call did not reach stripe"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(filed(0, 10).await, 5.0);
+    assert_eq!(
+        filed(30, 31).await,
+        1.0,
+        "the change is stamped at its window's last event"
+    );
+    assert_eq!(filed(31, 60).await, 0.0);
     ns.drop_databases().await;
 }
