@@ -880,30 +880,13 @@ async fn fractional_sum_meters_bill_the_rounded_exact_total_not_each_window_roun
     let sink = sink(&ns, &standin).await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let t = token(TENANT, "env_prod");
-    let config = post_json_put(
-        &sink.url("/v1/stripe/config"),
-        &t,
-        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+    connect(
+        &sink,
+        &standin,
+        &[("storage", "gigabytes"), ("compute", "cpu_hours")],
+        &[("cust_fraction", &cus)],
     )
     .await;
-    assert_eq!(config.status, 200, "{:?}", config.body);
-    for (meter, stripe_event) in [("storage", "gigabytes"), ("compute", "cpu_hours")] {
-        let mapped = post_json(
-            &sink.url("/v1/stripe/meters/mapping"),
-            &t,
-            &json!({"meter_id": meter, "provider_type": "stripe",
-                    "provider_meter_id": stripe_event, "sync_enabled": true}),
-        )
-        .await;
-        assert_eq!(mapped.status, 201, "{:?}", mapped.body);
-    }
-    let customer = post_json(
-        &sink.url("/v1/stripe/customers/mapping"),
-        &t,
-        &json!({"customer_id": "cust_fraction", "provider_customer_id": cus}),
-    )
-    .await;
-    assert_eq!(customer.status, 201, "{:?}", customer.body);
 
     let sample = |id: String, hours_ago: i64, gb: f64, cpu: f64| {
         event(
@@ -1035,13 +1018,7 @@ async fn non_additive_meters_on_last_stripe_meters_bill_the_periods_value_not_a_
     let sink = sink(&ns, &standin).await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
     let t = token(TENANT, "env_prod");
-    let config = post_json_put(
-        &sink.url("/v1/stripe/config"),
-        &t,
-        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
-    )
-    .await;
-    assert_eq!(config.status, 200, "{:?}", config.body);
+    put_config(&sink, &standin).await;
     let map = |meter: &str, stripe_event: &str| {
         let body = json!({"meter_id": meter, "provider_type": "stripe",
                           "provider_meter_id": stripe_event, "sync_enabled": true});
@@ -1353,6 +1330,57 @@ async fn calls_meter(ns: &Namespace, tenant: &str) {
     .await;
 }
 
+/// Connects the tenant's `env_prod` to the stand-in through the sink's API: the config (sync
+/// on, [`RATE`]), then a mapping per (meter, Stripe event name) and per (customer, `cus_`).
+async fn connect(
+    sink: &ServiceProcess,
+    standin: &Standin,
+    meters: &[(&str, &str)],
+    customers: &[(&str, &str)],
+) {
+    put_config(sink, standin).await;
+    for (meter, stripe_event) in meters {
+        map_meter(sink, meter, stripe_event).await;
+    }
+    for (customer, cus) in customers {
+        map_customer(sink, customer, cus).await;
+    }
+}
+
+/// Saves the tenant's Stripe config: the stand-in's key, sync on, [`RATE`] a second (200).
+async fn put_config(sink: &ServiceProcess, standin: &Standin) {
+    let config = post_json_put(
+        &sink.url("/v1/stripe/config"),
+        &token(TENANT, "env_prod"),
+        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
+    )
+    .await;
+    assert_eq!(config.status, 200, "{:?}", config.body);
+}
+
+/// Maps the tenant's `meter` to the Stripe meter of `stripe_event` (201).
+async fn map_meter(sink: &ServiceProcess, meter: &str, stripe_event: &str) {
+    let answer = post_json(
+        &sink.url("/v1/stripe/meters/mapping"),
+        &token(TENANT, "env_prod"),
+        &json!({"meter_id": meter, "provider_type": "stripe",
+                "provider_meter_id": stripe_event, "sync_enabled": true}),
+    )
+    .await;
+    assert_eq!(answer.status, 201, "mapping {meter}: {:?}", answer.body);
+}
+
+/// Maps the tenant's `customer` to the Stripe customer `cus` (201).
+async fn map_customer(sink: &ServiceProcess, customer: &str, cus: &str) {
+    let answer = post_json(
+        &sink.url("/v1/stripe/customers/mapping"),
+        &token(TENANT, "env_prod"),
+        &json!({"customer_id": customer, "provider_customer_id": cus}),
+    )
+    .await;
+    assert_eq!(answer.status, 201, "mapping {customer}: {:?}", answer.body);
+}
+
 /// A sink sending the COUNT meter `calls` (event `api.request`) of one customer to the
 /// stand-in's `sum` meter `api_calls`; the customer's Stripe id with the sink.
 async fn one_customer_on_a_sum_meter(
@@ -1364,32 +1392,13 @@ async fn one_customer_on_a_sum_meter(
     let cus = standin.customer(customer).await;
     calls_meter(ns, TENANT).await;
     let sink = sink(ns, standin).await;
-    let t = token(TENANT, "env_prod");
-    for (path, body, status) in [
-        (
-            "/v1/stripe/config",
-            json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
-            200,
-        ),
-        (
-            "/v1/stripe/meters/mapping",
-            json!({"meter_id": "calls", "provider_type": "stripe",
-                   "provider_meter_id": "api_calls", "sync_enabled": true}),
-            201,
-        ),
-        (
-            "/v1/stripe/customers/mapping",
-            json!({"customer_id": customer, "provider_customer_id": cus}),
-            201,
-        ),
-    ] {
-        let answer = if path == "/v1/stripe/config" {
-            post_json_put(&sink.url(path), &t, &body).await
-        } else {
-            post_json(&sink.url(path), &t, &body).await
-        };
-        assert_eq!(answer.status, status, "{path}: {:?}", answer.body);
-    }
+    connect(
+        &sink,
+        standin,
+        &[("calls", "api_calls")],
+        &[(customer, &cus)],
+    )
+    .await;
     (sink, cus)
 }
 
@@ -2251,20 +2260,7 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
     let sink = sink(&ns, &standin).await;
     let t = token(TENANT, "env_prod");
     let pg = ns.pg_pool().await;
-    let config = post_json_put(
-        &sink.url("/v1/stripe/config"),
-        &t,
-        &json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
-    )
-    .await;
-    assert_eq!(config.status, 200, "{:?}", config.body);
-    let customer = post_json(
-        &sink.url("/v1/stripe/customers/mapping"),
-        &t,
-        &json!({"customer_id": "cust_early", "provider_customer_id": cus}),
-    )
-    .await;
-    assert_eq!(customer.status, 201, "{:?}", customer.body);
+    connect(&sink, &standin, &[], &[("cust_early", &cus)]).await;
 
     // Usage of two kinds, before any meter: 8 calls, 4 searches in the EU and 3 in the US.
     let search = |id: String, hours_ago: i64, region: &str| {
@@ -2317,14 +2313,7 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
             .await;
             assert_eq!(created.status, 201, "{:?}", created.body);
         }
-        let mapped = post_json(
-            &sink.url("/v1/stripe/meters/mapping"),
-            &t,
-            &json!({"meter_id": meter, "provider_type": "stripe",
-                    "provider_meter_id": stripe_meter, "sync_enabled": true}),
-        )
-        .await;
-        assert_eq!(mapped.status, 201, "{:?}", mapped.body);
+        map_meter(&sink, meter, stripe_meter).await;
     }
     let calls_backfill = backfill_done(&ingest, &pg, &t, "calls").await;
     assert_eq!(
@@ -2393,32 +2382,14 @@ async fn an_older_window_never_sends_after_a_newer_window_of_its_period_on_a_las
     let cus = standin.customer("cust_seats").await;
     let sink = sink(&ns, &standin).await;
     let _aggregator = spawn_aggregator(&ns, &[]).await;
+    connect(
+        &sink,
+        &standin,
+        &[("seats", "seats_last")],
+        &[("cust_seats", &cus)],
+    )
+    .await;
     let t = token(TENANT, "env_prod");
-    for (path, body, status) in [
-        (
-            "/v1/stripe/config",
-            json!({"api_key": standin.key, "sync_enabled": true, "rate_limit_per_second": RATE}),
-            200,
-        ),
-        (
-            "/v1/stripe/meters/mapping",
-            json!({"meter_id": "seats", "provider_type": "stripe",
-                   "provider_meter_id": "seats_last", "sync_enabled": true}),
-            201,
-        ),
-        (
-            "/v1/stripe/customers/mapping",
-            json!({"customer_id": "cust_seats", "provider_customer_id": cus}),
-            201,
-        ),
-    ] {
-        let answer = if path == "/v1/stripe/config" {
-            post_json_put(&sink.url(path), &t, &body).await
-        } else {
-            post_json(&sink.url(path), &t, &body).await
-        };
-        assert_eq!(answer.status, status, "{path}: {:?}", answer.body);
-    }
     let seats = |id: &str, hours_ago: i64, minute: i64, n: u32| {
         event(
             TENANT,
