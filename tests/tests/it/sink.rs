@@ -2495,3 +2495,201 @@ async fn a_windows_meter_event_is_stamped_at_its_last_event_not_at_the_windows_e
     assert_eq!(filed(31, 60).await, 0.0);
     ns.drop_databases().await;
 }
+
+/// The exactness test of the billing issue: two customers, a fractional SUM meter, a LATEST
+/// seats meter on a `last` Stripe meter, a COUNT meter created (and mapped) only after its
+/// usage, sync off while the first hours are recorded and then on, a window size change
+/// (60 to 15 minutes) between the hours, and events sent twice with the same ids: every
+/// customer's Stripe value equals the ground truth (the sum rounded once, the last seats
+/// value, the distinct calls).
+#[tokio::test]
+async fn every_customers_stripe_value_equals_the_ground_truth_across_the_billing_cases() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("gigabytes").await;
+    standin.sum_meter("api_calls").await;
+    let seats_mtr = standin.meter("seats_last", "last").await;
+    for meter in [
+        json!({"id": "storage", "event_name": "usage.sample", "aggregation": "SUM",
+               "property": "gb"}),
+        json!({"id": "seats", "event_name": "workspace.seats", "aggregation": "LATEST",
+               "property": "seats"}),
+    ] {
+        create_meter(&ns, TENANT, "env_prod", meter).await;
+    }
+    let customers = ["cust_truth_a", "cust_truth_b"];
+    let mut cus = BTreeMap::new();
+    for c in customers {
+        cus.insert(c, standin.customer(c).await);
+    }
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let ingest = ServiceProcess::spawn("ingest", &ns.env()).await;
+    let pg = ns.pg_pool().await;
+    let t = token(TENANT, "env_prod");
+    let mapped: Vec<(&str, &str)> = customers.iter().map(|c| (*c, cus[c].as_str())).collect();
+    connect(
+        &sink,
+        &standin,
+        &[("storage", "gigabytes"), ("seats", "seats_last")],
+        &mapped,
+    )
+    .await;
+    let sync = |enabled: bool| {
+        let (url, t, key) = (
+            sink.url("/v1/stripe/config"),
+            t.clone(),
+            standin.key.clone(),
+        );
+        async move {
+            let body = json!({"api_key": key, "sync_enabled": enabled,
+                              "rate_limit_per_second": RATE});
+            let answer = post_json_put(&url, &t, &body).await;
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+        }
+    };
+    // (customer, hours ago, minute) -> events: 0.4 GB, a seats value, two calls.
+    let usage = |c: &str, hours_ago: i64, minute: i64, seats: u32| {
+        let at = hour_start(hours_ago) + time::Duration::minutes(minute);
+        let id = format!("{c}-{hours_ago}-{minute}");
+        vec![
+            event(
+                TENANT,
+                &format!("{id}-gb"),
+                c,
+                "usage.sample",
+                at,
+                json!({"gb": 0.4}),
+            ),
+            event(
+                TENANT,
+                &format!("{id}-seats"),
+                c,
+                "workspace.seats",
+                at,
+                json!({"seats": seats}),
+            ),
+            event(
+                TENANT,
+                &format!("{id}-call-1"),
+                c,
+                "api.request",
+                at,
+                json!({}),
+            ),
+            event(
+                TENANT,
+                &format!("{id}-call-2"),
+                c,
+                "api.request",
+                at,
+                json!({}),
+            ),
+        ]
+    };
+
+    // Hours 6 to 4 with sync off: recorded, skipped. Every event is sent twice.
+    sync(false).await;
+    let mut early = Vec::new();
+    for (c, seats) in [("cust_truth_a", [5, 6, 7]), ("cust_truth_b", [3, 3, 4])] {
+        for (hours_ago, n) in [6, 5, 4].into_iter().zip(seats) {
+            early.extend(usage(c, hours_ago, 10, n));
+        }
+    }
+    produce_events(&ns, &early).await;
+    produce_events(&ns, &early).await;
+    wait_for_batches(&sink, &t, "skipped", |skipped| skipped.len() == 12).await;
+    sync(true).await;
+
+    // The tenant's windows become 15 minutes long from the first hour boundary past the
+    // ingest's allowance (here 1 h) after the change, asked for as hour 4 began.
+    let effective = meterline_catalog::window_sizes::schedule_change(
+        &pg,
+        &meterline_tests::api::scope(TENANT, "env_prod"),
+        15,
+        hour_start(4) + time::Duration::minutes(7),
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("scheduling the change")
+    .expect("a change");
+    assert_eq!(effective, hour_start(2));
+    // Hours 3 to 1, twice an hour (some sent again after the calls meter exists).
+    let mut late = Vec::new();
+    for (c, seats) in [
+        ("cust_truth_a", [7, 8, 8, 9, 9, 6]),
+        ("cust_truth_b", [4, 4, 5, 5, 9, 9]),
+    ] {
+        let instants = [3, 2, 1].into_iter().flat_map(|h| [(h, 10), (h, 40)]);
+        for ((hours_ago, minute), n) in instants.zip(seats) {
+            late.extend(usage(c, hours_ago, minute, n));
+        }
+    }
+    produce_events(&ns, &late).await;
+    until_events_are_kept(&ns, 72).await;
+
+    // The calls meter is created, and mapped, only now.
+    let created = post_json(
+        &ingest.url("/v1/meters"),
+        &t,
+        &json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    map_meter(&sink, "calls", "api_calls").await;
+    let backfill = backfill_done(&ingest, &pg, &t, "calls").await;
+    assert_eq!(backfill["events_found"], 36, "{backfill}");
+    // Retries of events the backfill already gave the meter count once.
+    produce_events(&ns, &late[..8]).await;
+
+    // Ground truth per customer: 9 samples of 0.4 GB (3.6, billed as 4), 18 distinct calls,
+    // and the last seats value of the month: 6 and 9.
+    let mut expected = BTreeMap::new();
+    for c in customers {
+        expected.insert((cus[c].clone(), "gigabytes".to_owned()), 4.0);
+        expected.insert((cus[c].clone(), "api_calls".to_owned()), 18.0);
+    }
+    // Stripe's sums (a `last` meter's events do not add up).
+    let sums = || async {
+        standin
+            .totals()
+            .await
+            .into_iter()
+            .filter(|((_, event), _)| event != "seats_last")
+            .collect::<BTreeMap<_, _>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = sums().await;
+        if got == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stripe {got:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let month = (
+        hour_start(6).unix_timestamp(),
+        hour_start(0).unix_timestamp(),
+    );
+    for (c, last_seats) in [("cust_truth_a", 6.0), ("cust_truth_b", 9.0)] {
+        wait_for_summaries(
+            &standin,
+            &cus[c],
+            month,
+            &[("seats", &seats_mtr, last_seats)],
+        )
+        .await;
+    }
+    // The retried copies have gone through by now, and billed nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sums().await, expected, "billed once");
+    let lines = reconcile(&sink, &t, hour_start(7), hour_start(0)).await;
+    for l in lines.iter().filter(|l| l["meter_id"] == "storage") {
+        assert_eq!(l["expected"], "3.6", "the exact total: {l}");
+        assert_eq!(l["ledger_synced"], "4", "{l}");
+    }
+    ns.drop_databases().await;
+}
