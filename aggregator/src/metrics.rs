@@ -24,6 +24,11 @@ pub const EVENTS_UNMETERED: &str = "aggregator_events_unmetered_total";
 pub const LATE_EVENTS: &str = "aggregator_late_events_total";
 /// Events older than Stripe's 35 days: stored and flagged, never sendable.
 pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
+/// Events meter backfills gave their meter (`outcome` `found`), or could not give it because
+/// the meter cannot use their property value (`unusable`).
+pub const BACKFILL_EVENTS: &str = "aggregator_backfill_events_total";
+/// Meter backfills worked through to their end.
+pub const BACKFILLS: &str = "aggregator_backfills_completed_total";
 /// Events per batch.
 pub const BATCH_SIZE: &str = "aggregator_batch_events";
 /// Time ClickHouse took to accept a batch.
@@ -79,6 +84,11 @@ pub fn describe() {
         "window due to total acknowledged"
     );
     describe_counter!(RESYNCS, "resync requests completed");
+    describe_counter!(
+        BACKFILL_EVENTS,
+        "events meter backfills gave their meter, or could not use, by outcome"
+    );
+    describe_counter!(BACKFILLS, "meter backfills worked through to their end");
     for counter in [
         EVENTS_CONSUMED,
         ROWS_INSERTED,
@@ -86,8 +96,12 @@ pub fn describe() {
         LATE_EVENTS,
         EXPIRED_EVENTS,
         RESYNCS,
+        BACKFILLS,
     ] {
         metrics::counter!(counter).absolute(0);
+    }
+    for outcome in ["found", "unusable"] {
+        metrics::counter!(BACKFILL_EVENTS, "outcome" => outcome).absolute(0);
     }
     for reason in ["due", "late", "resync"] {
         metrics::counter!(WINDOWS_PUBLISHED, "reason" => reason).absolute(0);
@@ -143,6 +157,15 @@ pub(crate) fn first_publication_lag(lag: time::Duration) {
 
 pub(crate) fn resync_done() {
     metrics::counter!(RESYNCS).increment(1);
+}
+
+pub(crate) fn backfill_page(found: u64, unusable: u64) {
+    metrics::counter!(BACKFILL_EVENTS, "outcome" => "found").increment(found);
+    metrics::counter!(BACKFILL_EVENTS, "outcome" => "unusable").increment(unusable);
+}
+
+pub(crate) fn backfill_done() {
+    metrics::counter!(BACKFILLS).increment(1);
 }
 
 pub(crate) fn consumer_lag(partition: i32, lag: i64) {

@@ -24,7 +24,7 @@ use super::metering::distinct_windows;
 use super::Shared;
 use crate::billing;
 use crate::clickhouse::BackfillPage;
-use crate::Error;
+use crate::{metrics, Error};
 
 /// How long a claimed backfill is held between two recorded pages.
 const LEASE: time::Duration = time::Duration::minutes(5);
@@ -122,6 +122,7 @@ async fn work_through(
                     .map_err(backfill_error)
             });
             if finished.is_some() {
+                metrics::backfill_done();
                 tracing::info!(
                     tenant_id = %claimed.tenant_id,
                     environment_id = %claimed.environment_id,
@@ -170,7 +171,9 @@ async fn work_through(
         }) else {
             return false;
         };
-        if !held {
+        if held {
+            metrics::backfill_page(found as u64, metered.unusable as u64);
+        } else {
             tracing::warn!(
                 meter_id = %claimed.meter_id,
                 "meter backfill lease lost; another aggregator carries on"

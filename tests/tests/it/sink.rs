@@ -2255,7 +2255,7 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
     standin.sum_meter("api_calls").await;
     standin.sum_meter("searches").await;
     let cus = standin.customer("cust_early").await;
-    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
     let ingest = ServiceProcess::spawn("ingest", &ns.env()).await;
     let sink = sink(&ns, &standin).await;
     let t = token(TENANT, "env_prod");
@@ -2358,6 +2358,21 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(standin.totals().await, billed(9.0, 7.0), "billed once");
+    let metrics = reqwest::get(aggregator.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "aggregator_backfill_events_total{outcome=\"found\"} 15",
+        "aggregator_backfills_completed_total 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
     ns.drop_databases().await;
 }
 
