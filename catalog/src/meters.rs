@@ -49,6 +49,10 @@ pub enum MeterStoreError {
     /// The query failed. The text carries the cause because handlers log only `Display`.
     #[error("meters table query failed: {0}")]
     Database(#[source] sqlx::Error),
+    /// The change would alter what already-counted usage bills: the meter has usage and the
+    /// change is to its aggregation or the property it reads.
+    #[error("meter {0} has usage: its aggregation and property cannot change")]
+    InUse(MeterId),
     /// A stored row no longer passes validation (written by hand, or by an older rule).
     #[error("stored meter row is invalid: {0}")]
     Corrupt(String),
@@ -110,6 +114,24 @@ struct ScopedMeterRow {
     environment_id: String,
     #[sqlx(flatten)]
     meter: MeterRow,
+}
+
+/// Whether the meter has counted any usage: a window of the aggregator's registry
+/// (`aggregation_windows`, written once an event of the meter is in ClickHouse).
+async fn has_usage(
+    tx: &mut Transaction<'_, Postgres>,
+    scope: &TenantScope,
+    meter: &MeterId,
+) -> Result<bool, MeterStoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM aggregation_windows
+         WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3)",
+    )
+    .bind(scope.tenant_id.as_str())
+    .bind(scope.environment_id.as_str())
+    .bind(meter.as_str())
+    .fetch_one(&mut **tx)
+    .await?)
 }
 
 /// The values a definition is written as: event_name, aggregation, property, filters.
@@ -235,6 +257,13 @@ impl MeterStore {
             return Ok(None);
         };
         let before = StoredMeter::try_from(before)?.definition;
+        if before.aggregation != definition.aggregation
+            && has_usage(&mut tx, scope, &definition.id).await?
+        {
+            // Its published windows would be recomputed under the new aggregation when they
+            // go out again, re-billing usage already billed under the old one.
+            return Err(MeterStoreError::InUse(definition.id.clone()));
+        }
         let row = Self::write(
             &mut tx,
             &format!(

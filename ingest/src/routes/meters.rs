@@ -103,7 +103,8 @@ pub async fn get_one(
 
 /// 200 with the replaced meter (and its backfill when its event name or filters changed), or
 /// 404 `not_found`; a body `id`, if given, must equal the path's (400 `id_mismatch`): renaming
-/// a meter would orphan its Stripe mapping and usage.
+/// a meter would orphan its Stripe mapping and usage. 409 `meter_in_use` for a change of the
+/// aggregation or property of a meter with usage, which would re-bill the past.
 pub async fn replace(
     State(state): State<AppState>,
     scope: TenantScope,
@@ -132,6 +133,15 @@ pub async fn replace(
             Ok(Json(MeterAnswer { meter, backfill }))
         }
         Ok(None) => Err(not_found(&id)),
+        Err(MeterStoreError::InUse(id)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "meter_in_use",
+            format!(
+                "meter {id} has usage: changing its aggregation or property would re-bill the \
+                 usage already billed under the old definition; create a new meter for the new \
+                 definition (and map it in Stripe) instead"
+            ),
+        )),
         Err(e) => Err(ApiError::internal(&e)),
     }
 }

@@ -2358,6 +2358,26 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(standin.totals().await, billed(9.0, 7.0), "billed once");
+    // What the billed usage means cannot change under it: another aggregation is refused.
+    let redefined = post_json_put(
+        &ingest.url("/v1/meters/calls"),
+        &t,
+        &json!({"event_name": "api.request", "aggregation": "SUM", "property": "tokens"}),
+    )
+    .await;
+    assert_eq!(
+        (redefined.status, redefined.error_code()),
+        (409, "meter_in_use"),
+        "{:?}",
+        redefined.body
+    );
+    let kept = send(
+        reqwest::Client::new()
+            .get(ingest.url("/v1/meters/calls"))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(kept.body["aggregation"], "COUNT", "{:?}", kept.body);
     let metrics = reqwest::get(aggregator.url("/metrics"))
         .await
         .unwrap()
