@@ -74,31 +74,28 @@ async fn work_through(
         environment_id: claimed.environment_id.clone(),
         subject: None,
     };
-    let Some(meter) = retry!("backfill", shutdown, async {
-        meters
-            .get(&scope, &claimed.meter_id)
-            .await
-            .map_err(|e| Error::Meters(e.to_string()))
-    }) else {
-        return false;
-    };
-    let Some(meter) = meter.map(|m| m.definition) else {
-        // Gone (a meter cannot be deleted today; a hand-made row may): nothing to give it.
-        return retry!("backfill", shutdown, async {
-            backfills::finish(&shared.pool, &claimed)
-                .await
-                .map_err(backfill_error)
-        })
-        .is_some();
-    };
-    let Some(sizes) = retry!("backfill", shutdown, async {
-        window_sizes::load_scope(&shared.pool, &scope)
-            .await
-            .map_err(|e| Error::Meters(e.to_string()))
-    }) else {
-        return false;
-    };
     loop {
+        // Read per page: an edit during the backfill (which schedules its own) applies from
+        // the next page on.
+        let Some(meter) = retry!("backfill", shutdown, async {
+            meters
+                .get(&scope, &claimed.meter_id)
+                .await
+                .map_err(|e| Error::Meters(e.to_string()))
+        }) else {
+            return false;
+        };
+        let Some(meter) = meter.map(|m| m.definition) else {
+            // Gone (a meter cannot be deleted today; a hand-made row may): nothing to give it.
+            return finish(shared, &claimed, shutdown).await;
+        };
+        let Some(sizes) = retry!("backfill", shutdown, async {
+            window_sizes::load_scope(&shared.pool, &scope)
+                .await
+                .map_err(|e| Error::Meters(e.to_string()))
+        }) else {
+            return false;
+        };
         let page = BackfillPage {
             tenant: &claimed.tenant_id,
             environment: &claimed.environment_id,
@@ -116,21 +113,7 @@ async fn work_through(
             return false;
         };
         let Some(last) = events.last() else {
-            let finished = retry!("backfill", shutdown, async {
-                backfills::finish(&shared.pool, &claimed)
-                    .await
-                    .map_err(backfill_error)
-            });
-            if finished.is_some() {
-                metrics::backfill_done();
-                tracing::info!(
-                    tenant_id = %claimed.tenant_id,
-                    environment_id = %claimed.environment_id,
-                    meter_id = %claimed.meter_id,
-                    "meter backfill done"
-                );
-            }
-            return finished.is_some();
+            return finish(shared, &claimed, shutdown).await;
         };
         let next = (last.timestamp, last.event_id.clone());
         let metered = meter_page(&meter, &sizes, &events);
@@ -182,6 +165,25 @@ async fn work_through(
         }
         shared.batch_done.notify_one();
     }
+}
+
+/// Marks the backfill done. False on shutdown.
+async fn finish(shared: &Shared, claimed: &Claimed, shutdown: &CancellationToken) -> bool {
+    let finished = retry!("backfill", shutdown, async {
+        backfills::finish(&shared.pool, claimed)
+            .await
+            .map_err(backfill_error)
+    });
+    if finished.is_some() {
+        metrics::backfill_done();
+        tracing::info!(
+            tenant_id = %claimed.tenant_id,
+            environment_id = %claimed.environment_id,
+            meter_id = %claimed.meter_id,
+            "meter backfill done"
+        );
+    }
+    finished.is_some()
 }
 
 /// A page metered against the one meter.
