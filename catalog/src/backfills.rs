@@ -107,8 +107,8 @@ pub(crate) async fn schedule(
         "INSERT INTO meter_backfills
              (tenant_id, environment_id, meter_id, reason, from_ts, until_ts, done_until,
               not_before)
-         SELECT $1, $2, $3, $4, now() - $5::interval, now() + $6::interval,
-                now() - $5::interval, now() + $7::interval
+         SELECT $1, $2, $3, $4, now() - make_interval(secs => $5), now() + make_interval(secs => $6),
+                now() - make_interval(secs => $5), now() + make_interval(secs => $7)
          RETURNING {COLUMNS}"
     ))
     .bind(scope.tenant_id.as_str())
@@ -123,8 +123,8 @@ pub(crate) async fn schedule(
     Ok(row.into())
 }
 
-fn interval(d: time::Duration) -> String {
-    format!("{} seconds", d.whole_seconds())
+fn interval(d: time::Duration) -> f64 {
+    d.as_seconds_f64()
 }
 
 /// The latest backfill of the caller's meter, if it ever had one.
@@ -179,7 +179,7 @@ pub async fn claim(pool: &PgPool, lease: time::Duration) -> Result<Option<Claime
         OffsetDateTime,
         String,
     )> = sqlx::query_as(
-        "UPDATE meter_backfills SET status = 'running', lease_until = now() + $1::interval
+        "UPDATE meter_backfills SET status = 'running', lease_until = now() + make_interval(secs => $1)
              WHERE id = (
                  SELECT id FROM meter_backfills
                  WHERE status <> 'done' AND not_before <= now()
@@ -222,7 +222,7 @@ pub async fn progress(
     let updated = sqlx::query(
         "UPDATE meter_backfills
          SET done_until = $2, done_after_id = $3, events_found = events_found + $4,
-             events_unusable = events_unusable + $5, lease_until = now() + $6::interval
+             events_unusable = events_unusable + $5, lease_until = now() + make_interval(secs => $6)
          WHERE id = $1 AND status = 'running' AND lease_until >= now()",
     )
     .bind(claimed.id)

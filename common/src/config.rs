@@ -126,6 +126,17 @@ impl<'a> Env<'a> {
         ))
     }
 
+    /// `INGEST_MAX_FUTURE_SECONDS` (default 300, Stripe's 5 minutes; 0..=86400): how far ahead
+    /// of the clock an accepted event's timestamp may be. Ingest enforces it; the sink
+    /// schedules window size changes past it.
+    pub fn max_future(&self) -> DurationVar {
+        self.seconds_in_range(
+            "INGEST_MAX_FUTURE_SECONDS",
+            meterline_schemas::stripe_limits::MAX_FUTURE.whole_seconds() as u64,
+            0..=86_400,
+        )
+    }
+
     /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a write on behalf of a
     /// request may wait for Kafka's acknowledgement before the request is answered 503.
     pub fn produce_timeout(&self) -> DurationVar {

@@ -86,11 +86,7 @@ impl Config {
                     defaults.max_bulk_events as u64,
                     1..=100_000,
                 )? as usize,
-                max_future: env.seconds_in_range(
-                    "INGEST_MAX_FUTURE_SECONDS",
-                    defaults.max_future.as_secs(),
-                    0..=86_400,
-                )?,
+                max_future: env.max_future()?,
             },
             produce_timeout: env.produce_timeout()?,
         })

@@ -80,11 +80,7 @@ impl Config {
             },
             ledger_retention: crate::ledger::retention::LEDGER.retention_from_env(&env)?,
             prune_interval: retention::prune_interval_from_env(&env)?,
-            window_change_lead: env.seconds_in_range(
-                "INGEST_MAX_FUTURE_SECONDS",
-                meterline_schemas::stripe_limits::MAX_FUTURE.whole_seconds() as u64,
-                0..=86_400,
-            )? + CLOCK_SKEW,
+            window_change_lead: env.max_future()? + CLOCK_SKEW,
         })
     }
 }

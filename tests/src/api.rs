@@ -66,6 +66,11 @@ pub async fn send(request: reqwest::RequestBuilder) -> Answer {
     }
 }
 
+/// GETs `url` with a bearer token.
+pub async fn get(url: &str, token: &str) -> Answer {
+    send(reqwest::Client::new().get(url).bearer_auth(token)).await
+}
+
 /// POSTs `body` as JSON with a bearer token.
 pub async fn post_json(url: &str, token: &str, body: &Value) -> Answer {
     send(

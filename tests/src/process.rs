@@ -89,6 +89,16 @@ impl ServiceProcess {
         self.child.id()
     }
 
+    /// The service's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("the service answers /metrics")
+            .text()
+            .await
+            .expect("reading /metrics")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use meterline_tests::api::{post_json, send, token, Answer};
+use meterline_tests::api::{get, post_json, send, token, Answer};
 
 use crate::audit::{produce_customer_event, wait_found};
 use meterline_tests::standin::Standin;
@@ -19,10 +19,6 @@ const TENANT: &str = "tenant_import";
 const ENV: &str = "env_prod";
 /// Customers in the Stripe account: four pages of 100.
 const CUSTOMERS: usize = 350;
-
-async fn get(url: &str, token: &str) -> Answer {
-    send(reqwest::Client::new().get(url).bearer_auth(token)).await
-}
 
 async fn sink(ns: &Namespace, standin_base: &str) -> ServiceProcess {
     let mut env = ns.env();

@@ -17,7 +17,7 @@ use meterline_common::kafka::producer_config;
 use meterline_schemas::{
     EnvironmentId, StripeEventId, StripeEventType, StripeWebhook, TenantId, Timestamp, Topic,
 };
-use meterline_tests::api::{post_json, scope, send, token, Answer};
+use meterline_tests::api::{get, post_json, scope, send, token, Answer};
 use meterline_tests::kafka::read_topic;
 use meterline_tests::{Namespace, ServiceProcess, Stack};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -27,10 +27,6 @@ use sqlx::PgPool;
 
 const TENANT: &str = "tenant_123";
 const ENV: &str = "env_prod";
-
-async fn get(url: &str, token: &str) -> Answer {
-    send(reqwest::Client::new().get(url).bearer_auth(token)).await
-}
 
 async fn delete(url: &str, token: &str) -> Answer {
     send(reqwest::Client::new().delete(url).bearer_auth(token)).await

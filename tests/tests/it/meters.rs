@@ -7,15 +7,11 @@ use std::time::Duration;
 
 use meterline_catalog::meters::MeterStore;
 use meterline_common::auth::JwtKeys;
-use meterline_tests::api::{keys, post_json, scope, send, token, Answer};
+use meterline_tests::api::{get, keys, post_json, scope, send, token, Answer};
 use meterline_tests::{Namespace, ServiceProcess};
 use reqwest::header::CONTENT_TYPE;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-
-async fn get(url: &str, token: &str) -> Answer {
-    send(reqwest::Client::new().get(url).bearer_auth(token)).await
-}
 
 async fn put_json(url: &str, token: &str, body: &Value) -> Answer {
     send(

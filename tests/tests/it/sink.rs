@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use meterline_schemas::RawUsageEvent;
-use meterline_tests::api::{post_json, send, token};
+use meterline_tests::api::{get, post_json, send, token};
 use meterline_tests::standin::Standin;
 use meterline_tests::usage::{create_meter, event, hour_start, produce_events, spawn_aggregator};
 use meterline_tests::{Namespace, ServiceProcess};
@@ -2230,12 +2230,7 @@ async fn backfill_done(ingest: &ServiceProcess, pg: &sqlx::PgPool, t: &str, mete
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let answer = send(
-            reqwest::Client::new()
-                .get(ingest.url(&format!("/v1/meters/{meter}")))
-                .bearer_auth(t),
-        )
-        .await;
+        let answer = get(&ingest.url(&format!("/v1/meters/{meter}")), t).await;
         if answer.body["backfill"]["status"] == "done" {
             return answer.body["backfill"].clone();
         }
@@ -2371,19 +2366,9 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
         "{:?}",
         redefined.body
     );
-    let kept = send(
-        reqwest::Client::new()
-            .get(ingest.url("/v1/meters/calls"))
-            .bearer_auth(&t),
-    )
-    .await;
+    let kept = get(&ingest.url("/v1/meters/calls"), &t).await;
     assert_eq!(kept.body["aggregation"], "COUNT", "{:?}", kept.body);
-    let metrics = reqwest::get(aggregator.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = aggregator.metrics().await;
     for line in [
         "aggregator_backfill_events_total{outcome=\"found\"} 15",
         "aggregator_backfills_completed_total 3",
