@@ -29,6 +29,9 @@ pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
 pub const BACKFILL_EVENTS: &str = "aggregator_backfill_events_total";
 /// Meter backfills worked through to their end.
 pub const BACKFILLS: &str = "aggregator_backfills_completed_total";
+/// Subscription periods Stripe named whose customer's period-to-date windows were marked for
+/// recomputation.
+pub const BILLING_PERIODS_APPLIED: &str = "aggregator_billing_periods_applied_total";
 /// Events per batch.
 pub const BATCH_SIZE: &str = "aggregator_batch_events";
 /// Time ClickHouse took to accept a batch.
@@ -36,7 +39,7 @@ pub const INSERT_DURATION: &str = "aggregator_clickhouse_insert_duration_seconds
 /// Failed attempts of a batch step (it is retried), by `step` ([`RETRY_STEPS`]).
 pub const BATCH_RETRIES: &str = "aggregator_batch_retries_total";
 /// Every `step` of [`BATCH_RETRIES`].
-pub const RETRY_STEPS: [&str; 8] = [
+pub const RETRY_STEPS: [&str; 9] = [
     "refresh_meters",
     "clickhouse_insert",
     "mark_windows",
@@ -45,6 +48,7 @@ pub const RETRY_STEPS: [&str; 8] = [
     "claim_due",
     "claim_resync",
     "backfill",
+    "billing_periods",
 ];
 /// Messages behind the end of each `usage.raw` partition this instance owns.
 pub const CONSUMER_LAG: &str = "aggregator_consumer_lag_messages";
@@ -89,6 +93,10 @@ pub fn describe() {
         "events meter backfills gave their meter, or could not use, by outcome"
     );
     describe_counter!(BACKFILLS, "meter backfills worked through to their end");
+    describe_counter!(
+        BILLING_PERIODS_APPLIED,
+        "subscription periods whose customer's period-to-date windows were marked for recomputation"
+    );
     for counter in [
         EVENTS_CONSUMED,
         ROWS_INSERTED,
@@ -97,6 +105,7 @@ pub fn describe() {
         EXPIRED_EVENTS,
         RESYNCS,
         BACKFILLS,
+        BILLING_PERIODS_APPLIED,
     ] {
         metrics::counter!(counter).absolute(0);
     }
@@ -166,6 +175,10 @@ pub(crate) fn backfill_page(found: u64, unusable: u64) {
 
 pub(crate) fn backfill_done() {
     metrics::counter!(BACKFILLS).increment(1);
+}
+
+pub(crate) fn billing_periods_applied(periods: u64) {
+    metrics::counter!(BILLING_PERIODS_APPLIED).increment(periods);
 }
 
 pub(crate) fn consumer_lag(partition: i32, lag: i64) {

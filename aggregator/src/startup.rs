@@ -72,6 +72,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             shutdown.clone(),
         )),
         tokio::spawn(pipeline::run_backfills(shared.clone(), shutdown.clone())),
+        tokio::spawn(pipeline::follow_billing_periods(
+            shared.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(crate::kafka::report_lag(
             usage,
             Duration::from_secs(10),

@@ -12,9 +12,11 @@
 //!   for the rest. A deadlock (two markings of one window, only after a rebalance) is
 //!   retried by the caller.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use meterline_schemas::billing_period::later_windows_affected_until;
+use meterline_catalog::billing_periods::{self, CustomerMeter};
+use meterline_schemas::PeriodCalendar;
 use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
@@ -148,6 +150,11 @@ impl TryFrom<StateRow> for WindowState {
 const MARK: &str = "dirty = true, last_event_at = now(),
                     dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END";
 
+/// The aggregations (as `meters.aggregation` stores them) whose windows carry the billing
+/// period to date ([`meterline_schemas::Aggregation::bills_period_to_date`]; a test checks
+/// the list).
+const PERIOD_TO_DATE: &str = "'MAX', 'LATEST', 'COUNT_UNIQUE'";
+
 /// The state columns of an upserted row (`w`).
 const RETURNED_STATE: &str = "w.tenant_id, w.environment_id, w.customer_id, w.meter_id, \
                               w.window_start, w.window_end, w.revision, \
@@ -257,9 +264,48 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |source| Error::Postgres { context, source }
 }
 
+/// The billing periods of the customers and meters of some windows
+/// ([`WindowRegistry::calendars`]).
+pub struct Calendars(HashMap<CustomerMeter, PeriodCalendar>);
+
+impl Calendars {
+    /// The periods of `key`'s customer and meter: calendar months where none is known.
+    pub fn of(&self, key: &WindowKey) -> PeriodCalendar {
+        self.0
+            .get(&(
+                key.tenant_id.clone(),
+                key.environment_id.clone(),
+                key.customer_id.clone(),
+                key.meter_id.clone(),
+            ))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 impl WindowRegistry {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
+    }
+
+    /// The billing periods of the customers and meters of `keys`, in one query: each
+    /// customer's Stripe subscription periods ([`billing_periods`]), else calendar months.
+    pub async fn calendars(&self, keys: &[WindowKey]) -> Result<Calendars, Error> {
+        let keys: Vec<CustomerMeter> = keys
+            .iter()
+            .map(|k| {
+                (
+                    k.tenant_id.clone(),
+                    k.environment_id.clone(),
+                    k.customer_id.clone(),
+                    k.meter_id.clone(),
+                )
+            })
+            .collect();
+        let found = billing_periods::calendars(&self.pool, keys)
+            .await
+            .map_err(db("reading billing periods"))?;
+        Ok(Calendars(found))
     }
 
     /// Marks `keys` dirty (creating unknown windows), due at their end plus `grace`, and
@@ -363,11 +409,11 @@ impl WindowRegistry {
         Ok(late)
     }
 
-    /// Marks dirty every window after each of `keys` (same customer and meter)
-    /// whose value includes its events: those of a meter that bills the period to date, up to
-    /// [`later_windows_affected_until`]. A late event in the first hour of a month changes the
-    /// month-to-date maximum of every later hour, and the period's last window is the one
-    /// Stripe's `last` formula bills. Unpublished windows are marked too: one being published
+    /// Marks dirty every window after each of `keys` (same customer and meter) whose value
+    /// includes its events: those of a meter that bills the period to date, up to
+    /// [`PeriodCalendar::later_windows_affected_until`] in the customer's periods. A late
+    /// event in the first hour of a period changes the period-to-date maximum of every later
+    /// hour, and the period's last window is the one Stripe's `last` formula bills. Unpublished windows are marked too: one being published
     /// now may have been computed before these events, and is marked again once its
     /// publication commits.
     pub async fn mark_later_in_period(&self, keys: &[WindowKey]) -> Result<(), Error> {
@@ -375,9 +421,10 @@ impl WindowRegistry {
             return Ok(());
         }
         let c = KeyColumns::of(keys.iter());
+        let calendars = self.calendars(keys).await?;
         let until: Vec<OffsetDateTime> = keys
             .iter()
-            .map(|k| later_windows_affected_until(&k.window))
+            .map(|k| calendars.of(k).later_windows_affected_until(&k.window))
             .collect();
         bind_keys!(
             sqlx::query(&format!(
@@ -396,6 +443,47 @@ impl WindowRegistry {
         .await
         .map_err(db("marking later windows of the period"))?;
         Ok(())
+    }
+
+    /// Marks dirty the period-to-date windows of customers whose subscription periods changed
+    /// (up to `limit` changed periods at a time), from each period's start on: their values
+    /// were computed over the periods believed before (calendar months, or a guessed
+    /// renewal), and are recomputed and sent again over the ones Stripe named. A period of a
+    /// customer not mapped yet waits until the mapping exists ([`billing_periods`]). The
+    /// number of changed periods applied; 0 when none waits.
+    pub async fn mark_period_changes(&self, limit: i64) -> Result<u64, Error> {
+        let applied = sqlx::query(&format!(
+            "WITH changed AS (
+                 SELECT p.tenant_id, p.environment_id, p.subscription_id, p.period_start,
+                        m.entity_id AS customer_id
+                 FROM stripe_subscription_periods p
+                 JOIN entity_integration_mappings m
+                   ON m.tenant_id = p.tenant_id AND m.environment_id = p.environment_id
+                  AND m.provider_type = 'stripe' AND m.entity_type = 'customer'
+                  AND m.provider_entity_id = p.provider_customer_id AND m.status = 'active'
+                 WHERE NOT p.windows_marked
+                 ORDER BY p.updated_at
+                 LIMIT $1
+                 FOR UPDATE OF p SKIP LOCKED
+             ), marked AS (
+                 UPDATE aggregation_windows w SET {MARK}
+                 FROM changed c, meters mt
+                 WHERE w.tenant_id = c.tenant_id AND w.environment_id = c.environment_id
+                   AND w.customer_id = c.customer_id AND w.window_end > c.period_start
+                   AND mt.tenant_id = w.tenant_id AND mt.environment_id = w.environment_id
+                   AND mt.id = w.meter_id AND mt.aggregation IN ({PERIOD_TO_DATE})
+                 RETURNING 1
+             )
+             UPDATE stripe_subscription_periods p SET windows_marked = true
+             FROM changed c
+             WHERE p.tenant_id = c.tenant_id AND p.environment_id = c.environment_id
+               AND p.subscription_id = c.subscription_id AND p.period_start = c.period_start"
+        ))
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(db("marking windows of changed billing periods"))?;
+        Ok(applied.rows_affected())
     }
 
     /// Claims up to `limit` dirty windows that are due at `now`, skipping windows another
@@ -489,5 +577,24 @@ impl WindowRegistry {
             .map(WindowState::try_from)
             .collect::<Result<_, _>>()?;
         Ok(Claim { tx, windows })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterline_schemas::Aggregation;
+
+    #[test]
+    fn period_changes_re_mark_exactly_the_period_to_date_aggregations() {
+        for kind in ["COUNT", "SUM", "MAX", "LATEST", "COUNT_UNIQUE"] {
+            let property = (kind != "COUNT").then_some("seats");
+            let aggregation = Aggregation::parse(kind, property).expect("a known kind");
+            assert_eq!(
+                PERIOD_TO_DATE.contains(&format!("'{kind}'")),
+                aggregation.bills_period_to_date(),
+                "{kind} in {PERIOD_TO_DATE}"
+            );
+        }
     }
 }

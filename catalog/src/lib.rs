@@ -5,6 +5,8 @@
 //!   every query scoped by tenant and environment.
 //! - [`backfills`]: usage that arrived before its meter, given to it once from ClickHouse's
 //!   `events_raw` when the meter is created or changes what it matches.
+//! - [`billing_periods`]: the subscription periods Stripe names for each customer, which
+//!   replace calendar months as billing periods wherever they are known.
 //! - [`window_sizes`]: each tenant's window size history, changed only on boundaries of both
 //!   sizes so that windows never overlap.
 //! - [`window_totals`]: window totals of a customer and meter read from ClickHouse exactly as
@@ -12,6 +14,7 @@
 //! - [`scope_map`]: a map keyed by tenant and environment, searched without copying ids.
 
 pub mod backfills;
+pub mod billing_periods;
 pub mod meters;
 pub mod scope_map;
 pub mod window_sizes;

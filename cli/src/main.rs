@@ -172,9 +172,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .context(ledger.context)?;
             let deliveries = (deliveries.prune(&pool, deliveries_days, now).await)
                 .context(deliveries.context)?;
+            // Subscription periods are kept as long as the ledger whose windows they bill.
+            let periods = &meterline_catalog::billing_periods::PERIODS;
+            let periods =
+                (periods.prune(&pool, ledger_days, now).await).context(periods.context)?;
             println!(
-                "pruned {ledger} sync ledger row(s) older than {} days and {deliveries} webhook \
-                 delivery record(s) older than {} days",
+                "pruned {ledger} sync ledger row(s) older than {} days, {periods} subscription \
+                 period(s) that ended before then, and {deliveries} webhook delivery record(s) \
+                 older than {} days",
                 ledger_days.days(),
                 deliveries_days.days()
             );

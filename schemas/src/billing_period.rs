@@ -8,10 +8,13 @@
 //!   period's start to the window's end) and goes to a Stripe meter with the `last` formula,
 //!   which bills the value of the period's last meter event, so Stripe's value for the period
 //!   is the period's maximum, latest value or distinct count.
-//! - Until subscription periods are read from Stripe, the billing period is the calendar
-//!   month in UTC. A window belongs to the period its start is in; a window that crosses a
-//!   month's end (a size that does not divide a day) counts only up to the month's end, the
-//!   rest counts in the next month's first window.
+//! - The billing period is the customer's Stripe subscription period when Stripe told us of
+//!   it (a [`PeriodCalendar`] built from `customer.subscription.*` webhooks), else the
+//!   calendar month in UTC. Past the last period Stripe named, periods repeat with the last
+//!   one's length until a webhook names the real next one (renewals are announced as they
+//!   happen, so the guess covers minutes). Before the first, calendar months apply, cut at it.
+//! - A window belongs to the period its start is in; a window that crosses a period's end
+//!   counts only up to it, the rest counts in the next period's first window.
 
 use time::{Date, Month, OffsetDateTime, Time};
 
@@ -117,19 +120,99 @@ impl BillingPeriod {
     }
 }
 
-/// The events a window's value covers for a meter that [bills the period to
-/// date](Aggregation::bills_period_to_date): from its period's start to the window's end, or
-/// to the period's end for a window that crosses it. Half-open.
-pub fn period_to_date(window: &Window) -> (OffsetDateTime, OffsetDateTime) {
-    let period = BillingPeriod::of_window(window);
-    (period.start(), window.end().min(period.end()))
+/// One customer's billing periods: the starts and ends of the subscription periods Stripe
+/// named (for the subscription that bills the meter), sorted. Empty: calendar months.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodCalendar {
+    boundaries: Vec<OffsetDateTime>,
 }
 
-/// Until when (exclusive, by window start) later windows include a change of `window` in their
-/// period-to-date value: the end of the period of the window's last instant, so the next
-/// month's windows are included when the window crosses into it.
-pub fn later_windows_affected_until(window: &Window) -> OffsetDateTime {
-    BillingPeriod::containing(window.end() - time::Duration::SECOND).end()
+impl PeriodCalendar {
+    /// No subscription period known: calendar months in UTC.
+    pub fn calendar_months() -> Self {
+        Self::default()
+    }
+
+    /// From subscription periods `[start, end)`; an empty or reversed one is ignored. Where two
+    /// overlap (a billing anchor reset: Stripe names the new period, the old one was stored
+    /// with its planned end), the later-starting one wins: a period ends where the next begins.
+    pub fn from_periods(
+        periods: impl IntoIterator<Item = (OffsetDateTime, OffsetDateTime)>,
+    ) -> Self {
+        let mut periods: Vec<_> = periods
+            .into_iter()
+            .filter(|(start, end)| start < end)
+            .collect();
+        periods.sort_unstable();
+        let mut boundaries = Vec::with_capacity(periods.len() * 2);
+        for (i, (start, end)) in periods.iter().enumerate() {
+            let end = periods
+                .get(i + 1)
+                .map_or(*end, |(next, _)| (*end).min(*next));
+            boundaries.push(*start);
+            boundaries.push(end);
+        }
+        boundaries.sort_unstable();
+        boundaries.dedup();
+        Self { boundaries }
+    }
+
+    /// Whether a subscription period is known (else every period is a calendar month).
+    pub fn is_known(&self) -> bool {
+        !self.boundaries.is_empty()
+    }
+
+    /// The billing period that contains `at`.
+    pub fn containing(&self, at: OffsetDateTime) -> BillingPeriod {
+        let month = BillingPeriod::containing(at);
+        let b = &self.boundaries;
+        let known = b.partition_point(|boundary| *boundary <= at);
+        if known == 0 {
+            // Before the first period Stripe named (or none named): the calendar month, cut
+            // where the subscription's first period starts.
+            let end = b.first().map_or(month.end, |first| month.end.min(*first));
+            return BillingPeriod {
+                start: month.start,
+                end,
+            };
+        }
+        let start = b[known - 1];
+        if let Some(end) = b.get(known) {
+            return BillingPeriod { start, end: *end };
+        }
+        // Past the last boundary: periods of the last period's length. `from_periods` keeps
+        // at least two boundaries once it keeps any, and they differ.
+        let length = match b.len() {
+            n if n >= 2 => b[n - 1] - b[n - 2],
+            _ => time::Duration::days(30),
+        };
+        let skipped = ((at - start).whole_seconds() / length.whole_seconds().max(1)) as i32;
+        let start = start + length * skipped;
+        BillingPeriod {
+            start,
+            end: start + length,
+        }
+    }
+
+    /// The period a window belongs to: the one its start is in.
+    pub fn of_window(&self, window: &Window) -> BillingPeriod {
+        self.containing(window.start())
+    }
+
+    /// The events a window's value covers for a meter that [bills the period to
+    /// date](Aggregation::bills_period_to_date): from its period's start to the window's end,
+    /// or to the period's end for a window that crosses it. Half-open.
+    pub fn period_to_date(&self, window: &Window) -> (OffsetDateTime, OffsetDateTime) {
+        let period = self.of_window(window);
+        (period.start(), window.end().min(period.end()))
+    }
+
+    /// Until when (exclusive, by window start) later windows include a change of `window` in
+    /// their period-to-date value: the end of the period of the window's last instant, so the
+    /// next period's windows are included when the window crosses into it.
+    pub fn later_windows_affected_until(&self, window: &Window) -> OffsetDateTime {
+        self.containing(window.end() - time::Duration::SECOND).end()
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +240,9 @@ mod tests {
 
     #[test]
     fn a_windows_value_covers_its_period_to_date() {
+        let months = PeriodCalendar::calendar_months();
+        let period_to_date = |w: &Window| months.period_to_date(w);
+        let later_windows_affected_until = |w: &Window| months.later_windows_affected_until(w);
         let w = Window::containing(datetime!(2026-12-02 10:30 UTC), 60).unwrap();
         assert_eq!(
             period_to_date(&w),
@@ -177,6 +263,68 @@ mod tests {
         assert_eq!(
             later_windows_affected_until(&crossing),
             datetime!(2027-01-01 00:00 UTC)
+        );
+    }
+
+    #[test]
+    fn subscription_periods_replace_calendar_months_where_stripe_named_them() {
+        let calendar = PeriodCalendar::from_periods([
+            (
+                datetime!(2026-11-14 09:17:33 UTC),
+                datetime!(2026-12-14 09:17:33 UTC),
+            ),
+            // An empty period (a webhook's nonsense) names nothing.
+            (
+                datetime!(2026-12-20 00:00 UTC),
+                datetime!(2026-12-20 00:00 UTC),
+            ),
+        ]);
+        assert!(calendar.is_known());
+        let p = calendar.containing(datetime!(2026-12-02 10:00 UTC));
+        assert_eq!(p.start(), datetime!(2026-11-14 09:17:33 UTC));
+        assert_eq!(p.end(), datetime!(2026-12-14 09:17:33 UTC));
+        // Before the subscription: the calendar month, cut where its first period starts.
+        let p = calendar.containing(datetime!(2026-11-03 00:00 UTC));
+        assert_eq!(p.start(), datetime!(2026-11-01 00:00 UTC));
+        assert_eq!(p.end(), datetime!(2026-11-14 09:17:33 UTC));
+        // Past the last period named: the same length again, until a webhook names it.
+        let p = calendar.containing(datetime!(2027-01-20 00:00 UTC));
+        assert_eq!(p.start(), datetime!(2027-01-13 09:17:33 UTC));
+        assert_eq!(p.end(), datetime!(2027-02-12 09:17:33 UTC));
+        // An hour window across the boundary counts up to it; its change reaches the next
+        // period's windows.
+        let crossing = Window::containing(datetime!(2026-12-14 09:30 UTC), 60).unwrap();
+        assert_eq!(
+            calendar.period_to_date(&crossing),
+            (
+                datetime!(2026-11-14 09:17:33 UTC),
+                datetime!(2026-12-14 09:17:33 UTC)
+            )
+        );
+        assert_eq!(
+            calendar.later_windows_affected_until(&crossing),
+            datetime!(2027-01-13 09:17:33 UTC)
+        );
+        // An anchor reset: the new period's start ends the old one early.
+        let reset = PeriodCalendar::from_periods([
+            (
+                datetime!(2026-11-14 09:17:33 UTC),
+                datetime!(2026-12-14 09:17:33 UTC),
+            ),
+            (
+                datetime!(2026-12-01 12:00 UTC),
+                datetime!(2027-01-01 12:00 UTC),
+            ),
+        ]);
+        let p = reset.containing(datetime!(2026-11-30 00:00 UTC));
+        assert_eq!(p.end(), datetime!(2026-12-01 12:00 UTC));
+        let p = reset.containing(datetime!(2026-12-20 00:00 UTC));
+        assert_eq!(p.start(), datetime!(2026-12-01 12:00 UTC));
+        assert_eq!(p.end(), datetime!(2027-01-01 12:00 UTC));
+        // Nothing known: calendar months.
+        assert_eq!(
+            PeriodCalendar::calendar_months().containing(datetime!(2026-12-02 10:00 UTC)),
+            BillingPeriod::containing(datetime!(2026-12-02 10:00 UTC))
         );
     }
 

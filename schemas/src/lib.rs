@@ -38,7 +38,7 @@ pub mod window;
 
 mod codec;
 
-pub use billing_period::{BillingPeriod, StripeFormula};
+pub use billing_period::{BillingPeriod, PeriodCalendar, StripeFormula};
 pub use codec::{DECIMAL_PATTERN, SCHEMA_VERSION};
 pub use dlq::{DlqErrorKind, DlqHeaders};
 pub use error::SchemaError;

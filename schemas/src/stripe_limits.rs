@@ -37,17 +37,27 @@ pub enum TimestampRefusal {
 /// that crosses a calendar month's end, the month's last second
 /// ([`billing_period`](crate::billing_period): the window counts in the month it starts in).
 pub fn event_timestamp(window: &Window) -> i64 {
-    let period = BillingPeriod::of_window(window);
-    window.end().min(period.end()).unix_timestamp() - 1
+    event_timestamp_in(window, BillingPeriod::of_window(window).end())
+}
+
+/// [`event_timestamp`] for a window billed in a period ending at `period_end` (the
+/// customer's subscription period): the window's last second before both ends, never
+/// before the window's start.
+pub fn event_timestamp_in(window: &Window, period_end: OffsetDateTime) -> i64 {
+    (window.end().min(period_end).unix_timestamp() - 1).max(window.start().unix_timestamp())
 }
 
 /// The timestamp (Unix seconds) of a window's meter events when the latest event it counts is
 /// known: that event's second, so usage is never moved later than the last event it counts
 /// (and with it across a billing period boundary that falls inside the window after it), kept
-/// inside the window and the window's period (no earlier than its start, no later than
-/// [`event_timestamp`]). Without it, [`event_timestamp`].
-pub fn event_timestamp_at(window: &Window, last_event: Option<OffsetDateTime>) -> i64 {
-    let latest = event_timestamp(window);
+/// inside the window and the window's period ending at `period_end` (no earlier than its
+/// start, no later than [`event_timestamp_in`]). Without it, [`event_timestamp_in`].
+pub fn event_timestamp_at(
+    window: &Window,
+    last_event: Option<OffsetDateTime>,
+    period_end: OffsetDateTime,
+) -> i64 {
+    let latest = event_timestamp_in(window, period_end);
     last_event.map_or(latest, |at| {
         at.unix_timestamp()
             .clamp(window.start().unix_timestamp(), latest)
@@ -123,19 +133,24 @@ mod tests {
         )
         .unwrap();
         let end = datetime!(2026-11-27 10:59:59 UTC).unix_timestamp();
-        assert_eq!(event_timestamp_at(&window, None), end);
+        let month_end = BillingPeriod::of_window(&window).end();
+        assert_eq!(event_timestamp_at(&window, None, month_end), end);
         assert_eq!(
-            event_timestamp_at(&window, Some(datetime!(2026-11-27 10:20:41.750 UTC))),
+            event_timestamp_at(
+                &window,
+                Some(datetime!(2026-11-27 10:20:41.750 UTC)),
+                month_end
+            ),
             datetime!(2026-11-27 10:20:41 UTC).unix_timestamp(),
             "the second of the last event, not later"
         );
         assert_eq!(
-            event_timestamp_at(&window, Some(datetime!(2026-11-27 09:59:59 UTC))),
+            event_timestamp_at(&window, Some(datetime!(2026-11-27 09:59:59 UTC)), month_end),
             datetime!(2026-11-27 10:00 UTC).unix_timestamp(),
             "never before the window"
         );
         assert_eq!(
-            event_timestamp_at(&window, Some(datetime!(2026-11-27 11:30 UTC))),
+            event_timestamp_at(&window, Some(datetime!(2026-11-27 11:30 UTC)), month_end),
             end,
             "never after it"
         );
@@ -143,8 +158,22 @@ mod tests {
         let crossing = Window::containing(datetime!(2026-11-30 23:59 UTC), 7).unwrap();
         assert_eq!(crossing.end(), datetime!(2026-12-01 00:03 UTC));
         assert_eq!(
-            event_timestamp_at(&crossing, Some(datetime!(2026-12-01 00:02 UTC))),
+            event_timestamp_at(
+                &crossing,
+                Some(datetime!(2026-12-01 00:02 UTC)),
+                BillingPeriod::of_window(&crossing).end()
+            ),
             datetime!(2026-11-30 23:59:59 UTC).unix_timestamp()
+        );
+        // A subscription period ending inside the window: never past its last second.
+        let anchor = datetime!(2026-11-27 10:17:33 UTC);
+        assert_eq!(
+            event_timestamp_at(&window, Some(datetime!(2026-11-27 10:40 UTC)), anchor),
+            datetime!(2026-11-27 10:17:32 UTC).unix_timestamp()
+        );
+        assert_eq!(
+            event_timestamp_in(&window, anchor),
+            datetime!(2026-11-27 10:17:32 UTC).unix_timestamp()
         );
     }
 }

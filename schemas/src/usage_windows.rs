@@ -82,6 +82,11 @@ pub struct WindowTotal {
     /// usage is not moved towards the next billing period. `None` from an aggregator that
     /// predates it.
     pub last_event_at: Option<Timestamp>,
+    /// The end of the billing period the window is billed in: the customer's Stripe
+    /// subscription period when Stripe named it, else the calendar month in UTC
+    /// ([`PeriodCalendar`](crate::PeriodCalendar)). Meter events are stamped before it.
+    /// `None` from an aggregator that predates it: the calendar month.
+    pub period_end: Option<Timestamp>,
 }
 
 message_codec!(
@@ -100,7 +105,7 @@ enum ReasonTag {
     Resync,
 }
 
-/// One window total on the `usage.windows` Kafka topic: the aggregate of one meter for one customer over the window [window_start, window_end). Key: "{tenant_id}:{environment_id}:{customer_id}:{meter_id}". Unknown fields are rejected. Rules a JSON Schema cannot state, checked by meterline on read: window_start < window_end, window_start is a multiple of the window size (window_end - window_start) since 1970-01-01T00:00:00Z, and last_event_at, when present, is before window_end.
+/// One window total on the `usage.windows` Kafka topic: the aggregate of one meter for one customer over the window [window_start, window_end). Key: "{tenant_id}:{environment_id}:{customer_id}:{meter_id}". Unknown fields are rejected. Rules a JSON Schema cannot state, checked by meterline on read: window_start < window_end, window_start is a multiple of the window size (window_end - window_start) since 1970-01-01T00:00:00Z, last_event_at, when present, is before window_end, and period_end, when present, is after window_start.
 #[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
@@ -148,6 +153,9 @@ pub(crate) struct Wire<'a> {
     /// The timestamp of the latest event in the total (for a meter that bills the period to date, the latest up to window_end); before window_end. Optional: absent from older aggregators.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_event_at: Option<Timestamp>,
+    /// The end of the billing period the window is billed in (the customer's Stripe subscription period when known, else the calendar month in UTC); after window_start. Optional: absent from older aggregators, which bill calendar months.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    period_end: Option<Timestamp>,
 }
 
 /// Adds the cross-field rule on `job_id` to the generated schema.
@@ -199,6 +207,7 @@ impl WireForm for WindowTotal {
             expired: self.expired,
             computed_at: self.computed_at,
             last_event_at: self.last_event_at,
+            period_end: self.period_end,
         }
     }
 
@@ -211,6 +220,15 @@ impl WireForm for WindowTotal {
             return Err(SchemaError::invalid(
                 "last_event_at",
                 "must be before window_end",
+            ));
+        }
+        if wire
+            .period_end
+            .is_some_and(|at| at.as_offset_date_time() <= window.start())
+        {
+            return Err(SchemaError::invalid(
+                "period_end",
+                "must be after window_start",
             ));
         }
         let reason = match (wire.reason, wire.job_id) {
@@ -245,6 +263,7 @@ impl WireForm for WindowTotal {
             expired: wire.expired,
             computed_at: wire.computed_at,
             last_event_at: wire.last_event_at,
+            period_end: wire.period_end,
         })
     }
 }
@@ -272,6 +291,7 @@ mod tests {
             expired: false,
             computed_at: Timestamp::parse("2024-05-01T13:05:00Z").expect("valid"),
             last_event_at: None,
+            period_end: None,
         }
     }
 
@@ -352,6 +372,11 @@ mod tests {
                 "last_event_at",
                 json!("2024-05-01T13:00:00Z"),
                 "must be before window_end",
+            ),
+            (
+                "period_end",
+                json!("2024-05-01T12:00:00Z"),
+                "must be after window_start",
             ),
         ];
         for (field, value, reason) in cases {

@@ -75,6 +75,7 @@ fn window_total() -> WindowTotal {
         expired: false,
         computed_at: ts("2024-05-01T13:05:00.5Z"),
         last_event_at: None,
+        period_end: None,
     }
 }
 

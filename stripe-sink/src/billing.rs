@@ -118,15 +118,21 @@ pub fn next_send(counts: Counts, current: &Current) -> Result<Next, Unsendable> 
     }
 }
 
-/// The timestamp of a new meter event of `window`: the second of the latest event it counts
-/// ([`stripe_limits::event_timestamp_at`]), so usage never moves later than its last event;
-/// but no older than Stripe takes at `now` (a window at the edge of Stripe's 35 days is
-/// stamped later inside itself rather than refused).
-pub fn stamp(window: &Window, last_event: Option<OffsetDateTime>, now: OffsetDateTime) -> i64 {
+/// The timestamp of a new meter event of `window`, billed in the period ending at
+/// `period_end`: the second of the latest event it counts
+/// ([`stripe_limits::event_timestamp_at`]), so usage never moves later than its last event,
+/// nor past the period's end; but no older than Stripe takes at `now` (a window at the edge
+/// of Stripe's 35 days is stamped later inside itself rather than refused).
+pub fn stamp(
+    window: &Window,
+    last_event: Option<OffsetDateTime>,
+    period_end: OffsetDateTime,
+    now: OffsetDateTime,
+) -> i64 {
     let oldest_taken = (now - stripe_limits::MAX_EVENT_AGE).unix_timestamp() + 60;
-    stripe_limits::event_timestamp_at(window, last_event)
+    stripe_limits::event_timestamp_at(window, last_event, period_end)
         .max(oldest_taken)
-        .min(event_timestamp(window))
+        .min(stripe_limits::event_timestamp_in(window, period_end))
 }
 
 /// Whether Stripe would accept a meter event for `window` at `now` ([`stripe_limits`]).
@@ -304,6 +310,7 @@ mod tests {
                         sent: false,
                         superseded: false,
                         last_event_at: None,
+                        period_end: OffsetDateTime::UNIX_EPOCH,
                     })
                     .collect(),
                 ..Self::default()

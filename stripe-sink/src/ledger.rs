@@ -291,8 +291,8 @@ impl Ledger {
             "INSERT INTO stripe_sync_batches AS b
                  (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
                   aggregated_quantity, event_count, window_revision, sync_status, last_job_id,
-                  last_event_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid, $13)
+                  last_event_at, period_end)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid, $13, $14)
              ON CONFLICT (tenant_id, environment_id, entity_id, meter_id, window_start)
              DO UPDATE SET
                  aggregated_quantity = CASE WHEN EXCLUDED.window_revision >= b.window_revision
@@ -301,6 +301,8 @@ impl Ledger {
                      THEN EXCLUDED.event_count ELSE b.event_count END,
                  last_event_at = CASE WHEN EXCLUDED.window_revision >= b.window_revision
                      THEN EXCLUDED.last_event_at ELSE b.last_event_at END,
+                 period_end = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                     THEN EXCLUDED.period_end ELSE b.period_end END,
                  window_revision = GREATEST(b.window_revision, EXCLUDED.window_revision),
                  last_job_id = COALESCE(EXCLUDED.last_job_id, b.last_job_id),
                  sync_status = CASE
@@ -328,6 +330,7 @@ impl Ledger {
         .bind(job.map(ToString::to_string))
         .bind(force)
         .bind(total.last_event_at.map(|t| t.as_offset_date_time()))
+        .bind(total.period_end.map(|t| t.as_offset_date_time()))
         .execute(&self.pool)
         .await
         .map_err(db("recording a window total"))?;
@@ -432,18 +435,21 @@ impl Ledger {
     pub async fn current(&self, batch_id: i64, window: &Window) -> Result<Current, Error> {
         // A newer window of the period that Stripe holds (or may hold) a `last` value of
         // supersedes this one: it carries the period to date, and Stripe's `last` is the
-        // period's last event.
-        let period_end = meterline_schemas::billing_period::BillingPeriod::of_window(window).end();
+        // period's last event. The period is the one the aggregator published the window in;
+        // the calendar month from an aggregator that predates it.
+        let month_end = meterline_schemas::BillingPeriod::of_window(window).end();
         sqlx::query_as(
             "SELECT b.aggregated_quantity AS total, b.accounted_quantity AS accounted,
                     COALESCE(c.carry, 0) AS carry, b.synced_quantity AS synced,
                     b.stripe_event_id IS NOT NULL AS sent, b.last_event_at,
+                    COALESCE(b.period_end, $2) AS period_end,
                     EXISTS (
                         SELECT 1 FROM stripe_sync_batches n
                         JOIN stripe_sync_sends s ON s.batch_id = n.id
                         WHERE n.tenant_id = b.tenant_id AND n.environment_id = b.environment_id
                           AND n.entity_id = b.entity_id AND n.meter_id = b.meter_id
-                          AND n.window_start > b.window_start AND n.window_start < $2
+                          AND n.window_start > b.window_start
+                          AND n.window_start < COALESCE(b.period_end, $2)
                           AND s.formula = 'last' AND s.status IN ('sending', 'accepted')
                     ) AS superseded
              FROM stripe_sync_batches b
@@ -453,7 +459,7 @@ impl Ledger {
              WHERE b.id = $1",
         )
         .bind(batch_id)
-        .bind(period_end)
+        .bind(month_end)
         .fetch_one(&self.pool)
         .await
         .map_err(db("reading a window"))
@@ -1103,6 +1109,8 @@ pub struct Current {
     pub superseded: bool,
     /// The timestamp of the latest event in the total, when the aggregator sent it.
     pub last_event_at: Option<OffsetDateTime>,
+    /// The end of the billing period the window is billed in.
+    pub period_end: OffsetDateTime,
 }
 
 /// One line of [`Ledger::synced_totals`].

@@ -32,6 +32,9 @@ pub const METER_ERROR_REPORTS_RECORDED: &str = "stripe_sink_meter_error_reports_
 /// Accepted meter events that Stripe's error reports say it dropped: their units were taken
 /// back out of the synced sums and their windows failed.
 pub const METER_EVENTS_DROPPED: &str = "stripe_sink_meter_events_dropped_total";
+/// Changes of a window's usage found after its billing period's invoice was final: reported
+/// on the window (failed, `after_final_invoice`), not sent.
+pub const CHANGES_AFTER_FINAL_INVOICE: &str = "stripe_sink_changes_after_final_invoice_total";
 
 pub fn describe() {
     use metrics::describe_counter;
@@ -75,11 +78,16 @@ pub fn describe() {
         METER_EVENTS_DROPPED,
         "accepted meter events stripe reported dropped; their units are owed again"
     );
+    describe_counter!(
+        CHANGES_AFTER_FINAL_INVOICE,
+        "usage changes found after their period's invoice was final: reported, not sent"
+    );
     for counter in [
         WEBHOOK_EVENTS_CONSUMED,
         CUSTOMER_MAPPINGS_UPDATED,
         UNMAPPED_CUSTOMERS_RECORDED,
         METER_EVENTS_DROPPED,
+        CHANGES_AFTER_FINAL_INVOICE,
     ] {
         metrics::counter!(counter).absolute(0);
     }
@@ -389,6 +397,10 @@ pub(crate) fn meter_error_report_recorded(kind: &'static str) {
 
 pub(crate) fn meter_event_dropped() {
     metrics::counter!(METER_EVENTS_DROPPED).increment(1);
+}
+
+pub(crate) fn change_after_final_invoice() {
+    metrics::counter!(CHANGES_AFTER_FINAL_INVOICE).increment(1);
 }
 
 pub(crate) fn window_recorded() {

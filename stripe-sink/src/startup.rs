@@ -155,6 +155,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
             );
             async move { pruning.await.map_err(Error::from) }
         }),
+        // Subscription periods are kept as long as the ledger whose windows they bill.
+        tokio::spawn({
+            let pruning = retention::run_pruning(
+                &meterline_catalog::billing_periods::PERIODS,
+                pool.clone(),
+                config.ledger_retention,
+                config.prune_interval,
+                shutdown.clone(),
+            );
+            async move { pruning.await.map_err(Error::from) }
+        }),
     ];
 
     let readiness = context.readiness().kafka(kafka).postgres(pool);

@@ -13,6 +13,13 @@
 //! - Every accepted meter event a report names was dropped by Stripe after its 200: the
 //!   ledger takes its units back out of the synced sums and fails its window
 //!   ([`Ledger::dropped_by_stripe`]), so a retry after the cause is fixed sends them once.
+//! - `customer.subscription.*` events record the subscription's current period
+//!   ([`crate::mappings::periods_of`]): the customer's billing periods from then on, for the
+//!   aggregator's period-to-date values and every meter event's timestamp. Older events than
+//!   the one a period was last set by change nothing.
+//! - `invoice.finalized` of a subscription's invoice marks the periods it bills invoiced: a
+//!   later change of their usage is reported on the window (failed, with the reason) and
+//!   counted, not sent, since Stripe would put it on no invoice.
 //! - Every other type is counted and skipped.
 //!
 //! Rule kept here: a message's offset is committed only after the write it causes is durable
@@ -39,11 +46,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ledger::Ledger;
 use crate::mappings::{
-    CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry, ExternalId, MappingStore,
-    StripeCustomerId,
+    finalized_invoice, periods_of, CustomerEvent, CustomerEventKind, ErrorReport, ErrorReportEntry,
+    ExternalId, FinalizedInvoice, MappingStore, StripeCustomerId, INVOICE_FINALIZED,
+    SUBSCRIPTION_EVENTS,
 };
 use crate::stripe::StripeClient;
 use crate::{metrics, Error};
+use meterline_catalog::billing_periods::SubscriptionPeriod;
 
 const SERVICE: &str = "stripe-sink";
 
@@ -61,6 +70,10 @@ pub const NO_METER_FOUND: &str = "v1.billing.meter.no_meter_found";
 pub enum Action {
     Customer(CustomerEvent),
     ErrorReport(ErrorReport),
+    /// The periods a subscription event names.
+    Subscription(Vec<SubscriptionPeriod>),
+    /// A subscription's invoice made final.
+    InvoiceFinalized(FinalizedInvoice),
     /// A type the sink has no use for.
     Ignore,
 }
@@ -74,6 +87,20 @@ pub fn classify(hook: &StripeWebhook) -> Result<Action, String> {
     }
     if event_type == ERROR_REPORT_TRIGGERED || event_type == NO_METER_FOUND {
         return error_report(hook).map(Action::ErrorReport);
+    }
+    let object = || {
+        hook.payload
+            .get("data")
+            .and_then(|d| d.get("object"))
+            .and_then(Value::as_object)
+            .ok_or_else(|| format!("{event_type} without data.object"))
+    };
+    if event_type.starts_with(SUBSCRIPTION_EVENTS) {
+        return periods_of(object()?, hook.created).map(Action::Subscription);
+    }
+    if event_type == INVOICE_FINALIZED {
+        return Ok(finalized_invoice(object()?, hook.created)?
+            .map_or(Action::Ignore, Action::InvoiceFinalized));
     }
     Ok(Action::Ignore)
 }
@@ -268,6 +295,21 @@ async fn handle(
         Action::ErrorReport(report) => {
             apply_error_report(mappings, reports, &hook, report, shutdown).await
         }
+        Action::Subscription(periods) => record_periods(mappings, &hook, &periods, shutdown).await,
+        Action::InvoiceFinalized(invoice) => {
+            let write = || mappings.record_invoice_finalized(tenant, environment, &invoice);
+            write_retried("invoice_finalized", write, shutdown)
+                .await
+                .map(|periods| {
+                    tracing::info!(
+                        tenant_id = %tenant,
+                        environment_id = %environment,
+                        subscription_id = %invoice.subscription_id,
+                        periods,
+                        "invoice finalized: later changes of its periods are reported, not sent"
+                    );
+                })
+        }
     };
     match done {
         Ok(()) => true,
@@ -276,6 +318,35 @@ async fn handle(
         }
         Err(NotWritten::ShuttingDown) => false,
     }
+}
+
+/// Records the periods of a subscription event, each once.
+async fn record_periods(
+    mappings: &MappingStore,
+    hook: &StripeWebhook,
+    periods: &[SubscriptionPeriod],
+    shutdown: &CancellationToken,
+) -> Result<(), NotWritten> {
+    let (tenant, environment) = (&hook.tenant_id, &hook.environment_id);
+    let mut changed = 0;
+    for period in periods {
+        let write = || mappings.record_subscription_period(tenant, environment, period);
+        if write_retried("subscription_period", write, shutdown).await? {
+            changed += 1;
+        }
+    }
+    if changed == 0 {
+        metrics::webhook_event_ignored("stale");
+    }
+    tracing::info!(
+        tenant_id = %tenant,
+        environment_id = %environment,
+        event_id = %hook.event_id,
+        periods = periods.len(),
+        changed,
+        "subscription periods recorded"
+    );
+    Ok(())
 }
 
 /// Records an error report (its details fetched first when the webhook was thin) and takes
@@ -600,12 +671,35 @@ mod tests {
 
     #[test]
     fn other_types_are_ignored() {
-        for t in [
-            "invoice.paid",
-            "customer.discount.created",
-            "customer.subscription.updated",
-        ] {
+        for t in ["invoice.paid", "customer.discount.created"] {
             assert_eq!(classify(&hook(t, 1, json!({}))).unwrap(), Action::Ignore);
+        }
+    }
+
+    #[test]
+    fn subscription_events_name_their_periods_or_go_to_the_dead_letters() {
+        let subscription = json!({"data": {"object": {
+            "id": "sub_1", "object": "subscription", "customer": "cus_1",
+            "items": {"data": [{"current_period_start": 1_764_000_000,
+                                "current_period_end": 1_766_592_000,
+                                "price": {"recurring": {"meter": "mtr_1"}}}]}
+        }}});
+        for t in [
+            "customer.subscription.created",
+            "customer.subscription.updated",
+            "customer.subscription.deleted",
+        ] {
+            let Action::Subscription(periods) =
+                classify(&hook(t, 7, subscription.clone())).unwrap()
+            else {
+                panic!("{t} is not a subscription action");
+            };
+            assert_eq!(periods.len(), 1, "{t}");
+            assert_eq!(periods[0].event_created, 7);
+            assert!(
+                classify(&hook(t, 1, json!({}))).is_err(),
+                "{t} without data"
+            );
         }
     }
 

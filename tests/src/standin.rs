@@ -94,6 +94,36 @@ impl Standin {
         body["id"].as_str().expect("a customer id").to_owned()
     }
 
+    /// A subscription of `customer` (`cus_...`) whose metered price bills `meter`
+    /// (`mtr_...`), in its current period `[start, end)` (Unix seconds): Stripe sends
+    /// `customer.subscription.created` to the endpoints that want it. Its `sub_...` id.
+    pub async fn subscription(
+        &self,
+        customer: &str,
+        meter: &str,
+        (start, end): (i64, i64),
+    ) -> String {
+        let path = format!("accounts/{}/subscriptions", self.key);
+        let body = json!({"customer": customer, "meter": meter,
+                          "current_period_start": start, "current_period_end": end});
+        let created = self.control(&path, body).await;
+        created["id"]
+            .as_str()
+            .expect("a subscription id")
+            .to_owned()
+    }
+
+    /// Finalizes the invoice of `subscription` for the usage of `[start, end)` (Unix
+    /// seconds): Stripe sends `invoice.finalized`.
+    pub async fn finalize_invoice(&self, subscription: &str, (start, end): (i64, i64)) {
+        let path = format!(
+            "accounts/{}/subscriptions/{subscription}/finalize_invoice",
+            self.key
+        );
+        self.control(&path, json!({"period_start": start, "period_end": end}))
+            .await;
+    }
+
     /// A `sum` meter for `event_name`; its `mtr_...` id.
     pub async fn sum_meter(&self, event_name: &str) -> String {
         self.meter(event_name, "sum").await

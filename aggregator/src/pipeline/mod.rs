@@ -14,6 +14,8 @@
 //! 4. `backfill.rs` ([`run_backfills`]): a meter created, or changed in what it matches, is
 //!    given the matching events of the past 35 days it does not have, from `events_raw`
 //!    (which loop 1 fills with every event, metered or not).
+//! 5. `periods.rs` ([`follow_billing_periods`]): when Stripe names a customer's subscription
+//!    period, its period-to-date windows are recomputed over it.
 //!
 //! Every step that talks to another system is retried with backoff until it succeeds or the
 //! service shuts down; a shutdown finishes the batch in hand first, or leaves it uncommitted.
@@ -63,11 +65,13 @@ macro_rules! retry {
 mod backfill;
 mod consume;
 mod metering;
+mod periods;
 mod publish;
 mod resync;
 
 pub use backfill::run_backfills;
 pub use consume::consume_usage;
+pub use periods::follow_billing_periods;
 pub use publish::publish_due;
 pub use resync::consume_resync;
 

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::shutdown::pause;
-use meterline_schemas::billing_period::period_to_date;
 use meterline_schemas::stripe_limits;
 use meterline_schemas::{
     CustomerId, EnvironmentId, JobId, MeterId, TenantId, Timestamp, Window, WindowReason,
@@ -79,29 +78,43 @@ pub(super) async fn publish_claim(
     let now = OffsetDateTime::now_utc();
     let computed_at = Timestamp::new(now).map_err(|e| Error::Corrupt(e.to_string()))?;
 
-    // One query per (tenant, environment, meter, window), for all its customers.
-    let mut groups: BTreeMap<(TenantId, EnvironmentId, MeterId, Window), Vec<CustomerId>> =
-        BTreeMap::new();
+    // Each customer's billing periods (its Stripe subscription's, else calendar months).
+    let keys: Vec<WindowKey> = claim.windows.iter().map(|w| w.key.clone()).collect();
+    let calendars = shared.registry.calendars(&keys).await?;
+    let calendar_of = |k: &WindowKey| calendars.of(k);
+
+    // One query per (tenant, environment, meter, window, range), for all its customers.
+    type Group = (
+        TenantId,
+        EnvironmentId,
+        MeterId,
+        Window,
+        (OffsetDateTime, OffsetDateTime),
+    );
+    let mut groups: BTreeMap<Group, Vec<CustomerId>> = BTreeMap::new();
     for w in &claim.windows {
         let k = &w.key;
+        // A maximum, latest value or distinct count does not add up over windows: its
+        // windows carry the billing period to date, for Stripe's `last` formula.
+        let range = match cache.meter(&k.tenant_id, &k.environment_id, &k.meter_id) {
+            Some(m) if m.aggregation.bills_period_to_date() => {
+                calendar_of(k).period_to_date(&k.window)
+            }
+            _ => (k.window.start(), k.window.end()),
+        };
         groups
             .entry((
                 k.tenant_id.clone(),
                 k.environment_id.clone(),
                 k.meter_id.clone(),
                 k.window,
+                range,
             ))
             .or_default()
             .push(k.customer_id.clone());
     }
     let mut aggregates: HashMap<WindowKey, (WindowAggregates, OffsetDateTime)> = HashMap::new();
-    for ((tenant, environment, meter, window), customers) in groups {
-        // A maximum, latest value or distinct count does not add up over windows: its
-        // windows carry the billing period to date, for Stripe's `last` formula.
-        let range = match cache.meter(&tenant, &environment, &meter) {
-            Some(m) if m.aggregation.bills_period_to_date() => period_to_date(&window),
-            _ => (window.start(), window.end()),
-        };
+    for ((tenant, environment, meter, window, range), customers) in groups {
         let found = shared
             .warehouse
             .window_aggregates(&tenant, &environment, &meter, range, &customers)
@@ -161,6 +174,7 @@ pub(super) async fn publish_claim(
             computed_at,
             // Before the window's end by construction (read from [.., window end)).
             last_event_at: last_event_at.filter(|at| at.as_offset_date_time() < key.window.end()),
+            period_end: Timestamp::new(calendar_of(key).of_window(&key.window).end()).ok(),
         });
         publications.push(Publication {
             key: key.clone(),

@@ -405,6 +405,7 @@ async fn produce_windows(ns: &Namespace, loaded: &[Loaded]) -> anyhow::Result<()
             expired: false,
             computed_at: Timestamp::now(),
             last_event_at: None,
+            period_end: None,
         };
         messages.push((total.kafka_key(), total.to_json_bytes()));
     }

@@ -28,6 +28,9 @@ pub struct MeterMappingInput {
     pub sync_enabled: bool,
     /// The Stripe meter's formula when it was read from Stripe (see [`needed_formula`]).
     pub formula: Option<StripeFormula>,
+    /// The Stripe meter's id (`mtr_...`), read with its formula: what subscription items
+    /// name, so a customer's periods for the meter come from the subscription that bills it.
+    pub stripe_meter_id: Option<String>,
 }
 
 /// A stored meter mapping.
@@ -107,22 +110,24 @@ impl MappingStore {
         )
     }
 
-    /// Records the formula of the Stripe meter `meter_id` is mapped to, read from Stripe.
+    /// Records the formula and id of the Stripe meter `meter_id` is mapped to, read from
+    /// Stripe.
     pub async fn record_formula(
         &self,
         tenant: &TenantId,
         env: &EnvironmentId,
         meter_id: &MeterId,
-        formula: StripeFormula,
+        (formula, stripe_meter_id): (StripeFormula, &str),
     ) -> Result<(), MappingError> {
         sqlx::query(
-            "UPDATE stripe_meter_mappings SET formula = $4
+            "UPDATE stripe_meter_mappings SET formula = $4, stripe_meter_id = $5
              WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3",
         )
         .bind(tenant.as_str())
         .bind(env.as_str())
         .bind(meter_id.as_str())
         .bind(formula.as_str())
+        .bind(stripe_meter_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -144,8 +149,8 @@ impl MeterMappings<'_> {
         let row: Option<MeterRow> = sqlx::query_as(&format!(
             "INSERT INTO stripe_meter_mappings
                  (tenant_id, environment_id, meter_id, provider_type, provider_meter_id,
-                  sync_enabled, formula)
-             VALUES ($1, $2, $3, 'stripe', $4, $5, $6)
+                  sync_enabled, formula, stripe_meter_id)
+             VALUES ($1, $2, $3, 'stripe', $4, $5, $6, $7)
              ON CONFLICT DO NOTHING
              RETURNING {METER_COLUMNS}"
         ))
@@ -155,6 +160,7 @@ impl MeterMappings<'_> {
         .bind(input.provider_meter_id.as_str())
         .bind(input.sync_enabled)
         .bind(input.formula.map(StripeFormula::as_str))
+        .bind(input.stripe_meter_id.as_deref())
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = row {

@@ -9,7 +9,9 @@
 //! - `webhook_order.rs`: the ordering of Stripe's `customer.*` events and of imports;
 //! - `unmapped.rs`: Stripe customers without a usable external id;
 //! - `meters.rs`: meter mappings;
-//! - `error_reports.rs`: Stripe's asynchronous meter error reports.
+//! - `error_reports.rs`: Stripe's asynchronous meter error reports;
+//! - `subscriptions.rs`: subscription periods from `customer.subscription.*` events (the
+//!   table itself is `meterline_catalog::billing_periods`, which the aggregator reads).
 //!
 //! Rules kept everywhere below:
 //! - Every read and write is scoped by tenant AND environment. Handlers pass their
@@ -26,6 +28,7 @@
 mod customers;
 mod error_reports;
 mod meters;
+mod subscriptions;
 mod unmapped;
 mod webhook_order;
 
@@ -44,6 +47,9 @@ pub use customers::{
 };
 pub use error_reports::{ErrorReport, ErrorReportEntry, StoredErrorReport};
 pub use meters::{needed_formula, MeterMapping, MeterMappingInput, ProviderMeter};
+pub use subscriptions::{
+    finalized_invoice, periods_of, FinalizedInvoice, INVOICE_FINALIZED, SUBSCRIPTION_EVENTS,
+};
 pub use unmapped::{UnmappedCustomer, UnmappedQuery};
 pub(crate) use webhook_order::import_snapshot;
 pub use webhook_order::{

@@ -76,6 +76,7 @@ impl TryFrom<MeterMappingBody> for MeterMappingInput {
             provider_meter_id,
             sync_enabled: body.sync_enabled.unwrap_or(true),
             formula: None,
+            stripe_meter_id: None,
         })
     }
 }
@@ -229,7 +230,10 @@ pub async fn create_meter_mapping(
     JsonBody(body): JsonBody<MeterMappingBody>,
 ) -> Result<(StatusCode, Json<MeterMapping>), RouteError> {
     let mut input = MeterMappingInput::try_from(body)?;
-    input.formula = stripe_meter_formula(&state, &scope, &input).await?;
+    if let Some((formula, id)) = stripe_meter_formula(&state, &scope, &input).await? {
+        input.formula = Some(formula);
+        input.stripe_meter_id = Some(id);
+    }
     let stored = state.mappings.meters().create(&scope, &input).await?;
     tracing::info!(
         tenant_id = %scope.tenant_id,
@@ -240,7 +244,7 @@ pub async fn create_meter_mapping(
     Ok((StatusCode::CREATED, Json(stored)))
 }
 
-/// The formula of the Stripe meter `input` names, read with the tenant's key; 422 when it
+/// The formula and id of the Stripe meter `input` names, read with the tenant's key; 422 when it
 /// cannot bill the meter's aggregation ([`needed_formula`]). `None` when it cannot be read now
 /// (no Stripe config yet, no such Stripe meter yet, Stripe unreachable): the sync reads it
 /// before the first send of a meter that needs `last`, and sends nothing until it matches.
@@ -248,7 +252,7 @@ async fn stripe_meter_formula(
     state: &AppState,
     scope: &TenantScope,
     input: &MeterMappingInput,
-) -> Result<Option<StripeFormula>, RouteError> {
+) -> Result<Option<(StripeFormula, String)>, RouteError> {
     let Some(key) = state
         .configs
         .api_key(
@@ -300,7 +304,7 @@ async fn stripe_meter_formula(
             .into());
         }
     }
-    Ok(Some(formula))
+    Ok(Some((formula, id)))
 }
 
 /// 200 `{"data": [...]}`, by meter id.

@@ -192,6 +192,30 @@ async fn try_settle(
                     Ok(Next::Send { value, accounted }) => (value, accounted),
                     Err(e) => return Ok(Finish::Failed(e.to_string())),
                 };
+                // Stripe puts usage reported after a period's invoice is final on no
+                // invoice: such a change is reported, not sent into a closed period.
+                let invoiced = ctx
+                    .mappings
+                    .invoice_finalized(
+                        &batch.tenant_id,
+                        &batch.environment_id,
+                        customer.as_str(),
+                        current.period_end,
+                    )
+                    .await
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                if let Some(finalized_at) = invoiced {
+                    metrics::change_after_final_invoice();
+                    return Ok(Finish::Failed(format!(
+                        "{AFTER_FINAL_INVOICE}: the invoice of the billing period ending {} was \
+                         finalized at {}, so Stripe would bill this change ({value} units, of \
+                         {} now counted) on no invoice; it was not sent, and the window stays \
+                         failed as its record: bill or credit it by hand in Stripe",
+                        timestamp(current.period_end),
+                        timestamp(finalized_at),
+                        current.total,
+                    )));
+                }
                 let seq = ctx.ledger.sends_so_far(batch.id).await? + 1;
                 let send = Send {
                     seq,
@@ -209,7 +233,12 @@ async fn try_settle(
                     counts,
                     event_name: event_name.clone(),
                     provider_customer_id: customer.clone(),
-                    stripe_timestamp: billing::stamp(&batch.window, current.last_event_at, now),
+                    stripe_timestamp: billing::stamp(
+                        &batch.window,
+                        current.last_event_at,
+                        current.period_end,
+                        now,
+                    ),
                     created_at: now,
                     in_doubt_since: None,
                 };
@@ -287,6 +316,15 @@ async fn try_settle(
 
 /// How long Stripe may take to fold an accepted meter event into its summaries: a send in
 /// doubt more recent than this is not judged by them.
+/// How the reason of a window whose change came after its period's invoice was final
+/// begins (`last_error` on the batches API).
+pub const AFTER_FINAL_INVOICE: &str = "after_final_invoice";
+
+fn timestamp(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
+
 const SUMMARIES_SETTLED_AFTER: time::Duration = time::Duration::hours(1);
 
 /// Settles a send in doubt from Stripe's meter event summaries of its window
@@ -402,15 +440,15 @@ async fn counts_for(
         None if needed == StripeFormula::Sum => return Ok(Ok(Counts::Change)),
         None => match ctx.stripe.find_meter(key, &target.event_name).await {
             Ok(Some(StripeMeter {
+                id,
                 formula: Some(formula),
-                ..
             })) => {
                 ctx.mappings
                     .record_formula(
                         &batch.tenant_id,
                         &batch.environment_id,
                         &batch.meter_id,
-                        formula,
+                        (formula, &id),
                     )
                     .await
                     .map_err(|e| Error::Config(e.to_string()))?;

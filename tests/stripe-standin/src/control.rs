@@ -35,6 +35,167 @@ pub fn router() -> Router<App> {
             "/_standin/webhook_endpoints/{id}/roll_secret",
             post(roll_secret),
         )
+        .route(
+            "/_standin/accounts/{secret_key}/subscriptions",
+            post(upsert_subscription),
+        )
+        .route(
+            "/_standin/accounts/{secret_key}/subscriptions/{id}/finalize_invoice",
+            post(finalize_invoice),
+        )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoicePeriod {
+    /// The usage period the invoice bills (one period back, as Stripe's invoices say).
+    period_start: i64,
+    period_end: i64,
+}
+
+/// Finalizes an invoice of the subscription for the usage of `[period_start, period_end)`
+/// and sends `invoice.finalized`, shaped as Stripe's (API version 2025-04-30: the
+/// subscription under `parent.subscription_details`). Usage reported later for that period
+/// is on no invoice.
+async fn finalize_invoice(
+    State(app): State<App>,
+    Path((secret_key, id)): Path<(String, String)>,
+    Json(body): Json<InvoicePeriod>,
+) -> Result<Json<Value>, Error> {
+    let mut inner = app.lock();
+    let now = inner.now();
+    let invoice_id = inner.id("in");
+    let account = inner
+        .accounts
+        .get(&secret_key)
+        .ok_or_else(|| Error::no_such("account", &secret_key, "secret_key"))?;
+    let subscription = account
+        .subscriptions
+        .iter()
+        .find(|s| s["id"] == id.as_str())
+        .ok_or_else(|| Error::no_such("subscription", &id, "id"))?;
+    let invoice = json!({
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": subscription["customer"],
+        "status": "open",
+        "billing_reason": "subscription_cycle",
+        "parent": {
+            "type": "subscription_details",
+            "subscription_details": { "subscription": id }
+        },
+        "period_start": body.period_start,
+        "period_end": body.period_end,
+        "status_transitions": { "finalized_at": now },
+        "livemode": account.livemode
+    });
+    crate::webhooks::publish_snapshot(
+        &app,
+        &mut inner,
+        &secret_key,
+        "invoice.finalized",
+        invoice.clone(),
+        None,
+    );
+    Ok(Json(invoice))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionBody {
+    /// An existing subscription to change; a new one when absent.
+    id: Option<String>,
+    customer: String,
+    /// The Stripe meter (`mtr_...`) its metered price bills.
+    meter: Option<String>,
+    current_period_start: i64,
+    current_period_end: i64,
+    /// Set to end the subscription then (`customer.subscription.deleted`).
+    ended_at: Option<i64>,
+}
+
+/// Creates or changes a subscription with one metered item, shaped as Stripe's (API version
+/// 2025-04-30: the period on the item), and sends `customer.subscription.created`,
+/// `.updated` or, with `ended_at`, `.deleted`. A control route: the stand-in has no prices
+/// and no clock that runs for a month, so a test names the period it wants Stripe to have.
+async fn upsert_subscription(
+    State(app): State<App>,
+    Path(secret_key): Path<String>,
+    Json(body): Json<SubscriptionBody>,
+) -> Result<Json<Value>, Error> {
+    let mut inner = app.lock();
+    if body.current_period_end <= body.current_period_start {
+        return Err(Error::bad_value(
+            "current_period_end must be after current_period_start",
+            "current_period_end",
+        ));
+    }
+    let now = inner.now();
+    let (id, item, price) = match &body.id {
+        Some(id) => (id.clone(), inner.id("si"), inner.id("price")),
+        None => (inner.id("sub"), inner.id("si"), inner.id("price")),
+    };
+    let account = inner
+        .accounts
+        .get_mut(&secret_key)
+        .ok_or_else(|| Error::no_such("account", &secret_key, "secret_key"))?;
+    if !account.customers.iter().any(|c| c.id == body.customer) {
+        return Err(Error::no_such("customer", &body.customer, "customer"));
+    }
+    let existing = account
+        .subscriptions
+        .iter()
+        .position(|s| s["id"] == id.as_str());
+    if body.id.is_some() && existing.is_none() {
+        return Err(Error::no_such("subscription", &id, "id"));
+    }
+    let subscription = json!({
+        "id": id,
+        "object": "subscription",
+        "customer": body.customer,
+        "status": if body.ended_at.is_some() { "canceled" } else { "active" },
+        "billing_cycle_anchor": body.current_period_start,
+        "created": now,
+        "ended_at": body.ended_at,
+        "livemode": account.livemode,
+        "items": {
+            "object": "list",
+            "data": [{
+                "id": item,
+                "object": "subscription_item",
+                "current_period_start": body.current_period_start,
+                "current_period_end": body.current_period_end,
+                "price": {
+                    "id": price,
+                    "object": "price",
+                    "recurring": {
+                        "interval": "month",
+                        "interval_count": 1,
+                        "meter": body.meter,
+                        "usage_type": "metered"
+                    }
+                }
+            }]
+        }
+    });
+    let event_type = match (existing, body.ended_at) {
+        (_, Some(_)) => "customer.subscription.deleted",
+        (Some(_), None) => "customer.subscription.updated",
+        (None, None) => "customer.subscription.created",
+    };
+    match existing {
+        Some(i) => account.subscriptions[i] = subscription.clone(),
+        None => account.subscriptions.push(subscription.clone()),
+    }
+    crate::webhooks::publish_snapshot(
+        &app,
+        &mut inner,
+        &secret_key,
+        event_type,
+        subscription.clone(),
+        None,
+    );
+    Ok(Json(subscription))
 }
 
 fn clock_json(inner: &Inner) -> Value {

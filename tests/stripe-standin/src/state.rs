@@ -188,6 +188,8 @@ pub struct Account {
     pub thin_events: Vec<Value>,
     /// v1 snapshot events, in creation order.
     pub events: Vec<Value>,
+    /// Subscriptions (as Stripe's objects), made through test control.
+    pub subscriptions: Vec<Value>,
     pub webhook_attempts: Vec<WebhookAttempt>,
     next_seq: u64,
 }
@@ -212,6 +214,7 @@ impl Account {
             stats: Stats::default(),
             thin_events: Vec::new(),
             events: Vec::new(),
+            subscriptions: Vec::new(),
             webhook_attempts: Vec::new(),
             next_seq: 0,
         }

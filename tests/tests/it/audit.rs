@@ -280,6 +280,7 @@ async fn every_change_and_key_decryption_is_audited_and_no_secret_is_shown() {
         expired: false,
         computed_at: Timestamp::now(),
         last_event_at: None,
+        period_end: None,
     };
     produce(
         &ns,

@@ -1178,6 +1178,7 @@ async fn a_dispatcher_whose_lease_ran_out_writes_nothing_over_the_next_claim() {
             expired: false,
             computed_at: Timestamp::now(),
             last_event_at: None,
+            period_end: None,
         })
         .await
         .unwrap();
@@ -1961,6 +1962,7 @@ async fn a_dropped_meter_event_leaves_its_window_as_before_it_was_accepted() {
                 expired: false,
                 computed_at: Timestamp::now(),
                 last_event_at: None,
+                period_end: None,
             })
             .await
             .unwrap();
@@ -2711,5 +2713,233 @@ async fn every_customers_stripe_value_equals_the_ground_truth_across_the_billing
         assert_eq!(l["expected"], "3.6", "the exact total: {l}");
         assert_eq!(l["ledger_synced"], "4", "{l}");
     }
+    ns.drop_databases().await;
+}
+
+/// Case 2 of the billing issue, with the customer's subscription period: Stripe invoices a
+/// `last` meter's value over the subscription's period, which starts at its billing anchor,
+/// not on the 1st. Seats peak at 50 two days before a month's start (before the subscription),
+/// at 10 three hours before it, at 4 an hour after it; the subscription's period began a day
+/// before the month. Billed by calendar month, Stripe's value for the subscription period is
+/// 4 (the new month's maximum); billed over the subscription period, it is 10. The
+/// subscription is made after the usage was sent: its `customer.subscription.created` webhook
+/// (stand-in -> relay -> sink) records the period, and the aggregator recomputes and the sink
+/// resends the windows over it.
+#[tokio::test]
+async fn a_max_meter_bills_its_customers_subscription_period_not_the_calendar_month() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let mtr = standin.meter("seats_peak", "last").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "seats", "event_name": "workspace.seats", "aggregation": "MAX",
+               "property": "seats"}),
+    )
+    .await;
+    let cus = standin.customer("cust_anchor").await;
+    let (_relay, sink, t) =
+        sink_behind_a_relay(&ns, &standin, "customer.subscription.created").await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
+    map_meter(&sink, "seats", "seats_peak").await;
+    map_customer(&sink, "cust_anchor", &cus).await;
+
+    // The latest month start at least 3 hours ago (a month ago, early on the 1st).
+    let now = OffsetDateTime::now_utc();
+    let month_start = |at: OffsetDateTime| {
+        at.replace_day(1)
+            .expect("day 1")
+            .replace_time(time::Time::MIDNIGHT)
+    };
+    let month = if now - month_start(now) >= time::Duration::hours(3) {
+        month_start(now)
+    } else {
+        month_start(month_start(now) - time::Duration::DAY)
+    };
+    let anchor = month - time::Duration::DAY + time::Duration::seconds(17 * 60 + 33);
+    let seats = |id: &str, at: OffsetDateTime, n: u32| {
+        event(
+            TENANT,
+            id,
+            "cust_anchor",
+            "workspace.seats",
+            at,
+            json!({"seats": n}),
+        )
+    };
+    produce_events(
+        &ns,
+        &[
+            seats("before-subscription", month - time::Duration::days(2), 50),
+            seats(
+                "end-of-month",
+                month - time::Duration::hours(3) + time::Duration::minutes(10),
+                10,
+            ),
+            seats(
+                "new-month",
+                month + time::Duration::hours(1) + time::Duration::minutes(10),
+                4,
+            ),
+        ],
+    )
+    .await;
+    // Stripe's value over the subscription period (summaries are minute-aligned: from the
+    // minute of the anchor, which no event falls in).
+    let minute = |at: OffsetDateTime| at.unix_timestamp() - at.unix_timestamp().rem_euclid(60);
+    let period_end = anchor + time::Duration::days(30);
+    let period = (minute(anchor), minute(period_end));
+    wait_for_summaries(&standin, &cus, period, &[("seats", &mtr, 4.0)]).await;
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 3).await;
+
+    // Stripe names the subscription's period: the windows are billed over it.
+    standin
+        .subscription(
+            &cus,
+            &mtr,
+            (anchor.unix_timestamp(), period_end.unix_timestamp()),
+        )
+        .await;
+    wait_for_summaries(&standin, &cus, period, &[("seats", &mtr, 10.0)]).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        let value = |at: OffsetDateTime| {
+            synced
+                .iter()
+                .find(|w| w["window_start"] == rfc3339(hour_start_of(at)))
+                .map(|w| w["aggregated_quantity"].clone())
+        };
+        synced.len() == 3
+            && synced
+                .iter()
+                .all(|w| w["aggregated_quantity"] == w["accounted_quantity"])
+            // Before the subscription: the calendar month's peak, kept.
+            && value(month - time::Duration::days(2)) == Some(json!("50"))
+            // In it: the period's peak to date, from the anchor on.
+            && value(month - time::Duration::hours(3)) == Some(json!("10"))
+            && value(month + time::Duration::hours(1)) == Some(json!("10"))
+    })
+    .await;
+    let metrics = aggregator.metrics().await;
+    assert!(
+        metrics.contains("aggregator_billing_periods_applied_total 1"),
+        "{metrics}"
+    );
+    ns.drop_databases().await;
+}
+
+/// The start of the hour `at` is in.
+fn hour_start_of(at: OffsetDateTime) -> OffsetDateTime {
+    at.replace_time(time::Time::from_hms(at.hour(), 0, 0).expect("an hour"))
+}
+
+/// Case 7 of the billing issue: usage reported after its period's invoice is final is on no
+/// invoice (Stripe does not add it to a final one), so meterline reports it instead of
+/// sending it into a closed period. A subscription's period ended two days ago and its
+/// invoice was finalized (`invoice.finalized` through the relay); two late calls in it fail
+/// their window with the reason and count on a metric, while a late call of the current
+/// period goes out. Stripe bills 5 + 4, and the 2 are there for a person to bill by hand.
+#[tokio::test]
+async fn a_change_after_its_periods_invoice_is_final_is_reported_not_sent() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let mtr = standin.sum_meter("api_calls").await;
+    calls_meter(&ns, TENANT).await;
+    let cus = standin.customer("cust_invoiced").await;
+    let (_relay, sink, t) = sink_behind_a_relay(&ns, &standin, "*").await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    map_meter(&sink, "calls", "api_calls").await;
+    map_customer(&sink, "cust_invoiced", &cus).await;
+
+    let now = OffsetDateTime::now_utc();
+    let renewed =
+        hour_start_of(now - time::Duration::days(2)) + time::Duration::seconds(17 * 60 + 33);
+    let ended = (
+        (renewed - time::Duration::days(30)).unix_timestamp(),
+        renewed.unix_timestamp(),
+    );
+    let current = (
+        renewed.unix_timestamp(),
+        (renewed + time::Duration::days(30)).unix_timestamp(),
+    );
+    // Stripe names the period that ended, then the renewal.
+    let sub = standin.subscription(&cus, &mtr, ended).await;
+    standin
+        .control(
+            &format!("accounts/{}/subscriptions", standin.key),
+            json!({"id": sub, "customer": cus, "meter": mtr,
+                   "current_period_start": current.0, "current_period_end": current.1}),
+        )
+        .await;
+    let pg = ns.pg_pool().await;
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM stripe_subscription_periods")
+            .fetch_one(&pg)
+            .await
+            .expect("counting periods")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recorded().await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription's periods were not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let in_ended = hour_start_of(renewed - time::Duration::DAY) + time::Duration::minutes(5);
+    let in_current = hour_start_of(renewed + time::Duration::hours(2)) + time::Duration::minutes(5);
+    let calls = |prefix: &str, at: OffsetDateTime, n: usize| -> Vec<RawUsageEvent> {
+        (0..n)
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                event(TENANT, &id, "cust_invoiced", "api.request", at, json!({}))
+            })
+            .collect()
+    };
+    let mut first = calls("ended", in_ended, 5);
+    first.extend(calls("current", in_current, 3));
+    produce_events(&ns, &first).await;
+    let expected = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 8.0)]);
+    wait_for_totals(&standin, &sink, &expected, Duration::from_secs(60)).await;
+
+    // The ended period's invoice is final: a later change of its usage is reported.
+    standin.finalize_invoice(&sub, ended).await;
+    let finalized = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM stripe_subscription_periods WHERE invoice_finalized_at IS NOT NULL",
+        )
+        .fetch_one(&pg)
+        .await
+        .expect("counting invoiced periods")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while finalized().await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the finalized invoice was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut late = calls("ended-late", in_ended, 2);
+    late.extend(calls("current-late", in_current, 1));
+    produce_events(&ns, &late).await;
+    wait_for_batches(&sink, &t, "failed", |failed| {
+        failed.iter().any(|w| {
+            w["window_start"] == rfc3339(hour_start_of(in_ended))
+                && w["aggregated_quantity"] == "7"
+                && w["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("after_final_invoice"))
+        })
+    })
+    .await;
+    let expected = BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 9.0)]);
+    wait_for_totals(&standin, &sink, &expected, Duration::from_secs(60)).await;
+    let metrics = sink.metrics().await;
+    assert!(
+        metrics.contains("stripe_sink_changes_after_final_invoice_total 1"),
+        "{metrics}"
+    );
     ns.drop_databases().await;
 }
