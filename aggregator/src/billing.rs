@@ -5,6 +5,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 pub use meterline_catalog::window_totals::WindowAggregates;
+
+/// The aggregation histories of a tenant environment's meters that changed what they count.
+pub type Histories =
+    std::collections::HashMap<MeterId, meterline_catalog::meter_versions::AggregationHistory>;
 use meterline_schemas::stripe_limits;
 use meterline_schemas::{Decimal, MeterDefinition, MeterId, QuantityError, RawUsageEvent, Window};
 
@@ -59,9 +63,13 @@ pub struct Metering {
 /// of events, and a vector per event was an allocation per event). An event matching no
 /// meter yields no row; an event matching a meter without the property it reads does not
 /// feed that meter (`Ok(None)` from [`meterline_schemas::Aggregation::quantity`]).
+///
+/// A meter whose aggregation changed counts the event under the definition in force at its
+/// timestamp (`histories`, [`meterline_catalog::meter_versions`]).
 pub fn meter_event(
     event: &Arc<RawUsageEvent>,
     meters: &[MeterDefinition],
+    histories: Option<&Histories>,
     window: Window,
     ingested_at: OffsetDateTime,
     now: OffsetDateTime,
@@ -73,15 +81,18 @@ pub fn meter_event(
         .iter()
         .filter(|m| m.matches(&event.event_name, &event.properties))
     {
-        match meter.aggregation.quantity(&event.properties) {
+        let aggregation = match histories.and_then(|h| h.get(&meter.id)) {
+            Some(history) => history.at(&meter.aggregation, timestamp).0,
+            None => &meter.aggregation,
+        };
+        match aggregation.quantity(&event.properties) {
             Ok(Some(quantity)) => {
                 rows.push(MeteredEvent {
                     event: Arc::clone(event),
                     meter_id: meter.id.clone(),
                     timestamp,
                     quantity,
-                    unique_key: meter
-                        .aggregation
+                    unique_key: aggregation
                         .unique_key(&event.properties)
                         .unwrap_or_default(),
                     version: version_of(ingested_at),
@@ -187,7 +198,7 @@ mod tests {
         let window = Window::containing(at, 60).unwrap();
         let e = event("api.request", json!({"bytes": "12.5", "region": "us"}), at);
         let mut rows = Vec::new();
-        let m = meter_event(&e, &meters, window, at, at, &mut rows);
+        let m = meter_event(&e, &meters, None, window, at, at, &mut rows);
         assert_eq!(m.fed, 2);
         let fed: Vec<(&str, Decimal)> = rows
             .iter()
@@ -210,7 +221,7 @@ mod tests {
         let e = event("x", json!({"n": "lots"}), at);
         let mut rows = Vec::new();
         let window = Window::containing(at, 60).unwrap();
-        let m = meter_event(&e, &meters, window, at, at, &mut rows);
+        let m = meter_event(&e, &meters, None, window, at, at, &mut rows);
         assert_eq!((m.fed, rows.len()), (1, 1));
         assert_eq!(m.failures.len(), 1);
         assert_eq!(m.failures[0].0.as_str(), "sum");

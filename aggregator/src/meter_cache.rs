@@ -7,13 +7,15 @@
 //! set. The refresh reads only meters changed since the last one (minus a margin for
 //! late-committing writes), so it costs one small query.
 
+use meterline_catalog::meter_versions;
 use meterline_catalog::meters::MeterStore;
 use meterline_catalog::scope_map::ScopeMap;
 use meterline_catalog::window_sizes::{self, AllSizes};
-use meterline_schemas::{EnvironmentId, MeterDefinition, MeterId, TenantId};
+use meterline_schemas::{Aggregation, EnvironmentId, MeterDefinition, MeterId, TenantId};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
+use crate::billing::Histories;
 use crate::Error;
 
 /// A write's `updated_at` is its transaction's start: one that commits later than a
@@ -24,6 +26,9 @@ pub struct MeterCache {
     store: MeterStore,
     pool: PgPool,
     meters: ScopeMap<Vec<MeterDefinition>>,
+    /// The meters that changed what they count ([`meter_versions`]), re-read whenever a meter
+    /// changed (a change writes its version and its meter in one transaction).
+    histories: ScopeMap<Histories>,
     newest: Option<OffsetDateTime>,
     sizes: AllSizes,
 }
@@ -34,6 +39,7 @@ impl MeterCache {
             store: MeterStore::new(pool.clone()),
             pool,
             meters: ScopeMap::default(),
+            histories: ScopeMap::default(),
             newest: None,
             sizes: AllSizes::default(),
         }
@@ -50,6 +56,11 @@ impl MeterCache {
             .list_changed_since(since)
             .await
             .map_err(|e| Error::Meters(e.to_string()))?;
+        if self.newest.is_none() || !changed.is_empty() {
+            self.histories = meter_versions::load_all(&self.pool)
+                .await
+                .map_err(|e| Error::Meters(e.to_string()))?;
+        }
         for (scope, stored) in changed {
             self.newest = Some(
                 self.newest
@@ -85,6 +96,30 @@ impl MeterCache {
         self.meters(tenant, environment)
             .iter()
             .find(|m| &m.id == id)
+    }
+
+    /// The aggregation histories of the meters of a tenant environment that changed what
+    /// they count; `None` when none did.
+    pub fn histories(&self, tenant: &TenantId, environment: &EnvironmentId) -> Option<&Histories> {
+        self.histories.get(tenant, environment)
+    }
+
+    /// The aggregation of `meter` in force for a window starting at `start`, and since when
+    /// (`None`: since the meter was created).
+    pub fn aggregation_at<'a>(
+        &'a self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        meter: &'a MeterDefinition,
+        start: OffsetDateTime,
+    ) -> (&'a Aggregation, Option<OffsetDateTime>) {
+        match self
+            .histories(tenant, environment)
+            .and_then(|h| h.get(&meter.id))
+        {
+            Some(history) => history.at(&meter.aggregation, start),
+            None => (&meter.aggregation, None),
+        }
     }
 
     pub fn sizes(&self) -> &AllSizes {

@@ -3,6 +3,8 @@
 //! Layout:
 //! - [`meters`]: the meter definitions store, the only code touching the `meters` table;
 //!   every query scoped by tenant and environment.
+//! - [`meter_versions`]: what a meter counted before its aggregation changed, and until
+//!   when: a change applies from a window boundary no accepted event has reached.
 //! - [`backfills`]: usage that arrived before its meter, given to it once from ClickHouse's
 //!   `events_raw` when the meter is created or changes what it matches.
 //! - [`billing_periods`]: the subscription periods Stripe names for each customer, which
@@ -15,6 +17,7 @@
 
 pub mod backfills;
 pub mod billing_periods;
+pub mod meter_versions;
 pub mod meters;
 pub mod scope_map;
 pub mod window_sizes;

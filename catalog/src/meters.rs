@@ -17,6 +17,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 
 use crate::backfills::{self, Backfill, Reason};
+use crate::meter_versions::{self, Plan};
+use crate::window_sizes::{self, WindowSizeError};
 use meterline_common::auth::TenantScope;
 
 /// A meter definition as stored, with its timestamps.
@@ -49,10 +51,13 @@ pub enum MeterStoreError {
     /// The query failed. The text carries the cause because handlers log only `Display`.
     #[error("meters table query failed: {0}")]
     Database(#[source] sqlx::Error),
-    /// The change would alter what already-counted usage bills: the meter has usage and the
-    /// change is to its aggregation or the property it reads.
-    #[error("meter {0} has usage: its aggregation and property cannot change")]
-    InUse(MeterId),
+    /// The change would need another Stripe meter formula than the one the meter's usage
+    /// was billed to ([`crate::meter_versions`]).
+    #[error("meter {meter} has usage: {reason}")]
+    FormulaChange {
+        meter: MeterId,
+        reason: crate::meter_versions::FormulaChange,
+    },
     /// A stored row no longer passes validation (written by hand, or by an older rule).
     #[error("stored meter row is invalid: {0}")]
     Corrupt(String),
@@ -62,6 +67,26 @@ impl From<sqlx::Error> for MeterStoreError {
     fn from(e: sqlx::Error) -> Self {
         Self::Database(e)
     }
+}
+
+impl From<WindowSizeError> for MeterStoreError {
+    fn from(e: WindowSizeError) -> Self {
+        match e {
+            WindowSizeError::Database(e) => Self::Database(e),
+            other => Self::Corrupt(other.to_string()),
+        }
+    }
+}
+
+/// A replaced meter, as [`MeterStore::replace`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub meter: StoredMeter,
+    /// Scheduled when what the meter matches changed.
+    pub backfill: Option<Backfill>,
+    /// When the new aggregation takes effect, when it changed for a meter with usage
+    /// ([`crate::meter_versions`]); windows before keep the old one.
+    pub aggregation_effective_from: Option<OffsetDateTime>,
 }
 
 /// The PostgreSQL store of meter definitions.
@@ -237,12 +262,16 @@ impl MeterStore {
     }
 
     /// Replaces the caller's meter `definition.id` (everything but its id and `created_at`),
-    /// setting `updated_at`; `None` when the caller has no such meter.
+    /// setting `updated_at`; `None` when the caller has no such meter. A new aggregation of a
+    /// meter with usage applies from the first window boundary at or after `now + lead`
+    /// ([`crate::meter_versions`]); one that needs another Stripe formula is refused.
     pub async fn replace(
         &self,
         scope: &TenantScope,
         definition: &MeterDefinition,
-    ) -> Result<Option<(StoredMeter, Option<Backfill>)>, MeterStoreError> {
+        now: OffsetDateTime,
+        lead: std::time::Duration,
+    ) -> Result<Option<Replaced>, MeterStoreError> {
         let mut tx = self.pool.begin().await?;
         let before: Option<MeterRow> = sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM meters
@@ -257,12 +286,52 @@ impl MeterStore {
             return Ok(None);
         };
         let before = StoredMeter::try_from(before)?.definition;
+        let mut aggregation_effective_from = None;
         if before.aggregation != definition.aggregation
             && has_usage(&mut tx, scope, &definition.id).await?
         {
-            // Its published windows would be recomputed under the new aggregation when they
-            // go out again, re-billing usage already billed under the old one.
-            return Err(MeterStoreError::InUse(definition.id.clone()));
+            // Its published windows must never be recomputed under the new aggregation (that
+            // would re-bill usage billed under the old one): it applies from a boundary that
+            // no accepted event has reached yet.
+            let history = meter_versions::load(&self.pool, scope, &definition.id).await?;
+            let horizon = now + lead;
+            let window = window_sizes::load_scope(&self.pool, scope)
+                .await?
+                .window_at(horizon)
+                .map_err(|e| MeterStoreError::Corrupt(e.to_string()))?;
+            let boundary = if window.start() == horizon {
+                horizon
+            } else {
+                window.end()
+            };
+            let plan = meter_versions::plan(
+                &history,
+                &before.aggregation,
+                &definition.aggregation,
+                horizon,
+                boundary,
+            )
+            .map_err(|reason| MeterStoreError::FormulaChange {
+                meter: definition.id.clone(),
+                reason,
+            })?;
+            match plan {
+                Plan::Unchanged => {}
+                Plan::Replace { effective_from } => {
+                    aggregation_effective_from = Some(effective_from);
+                }
+                Plan::Schedule { effective_from } => {
+                    meter_versions::record(
+                        &mut tx,
+                        scope,
+                        &definition.id,
+                        &before.aggregation,
+                        effective_from,
+                    )
+                    .await?;
+                    aggregation_effective_from = Some(effective_from);
+                }
+            }
         }
         let row = Self::write(
             &mut tx,
@@ -294,7 +363,11 @@ impl MeterStore {
             None
         };
         tx.commit().await?;
-        Ok(Some((stored, backfill)))
+        Ok(Some(Replaced {
+            meter: stored,
+            backfill,
+            aggregation_effective_from,
+        }))
     }
 
     /// Meters of every tenant and environment whose `updated_at` is after `updated_after`,

@@ -43,6 +43,10 @@ impl<const N: usize> Source for [(&str, &str); N] {
     }
 }
 
+/// The clock difference between services that a change of how events are windowed or counted
+/// allows for ([`Env::change_lead`]).
+pub const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Reads variables from a [`Source`]. An empty value counts as unset: `FOO=` in an env file
 /// is a forgotten value far more often than a deliberate empty string.
 pub struct Env<'a> {
@@ -135,6 +139,14 @@ impl<'a> Env<'a> {
             meterline_schemas::stripe_limits::MAX_FUTURE.whole_seconds() as u64,
             0..=86_400,
         )
+    }
+
+    /// How far ahead of now a change of how events are windowed or counted (a window size, a
+    /// meter's aggregation) takes effect at the earliest: [`Self::max_future`] plus
+    /// [`CLOCK_SKEW`]. An event may be that far ahead and already counted under the old rule,
+    /// which must not change under it.
+    pub fn change_lead(&self) -> DurationVar {
+        Ok(self.max_future()? + CLOCK_SKEW)
     }
 
     /// `KAFKA_PRODUCE_TIMEOUT_MS` (default 5000, 100..=60000): how long a write on behalf of a

@@ -56,6 +56,15 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// How far ahead a change of what a meter counts takes effect at the earliest: an event up
+    /// to [`Self::max_future`] ahead may already be counted under the old definition
+    /// ([`meterline_common::config::Env::change_lead`]).
+    pub fn change_lead(&self) -> Duration {
+        self.max_future + meterline_common::config::CLOCK_SKEW
+    }
+}
+
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_source(&ProcessEnv)

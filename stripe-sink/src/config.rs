@@ -28,13 +28,11 @@ pub struct Config {
     pub prune_interval: Duration,
     /// How far ahead of now a window size change takes effect at the earliest: the ingest's
     /// `INGEST_MAX_FUTURE_SECONDS` (default 300, read here too: set it to the same value for
-    /// both services) plus [`CLOCK_SKEW`]. An event may be that far ahead and already counted
-    /// in a window of the old size, which must not change size under it.
+    /// both services) plus a minute of clock skew ([`Env::change_lead`]). An event may be that
+    /// far ahead and already counted in a window of the old size, which must not change size
+    /// under it.
     pub window_change_lead: Duration,
 }
-
-/// The clock difference between the ingest and the sink that a window size change allows for.
-pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// How the sink talks to Stripe.
 #[derive(Debug, Clone)]
@@ -80,7 +78,7 @@ impl Config {
             },
             ledger_retention: crate::ledger::retention::LEDGER.retention_from_env(&env)?,
             prune_interval: retention::prune_interval_from_env(&env)?,
-            window_change_lead: env.max_future()? + CLOCK_SKEW,
+            window_change_lead: env.change_lead()?,
         })
     }
 }

@@ -125,9 +125,13 @@ impl Namespace {
     /// The environment a service needs to run inside this namespace.
     pub fn env(&self) -> Vec<(String, String)> {
         let stack = Stack::get();
+        // Tests run side by side on one broker: an aggregator joining another test's consumer
+        // group would rebalance it, and a rebalance redelivers what was not committed yet.
+        let aggregator_group = format!("{}meterline-aggregator", self.kafka.topic_prefix);
         [
             ("KAFKA_BROKERS", self.kafka.brokers.as_str()),
             ("TOPIC_PREFIX", self.kafka.topic_prefix.as_str()),
+            ("AGGREGATOR_GROUP_ID", aggregator_group.as_str()),
             ("CLICKHOUSE_URL", self.clickhouse.url.as_str()),
             ("CLICKHOUSE_DATABASE", self.clickhouse.database.as_str()),
             ("DATABASE_URL", self.postgres.url.as_str()),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_catalog::backfills::{self, Claimed};
+use meterline_catalog::meter_versions;
 use meterline_catalog::meters::MeterStore;
 use meterline_catalog::window_sizes;
 use meterline_common::auth::TenantScope;
@@ -95,6 +96,15 @@ async fn work_through(
         }) else {
             return false;
         };
+        // Each event counts under the definition in force at its timestamp.
+        let Some(history) = retry!("backfill", shutdown, async {
+            meter_versions::load(&shared.pool, &scope, &claimed.meter_id)
+                .await
+                .map_err(|e| Error::Meters(e.to_string()))
+        }) else {
+            return false;
+        };
+        let histories = billing::Histories::from([(claimed.meter_id.clone(), history)]);
         let page = BackfillPage {
             tenant: &claimed.tenant_id,
             environment: &claimed.environment_id,
@@ -115,7 +125,7 @@ async fn work_through(
             return finish(shared, &claimed, shutdown).await;
         };
         let next = (last.timestamp, last.event_id.clone());
-        let metered = meter_page(&meter, &sizes, &events);
+        let metered = meter_page(&meter, &histories, &sizes, &events);
         let rows = &metered.rows;
         if retry!("backfill", shutdown, shared.warehouse.insert(rows.iter())).is_none() {
             return false;
@@ -192,6 +202,7 @@ struct MeteredPage {
 /// Meters a page of stored events with the live pipeline's rule ([`billing::meter_event`]).
 fn meter_page(
     meter: &MeterDefinition,
+    histories: &billing::Histories,
     sizes: &window_sizes::SizeHistory,
     events: &[crate::clickhouse::StoredRawEvent],
 ) -> MeteredPage {
@@ -212,6 +223,7 @@ fn meter_page(
         let metering = billing::meter_event(
             &Arc::new(event),
             meters,
+            Some(histories),
             window,
             stored.ingested_at,
             now,

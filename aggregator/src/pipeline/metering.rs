@@ -141,6 +141,7 @@ fn meter_messages(
         let metering = billing::meter_event(
             &event,
             cache.meters(&event.tenant_id, &event.environment_id),
+            cache.histories(&event.tenant_id, &event.environment_id),
             window,
             ingested_at,
             now,

@@ -96,9 +96,13 @@ pub(super) async fn publish_claim(
         let k = &w.key;
         // A maximum, latest value or distinct count does not add up over windows: its
         // windows carry the billing period to date, for Stripe's `last` formula.
+        // A changed meter's new definition counts from its effective time.
         let range = match cache.meter(&k.tenant_id, &k.environment_id, &k.meter_id) {
             Some(m) if m.aggregation.bills_period_to_date() => {
-                calendar_of(k).period_to_date(&k.window)
+                let (from, to) = calendar_of(k).period_to_date(&k.window);
+                let (_, since) =
+                    cache.aggregation_at(&k.tenant_id, &k.environment_id, m, k.window.start());
+                (since.map_or(from, |since| from.max(since)), to)
             }
             _ => (k.window.start(), k.window.end()),
         };
@@ -146,7 +150,13 @@ pub(super) async fn publish_claim(
             Some((a, last)) => (*a, Timestamp::new(*last).ok()),
             None => (WindowAggregates::default(), None),
         };
-        let quantity = a.quantity(&meter.aggregation);
+        let (aggregation, _) = cache.aggregation_at(
+            &key.tenant_id,
+            &key.environment_id,
+            meter,
+            key.window.start(),
+        );
+        let quantity = a.quantity(aggregation);
         let Some(revision) = next_revision(&state.published, quantity, a.events, trigger) else {
             continue;
         };

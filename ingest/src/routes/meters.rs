@@ -9,11 +9,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use meterline_catalog::backfills::{self, Backfill};
+use meterline_catalog::meter_versions::{self, EarlierDefinition};
 use meterline_catalog::meters::{MeterStoreError, StoredMeter};
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
 use meterline_schemas::{MeterDefinition, MeterId, MeterInput, SchemaError};
 use serde::Serialize;
+use time::OffsetDateTime;
 
 use super::AppState;
 
@@ -23,14 +25,29 @@ pub struct MeterList {
     pub data: Vec<StoredMeter>,
 }
 
-/// A meter as answered: the stored meter and, where it has one, its latest backfill (the
-/// usage of the past 35 days it was given when created or when what it matches changed).
+/// A meter as answered: the stored meter, where it has one its latest backfill (the usage of
+/// the past 35 days it was given when created or when what it matches changed), and the
+/// definitions it counted under before its aggregation changed, each until when.
 #[derive(Debug, Serialize)]
 pub struct MeterAnswer {
     #[serde(flatten)]
     pub meter: StoredMeter,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backfill: Option<Backfill>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub earlier_definitions: Vec<EarlierDefinition>,
+}
+
+/// The earlier definitions of a meter, for its answer.
+async fn earlier_definitions(
+    state: &AppState,
+    scope: &TenantScope,
+    id: &MeterId,
+) -> Result<Vec<EarlierDefinition>, ApiError> {
+    let history = meter_versions::load(&state.pool, scope, id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(history.earlier().to_vec())
 }
 
 /// 201 with the stored meter and its backfill; 409 `conflict` when the id is taken in this
@@ -59,6 +76,7 @@ pub async fn create(
             let answer = MeterAnswer {
                 meter,
                 backfill: Some(backfill),
+                earlier_definitions: Vec::new(),
             };
             Ok((StatusCode::CREATED, Json(answer)))
         }
@@ -98,13 +116,20 @@ pub async fn get_one(
     let backfill = backfills::latest(&state.pool, &scope, &id)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    Ok(Json(MeterAnswer { meter, backfill }))
+    let earlier_definitions = earlier_definitions(&state, &scope, &id).await?;
+    Ok(Json(MeterAnswer {
+        meter,
+        backfill,
+        earlier_definitions,
+    }))
 }
 
 /// 200 with the replaced meter (and its backfill when its event name or filters changed), or
 /// 404 `not_found`; a body `id`, if given, must equal the path's (400 `id_mismatch`): renaming
-/// a meter would orphan its Stripe mapping and usage. 409 `meter_in_use` for a change of the
-/// aggregation or property of a meter with usage, which would re-bill the past.
+/// a meter would orphan its Stripe mapping and usage. A new aggregation or property of a
+/// meter with usage applies from a window boundary past `INGEST_MAX_FUTURE_SECONDS` plus a
+/// minute: the answer's `earlier_definitions` says until when the old one counts. 409
+/// `meter_formula_change` for one that needs another Stripe meter formula.
 pub async fn replace(
     State(state): State<AppState>,
     scope: TenantScope,
@@ -122,24 +147,35 @@ pub async fn replace(
         _ => input.id = Some(id.as_str().to_owned()),
     }
     let definition = MeterDefinition::try_from(input).map_err(invalid)?;
-    match state.meters.replace(&scope, &definition).await {
-        Ok(Some((meter, backfill))) => {
+    let now = OffsetDateTime::now_utc();
+    let replaced = state
+        .meters
+        .replace(&scope, &definition, now, state.limits.change_lead())
+        .await;
+    match replaced {
+        Ok(Some(replaced)) => {
             tracing::info!(
                 tenant_id = %scope.tenant_id,
                 environment_id = %scope.environment_id,
                 meter_id = %definition.id,
+                aggregation_effective_from = ?replaced.aggregation_effective_from,
                 "meter replaced"
             );
-            Ok(Json(MeterAnswer { meter, backfill }))
+            let earlier_definitions = earlier_definitions(&state, &scope, &id).await?;
+            Ok(Json(MeterAnswer {
+                meter: replaced.meter,
+                backfill: replaced.backfill,
+                earlier_definitions,
+            }))
         }
         Ok(None) => Err(not_found(&id)),
-        Err(MeterStoreError::InUse(id)) => Err(ApiError::new(
+        Err(MeterStoreError::FormulaChange { meter, reason }) => Err(ApiError::new(
             StatusCode::CONFLICT,
-            "meter_in_use",
+            "meter_formula_change",
             format!(
-                "meter {id} has usage: changing its aggregation or property would re-bill the \
-                 usage already billed under the old definition; create a new meter for the new \
-                 definition (and map it in Stripe) instead"
+                "meter {meter} has usage billed to a Stripe meter of one formula, and {reason}: \
+                 a Stripe meter's formula cannot change, so create a new meter for the new \
+                 definition (and map it to a Stripe meter of that formula) instead"
             ),
         )),
         Err(e) => Err(ApiError::internal(&e)),

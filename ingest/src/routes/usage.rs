@@ -17,6 +17,7 @@
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::Json;
+use meterline_catalog::meter_versions;
 use meterline_catalog::window_sizes;
 use meterline_catalog::window_totals::{self, PlanError, WindowPlan};
 use meterline_common::api::ApiError;
@@ -131,6 +132,10 @@ pub struct WindowUsage {
     pub quantity: Decimal,
     /// Distinct events in the window.
     pub event_count: u64,
+    /// The aggregation the window counts under, for a meter whose aggregation changed (the
+    /// definition in force at the window's start); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<&'static str>,
 }
 
 /// The answer.
@@ -198,14 +203,21 @@ pub async fn get_usage(
             RETRY_AFTER_SECONDS,
         )
     })?;
+    let history = meter_versions::load(&state.pool, &scope, &query.meter_id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
     let data = totals
         .into_iter()
-        .map(|(window, aggregates)| WindowUsage {
-            window_start: window.start_timestamp(),
-            window_end: window.end_timestamp(),
-            window_minutes: window.size_minutes(),
-            quantity: aggregates.quantity(&meter.aggregation),
-            event_count: aggregates.events,
+        .map(|(window, aggregates)| {
+            let (aggregation, _) = history.at(&meter.aggregation, window.start());
+            WindowUsage {
+                window_start: window.start_timestamp(),
+                window_end: window.end_timestamp(),
+                window_minutes: window.size_minutes(),
+                quantity: aggregates.quantity(aggregation),
+                event_count: aggregates.events,
+                aggregation: (!history.earlier().is_empty()).then(|| aggregation.kind()),
+            }
         })
         .collect();
     Ok(Json(UsageAnswer {
@@ -269,6 +281,7 @@ mod tests {
             window_minutes: 60,
             quantity: "12.5".parse().unwrap(),
             event_count: 3,
+            aggregation: None,
         };
         assert_eq!(
             serde_json::to_value(&usage).unwrap(),

@@ -162,6 +162,8 @@ async fn a_replayed_dead_letter_counts_exactly_once_even_when_replayed_twice() {
         .replace(
             &scope(TENANT, "env_prod"),
             &MeterDefinition::try_from(fixed).unwrap(),
+            time::OffsetDateTime::now_utc(),
+            std::time::Duration::from_secs(360),
         )
         .await
         .unwrap()

@@ -2355,21 +2355,40 @@ async fn usage_sent_before_its_meter_existed_is_billed_once_the_meter_is_created
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(standin.totals().await, billed(9.0, 7.0), "billed once");
-    // What the billed usage means cannot change under it: another aggregation is refused.
+    // What the billed usage means cannot change under it: another aggregation applies only
+    // from a boundary ahead (case 11), and one that needs another Stripe formula is refused.
     let redefined = post_json_put(
         &ingest.url("/v1/meters/calls"),
         &t,
-        &json!({"event_name": "api.request", "aggregation": "SUM", "property": "tokens"}),
+        &json!({"event_name": "api.request", "aggregation": "MAX", "property": "tokens"}),
     )
     .await;
     assert_eq!(
         (redefined.status, redefined.error_code()),
-        (409, "meter_in_use"),
+        (409, "meter_formula_change"),
         "{:?}",
         redefined.body
     );
     let kept = get(&ingest.url("/v1/meters/calls"), &t).await;
     assert_eq!(kept.body["aggregation"], "COUNT", "{:?}", kept.body);
+    let scheduled = post_json_put(
+        &ingest.url("/v1/meters/calls"),
+        &t,
+        &json!({"event_name": "api.request", "aggregation": "SUM", "property": "tokens"}),
+    )
+    .await;
+    assert_eq!(scheduled.status, 200, "{:?}", scheduled.body);
+    assert_eq!(
+        scheduled.body["earlier_definitions"][0]["aggregation"], "COUNT",
+        "{:?}",
+        scheduled.body
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        standin.totals().await,
+        billed(9.0, 7.0),
+        "nothing re-billed"
+    );
     let metrics = aggregator.metrics().await;
     for line in [
         "aggregator_backfill_events_total{outcome=\"found\"} 15",
@@ -2941,5 +2960,170 @@ async fn a_change_after_its_periods_invoice_is_final_is_reported_not_sent() {
         metrics.contains("stripe_sink_changes_after_final_invoice_total 1"),
         "{metrics}"
     );
+    ns.drop_databases().await;
+}
+
+/// Case 11 of the billing issue: an edit of what a meter with usage counts never reaches
+/// back. A SUM of `tokens` billed 30 in a window six hours ago; the meter becomes a COUNT
+/// (a clock seven hours back, a lead of two hours: effective at the next hour boundary after
+/// five hours ago). A late event in the old window still counts its tokens (35), and the
+/// windows after the change count events (2 for two events of 100 and 200 tokens): Stripe
+/// bills 37. Recomputing the old window under the new definition would have sent -27 (a
+/// count of 3) and billed 5. Through the API: the same edit answers with the old
+/// definition's end (at least `INGEST_MAX_FUTURE_SECONDS` plus a minute ahead), and one that
+/// needs another Stripe formula is refused.
+#[tokio::test]
+async fn a_meter_redefined_keeps_its_past_windows_and_counts_under_the_new_definition_after() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("tokens_used").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "tokens", "event_name": "llm.completion", "aggregation": "SUM",
+               "property": "tokens"}),
+    )
+    .await;
+    let cus = standin.customer("cust_tokens").await;
+    let sink = sink(&ns, &standin).await;
+    let ingest = ServiceProcess::spawn("ingest", &ns.env()).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    connect(
+        &sink,
+        &standin,
+        &[("tokens", "tokens_used")],
+        &[("cust_tokens", &cus)],
+    )
+    .await;
+    let t = token(TENANT, "env_prod");
+    let completion = |id: &str, at: OffsetDateTime, tokens: u32| {
+        event(
+            TENANT,
+            id,
+            "cust_tokens",
+            "llm.completion",
+            at,
+            json!({"tokens": tokens}),
+        )
+    };
+    let old_window = hour_start(6);
+    produce_events(
+        &ns,
+        &[
+            completion("c-1", old_window + time::Duration::minutes(5), 10),
+            completion("c-2", old_window + time::Duration::minutes(10), 20),
+        ],
+    )
+    .await;
+    let billed = |units: f64| BTreeMap::from([((cus.clone(), "tokens_used".to_owned()), units)]);
+    wait_for_totals(&standin, &sink, &billed(30.0), Duration::from_secs(90)).await;
+
+    // The edit, on a clock seven hours back with a two-hour lead.
+    let asked_at = OffsetDateTime::now_utc() - time::Duration::hours(7);
+    let count: meterline_schemas::MeterInput = serde_json::from_value(
+        json!({"id": "tokens", "event_name": "llm.completion", "aggregation": "COUNT"}),
+    )
+    .unwrap();
+    let replaced = meterline_catalog::meters::MeterStore::new(ns.pg_pool().await)
+        .replace(
+            &meterline_tests::api::scope(TENANT, "env_prod"),
+            &meterline_schemas::MeterDefinition::try_from(count).unwrap(),
+            asked_at,
+            Duration::from_secs(2 * 3600),
+        )
+        .await
+        .expect("an edit within the sum formula is taken")
+        .expect("the meter exists");
+    let effective = replaced
+        .aggregation_effective_from
+        .expect("the edit is scheduled");
+    assert!(
+        effective >= asked_at + time::Duration::hours(2),
+        "{effective}"
+    );
+    assert!(effective > old_window + time::Duration::HOUR, "{effective}");
+
+    let after = effective + time::Duration::minutes(30);
+    produce_events(
+        &ns,
+        &[
+            completion("c-late", old_window + time::Duration::minutes(20), 5),
+            completion("c-3", after, 100),
+            completion("c-4", after + time::Duration::minutes(1), 200),
+        ],
+    )
+    .await;
+    wait_for_totals(&standin, &sink, &billed(37.0), Duration::from_secs(90)).await;
+    let usage = get(
+        &format!(
+            "{}?customer_id=cust_tokens&meter_id=tokens&from={}&to={}",
+            ingest.url("/v1/usage"),
+            rfc3339(old_window),
+            rfc3339(hour_start_of(after) + time::Duration::HOUR),
+        ),
+        &t,
+    )
+    .await;
+    assert_eq!(usage.status, 200, "{:?}", usage.body);
+    let windows: Vec<(String, String)> = usage.body["data"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .filter(|w| w["event_count"] != 0)
+        .map(|w| {
+            (
+                w["aggregation"].as_str().unwrap_or_default().to_owned(),
+                w["quantity"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            ("SUM".to_owned(), "35".to_owned()),
+            ("COUNT".to_owned(), "2".to_owned())
+        ],
+        "{:?}",
+        usage.body
+    );
+
+    // Through the API: another edit within the formula is scheduled past the lead (the
+    // ingest's default 300 s plus a minute), one across formulas is refused.
+    let asked = OffsetDateTime::now_utc();
+    let edited = post_json_put(
+        &ingest.url("/v1/meters/tokens"),
+        &t,
+        &json!({"event_name": "llm.completion", "aggregation": "SUM", "property": "tokens"}),
+    )
+    .await;
+    assert_eq!(edited.status, 200, "{:?}", edited.body);
+    assert_eq!(edited.body["aggregation"], "SUM");
+    let earlier = edited.body["earlier_definitions"]
+        .as_array()
+        .expect("earlier definitions");
+    assert_eq!(earlier.len(), 2, "{earlier:?}");
+    assert_eq!(earlier[1]["aggregation"], "COUNT");
+    let until = OffsetDateTime::parse(
+        earlier[1]["until"].as_str().unwrap_or_default(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("an RFC 3339 time");
+    assert!(until >= asked + time::Duration::minutes(6), "{until}");
+    let refused = post_json_put(
+        &ingest.url("/v1/meters/tokens"),
+        &t,
+        &json!({"event_name": "llm.completion", "aggregation": "MAX", "property": "tokens"}),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (409, "meter_formula_change"),
+        "{:?}",
+        refused.body
+    );
+    let kept = get(&ingest.url("/v1/meters/tokens"), &t).await;
+    assert_eq!(kept.body["aggregation"], "SUM", "{:?}", kept.body);
+    wait_for_totals(&standin, &sink, &billed(37.0), Duration::from_secs(5)).await;
     ns.drop_databases().await;
 }
