@@ -124,7 +124,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             (Topic::UsageWindows, WINDOWS_GROUP),
         ],
     )?;
-    let loops = vec![
+    let mut loops = vec![
         tokio::spawn(import::run(importer, shutdown.clone())),
         tokio::spawn(webhook_events::consume(
             mappings,
@@ -145,28 +145,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
             shutdown.clone(),
         )),
         tokio::spawn(metrics::report(watches, GAUGES_EVERY, shutdown.clone())),
-        tokio::spawn({
-            let pruning = retention::run_pruning(
-                &ledger::retention::LEDGER,
-                pool.clone(),
-                config.ledger_retention,
-                config.prune_interval,
-                shutdown.clone(),
-            );
-            async move { pruning.await.map_err(Error::from) }
-        }),
-        // Subscription periods are kept as long as the ledger whose windows they bill.
-        tokio::spawn({
-            let pruning = retention::run_pruning(
-                &meterline_catalog::billing_periods::PERIODS,
-                pool.clone(),
-                config.ledger_retention,
-                config.prune_interval,
-                shutdown.clone(),
-            );
-            async move { pruning.await.map_err(Error::from) }
-        }),
     ];
+    // Subscription periods are kept as long as the ledger whose windows they bill.
+    for table in [
+        &ledger::retention::LEDGER,
+        &meterline_catalog::billing_periods::PERIODS,
+    ] {
+        let pruning = retention::run_pruning(
+            table,
+            pool.clone(),
+            config.ledger_retention,
+            config.prune_interval,
+            shutdown.clone(),
+        );
+        loops.push(tokio::spawn(
+            async move { pruning.await.map_err(Error::from) },
+        ));
+    }
 
     let readiness = context.readiness().kafka(kafka).postgres(pool);
     let served = context

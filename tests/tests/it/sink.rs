@@ -2891,20 +2891,7 @@ async fn a_change_after_its_periods_invoice_is_final_is_reported_not_sent() {
         )
         .await;
     let pg = ns.pg_pool().await;
-    let recorded = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM stripe_subscription_periods")
-            .fetch_one(&pg)
-            .await
-            .expect("counting periods")
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while recorded().await < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the subscription's periods were not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_rows(&pg, "SELECT count(*) FROM stripe_subscription_periods", 2).await;
 
     let in_ended = hour_start_of(renewed - time::Duration::DAY) + time::Duration::minutes(5);
     let in_current = hour_start_of(renewed + time::Duration::hours(2)) + time::Duration::minutes(5);
@@ -2924,22 +2911,12 @@ async fn a_change_after_its_periods_invoice_is_final_is_reported_not_sent() {
 
     // The ended period's invoice is final: a later change of its usage is reported.
     standin.finalize_invoice(&sub, ended).await;
-    let finalized = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM stripe_subscription_periods WHERE invoice_finalized_at IS NOT NULL",
-        )
-        .fetch_one(&pg)
-        .await
-        .expect("counting invoiced periods")
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while finalized().await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the finalized invoice was not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_rows(
+        &pg,
+        "SELECT count(*) FROM stripe_subscription_periods WHERE invoice_finalized_at IS NOT NULL",
+        1,
+    )
+    .await;
     let mut late = calls("ended-late", in_ended, 2);
     late.extend(calls("current-late", in_current, 1));
     produce_events(&ns, &late).await;
@@ -3126,4 +3103,23 @@ async fn a_meter_redefined_keeps_its_past_windows_and_counts_under_the_new_defin
     assert_eq!(kept.body["aggregation"], "SUM", "{:?}", kept.body);
     wait_for_totals(&standin, &sink, &billed(37.0), Duration::from_secs(5)).await;
     ns.drop_databases().await;
+}
+
+/// Polls `count_sql` (a `SELECT count(*)`) until it counts `n`: a webhook's effect is written.
+async fn until_rows(pg: &sqlx::PgPool, count_sql: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found: i64 = sqlx::query_scalar(count_sql)
+            .fetch_one(pg)
+            .await
+            .expect("counting rows");
+        if found == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{found} rows, not {n}: {count_sql}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
