@@ -132,6 +132,14 @@ pub struct CustomerPage {
     pub has_more: bool,
 }
 
+/// One page of `GET /v1/subscriptions`: each subscription as Stripe sends it, read by
+/// [`crate::mappings::periods_of`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SubscriptionPage {
+    pub data: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub has_more: bool,
+}
+
 /// A customer as Stripe lists it: what an import reads of it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ListedCustomer {
@@ -218,6 +226,23 @@ impl StripeClient {
             query.push(("starting_after", after.to_owned()));
         }
         let body = self.get(key, "/v1/customers", &query).await?;
+        parse(&body)
+    }
+
+    /// One page of the account's subscriptions of every status, newest first:
+    /// `GET /v1/subscriptions?status=all` with `limit` and, after the first page,
+    /// `starting_after` (the last subscription of the page before).
+    pub async fn list_subscriptions(
+        &self,
+        key: &StripeApiKey,
+        starting_after: Option<&str>,
+        limit: u32,
+    ) -> Result<SubscriptionPage, StripeError> {
+        let mut query = vec![("limit", limit.to_string()), ("status", "all".to_owned())];
+        if let Some(after) = starting_after {
+            query.push(("starting_after", after.to_owned()));
+        }
+        let body = self.get(key, "/v1/subscriptions", &query).await?;
         parse(&body)
     }
 

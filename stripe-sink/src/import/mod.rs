@@ -4,8 +4,12 @@
 //!
 //! Rules kept here:
 //! - A job pages through `GET /v1/customers` (`limit=100`, `starting_after` = the last
-//!   customer of the page before). Each page is applied in ONE transaction together with the
-//!   job's cursor and counts, so after a crash the job resumes at the first page not applied:
+//!   customer of the page before), then through `GET /v1/subscriptions?status=all`, recording
+//!   each subscription's current period ([`crate::mappings::periods_of`]): billing periods
+//!   that began before the webhook endpoint existed are known at once, and the aggregator
+//!   recomputes the customers' period-to-date windows over them. Each page of customers is
+//!   applied in ONE transaction together with the job's cursor and counts, so after a crash
+//!   the job resumes at the first page not applied:
 //!   nothing is skipped, nothing counted twice, and the result is the one an uninterrupted run
 //!   gives.
 //! - A job is worked on by the replica holding its lease (renewed every page); a crashed
@@ -33,11 +37,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use meterline_catalog::billing_periods;
+
 use crate::mappings::{
     self, CustomerEvent, ExternalId, Imported, MappingSource, StripeCustomerId, Writer,
 };
 use crate::pacing::{paced_account, Backoff, Pacer};
-use crate::stripe::{CustomerPage, ErrorClass, ListedCustomer, StripeClient};
+use crate::stripe::{CustomerPage, ErrorClass, ListedCustomer, StripeClient, SubscriptionPage};
 use crate::Error;
 
 mod store;
@@ -90,6 +96,11 @@ struct Progress {
     retired: i32,
     conflict_sample: Vec<Sample>,
     unmapped_sample: Vec<Sample>,
+    /// The customers are all applied: the job pages through subscriptions.
+    customers_done: bool,
+    subscriptions_cursor: Option<String>,
+    subscription_pages: i32,
+    subscription_periods: i32,
 }
 
 impl Progress {
@@ -148,7 +159,8 @@ impl Job {
 
 const JOB_COLUMNS: &str = "id, tenant_id, environment_id, requested_by, status, cursor, pages, \
      customers_seen, mapped_created, mapped_unchanged, conflicts, unmapped, retired, \
-     conflict_sample, unmapped_sample, errors, last_error, created_at, updated_at, finished_at";
+     conflict_sample, unmapped_sample, errors, last_error, created_at, updated_at, finished_at, \
+     customers_done, subscriptions_cursor, subscription_pages, subscription_periods";
 
 #[derive(sqlx::FromRow)]
 struct JobRow {
@@ -172,6 +184,10 @@ struct JobRow {
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
     finished_at: Option<OffsetDateTime>,
+    customers_done: bool,
+    subscriptions_cursor: Option<String>,
+    subscription_pages: i32,
+    subscription_periods: i32,
 }
 
 impl JobRow {
@@ -191,6 +207,10 @@ impl JobRow {
             retired: self.retired,
             conflict_sample: samples(&self.conflict_sample)?,
             unmapped_sample: samples(&self.unmapped_sample)?,
+            customers_done: self.customers_done,
+            subscriptions_cursor: self.subscriptions_cursor.clone(),
+            subscription_pages: self.subscription_pages,
+            subscription_periods: self.subscription_periods,
         })
     }
 
@@ -228,6 +248,14 @@ pub struct ErrorsView {
     pub last: Option<String>,
 }
 
+/// `{"pages", "periods"}` of the status: the subscriptions read after the customers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubscriptionsView {
+    pub pages: i32,
+    /// Billing periods recorded (new or changed).
+    pub periods: i32,
+}
+
 /// A job as `GET /v1/stripe/migrate/status/{id}` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImportView {
@@ -246,6 +274,8 @@ pub struct ImportView {
     pub unmapped: SampledView,
     /// Earlier mappings retired because Stripe's metadata now says otherwise.
     pub retired: i32,
+    /// The account's subscriptions, read once the customers are done.
+    pub subscriptions: SubscriptionsView,
     pub errors: ErrorsView,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -279,6 +309,10 @@ impl TryFrom<JobRow> for ImportView {
                 sample: progress.unmapped_sample,
             },
             retired: progress.retired,
+            subscriptions: SubscriptionsView {
+                pages: progress.subscription_pages,
+                periods: progress.subscription_periods,
+            },
             errors: ErrorsView {
                 count: row.errors,
                 last: row.last_error,

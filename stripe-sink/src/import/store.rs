@@ -150,18 +150,16 @@ impl ImportStore {
         if let Some(last) = page.data.last() {
             progress.cursor = Some(last.id.clone());
         }
-        // An empty page ends the job even if Stripe said has_more: there is no cursor to go on.
-        let done = !page.has_more || page.data.is_empty();
+        // An empty page ends the customers even if Stripe said has_more: there is no cursor
+        // to go on. The subscriptions follow.
+        progress.customers_done = !page.has_more || page.data.is_empty();
         let samples = |s: &Vec<Sample>| serde_json::to_value(s).unwrap_or_default();
         let updated = sqlx::query(
             "UPDATE stripe_customer_imports
              SET cursor = $3, pages = $4, customers_seen = $5, mapped_created = $6,
                  mapped_unchanged = $7, conflicts = $8, unmapped = $9, retired = $10,
                  conflict_sample = $11, unmapped_sample = $12, updated_at = now(),
-                 status = CASE WHEN $13 THEN 'completed' ELSE 'running' END,
-                 finished_at = CASE WHEN $13 THEN now() END,
-                 lease_until = CASE WHEN $13 THEN NULL
-                                    ELSE now() + make_interval(secs => $14) END
+                 customers_done = $13, lease_until = now() + make_interval(secs => $14)
              WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
         )
         .bind(job.id.as_uuid())
@@ -176,7 +174,7 @@ impl ImportStore {
         .bind(progress.retired)
         .bind(samples(&progress.conflict_sample))
         .bind(samples(&progress.unmapped_sample))
-        .bind(done)
+        .bind(progress.customers_done)
         .bind(lease.as_secs_f64())
         .execute(&mut *tx)
         .await
@@ -187,6 +185,81 @@ impl ImportStore {
             return Ok(false);
         }
         tx.commit().await.map_err(db("committing an import page"))?;
+        job.progress = progress;
+        Ok(true)
+    }
+
+    /// Records the periods of one page of subscriptions and moves the subscriptions cursor
+    /// past it; the last page completes the job. False when the lease was lost (periods
+    /// recorded before it stay: each is recorded once whoever redoes the page).
+    pub(super) async fn apply_subscription_page(
+        &self,
+        job: &mut Job,
+        owner: Uuid,
+        page: &SubscriptionPage,
+        observed: i64,
+        lease: Duration,
+    ) -> Result<bool, Error> {
+        let mut progress = job.progress.clone();
+        for subscription in &page.data {
+            let periods = match mappings::periods_of(subscription, observed) {
+                Ok(periods) => periods,
+                Err(reason) => {
+                    let id = subscription.get("id").and_then(|i| i.as_str());
+                    tracing::warn!(
+                        job_id = %job.id,
+                        subscription_id = id.unwrap_or("?"),
+                        %reason,
+                        "a listed subscription names no usable period"
+                    );
+                    continue;
+                }
+            };
+            for period in &periods {
+                let recorded = billing_periods::record(
+                    &self.pool,
+                    &job.tenant_id,
+                    &job.environment_id,
+                    period,
+                )
+                .await
+                .map_err(db("recording a subscription period"))?;
+                progress.subscription_periods += i32::from(recorded);
+            }
+        }
+        progress.subscription_pages += 1;
+        if let Some(last) = page
+            .data
+            .last()
+            .and_then(|s| s.get("id"))
+            .and_then(|i| i.as_str())
+        {
+            progress.subscriptions_cursor = Some(last.to_owned());
+        }
+        let done = !page.has_more || page.data.is_empty();
+        let updated = sqlx::query(
+            "UPDATE stripe_customer_imports
+             SET subscriptions_cursor = $3, subscription_pages = $4, subscription_periods = $5,
+                 updated_at = now(),
+                 status = CASE WHEN $6 THEN 'completed' ELSE 'running' END,
+                 finished_at = CASE WHEN $6 THEN now() END,
+                 lease_until = CASE WHEN $6 THEN NULL
+                                    ELSE now() + make_interval(secs => $7) END
+             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        )
+        .bind(job.id.as_uuid())
+        .bind(owner)
+        .bind(&progress.subscriptions_cursor)
+        .bind(progress.subscription_pages)
+        .bind(progress.subscription_periods)
+        .bind(done)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a page of subscriptions"))?;
+        if updated.rows_affected() != 1 {
+            return Ok(false);
+        }
         job.progress = progress;
         Ok(true)
     }

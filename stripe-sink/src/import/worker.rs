@@ -1,5 +1,6 @@
-//! The loop that runs import jobs: takes leased jobs, pages through `GET /v1/customers` paced
-//! by the account's token bucket and breaker, and applies each page through the store.
+//! The loop that runs import jobs: takes leased jobs, pages through `GET /v1/customers` and
+//! then `GET /v1/subscriptions` paced by the account's token bucket and breaker, and applies
+//! each page through the store.
 
 use super::*;
 
@@ -82,6 +83,7 @@ async fn work(importer: Arc<Importer>, mut job: Job, owner: Uuid, shutdown: Canc
                     job_id = %job.id,
                     pages = job.progress.pages,
                     customers = job.progress.customers_seen,
+                    subscription_periods = job.progress.subscription_periods,
                     created = job.progress.mapped_created,
                     unchanged = job.progress.mapped_unchanged,
                     conflicts = job.progress.conflicts,
@@ -168,6 +170,31 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
     }
     account.until_ready().await;
     let observed = OffsetDateTime::now_utc().unix_timestamp() - SNAPSHOT_MARGIN_SECONDS;
+    if job.progress.customers_done {
+        let result = importer
+            .stripe
+            .list_subscriptions(
+                &config.api_key,
+                job.progress.subscriptions_cursor.as_deref(),
+                PAGE_SIZE,
+            )
+            .await;
+        account.record(result.as_ref().err().map(|e| e.class));
+        let list = match result {
+            Ok(list) => list,
+            Err(e) => return refused(e, "subscription list"),
+        };
+        return match importer
+            .store
+            .apply_subscription_page(job, owner, &list, observed, importer.lease)
+            .await
+        {
+            Ok(true) if list.has_more && !list.data.is_empty() => Step::More,
+            Ok(true) => Step::Done,
+            Ok(false) => Step::LostLease,
+            Err(e) => Step::Retry(e.to_string(), None),
+        };
+    }
     let result = importer
         .stripe
         .list_customers(&config.api_key, job.progress.cursor.as_deref(), PAGE_SIZE)
@@ -176,26 +203,31 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
     account.record(result.as_ref().err().map(|e| e.class));
     let list = match result {
         Ok(list) => list,
-        Err(e) if e.is_retriable() => return Step::Retry(e.to_string(), e.retry_after),
-        Err(e) if e.class == ErrorClass::Authentication => {
-            return Step::Fatal(format!(
-                "stripe refused the api key ({e}); fix the stripe config, then start a new import"
-            ))
-        }
-        Err(e) => {
-            return Step::Fatal(format!(
-                "stripe refused the customer list ({e}); start a new import"
-            ))
-        }
+        Err(e) => return refused(e, "customer list"),
     };
     match importer
         .store
         .apply_page(job, owner, &list, observed, importer.lease)
         .await
     {
-        Ok(true) if list.has_more && !list.data.is_empty() => Step::More,
-        Ok(true) => Step::Done,
+        // The subscriptions follow the last page of customers.
+        Ok(true) => Step::More,
         Ok(false) => Step::LostLease,
         Err(e) => Step::Retry(e.to_string(), None),
+    }
+}
+
+/// The step after Stripe failed a list request of `what`.
+fn refused(e: crate::stripe::StripeError, what: &str) -> Step {
+    if e.is_retriable() {
+        Step::Retry(e.to_string(), e.retry_after)
+    } else if e.class == ErrorClass::Authentication {
+        Step::Fatal(format!(
+            "stripe refused the api key ({e}); fix the stripe config, then start a new import"
+        ))
+    } else {
+        Step::Fatal(format!(
+            "stripe refused the {what} ({e}); start a new import"
+        ))
     }
 }

@@ -2735,17 +2735,25 @@ async fn every_customers_stripe_value_equals_the_ground_truth_across_the_billing
     ns.drop_databases().await;
 }
 
+/// How Stripe's subscription period reaches meterline in [`bill_seats_over_a_subscription`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeriodLearnt {
+    /// Its `customer.subscription.created` webhook, through the relay.
+    Webhook,
+    /// A customer import, which lists the account's subscriptions after its customers (the
+    /// subscription predates the webhook endpoint, so no webhook ever names it).
+    Import,
+}
+
 /// Case 2 of the billing issue, with the customer's subscription period: Stripe invoices a
 /// `last` meter's value over the subscription's period, which starts at its billing anchor,
 /// not on the 1st. Seats peak at 50 two days before a month's start (before the subscription),
 /// at 10 three hours before it, at 4 an hour after it; the subscription's period began a day
 /// before the month. Billed by calendar month, Stripe's value for the subscription period is
-/// 4 (the new month's maximum); billed over the subscription period, it is 10. The
-/// subscription is made after the usage was sent: its `customer.subscription.created` webhook
-/// (stand-in -> relay -> sink) records the period, and the aggregator recomputes and the sink
+/// 4 (the new month's maximum); billed over the subscription period, it is 10. The period
+/// becomes known after the usage was sent (`learnt`): the aggregator recomputes and the sink
 /// resends the windows over it.
-#[tokio::test]
-async fn a_max_meter_bills_its_customers_subscription_period_not_the_calendar_month() {
+async fn bill_seats_over_a_subscription(learnt: PeriodLearnt) {
     let ns = Namespace::create().await;
     let standin = Standin::start(RATE).await;
     let mtr = standin.meter("seats_peak", "last").await;
@@ -2758,8 +2766,11 @@ async fn a_max_meter_bills_its_customers_subscription_period_not_the_calendar_mo
     )
     .await;
     let cus = standin.customer("cust_anchor").await;
-    let (_relay, sink, t) =
-        sink_behind_a_relay(&ns, &standin, "customer.subscription.created").await;
+    let enabled = match learnt {
+        PeriodLearnt::Webhook => "customer.subscription.created",
+        PeriodLearnt::Import => "customer.updated",
+    };
+    let (_relay, sink, t) = sink_behind_a_relay(&ns, &standin, enabled).await;
     let aggregator = spawn_aggregator(&ns, &[]).await;
     map_meter(&sink, "seats", "seats_peak").await;
     map_customer(&sink, "cust_anchor", &cus).await;
@@ -2820,6 +2831,26 @@ async fn a_max_meter_bills_its_customers_subscription_period_not_the_calendar_mo
             (anchor.unix_timestamp(), period_end.unix_timestamp()),
         )
         .await;
+    if learnt == PeriodLearnt::Import {
+        let start = post_json(&sink.url("/v1/stripe/migrate/customers"), &t, &json!({})).await;
+        assert_eq!(start.status, 202, "{:?}", start.body);
+        let id = start.body["id"].as_str().expect("a job id").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = get(&sink.url(&format!("/v1/stripe/migrate/status/{id}")), &t).await;
+            if status.body["status"] == "completed" {
+                assert_eq!(
+                    status.body["subscriptions"],
+                    json!({"pages": 1, "periods": 1}),
+                    "{:?}",
+                    status.body
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "import: {:?}", status.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     wait_for_summaries(&standin, &cus, period, &[("seats", &mtr, 10.0)]).await;
     wait_for_batches(&sink, &t, "synced", |synced| {
         let value = |at: OffsetDateTime| {
@@ -2845,6 +2876,16 @@ async fn a_max_meter_bills_its_customers_subscription_period_not_the_calendar_mo
         "{metrics}"
     );
     ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn a_max_meter_bills_its_customers_subscription_period_not_the_calendar_month() {
+    bill_seats_over_a_subscription(PeriodLearnt::Webhook).await;
+}
+
+#[tokio::test]
+async fn a_customer_import_reads_the_subscription_periods_that_predate_the_webhook_endpoint() {
+    bill_seats_over_a_subscription(PeriodLearnt::Import).await;
 }
 
 /// The start of the hour `at` is in.

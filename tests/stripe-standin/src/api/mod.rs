@@ -8,6 +8,7 @@ mod customers;
 mod meter_events;
 mod meters;
 pub mod params;
+mod subscriptions;
 mod v2;
 mod webhook_endpoints;
 
@@ -46,6 +47,7 @@ enum Route {
     MeterEventSummaries(String),
     MeterEventCreate,
     MeterEventAdjustmentCreate,
+    SubscriptionList,
     V2SessionCreate,
     V2Stream,
     V2EventGet(String),
@@ -76,6 +78,7 @@ fn route(method: &Method, path: &str) -> Option<Route> {
         }
         ["v1", "billing", "meter_events"] if post => Route::MeterEventCreate,
         ["v1", "billing", "meter_event_adjustments"] if post => Route::MeterEventAdjustmentCreate,
+        ["v1", "subscriptions"] if get => Route::SubscriptionList,
         ["v2", "billing", "meter_event_session"] if post => Route::V2SessionCreate,
         ["v2", "billing", "meter_event_stream"] if post => Route::V2Stream,
         ["v2", "core", "events", e] if get => Route::V2EventGet(id(e)),
@@ -297,6 +300,7 @@ async fn dispatch(ctx: &Ctx, route: Route, input: Input) -> Result<Value, Error>
         }
         Route::CustomerCreate => customers::create(ctx, &input.form()),
         Route::CustomerList => customers::list(ctx, &input.form()),
+        Route::SubscriptionList => subscriptions::list(ctx, &input.form()),
         Route::CustomerGet(id) => customers::retrieve(ctx, &input.form(), &id),
         Route::CustomerUpdate(id) => customers::update(ctx, &input.form(), &id),
         Route::CustomerDelete(id) => customers::delete(ctx, &input.form(), &id),
@@ -625,6 +629,12 @@ mod tests {
         // Stripe's v1 API has no batch endpoint.
         assert_eq!(route(&Method::POST, "/v1/billing/meter_events/batch"), None);
         assert_eq!(route(&Method::PUT, "/v1/customers"), None);
+        assert_eq!(
+            route(&Method::GET, "/v1/subscriptions"),
+            Some(Route::SubscriptionList)
+        );
+        // Subscriptions are made through test control (the stand-in has no prices).
+        assert_eq!(route(&Method::POST, "/v1/subscriptions"), None);
     }
 
     #[test]
