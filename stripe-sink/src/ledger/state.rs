@@ -161,12 +161,28 @@ mod tests {
         assert_eq!(allowed, LedgerState::NAMES);
     }
 
-    /// Every state the SQL of `ledger.rs` names (a quoted word other than a send's status, a
-    /// mapping's constants or a Stripe meter formula) is a [`LedgerState`].
+    /// Every state the SQL of the ledger's files names (a quoted word other than a send's
+    /// status, a mapping's constants or a Stripe meter formula) is a [`LedgerState`].
     #[test]
     fn the_ledger_sql_names_only_ledger_states() {
-        let source = include_str!("../ledger.rs");
-        let (code, _) = source.split_once("#[cfg(test)]").unwrap();
+        let sources = [
+            include_str!("../ledger.rs"),
+            include_str!("sends.rs"),
+            include_str!("doubt.rs"),
+            include_str!("reopen.rs"),
+            include_str!("reports.rs"),
+            include_str!("carry.rs"),
+            include_str!("retention.rs"),
+        ];
+        let code: String = sources
+            .iter()
+            .map(|source| {
+                source
+                    .split_once("#[cfg(test)]")
+                    .map_or(*source, |(code, _)| code)
+            })
+            .collect();
+        let code = code.as_str();
         let others = [
             "sending", "accepted", "refused", "dropped", "customer", "stripe", "active", "last",
         ];
@@ -187,7 +203,7 @@ mod tests {
             if !others.contains(&quoted) {
                 assert!(
                     quoted.parse::<LedgerState>().is_ok(),
-                    "'{quoted}' in ledger.rs"
+                    "'{quoted}' in the ledger's SQL"
                 );
                 named += 1;
             }
