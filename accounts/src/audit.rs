@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 
 use crate::stripe_config::MaskedConfig;
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 
 /// Longest page of the audit list.
 pub const MAX_PAGE: u32 = 100;
@@ -368,8 +369,7 @@ pub async fn list(
          ORDER BY id DESC
          LIMIT $5",
     )
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .bind(query.before)
     .bind(query.action.as_deref())
     .bind(i64::from(limit) + 1)

@@ -12,6 +12,7 @@
 //!   collapse in ClickHouse.
 
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use meterline_schemas::stripe_limits::MAX_EVENT_AGE;
 use meterline_schemas::{EnvironmentId, MeterId, TenantId};
 use serde::Serialize;
@@ -111,8 +112,7 @@ pub(crate) async fn schedule(
                 now() - make_interval(secs => $5), now() + make_interval(secs => $7)
          RETURNING {COLUMNS}"
     ))
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .bind(meter.as_str())
     .bind(reason.as_sql())
     .bind(interval(MAX_EVENT_AGE))
@@ -138,8 +138,7 @@ pub async fn latest(
          WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3
          ORDER BY id DESC LIMIT 1"
     ))
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .bind(meter.as_str())
     .fetch_optional(pool)
     .await?;

@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use meterline_schemas::{Aggregation, EnvironmentId, MeterId, TenantId};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -173,8 +174,7 @@ pub async fn load(
         "SELECT {COLUMNS} FROM meter_versions
          WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3"
     ))
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .bind(meter.as_str())
     .fetch_all(pool)
     .await?;
@@ -236,8 +236,7 @@ pub(crate) async fn record(
              (tenant_id, environment_id, meter_id, aggregation, property, until)
          VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .bind(meter.as_str())
     .bind(aggregation.kind())
     .bind(aggregation.property().map(|p| p.as_str()))

@@ -20,6 +20,7 @@ use crate::backfills::{self, Backfill, Reason};
 use crate::meter_versions::{self, Plan};
 use crate::window_sizes::{self, WindowSizeError};
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 
 /// A meter definition as stored, with its timestamps.
 ///
@@ -152,8 +153,7 @@ async fn has_usage(
         "SELECT EXISTS (SELECT 1 FROM aggregation_windows
          WHERE tenant_id = $1 AND environment_id = $2 AND meter_id = $3)",
     )
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .bind(meter.as_str())
     .fetch_one(&mut **tx)
     .await?)
@@ -189,8 +189,7 @@ impl MeterStore {
     ) -> Result<Option<MeterRow>, MeterStoreError> {
         let (event_name, aggregation, property, filters) = columns_of(definition)?;
         Ok(sqlx::query_as(sql)
-            .bind(scope.tenant_id.as_str())
-            .bind(scope.environment_id.as_str())
+            .bind_scope(scope)
             .bind(definition.id.as_str())
             .bind(event_name)
             .bind(aggregation)
@@ -239,8 +238,7 @@ impl MeterStore {
             "SELECT {COLUMNS} FROM meters
              WHERE tenant_id = $1 AND environment_id = $2 AND id = $3"
         ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(id.as_str())
         .fetch_optional(&self.pool)
         .await?;
@@ -254,8 +252,7 @@ impl MeterStore {
              WHERE tenant_id = $1 AND environment_id = $2
              ORDER BY id"
         ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(StoredMeter::try_from).collect()
@@ -277,8 +274,7 @@ impl MeterStore {
             "SELECT {COLUMNS} FROM meters
              WHERE tenant_id = $1 AND environment_id = $2 AND id = $3 FOR UPDATE"
         ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(definition.id.as_str())
         .fetch_optional(&mut *tx)
         .await?;

@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 
 use crate::scope_map::ScopeMap;
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 
 /// The size of a window when the tenant never chose one.
 pub const DEFAULT_WINDOW_MINUTES: u32 = 60;
@@ -157,8 +158,7 @@ pub async fn load_scope(
         "SELECT effective_from, window_minutes FROM aggregation_window_sizes
          WHERE tenant_id = $1 AND environment_id = $2",
     )
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .fetch_all(pool)
     .await?;
     let changes = rows
@@ -197,16 +197,14 @@ pub async fn schedule_change(
     // Serialise changes of one scope: two concurrent changes must not both align to the
     // same old size.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))")
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .execute(&mut *tx)
         .await?;
     let rows: Vec<(OffsetDateTime, i32)> = sqlx::query_as(
         "SELECT effective_from, window_minutes FROM aggregation_window_sizes
          WHERE tenant_id = $1 AND environment_id = $2",
     )
-    .bind(scope.tenant_id.as_str())
-    .bind(scope.environment_id.as_str())
+    .bind_scope(scope)
     .fetch_all(&mut *tx)
     .await?;
     let history = SizeHistory::new(
@@ -221,8 +219,7 @@ pub async fn schedule_change(
             "DELETE FROM aggregation_window_sizes
              WHERE tenant_id = $1 AND environment_id = $2 AND effective_from > $3",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(horizon)
         .execute(&mut *tx)
         .await?;
@@ -233,8 +230,7 @@ pub async fn schedule_change(
                  (tenant_id, environment_id, effective_from, window_minutes)
              VALUES ($1, $2, $3, $4)",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(effective_from)
         .bind(minutes as i32)
         .execute(&mut *tx)

@@ -5,9 +5,11 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::query::{Query, QueryAs, QueryScalar};
+use sqlx::{PgPool, Postgres};
 
+use crate::auth::TenantScope;
 use crate::config::PostgresSettings;
 use crate::Error;
 
@@ -38,4 +40,32 @@ pub async fn check(pool: &PgPool) -> Result<(), String> {
         .await
         .map(|_| ())
         .map_err(|e| format!("query failed: {e}"))
+}
+
+/// Binds a tenant scope as a query's next two parameters, the tenant then the environment.
+/// Every query of one tenant environment's rows is scoped from the bearer token this way
+/// (by convention `WHERE tenant_id = $1 AND environment_id = $2`), never from a body.
+pub trait BindScope<'q>: Sized {
+    fn bind_scope(self, scope: &'q TenantScope) -> Self;
+}
+
+impl<'q> BindScope<'q> for Query<'q, Postgres, PgArguments> {
+    fn bind_scope(self, scope: &'q TenantScope) -> Self {
+        self.bind(scope.tenant_id.as_str())
+            .bind(scope.environment_id.as_str())
+    }
+}
+
+impl<'q, O> BindScope<'q> for QueryAs<'q, Postgres, O, PgArguments> {
+    fn bind_scope(self, scope: &'q TenantScope) -> Self {
+        self.bind(scope.tenant_id.as_str())
+            .bind(scope.environment_id.as_str())
+    }
+}
+
+impl<'q, O> BindScope<'q> for QueryScalar<'q, Postgres, O, PgArguments> {
+    fn bind_scope(self, scope: &'q TenantScope) -> Self {
+        self.bind(scope.tenant_id.as_str())
+            .bind(scope.environment_id.as_str())
+    }
 }

@@ -25,6 +25,7 @@
 
 use meterline_accounts::audit::{self, Actor, Change};
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use meterline_schemas::{
     CustomerId, Decimal, EnvironmentId, JobId, MeterId, TenantId, Window, WindowReason, WindowTotal,
 };
@@ -53,9 +54,7 @@ fn scoped<'q, O>(sql: &'q str, scope: &'q TenantScope) -> QueryAs<'q, Postgres, 
 where
     O: for<'r> FromRow<'r, PgRow>,
 {
-    sqlx::query_as(sql)
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+    sqlx::query_as(sql).bind_scope(scope)
 }
 
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {

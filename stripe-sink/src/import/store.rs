@@ -2,6 +2,7 @@
 //! applying one page of customers with the job's cursor and counts in one transaction.
 
 use super::*;
+use meterline_common::postgres::BindScope;
 
 /// The PostgreSQL store of import jobs.
 #[derive(Clone)]
@@ -26,8 +27,7 @@ impl ImportStore {
              RETURNING {JOB_COLUMNS}"
         ))
         .bind(id.as_uuid())
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(&scope.subject)
         .fetch_optional(&self.pool)
         .await
@@ -39,8 +39,7 @@ impl ImportStore {
             "SELECT id FROM stripe_customer_imports
              WHERE tenant_id = $1 AND environment_id = $2 AND status = 'running'",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .fetch_optional(&self.pool)
         .await
         .map_err(db("reading the running import"))?;
@@ -60,8 +59,7 @@ impl ImportStore {
              WHERE id = $1 AND tenant_id = $2 AND environment_id = $3"
         ))
         .bind(id.as_uuid())
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .fetch_optional(&self.pool)
         .await
         .map_err(db("reading an import"))?;

@@ -7,6 +7,7 @@
 
 use super::sends::{accept_in, undo_acceptance_in};
 use super::*;
+use meterline_common::postgres::BindScope;
 
 impl Ledger {
     /// A send in doubt settled from Stripe's meter event summaries (`recorded` or not),
@@ -60,8 +61,7 @@ impl Ledger {
              WHERE id = $1 AND tenant_id = $2 AND environment_id = $3 FOR UPDATE",
         )
         .bind(batch_id)
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db("reading a window to resolve"))?;

@@ -3,6 +3,7 @@
 //! Stripe's.
 
 use super::*;
+use meterline_common::postgres::BindScope;
 
 impl Ledger {
     /// Creates a manual sync job.
@@ -13,8 +14,7 @@ impl Ledger {
              VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(job.id.to_string())
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(&job.entity_type)
         .bind(job.entity_id.as_ref().map(CustomerId::as_str))
         .bind(job.meter_id.as_ref().map(MeterId::as_str))
@@ -35,8 +35,7 @@ impl Ledger {
              FROM sync_jobs WHERE id = $1::uuid AND tenant_id = $2 AND environment_id = $3",
         )
         .bind(id.to_string())
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .fetch_optional(&self.pool)
         .await
         .map_err(db("reading a sync job"))?;
@@ -60,8 +59,7 @@ impl Ledger {
             "SELECT count(*) FROM stripe_sync_batches
              WHERE tenant_id = $1 AND environment_id = $2 AND last_job_id = $3::uuid",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(id.to_string())
         .fetch_one(&self.pool)
         .await
@@ -151,8 +149,7 @@ impl Ledger {
                AND (sync_status = 'failed' OR ($4 AND sync_status = 'needs_reconciliation'))
                AND ($3::bigint[] IS NULL OR id = ANY($3))",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(ids)
         .bind(include_reconciliation)
         .execute(&self.pool)

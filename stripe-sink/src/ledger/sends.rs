@@ -59,19 +59,16 @@ impl Ledger {
     /// After a 5xx answer: the next attempt uses a new Idempotency-Key, because Stripe
     /// replays a stored 500 for the old one.
     pub async fn next_key_generation(&self, claim: Claim, send: &mut Send) -> Result<(), Error> {
-        let mut tx = self.hold(claim).await?;
-        send.key_generation = sqlx::query_scalar(
-            "UPDATE stripe_sync_sends SET key_generation = key_generation + 1
-             WHERE batch_id = $1 AND seq = $2 RETURNING key_generation",
-        )
-        .bind(claim.batch_id)
-        .bind(send.seq)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("renewing an idempotency key"))?;
-        tx.commit()
-            .await
-            .map_err(db("committing an idempotency key"))
+        send.key_generation = self
+            .update_send(
+                claim,
+                send.seq,
+                "UPDATE stripe_sync_sends SET key_generation = key_generation + 1
+                 WHERE batch_id = $1 AND seq = $2 RETURNING key_generation",
+                "renewing an idempotency key",
+            )
+            .await?;
+        Ok(())
     }
 
     /// An attempt of the send got no certain "not recorded" (no answer, a 409, a 5xx):
@@ -80,17 +77,40 @@ impl Ledger {
         if send.in_doubt_since.is_some() {
             return Ok(());
         }
+        send.in_doubt_since = self
+            .update_send(
+                claim,
+                send.seq,
+                "UPDATE stripe_sync_sends SET in_doubt_since = COALESCE(in_doubt_since, now())
+                 WHERE batch_id = $1 AND seq = $2 RETURNING in_doubt_since",
+                "marking a send in doubt",
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// One column of the claimed window's send `seq` changed by `sql` (`$1` the window,
+    /// `$2` the send, returning the column's new value) under `claim`, and committed.
+    async fn update_send<T>(
+        &self,
+        claim: Claim,
+        seq: i32,
+        sql: &'static str,
+        context: &'static str,
+    ) -> Result<T, Error>
+    where
+        T: std::marker::Send + Unpin,
+        (T,): for<'r> FromRow<'r, PgRow>,
+    {
         let mut tx = self.hold(claim).await?;
-        send.in_doubt_since = sqlx::query_scalar(
-            "UPDATE stripe_sync_sends SET in_doubt_since = COALESCE(in_doubt_since, now())
-             WHERE batch_id = $1 AND seq = $2 RETURNING in_doubt_since",
-        )
-        .bind(claim.batch_id)
-        .bind(send.seq)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("marking a send in doubt"))?;
-        tx.commit().await.map_err(db("committing a send in doubt"))
+        let value = sqlx::query_scalar(sql)
+            .bind(claim.batch_id)
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(context))?;
+        tx.commit().await.map_err(db(context))?;
+        Ok(value)
     }
 
     /// Stripe accepted (or already held) the event: it counts as synced, and the change it

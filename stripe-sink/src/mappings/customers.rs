@@ -14,6 +14,7 @@
 
 use meterline_accounts::audit::{Actor, Change};
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use meterline_schemas::{CustomerId, EnvironmentId, SchemaError, TenantId};
 use serde::Serialize;
 use serde_json::Value;
@@ -512,8 +513,7 @@ impl CustomerMappings<'_> {
              ORDER BY id
              LIMIT $5"
         ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(query.status.map(MappingStatus::as_str))
         .bind(query.starting_after)
         .bind(fetch)

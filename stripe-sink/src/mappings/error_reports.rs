@@ -6,6 +6,7 @@
 //! thin event replace the row without identifier its first delivery left.
 
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use meterline_schemas::{EnvironmentId, StripeEventId, StripeEventType, TenantId};
 use serde::Serialize;
 use serde_json::Value;
@@ -165,8 +166,7 @@ impl MappingStore {
              WHERE tenant_id = $1 AND environment_id = $2 AND identifier = ANY($3)
              ORDER BY occurred_at DESC, stripe_event_id, identifier",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(identifiers)
         .fetch_all(&self.pool)
         .await?;

@@ -8,6 +8,7 @@
 
 use meterline_accounts::audit::{Actor, Change};
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use meterline_schemas::{
     Aggregation, EnvironmentId, EventName, MeterId, SchemaError, StripeFormula, TenantId,
 };
@@ -221,8 +222,7 @@ impl MeterMappings<'_> {
              WHERE tenant_id = $1 AND environment_id = $2
              ORDER BY meter_id"
         ))
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .fetch_all(self.pool)
         .await?;
         rows.into_iter().map(MeterMapping::try_from).collect()

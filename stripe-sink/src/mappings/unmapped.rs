@@ -7,6 +7,7 @@
 //! (the webhook ordering and the manual mapping rule), in the same transaction.
 
 use meterline_common::auth::TenantScope;
+use meterline_common::postgres::BindScope;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -58,8 +59,7 @@ impl UnmappedCustomers<'_> {
              ORDER BY provider_customer_id
              LIMIT $5",
         )
-        .bind(scope.tenant_id.as_str())
-        .bind(scope.environment_id.as_str())
+        .bind_scope(scope)
         .bind(query.status)
         .bind(&query.starting_after)
         .bind(fetch)
