@@ -4,7 +4,9 @@
 //!
 //! Each of the `concurrency` tasks takes one batch at a time, encodes it and waits for the
 //! acknowledgement of every message before it takes the next, as ingest does per bulk request:
-//! the difference between the two is then what HTTP, JSON parsing and validation cost.
+//! the difference between the two is then what HTTP, JSON parsing and validation cost. The
+//! relay's baseline writes its `stripe.webhooks` messages through the same producer, one at a
+//! time ([`RawProducer::write`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,20 +37,29 @@ impl RawProducer {
         Ok(Self { producer, topic })
     }
 
+    /// Writes one message and waits for Kafka's acknowledgement.
+    pub async fn write(&self, key: &str, payload: &[u8]) -> anyhow::Result<()> {
+        self.producer
+            .send(
+                FutureRecord::to(&self.topic).key(key).payload(payload),
+                Timeout::After(PRODUCE_TIMEOUT),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("kafka refused a baseline write: {e}"))?;
+        Ok(())
+    }
+
     /// Writes `events` and waits until Kafka acknowledged every one.
     pub async fn write_batch(&self, events: &[RawUsageEvent]) -> anyhow::Result<()> {
         let encoded: Vec<(String, Vec<u8>)> = events
             .iter()
             .map(|e| (e.kafka_key(), e.to_json_bytes()))
             .collect();
-        let sends = encoded.iter().map(|(key, payload)| {
-            self.producer.send(
-                FutureRecord::to(&self.topic).key(key).payload(payload),
-                Timeout::After(PRODUCE_TIMEOUT),
-            )
-        });
-        for outcome in futures::future::join_all(sends).await {
-            outcome.map_err(|(e, _)| anyhow::anyhow!("kafka refused a baseline write: {e}"))?;
+        let writes = encoded
+            .iter()
+            .map(|(key, payload)| self.write(key, payload));
+        for outcome in futures::future::join_all(writes).await {
+            outcome?;
         }
         Ok(())
     }

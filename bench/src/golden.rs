@@ -13,7 +13,8 @@ use crate::pipeline::{self, PipelineReport, ServiceMemory};
 use crate::procstat::{ComponentCpu, CpuTimes, Machine, Memory};
 use crate::profile::{Entry, Profile};
 use crate::relay::RelayReport;
-use crate::report::{Latency, Phase, Report, RoundRates};
+use crate::report::{Latency, Phase, Report};
+use crate::rounds::RoundRates;
 use crate::sink::{LimitPhase, Pace, SinkReport};
 
 fn check(name: &str, actual: &str) {
@@ -71,7 +72,6 @@ fn cpu(names: &[&'static str], scale: f64) -> Vec<ComponentCpu> {
         .collect()
 }
 
-/// A profile, or (`taken` false) the reason there is none.
 fn phase(elapsed_ms: u64, names: &[&'static str], scale: f64) -> Phase {
     Phase {
         elapsed: ms(elapsed_ms),
@@ -79,6 +79,7 @@ fn phase(elapsed_ms: u64, names: &[&'static str], scale: f64) -> Phase {
     }
 }
 
+/// A profile, or (`taken` false) the reason there is none.
 fn profile(taken: bool, reason: &str) -> Result<Profile, String> {
     if !taken {
         return Err(reason.to_owned());
@@ -153,7 +154,6 @@ fn live() -> LiveReport {
         rate: 2000,
         events: 300_123,
         sending: ms(150_400),
-        elapsed: ms(158_900),
         windows: 3012,
         missing: 1,
         incomplete: 2,
@@ -161,7 +161,11 @@ fn live() -> LiveReport {
         first: latency(800),
         complete: latency(1200),
         histogram: Some((3000, 1.0, 2.5)),
-        cpu: cpu(&["aggregator", "kafka broker", "meterline-bench"], 0.75),
+        phase: phase(
+            158_900,
+            &["aggregator", "kafka broker", "meterline-bench"],
+            0.75,
+        ),
     }
 }
 
@@ -186,13 +190,11 @@ fn aggregator(full: bool) -> AggregatorReport {
         partitions: 3,
         grace_minutes: if full { 0 } else { 180 },
         backlog_windows: 12_000,
-        baseline_elapsed: ms(3_210),
+        baseline: phase(3_210, &names[1..], 1.0),
         first_rows: if full { 100_000 } else { 0 },
-        measured_elapsed: ms(6_543),
+        consume: phase(6_543, &names, 3.0),
         startup: ms(1_234),
         from_spawn: ms(7_777),
-        aggregator_cpu: cpu(&names, 3.0),
-        baseline_cpu: cpu(&names[1..], 1.0),
         insert_seconds: full.then_some(2.5),
         inserts: full.then_some(40.0),
         publication: BacklogPublication {
@@ -301,7 +303,11 @@ fn pipeline(rate: u64) -> PipelineReport {
         baseline: latency(4),
         events: 3_456_000,
         requests: latency(90),
-        load_elapsed: ms(60_123),
+        load: phase(
+            60_123,
+            &["ingest", "aggregator", "kafka broker", "meterline-bench"],
+            5.0,
+        ),
         rows_at_load_end: 6_800_000,
         rows_expected: 6_912_000,
         catch_up: ms(2_345),
@@ -315,10 +321,6 @@ fn pipeline(rate: u64) -> PipelineReport {
             memory("ingest", 10_240, 81_920, 40_960),
             memory("aggregator", 20_480, 204_800, 102_400),
         ],
-        cpu: cpu(
-            &["ingest", "aggregator", "kafka broker", "meterline-bench"],
-            5.0,
-        ),
     }
 }
 

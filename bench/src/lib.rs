@@ -19,20 +19,24 @@
 //!   Kafka -> Kafka -> HTTP path (`bare.rs`).
 //! - [`chaos`]: `meterline-bench chaos`: runs the chaos test at a chosen scale and reports its
 //!   result.
-//! - [`report`]: what the results share: latency percentiles, rounds and their median, the
-//!   [`report::Report`] trait, heads, CPU and profile tables, number formatting, and the
+//! - [`report`]: what the results share: latency percentiles, the lines and rows of rounds,
+//!   the [`report::Report`] trait, heads, CPU and profile tables, number formatting, and the
 //!   replacement of a docs section.
+//! - [`rounds`]: ingest's and the aggregator's rounds, run back to back, and the median round
+//!   they are judged on.
 //! - [`workload`]: the usage events a benchmark sends, generated once in memory before any
 //!   clock starts, and their bulk request bodies.
 //! - [`rng`]: the one random generator (SplitMix64), seeded, for every generated event.
-//! - [`baseline`]: the raw Kafka producer ingest and the aggregator's backlog are compared with.
+//! - [`baseline`]: the raw Kafka producer ingest and the relay are compared with, which also
+//!   pre-loads the aggregator's backlog.
 //! - [`clients`]: concurrent load clients sharing a counter of work, timed requests, ingest's
 //!   bulk post.
 //! - [`recorder`]: a recording pass-through in front of the Stripe stand-in (arrival times of
 //!   meter events to the microsecond).
 //! - [`procstat`]: everything read from `/proc`: CPU seconds of the processes a phase watches
 //!   (a [`procstat::Watchlist`]), resident memory, the stack servers' pids, load, the machine.
-//! - [`profile`]: `perf record` of a process and its top symbols.
+//! - [`profile`]: `perf record` of a process and its top symbols, taken in a separate pass
+//!   after the measured phases.
 //! - `golden` (tests): every report rendered from fixed numbers, compared with `bench/golden/`.
 //!
 //! Rule kept everywhere: every number printed or written comes from the run that prints it;
@@ -50,6 +54,7 @@ pub mod recorder;
 pub mod relay;
 pub mod report;
 pub mod rng;
+pub mod rounds;
 pub mod sink;
 pub mod workload;
 

@@ -7,6 +7,7 @@
 //! reads CPU through that list.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
 
 use anyhow::Context;
@@ -369,6 +370,16 @@ impl Watchlist {
             readings.push((*name, reading));
         }
         Ok(Snapshot { readings })
+    }
+
+    /// Runs `phase` between two readings: what it gave, and what each process used meanwhile.
+    pub async fn during<T>(
+        &self,
+        phase: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<(T, Snapshot)> {
+        let before = self.snapshot()?;
+        let outcome = phase.await?;
+        Ok((outcome, self.snapshot()?.since(&before)))
     }
 }
 

@@ -3,7 +3,12 @@
 //!
 //! Sampling uses the `cpu-clock` software event: it works in virtual machines that expose no
 //! hardware counters (where `perf stat -e instructions` says `<not supported>`).
+//!
+//! Rule kept: a benchmark profiles a separate pass after its measured phases
+//! ([`separate_pass`]), so that what it measured ran without a profiler; a report without a
+//! profile says why.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -15,8 +20,31 @@ pub struct Recording {
     data: PathBuf,
 }
 
+/// The profile of a benchmark's separate pass over `events` more events (its
+/// `--profile-events`), or why there is none: none asked for, `perf record` not working here,
+/// or `pass` failing. The reason is said on stderr too.
+pub async fn separate_pass<Fut>(
+    events: usize,
+    pass: impl FnOnce() -> Fut,
+) -> Result<Profile, String>
+where
+    Fut: Future<Output = Result<Profile, String>>,
+{
+    let profile = if events == 0 {
+        Err("disabled (--profile-events 0)".to_owned())
+    } else if let Some(reason) = unavailable_reason(&std::env::temp_dir()) {
+        Err(reason)
+    } else {
+        pass().await
+    };
+    if let Err(reason) = &profile {
+        eprintln!("profile: {reason}");
+    }
+    profile
+}
+
 /// Whether `perf record` works here; the reason when it does not.
-pub fn unavailable_reason(scratch: &Path) -> Option<String> {
+fn unavailable_reason(scratch: &Path) -> Option<String> {
     let data = scratch.join("perf-probe.data");
     let outcome = Command::new("perf")
         .args(["record", "-q", "-e", "cpu-clock", "-o"])
@@ -72,6 +100,14 @@ impl Recording {
             bail!("perf recorded no samples in {}", self.data.display());
         }
         Ok(profile)
+    }
+
+    /// Stops the recording once the pass it watched ended with `pass`, and summarizes it; the
+    /// pass failing wins over the recording's outcome (a profile of a failed pass is no result).
+    pub fn finish_after<T>(self, pass: anyhow::Result<T>) -> Result<Profile, String> {
+        let profile = self.finish().map_err(|e| format!("{e:#}"));
+        pass.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
+        profile
     }
 }
 

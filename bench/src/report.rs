@@ -1,8 +1,9 @@
 //! What every benchmark's result shares: the [`Report`] trait `main` prints and writes, the
-//! `Head` that opens a block and a section, latency percentiles, measured [`Phase`]s, rounds
-//! judged on their median ratio, goals, CPU and profile tables, number formatting, and the
-//! replacement of a generated section of `docs/benchmarks.md`. Each benchmark's own block and
-//! section live beside it (`ingest/report.rs`, `aggregator/report.rs`, ...).
+//! `Head` that opens a block and a section, latency percentiles, measured [`Phase`]s, the lines
+//! and rows of rounds judged on their median ratio ([`crate::rounds`]), goals, CPU and profile
+//! tables, number formatting, and the replacement of a generated section of
+//! `docs/benchmarks.md`. Each benchmark's own block and section live beside it
+//! (`ingest/report.rs`, `aggregator/report.rs`, ...).
 //!
 //! Rule kept: a result is a plain-text block for the terminal and a Markdown section that
 //! replaces the text between `<!-- <name>:begin -->` and `<!-- <name>:end -->` and nothing
@@ -16,6 +17,7 @@ use anyhow::{bail, Context};
 
 use crate::procstat::{ComponentCpu, CpuTimes, Machine, Snapshot};
 use crate::profile::Profile;
+use crate::rounds::{median_by_ratio, RoundRates};
 
 /// A benchmark's result: what `meterline-bench` prints, and what `--write-docs` puts in its
 /// section of `docs/benchmarks.md`.
@@ -56,6 +58,29 @@ impl Latency {
             p99: rank(0.99),
             max: samples.last().copied().unwrap_or_default(),
         }
+    }
+
+    /// `p50 1.23 s, p99 4.56 s, max 7.89 s`: how late windows were.
+    pub(crate) fn seconds(&self) -> String {
+        format!(
+            "p50 {:.2} s, p99 {:.2} s, max {:.2} s",
+            self.p50.as_secs_f64(),
+            self.p99.as_secs_f64(),
+            self.max.as_secs_f64()
+        )
+    }
+
+    /// `p50 12 ms, p99 34 ms, max 56 ms`, to `decimals` places.
+    pub(crate) fn millis(&self, decimals: usize) -> String {
+        format!(
+            "p50 {:.*} ms, p99 {:.*} ms, max {:.*} ms",
+            decimals,
+            ms(self.p50),
+            decimals,
+            ms(self.p99),
+            decimals,
+            ms(self.max)
+        )
     }
 }
 
@@ -154,55 +179,26 @@ impl Phase {
         self.elapsed.as_secs_f64() * cores as f64
     }
 
-    /// The phase's CPU seconds for the terminal ([`cpu_text`]).
+    /// The phase's CPU seconds for the terminal: the core-seconds it had, then each watched
+    /// process's seconds.
     pub(crate) fn cpu_text(&self, s: &mut String, name: &str, cores: usize) {
-        cpu_text(s, name, &self.cpu, self.elapsed, cores);
-    }
-}
-
-/// The two rates of one round of a benchmark that is judged on a ratio: its baseline's and
-/// its subject's (ingest, the aggregator), events per second.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundRates {
-    pub load_before_baseline: f64,
-    pub baseline_rate: f64,
-    pub rate: f64,
-}
-
-impl RoundRates {
-    pub fn ratio(&self) -> f64 {
-        self.rate / self.baseline_rate
-    }
-
-    /// A round that sent `events` in `baseline_elapsed` through the baseline and at `rate`
-    /// through the subject.
-    pub fn measured(
-        load_before_baseline: f64,
-        events: usize,
-        baseline_elapsed: Duration,
-        rate: f64,
-    ) -> RoundRates {
-        RoundRates {
-            load_before_baseline,
-            baseline_rate: events as f64 / baseline_elapsed.as_secs_f64(),
-            rate,
+        let _ = writeln!(
+            s,
+            "cpu {name:<8} {:.1} core-seconds available ({:.2}s x {} cores)",
+            self.available(cores),
+            self.elapsed.as_secs_f64(),
+            cores
+        );
+        for c in &self.cpu {
+            let _ = writeln!(
+                s,
+                "               {:<34} {:>6.2}s (user {:.2}, system {:.2})",
+                c.name,
+                c.cpu.total(),
+                c.cpu.user,
+                c.cpu.system
+            );
         }
-    }
-
-    /// The earlier rounds and then the last (detailed) one, in the order they ran.
-    pub fn with_last(
-        earlier: &[RoundRates],
-        load_before_baseline: f64,
-        baseline_rate: f64,
-        rate: f64,
-    ) -> Vec<RoundRates> {
-        let mut rounds = earlier.to_vec();
-        rounds.push(RoundRates {
-            load_before_baseline,
-            baseline_rate,
-            rate,
-        });
-        rounds
     }
 }
 
@@ -220,40 +216,6 @@ fn rounds_text(rounds: &[RoundRates]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The round of median ratio; of an even count the lower middle one, so that a tie never
-/// flatters the result.
-pub(crate) fn median_by_ratio(mut rounds: Vec<RoundRates>) -> RoundRates {
-    rounds.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
-    rounds[(rounds.len() - 1) / 2]
-}
-
-/// CPU seconds of a phase, for the terminal.
-pub(crate) fn cpu_text(
-    s: &mut String,
-    phase: &str,
-    cpus: &[ComponentCpu],
-    elapsed: Duration,
-    cores: usize,
-) {
-    let _ = writeln!(
-        s,
-        "cpu {phase:<8} {:.1} core-seconds available ({:.2}s x {} cores)",
-        elapsed.as_secs_f64() * cores as f64,
-        elapsed.as_secs_f64(),
-        cores
-    );
-    for c in cpus {
-        let _ = writeln!(
-            s,
-            "               {:<34} {:>6.2}s (user {:.2}, system {:.2})",
-            c.name,
-            c.cpu.total(),
-            c.cpu.user,
-            c.cpu.system
-        );
-    }
 }
 
 /// The judged goals of a benchmark measured in rounds against its baseline: the median
@@ -461,7 +423,7 @@ pub(crate) fn profile_section(
 }
 
 /// The head of a docs section's CPU table, one column per phase (`columns`).
-pub(crate) fn cpu_table_head(s: &mut String, columns: &[&str]) {
+fn cpu_table_head(s: &mut String, columns: &[&str]) {
     let _ = writeln!(
         s,
         "\nCPU seconds (user + system) used during each phase, from `/proc/<pid>/stat`:\n\n\
@@ -472,6 +434,7 @@ pub(crate) fn cpu_table_head(s: &mut String, columns: &[&str]) {
 }
 
 /// Seconds per `unit` of `count` (events, deliveries) of one phase: a column of a CPU table.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct PerUnit {
     /// The phase the column follows.
     pub phase: usize,
@@ -481,7 +444,7 @@ pub(crate) struct PerUnit {
 
 /// The rows of a CPU table: one per process of `names` that some phase accounted, a cell per
 /// phase and the [`PerUnit`] column after its phase.
-pub(crate) fn cpu_rows(s: &mut String, names: &[&str], phases: &[&[ComponentCpu]], per: PerUnit) {
+fn cpu_rows(s: &mut String, names: &[&str], phases: &[&[ComponentCpu]], per: PerUnit) {
     for name in names {
         let cpus: Vec<Option<CpuTimes>> = phases.iter().map(|p| find_cpu(p, name)).collect();
         if cpus.iter().all(Option::is_none) {
@@ -501,6 +464,38 @@ pub(crate) fn cpu_rows(s: &mut String, names: &[&str], phases: &[&[ComponentCpu]
     }
 }
 
+/// The docs CPU table of a benchmark's phases: a column each (`columns`, the [`PerUnit`]
+/// column among them after its phase), a row per process of `names` that some phase
+/// accounted, and the core-seconds each phase had. A phase that did not run (`None`) has `-`
+/// for every process and nothing for its core-seconds.
+pub(crate) fn cpu_table(
+    s: &mut String,
+    columns: &[&str],
+    names: &[&str],
+    phases: &[Option<&Phase>],
+    per: PerUnit,
+    cores: usize,
+) {
+    cpu_table_head(s, columns);
+    let cpus: Vec<&[ComponentCpu]> = phases
+        .iter()
+        .map(|phase| phase.map_or(&[][..], |p| p.cpu.as_slice()))
+        .collect();
+    cpu_rows(s, names, &cpus, per);
+    let mut available = format!("| available (wall time x {cores} cores) |");
+    for (i, phase) in phases.iter().enumerate() {
+        let cell = phase
+            .map(|p| format!("{:.2} s", p.available(cores)))
+            .unwrap_or_default();
+        let _ = write!(available, " {cell} |");
+        if i == per.phase {
+            // The per-unit column has no core-seconds of its own.
+            available.push_str(" |");
+        }
+    }
+    let _ = writeln!(s, "{available}");
+}
+
 /// The docs CPU table of a benchmark measured in two phases, its baseline and its subject:
 /// a column each, the subject's seconds per `unit` of its `count` `what` (events,
 /// deliveries), and the core-seconds each phase had.
@@ -512,25 +507,23 @@ pub(crate) fn two_phase_cpu_table(
     (unit, count, what): (f64, f64, &str),
     cores: usize,
 ) {
-    cpu_table_head(
-        s,
-        &[
-            "baseline phase",
-            &format!("{subject} phase"),
-            &format!("{subject} phase, per {} {what}", thousands(unit)),
-        ],
-    );
+    let columns = [
+        "baseline phase",
+        &format!("{subject} phase"),
+        &format!("{subject} phase, per {} {what}", thousands(unit)),
+    ];
     let per = PerUnit {
         phase: 1,
         unit,
         count,
     };
-    cpu_rows(s, names, &[&baseline.cpu, &measured.cpu], per);
-    let _ = writeln!(
+    cpu_table(
         s,
-        "| available (wall time x {cores} cores) | {:.2} s | {:.2} s | |",
-        baseline.available(cores),
-        measured.available(cores)
+        &columns,
+        names,
+        &[Some(baseline), Some(measured)],
+        per,
+        cores,
     );
 }
 
@@ -613,18 +606,5 @@ mod tests {
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(50_000.0), "50,000");
-    }
-
-    #[test]
-    fn the_median_round_is_the_middle_ratio_and_the_lower_of_two() {
-        let round = |aggregator: f64, baseline: f64| RoundRates {
-            load_before_baseline: 0.0,
-            baseline_rate: baseline,
-            rate: aggregator,
-        };
-        let three = vec![round(60.0, 100.0), round(40.0, 100.0), round(100.0, 200.0)];
-        assert_eq!(median_by_ratio(three).ratio(), 0.5);
-        let two = vec![round(60.0, 100.0), round(40.0, 100.0)];
-        assert_eq!(median_by_ratio(two).rate, 40.0);
     }
 }

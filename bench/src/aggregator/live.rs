@@ -21,7 +21,7 @@ use rdkafka::util::Timeout;
 use super::backlog::properties;
 use super::{LiveReport, Params, COUNT_METER, EVENT_NAME, LIVE_TENANT, SUM_METER};
 use crate::baseline::PRODUCE_TIMEOUT;
-use crate::report::Latency;
+use crate::report::{Latency, Phase};
 use crate::rng::SplitMix64;
 use crate::workload::ENVIRONMENT;
 
@@ -150,7 +150,6 @@ pub(super) async fn live_phase(ns: &Namespace, params: &Params) -> anyhow::Resul
         rate: params.live_rate,
         events: events_sent,
         sending: Duration::try_from(sending).unwrap_or_default(),
-        elapsed: Duration::ZERO,
         windows: expected.len(),
         missing: expected.keys().filter(|k| !first.contains_key(*k)).count(),
         incomplete: expected
@@ -160,8 +159,12 @@ pub(super) async fn live_phase(ns: &Namespace, params: &Params) -> anyhow::Resul
         republished: republished.len(),
         first: Latency::of(first.into_values().collect()),
         complete: Latency::of(complete.into_values().collect()),
+        // Measured around this function by the caller, with the aggregator's own histogram.
         histogram: None,
-        cpu: Vec::new(),
+        phase: Phase {
+            elapsed: Duration::ZERO,
+            cpu: Vec::new(),
+        },
     })
 }
 

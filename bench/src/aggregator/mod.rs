@@ -41,7 +41,8 @@ use serde_json::json;
 
 use crate::procstat::{self, Machine, Server, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::RoundRates;
+use crate::report::Phase;
+use crate::rounds::{self, Baseline, RoundRates};
 use crate::workload::{ENVIRONMENT, TENANT};
 
 mod backlog;
@@ -130,19 +131,10 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         .tree("postgresql (all backends)", postgres_pid)
         .this_process("meterline-bench");
 
-    let mut earlier_rounds = Vec::new();
-    for number in 1..params.rounds {
-        let round = measure_round(params, &watched).await?;
-        earlier_rounds.push(round.rates(params.events));
-        eprintln!(
-            "round {number} of {}: ratio {:.2}",
-            params.rounds,
-            round.rates(params.events).ratio()
-        );
-        round.aggregator.terminate(Duration::from_secs(30)).await;
-        round.ns.drop_databases().await;
-    }
-    let mut round = measure_round(params, &watched).await?;
+    let (earlier_rounds, mut round) = rounds::run_rounds(params.rounds, params.events, || {
+        measure_round(params, &watched)
+    })
+    .await?;
     let metrics_after_backlog = scrape(&round.aggregator).await?;
 
     // 5. The backlog's windows, published once hours past due.
@@ -164,10 +156,9 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         let started = Instant::now();
         let mut live = live_phase(&round.ns, params).await?;
         let cpu = round.watched.snapshot()?.since(&cpu_before);
-        live.elapsed = started.elapsed();
+        live.phase = Phase::new(started.elapsed(), &cpu);
         let after = scrape(&round.aggregator).await?;
         live.histogram = publish_lag_histogram(&before, &after);
-        live.cpu = cpu.components();
         Some(live)
     };
     let peak_rss_kib = procstat::memory(round.aggregator_pid)
@@ -177,9 +168,7 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
     round.aggregator.terminate(Duration::from_secs(30)).await;
 
     // 7. Profiled pass on a restarted aggregator.
-    let profile = if params.profile_events == 0 {
-        Err("disabled (--profile-events 0)".to_owned())
-    } else {
+    let profile = profile::separate_pass(params.profile_events, || {
         profiled_pass(
             &round.ns,
             &round.env,
@@ -187,17 +176,14 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
             params,
             round.target,
         )
-        .await
-    };
-    if let Err(reason) = &profile {
-        eprintln!("profile: {reason}");
-    }
+    })
+    .await;
     round.ns.drop_databases().await;
 
     Ok(AggregatorReport {
         machine,
         date,
-        load_before_baseline: round.load_before_baseline,
+        load_before_baseline: round.baseline.load_before,
         load_before_aggregator: round.load_before_aggregator,
         load_before_live,
         earlier_rounds,
@@ -207,13 +193,14 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
         grace_minutes: params.grace_minutes,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         backlog_windows: round.backlog.windows(),
-        baseline_elapsed: round.baseline_elapsed,
+        baseline: Phase::new(round.baseline.elapsed, &round.baseline.cpu),
         first_rows: round.consumed.first_rows,
-        measured_elapsed: round.consumed.done - round.consumed.first,
+        consume: Phase::new(
+            round.consumed.done - round.consumed.first,
+            &round.consumed.cpu,
+        ),
         startup: round.consumed.first - round.spawned_at,
         from_spawn: round.consumed.done - round.spawned_at,
-        aggregator_cpu: round.consumed.cpu.components(),
-        baseline_cpu: round.baseline_cpu.components(),
         insert_seconds: metric_value(
             &metrics_after_backlog,
             "aggregator_clickhouse_insert_duration_seconds_sum",
@@ -243,9 +230,7 @@ struct Round {
     pool: sqlx::PgPool,
     generator: Generator,
     backlog: Backlog,
-    load_before_baseline: f64,
-    baseline_elapsed: Duration,
-    baseline_cpu: Snapshot,
+    baseline: Baseline,
     env: Vec<(String, String)>,
     load_before_aggregator: f64,
     spawned_at: Instant,
@@ -257,7 +242,7 @@ struct Round {
     consumed: Consumed,
 }
 
-impl Round {
+impl rounds::Round for Round {
     fn rates(&self, events: usize) -> RoundRates {
         let consumed = &self.consumed;
         let rate = aggregator_rate(
@@ -266,12 +251,12 @@ impl Round {
             consumed.done - consumed.first,
             consumed.done - self.spawned_at,
         );
-        RoundRates::measured(
-            self.load_before_baseline,
-            events,
-            self.baseline_elapsed,
-            rate,
-        )
+        self.baseline.rates(events, rate)
+    }
+
+    async fn finish(self) {
+        self.aggregator.terminate(Duration::from_secs(30)).await;
+        self.ns.drop_databases().await;
     }
 }
 
@@ -324,10 +309,7 @@ async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<R
     // 3. Baseline: the same rows, inserted directly.
     let rows = backlog.rows();
     let raw = backlog.raw_rows();
-    let load_before_baseline = procstat::load_average();
-    let cpu_before = watched.snapshot()?;
-    let baseline_elapsed = direct_insert(&baseline_ns, &rows, &raw).await?;
-    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
+    let baseline = Baseline::measure(watched, direct_insert(&baseline_ns, &rows, &raw)).await?;
     let baseline_count = count_rows(&baseline_ns).await?;
     if baseline_count != rows.len() as u64 {
         bail!(
@@ -341,7 +323,7 @@ async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<R
     eprintln!(
         "baseline: {} rows inserted directly in {:.2}s",
         baseline_count,
-        baseline_elapsed.as_secs_f64()
+        baseline.elapsed.as_secs_f64()
     );
 
     // 4. The aggregator on the backlog.
@@ -365,9 +347,7 @@ async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<R
         pool,
         generator,
         backlog,
-        load_before_baseline,
-        baseline_elapsed,
-        baseline_cpu,
+        baseline,
         env,
         load_before_aggregator,
         spawned_at,
@@ -379,15 +359,21 @@ async fn measure_round(params: &Params, watched: &Watchlist) -> anyhow::Result<R
     })
 }
 
-/// Events/s from the first rows landing to the last (rows already in when they were first
-/// seen are left out); from spawn when the first poll already saw every row.
+/// Events of the measured interval: those whose rows landed after `count()` first showed
+/// any (rows already in then are left out).
+pub(crate) fn measured_events(target_rows: u64, first_rows: u64) -> f64 {
+    target_rows.saturating_sub(first_rows) as f64 / ROWS_PER_EVENT as f64
+}
+
+/// Events/s from the first rows landing to the last ([`measured_events`]); from spawn when
+/// the first poll already saw every row.
 pub(crate) fn aggregator_rate(
     target_rows: u64,
     first_rows: u64,
     measured: Duration,
     from_spawn: Duration,
 ) -> f64 {
-    let events = target_rows.saturating_sub(first_rows) as f64 / ROWS_PER_EVENT as f64;
+    let events = measured_events(target_rows, first_rows);
     if events > 0.0 && !measured.is_zero() {
         events / measured.as_secs_f64()
     } else {
@@ -499,10 +485,6 @@ async fn profiled_pass(
     params: &Params,
     rows_before: u64,
 ) -> Result<Profile, String> {
-    let scratch = std::env::temp_dir();
-    if let Some(reason) = profile::unavailable_reason(&scratch) {
-        return Err(reason);
-    }
     let fail = |e: anyhow::Error| format!("{e:#}");
     // The live phase added rows: count what is there now.
     let before = count_rows(ns).await.map_err(fail)?.max(rows_before);
@@ -520,8 +502,7 @@ async fn profiled_pass(
         .process("aggregator", Some(pid))
         .this_process("meterline-bench");
     let consumed = consume(ns, target, pid, &watched).await;
-    let profile = recording.finish().map_err(fail);
+    let profile = recording.finish_after(consumed);
     aggregator.terminate(Duration::from_secs(30)).await;
-    consumed.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
     profile
 }

@@ -5,12 +5,14 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::procstat::{ComponentCpu, Machine};
+use super::{aggregator_rate, measured_events, ROWS_PER_EVENT};
+use crate::procstat::Machine;
 use crate::profile::Profile;
 use crate::report::{
-    cpu_rows, cpu_table_head, cpu_text, goals_markdown, goals_text, profile_section, ratio_goals,
-    ratio_lines, ratio_rows, thousands, Goal, Head, Latency, PerUnit, Report, RoundRates,
+    cpu_table, goals_markdown, goals_text, profile_section, ratio_goals, ratio_lines, ratio_rows,
+    thousands, Goal, Head, Latency, PerUnit, Phase, Report,
 };
+use crate::rounds::RoundRates;
 
 /// The goals the aggregator benchmark is held to.
 pub const AGGREGATOR_GOAL_RATIO: f64 = 0.5;
@@ -30,8 +32,6 @@ pub struct LiveReport {
     pub events: u64,
     /// How long events were sent.
     pub sending: Duration,
-    /// The whole phase (sending, then reading the last totals): the CPU interval.
-    pub elapsed: Duration,
     /// (customer, meter, window) the events fed.
     pub windows: usize,
     /// Windows whose first revision was never read.
@@ -47,7 +47,8 @@ pub struct LiveReport {
     /// The aggregator's `aggregator_window_publish_lag_seconds` over the phase: observations
     /// and the upper bounds of the buckets of p50 and p99.
     pub histogram: Option<(u64, f64, f64)>,
-    pub cpu: Vec<ComponentCpu>,
+    /// The whole phase (sending, then reading the last totals) and the CPU used in it.
+    pub phase: Phase,
 }
 
 pub struct AggregatorReport {
@@ -66,17 +67,16 @@ pub struct AggregatorReport {
     pub grace_minutes: u64,
     /// (customer, meter, hour) windows of the backlog.
     pub backlog_windows: usize,
-    pub baseline_elapsed: Duration,
+    /// The direct insert of the backlog's rows.
+    pub baseline: Phase,
     /// Rows already there when `count()` first showed any: excluded from the measured rate.
     pub first_rows: u64,
-    /// From the first rows landing to the last.
-    pub measured_elapsed: Duration,
+    /// The aggregator consuming the backlog, from the first rows landing to the last.
+    pub consume: Phase,
     /// From spawning the aggregator to the first rows landing.
     pub startup: Duration,
     /// From spawning the aggregator to the last rows landing.
     pub from_spawn: Duration,
-    pub aggregator_cpu: Vec<ComponentCpu>,
-    pub baseline_cpu: Vec<ComponentCpu>,
     /// `aggregator_clickhouse_insert_duration_seconds` sum and count after the backlog.
     pub insert_seconds: Option<f64>,
     pub inserts: Option<f64>,
@@ -107,26 +107,22 @@ impl AggregatorReport {
     }
 
     pub fn rows(&self) -> usize {
-        self.events * 2
+        self.events * ROWS_PER_EVENT
     }
 
     pub fn baseline_rate(&self) -> f64 {
-        self.events as f64 / self.baseline_elapsed.as_secs_f64()
+        self.baseline.rate(self.events)
     }
 
-    /// Events of the measured interval (after the first rows landed).
-    fn measured_events(&self) -> f64 {
-        (self.rows() as f64 - self.first_rows as f64) / 2.0
-    }
-
-    /// Events/s from the first rows landing to the last; from spawn when the first poll
-    /// already saw everything.
+    /// Events/s from the first rows landing to the last, by the rule each round's rate
+    /// follows (the module's `aggregator_rate`).
     pub fn aggregator_rate(&self) -> f64 {
-        if self.measured_events() > 0.0 && !self.measured_elapsed.is_zero() {
-            self.measured_events() / self.measured_elapsed.as_secs_f64()
-        } else {
-            self.from_spawn_rate()
-        }
+        aggregator_rate(
+            self.rows() as u64,
+            self.first_rows,
+            self.consume.elapsed,
+            self.from_spawn,
+        )
     }
 
     pub fn from_spawn_rate(&self) -> f64 {
@@ -221,13 +217,7 @@ impl AggregatorReport {
     }
 
     fn lag_text(l: &Latency) -> String {
-        format!(
-            "p50 {:.2} s, p99 {:.2} s, max {:.2} s ({} windows)",
-            l.p50.as_secs_f64(),
-            l.p99.as_secs_f64(),
-            l.max.as_secs_f64(),
-            l.count
-        )
+        format!("{} ({} windows)", l.seconds(), l.count)
     }
 
     fn histogram_text(live: &LiveReport) -> String {
@@ -266,24 +256,27 @@ impl AggregatorReport {
     }
 }
 
+/// An events rate and the rate of rows it makes, grouped in thousands.
+fn events_and_rows(rate: f64) -> (String, String) {
+    (thousands(rate), thousands(rate * ROWS_PER_EVENT as f64))
+}
+
 impl Report for AggregatorReport {
     fn text(&self) -> String {
         let mut s = self.head().text();
         let m = &self.machine;
         let _ = writeln!(s, "parameters   {}", self.parameters());
+        let (events, rows) = events_and_rows(self.baseline_rate());
         let _ = writeln!(
             s,
-            "baseline     {:>10} events/s  {:>10} rows/s  ({:.2}s, direct clickhouse-crate inserts)",
-            thousands(self.baseline_rate()),
-            thousands(self.baseline_rate() * 2.0),
-            self.baseline_elapsed.as_secs_f64()
+            "baseline     {events:>10} events/s  {rows:>10} rows/s  ({:.2}s, direct clickhouse-crate inserts)",
+            self.baseline.elapsed.as_secs_f64()
         );
+        let (events, rows) = events_and_rows(self.aggregator_rate());
         let _ = writeln!(
             s,
-            "aggregator   {:>10} events/s  {:>10} rows/s  ({:.2}s from the first rows to the last, {} rows before)",
-            thousands(self.aggregator_rate()),
-            thousands(self.aggregator_rate() * 2.0),
-            self.measured_elapsed.as_secs_f64(),
+            "aggregator   {events:>10} events/s  {rows:>10} rows/s  ({:.2}s from the first rows to the last, {} rows before)",
+            self.consume.elapsed.as_secs_f64(),
             thousands(self.first_rows as f64)
         );
         let _ = writeln!(
@@ -310,20 +303,8 @@ impl Report for AggregatorReport {
                 rss as f64 / 1024.0
             );
         }
-        cpu_text(
-            &mut s,
-            "baseline",
-            &self.baseline_cpu,
-            self.baseline_elapsed,
-            m.cores,
-        );
-        cpu_text(
-            &mut s,
-            "consume",
-            &self.aggregator_cpu,
-            self.measured_elapsed,
-            m.cores,
-        );
+        self.baseline.cpu_text(&mut s, "baseline", m.cores);
+        self.consume.cpu_text(&mut s, "consume", m.cores);
         if let Some(live) = &self.live {
             let _ = writeln!(s, "live         {}", Self::live_parameters(live));
             let _ = writeln!(s, "lag first    {}", Self::lag_text(&live.first));
@@ -334,7 +315,7 @@ impl Report for AggregatorReport {
                 "windows      {} never read, {} never complete, {} republished",
                 live.missing, live.incomplete, live.republished
             );
-            cpu_text(&mut s, "live", &live.cpu, live.elapsed, m.cores);
+            live.phase.cpu_text(&mut s, "live", m.cores);
         }
         profile_section(&mut s, false, &self.profile, |p| {
             format!(
@@ -350,19 +331,17 @@ impl Report for AggregatorReport {
         let m = &self.machine;
         let mut s = self.head().markdown();
         let _ = writeln!(s, "| parameters | {} |", self.parameters());
+        let (events, rows) = events_and_rows(self.baseline_rate());
         let _ = writeln!(
             s,
-            "| baseline: direct insert (clickhouse crate) | **{} events/s** ({} rows/s, {:.2} s) |",
-            thousands(self.baseline_rate()),
-            thousands(self.baseline_rate() * 2.0),
-            self.baseline_elapsed.as_secs_f64()
+            "| baseline: direct insert (clickhouse crate) | **{events} events/s** ({rows} rows/s, {:.2} s) |",
+            self.baseline.elapsed.as_secs_f64()
         );
+        let (events, rows) = events_and_rows(self.aggregator_rate());
         let _ = writeln!(
             s,
-            "| aggregator: usage.raw -> events_processed | **{} events/s** ({} rows/s, {:.2} s from the first rows landing to the last; {} rows were in before) |",
-            thousands(self.aggregator_rate()),
-            thousands(self.aggregator_rate() * 2.0),
-            self.measured_elapsed.as_secs_f64(),
+            "| aggregator: usage.raw -> events_processed | **{events} events/s** ({rows} rows/s, {:.2} s from the first rows landing to the last; {} rows were in before) |",
+            self.consume.elapsed.as_secs_f64(),
             thousands(self.first_rows as f64)
         );
         let _ = writeln!(
@@ -400,7 +379,7 @@ impl Report for AggregatorReport {
         }
         goals_markdown(&mut s, &self.goals());
 
-        cpu_table_head(
+        cpu_table(
             &mut s,
             &[
                 "baseline phase",
@@ -408,10 +387,6 @@ impl Report for AggregatorReport {
                 "consume phase, per 100,000 events",
                 "live phase",
             ],
-        );
-        let live_cpu = self.live.as_ref().map(|l| l.cpu.as_slice()).unwrap_or(&[]);
-        cpu_rows(
-            &mut s,
             &[
                 "aggregator",
                 "clickhouse server",
@@ -419,24 +394,17 @@ impl Report for AggregatorReport {
                 "postgresql (all backends)",
                 "meterline-bench",
             ],
-            &[&self.baseline_cpu, &self.aggregator_cpu, live_cpu],
+            &[
+                Some(&self.baseline),
+                Some(&self.consume),
+                self.live.as_ref().map(|l| &l.phase),
+            ],
             PerUnit {
                 phase: 1,
                 unit: 100_000.0,
-                count: self.measured_events().max(1.0),
+                count: measured_events(self.rows() as u64, self.first_rows).max(1.0),
             },
-        );
-        let live_available = self
-            .live
-            .as_ref()
-            .map(|l| format!("{:.2} s", l.elapsed.as_secs_f64() * m.cores as f64))
-            .unwrap_or_default();
-        let _ = writeln!(
-            s,
-            "| available (wall time x {} cores) | {:.2} s | {:.2} s | | {live_available} |",
             m.cores,
-            self.baseline_elapsed.as_secs_f64() * m.cores as f64,
-            self.measured_elapsed.as_secs_f64() * m.cores as f64
         );
         profile_section(&mut s, true, &self.profile, |p| {
             format!(

@@ -18,7 +18,8 @@ use crate::baseline::{self, RawProducer};
 use crate::clients::{http_client, post_bulk, run_clients};
 use crate::procstat::{self, Machine, Server, Snapshot, Watchlist};
 use crate::profile::{self, Profile, Recording};
-use crate::report::{Latency, Phase, RoundRates};
+use crate::report::{Latency, Phase};
+use crate::rounds::{self, Baseline, Round as _, RoundRates};
 use crate::workload::{Workload, ENVIRONMENT, TENANT};
 use meterline_tests::ServiceProcess;
 
@@ -83,33 +84,20 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         .process("kafka broker", broker_pid)
         .this_process("meterline-bench (load generator)");
 
-    let mut earlier_rounds = Vec::new();
-    for number in 1..params.rounds {
-        let round = measure_round(params, &workload, &token, &watched).await?;
-        let rates = round.rates(workload.events.len());
-        eprintln!(
-            "round {number} of {}: ratio {:.2}",
-            params.rounds,
-            rates.ratio()
-        );
-        earlier_rounds.push(rates);
-        round.finish().await;
-    }
-    let round = measure_round(params, &workload, &token, &watched).await?;
+    let (earlier_rounds, round) = rounds::run_rounds(params.rounds, workload.events.len(), || {
+        measure_round(params, &workload, &token, &watched)
+    })
+    .await?;
 
-    let profile = if params.profile_events == 0 {
-        Err("disabled (--profile-events 0)".to_owned())
-    } else {
-        profiled_pass(&round.driver, &round.ingest, params).await
-    };
-    if let Err(reason) = &profile {
-        eprintln!("profile: {reason}");
-    }
+    let profile = profile::separate_pass(params.profile_events, || {
+        profiled_pass(&round.driver, &round.ingest, params)
+    })
+    .await;
 
     let report = IngestReport {
         machine,
         date,
-        load_before_baseline: round.load_before_baseline,
+        load_before_baseline: round.baseline.load_before,
         load_before_ingest: round.load_before_ingest,
         earlier_rounds,
         events: workload.events.len(),
@@ -118,7 +106,7 @@ pub async fn run(params: &Params) -> anyhow::Result<IngestReport> {
         customers: params.customers,
         partitions: meterline_tests::namespace::TEST_PARTITIONS,
         body_bytes: workload.body_bytes(),
-        baseline: Phase::new(round.baseline_elapsed, &round.baseline_cpu),
+        baseline: Phase::new(round.baseline.elapsed, &round.baseline.cpu),
         ingest: Phase::new(round.ingest_elapsed, &round.ingest_cpu),
         latency: Latency::of(round.latencies.clone()),
         profile,
@@ -134,24 +122,17 @@ struct Round {
     ns: Namespace,
     ingest: ServiceProcess,
     driver: Driver,
-    load_before_baseline: f64,
-    baseline_elapsed: Duration,
-    baseline_cpu: Snapshot,
+    baseline: Baseline,
     load_before_ingest: f64,
     ingest_elapsed: Duration,
     latencies: Vec<Duration>,
     ingest_cpu: Snapshot,
 }
 
-impl Round {
+impl rounds::Round for Round {
     fn rates(&self, events: usize) -> RoundRates {
         let rate = events as f64 / self.ingest_elapsed.as_secs_f64();
-        RoundRates::measured(
-            self.load_before_baseline,
-            events,
-            self.baseline_elapsed,
-            rate,
-        )
+        self.baseline.rates(events, rate)
     }
 
     async fn finish(self) {
@@ -179,11 +160,11 @@ async fn measure_round(
     // Metadata and connections first, outside the clock.
     producer.write_batch(workload.batch_events(0)).await?;
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
-    let load_before_baseline = procstat::load_average();
-    let cpu_before = watched.snapshot()?;
-    let baseline_elapsed =
-        baseline::run(producer.clone(), Arc::clone(workload), params.concurrency).await?;
-    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
+    let baseline = Baseline::measure(
+        watched,
+        baseline::run(producer.clone(), Arc::clone(workload), params.concurrency),
+    )
+    .await?;
     drop(producer);
 
     // Subject: the release ingest binary.
@@ -214,18 +195,15 @@ async fn measure_round(
     );
     let load_before_ingest = procstat::load_average();
     let watched = watched.with_pid("ingest", ingest_pid);
-    let cpu_before = watched.snapshot()?;
-    let (ingest_elapsed, latencies) = driver.run(workload.batch_count()).await?;
-    let ingest_cpu = watched.snapshot()?.since(&cpu_before);
+    let ((ingest_elapsed, latencies), ingest_cpu) =
+        watched.during(driver.run(workload.batch_count())).await?;
 
     Ok(Round {
         baseline_ns,
         ns,
         ingest,
         driver,
-        load_before_baseline,
-        baseline_elapsed,
-        baseline_cpu,
+        baseline,
         load_before_ingest,
         ingest_elapsed,
         latencies,
@@ -239,10 +217,6 @@ async fn profiled_pass(
     ingest: &ServiceProcess,
     params: &Params,
 ) -> Result<Profile, String> {
-    let scratch = std::env::temp_dir();
-    if let Some(reason) = profile::unavailable_reason(&scratch) {
-        return Err(reason);
-    }
     let data = ingest.log.with_extension("perf.data");
     let pid = ingest
         .pid()
@@ -252,9 +226,7 @@ async fn profiled_pass(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let batches = params.profile_events.div_ceil(params.batch);
     let sent = driver.run(batches.min(driver.workload.batch_count())).await;
-    let profile = recording.finish().map_err(|e| format!("{e:#}"));
-    sent.map_err(|e| format!("the profiled pass failed: {e:#}"))?;
-    profile
+    recording.finish_after(sent)
 }
 
 /// `concurrency` HTTP clients sharing one connection pool, posting the workload's bodies.

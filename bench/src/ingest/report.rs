@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 use crate::procstat::Machine;
 use crate::profile::Profile;
 use crate::report::{
-    goals_markdown, goals_text, ms, profile_section, ratio_goals, ratio_lines, ratio_rows,
-    thousands, two_phase_cpu_table, Goal, Head, Latency, Phase, Report, RoundRates,
+    goals_markdown, goals_text, profile_section, ratio_goals, ratio_lines, ratio_rows, thousands,
+    two_phase_cpu_table, Goal, Head, Latency, Phase, Report,
 };
+use crate::rounds::RoundRates;
 
 /// The goals the ingest benchmark is held to.
 pub const GOAL_RATIO: f64 = 0.5;
@@ -80,15 +81,6 @@ impl IngestReport {
             self.body_bytes as f64 / (1 << 20) as f64
         )
     }
-
-    fn latency_text(&self) -> String {
-        format!(
-            "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-            ms(self.latency.p50),
-            ms(self.latency.p99),
-            ms(self.latency.max)
-        )
-    }
 }
 
 impl Report for IngestReport {
@@ -112,7 +104,7 @@ impl Report for IngestReport {
         let _ = writeln!(
             s,
             "latency      {} over {} bulk requests",
-            self.latency_text(),
+            self.latency.millis(0),
             self.latency.count
         );
         self.baseline.cpu_text(&mut s, "baseline", m.cores);
@@ -153,7 +145,7 @@ impl Report for IngestReport {
         let _ = writeln!(
             s,
             "| bulk request latency | {} ({} requests) |",
-            self.latency_text(),
+            self.latency.millis(0),
             self.latency.count
         );
         goals_markdown(&mut s, &self.goals());

@@ -17,7 +17,7 @@ use super::Params;
 use crate::baseline::PRODUCE_TIMEOUT;
 use crate::relay::unix_now;
 use crate::report::Latency;
-use crate::sink::{Stripe, METERS};
+use crate::sink::{MeterEvent, Stripe, METERS};
 
 /// The baseline: produce to topic A; a task consumes A and produces each message to topic B
 /// (waiting for the ack); a second task consumes B and POSTs one meter event per message to
@@ -62,7 +62,7 @@ pub(super) async fn bare_path(params: &Params) -> anyhow::Result<Latency> {
     };
     let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
     let poster = {
-        let url = format!("{}/v1/billing/meter_events", stripe.recorder.base);
+        let url = stripe.meter_events_url();
         let key = stripe.standin.key.clone();
         let customer = stripe.customers[0].clone();
         let run = unix_now();
@@ -75,23 +75,14 @@ pub(super) async fn bare_path(params: &Params) -> anyhow::Result<Latency> {
                     .and_then(|s| s.parse().ok())
                     .context("a baseline message is its index")?;
                 let identifier = format!("bare_{run}_{index}");
-                let form = [
-                    ("event_name", METERS[0].1.to_owned()),
-                    ("payload[stripe_customer_id]", customer.clone()),
-                    ("payload[value]", "1".to_owned()),
-                    ("identifier", identifier.clone()),
-                    ("timestamp", (unix_now() - 1).to_string()),
-                ];
-                let answer = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .header("Idempotency-Key", &identifier)
-                    .form(&form)
-                    .send()
-                    .await
-                    .context("posting a baseline meter event")?;
-                let status = answer.status();
-                answer.bytes().await.context("reading an answer")?;
+                let event = MeterEvent {
+                    event_name: METERS[0].1,
+                    customer: &customer,
+                    value: 1,
+                    identifier: &identifier,
+                    timestamp: unix_now() - 1,
+                };
+                let status = event.post(&client, &url, &key).await?;
                 if !status.is_success() {
                     bail!("the stand-in answered {status} to a baseline meter event");
                 }

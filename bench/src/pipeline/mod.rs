@@ -36,7 +36,7 @@ use crate::clients::{http_client, post_bulk};
 use crate::procstat::{self, Machine, Memory, Watchlist};
 use crate::recorder::Receipt;
 use crate::relay::{event_body, signed_delivery, unix_now, SECRET};
-use crate::report::Latency;
+use crate::report::{Latency, Phase};
 use crate::rng::SplitMix64;
 use crate::sink::{differing, map_through_api, spawn_sink, Stripe, METERS};
 use crate::workload::{ENVIRONMENT, TENANT};
@@ -204,7 +204,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     stop_webhooks.store(true, Ordering::Relaxed);
     let rows_at_load_end = count_rows(&ns).await?;
     let load_ended = Instant::now();
-    let cpu = watched.snapshot()?.since(&cpu_before).components();
+    let cpu = watched.snapshot()?.since(&cpu_before);
     let webhooks = webhooks.await.context("the webhook stream panicked")??;
     let truth = load.truth();
     let events = load.events.load(Ordering::Relaxed);
@@ -282,7 +282,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
         baseline,
         events,
         requests: Latency::of(latencies),
-        load_elapsed,
+        load: Phase::new(load_elapsed, &cpu),
         rows_at_load_end,
         rows_expected,
         catch_up,
@@ -293,7 +293,6 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
         too_many: receipts.iter().filter(|r| r.status == 429).count(),
         webhooks,
         memory,
-        cpu,
     })
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::{Params, SERVICES};
-use crate::procstat::{ComponentCpu, Machine, Memory};
-use crate::report::{cpu_cell, find_cpu, ms, thousands, title_line, Head, Latency, Report};
+use crate::procstat::{Machine, Memory};
+use crate::report::{cpu_cell, find_cpu, ms, thousands, title_line, Head, Latency, Phase, Report};
 
 pub struct ServiceMemory {
     pub name: &'static str,
@@ -28,7 +28,8 @@ pub struct PipelineReport {
     pub baseline: Latency,
     pub events: u64,
     pub requests: Latency,
-    pub load_elapsed: Duration,
+    /// How long ingest was loaded, and the CPU each process used meanwhile.
+    pub load: Phase,
     /// Rows in `events_processed` when the load ended, and the rows expected (2 per event).
     pub rows_at_load_end: u64,
     pub rows_expected: u64,
@@ -43,7 +44,6 @@ pub struct PipelineReport {
     pub too_many: usize,
     pub webhooks: u64,
     pub memory: Vec<ServiceMemory>,
-    pub cpu: Vec<ComponentCpu>,
 }
 
 impl ServiceMemory {
@@ -67,25 +67,17 @@ impl PipelineReport {
     }
 
     pub fn rate(&self) -> f64 {
-        self.events as f64 / self.load_elapsed.as_secs_f64()
+        self.events as f64 / self.load.elapsed.as_secs_f64()
     }
 
     fn latency_text(l: &Latency) -> String {
-        format!(
-            "p50 {:.2} s, p99 {:.2} s, max {:.2} s ({} windows)",
-            l.p50.as_secs_f64(),
-            l.p99.as_secs_f64(),
-            l.max.as_secs_f64(),
-            thousands(l.count as f64)
-        )
+        format!("{} ({} windows)", l.seconds(), thousands(l.count as f64))
     }
 
     fn baseline_text(&self) -> String {
         format!(
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} messages, 20 a second)",
-            ms(self.baseline.p50),
-            ms(self.baseline.p99),
-            ms(self.baseline.max),
+            "{} ({} messages, 20 a second)",
+            self.baseline.millis(1),
             self.baseline.count
         )
     }
@@ -130,7 +122,7 @@ impl Report for PipelineReport {
             "sustained    {} events/s ({} events in {:.1}s)",
             thousands(self.rate()),
             thousands(self.events as f64),
-            self.load_elapsed.as_secs_f64()
+            self.load.elapsed.as_secs_f64()
         );
         let _ = writeln!(s, "aggregator   {}", self.kept_up());
         let _ = writeln!(s, "due->first   {}", Self::latency_text(&self.first));
@@ -164,7 +156,7 @@ impl Report for PipelineReport {
             "| **ingest sustained** | **{} events/s** ({} events accepted in {:.1} s; bulk request p50 {:.0} ms, p99 {:.0} ms) |",
             thousands(self.rate()),
             thousands(self.events as f64),
-            self.load_elapsed.as_secs_f64(),
+            self.load.elapsed.as_secs_f64(),
             ms(self.requests.p50),
             ms(self.requests.p99)
         );
@@ -209,8 +201,8 @@ impl Report for PipelineReport {
         let _ = writeln!(
             s,
             "\nCPU seconds (user + system) during the load ({:.1} s, {:.1} core-seconds available):\n\n| process | load phase |\n|---|---|",
-            self.load_elapsed.as_secs_f64(),
-            self.load_elapsed.as_secs_f64() * m.cores as f64
+            self.load.elapsed.as_secs_f64(),
+            self.load.available(m.cores)
         );
         for name in SERVICES.iter().copied().chain([
             "kafka broker",
@@ -218,7 +210,7 @@ impl Report for PipelineReport {
             "postgresql (all backends)",
             "meterline-bench",
         ]) {
-            if let Some(cpu) = find_cpu(&self.cpu, name) {
+            if let Some(cpu) = find_cpu(&self.load.cpu, name) {
                 let _ = writeln!(s, "| {name} | {} |", cpu_cell(Some(cpu)));
             }
         }

@@ -20,16 +20,14 @@ use meterline_accounts::crypto::Keyring;
 use meterline_accounts::stripe_config::{
     NewConfig, StripeApiKey, StripeConfigStore, WebhookSecret,
 };
-use meterline_common::kafka::{consumer_config, producer_config};
+use meterline_common::kafka::consumer_config;
 use meterline_schemas::{StripeWebhook, Timestamp, Topic};
 use meterline_tests::{api, Namespace, ServiceProcess, Stack};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use reqwest::RequestBuilder;
 use serde_json::{json, Value};
 
-use crate::baseline::PRODUCE_TIMEOUT;
+use crate::baseline::{RawProducer, PRODUCE_TIMEOUT};
 use crate::clients::{excerpt, http_client, run_clients, send_timed};
 use crate::procstat::{self, Machine, Server, Watchlist};
 use crate::report::{Latency, Phase};
@@ -85,11 +83,11 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
             .map(|body| baseline_message(body))
             .collect::<anyhow::Result<Vec<_>>>()?,
     );
-    let producer = Producer::new(&baseline_ns)?;
+    let producer = RawProducer::new(&baseline_ns.kafka, baseline_ns.topic(Topic::StripeWebhooks))?;
     // Metadata and connections first, outside the clock.
     for index in params.deliveries..total {
         producer
-            .produce_one(&messages[index].0, &messages[index].1)
+            .write(&messages[index].0, &messages[index].1)
             .await?;
     }
     eprintln!("baseline: raw producer, {} tasks", params.concurrency);
@@ -99,10 +97,14 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         .process("kafka broker", broker_pid)
         .tree("postgresql (all backends)", postgres_pid)
         .this_process("meterline-bench (load generator)");
-    let cpu_before = watched.snapshot()?;
-    let (baseline_elapsed, baseline_latencies) =
-        baseline_run(&producer, &messages, params.deliveries, params.concurrency).await?;
-    let baseline_cpu = watched.snapshot()?.since(&cpu_before);
+    let ((baseline_elapsed, baseline_latencies), baseline_cpu) = watched
+        .during(baseline_run(
+            &producer,
+            &messages,
+            params.deliveries,
+            params.concurrency,
+        ))
+        .await?;
     drop(producer);
 
     // Subject: the release webhook-relay binary.
@@ -125,9 +127,8 @@ pub async fn run(params: &Params) -> anyhow::Result<RelayReport> {
         params.concurrency, params.deliveries
     );
     let load_before_relay = procstat::load_average();
-    let cpu_before = watched.snapshot()?;
-    let (relay_elapsed, latencies) = driver.run(params.deliveries).await?;
-    let relay_cpu = watched.snapshot()?.since(&cpu_before);
+    let ((relay_elapsed, latencies), relay_cpu) =
+        watched.during(driver.run(params.deliveries)).await?;
     let after = topic_messages(&ns, &topic)?;
     let published = after - before;
     if published != params.deliveries as i64 || after != total as i64 {
@@ -248,40 +249,10 @@ fn baseline_message(body: &[u8]) -> anyhow::Result<(String, Vec<u8>)> {
     Ok((message.kafka_key(), message.to_json_bytes()))
 }
 
-/// A raw producer configured as ingest's writer and the relay's (`producer_config`).
-struct Producer {
-    producer: FutureProducer,
-    topic: String,
-}
-
-impl Producer {
-    fn new(ns: &Namespace) -> anyhow::Result<Producer> {
-        let producer = producer_config(&ns.kafka, "meterline-bench", PRODUCE_TIMEOUT)
-            .create()
-            .context("creating the baseline producer")?;
-        Ok(Producer {
-            producer,
-            topic: ns.topic(Topic::StripeWebhooks),
-        })
-    }
-
-    /// Produces one message and waits for Kafka's acknowledgement.
-    async fn produce_one(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
-        self.producer
-            .send(
-                FutureRecord::to(&self.topic).key(key).payload(value),
-                Timeout::After(PRODUCE_TIMEOUT),
-            )
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("kafka refused a baseline write: {e}"))?;
-        Ok(())
-    }
-}
-
 /// `deliveries` produces with `concurrency` tasks, each waiting for the ack of its message
 /// before taking the next; returns the elapsed time and every produce's latency.
 async fn baseline_run(
-    producer: &Producer,
+    producer: &RawProducer,
     messages: &[(String, Vec<u8>)],
     deliveries: usize,
     concurrency: usize,
@@ -289,7 +260,7 @@ async fn baseline_run(
     run_clients(concurrency, deliveries, |index| async move {
         let (key, value) = &messages[index];
         let sent = Instant::now();
-        producer.produce_one(key, value).await?;
+        producer.write(key, value).await?;
         Ok(sent.elapsed())
     })
     .await

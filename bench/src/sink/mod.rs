@@ -135,6 +135,11 @@ impl Stripe {
         })
     }
 
+    /// Where a client posts meter events: through the recorder.
+    pub fn meter_events_url(&self) -> String {
+        format!("{}/v1/billing/meter_events", self.recorder.base)
+    }
+
     /// Counted totals per (`cus_...`, event name) that `loaded` must give.
     fn expected(&self, loaded: &[Loaded]) -> BTreeMap<(String, String), f64> {
         let mut expected = BTreeMap::new();
@@ -166,6 +171,49 @@ impl Stripe {
             );
         }
         Ok(())
+    }
+}
+
+/// A meter event request as the stripe-sink makes it (the form, the identifier, the same
+/// Idempotency-Key), for the baselines that post them with no limiter.
+pub(crate) struct MeterEvent<'a> {
+    pub event_name: &'a str,
+    /// `cus_...`.
+    pub customer: &'a str,
+    pub value: i64,
+    pub identifier: &'a str,
+    /// Unix seconds.
+    pub timestamp: i64,
+}
+
+impl MeterEvent<'_> {
+    /// Posts the meter event to `url` with the account's `key` and reads the whole answer;
+    /// its status.
+    pub(crate) async fn post(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        key: &str,
+    ) -> anyhow::Result<reqwest::StatusCode> {
+        let (value, timestamp) = (self.value.to_string(), self.timestamp.to_string());
+        let form = [
+            ("event_name", self.event_name),
+            ("payload[stripe_customer_id]", self.customer),
+            ("payload[value]", &value),
+            ("identifier", self.identifier),
+            ("timestamp", &timestamp),
+        ];
+        let answer = client
+            .post(url)
+            .bearer_auth(key)
+            .header("Idempotency-Key", self.identifier)
+            .form(&form)
+            .send()
+            .await
+            .context("posting a baseline meter event")?;
+        let status = answer.status();
+        answer.bytes().await.context("reading an answer")?;
+        Ok(status)
     }
 }
 
@@ -432,7 +480,7 @@ async fn post_plainly(
         .pool_max_idle_per_host(concurrency)
         .build()
         .context("building the baseline client")?;
-    let url = format!("{}/v1/billing/meter_events", stripe.recorder.base);
+    let url = stripe.meter_events_url();
     let run = std::process::id();
     let failures = AtomicUsize::new(0);
     let clients = (0..concurrency).map(|k| {
@@ -443,31 +491,17 @@ async fn post_plainly(
                     continue;
                 }
                 let identifier = format!("bench_{run}_{i}");
-                let form = [
-                    ("event_name", METERS[l.meter].1.to_owned()),
-                    (
-                        "payload[stripe_customer_id]",
-                        stripe.customers[l.customer].clone(),
-                    ),
-                    ("payload[value]", l.value.to_string()),
-                    ("identifier", identifier.clone()),
-                    (
-                        "timestamp",
-                        (l.window.end().unix_timestamp() - 1).to_string(),
-                    ),
-                ];
-                let answer = client
-                    .post(url)
-                    .bearer_auth(&stripe.standin.key)
-                    .header("Idempotency-Key", &identifier)
-                    .form(&form)
-                    .send()
-                    .await
-                    .context("posting a baseline meter event")?;
-                if !answer.status().is_success() {
+                let event = MeterEvent {
+                    event_name: METERS[l.meter].1,
+                    customer: &stripe.customers[l.customer],
+                    value: l.value,
+                    identifier: &identifier,
+                    timestamp: l.window.end().unix_timestamp() - 1,
+                };
+                let status = event.post(client, url, &stripe.standin.key).await?;
+                if !status.is_success() {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
-                answer.bytes().await.context("reading an answer")?;
             }
             anyhow::Ok(())
         }
