@@ -150,11 +150,6 @@ impl TryFrom<StateRow> for WindowState {
 const MARK: &str = "dirty = true, last_event_at = now(),
                     dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END";
 
-/// The aggregations (as `meters.aggregation` stores them) whose windows carry the billing
-/// period to date ([`meterline_schemas::Aggregation::bills_period_to_date`]; a test checks
-/// the list).
-const PERIOD_TO_DATE: &str = "'MAX', 'LATEST', 'COUNT_UNIQUE'";
-
 /// The state columns of an upserted row (`w`).
 const RETURNED_STATE: &str = "w.tenant_id, w.environment_id, w.customer_id, w.meter_id, \
                               w.window_start, w.window_end, w.revision, \
@@ -171,8 +166,16 @@ pub struct Claim {
 }
 
 impl Claim {
-    /// Records what was published and clears the dirty mark of every claimed window.
-    pub async fn finish(mut self, published: &[Publication]) -> Result<(), Error> {
+    /// Records what was published, clears the dirty mark of every claimed window, and marks
+    /// `successors` dirty (created when unknown, due at their end plus `grace`): the windows
+    /// that bill the rest of a claimed window crossing its billing period's end. In the same
+    /// transaction, so a recomputed crossing window never leaves its rest unbilled.
+    pub async fn finish(
+        mut self,
+        published: &[Publication],
+        successors: &[WindowKey],
+        grace: Duration,
+    ) -> Result<(), Error> {
         let keys = KeyColumns::of(self.windows.iter().map(|w| &w.key));
         bind_keys!(
             sqlx::query(
@@ -221,11 +224,52 @@ impl Claim {
             .await
             .map_err(db("recording publications"))?;
         }
+        if !successors.is_empty() {
+            upsert_marked(&mut self.tx, successors, grace).await?;
+        }
         self.tx
             .commit()
             .await
             .map_err(db("committing publications"))
     }
+}
+
+/// Marks `keys` dirty, inserting unknown windows due at their end plus `grace`; waits for
+/// rows another transaction holds. Gives those that had been published before (revision > 0):
+/// their new events are late.
+async fn upsert_marked(
+    tx: &mut Transaction<'static, Postgres>,
+    keys: &[WindowKey],
+    grace: Duration,
+) -> Result<Vec<WindowKey>, Error> {
+    let r = KeyColumns::of(keys.iter());
+    let due: Vec<OffsetDateTime> = keys
+        .iter()
+        .map(|k| crate::due::due_at(&k.window, grace))
+        .collect();
+    let rows: Vec<StateRow> = bind_keys!(
+        sqlx::query_as(&format!(
+            "WITH marked AS (
+             INSERT INTO aggregation_windows AS w
+                 (tenant_id, environment_id, customer_id, meter_id, window_start,
+                  window_end, due_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                  $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])
+             ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
+             DO UPDATE SET {MARK}
+             RETURNING {RETURNED_STATE})
+         SELECT * FROM marked WHERE revision > 0"
+        )),
+        r
+    )
+    .bind(&r.end)
+    .bind(&due)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db("marking new and held windows"))?;
+    rows.into_iter()
+        .map(|row| WindowState::try_from(row).map(|state| state.key))
+        .collect()
 }
 
 /// Keys as parallel arrays, for `UNNEST`.
@@ -374,36 +418,8 @@ impl WindowRegistry {
             .map(|(key, _)| key)
             .collect();
         if !rest.is_empty() {
-            let r = KeyColumns::of(rest.iter().copied());
-            let due: Vec<OffsetDateTime> = rest
-                .iter()
-                .map(|k| crate::due::due_at(&k.window, grace))
-                .collect();
-            // revision > 0 in the answer: the window had been published before this batch.
-            let rows: Vec<StateRow> = bind_keys!(
-                sqlx::query_as(&format!(
-                    "WITH marked AS (
-                     INSERT INTO aggregation_windows AS w
-                         (tenant_id, environment_id, customer_id, meter_id, window_start,
-                          window_end, due_at)
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                          $5::timestamptz[], $6::timestamptz[],
-                                          $7::timestamptz[])
-                     ON CONFLICT (tenant_id, environment_id, customer_id, meter_id, window_start)
-                     DO UPDATE SET {MARK}
-                     RETURNING {RETURNED_STATE})
-                 SELECT * FROM marked WHERE revision > 0"
-                )),
-                r
-            )
-            .bind(&r.end)
-            .bind(&due)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("marking new and held windows"))?;
-            for row in rows {
-                late.push(WindowState::try_from(row)?.key);
-            }
+            let rest: Vec<WindowKey> = rest.into_iter().cloned().collect();
+            late.extend(upsert_marked(&mut tx, &rest, grace).await?);
         }
         tx.commit().await.map_err(db("committing a marking"))?;
         Ok(late)
@@ -445,10 +461,13 @@ impl WindowRegistry {
         Ok(())
     }
 
-    /// Marks dirty the period-to-date windows of customers whose subscription periods changed
-    /// (up to `limit` changed periods at a time), from each period's start on: their values
-    /// were computed over the periods believed before (calendar months, or a guessed
-    /// renewal), and are recomputed and sent again over the ones Stripe named. A period of a
+    /// Marks dirty the windows of customers whose subscription periods changed (up to
+    /// `limit` changed periods at a time), from each period's start on: their values were
+    /// computed over the periods believed before (calendar months, or a guessed renewal), and
+    /// are recomputed and sent again over the ones Stripe named: a period-to-date value from
+    /// the new start, a count or sum cut at a new boundary inside its window (the window
+    /// after it is marked when the crossing one is published, [`Claim::finish`]). Windows
+    /// whose value did not change publish nothing. A period of a
     /// customer not mapped yet waits until the mapping exists ([`billing_periods`]). The
     /// number of changed periods applied; 0 when none waits.
     pub async fn mark_period_changes(&self, limit: i64) -> Result<u64, Error> {
@@ -467,11 +486,9 @@ impl WindowRegistry {
                  FOR UPDATE OF p SKIP LOCKED
              ), marked AS (
                  UPDATE aggregation_windows w SET {MARK}
-                 FROM changed c, meters mt
+                 FROM changed c
                  WHERE w.tenant_id = c.tenant_id AND w.environment_id = c.environment_id
                    AND w.customer_id = c.customer_id AND w.window_end > c.period_start
-                   AND mt.tenant_id = w.tenant_id AND mt.environment_id = w.environment_id
-                   AND mt.id = w.meter_id AND mt.aggregation IN ({PERIOD_TO_DATE})
                  RETURNING 1
              )
              UPDATE stripe_subscription_periods p SET windows_marked = true
@@ -577,24 +594,5 @@ impl WindowRegistry {
             .map(WindowState::try_from)
             .collect::<Result<_, _>>()?;
         Ok(Claim { tx, windows })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use meterline_schemas::Aggregation;
-
-    #[test]
-    fn period_changes_re_mark_exactly_the_period_to_date_aggregations() {
-        for kind in ["COUNT", "SUM", "MAX", "LATEST", "COUNT_UNIQUE"] {
-            let property = (kind != "COUNT").then_some("seats");
-            let aggregation = Aggregation::parse(kind, property).expect("a known kind");
-            assert_eq!(
-                PERIOD_TO_DATE.contains(&format!("'{kind}'")),
-                aggregation.bills_period_to_date(),
-                "{kind} in {PERIOD_TO_DATE}"
-            );
-        }
     }
 }

@@ -18,7 +18,7 @@
 //!   period of the subscription ending in that range is marked invoiced, and usage reported
 //!   for it after then would be on no invoice (Stripe does not add it to a final one).
 //! - Every change leaves its row unmarked; the aggregator then re-marks the customer's
-//!   period-to-date windows from the period's start, so values already published under the
+//!   windows from the period's start, so values already published under the
 //!   old periods are recomputed and sent again (a row whose customer is not mapped yet waits
 //!   for the mapping, and is applied once it exists).
 

@@ -14,7 +14,9 @@
 //!   one's length until a webhook names the real next one (renewals are announced as they
 //!   happen, so the guess covers minutes). Before the first, calendar months apply, cut at it.
 //! - A window belongs to the period its start is in; a window that crosses a period's end
-//!   counts only up to it, the rest counts in the next period's first window.
+//!   counts only up to it, the rest counts in the next period's first window: for `COUNT`
+//!   and `SUM` the window after it bills that rest ([`PeriodCalendar::additive_range`]), for
+//!   the others it is in every next-period window's period to date.
 
 use time::{Date, Month, OffsetDateTime, Time};
 
@@ -207,6 +209,27 @@ impl PeriodCalendar {
         (period.start(), window.end().min(period.end()))
     }
 
+    /// The events a window's value covers for a meter whose windows add up (COUNT, SUM):
+    /// its own, cut at its period's end, plus the part of the window before it (`previous`,
+    /// the window ending where this one starts) that lies past that window's period's end.
+    /// So a window crossing a period boundary bills only up to it, and the next window bills
+    /// the rest in the next period: consecutive windows' ranges tile time exactly (each ends
+    /// where the next begins), and no usage moves across a boundary. Half-open.
+    pub fn additive_range(
+        &self,
+        window: &Window,
+        previous: &Window,
+    ) -> (OffsetDateTime, OffsetDateTime) {
+        let from = self.containing(previous.start()).end().min(window.start());
+        (from, self.additive_end(window))
+    }
+
+    /// Where [`additive_range`](Self::additive_range) ends: the window's end, or its period's
+    /// end for a window that crosses it (the rest goes to the window after it).
+    pub fn additive_end(&self, window: &Window) -> OffsetDateTime {
+        self.of_window(window).end().min(window.end())
+    }
+
     /// Until when (exclusive, by window start) later windows include a change of `window` in
     /// their period-to-date value: the end of the period of the window's last instant, so the
     /// next period's windows are included when the window crosses into it.
@@ -351,5 +374,74 @@ mod tests {
             assert_eq!(StripeFormula::parse(f.as_str()), Some(f));
         }
         assert_eq!(StripeFormula::parse("max"), None);
+    }
+
+    #[test]
+    fn additive_windows_bill_each_instant_in_exactly_one_window_and_period() {
+        // A subscription period starting mid-hour, one shorter than a day, and calendar
+        // months before them; windows of 60, 7 and 1440 minutes, and a size change.
+        let calendar = PeriodCalendar::from_periods([
+            (
+                datetime!(2026-11-03 14:30 UTC),
+                datetime!(2026-11-05 02:10 UTC),
+            ),
+            (
+                datetime!(2026-11-05 02:10 UTC),
+                datetime!(2026-11-05 09:00 UTC),
+            ),
+        ]);
+        for sizes in [[60, 60], [7, 7], [1440, 1440], [60, 15], [15, 60]] {
+            let change = datetime!(2026-11-04 00:00 UTC);
+            let mut window =
+                Window::containing(datetime!(2026-10-31 20:00 UTC), sizes[0]).expect("a window");
+            let mut covered = window.start();
+            let mut previous =
+                Window::containing(window.start() - time::Duration::SECOND, sizes[0])
+                    .expect("a window");
+            while window.start() < datetime!(2026-12-02 00:00 UTC) {
+                let (from, to) = calendar.additive_range(&window, &previous);
+                // Tiles: starts where the one before ended, never runs backwards.
+                assert_eq!(from, covered, "{window:?} after {previous:?} ({sizes:?})");
+                assert!(from <= to && to <= window.end(), "{window:?}");
+                // Inside one period: the window's, but for a period shorter than a window.
+                let period = calendar.of_window(&window);
+                assert!(to <= period.end(), "{window:?}");
+                if from < window.start() {
+                    assert!(from >= previous.start() && to > window.start() - time::Duration::DAY);
+                }
+                covered = to;
+                let size = if window.end() >= change {
+                    sizes[1]
+                } else {
+                    sizes[0]
+                };
+                previous = window;
+                window = Window::containing(window.end(), size).expect("a window");
+            }
+        }
+        // The window crossing 14:30 bills up to it; the next bills from it.
+        let crossing = Window::containing(datetime!(2026-11-03 14:00 UTC), 60).expect("a window");
+        let before = Window::containing(datetime!(2026-11-03 13:00 UTC), 60).expect("a window");
+        let after = Window::containing(datetime!(2026-11-03 15:00 UTC), 60).expect("a window");
+        assert_eq!(
+            calendar.additive_range(&crossing, &before),
+            (
+                datetime!(2026-11-03 14:00 UTC),
+                datetime!(2026-11-03 14:30 UTC)
+            )
+        );
+        assert_eq!(
+            calendar.additive_range(&after, &crossing),
+            (
+                datetime!(2026-11-03 14:30 UTC),
+                datetime!(2026-11-03 16:00 UTC)
+            )
+        );
+        // Calendar months and hourly windows: nothing moves.
+        let months = PeriodCalendar::calendar_months();
+        assert_eq!(
+            months.additive_range(&after, &crossing),
+            (after.start(), after.end())
+        );
     }
 }

@@ -65,7 +65,9 @@ pub struct WindowTotal {
     pub meter_id: MeterId,
     /// The window `[window_start, window_end)`.
     pub window: Window,
-    /// The meter's aggregate over the window (SUM, COUNT, MAX, ...), exact.
+    /// The meter's aggregate over the window (SUM, COUNT, MAX, ...), exact: for a meter
+    /// billing the period to date, from the period's start; for a count or sum, cut where a
+    /// billing period ends inside the window, the window after it counting the rest.
     pub quantity: Decimal,
     /// How many distinct events went into it.
     pub event_count: u64,

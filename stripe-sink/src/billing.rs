@@ -68,11 +68,21 @@ pub enum Next {
     /// A meter event of `value`, accounting for `accounted` of the total (the exact change
     /// for `sum`, the exact value for `last`).
     Send { value: i64, accounted: Decimal },
+    /// A `sum` meter event that takes back, at `at` (their stamp, so in the period Stripe
+    /// filed them in), the units of the window's accepted events that lie past the period
+    /// the window is billed in now; what they accounted for is then owed again, and goes
+    /// out stamped inside the window's period.
+    Move {
+        value: i64,
+        accounted: Decimal,
+        at: i64,
+    },
 }
 
 /// The next step for a window with no meter event outstanding. For a `sum` meter
-/// ([`Counts::Change`]): the change not yet accounted for, rounded against the carry
-/// ([`round_with_carry`]). For a `last` meter ([`Counts::Value`]): the total itself, rounded
+/// ([`Counts::Change`]): first, units Stripe filed past the window's billing period are
+/// taken back where they were filed ([`Next::Move`]); then the change not yet accounted for,
+/// rounded against the carry ([`round_with_carry`]). For a `last` meter ([`Counts::Value`]): the total itself, rounded
 /// on its own (Stripe bills one value of the period, so nothing is carried); a 0 is sent too,
 /// since it may be the period's last value. A `last` window superseded by a newer window of its
 /// period sends nothing: whether Stripe's `last` goes by timestamp or by receipt, the period's
@@ -80,6 +90,19 @@ pub enum Next {
 pub fn next_send(counts: Counts, current: &Current) -> Result<Next, Unsendable> {
     match counts {
         Counts::Change => {
+            if let Some(at) = current.misplaced_at {
+                if !current.misplaced_value.is_zero() || !current.misplaced_accounted.is_zero() {
+                    let value = (-current.misplaced_value)
+                        .to_i64()
+                        .filter(|v| v.abs() <= MAX_VALUE)
+                        .ok_or_else(|| Unsendable::TooLarge(current.misplaced_value.to_string()))?;
+                    return Ok(Next::Move {
+                        value,
+                        accounted: -current.misplaced_accounted,
+                        at,
+                    });
+                }
+            }
             let change = current.total - current.accounted;
             if change.is_zero() {
                 return Ok(Next::Settled);
@@ -129,10 +152,17 @@ pub fn stamp(
     period_end: OffsetDateTime,
     now: OffsetDateTime,
 ) -> i64 {
-    let oldest_taken = (now - stripe_limits::MAX_EVENT_AGE).unix_timestamp() + 60;
-    stripe_limits::event_timestamp_at(window, last_event, period_end)
-        .max(oldest_taken)
-        .min(stripe_limits::event_timestamp_in(window, period_end))
+    no_older_than_stripe_takes(
+        stripe_limits::event_timestamp_at(window, last_event, period_end),
+        now,
+    )
+    .min(stripe_limits::event_timestamp_in(window, period_end))
+}
+
+/// `at` (Unix seconds), or the oldest second Stripe takes at `now` with a minute to spare if
+/// `at` is older.
+pub fn no_older_than_stripe_takes(at: i64, now: OffsetDateTime) -> i64 {
+    at.max((now - stripe_limits::MAX_EVENT_AGE).unix_timestamp() + 60)
 }
 
 /// Whether Stripe would accept a meter event for `window` at `now` ([`stripe_limits`]).
@@ -286,6 +316,54 @@ mod tests {
         assert_eq!(held_by_stripe(7.0, d(7), d(0)), Held::Unknown);
     }
 
+    #[test]
+    fn units_stripe_filed_past_the_windows_period_are_taken_back_where_they_were_filed() {
+        let d = |v: i64| Decimal::from(v);
+        // 7 calls were billed at 14:59, before Stripe named a period starting at 14:30;
+        // the window now counts the 3 calls before 14:30.
+        let mut current = Current {
+            total: d(3),
+            accounted: d(7),
+            carry: Decimal::ZERO,
+            synced: d(7),
+            sent: true,
+            superseded: false,
+            last_event_at: None,
+            period_end: OffsetDateTime::UNIX_EPOCH,
+            misplaced_value: d(7),
+            misplaced_accounted: d(7),
+            misplaced_at: Some(1_700_000_340),
+        };
+        assert_eq!(
+            next_send(Counts::Change, &current),
+            Ok(Next::Move {
+                value: -7,
+                accounted: d(-7),
+                at: 1_700_000_340
+            })
+        );
+        // Once the move is accepted it is misplaced too, and the two cancel out: the 3 go
+        // out inside the window's period.
+        current.accounted = Decimal::ZERO;
+        current.synced = Decimal::ZERO;
+        current.misplaced_value = Decimal::ZERO;
+        current.misplaced_accounted = Decimal::ZERO;
+        assert_eq!(
+            next_send(Counts::Change, &current),
+            Ok(Next::Send {
+                value: 3,
+                accounted: d(3)
+            })
+        );
+        // A `last` meter's value is absolute: nothing to move.
+        current.misplaced_value = d(7);
+        current.misplaced_accounted = d(7);
+        assert!(matches!(
+            next_send(Counts::Value, &current),
+            Ok(Next::Send { value: 3, .. })
+        ));
+    }
+
     /// One customer and meter as the ledger and Stripe see them, moved exactly as the
     /// settle loop moves them ([`next_send`], then the ledger's `accepted`, `carried` or
     /// `unchanged_value`), every meter event accepted.
@@ -311,6 +389,9 @@ mod tests {
                         superseded: false,
                         last_event_at: None,
                         period_end: OffsetDateTime::UNIX_EPOCH,
+                        misplaced_value: Decimal::ZERO,
+                        misplaced_accounted: Decimal::ZERO,
+                        misplaced_at: None,
                     })
                     .collect(),
                 ..Self::default()
@@ -348,6 +429,8 @@ mod tests {
                         self.carry += change;
                     }
                     Next::Unchanged(total) => current.accounted = total,
+                    // Every event is stamped inside its window's period here.
+                    Next::Move { .. } => unreachable!("no period moves in the simulation"),
                     Next::Send { value, accounted } => {
                         let receipt = self.stripe.len();
                         self.stripe.push((w, receipt, value));

@@ -461,11 +461,21 @@ impl Ledger {
                           AND n.window_start > b.window_start
                           AND n.window_start < COALESCE(b.period_end, $2)
                           AND s.formula = 'last' AND s.status IN ('sending', 'accepted')
-                    ) AS superseded
+                    ) AS superseded,
+                    m.misplaced_value, m.misplaced_accounted, m.misplaced_at
              FROM stripe_sync_batches b
              LEFT JOIN stripe_sync_carry c
                ON c.tenant_id = b.tenant_id AND c.environment_id = b.environment_id
               AND c.entity_id = b.entity_id AND c.meter_id = b.meter_id
+             CROSS JOIN LATERAL (
+                 SELECT COALESCE(sum(s.value), 0) AS misplaced_value,
+                        COALESCE(sum(s.accounted), 0) AS misplaced_accounted,
+                        max(s.stripe_timestamp) AS misplaced_at
+                 FROM stripe_sync_sends s
+                 WHERE s.batch_id = b.id AND s.status = 'accepted' AND s.formula = 'sum'
+                   AND s.stripe_timestamp
+                       >= extract(epoch FROM COALESCE(b.period_end, $2))::bigint
+             ) m
              WHERE b.id = $1",
         )
         .bind(batch_id)
@@ -516,6 +526,13 @@ pub struct Current {
     pub last_event_at: Option<OffsetDateTime>,
     /// The end of the billing period the window is billed in.
     pub period_end: OffsetDateTime,
+    /// The accepted `sum` meter events of the window stamped at or after `period_end`, which
+    /// Stripe filed in a later period than the one the window is billed in now (its period
+    /// was named, or moved, after they were sent): their whole numbers, the exact part they
+    /// account for, and the latest of their stamps; `None` when there are none.
+    pub misplaced_value: Decimal,
+    pub misplaced_accounted: Decimal,
+    pub misplaced_at: Option<i64>,
 }
 
 /// A window's outstanding meter event (at most one: the next is written once it settled).

@@ -1,6 +1,6 @@
 //! Loop 5: billing periods Stripe named. When stripe-sink records a subscription period (or
-//! a customer with one is mapped), the customer's period-to-date windows from the period's
-//! start are marked dirty ([`crate::windows::WindowRegistry::mark_period_changes`]); loop 2
+//! a customer with one is mapped), the customer's windows from the period's start are marked
+//! dirty ([`crate::windows::WindowRegistry::mark_period_changes`]); loop 2
 //! then recomputes them over the period Stripe bills and publishes what changed, and the sink
 //! sends it. The rules of the periods themselves are [`meterline_catalog::billing_periods`].
 

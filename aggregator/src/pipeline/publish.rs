@@ -2,6 +2,12 @@
 //! from the deduplicated rows, and published to `usage.windows` with a new revision when they
 //! changed (the first publication is `due`, later ones `late`).
 //!
+//! What a window's total covers: for a meter billing the period to date (MAX, LATEST,
+//! COUNT_UNIQUE), the period's events up to the window's end; for a count or sum, the
+//! window's own events, cut where a billing period ends inside it, with the rest billed by the
+//! window after it ([`meterline_schemas::PeriodCalendar::additive_range`]), so no usage is
+//! moved into another period's invoice.
+//!
 //! Rule kept here: a claim is recorded as published only after Kafka acknowledged every total
 //! of it; on any error the claim rolls back and the windows stay dirty.
 
@@ -92,19 +98,40 @@ pub(super) async fn publish_claim(
         (OffsetDateTime, OffsetDateTime),
     );
     let mut groups: BTreeMap<Group, Vec<CustomerId>> = BTreeMap::new();
+    // Windows after a claimed window that crosses its billing period's end: they bill its
+    // rest, so they are marked with the claim (created when they hold no event of their own).
+    let mut successors: Vec<WindowKey> = Vec::new();
     for w in &claim.windows {
         let k = &w.key;
-        // A maximum, latest value or distinct count does not add up over windows: its
-        // windows carry the billing period to date, for Stripe's `last` formula.
-        // A changed meter's new definition counts from its effective time.
         let range = match cache.meter(&k.tenant_id, &k.environment_id, &k.meter_id) {
+            // A maximum, latest value or distinct count does not add up over windows: its
+            // windows carry the billing period to date, for Stripe's `last` formula.
+            // A changed meter's new definition counts from its effective time.
             Some(m) if m.aggregation.bills_period_to_date() => {
                 let (from, to) = calendar_of(k).period_to_date(&k.window);
                 let (_, since) =
                     cache.aggregation_at(&k.tenant_id, &k.environment_id, m, k.window.start());
                 (since.map_or(from, |since| from.max(since)), to)
             }
-            _ => (k.window.start(), k.window.end()),
+            // A count or sum adds up: the window's own events, cut at a period boundary
+            // inside it, the rest billed by the next window in the next period.
+            _ => {
+                let window_at = |at: OffsetDateTime| {
+                    cache
+                        .sizes()
+                        .window_at(&k.tenant_id, &k.environment_id, at)
+                        .map_err(|e| Error::Corrupt(format!("window at {at}: {e}")))
+                };
+                let previous = window_at(k.window.start() - time::Duration::NANOSECOND)?;
+                let calendar = calendar_of(k);
+                if calendar.additive_end(&k.window) < k.window.end() {
+                    successors.push(WindowKey {
+                        window: window_at(k.window.end())?,
+                        ..k.clone()
+                    });
+                }
+                calendar.additive_range(&k.window, &previous)
+            }
         };
         groups
             .entry((
@@ -194,7 +221,11 @@ pub(super) async fn publish_claim(
         });
     }
     shared.writer.publish_windows(&totals).await?;
-    claim.finish(&publications).await?;
+    successors.sort_unstable();
+    successors.dedup();
+    claim
+        .finish(&publications, &successors, shared.grace)
+        .await?;
     for total in &totals {
         metrics::window_published(&total.reason);
     }

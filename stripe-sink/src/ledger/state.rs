@@ -185,6 +185,7 @@ mod tests {
         let code = code.as_str();
         let others = [
             "sending", "accepted", "refused", "dropped", "customer", "stripe", "active", "last",
+            "sum",
         ];
         let mut named = 0;
         let mut rest = code;

@@ -179,7 +179,13 @@ async fn try_settle(
             Some(send) => send,
             None => {
                 let current = ctx.ledger.current(batch.id, &batch.window).await?;
-                let (value, accounted) = match billing::next_send(counts, &current) {
+                let stamp = billing::stamp(
+                    &batch.window,
+                    current.last_event_at,
+                    current.period_end,
+                    now,
+                );
+                let (value, accounted, stamp) = match billing::next_send(counts, &current) {
                     Ok(Next::Settled) => return Ok(Finish::Settled),
                     Ok(Next::Carry(change)) => {
                         ctx.ledger.carried(batch.claim, change).await?;
@@ -189,7 +195,18 @@ async fn try_settle(
                         ctx.ledger.unchanged_value(batch.claim, total).await?;
                         continue;
                     }
-                    Ok(Next::Send { value, accounted }) => (value, accounted),
+                    Ok(Next::Send { value, accounted }) => (value, accounted, stamp),
+                    // Taken back in the period Stripe filed them in (never older than
+                    // Stripe takes, like every stamp).
+                    Ok(Next::Move {
+                        value,
+                        accounted,
+                        at,
+                    }) => (
+                        value,
+                        accounted,
+                        billing::no_older_than_stripe_takes(at, now),
+                    ),
                     Err(e) => return Ok(Finish::Failed(e.to_string())),
                 };
                 // Stripe puts usage reported after a period's invoice is final on no
@@ -233,12 +250,7 @@ async fn try_settle(
                     counts,
                     event_name: event_name.clone(),
                     provider_customer_id: customer.clone(),
-                    stripe_timestamp: billing::stamp(
-                        &batch.window,
-                        current.last_event_at,
-                        current.period_end,
-                        now,
-                    ),
+                    stripe_timestamp: stamp,
                     created_at: now,
                     in_doubt_since: None,
                 };

@@ -2888,6 +2888,100 @@ async fn a_customer_import_reads_the_subscription_periods_that_predate_the_webho
     bill_seats_over_a_subscription(PeriodLearnt::Import).await;
 }
 
+/// Case 7 of the billing issue, the split: a `COUNT` window crossing the start of the
+/// customer's subscription period bills only its calls before it; the window after it bills
+/// the rest, stamped in the new period, so each call is on the invoice of the period it was
+/// made in. The subscription is anchored at half past an hour `h` four hours ago: 3 calls
+/// before the anchor, 4 after it in the same hour, 1 in the next hour. Billed before the
+/// period is known, the crossing window's 7 are stamped at its last call, after the anchor;
+/// once Stripe names the period, the crossing window takes its 7 back where Stripe filed
+/// them and sends its 3 before the anchor, and the next window sends the 4 in the new period:
+/// Stripe holds 3 before the anchor and 5 after it (without the split: 0 and 8, or -4 and 12
+/// had the difference been stamped at the 3rd call). A late call at `h`:45 is billed in the
+/// new period too.
+#[tokio::test]
+async fn a_count_window_crossing_a_subscription_period_start_bills_each_call_in_its_period() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    let mtr = standin.meter("calls_sum", "sum").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.call", "aggregation": "COUNT"}),
+    )
+    .await;
+    let cus = standin.customer("cust_split").await;
+    let (_relay, sink, t) =
+        sink_behind_a_relay(&ns, &standin, "customer.subscription.created").await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
+    map_meter(&sink, "calls", "calls_sum").await;
+    map_customer(&sink, "cust_split", &cus).await;
+
+    let h = hour_start_of(OffsetDateTime::now_utc() - time::Duration::hours(4));
+    let anchor = h + time::Duration::minutes(30);
+    let minutes = |m: i64| h + time::Duration::minutes(m);
+    let call =
+        |id: &str, at: OffsetDateTime| event(TENANT, id, "cust_split", "api.call", at, json!({}));
+    produce_events(
+        &ns,
+        &[
+            call("before-1", minutes(5)),
+            call("before-2", minutes(12)),
+            call("before-3", minutes(20)),
+            call("after-1", minutes(31)),
+            call("after-2", minutes(40)),
+            call("after-3", minutes(50)),
+            call("after-4", minutes(59)),
+            call("next-hour", minutes(70)),
+        ],
+    )
+    .await;
+    let unix = |at: OffsetDateTime| at.unix_timestamp();
+    let before = (unix(h - time::Duration::hours(1)), unix(anchor));
+    let after = (unix(anchor), unix(h + time::Duration::hours(3)));
+    // Calendar months: the crossing hour is billed whole, stamped at its last call, which
+    // Stripe files in the subscription's period once it has one.
+    wait_for_summaries(&standin, &cus, after, &[("calls", &mtr, 8.0)]).await;
+    wait_for_summaries(&standin, &cus, before, &[("calls", &mtr, 0.0)]).await;
+    wait_for_batches(&sink, &t, "synced", |synced| synced.len() == 2).await;
+
+    // Stripe names the period: the crossing hour's last minutes move to the new period.
+    let period_end = anchor + time::Duration::days(30);
+    standin
+        .subscription(&cus, &mtr, (unix(anchor), unix(period_end)))
+        .await;
+    wait_for_summaries(&standin, &cus, before, &[("calls", &mtr, 3.0)]).await;
+    wait_for_summaries(&standin, &cus, after, &[("calls", &mtr, 5.0)]).await;
+    let quantity_of = |synced: &[Value], start: OffsetDateTime| {
+        synced
+            .iter()
+            .find(|w| w["window_start"] == rfc3339(start))
+            .map(|w| (w["aggregated_quantity"].clone(), w["event_count"].clone()))
+    };
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        synced.len() == 2
+            && quantity_of(synced, h) == Some((json!("3"), json!(3)))
+            && quantity_of(synced, minutes(60)) == Some((json!("5"), json!(5)))
+    })
+    .await;
+
+    // A late call in the crossing hour, after the anchor: billed by the next window.
+    produce_events(&ns, &[call("late-after", minutes(45))]).await;
+    wait_for_summaries(&standin, &cus, after, &[("calls", &mtr, 6.0)]).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        quantity_of(synced, minutes(60)) == Some((json!("6"), json!(6)))
+    })
+    .await;
+    wait_for_summaries(&standin, &cus, before, &[("calls", &mtr, 3.0)]).await;
+    let metrics = aggregator.metrics().await;
+    assert!(
+        metrics.contains("aggregator_billing_periods_applied_total 1"),
+        "{metrics}"
+    );
+    ns.drop_databases().await;
+}
+
 /// The start of the hour `at` is in.
 fn hour_start_of(at: OffsetDateTime) -> OffsetDateTime {
     at.replace_time(time::Time::from_hms(at.hour(), 0, 0).expect("an hour"))
