@@ -1,8 +1,8 @@
 //! A local Stripe that behaves like Stripe, for meterline's tests and demo (there is no
 //! internet). What it reproduces, and why each rule matters, is written in
-//! `shared/stripe-facts.md`; every rule here is checked by a test in `tests/standin.rs`, and
-//! `tests/contract.rs` checks that Stripe's own `stripe-mock` accepts and refuses the same
-//! requests we do.
+//! `shared/stripe-facts.md`; every rule here is checked by a test in `tests/it/` (meter
+//! events, resources, webhooks), and `tests/it/contract.rs` checks that Stripe's own
+//! `stripe-mock` accepts and refuses the same requests we do.
 //!
 //! Layout:
 //! - [`config`]: listen address, initial accounts, default rate limit (CLI / `STANDIN_*` env).
