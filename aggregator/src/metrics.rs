@@ -29,8 +29,7 @@ pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
 pub const BACKFILL_EVENTS: &str = "aggregator_backfill_events_total";
 /// Meter backfills worked through to their end.
 pub const BACKFILLS: &str = "aggregator_backfills_completed_total";
-/// Subscription periods Stripe named whose customer's period-to-date windows were marked for
-/// recomputation.
+/// Subscription periods Stripe named whose customer's windows were marked for recomputation.
 pub const BILLING_PERIODS_APPLIED: &str = "aggregator_billing_periods_applied_total";
 /// Events per batch.
 pub const BATCH_SIZE: &str = "aggregator_batch_events";
@@ -95,7 +94,7 @@ pub fn describe() {
     describe_counter!(BACKFILLS, "meter backfills worked through to their end");
     describe_counter!(
         BILLING_PERIODS_APPLIED,
-        "subscription periods whose customer's period-to-date windows were marked for recomputation"
+        "subscription periods whose customer's windows were marked for recomputation"
     );
     for counter in [
         EVENTS_CONSUMED,

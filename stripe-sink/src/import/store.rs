@@ -1,8 +1,23 @@
 //! The import jobs in PostgreSQL (`stripe_customer_imports`): creating, viewing, leasing, and
 //! applying one page of customers with the job's cursor and counts in one transaction.
+//!
+//! Rule kept here: a worker writes to its job only while it holds the job's lease and the job
+//! runs ([`HELD`]), so a sink that lost the job writes nothing.
 
 use super::*;
 use meterline_common::postgres::BindScope;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::Postgres;
+
+/// The condition of a worker's writes to its job: `$1` is the job, `$2` the worker, which
+/// still holds the lease (it did not expire to another sink) of the job still running.
+const HELD: &str = "id = $1 AND lease_owner = $2 AND status = 'running'";
+
+/// `sql`, an UPDATE of a job `WHERE {HELD}`, with the job and the worker bound as `$1`, `$2`.
+fn held<'q>(sql: &'q str, job: &Job, owner: Uuid) -> Query<'q, Postgres, PgArguments> {
+    sqlx::query(sql).bind(job.id.as_uuid()).bind(owner)
+}
 
 /// The PostgreSQL store of import jobs.
 #[derive(Clone)]
@@ -95,13 +110,15 @@ impl ImportStore {
         owner: Uuid,
         lease: Duration,
     ) -> Result<bool, Error> {
-        let done = sqlx::query(
-            "UPDATE stripe_customer_imports
-             SET lease_until = now() + make_interval(secs => $3)
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        let done = held(
+            &format!(
+                "UPDATE stripe_customer_imports
+                 SET lease_until = now() + make_interval(secs => $3)
+                 WHERE {HELD}"
+            ),
+            job,
+            owner,
         )
-        .bind(job.id.as_uuid())
-        .bind(owner)
         .bind(lease.as_secs_f64())
         .execute(&self.pool)
         .await
@@ -152,16 +169,18 @@ impl ImportStore {
         // to go on. The subscriptions follow.
         progress.customers_done = !page.has_more || page.data.is_empty();
         let samples = |s: &Vec<Sample>| serde_json::to_value(s).unwrap_or_default();
-        let updated = sqlx::query(
-            "UPDATE stripe_customer_imports
-             SET cursor = $3, pages = $4, customers_seen = $5, mapped_created = $6,
-                 mapped_unchanged = $7, conflicts = $8, unmapped = $9, retired = $10,
-                 conflict_sample = $11, unmapped_sample = $12, updated_at = now(),
-                 customers_done = $13, lease_until = now() + make_interval(secs => $14)
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        let updated = held(
+            &format!(
+                "UPDATE stripe_customer_imports
+                 SET cursor = $3, pages = $4, customers_seen = $5, mapped_created = $6,
+                     mapped_unchanged = $7, conflicts = $8, unmapped = $9, retired = $10,
+                     conflict_sample = $11, unmapped_sample = $12, updated_at = now(),
+                     customers_done = $13, lease_until = now() + make_interval(secs => $14)
+                 WHERE {HELD}"
+            ),
+            job,
+            owner,
         )
-        .bind(job.id.as_uuid())
-        .bind(owner)
         .bind(&progress.cursor)
         .bind(progress.pages)
         .bind(progress.customers_seen)
@@ -235,18 +254,20 @@ impl ImportStore {
             progress.subscriptions_cursor = Some(last.to_owned());
         }
         let done = !page.has_more || page.data.is_empty();
-        let updated = sqlx::query(
-            "UPDATE stripe_customer_imports
-             SET subscriptions_cursor = $3, subscription_pages = $4, subscription_periods = $5,
-                 updated_at = now(),
-                 status = CASE WHEN $6 THEN 'completed' ELSE 'running' END,
-                 finished_at = CASE WHEN $6 THEN now() END,
-                 lease_until = CASE WHEN $6 THEN NULL
-                                    ELSE now() + make_interval(secs => $7) END
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        let updated = held(
+            &format!(
+                "UPDATE stripe_customer_imports
+                 SET subscriptions_cursor = $3, subscription_pages = $4,
+                     subscription_periods = $5, updated_at = now(),
+                     status = CASE WHEN $6 THEN 'completed' ELSE 'running' END,
+                     finished_at = CASE WHEN $6 THEN now() END,
+                     lease_until = CASE WHEN $6 THEN NULL
+                                        ELSE now() + make_interval(secs => $7) END
+                 WHERE {HELD}"
+            ),
+            job,
+            owner,
         )
-        .bind(job.id.as_uuid())
-        .bind(owner)
         .bind(&progress.subscriptions_cursor)
         .bind(progress.subscription_pages)
         .bind(progress.subscription_periods)
@@ -271,16 +292,18 @@ impl ImportStore {
         error: &str,
         fatal: bool,
     ) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE stripe_customer_imports
-             SET errors = errors + 1, last_error = $3, updated_at = now(),
-                 status = CASE WHEN $4 THEN 'failed' ELSE status END,
-                 finished_at = CASE WHEN $4 THEN now() END,
-                 lease_until = CASE WHEN $4 THEN NULL ELSE lease_until END
-             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        held(
+            &format!(
+                "UPDATE stripe_customer_imports
+                 SET errors = errors + 1, last_error = $3, updated_at = now(),
+                     status = CASE WHEN $4 THEN 'failed' ELSE status END,
+                     finished_at = CASE WHEN $4 THEN now() END,
+                     lease_until = CASE WHEN $4 THEN NULL ELSE lease_until END
+                 WHERE {HELD}"
+            ),
+            job,
+            owner,
         )
-        .bind(job.id.as_uuid())
-        .bind(owner)
         .bind(error)
         .bind(fatal)
         .execute(&self.pool)

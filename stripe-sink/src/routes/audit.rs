@@ -12,42 +12,47 @@ use meterline_common::api::ApiError;
 use meterline_common::auth::TenantScope;
 
 use super::error::RouteError;
-use super::mappings::{parse_limit, query_pairs, QueryPairs};
+use super::query::{
+    invalid_parameter, list_query, parse_limit, parse_row_id, ListQuery, QueryPairs,
+};
 use super::AppState;
 
 const DEFAULT_LIMIT: u32 = 20;
 
-/// Reads `?limit=&before=&action=`.
-pub fn audit_query(pairs: &[(String, String)]) -> Result<AuditQuery, ApiError> {
-    let mut query = AuditQuery {
-        limit: DEFAULT_LIMIT,
-        before: None,
-        action: None,
-    };
-    for (name, value) in pairs {
-        match name.as_str() {
-            "limit" => query.limit = parse_limit(value)?,
+/// `?limit=&before=&action=`.
+impl ListQuery for AuditQuery {
+    const PARAMETERS: &'static [&'static str] = &["limit", "before", "action"];
+
+    fn defaults() -> Self {
+        AuditQuery {
+            limit: DEFAULT_LIMIT,
+            before: None,
+            action: None,
+        }
+    }
+
+    fn read(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
+        match name {
+            "limit" => self.limit = parse_limit(value)?,
             "before" => {
-                query.before = Some(value.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_parameter",
-                        "before must be the id of a row of the audit trail",
-                    )
-                })?)
+                self.before = Some(parse_row_id(
+                    value,
+                    "before must be the id of a row of the audit trail",
+                )?)
             }
             "action" => {
-                if !ACTIONS.contains(&value.as_str()) {
-                    return Err(ApiError::bad_request(
-                        "invalid_parameter",
-                        format!("action must be one of: {}", ACTIONS.join(", ")),
-                    ));
+                if !ACTIONS.contains(&value) {
+                    return Err(invalid_parameter(format!(
+                        "action must be one of: {}",
+                        ACTIONS.join(", ")
+                    )));
                 }
-                query.action = Some(value.clone());
+                self.action = Some(value.to_owned());
             }
             _ => {}
         }
+        Ok(())
     }
-    Ok(query)
 }
 
 /// 200 `{"data": [{"id", "occurred_at", "actor": {"kind", "subject", "ref"}, "action",
@@ -57,37 +62,31 @@ pub async fn list(
     scope: TenantScope,
     query: QueryPairs,
 ) -> Result<Json<AuditPage>, RouteError> {
-    let pairs = query_pairs(query, &["limit", "before", "action"])?;
-    let query = audit_query(&pairs)?;
+    let query: AuditQuery = list_query(query)?;
     Ok(Json(audit::list(&state.pool, &scope, &query).await?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::routes::query::from_strs;
 
     #[test]
     fn parameters() {
-        let q = audit_query(&pairs(&[])).unwrap();
+        let q = from_strs::<AuditQuery>(&[]).unwrap();
         assert_eq!((q.limit, q.before, q.action), (DEFAULT_LIMIT, None, None));
-        let q = audit_query(&pairs(&[
+        let q = from_strs::<AuditQuery>(&[
             ("limit", "5"),
             ("before", "42"),
             ("action", "api_key.decrypted"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(q.limit, 5);
         assert_eq!(q.before, Some(42));
         assert_eq!(q.action.as_deref(), Some("api_key.decrypted"));
         for bad in [("limit", "0"), ("before", "x"), ("action", "everything")] {
             assert_eq!(
-                audit_query(&pairs(&[bad])).unwrap_err().code,
+                from_strs::<AuditQuery>(&[bad]).unwrap_err().code,
                 "invalid_parameter"
             );
         }

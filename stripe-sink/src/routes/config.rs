@@ -15,7 +15,7 @@ use meterline_common::auth::TenantScope;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use super::error::RouteError;
+use super::error::{invalid_value, RouteError};
 use super::AppState;
 use crate::stripe::ErrorClass;
 
@@ -40,31 +40,29 @@ fn sixty() -> u32 {
     60
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("invalid_value", message)
-}
-
 fn parse(input: ConfigInput) -> Result<NewConfig, ApiError> {
-    let api_key = StripeApiKey::parse(&input.api_key).map_err(invalid)?;
+    let api_key = StripeApiKey::parse(&input.api_key).map_err(invalid_value)?;
     if !(5..=60).contains(&input.aggregation_window_minutes) {
-        return Err(invalid(
+        return Err(invalid_value(
             "aggregation_window_minutes must be between 5 and 60",
         ));
     }
     if let Some(rate) = input.rate_limit_per_second {
         if !(1..=10_000).contains(&rate) {
-            return Err(invalid("rate_limit_per_second must be between 1 and 10000"));
+            return Err(invalid_value(
+                "rate_limit_per_second must be between 1 and 10000",
+            ));
         }
     }
     if input.webhook_secrets.len() > 10 {
-        return Err(invalid("at most 10 webhook_secrets"));
+        return Err(invalid_value("at most 10 webhook_secrets"));
     }
     let webhook_secrets = input
         .webhook_secrets
         .iter()
         .map(|s| WebhookSecret::parse(s))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(invalid)?;
+        .map_err(invalid_value)?;
     Ok(NewConfig {
         api_key,
         webhook_secrets,
@@ -125,7 +123,12 @@ pub async fn get(
         .get(&scope)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found("no stripe config for this environment").into())
+        .ok_or_else(no_config)
+}
+
+/// 404: the tenant environment has no Stripe config.
+fn no_config() -> RouteError {
+    ApiError::not_found("no stripe config for this environment").into()
 }
 
 /// The tenant environment's decrypted API key for `purpose` (audited as the API caller); 404
@@ -144,7 +147,7 @@ pub(super) async fn stored_api_key(
             purpose,
         )
         .await?
-        .ok_or_else(|| ApiError::not_found("no stripe config for this environment").into())
+        .ok_or_else(no_config)
 }
 
 /// Calls `GET /v1/account` with the stored key: it works, and names the Stripe account whose

@@ -4,7 +4,9 @@
 //!
 //! Rules kept here:
 //! - A refusal the handler words itself (a bad parameter, a missing row) is an [`ApiError`]
-//!   and passes through unchanged.
+//!   and passes through unchanged. A value that broke its rule (a body field, a path segment,
+//!   a sync route's query) is refused as 400 `invalid_value` ([`invalid_value`]); a list
+//!   route's query has its own codes ([`super::query`]).
 //! - A store error that is the client's doing (a mapping conflict, an unknown meter) becomes
 //!   its 4xx here, in one place, so every route answers it the same way.
 //! - Any other failure (a database, a decryption, a dependency) is ours: its cause goes to
@@ -28,6 +30,12 @@ impl RouteError {
     pub fn answer(&self) -> &ApiError {
         &self.0
     }
+}
+
+/// 400 `invalid_value`: a value of the request (a body field, a path segment, a sync route's
+/// query) broke its rule, which `message` states.
+pub fn invalid_value(message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_value", message.to_string())
 }
 
 impl IntoResponse for RouteError {

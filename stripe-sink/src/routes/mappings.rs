@@ -13,8 +13,8 @@
 //! 422 `stripe_meter_formula_mismatch` (the Stripe meter's formula cannot bill the meter's
 //! aggregation).
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use meterline_accounts::audit::{Actor, Purpose};
@@ -24,12 +24,15 @@ use meterline_common::auth::TenantScope;
 use meterline_schemas::{CustomerId, EventName, MeterId, SchemaError, StripeFormula};
 use serde::{Deserialize, Serialize};
 
-use super::error::RouteError;
+use super::error::{invalid_value, RouteError};
+use super::query::{
+    invalid_parameter, list_query, parse_limit, parse_row_id, ListQuery, QueryPairs,
+};
 use super::AppState;
 use crate::mappings::{
     needed_formula, CustomerMapping, CustomerMappingQuery, MappingStatus, MeterMapping,
     MeterMappingInput, Page, StripeCustomerId, UnmappedCustomer, UnmappedQuery, DEFAULT_PAGE,
-    MAX_PAGE, PROVIDER_STRIPE,
+    PROVIDER_STRIPE,
 };
 use crate::metrics;
 use crate::stripe::StripeMeter;
@@ -72,7 +75,7 @@ impl TryFrom<MeterMappingBody> for MeterMappingInput {
             invalid_field("provider_meter_id", e)
         })?;
         Ok(Self {
-            meter_id: MeterId::parse(&body.meter_id).map_err(invalid)?,
+            meter_id: MeterId::parse(&body.meter_id).map_err(invalid_value)?,
             provider_meter_id,
             sync_enabled: body.sync_enabled.unwrap_or(true),
             formula: None,
@@ -89,135 +92,97 @@ pub struct CustomerMappingBody {
     pub provider_customer_id: String,
 }
 
-fn invalid(e: SchemaError) -> ApiError {
-    ApiError::bad_request("invalid_value", e.to_string())
-}
-
 fn invalid_field(field: &str, e: SchemaError) -> ApiError {
     let reason = match e {
         SchemaError::InvalidValue { reason, .. } => reason,
         other => other.to_string(),
     };
-    ApiError::bad_request("invalid_value", format!("invalid {field}: {reason}"))
+    invalid_value(format!("invalid {field}: {reason}"))
 }
 
 fn path_value(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(value)| value)
-        .map_err(|e| ApiError::bad_request("invalid_value", e.body_text()))
+        .map_err(|e| invalid_value(e.body_text()))
 }
 
 fn meter_path(path: Result<Path<String>, PathRejection>) -> Result<MeterId, ApiError> {
-    MeterId::parse(&path_value(path)?).map_err(invalid)
+    MeterId::parse(&path_value(path)?).map_err(invalid_value)
 }
 
 fn customer_path(path: Result<Path<String>, PathRejection>) -> Result<CustomerId, ApiError> {
-    CustomerId::parse(&path_value(path)?).map_err(invalid)
+    CustomerId::parse(&path_value(path)?).map_err(invalid_value)
 }
 
-pub(crate) type QueryPairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+/// `?status=&limit=&starting_after=` of the customer mapping list.
+impl ListQuery for CustomerMappingQuery {
+    const PARAMETERS: &'static [&'static str] = &["status", "limit", "starting_after"];
 
-/// Query parameters as pairs, each name at most once and among `allowed`.
-pub(crate) fn query_pairs(
-    query: QueryPairs,
-    allowed: &[&str],
-) -> Result<Vec<(String, String)>, ApiError> {
-    let Query(pairs) =
-        query.map_err(|e| ApiError::bad_request("invalid_parameter", e.body_text()))?;
-    for (i, (name, _)) in pairs.iter().enumerate() {
-        if !allowed.contains(&name.as_str()) {
-            return Err(ApiError::bad_request(
-                "unknown_parameter",
-                format!(
-                    "unknown query parameter {name:?}; allowed: {}",
-                    allowed.join(", ")
-                ),
-            ));
-        }
-        if pairs[..i].iter().any(|(other, _)| other == name) {
-            return Err(ApiError::bad_request(
-                "invalid_parameter",
-                format!("query parameter {name:?} given more than once"),
-            ));
+    fn defaults() -> Self {
+        CustomerMappingQuery {
+            status: None,
+            limit: DEFAULT_PAGE,
+            starting_after: None,
         }
     }
-    Ok(pairs)
-}
 
-pub(crate) fn parse_limit(value: &str) -> Result<u32, ApiError> {
-    value
-        .parse::<u32>()
-        .ok()
-        .filter(|l| (1..=MAX_PAGE).contains(l))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_parameter",
-                format!("limit must be a whole number from 1 to {MAX_PAGE}"),
-            )
-        })
-}
-
-/// Reads `?status=&limit=&starting_after=` of the customer mapping list.
-pub fn customer_list_query(pairs: &[(String, String)]) -> Result<CustomerMappingQuery, ApiError> {
-    let mut query = CustomerMappingQuery {
-        status: None,
-        limit: DEFAULT_PAGE,
-        starting_after: None,
-    };
-    for (name, value) in pairs {
-        match name.as_str() {
+    fn read(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
+        match name {
             "status" => {
-                query.status = Some(MappingStatus::parse(value).ok_or_else(|| {
-                    ApiError::bad_request("invalid_parameter", "status must be active or retired")
-                })?)
+                self.status = Some(
+                    MappingStatus::parse(value)
+                        .ok_or_else(|| invalid_parameter("status must be active or retired"))?,
+                )
             }
-            "limit" => query.limit = parse_limit(value)?,
+            "limit" => self.limit = parse_limit(value)?,
             "starting_after" => {
-                query.starting_after = Some(value.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_parameter",
-                        "starting_after must be the id of a mapping in the list",
-                    )
-                })?)
+                self.starting_after = Some(parse_row_id(
+                    value,
+                    "starting_after must be the id of a mapping in the list",
+                )?)
             }
             _ => {}
         }
+        Ok(())
     }
-    Ok(query)
 }
 
-/// Reads `?status=&limit=&starting_after=` of the unmapped customer list.
-pub fn unmapped_list_query(pairs: &[(String, String)]) -> Result<UnmappedQuery, ApiError> {
-    let mut query = UnmappedQuery {
-        status: "unmapped",
-        limit: DEFAULT_PAGE,
-        starting_after: None,
-    };
-    for (name, value) in pairs {
-        match name.as_str() {
+/// `?status=&limit=&starting_after=` of the unmapped customer list: its `starting_after` is a
+/// Stripe customer id, not a row id.
+impl ListQuery for UnmappedQuery {
+    const PARAMETERS: &'static [&'static str] = &["status", "limit", "starting_after"];
+
+    fn defaults() -> Self {
+        UnmappedQuery {
+            status: "unmapped",
+            limit: DEFAULT_PAGE,
+            starting_after: None,
+        }
+    }
+
+    fn read(&mut self, name: &str, value: &str) -> Result<(), ApiError> {
+        match name {
             "status" => {
-                query.status = match value.as_str() {
+                self.status = match value {
                     "unmapped" => "unmapped",
                     "mapped" => "mapped",
                     "deleted" => "deleted",
                     _ => {
-                        return Err(ApiError::bad_request(
-                            "invalid_parameter",
+                        return Err(invalid_parameter(
                             "status must be unmapped, mapped or deleted",
                         ))
                     }
                 }
             }
-            "limit" => query.limit = parse_limit(value)?,
+            "limit" => self.limit = parse_limit(value)?,
             "starting_after" => {
-                let id = StripeCustomerId::parse(value).map_err(|e| {
-                    ApiError::bad_request("invalid_parameter", format!("starting_after: {e}"))
-                })?;
-                query.starting_after = Some(id.into());
+                let id = StripeCustomerId::parse(value)
+                    .map_err(|e| invalid_parameter(format!("starting_after: {e}")))?;
+                self.starting_after = Some(id.into());
             }
             _ => {}
         }
+        Ok(())
     }
-    Ok(query)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,9 +332,9 @@ pub async fn create_customer_mapping(
     scope: TenantScope,
     JsonBody(body): JsonBody<CustomerMappingBody>,
 ) -> Result<(StatusCode, Json<CustomerMapping>), RouteError> {
-    let customer_id = CustomerId::parse(&body.customer_id).map_err(invalid)?;
+    let customer_id = CustomerId::parse(&body.customer_id).map_err(invalid_value)?;
     let provider_customer_id =
-        StripeCustomerId::parse(&body.provider_customer_id).map_err(invalid)?;
+        StripeCustomerId::parse(&body.provider_customer_id).map_err(invalid_value)?;
     let stored = state
         .mappings
         .customers()
@@ -391,8 +356,7 @@ pub async fn list_customer_mappings(
     scope: TenantScope,
     query: QueryPairs,
 ) -> Result<Json<Page<CustomerMapping>>, RouteError> {
-    let pairs = query_pairs(query, &["status", "limit", "starting_after"])?;
-    let query = customer_list_query(&pairs)?;
+    let query: CustomerMappingQuery = list_query(query)?;
     let page = state.mappings.customers().list(&scope, &query).await?;
     Ok(Json(page))
 }
@@ -442,8 +406,7 @@ pub async fn list_unmapped_customers(
     scope: TenantScope,
     query: QueryPairs,
 ) -> Result<Json<Page<UnmappedCustomer>>, RouteError> {
-    let pairs = query_pairs(query, &["status", "limit", "starting_after"])?;
-    let query = unmapped_list_query(&pairs)?;
+    let query: UnmappedQuery = list_query(query)?;
     let page = state.mappings.unmapped().list(&scope, &query).await?;
     Ok(Json(page))
 }
@@ -451,23 +414,18 @@ pub async fn list_unmapped_customers(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::routes::query::from_strs;
 
     #[test]
     fn customer_list_parameters() {
-        let q = customer_list_query(&pairs(&[])).unwrap();
+        let q = from_strs::<CustomerMappingQuery>(&[]).unwrap();
         assert_eq!(q.status, None);
         assert_eq!(q.limit, DEFAULT_PAGE);
-        let q = customer_list_query(&pairs(&[
+        let q = from_strs::<CustomerMappingQuery>(&[
             ("status", "retired"),
             ("limit", "100"),
             ("starting_after", "42"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(q.status, Some(MappingStatus::Retired));
         assert_eq!(q.limit, 100);
@@ -479,23 +437,20 @@ mod tests {
             ("limit", "-1"),
             ("starting_after", "cus_1"),
         ] {
-            let err = customer_list_query(&pairs(&[bad])).unwrap_err();
+            let err = from_strs::<CustomerMappingQuery>(&[bad]).unwrap_err();
             assert_eq!(err.code, "invalid_parameter", "{bad:?}");
         }
     }
 
     #[test]
     fn unmapped_list_parameters() {
-        let q = unmapped_list_query(&pairs(&[])).unwrap();
+        let q = from_strs::<UnmappedQuery>(&[]).unwrap();
         assert_eq!(q.status, "unmapped");
-        let q = unmapped_list_query(&pairs(&[
-            ("status", "deleted"),
-            ("starting_after", "cus_9"),
-        ]))
-        .unwrap();
+        let q = from_strs::<UnmappedQuery>(&[("status", "deleted"), ("starting_after", "cus_9")])
+            .unwrap();
         assert_eq!(q.status, "deleted");
         assert_eq!(q.starting_after.as_deref(), Some("cus_9"));
-        assert!(unmapped_list_query(&pairs(&[("starting_after", "nope")])).is_err());
+        assert!(from_strs::<UnmappedQuery>(&[("starting_after", "nope")]).is_err());
     }
 
     #[test]

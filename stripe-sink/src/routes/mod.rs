@@ -1,6 +1,7 @@
 //! The Stripe control API. Every route is authenticated by a bearer JWT ([`TenantScope`]) and
 //! scoped by its tenant and environment: no route reads or changes another tenant's data.
-//! Errors are JSON ([`ApiError`]), through one error type ([`error::RouteError`]).
+//! Errors are JSON ([`ApiError`]), through one error type ([`error::RouteError`]); the list
+//! routes read their query strings by one set of rules ([`query`]).
 //!
 //! [`TenantScope`]: meterline_common::auth::TenantScope
 //! [`ApiError`]: meterline_common::api::ApiError
@@ -10,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod mappings;
 pub mod migrate;
+pub mod query;
 pub mod sync;
 
 use axum::extract::{DefaultBodyLimit, FromRef};

@@ -1,18 +1,25 @@
 //! Manual syncs, their jobs, the sync status, the ledger's batches, retries and the
 //! reconciliation report.
+//!
+//! Rules kept here: a manual sync's body and the reconciliation's query say what they cover
+//! (a time range, a customer or all, a meter or all) by the same rules; a value of a sync
+//! route that breaks its rule is 400 `invalid_value`, and so is a query axum cannot read.
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use meterline_accounts::audit::Purpose;
 use meterline_common::api::{ApiError, JsonBody};
 use meterline_common::auth::TenantScope;
-use meterline_schemas::{CustomerId, Decimal, JobId, MeterId, ResyncRequest, TimeRange, Timestamp};
+use meterline_schemas::{
+    CustomerId, Decimal, JobId, MeterId, ResyncRequest, SchemaError, TimeRange, Timestamp,
+};
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::error::RouteError;
+use super::error::{invalid_value, RouteError};
 use super::AppState;
 use crate::ledger::{
     BatchFilter, BatchView, JobView, LedgerState, LedgerTotals, NewJob, Resolution, StatusView,
@@ -37,8 +44,47 @@ fn customer() -> String {
     "customer".into()
 }
 
-fn invalid(message: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request("invalid_value", message.to_string())
+/// What a manual sync resyncs, or a reconciliation reports on: `[time_from, time_to)`, one
+/// customer or every one, one meter or every one.
+struct Coverage {
+    range: TimeRange,
+    customer: Option<CustomerId>,
+    meter: Option<MeterId>,
+}
+
+impl Coverage {
+    /// Refuses the first bad value, in this order: `time_from`, `time_to`, the range, the
+    /// customer, the meter.
+    fn parse(
+        time_from: &str,
+        time_to: &str,
+        customer: Option<&str>,
+        meter: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        let from = Timestamp::parse(time_from).map_err(invalid_value)?;
+        let to = Timestamp::parse(time_to).map_err(invalid_value)?;
+        Ok(Self {
+            range: TimeRange::new(from, to).map_err(invalid_value)?,
+            customer: optional(customer, CustomerId::parse)?,
+            meter: optional(meter, MeterId::parse)?,
+        })
+    }
+}
+
+/// An id a request may leave out (it then means every one).
+fn optional<T>(
+    value: Option<&str>,
+    parse: fn(&str) -> Result<T, SchemaError>,
+) -> Result<Option<T>, ApiError> {
+    value.map(parse).transpose().map_err(invalid_value)
+}
+
+/// The query of a sync route; one axum cannot read (a malformed value, an unknown or missing
+/// parameter) is refused with axum's words.
+fn sync_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| invalid_value(e.body_text()))
 }
 
 /// `POST /v1/stripe/sync/manual`: records a job and asks the aggregator to recompute the
@@ -49,30 +95,25 @@ pub async fn manual(
     JsonBody(input): JsonBody<ManualSync>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), RouteError> {
     if input.entity_type != "customer" {
-        return Err(invalid("entity_type must be customer").into());
+        return Err(invalid_value("entity_type must be customer").into());
     }
-    let from = Timestamp::parse(&input.time_from).map_err(invalid)?;
-    let to = Timestamp::parse(&input.time_to).map_err(invalid)?;
-    let range = TimeRange::new(from, to).map_err(invalid)?;
-    let customer = input
-        .entity_id
-        .as_deref()
-        .map(CustomerId::parse)
-        .transpose()
-        .map_err(invalid)?;
-    let meter = input
-        .meter_id
-        .as_deref()
-        .map(MeterId::parse)
-        .transpose()
-        .map_err(invalid)?;
+    let Coverage {
+        range,
+        customer,
+        meter,
+    } = Coverage::parse(
+        &input.time_from,
+        &input.time_to,
+        input.entity_id.as_deref(),
+        input.meter_id.as_deref(),
+    )?;
     let job = NewJob {
         id: JobId::generate(),
         entity_type: input.entity_type,
         entity_id: customer.clone(),
         meter_id: meter.clone(),
-        from: from.as_offset_date_time(),
-        to: to.as_offset_date_time(),
+        from: range.from().as_offset_date_time(),
+        to: range.to().as_offset_date_time(),
         force_rerun: input.force_rerun,
     };
     state.ledger.create_job(&scope, &job).await?;
@@ -160,12 +201,12 @@ pub struct BatchQuery {
 pub async fn batches(
     State(state): State<AppState>,
     scope: TenantScope,
-    query: Result<Query<BatchQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, RouteError> {
-    let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
+    let q = sync_query(query)?;
     if let Some(s) = &q.status {
         if s.parse::<LedgerState>().is_err() {
-            return Err(invalid(format!(
+            return Err(invalid_value(format!(
                 "status must be one of {}",
                 LedgerState::NAMES.join(", ")
             ))
@@ -174,22 +215,12 @@ pub async fn batches(
     }
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(invalid("limit must be between 1 and 500").into());
+        return Err(invalid_value("limit must be between 1 and 500").into());
     }
     let filter = BatchFilter {
         status: q.status,
-        customer_id: q
-            .customer_id
-            .as_deref()
-            .map(CustomerId::parse)
-            .transpose()
-            .map_err(invalid)?,
-        meter_id: q
-            .meter_id
-            .as_deref()
-            .map(MeterId::parse)
-            .transpose()
-            .map_err(invalid)?,
+        customer_id: optional(q.customer_id.as_deref(), CustomerId::parse)?,
+        meter_id: optional(q.meter_id.as_deref(), MeterId::parse)?,
         before_id: q.starting_after,
         limit,
     };
@@ -267,16 +298,16 @@ const MAX_REASON: usize = 500;
 pub async fn resolve(
     State(state): State<AppState>,
     scope: TenantScope,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    path: Result<Path<String>, PathRejection>,
     JsonBody(input): JsonBody<ResolveInput>,
 ) -> Result<Json<serde_json::Value>, RouteError> {
-    let Path(id) = path.map_err(|e| invalid(e.body_text()))?;
+    let Path(id) = path.map_err(|e| invalid_value(e.body_text()))?;
     let id: i64 = id
         .parse()
-        .map_err(|_| invalid(format!("batch id must be a number, not {id:?}")))?;
+        .map_err(|_| invalid_value(format!("batch id must be a number, not {id:?}")))?;
     let reason = input.reason.trim();
     if reason.is_empty() || reason.chars().count() > MAX_REASON {
-        return Err(invalid(format!(
+        return Err(invalid_value(format!(
             "reason must say what was checked in stripe, in 1 to {MAX_REASON} characters"
         ))
         .into());
@@ -359,24 +390,20 @@ fn reconciled(stripe: f64, totals: &LedgerTotals) -> bool {
 pub async fn reconcile(
     State(state): State<AppState>,
     scope: TenantScope,
-    query: Result<Query<ReconcileQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ReconcileQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, RouteError> {
-    let Query(q) = query.map_err(|e| invalid(e.body_text()))?;
-    let from = Timestamp::parse(&q.time_from).map_err(invalid)?;
-    let to = Timestamp::parse(&q.time_to).map_err(invalid)?;
-    TimeRange::new(from, to).map_err(invalid)?;
-    let customer = q
-        .customer_id
-        .as_deref()
-        .map(CustomerId::parse)
-        .transpose()
-        .map_err(invalid)?;
-    let meter = q
-        .meter_id
-        .as_deref()
-        .map(MeterId::parse)
-        .transpose()
-        .map_err(invalid)?;
+    let q = sync_query(query)?;
+    let Coverage {
+        range,
+        customer,
+        meter,
+    } = Coverage::parse(
+        &q.time_from,
+        &q.time_to,
+        q.customer_id.as_deref(),
+        q.meter_id.as_deref(),
+    )?;
+    let (from, to) = (range.from(), range.to());
     let totals = state
         .ledger
         .synced_totals(
