@@ -25,7 +25,8 @@ pub struct MeteredEvent {
     pub quantity: Decimal,
     /// The distinct value for COUNT_UNIQUE meters, empty otherwise.
     pub unique_key: String,
-    /// Orders copies of one event: the newest copy wins deduplication.
+    /// Orders copies of one event: the first copy ingested wins deduplication
+    /// ([`copy_version`]).
     pub version: u64,
     pub ingested_at: OffsetDateTime,
     /// Older than Stripe accepts: stored, counted, never sendable.
@@ -43,9 +44,9 @@ pub struct RawEvent {
 }
 
 impl RawEvent {
-    /// Orders copies of one event, as for its metered rows.
+    /// Orders copies of one event, as for its metered rows ([`copy_version`]).
     pub fn version(&self) -> u64 {
-        version_of(self.ingested_at)
+        copy_version(self.ingested_at, self.event.timestamp.as_offset_date_time())
     }
 }
 
@@ -95,7 +96,7 @@ pub fn meter_event(
                     unique_key: aggregation
                         .unique_key(&event.properties)
                         .unwrap_or_default(),
-                    version: version_of(ingested_at),
+                    version: copy_version(ingested_at, timestamp),
                     ingested_at,
                     expired: stripe_limits::event_expired(timestamp, now),
                     window,
@@ -109,8 +110,36 @@ pub fn meter_event(
     metering
 }
 
-fn version_of(ingested_at: OffsetDateTime) -> u64 {
-    u64::try_from(ingested_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+/// Bits of a version that order copies by when ingest accepted them: milliseconds since
+/// 1970 fit in 43 bits until the year 2248.
+const INGEST_BITS: u32 = 43;
+/// Bits below them that order copies ingested in the same millisecond.
+const TIE_BITS: u32 = 20;
+
+/// The version of a copy of an event (`ReplacingMergeTree(version)` keeps the highest): the
+/// **first copy ingested wins**, so an event's billing time is its first copy's timestamp. A
+/// retry stamped later (an SDK putting `now` on each attempt, ingest's default timestamp)
+/// collapses into the first copy's row and counts in its window, never in a second one,
+/// whether or not that window was published already. Copies ingested in the same millisecond
+/// (two ingest replicas) are ordered by a hash of their timestamps, so which one wins never
+/// depends on the order ClickHouse merged them in.
+///
+/// Rows written before this rule carry the ingest millisecond itself (the newest copy won),
+/// below every version made here: a copy ingested after the upgrade of an event first
+/// stored before it still wins over it (the old rule, README "Deduplication").
+/// ClickHouse cannot rewrite a `ReplacingMergeTree`'s version column in place.
+pub fn copy_version(ingested_at: OffsetDateTime, timestamp: OffsetDateTime) -> u64 {
+    const INGEST_MAX: u64 = (1 << INGEST_BITS) - 1;
+    let ingested = u64::try_from(ingested_at.unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(0)
+        .min(INGEST_MAX);
+    // The millisecond the copy is stored with, mixed (SplitMix64's finalizer: fixed, so the
+    // order never changes with a library version) into the tie bits.
+    let mut tie = (timestamp.unix_timestamp_nanos() / 1_000_000) as u64;
+    tie = (tie ^ (tie >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    tie = (tie ^ (tie >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    tie ^= tie >> 31;
+    ((INGEST_MAX - ingested) << TIE_BITS) | (tie & ((1 << TIE_BITS) - 1))
 }
 
 /// What was last published for a window.
@@ -157,6 +186,28 @@ mod tests {
     use meterline_schemas::{CustomerId, EnvironmentId, EventId, MeterInput, TenantId, Timestamp};
     use serde_json::json;
     use time::macros::datetime;
+
+    #[test]
+    fn the_first_copy_ingested_wins_and_same_millisecond_copies_order_the_same_way_every_time() {
+        let at = datetime!(2026-12-07 10:00 UTC);
+        let first = copy_version(at, datetime!(2026-12-07 09:59:58 UTC));
+        // A retry a second later, stamped `now` by its SDK: it loses, whatever its timestamp.
+        for retry_stamp in [
+            datetime!(2026-12-07 10:00:01 UTC),
+            datetime!(2026-12-07 09:00 UTC),
+        ] {
+            assert!(copy_version(at + time::Duration::SECOND, retry_stamp) < first);
+        }
+        assert!(copy_version(at + time::Duration::MILLISECOND, at) < first);
+        // Two replicas in one millisecond: different versions, the same ones on every call.
+        let a = copy_version(at, datetime!(2026-12-07 09:59:58 UTC));
+        let b = copy_version(at, datetime!(2026-12-07 09:59:59 UTC));
+        assert_ne!(a, b);
+        assert_eq!(a, first);
+        // Above the versions written before this rule (the ingest millisecond).
+        let old = u64::try_from(at.unix_timestamp() * 1000).unwrap();
+        assert!(copy_version(at + time::Duration::days(365 * 200), at) > old);
+    }
 
     fn meter(value: serde_json::Value) -> MeterDefinition {
         let input: MeterInput = serde_json::from_value(value).unwrap();

@@ -2982,6 +2982,87 @@ async fn a_count_window_crossing_a_subscription_period_start_bills_each_call_in_
     ns.drop_databases().await;
 }
 
+/// The storage issue's deduplication case: an SDK that stamps `now` on each retry sends one
+/// event id twice with timestamps in different windows. Whether the first copy's window was
+/// still open or already published and billed, the id counts once in total, in the first
+/// copy's window. Old rule (the newest copy wins): the retry moved the event into its window,
+/// which billed it, and the published window kept billing it too (Stripe 3, not 2).
+#[tokio::test]
+async fn an_event_id_resent_with_a_timestamp_in_another_window_counts_once() {
+    let ns = Namespace::create().await;
+    let standin = Standin::start(RATE).await;
+    standin.sum_meter("api_calls").await;
+    create_meter(
+        &ns,
+        TENANT,
+        "env_prod",
+        json!({"id": "calls", "event_name": "api.call", "aggregation": "COUNT"}),
+    )
+    .await;
+    let cus = standin.customer("cust_retry").await;
+    let sink = sink(&ns, &standin).await;
+    let _aggregator = spawn_aggregator(&ns, &[]).await;
+    let t = token(TENANT, "env_prod");
+    connect(
+        &sink,
+        &standin,
+        &[("calls", "api_calls")],
+        &[("cust_retry", &cus)],
+    )
+    .await;
+
+    // `copy` of `id`, stamped in the hour `hours_ago` began, accepted by ingest `ingested`
+    // seconds ago.
+    let copy = |id: &str, hours_ago: i64, ingested: i64| RawUsageEvent {
+        ingested_at: Some(
+            meterline_schemas::Timestamp::new(
+                OffsetDateTime::now_utc() - time::Duration::seconds(ingested),
+            )
+            .expect("a timestamp"),
+        ),
+        ..event(
+            TENANT,
+            id,
+            "cust_retry",
+            "api.call",
+            hour_start(hours_ago) + time::Duration::minutes(10),
+            json!({}),
+        )
+    };
+    let billed = |calls: f64| BTreeMap::from([((cus.clone(), "api_calls".to_owned()), calls)]);
+    let window = |synced: &[Value], hours_ago: i64| {
+        synced
+            .iter()
+            .find(|w| w["window_start"] == rfc3339(hour_start(hours_ago)))
+            .map(|w| w["aggregated_quantity"].clone())
+    };
+
+    // Before its window is published: the first copy (5 hours ago) and its retry (4 hours
+    // ago) in one go, the retry first on the topic.
+    produce_events(&ns, &[copy("evt-a", 4, 10), copy("evt-a", 5, 20)]).await;
+    wait_for_totals(&standin, &sink, &billed(1.0), Duration::from_secs(90)).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        window(synced, 5) == Some(json!("1")) && window(synced, 4).is_none_or(|q| q == json!("0"))
+    })
+    .await;
+
+    // After its window is published and billed: the retry comes an hour later on the clock.
+    produce_events(&ns, &[copy("evt-b", 3, 30)]).await;
+    wait_for_totals(&standin, &sink, &billed(2.0), Duration::from_secs(90)).await;
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        window(synced, 3) == Some(json!("1"))
+    })
+    .await;
+    produce_events(&ns, &[copy("evt-b", 2, 0)]).await;
+    // The retry's window is published (with nothing in it) and settled; Stripe still holds 2.
+    wait_for_batches(&sink, &t, "synced", |synced| {
+        window(synced, 2) == Some(json!("0")) && window(synced, 3) == Some(json!("1"))
+    })
+    .await;
+    wait_for_totals(&standin, &sink, &billed(2.0), Duration::from_secs(30)).await;
+    ns.drop_databases().await;
+}
+
 /// The start of the hour `at` is in.
 fn hour_start_of(at: OffsetDateTime) -> OffsetDateTime {
     at.replace_time(time::Time::from_hms(at.hour(), 0, 0).expect("an hour"))
