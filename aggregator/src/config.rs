@@ -6,6 +6,7 @@ use std::time::Duration;
 use meterline_common::config::{
     ClickhouseSettings, ConfigError, Env, KafkaSettings, PostgresSettings, ProcessEnv, Source,
 };
+use meterline_common::retention::{self, RetentionDays};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -23,6 +24,11 @@ pub struct Config {
     pub batch: BatchLimits,
     /// `AGGREGATOR_PUBLISH_INTERVAL_MS` (default 1000): how often due windows are looked for.
     pub publish_interval: Duration,
+    /// `RETENTION_WINDOWS_DAYS` (default 400, at least 42): how long the window registry
+    /// keeps a finished window ([`crate::windows::WINDOWS`]).
+    pub windows_retention: RetentionDays,
+    /// `RETENTION_PRUNE_INTERVAL_SECONDS` (default 3600): how often it prunes.
+    pub prune_interval: Duration,
 }
 
 /// Bounds of one batch from `usage.raw` into ClickHouse: whichever is reached first.
@@ -63,6 +69,8 @@ impl Config {
                 1000,
                 50..=60_000,
             )?,
+            windows_retention: crate::windows::WINDOWS.retention_from_env(&env)?,
+            prune_interval: retention::prune_interval_from_env(&env)?,
         })
     }
 }

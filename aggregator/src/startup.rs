@@ -54,7 +54,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
     )?);
 
     let shutdown = context.shutdown.clone();
+    let pruning = meterline_common::retention::run_pruning(
+        &crate::windows::WINDOWS,
+        pool.clone(),
+        config.windows_retention,
+        config.prune_interval,
+        shutdown.clone(),
+    );
     let loops = vec![
+        tokio::spawn(async move { pruning.await.map_err(Error::from) }),
         tokio::spawn(pipeline::consume_usage(
             shared.clone(),
             usage.clone(),

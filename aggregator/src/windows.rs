@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use meterline_catalog::billing_periods::{self, CustomerMeter};
+use meterline_common::retention::PrunedTable;
 use meterline_schemas::PeriodCalendar;
 use meterline_schemas::{CustomerId, Decimal, EnvironmentId, MeterId, TenantId, Window};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -149,6 +150,26 @@ impl TryFrom<StateRow> for WindowState {
 /// unless it already was.
 const MARK: &str = "dirty = true, last_event_at = now(),
                     dirty_since = CASE WHEN w.dirty THEN w.dirty_since ELSE now() END";
+
+/// The window registry as retention prunes it (`RETENTION_WINDOWS_DAYS`, default 400, never
+/// under the floor of [`meterline_common::retention`]): rows of windows that ended before the
+/// cutoff and wait for nothing (not dirty). Older than Stripe's 35 days, such a window is
+/// expired for good: a late event that brings it back starts a new row whose publication the
+/// sink records as expired (its ledger keeps the highest revision), so nothing is sent twice.
+/// One row per customer, meter and window would otherwise grow for ever.
+pub const WINDOWS: PrunedTable = PrunedTable {
+    records: "window registry",
+    context: "pruning the window registry",
+    var: "RETENTION_WINDOWS_DAYS",
+    default_days: 400,
+    delete: "DELETE FROM aggregation_windows
+             WHERE (tenant_id, environment_id, customer_id, meter_id, window_start) IN (
+                 SELECT tenant_id, environment_id, customer_id, meter_id, window_start
+                 FROM aggregation_windows
+                 WHERE NOT dirty AND window_end < $1
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+};
 
 /// The state columns of an upserted row (`w`).
 const RETURNED_STATE: &str = "w.tenant_id, w.environment_id, w.customer_id, w.meter_id, \

@@ -49,9 +49,10 @@ enum Command {
     /// CLICKHOUSE_DATABASE) migrations not yet applied; with RETENTION_EVENTS_DAYS, set the
     /// events_processed TTL to it.
     Migrate,
-    /// Delete completed sync-ledger rows older than RETENTION_LEDGER_DAYS (default 400) and
+    /// Delete completed sync-ledger rows older than RETENTION_LEDGER_DAYS (default 400),
     /// webhook deduplication records older than RETENTION_WEBHOOK_DELIVERIES_DAYS (default
-    /// 90); neither may be under 42 days. The webhook relay does this every hour on its own.
+    /// 90) and finished window registry rows older than RETENTION_WINDOWS_DAYS (default 400);
+    /// none may be under 42 days. Each service also does this for its own table every hour.
     Prune,
     /// Re-encrypt every stored Stripe key and webhook secret under the first key of
     /// ENCRYPTION_KEYS (after putting a new key first; the old one may then be removed).
@@ -157,13 +158,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate => migrate(&env).await,
         Command::Prune => {
             use anyhow::Context;
-            // Each table's rule lives with the service that owns it; this runs both once.
+            // Each table's rule lives with the service that owns it; this runs each once.
             let (ledger, deliveries) = (
                 &stripe_sink::ledger::retention::LEDGER,
                 &webhook_relay::deliveries::DELIVERIES,
             );
             let ledger_days = ledger.retention_from_env(&env)?;
             let deliveries_days = deliveries.retention_from_env(&env)?;
+            // Every retention is read before anything is deleted: one under the floor
+            // refuses the whole run.
+            let windows = &aggregator::windows::WINDOWS;
+            let windows_days = windows.retention_from_env(&env)?;
             let pool = postgres::pool(&PostgresSettings::from_env(&env)?, 2)?;
             let now = time::OffsetDateTime::now_utc();
             let ledger = ledger
@@ -176,12 +181,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let periods = &meterline_catalog::billing_periods::PERIODS;
             let periods =
                 (periods.prune(&pool, ledger_days, now).await).context(periods.context)?;
+            let windows =
+                (windows.prune(&pool, windows_days, now).await).context(windows.context)?;
             println!(
                 "pruned {ledger} sync ledger row(s) older than {} days, {periods} subscription \
-                 period(s) that ended before then, and {deliveries} webhook delivery record(s) \
-                 older than {} days",
+                 period(s) that ended before then, {deliveries} webhook delivery record(s) \
+                 older than {} days, and {windows} window registry row(s) older than {} days",
                 ledger_days.days(),
-                deliveries_days.days()
+                deliveries_days.days(),
+                windows_days.days()
             );
             Ok(())
         }

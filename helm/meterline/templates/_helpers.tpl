@@ -136,6 +136,9 @@ AGGREGATOR_BATCH_MAX_EVENTS: {{ $c.batchMaxEvents | int64 | quote }}
 AGGREGATOR_BATCH_MAX_WAIT_MS: {{ $c.batchMaxWaitMs | int64 | quote }}
 AGGREGATOR_PUBLISH_INTERVAL_MS: {{ $c.publishIntervalMs | int64 | quote }}
 AGGREGATOR_GROUP_ID: {{ $c.groupId | quote }}
+{{- /* The aggregator prunes its own window registry. */}}
+RETENTION_WINDOWS_DAYS: {{ $v.retention.windowsDays | int64 | quote }}
+RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 | quote }}
 {{- else if eq .binary "stripe-sink" }}
 STRIPE_API_BASE: {{ $v.stripe.apiBase | quote }}
 STRIPE_INTEGRATION_ENABLED: {{ $v.stripe.integrationEnabled | quote }}

@@ -1,7 +1,7 @@
 //! Retention on the real stack: `meterline prune` deletes completed sync-ledger rows (with
-//! their sends) and webhook deduplication records older than the configured age; each service
-//! prunes its own table on its own (the sink the ledger, the relay its deliveries) and leaves
-//! the other's alone; every recent, unfinished or operator-bound row and anything within
+//! their sends), webhook deduplication records and finished window registry rows older than
+//! the configured age; each service prunes its own table on its own (the sink the ledger, the
+//! relay its deliveries, the aggregator its window registry) and leaves the others' alone; every recent, unfinished or operator-bound row and anything within
 //! Stripe's 35 days is kept; a retention under the 42-day floor is refused with exit code 2;
 //! `events_processed` carries a TTL, which `RETENTION_EVENTS_DAYS` changes.
 
@@ -61,6 +61,33 @@ async fn delivery(pool: &PgPool, id: &str, days: i64) {
     .unwrap();
 }
 
+/// A window registry row of a one-hour window that ended `days` ago (a customer named `name`),
+/// published once, `dirty` when it waits for a publication.
+async fn registry_row(pool: &PgPool, name: &str, days: i64, dirty: bool) {
+    let end = days_ago(days);
+    sqlx::query(
+        "INSERT INTO aggregation_windows
+             (tenant_id, environment_id, customer_id, meter_id, window_start, window_end,
+              due_at, dirty, revision, published_quantity, published_event_count,
+              published_at)
+         VALUES ('tenant_ret', 'env_prod', $1, 'calls', $2, $3, $3, $4, 1, 1, 1, $3)",
+    )
+    .bind(name)
+    .bind(end - time::Duration::HOUR)
+    .bind(end)
+    .bind(dirty)
+    .execute(pool)
+    .await
+    .unwrap_or_else(|e| panic!("inserting window registry row {name}: {e}"));
+}
+
+async fn registry(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT customer_id FROM aggregation_windows ORDER BY customer_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 async fn ledger(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar("SELECT entity_id FROM stripe_sync_batches ORDER BY entity_id")
         .fetch_all(pool)
@@ -103,7 +130,25 @@ async fn seed(pool: &PgPool) {
     ] {
         delivery(pool, id, days).await;
     }
+    for (name, days, dirty) in [
+        ("win_old", 100, false),
+        ("win_day_50", 50, false),
+        // Waiting for a publication (a late event just arrived): kept whatever its age.
+        ("win_old_dirty", 100, true),
+        ("win_day_40", 40, false),
+        ("win_new", 0, false),
+    ] {
+        registry_row(pool, name, days, dirty).await;
+    }
 }
+
+const SEEDED_REGISTRY: [&str; 5] = [
+    "win_day_40",
+    "win_day_50",
+    "win_new",
+    "win_old",
+    "win_old_dirty",
+];
 
 const KEPT_LEDGER: [&str; 9] = [
     "day_34_synced",
@@ -139,6 +184,7 @@ async fn meterline_prune_deletes_only_old_completed_records() {
     for (var, value) in [
         ("RETENTION_LEDGER_DAYS", "35"),
         ("RETENTION_WEBHOOK_DELIVERIES_DAYS", "3"),
+        ("RETENTION_WINDOWS_DAYS", "41"),
     ] {
         let output =
             run_command("meterline", &env_with(&ns_env, &[(var, value)]), &["prune"]).await;
@@ -159,6 +205,7 @@ async fn meterline_prune_deletes_only_old_completed_records() {
             &[
                 ("RETENTION_LEDGER_DAYS", "42"),
                 ("RETENTION_WEBHOOK_DELIVERIES_DAYS", "45"),
+                ("RETENTION_WINDOWS_DAYS", "42"),
             ],
         ),
         &["prune"],
@@ -168,8 +215,13 @@ async fn meterline_prune_deletes_only_old_completed_records() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("pruned 3 sync ledger row(s)"), "{stdout}");
     assert!(stdout.contains("2 webhook delivery record(s)"), "{stdout}");
+    assert!(stdout.contains("2 window registry row(s)"), "{stdout}");
     assert_eq!(ledger(&pool).await, KEPT_LEDGER);
     assert_eq!(deliveries(&pool).await, vec!["evt_day_40", "evt_new"]);
+    assert_eq!(
+        registry(&pool).await,
+        vec!["win_day_40", "win_new", "win_old_dirty"]
+    );
     // The sends of pruned rows went with them; the others' stay.
     let sends: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_sync_sends")
         .fetch_one(&pool)
@@ -205,6 +257,7 @@ fn pruning_env(ns: &Namespace) -> Vec<(String, String)> {
     let mut env = ns.env();
     env.push(("RETENTION_LEDGER_DAYS".into(), "42".into()));
     env.push(("RETENTION_WEBHOOK_DELIVERIES_DAYS".into(), "42".into()));
+    env.push(("RETENTION_WINDOWS_DAYS".into(), "42".into()));
     env.push(("RETENTION_PRUNE_INTERVAL_SECONDS".into(), "1".into()));
     env
 }
@@ -241,8 +294,10 @@ async fn the_webhook_relay_prunes_its_deliveries_on_its_own_and_refuses_a_short_
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     relay.terminate(Duration::from_secs(30)).await;
-    // The ledger is the sink's to prune: the relay left every row of it.
+    // The ledger is the sink's to prune, the window registry the aggregator's: the relay left
+    // every row of them.
     assert_eq!(ledger(&pool).await, seeded_ledger);
+    assert_eq!(registry(&pool).await, SEEDED_REGISTRY);
     ns.drop_databases().await;
 }
 
@@ -274,7 +329,52 @@ async fn the_sink_prunes_the_ledger_on_its_own_and_refuses_a_short_retention() {
     }
     sink.terminate(Duration::from_secs(30)).await;
     assert_eq!(ledger(&pool).await, KEPT_LEDGER);
-    // The deduplication records are the relay's to prune: the sink left them all.
+    // The deduplication records are the relay's to prune, the window registry the
+    // aggregator's: the sink left them all.
+    assert_eq!(deliveries(&pool).await, SEEDED_DELIVERIES);
+    assert_eq!(registry(&pool).await, SEEDED_REGISTRY);
+    ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn the_aggregator_prunes_its_window_registry_on_its_own_and_refuses_a_short_retention() {
+    let ns = Namespace::create().await;
+    let pool = ns.pg_pool().await;
+    seed(&pool).await;
+    let seeded_ledger = ledger(&pool).await;
+
+    refuses_a_short_retention(&ns, "aggregator", "RETENTION_WINDOWS_DAYS").await;
+
+    let aggregator = ServiceProcess::spawn("aggregator", &pruning_env(&ns)).await;
+    // The dirty old window is published (its meter is unknown: nothing goes out) and may then
+    // go too; `meterline prune` above shows it is kept while dirty.
+    let pruned = |rows: &[String]| {
+        !rows.iter().any(|r| r == "win_old" || r == "win_day_50")
+            && ["win_day_40", "win_new"]
+                .iter()
+                .all(|kept| rows.iter().any(|r| r == kept))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pruned(&registry(&pool).await) {
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator did not prune within a minute: {:?}\n{}",
+            registry(&pool).await,
+            aggregator.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Rows that became prunable later go at the next round.
+    registry_row(&pool, "win_late_old", 60, false).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while registry(&pool).await.contains(&"win_late_old".to_owned()) {
+        assert!(Instant::now() < deadline, "{}", aggregator.log_tail());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    aggregator.terminate(Duration::from_secs(30)).await;
+    assert!(pruned(&registry(&pool).await));
+    // The ledger and the deduplication records are the other services' to prune.
+    assert_eq!(ledger(&pool).await, seeded_ledger);
     assert_eq!(deliveries(&pool).await, SEEDED_DELIVERIES);
     ns.drop_databases().await;
 }
