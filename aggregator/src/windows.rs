@@ -246,7 +246,8 @@ impl Claim {
             .map_err(db("recording publications"))?;
         }
         if !successors.is_empty() {
-            upsert_marked(&mut self.tx, successors, grace).await?;
+            let successors: Vec<&WindowKey> = successors.iter().collect();
+            upsert_marked(&mut self.tx, &successors, grace).await?;
         }
         self.tx
             .commit()
@@ -260,10 +261,10 @@ impl Claim {
 /// their new events are late.
 async fn upsert_marked(
     tx: &mut Transaction<'static, Postgres>,
-    keys: &[WindowKey],
+    keys: &[&WindowKey],
     grace: Duration,
 ) -> Result<Vec<WindowKey>, Error> {
-    let r = KeyColumns::of(keys.iter());
+    let r = KeyColumns::of(keys.iter().copied());
     let due: Vec<OffsetDateTime> = keys
         .iter()
         .map(|k| crate::due::due_at(&k.window, grace))
@@ -439,7 +440,6 @@ impl WindowRegistry {
             .map(|(key, _)| key)
             .collect();
         if !rest.is_empty() {
-            let rest: Vec<WindowKey> = rest.into_iter().cloned().collect();
             late.extend(upsert_marked(&mut tx, &rest, grace).await?);
         }
         tx.commit().await.map_err(db("committing a marking"))?;

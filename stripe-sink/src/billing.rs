@@ -82,9 +82,9 @@ pub enum Next {
 /// The next step for a window with no meter event outstanding. For a `sum` meter
 /// ([`Counts::Change`]): first, units Stripe filed past the window's billing period are
 /// taken back where they were filed ([`Next::Move`]); then the change not yet accounted for,
-/// rounded against the carry ([`round_with_carry`]). For a `last` meter ([`Counts::Value`]): the total itself, rounded
-/// on its own (Stripe bills one value of the period, so nothing is carried); a 0 is sent too,
-/// since it may be the period's last value. A `last` window superseded by a newer window of its
+/// rounded against the carry ([`round_with_carry`]). For a `last` meter ([`Counts::Value`]):
+/// the total itself, rounded on its own (Stripe bills one value of the period, so nothing is
+/// carried); a 0 is sent too, since it may be the period's last value. A `last` window superseded by a newer window of its
 /// period sends nothing: whether Stripe's `last` goes by timestamp or by receipt, the period's
 /// value is then the newer window's.
 pub fn next_send(counts: Counts, current: &Current) -> Result<Next, Unsendable> {

@@ -528,8 +528,8 @@ pub struct Current {
     pub period_end: OffsetDateTime,
     /// The accepted `sum` meter events of the window stamped at or after `period_end`, which
     /// Stripe filed in a later period than the one the window is billed in now (its period
-    /// was named, or moved, after they were sent): their whole numbers, the exact part they
-    /// account for, and the latest of their stamps; `None` when there are none.
+    /// was named, or moved, after they were sent): the sum of their whole numbers, of the
+    /// exact parts they account for, and the latest of their stamps (`None`: there are none).
     pub misplaced_value: Decimal,
     pub misplaced_accounted: Decimal,
     pub misplaced_at: Option<i64>,
