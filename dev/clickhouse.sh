@@ -61,9 +61,7 @@ ping_ok() { [[ $(curl -sS --max-time 2 "http://127.0.0.1:$1/ping" 2>/dev/null) =
 cmd_start() {
   [[ $# -eq 3 ]] || usage "$0 start DIR HTTP_PORT TCP_PORT"
   local dir http=$2 tcp=$3 pid
-  require_port "$http"
-  require_port "$tcp"
-  [[ $http != "$tcp" ]] || die "HTTP_PORT and TCP_PORT must differ (both $http)"
+  require_port_pair HTTP_PORT "$http" TCP_PORT "$tcp"
   dir=$(abs_dir "$1")
   cmd_install
   lock "$dir/.lock"

@@ -133,9 +133,7 @@ EOF
 cmd_start() {
   [[ $# -eq 3 ]] || usage "$0 start DIR PORT CONTROLLER_PORT"
   local dir port=$2 cport=$3 pid
-  require_port "$port"
-  require_port "$cport"
-  [[ $port != "$cport" ]] || die "PORT and CONTROLLER_PORT must differ (both $port)"
+  require_port_pair PORT "$port" CONTROLLER_PORT "$cport"
   dir=$(abs_dir "$1")
   cmd_install
   # One start at a time per DIR (dev/up run twice, or a harness racing itself).

@@ -37,6 +37,14 @@ usage() {
 is_port() { [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535)); }
 require_port() { is_port "$1" || die "not a port number: $1"; }
 
+# require_port_pair NAME PORT OTHER_NAME OTHER_PORT: the two ports a server script's start takes
+# (NAME and OTHER_NAME as its usage line calls them) are port numbers, and not the same one.
+require_port_pair() {
+  require_port "$2"
+  require_port "$4"
+  [[ $2 != "$4" ]] || die "$1 and $3 must differ (both $2)"
+}
+
 # True when something accepts TCP connections on 127.0.0.1:PORT. Uses bash's /dev/tcp so
 # no extra tool is needed; a closed loopback port refuses at once, `timeout` guards the rest.
 # shellcheck disable=SC2016 # $1 is expanded by the inner bash, on purpose

@@ -53,14 +53,7 @@ pub fn check(data: &[u8]) {
         }
     }
 
-    // HMAC pads short keys with zero bytes, so "changed" means a different byte, not an
-    // appended zero.
-    let other_secret: Vec<u8> = match secret.split_first() {
-        Some((first, tail)) => std::iter::once(first ^ 1)
-            .chain(tail.iter().copied())
-            .collect(),
-        None => b"x".to_vec(),
-    };
+    let other_secret = changed(secret);
     assert_eq!(
         verify_with(&header, body, &[&other_secret], t, 0),
         Err(SignatureError::NoMatch)
@@ -79,12 +72,7 @@ pub fn check(data: &[u8]) {
     let rolled = SignatureHeader::parse(rolled.as_bytes()).expect("two v1 parse");
     assert_eq!(verify_with(&rolled, body, &[secret], t, 0), Ok(()));
 
-    let tampered_body: Vec<u8> = match body.split_first() {
-        Some((first, tail)) => std::iter::once(first ^ 1)
-            .chain(tail.iter().copied())
-            .collect(),
-        None => b"x".to_vec(),
-    };
+    let tampered_body = changed(body);
     assert_eq!(
         verify_with(&header, &tampered_body, &[secret], t, 0),
         Err(SignatureError::NoMatch)
@@ -109,5 +97,16 @@ pub fn check(data: &[u8]) {
             verify_with(&moved, body, &[secret], moved_t, 0),
             Err(SignatureError::NoMatch)
         );
+    }
+}
+
+/// `bytes` with its first byte changed, or `x` for no bytes. HMAC pads short keys with zero
+/// bytes, so "changed" means a different byte, not an appended zero.
+fn changed(bytes: &[u8]) -> Vec<u8> {
+    match bytes.split_first() {
+        Some((first, tail)) => std::iter::once(first ^ 1)
+            .chain(tail.iter().copied())
+            .collect(),
+        None => b"x".to_vec(),
     }
 }

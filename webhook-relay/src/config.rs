@@ -119,9 +119,23 @@ mod tests {
         ),
     ];
 
+    /// The config read from [`BASE`] and `extra`: each test names only what it varies.
+    fn with(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        struct Vars<'a>(&'a [(&'static str, &'static str)]);
+        impl Source for Vars<'_> {
+            fn get(&self, var: &str) -> Option<String> {
+                BASE.iter()
+                    .chain(self.0)
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        }
+        Config::from_source(&Vars(extra))
+    }
+
     #[test]
     fn defaults() {
-        let config = Config::from_source(&BASE).unwrap();
+        let config = with(&[]).unwrap();
         assert_eq!(config.tolerance, Duration::from_secs(300));
         assert_eq!(config.max_body_bytes, 256 * 1024);
         assert_eq!(config.produce_timeout, Duration::from_millis(5000));
@@ -135,43 +149,32 @@ mod tests {
     #[test]
     fn retention_below_the_floor_is_refused() {
         let var = "RETENTION_WEBHOOK_DELIVERIES_DAYS";
-        let src = [BASE[0], BASE[1], BASE[2], (var, "34")];
-        let err = Config::from_source(&src).unwrap_err().to_string();
+        let err = with(&[(var, "34")]).unwrap_err().to_string();
         assert!(err.contains(var), "{err}");
         // The ledger is the sink's: the relay does not read its retention.
-        let src = [BASE[0], BASE[1], BASE[2], ("RETENTION_LEDGER_DAYS", "34")];
-        assert!(Config::from_source(&src).is_ok());
+        assert!(with(&[("RETENTION_LEDGER_DAYS", "34")]).is_ok());
     }
 
     #[test]
     fn the_allow_list_and_trusted_proxies() {
-        let src = [
-            BASE[0],
-            BASE[1],
-            BASE[2],
+        let policy = with(&[
             ("WEBHOOK_ALLOWED_SOURCES", "3.18.12.63/32, 3.130.192.231"),
             ("WEBHOOK_TRUSTED_PROXIES", "10.0.0.0/8"),
-        ];
-        let policy = Config::from_source(&src).unwrap().sources.unwrap();
+        ])
+        .unwrap()
+        .sources
+        .unwrap();
         assert!(policy.allowed.contains("3.130.192.231".parse().unwrap()));
         assert!(policy.trusted_proxies.is_some());
 
-        let src = [
-            BASE[0],
-            BASE[1],
-            BASE[2],
-            ("WEBHOOK_ALLOWED_SOURCES", "3.18.12.63/40"),
-        ];
-        let err = Config::from_source(&src).unwrap_err().to_string();
+        let err = with(&[("WEBHOOK_ALLOWED_SOURCES", "3.18.12.63/40")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("WEBHOOK_ALLOWED_SOURCES"), "{err}");
 
-        let src = [
-            BASE[0],
-            BASE[1],
-            BASE[2],
-            ("WEBHOOK_TRUSTED_PROXIES", "10.0.0.0/8"),
-        ];
-        let err = Config::from_source(&src).unwrap_err().to_string();
+        let err = with(&[("WEBHOOK_TRUSTED_PROXIES", "10.0.0.0/8")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("WEBHOOK_TRUSTED_PROXIES"), "{err}");
     }
 
@@ -191,22 +194,13 @@ mod tests {
 
     #[test]
     fn a_malformed_fallback_secret_is_named_not_echoed() {
-        let src = [
-            BASE[0],
-            BASE[1],
-            BASE[2],
-            ("STRIPE_WEBHOOK_SECRET", "hunter2hunter2"),
-        ];
-        let err = Config::from_source(&src).unwrap_err().to_string();
+        let err = with(&[("STRIPE_WEBHOOK_SECRET", "hunter2hunter2")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("STRIPE_WEBHOOK_SECRET"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
-        let src = [
-            BASE[0],
-            BASE[1],
-            BASE[2],
-            ("STRIPE_WEBHOOK_SECRET", "whsec_abcdefgh1234"),
-        ];
-        assert!(Config::from_source(&src).unwrap().fallback_secret.is_some());
+        let config = with(&[("STRIPE_WEBHOOK_SECRET", "whsec_abcdefgh1234")]).unwrap();
+        assert!(config.fallback_secret.is_some());
     }
 
     #[test]
@@ -216,8 +210,7 @@ mod tests {
             ("WEBHOOK_MAX_BODY_BYTES", "2000000"),
             ("KAFKA_PRODUCE_TIMEOUT_MS", "5"),
         ] {
-            let src = [BASE[0], BASE[1], BASE[2], (var, value)];
-            let err = Config::from_source(&src).unwrap_err().to_string();
+            let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{err}");
         }
     }

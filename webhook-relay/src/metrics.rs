@@ -55,14 +55,19 @@ pub fn dedup_record_failed() {
     metrics::counter!(DEDUP_RECORD_ERRORS).increment(1);
 }
 
-/// Counts a refusal (4xx) or a failure (5xx) under its error code.
-pub fn refused(error: &WebhookError) {
-    let name = if error.status().is_server_error() {
+/// The counter an answer that is not a 2xx goes to: [`FAILED`] for a 5xx (ours, retried by
+/// Stripe), [`REJECTED`] for a 4xx.
+fn refusal_counter(error: &WebhookError) -> &'static str {
+    if error.status().is_server_error() {
         FAILED
     } else {
         REJECTED
-    };
-    metrics::counter!(name, "reason" => error.code()).increment(1);
+    }
+}
+
+/// Counts a refusal (4xx) or a failure (5xx) under its error code.
+pub fn refused(error: &WebhookError) {
+    metrics::counter!(refusal_counter(error), "reason" => error.code()).increment(1);
 }
 
 /// Registers every series at zero so dashboards and alerts see them before the first delivery.
@@ -95,12 +100,7 @@ pub fn describe() {
         metrics::counter!(name).absolute(0);
     }
     for error in WebhookError::examples() {
-        let name = if error.status().is_server_error() {
-            FAILED
-        } else {
-            REJECTED
-        };
-        metrics::counter!(name, "reason" => error.code()).absolute(0);
+        metrics::counter!(refusal_counter(&error), "reason" => error.code()).absolute(0);
     }
     // Registered without a sample (the handle is dropped) so that its series exists before
     // the first delivery.
