@@ -1,21 +1,57 @@
-//! ClickHouse: writing metered events into `events_processed` and reading window aggregates.
+//! ClickHouse: writing metered events into `events_processed`, the first copy of each event
+//! into `event_first_seen` and looking it up, and reading window aggregates.
 //!
 //! Rule kept here: totals are read only over deduplicated rows (`FINAL`), so every copy of an
 //! event id counts once, whatever was merged in the background. Quantities are
 //! `Decimal(38, 9)`: sent and read as integers scaled by 10^9.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use clickhouse::{Client, Row};
 use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use meterline_catalog::window_totals::{to_scaled, AGGREGATES_SQL};
 use meterline_common::clickhouse::{unix_millis, ProcessedRow, RawRow};
 
 use crate::billing::{MeteredEvent, RawEvent, WindowAggregates};
+use crate::first_copy::{EventKey, Stamp};
 use crate::Error;
+
+/// Events looked up in `event_first_seen` per query: the ids are written into the query's
+/// text (a few megabytes at most, under the `max_query_size` the lookup sets), and a batch of
+/// the default 50,000 events takes four queries.
+const LOOKUP_CHUNK: usize = 16_384;
+
+/// A row of `event_first_seen` (`0005_event_first_seen.sql`).
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct FirstSeenRow<'a> {
+    tenant_id: &'a str,
+    environment_id: &'a str,
+    customer_id: &'a str,
+    event_id: &'a str,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    timestamp: OffsetDateTime,
+    version: u64,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    ingested_at: OffsetDateTime,
+}
+
+/// A first copy as the lookup reads it back (aliases apart from the columns: an alias named
+/// like a column would stand for it inside the other aggregates).
+#[derive(Debug, Row, Deserialize)]
+struct StoredFirstCopy {
+    tenant_id: String,
+    environment_id: String,
+    customer_id: String,
+    event_id: String,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    first_timestamp: OffsetDateTime,
+    first_version: u64,
+    #[serde(with = "clickhouse::serde::time::datetime64::millis")]
+    first_ingested_at: OffsetDateTime,
+}
 
 #[derive(Debug, Row, Deserialize)]
 struct AggregateRow {
@@ -98,6 +134,100 @@ impl Warehouse {
                     ingested_at: r.ingested_at,
                     expired: u8::from(r.expired),
                     unique_key: &r.unique_key,
+                })
+                .await
+                .map_err(ch)?;
+        }
+        insert.end().await.map_err(ch)
+    }
+
+    /// The first copies stored of the events of `keys` (those never seen have none).
+    pub async fn stored_first_copies<'a>(
+        &self,
+        keys: impl Iterator<Item = EventKey<'a>>,
+    ) -> Result<HashMap<EventKey<'a>, Stamp>, Error> {
+        let keys: Vec<EventKey<'a>> = keys.collect();
+        let mut stored = HashMap::new();
+        for chunk in keys.chunks(LOOKUP_CHUNK) {
+            // Positions rather than the keys themselves: a key found by the row's strings
+            // would borrow the row.
+            let wanted: HashMap<EventKey<'a>, usize> =
+                chunk.iter().enumerate().map(|(i, key)| (*key, i)).collect();
+            // Each column's set narrows the key ranges read; the exact pairs are matched
+            // below (a chunk spans few tenants and environments).
+            let column = |pick: fn(&EventKey<'a>) -> &'a str| -> Vec<&'a str> {
+                let distinct: HashSet<&'a str> = chunk.iter().map(pick).collect();
+                distinct.into_iter().collect()
+            };
+            let rows: Vec<StoredFirstCopy> = self
+                .client
+                .query(
+                    "SELECT tenant_id, environment_id, customer_id, event_id,
+                            argMax(timestamp, version) AS first_timestamp,
+                            max(version) AS first_version,
+                            argMax(ingested_at, version) AS first_ingested_at
+                     FROM event_first_seen
+                     WHERE tenant_id IN ? AND environment_id IN ? AND customer_id IN ?
+                       AND event_id IN ?
+                     GROUP BY tenant_id, environment_id, customer_id, event_id",
+                )
+                .bind(column(|k| k.0))
+                .bind(column(|k| k.1))
+                .bind(column(|k| k.2))
+                .bind(column(|k| k.3))
+                .with_setting("max_query_size", "16777216")
+                .fetch_all()
+                .await
+                .map_err(|e| Error::Clickhouse {
+                    context: "looking up first copies",
+                    source: e,
+                })?;
+            for row in rows {
+                let found = (
+                    row.tenant_id.as_str(),
+                    row.environment_id.as_str(),
+                    row.customer_id.as_str(),
+                    row.event_id.as_str(),
+                );
+                if let Some(&at) = wanted.get(&found) {
+                    stored.insert(
+                        chunk[at],
+                        Stamp {
+                            timestamp: row.first_timestamp,
+                            version: row.first_version,
+                            ingested_at: row.first_ingested_at,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Records the first copies of events seen for the first time, in one insert.
+    pub async fn record_first_copies(&self, new: &[(EventKey<'_>, Stamp)]) -> Result<(), Error> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let ch = |e| Error::Clickhouse {
+            context: "recording first copies",
+            source: e,
+        };
+        let mut insert = self
+            .client
+            .insert::<FirstSeenRow<'_>>("event_first_seen")
+            .await
+            .map_err(ch)?;
+        for ((tenant_id, environment_id, customer_id, event_id), stamp) in new {
+            insert
+                .write(&FirstSeenRow {
+                    tenant_id,
+                    environment_id,
+                    customer_id,
+                    event_id,
+                    timestamp: stamp.timestamp,
+                    version: stamp.version,
+                    ingested_at: stamp.ingested_at,
                 })
                 .await
                 .map_err(ch)?;

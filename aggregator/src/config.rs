@@ -40,6 +40,12 @@ pub struct BatchLimits {
     pub max_wait: Duration,
 }
 
+/// `AGGREGATOR_GROUP_ID` (default `meterline-aggregator`), also read by `meterline migrate`
+/// to see that no aggregator runs.
+pub fn group_id_from_env(env: &Env<'_>) -> String {
+    env.string_or("AGGREGATOR_GROUP_ID", "meterline-aggregator")
+}
+
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_source(&ProcessEnv)
@@ -55,7 +61,7 @@ impl Config {
             grace: Duration::from_secs(
                 60 * env.u64_in_range("STRIPE_SYNC_GRACE_PERIOD_MINUTES", 5, 0..=1440)?,
             ),
-            group_id: env.string_or("AGGREGATOR_GROUP_ID", "meterline-aggregator"),
+            group_id: group_id_from_env(&env),
             batch: BatchLimits {
                 max_events: env.u64_in_range(
                     "AGGREGATOR_BATCH_MAX_EVENTS",

@@ -22,6 +22,9 @@ pub const REJECT_REASONS: [&str; 4] = [
 pub const EVENTS_UNMETERED: &str = "aggregator_events_unmetered_total";
 /// Events for windows that had already been published (their window goes out again).
 pub const LATE_EVENTS: &str = "aggregator_late_events_total";
+/// Copies of an event stamped at another time than its first copy: counted at the first
+/// copy's time, in its window ([`crate::first_copy`]).
+pub const COPIES_RESTAMPED: &str = "aggregator_copies_restamped_total";
 /// Events older than Stripe's 35 days: stored and flagged, never sendable.
 pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
 /// Events meter backfills gave their meter (`outcome` `found`), or could not give it because
@@ -38,8 +41,9 @@ pub const INSERT_DURATION: &str = "aggregator_clickhouse_insert_duration_seconds
 /// Failed attempts of a batch step (it is retried), by `step` ([`RETRY_STEPS`]).
 pub const BATCH_RETRIES: &str = "aggregator_batch_retries_total";
 /// Every `step` of [`BATCH_RETRIES`].
-pub const RETRY_STEPS: [&str; 9] = [
+pub const RETRY_STEPS: [&str; 10] = [
     "refresh_meters",
+    "first_copies",
     "clickhouse_insert",
     "mark_windows",
     "mark_later_windows",
@@ -69,6 +73,10 @@ pub fn describe() {
     describe_counter!(EVENTS_UNMETERED, "events that matched no meter");
     describe_counter!(LATE_EVENTS, "events for windows already published");
     describe_counter!(EXPIRED_EVENTS, "events older than stripe's 35 days");
+    describe_counter!(
+        COPIES_RESTAMPED,
+        "copies of an event stamped at another time than its first copy, counted at its time"
+    );
     describe_histogram!(BATCH_SIZE, Unit::Count, "events per batch");
     describe_histogram!(
         INSERT_DURATION,
@@ -102,6 +110,7 @@ pub fn describe() {
         EVENTS_UNMETERED,
         LATE_EVENTS,
         EXPIRED_EVENTS,
+        COPIES_RESTAMPED,
         RESYNCS,
         BACKFILLS,
         BILLING_PERIODS_APPLIED,
@@ -144,6 +153,10 @@ pub(crate) fn batch_recorded(late_events: usize, expired_events: usize, unmetere
     metrics::counter!(LATE_EVENTS).increment(late_events as u64);
     metrics::counter!(EXPIRED_EVENTS).increment(expired_events as u64);
     metrics::counter!(EVENTS_UNMETERED).increment(unmetered);
+}
+
+pub(crate) fn copies_restamped(copies: usize) {
+    metrics::counter!(COPIES_RESTAMPED).increment(copies as u64);
 }
 
 pub(crate) fn rejected(kind: &meterline_schemas::DlqErrorKind) {

@@ -6,7 +6,8 @@
 //! for a tenant and environment (development and operations); `meterline rotate-keys`
 //! re-encrypts stored secrets under the newest encryption key; `meterline prune` applies the
 //! retention of the sync ledger and webhook deduplication records; `meterline dlq` lists,
-//! inspects and replays dead-lettered messages.
+//! inspects and replays dead-lettered messages; `meterline migrate --relayout-events` converts
+//! an `events_processed` created before migration 5 to the time-ordered layout.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -48,7 +49,14 @@ enum Command {
     /// Apply the PostgreSQL (DATABASE_URL) and ClickHouse (CLICKHOUSE_URL,
     /// CLICKHOUSE_DATABASE) migrations not yet applied; with RETENTION_EVENTS_DAYS, set the
     /// events_processed TTL to it.
-    Migrate,
+    Migrate {
+        /// Convert an events_processed with rows to the time-ordered layout (a window total
+        /// then reads only its window's rows). Refused while any aggregator runs (its
+        /// consumer group AGGREGATOR_GROUP_ID on KAFKA_BROKERS has members); the old table
+        /// is kept under another name, printed.
+        #[arg(long)]
+        relayout_events: bool,
+    },
     /// Delete completed sync-ledger rows older than RETENTION_LEDGER_DAYS (default 400),
     /// webhook deduplication records older than RETENTION_WEBHOOK_DELIVERIES_DAYS (default
     /// 90) and finished window registry rows older than RETENTION_WINDOWS_DAYS (default 400);
@@ -152,10 +160,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Setup { topics } => {
             create_topics(&env, &topics).await?;
-            migrate(&env).await
+            migrate(&env, false).await
         }
         Command::Topics { topics } => create_topics(&env, &topics).await,
-        Command::Migrate => migrate(&env).await,
+        Command::Migrate { relayout_events } => migrate(&env, relayout_events).await,
         Command::Prune => {
             use anyhow::Context;
             // Each table's rule lives with the service that owns it; this runs each once.
@@ -280,12 +288,20 @@ async fn create_topics(env: &Env<'_>, args: &TopicArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
+async fn migrate(env: &Env<'_>, relayout_events: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     let pg = PostgresSettings::from_env(env)?;
     let ch = ClickhouseSettings::from_env(env)?;
     // Read before anything changes, so a bad value (exit 2) leaves the databases untouched.
     let events_ttl = retention::events_ttl_from_env(env)?;
+    let relayout = relayout_events
+        .then(|| {
+            anyhow::Ok((
+                KafkaSettings::from_env(env)?,
+                aggregator::config::group_id_from_env(env),
+            ))
+        })
+        .transpose()?;
     let pool = postgres::pool(&pg, 2)?;
     postgres::migrate(&pool)
         .await
@@ -305,6 +321,42 @@ async fn migrate(env: &Env<'_>) -> anyhow::Result<()> {
                 .join(", ")
         }
     );
+    match (
+        clickhouse::events_layout(&clickhouse::client(&ch)).await?,
+        relayout,
+    ) {
+        (clickhouse::EventsLayout::ByTime, _) => {}
+        (clickhouse::EventsLayout::ById { rows }, None) => println!(
+            "events_processed keeps the layout ordered by event id ({rows} rows): every window \
+             total reads the customer's whole history. Stop the aggregator and run \
+             `meterline migrate --relayout-events` to order it by time"
+        ),
+        (clickhouse::EventsLayout::ById { .. }, Some((kafka_settings, group))) => {
+            let members = kafka::group_members(&kafka_settings, &group)
+                .await
+                .context("asking Kafka whether an aggregator runs")?;
+            anyhow::ensure!(
+                members == 0,
+                "{members} aggregator(s) still run in consumer group {group}: rows they write \
+                 during the copy would be left behind. Stop every aggregator (e.g. scale it to \
+                 0) and run again; nothing was changed"
+            );
+            let done = clickhouse::relayout_events(&ch)
+                .await
+                .context("converting events_processed")?;
+            if let Some(done) = done {
+                println!(
+                    "events_processed ordered by time: {} rows copied",
+                    done.rows
+                );
+                if let Some(old) = done.kept_as {
+                    println!(
+                        "the old table is kept as {old}; drop it once satisfied: DROP TABLE {old}"
+                    );
+                }
+            }
+        }
+    }
     if let Some(days) = events_ttl {
         retention::set_events_ttl(&ch, days)
             .await

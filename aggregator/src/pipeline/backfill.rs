@@ -20,7 +20,7 @@ use meterline_schemas::{MeterDefinition, RawUsageEvent};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::metering::distinct_windows;
+use super::metering::{distinct_windows, settle_first_copies};
 use super::Shared;
 use crate::billing;
 use crate::clickhouse::BackfillPage;
@@ -125,7 +125,32 @@ async fn work_through(
             return finish(shared, &claimed, shutdown).await;
         };
         let next = (last.timestamp, last.event_id.clone());
-        let metered = meter_page(&meter, &histories, &sizes, &events);
+        let mut metered = meter_page(&meter, &histories, &sizes, &events);
+        // As for a live batch: a stored event bills at its first copy's time.
+        let now = OffsetDateTime::now_utc();
+        let remeter = |event: &Arc<RawUsageEvent>, ingested_at, rows: &mut Vec<_>| {
+            let window = sizes
+                .window_at(event.timestamp.as_offset_date_time())
+                .ok()?;
+            let meters = std::slice::from_ref(&meter);
+            Some(
+                billing::meter_event(
+                    event,
+                    meters,
+                    Some(&histories),
+                    window,
+                    ingested_at,
+                    now,
+                    rows,
+                )
+                .failures,
+            )
+        };
+        let rows = std::slice::from_mut(&mut metered.rows);
+        let Some(restamped) = settle_first_copies(shared, rows, remeter, shutdown).await else {
+            return false;
+        };
+        metered.rows.extend(restamped);
         let rows = &metered.rows;
         if retry!("backfill", shutdown, shared.warehouse.insert(rows.iter())).is_none() {
             return false;

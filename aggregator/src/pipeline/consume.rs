@@ -16,7 +16,7 @@ use rdkafka::consumer::StreamConsumer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::metering::meter_batch;
+use super::metering::{meter_batch, settle_batch};
 use super::Shared;
 use crate::billing::{MeteredEvent, RawEvent};
 use crate::config::BatchLimits;
@@ -61,7 +61,8 @@ impl MeteredBatch {
 /// reading and metering the next batch, inserting this one and marking the previous one's
 /// windows overlap instead of waiting on each other:
 ///
-/// 1. read a batch and resolve it against the meters (CPU);
+/// 1. read a batch, resolve it against the meters (CPU), and give each copy of an event its
+///    first copy's time (recording the batch's new events in `event_first_seen`);
 /// 2. insert its rows into ClickHouse (up to `INSERTS_IN_FLIGHT` batches at once);
 /// 3. mark its windows dirty, dead-letter its bad messages, commit its offsets.
 ///
@@ -126,9 +127,14 @@ async fn read_and_meter(
             return;
         }
         // CPU work: other tasks move off this worker thread meanwhile.
-        let batch = tokio::task::block_in_place(|| meter_batch(&cache, &messages));
+        let mut batch = tokio::task::block_in_place(|| meter_batch(&cache, &messages));
         // Gives the messages back to the consumer's buffers before waiting on the next stage.
         drop(messages);
+        // Here, in batch order, rather than in the inserts that overlap: the next batch's
+        // copies must find this batch's first copies recorded.
+        if !settle_batch(&shared, &cache, &mut batch, &shutdown).await {
+            return;
+        }
         if tx.send(batch).await.is_err() {
             return;
         }

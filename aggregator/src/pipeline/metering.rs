@@ -4,18 +4,21 @@
 //! Rule kept here: a message that fails is never dropped: it becomes a dead letter with its
 //! reason, and the meters it fed correctly keep their rows (a replay collapses the copies).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use meterline_common::kafka::{DeadLetter, NextOffsets};
-use meterline_schemas::{DlqErrorKind, RawUsageEvent, Topic};
+use meterline_schemas::{DlqErrorKind, RawUsageEvent, Timestamp, Topic};
 use rdkafka::message::{BorrowedMessage, Message};
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
 use super::consume::MeteredBatch;
-use super::SERVICE;
+use super::{Shared, SERVICE};
 use crate::billing::{self, MeteredEvent, RawEvent};
+use crate::first_copy::{self, Fix};
 use crate::meter_cache::MeterCache;
+use crate::metrics;
 use crate::windows::{WindowKey, WindowKeyRef};
 
 /// Parses every message of a batch and resolves it against the meters.
@@ -54,8 +57,21 @@ pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) 
         dead.extend(part.dead);
         unmetered += part.unmetered;
     }
-    // Their later windows of the period carry these windows' events too.
-    let period_windows = windows
+    MeteredBatch {
+        runs,
+        raw,
+        period_windows: period_windows(cache, &windows),
+        windows,
+        dead,
+        unmetered,
+        offsets: NextOffsets::of(messages),
+    }
+}
+
+/// The windows of `windows` whose meter bills the period to date: their later windows of the
+/// period carry these windows' events too.
+fn period_windows(cache: &MeterCache, windows: &[WindowKey]) -> Vec<WindowKey> {
+    windows
         .iter()
         .filter(|k| {
             cache
@@ -63,16 +79,130 @@ pub(super) fn meter_batch(cache: &MeterCache, messages: &[BorrowedMessage<'_>]) 
                 .is_some_and(|m| m.aggregation.bills_period_to_date())
         })
         .cloned()
-        .collect();
-    MeteredBatch {
-        runs,
-        raw,
-        windows,
-        period_windows,
-        dead,
-        unmetered,
-        offsets: NextOffsets::of(messages),
+        .collect()
+}
+
+/// Gives every copy of the batch its event's billing time ([`first_copy`]) and records the
+/// events seen for the first time, before the batch's rows are inserted. False when shutdown
+/// interrupted it.
+pub(super) async fn settle_batch(
+    shared: &Shared,
+    cache: &MeterCache,
+    batch: &mut MeteredBatch,
+    shutdown: &CancellationToken,
+) -> bool {
+    let now = OffsetDateTime::now_utc();
+    let remeter = |event: &Arc<RawUsageEvent>, ingested_at, rows: &mut Vec<MeteredEvent>| {
+        let (tenant, environment) = (&event.tenant_id, &event.environment_id);
+        let at = event.timestamp.as_offset_date_time();
+        let window = cache.sizes().window_at(tenant, environment, at).ok()?;
+        let meters = cache.meters(tenant, environment);
+        let histories = cache.histories(tenant, environment);
+        Some(
+            billing::meter_event(event, meters, histories, window, ingested_at, now, rows).failures,
+        )
+    };
+    let Some(restamped) = settle_first_copies(shared, &mut batch.runs, remeter, shutdown).await
+    else {
+        return false;
+    };
+    if !restamped.is_empty() {
+        let windows = std::mem::take(&mut batch.windows);
+        batch.windows = merge_windows(windows, distinct_windows(&restamped));
+        batch.period_windows = period_windows(cache, &batch.windows);
+        batch.runs.push(restamped);
     }
+    true
+}
+
+/// Settles `runs` against the first copies ([`first_copy`]): demotes the copies that would
+/// outrank a stored one, takes out the rows of copies stamped at another time than their
+/// event's billing copy and gives back their events metered again at that time (`remeter`:
+/// the rows of an event, and the meters it no longer fits; `None` when it has no window
+/// there). None when shutdown interrupted it.
+pub(super) async fn settle_first_copies(
+    shared: &Shared,
+    runs: &mut [Vec<MeteredEvent>],
+    remeter: impl Fn(
+        &Arc<RawUsageEvent>,
+        OffsetDateTime,
+        &mut Vec<MeteredEvent>,
+    ) -> Option<Vec<(meterline_schemas::MeterId, meterline_schemas::QuantityError)>>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<MeteredEvent>> {
+    let fixes: Vec<(usize, usize, Fix)> = {
+        let first = first_copy::first_in_batch(runs.iter().flatten());
+        let stored = retry!(
+            "first_copies",
+            shutdown,
+            shared.warehouse.stored_first_copies(first.keys().copied())
+        )?;
+        let settled = first_copy::settle(first, stored);
+        retry!(
+            "first_copies",
+            shutdown,
+            shared.warehouse.record_first_copies(&settled.new)
+        )?;
+        runs.iter()
+            .enumerate()
+            .flat_map(|(r, run)| run.iter().enumerate().map(move |(i, row)| (r, i, row)))
+            .filter_map(|(r, i, row)| match first_copy::fix(row, &settled) {
+                Fix::Keep => None,
+                fix => Some((r, i, fix)),
+            })
+            .collect()
+    };
+    // Each restamped copy once (its rows share the event), with its billing time.
+    let mut copies: Vec<(Arc<RawUsageEvent>, OffsetDateTime, u64)> = Vec::new();
+    let mut seen: HashSet<*const RawUsageEvent> = HashSet::new();
+    let mut taken: HashSet<(usize, usize)> = HashSet::new();
+    for (r, i, fix) in fixes {
+        let row = &mut runs[r][i];
+        match fix {
+            Fix::Keep => {}
+            Fix::Demote(version) => row.version = version,
+            Fix::Restamp { at, ceiling } => {
+                let Ok(timestamp) = Timestamp::new(at) else {
+                    // Every stored time was a valid timestamp: unreachable, but never a
+                    // reason to drop the copy's rows.
+                    continue;
+                };
+                taken.insert((r, i));
+                if seen.insert(Arc::as_ptr(&row.event)) {
+                    let mut event = RawUsageEvent::clone(&row.event);
+                    event.timestamp = timestamp;
+                    copies.push((Arc::new(event), row.ingested_at, ceiling));
+                }
+            }
+        }
+    }
+    for (r, run) in runs.iter_mut().enumerate() {
+        if taken.iter().any(|(taken_run, _)| *taken_run == r) {
+            let mut i = 0;
+            run.retain(|_| {
+                i += 1;
+                !taken.contains(&(r, i - 1))
+            });
+        }
+    }
+    metrics::copies_restamped(copies.len());
+    let mut restamped = Vec::new();
+    for (event, ingested_at, ceiling) in copies {
+        let start = restamped.len();
+        match remeter(&event, ingested_at, &mut restamped) {
+            Some(failures) if failures.is_empty() => {}
+            failures => tracing::error!(
+                event_id = %event.id,
+                ?failures,
+                "a copy of an event does not fit every meter at its first copy's time: \
+                 the meters it fed at its own time lose its rows"
+            ),
+        }
+        for row in &mut restamped[start..] {
+            row.version = row.version.min(ceiling);
+        }
+    }
+    Some(restamped)
 }
 
 /// What metering a run of messages produced.

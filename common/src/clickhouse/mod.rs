@@ -3,8 +3,13 @@
 //! Migrations are the numbered files in `common/migrations/clickhouse`, embedded in the
 //! binary. Each applied one is recorded in `schema_migrations` with a checksum of its text:
 //! a file edited after it ran is refused rather than silently diverging from the database.
+//! `layout.rs` converts `events_processed` to the time-ordered layout ([`relayout_events`]).
 //! [`ProcessedRow`] is the row those migrations define for `events_processed`, so that the
 //! aggregator and the benchmark's baseline write the same columns.
+
+mod layout;
+
+pub use layout::{events_layout, relayout_events, EventsLayout, Relayout};
 
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -44,22 +49,27 @@ pub static MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "events_processed",
-        sql: include_str!("../migrations/clickhouse/0001_events_processed.sql"),
+        sql: include_str!("../../migrations/clickhouse/0001_events_processed.sql"),
     },
     Migration {
         version: 2,
         name: "unique_key",
-        sql: include_str!("../migrations/clickhouse/0002_unique_key.sql"),
+        sql: include_str!("../../migrations/clickhouse/0002_unique_key.sql"),
     },
     Migration {
         version: 3,
         name: "events_ttl",
-        sql: include_str!("../migrations/clickhouse/0003_events_ttl.sql"),
+        sql: include_str!("../../migrations/clickhouse/0003_events_ttl.sql"),
     },
     Migration {
         version: 4,
         name: "events_raw",
-        sql: include_str!("../migrations/clickhouse/0004_events_raw.sql"),
+        sql: include_str!("../../migrations/clickhouse/0004_events_raw.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "event_first_seen",
+        sql: include_str!("../../migrations/clickhouse/0005_event_first_seen.sql"),
     },
 ];
 
@@ -213,6 +223,11 @@ pub async fn migrate(settings: &ClickhouseSettings) -> Result<Vec<u32>, Error> {
             "clickhouse migration applied"
         );
         ran.push(migration.version);
+    }
+    // A new install: the empty table takes the time-ordered layout at once.
+    if events_layout(&client).await? == (EventsLayout::ById { rows: 0 }) {
+        relayout_events(settings).await?;
+        tracing::info!("events_processed laid out by time");
     }
     Ok(ran)
 }

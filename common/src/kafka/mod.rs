@@ -21,7 +21,7 @@ use meterline_schemas::Topic;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 pub use consume::{commit, commit_message, next_message, NextOffsets};
@@ -134,6 +134,29 @@ pub fn subscribe(
             source,
         })?;
     Ok(consumer)
+}
+
+/// How many members consumer group `group` has now (0 when it has none or does not exist).
+pub async fn group_members(settings: &KafkaSettings, group: &str) -> Result<usize, Error> {
+    let client: BaseConsumer =
+        base_config(settings, "meterline-admin")
+            .create()
+            .map_err(|source| Error::Kafka {
+                context: "creating a client",
+                source,
+            })?;
+    let group = group.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let list = client
+            .fetch_group_list(Some(&group), Duration::from_secs(30))
+            .map_err(|source| Error::Kafka {
+                context: "describing a consumer group",
+                source,
+            })?;
+        Ok(list.groups().iter().map(|g| g.members().len()).sum())
+    })
+    .await
+    .map_err(|e| Error::KafkaAdmin(format!("describing a consumer group: {e}")))?
 }
 
 /// Creates every topic of `topics` that does not exist yet, with `partitions` partitions.
