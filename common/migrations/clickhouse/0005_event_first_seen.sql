@@ -25,12 +25,12 @@ ORDER BY (tenant_id, environment_id, customer_id, event_id)
 TTL toDateTime(ingested_at) + INTERVAL 45 DAY
 SETTINGS index_granularity = 1024;
 
--- The events already stored: each one's winning copy (what FINAL shows), when it arrived in
--- the last 45 days. `meterline migrate --relayout-events` runs this statement again with the
--- aggregator stopped, for the events an older aggregator stored after this ran.
+-- The events already stored: each one's winning copy (what FINAL shows, one row per meter it
+-- feeds, collapsing here), when it arrived in the last 45 days. FINAL merges in a stream, so
+-- this needs no memory per event however large the table. `meterline migrate
+-- --relayout-events` runs this statement again with the aggregator stopped, for the events an
+-- older aggregator stored after this ran.
 INSERT INTO event_first_seen
-SELECT tenant_id, environment_id, customer_id, event_id,
-       argMax(timestamp, version), max(version), argMax(ingested_at, version)
-FROM events_processed
-GROUP BY tenant_id, environment_id, customer_id, event_id
-HAVING argMax(ingested_at, version) >= now64(3) - INTERVAL 45 DAY
+SELECT tenant_id, environment_id, customer_id, event_id, timestamp, version, ingested_at
+FROM events_processed FINAL
+WHERE ingested_at >= now64(3) - INTERVAL 45 DAY

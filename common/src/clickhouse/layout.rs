@@ -9,7 +9,7 @@
 //! id) and partitioned by month, and a window is one range of the key.
 //!
 //! The conversion copies the deduplicated rows into a table of the new layout, checks that
-//! both hold the same events and quantities, and swaps the two atomically. `migrate` does it
+//! both hold the same rows and quantities, and swaps the two atomically. `migrate` does it
 //! at once while the table is empty (a new install); a table with rows is converted only when
 //! the operator asks (`meterline migrate --relayout-events`, with the aggregator stopped, so
 //! no row is written to the old table after it was copied). Until then everything works on
@@ -119,16 +119,21 @@ pub struct Relayout {
 #[derive(Debug, PartialEq, Eq, clickhouse::Row, Deserialize)]
 struct Fingerprint {
     rows: u64,
-    events: u64,
+    /// The sum (wrapping) of a hash of every row's key, time and quantity: equal for the
+    /// same set of rows, in constant memory however large the table.
+    content: u64,
     quantity: i128,
 }
 
-/// What a copy must preserve: the deduplicated rows, the events and the signed quantity.
+/// What a copy must preserve: the deduplicated rows, each with its key, time and quantity,
+/// and the signed quantity.
 async fn fingerprint(client: &::clickhouse::Client, table: &str) -> Result<Fingerprint, Error> {
     client
         .query(&format!(
-            "SELECT count() AS rows, uniqExact(tenant_id, environment_id, customer_id, event_id)
-                    AS events, sum(qty_billable * sign) AS quantity
+            "SELECT count() AS rows,
+                    sum(cityHash64(tenant_id, environment_id, customer_id, meter_id, event_id,
+                                   timestamp, qty_billable, sign, unique_key)) AS content,
+                    sum(qty_billable * sign) AS quantity
              FROM {table} FINAL"
         ))
         .fetch_one()
