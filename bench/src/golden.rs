@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::aggregator::{AggregatorReport, BacklogPublication, LiveReport};
 use crate::chaos::{ChaosReport, Summary};
+use crate::history::{HistoryReport, Layout, Reads};
 use crate::ingest::IngestReport;
 use crate::pipeline::{self, PipelineReport, ServiceMemory};
 use crate::procstat::{ComponentCpu, CpuTimes, Machine, Memory};
@@ -394,4 +395,32 @@ fn pipeline_report_format() {
 #[test]
 fn chaos_report_format() {
     check_report("chaos", &chaos());
+}
+
+fn history() -> HistoryReport {
+    let reads = |layout, history, base| Reads {
+        layout,
+        history,
+        latency: latency(base),
+        load: 0.75,
+    };
+    HistoryReport {
+        machine: machine(),
+        date: date(),
+        customers: 20,
+        hour_events: 60,
+        history_days: 90,
+        reads: 50,
+        cells: vec![
+            reads(Layout::ById, 0, 4),
+            reads(Layout::ByTime, 0, 4),
+            reads(Layout::ById, 4_000_000, 96),
+            reads(Layout::ByTime, 4_000_000, 5),
+        ],
+    }
+}
+
+#[test]
+fn history_report_format() {
+    check_report("history", &history());
 }

@@ -17,6 +17,8 @@
 //! - [`pipeline`]: `meterline-bench pipeline`: the four services together under ingest's
 //!   highest load: window due -> Stripe latency and each service's memory, next to the bare
 //!   Kafka -> Kafka -> HTTP path (`bare.rs`).
+//! - [`history`]: `meterline-bench history`: one window total's latency as the customers'
+//!   history grows, on `events_processed` ordered by event id and ordered by time.
 //! - [`chaos`]: `meterline-bench chaos`: runs the chaos test at a chosen scale and reports its
 //!   result.
 //! - [`report`]: what the results share: latency percentiles, the lines and rows of rounds,
@@ -46,6 +48,7 @@ pub mod aggregator;
 pub mod baseline;
 pub mod chaos;
 pub mod clients;
+pub mod history;
 pub mod ingest;
 pub mod pipeline;
 pub mod procstat;

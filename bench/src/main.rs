@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meterline_bench::report::{self, Report};
-use meterline_bench::{aggregator, chaos, ingest, pipeline, relay, sink};
+use meterline_bench::{aggregator, chaos, history, ingest, pipeline, relay, sink};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,9 @@ enum Command {
     /// The whole pipeline under ingest's highest load: latency from a window falling due to
     /// Stripe receiving it, and each service's memory, next to the bare Kafka and HTTP path.
     Pipeline(pipeline::Params),
+    /// One window total's latency as the customers' history grows, on events_processed
+    /// ordered by event id (before ClickHouse migration 5) and ordered by time.
+    History(history::Params),
     /// Runs the chaos test (debug builds) at a chosen scale and reports its result.
     Chaos(chaos::Params),
 }
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
             Command::Relay(p) => finish("relay", p.write_docs, &relay::run(&p).await?),
             Command::Sink(p) => finish("sink", p.write_docs, &sink::run(&p).await?),
             Command::Pipeline(p) => finish("pipeline", p.write_docs, &pipeline::run(&p).await?),
+            Command::History(p) => finish("history", p.write_docs, &history::run(&p).await?),
             Command::Chaos(p) => finish("chaos", p.write_docs, &chaos::run(&p).await?),
         }
     });

@@ -30,7 +30,7 @@ impl Migration {
     }
 
     /// The statements of the file, split on `;` at the end of a line.
-    fn statements(&self) -> impl Iterator<Item = String> + '_ {
+    pub fn statements(&self) -> impl Iterator<Item = String> + '_ {
         self.sql
             .split(";\n")
             .map(|s| {
