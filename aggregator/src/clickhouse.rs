@@ -5,7 +5,7 @@
 //! event id counts once, whatever was merged in the background. Quantities are
 //! `Decimal(38, 9)`: sent and read as integers scaled by 10^9.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use clickhouse::{Client, Row};
 use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId};
@@ -16,13 +16,13 @@ use meterline_catalog::window_totals::{to_scaled, AGGREGATES_SQL};
 use meterline_common::clickhouse::{unix_millis, ProcessedRow, RawRow};
 
 use crate::billing::{MeteredEvent, RawEvent, WindowAggregates};
-use crate::first_copy::{EventKey, Stamp};
+use crate::first_copy::{identity_hash, ByEvent, EventKey, Stamp};
 use crate::Error;
 
-/// Events looked up in `event_first_seen` per query: the ids are written into the query's
-/// text (a few megabytes at most, under the `max_query_size` the lookup sets), and a batch of
-/// the default 50,000 events takes four queries.
-const LOOKUP_CHUNK: usize = 16_384;
+/// Events looked up in `event_first_seen` per query: their 8-byte hashes are written into the
+/// query's text (about a megabyte, under the `max_query_size` the lookup sets), so a batch of
+/// the default 50,000 events takes one query.
+const LOOKUP_CHUNK: usize = 65_536;
 
 /// A row of `event_first_seen` (`0005_event_first_seen.sql`).
 #[derive(Debug, Row, Serialize, Deserialize)]
@@ -145,20 +145,17 @@ impl Warehouse {
     pub async fn stored_first_copies<'a>(
         &self,
         keys: impl Iterator<Item = EventKey<'a>>,
-    ) -> Result<HashMap<EventKey<'a>, Stamp>, Error> {
+    ) -> Result<ByEvent<'a, Stamp>, Error> {
         let keys: Vec<EventKey<'a>> = keys.collect();
-        let mut stored = HashMap::new();
+        let mut stored = ByEvent::default();
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             // Positions rather than the keys themselves: a key found by the row's strings
             // would borrow the row.
-            let wanted: HashMap<EventKey<'a>, usize> =
+            let wanted: ByEvent<'a, usize> =
                 chunk.iter().enumerate().map(|(i, key)| (*key, i)).collect();
-            // Each column's set narrows the key ranges read; the exact pairs are matched
-            // below (a chunk spans few tenants and environments).
-            let column = |pick: fn(&EventKey<'a>) -> &'a str| -> Vec<&'a str> {
-                let distinct: HashSet<&'a str> = chunk.iter().map(pick).collect();
-                distinct.into_iter().collect()
-            };
+            let hashes: Vec<u64> = chunk.iter().map(identity_hash).collect();
+            // The table is ordered by the hash of the identity: the chunk's hashes select the
+            // granules, and the exact identities are matched below.
             let rows: Vec<StoredFirstCopy> = self
                 .client
                 .query(
@@ -167,14 +164,10 @@ impl Warehouse {
                             max(version) AS first_version,
                             argMax(ingested_at, version) AS first_ingested_at
                      FROM event_first_seen
-                     WHERE tenant_id IN ? AND environment_id IN ? AND customer_id IN ?
-                       AND event_id IN ?
+                     WHERE id_hash IN ?
                      GROUP BY tenant_id, environment_id, customer_id, event_id",
                 )
-                .bind(column(|k| k.0))
-                .bind(column(|k| k.1))
-                .bind(column(|k| k.2))
-                .bind(column(|k| k.3))
+                .bind(hashes)
                 .with_setting("max_query_size", "16777216")
                 .fetch_all()
                 .await

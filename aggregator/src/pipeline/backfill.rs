@@ -20,7 +20,7 @@ use meterline_schemas::{MeterDefinition, RawUsageEvent};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::metering::{distinct_windows, settle_first_copies};
+use super::metering::{distinct_windows, remeter_copies, settle_first_copies};
 use super::Shared;
 use crate::billing;
 use crate::clickhouse::BackfillPage;
@@ -127,8 +127,12 @@ async fn work_through(
         let next = (last.timestamp, last.event_id.clone());
         let mut metered = meter_page(&meter, &histories, &sizes, &events);
         // As for a live batch: a stored event bills at its first copy's time.
+        let rows = std::slice::from_mut(&mut metered.rows);
+        let Some(copies) = settle_first_copies(shared, rows, shutdown).await else {
+            return false;
+        };
         let now = OffsetDateTime::now_utc();
-        let remeter = |event: &Arc<RawUsageEvent>, ingested_at, rows: &mut Vec<_>| {
+        let restamped = remeter_copies(copies, |event, ingested_at, rows| {
             let window = sizes
                 .window_at(event.timestamp.as_offset_date_time())
                 .ok()?;
@@ -145,11 +149,7 @@ async fn work_through(
                 )
                 .failures,
             )
-        };
-        let rows = std::slice::from_mut(&mut metered.rows);
-        let Some(restamped) = settle_first_copies(shared, rows, remeter, shutdown).await else {
-            return false;
-        };
+        });
         metered.rows.extend(restamped);
         let rows = &metered.rows;
         if retry!("backfill", shutdown, shared.warehouse.insert(rows.iter())).is_none() {

@@ -1,5 +1,5 @@
-//! Loop 1: `usage.raw` into `events_processed`, in three stages joined by channels of one
-//! batch (read and meter, insert, record).
+//! Loop 1: `usage.raw` into `events_processed`, in four stages joined by channels of one
+//! batch (read and meter, settle copies, insert, record).
 //!
 //! Rule kept here: offsets are committed in batch order and only after the batch's rows are
 //! in ClickHouse, its windows marked dirty and its bad messages acknowledged on
@@ -57,14 +57,15 @@ impl MeteredBatch {
     }
 }
 
-/// Loop 1: `usage.raw` into ClickHouse, in three stages joined by channels of one batch, so
-/// reading and metering the next batch, inserting this one and marking the previous one's
-/// windows overlap instead of waiting on each other:
+/// Loop 1: `usage.raw` into ClickHouse, in four stages joined by channels of one batch, so
+/// reading and metering the next batch, settling its copies, inserting this one and marking
+/// the previous one's windows overlap instead of waiting on each other:
 ///
-/// 1. read a batch, resolve it against the meters (CPU), and give each copy of an event its
-///    first copy's time (recording the batch's new events in `event_first_seen`);
-/// 2. insert its rows into ClickHouse (up to `INSERTS_IN_FLIGHT` batches at once);
-/// 3. mark its windows dirty, dead-letter its bad messages, commit its offsets.
+/// 1. read a batch and resolve it against the meters (CPU);
+/// 2. give each copy of an event its first copy's time, recording the batch's new events in
+///    `event_first_seen` (one batch at a time: the next batch's copies must find them);
+/// 3. insert its rows into ClickHouse (up to `INSERTS_IN_FLIGHT` batches at once);
+/// 4. mark its windows dirty, dead-letter its bad messages, commit its offsets.
 ///
 /// Each stage takes batches in order, so offsets are committed in order and only after the
 /// batch's rows are in ClickHouse and its windows marked. A stage that stops (shutdown, or
@@ -77,6 +78,7 @@ pub async fn consume_usage(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (metered_tx, metered_rx) = mpsc::channel(1);
+    let (settled_tx, settled_rx) = mpsc::channel(1);
     let (inserted_tx, inserted_rx) = mpsc::channel(1);
     let reading = tokio::spawn(read_and_meter(
         shared.clone(),
@@ -85,14 +87,20 @@ pub async fn consume_usage(
         shutdown.clone(),
         metered_tx,
     ));
-    let inserting = tokio::spawn(insert_batches(
+    let settling = tokio::spawn(settle_batches(
         shared.clone(),
         metered_rx,
+        shutdown.clone(),
+        settled_tx,
+    ));
+    let inserting = tokio::spawn(insert_batches(
+        shared.clone(),
+        settled_rx,
         shutdown.clone(),
         inserted_tx,
     ));
     record_batches(&shared, &consumer, inserted_rx, &shutdown).await;
-    for stage in [reading, inserting] {
+    for stage in [reading, settling, inserting] {
         stage.await.map_err(|e| Error::Task(e.to_string()))?;
     }
     Ok(())
@@ -127,12 +135,26 @@ async fn read_and_meter(
             return;
         }
         // CPU work: other tasks move off this worker thread meanwhile.
-        let mut batch = tokio::task::block_in_place(|| meter_batch(&cache, &messages));
+        let batch = tokio::task::block_in_place(|| meter_batch(&cache, &messages));
         // Gives the messages back to the consumer's buffers before waiting on the next stage.
         drop(messages);
-        // Here, in batch order, rather than in the inserts that overlap: the next batch's
-        // copies must find this batch's first copies recorded.
-        if !settle_batch(&shared, &cache, &mut batch, &shutdown).await {
+        if tx.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Stage 2: settles each batch's copies against the first copies ([`settle_batch`]), one
+/// batch at a time, with a meter cache of its own for the copies metered again.
+async fn settle_batches(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<MeteredBatch>,
+    shutdown: CancellationToken,
+    tx: mpsc::Sender<MeteredBatch>,
+) {
+    let mut cache = MeterCache::new(shared.pool.clone());
+    while let Some(mut batch) = next_batch(&mut rx, &shutdown).await {
+        if !settle_batch(&shared, &mut cache, &mut batch, &shutdown).await {
             return;
         }
         if tx.send(batch).await.is_err() {
@@ -146,7 +168,7 @@ async fn read_and_meter(
 /// results are still handed on in batch order.
 const INSERTS_IN_FLIGHT: usize = 2;
 
-/// Stage 2: inserts each batch's rows into ClickHouse.
+/// Stage 3: inserts each batch's rows into ClickHouse.
 async fn insert_batches(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<MeteredBatch>,
@@ -194,7 +216,7 @@ async fn insert_batch(
     Some(batch)
 }
 
-/// Stage 3: marks each inserted batch's windows dirty, dead-letters its bad messages and
+/// Stage 4: marks each inserted batch's windows dirty, dead-letters its bad messages and
 /// commits its offsets.
 async fn record_batches(
     shared: &Shared,

@@ -83,16 +83,26 @@ fn period_windows(cache: &MeterCache, windows: &[WindowKey]) -> Vec<WindowKey> {
 }
 
 /// Gives every copy of the batch its event's billing time ([`first_copy`]) and records the
-/// events seen for the first time, before the batch's rows are inserted. False when shutdown
-/// interrupted it.
+/// events seen for the first time, before the batch's rows are inserted. `cache` serves only
+/// the copies metered again, and is refreshed only for them (they are rare). False when
+/// shutdown interrupted it.
 pub(super) async fn settle_batch(
     shared: &Shared,
-    cache: &MeterCache,
+    cache: &mut MeterCache,
     batch: &mut MeteredBatch,
     shutdown: &CancellationToken,
 ) -> bool {
+    let Some(copies) = settle_first_copies(shared, &mut batch.runs, shutdown).await else {
+        return false;
+    };
+    if copies.is_empty() {
+        return true;
+    }
+    if retry!("refresh_meters", shutdown, cache.refresh()).is_none() {
+        return false;
+    }
     let now = OffsetDateTime::now_utc();
-    let remeter = |event: &Arc<RawUsageEvent>, ingested_at, rows: &mut Vec<MeteredEvent>| {
+    let restamped = remeter_copies(copies, |event, ingested_at, rows| {
         let (tenant, environment) = (&event.tenant_id, &event.environment_id);
         let at = event.timestamp.as_offset_date_time();
         let window = cache.sizes().window_at(tenant, environment, at).ok()?;
@@ -101,35 +111,31 @@ pub(super) async fn settle_batch(
         Some(
             billing::meter_event(event, meters, histories, window, ingested_at, now, rows).failures,
         )
-    };
-    let Some(restamped) = settle_first_copies(shared, &mut batch.runs, remeter, shutdown).await
-    else {
-        return false;
-    };
-    if !restamped.is_empty() {
-        let windows = std::mem::take(&mut batch.windows);
-        batch.windows = merge_windows(windows, distinct_windows(&restamped));
-        batch.period_windows = period_windows(cache, &batch.windows);
-        batch.runs.push(restamped);
-    }
+    });
+    let windows = std::mem::take(&mut batch.windows);
+    batch.windows = merge_windows(windows, distinct_windows(&restamped));
+    batch.period_windows = period_windows(cache, &batch.windows);
+    batch.runs.push(restamped);
     true
 }
 
-/// Settles `runs` against the first copies ([`first_copy`]): demotes the copies that would
-/// outrank a stored one, takes out the rows of copies stamped at another time than their
-/// event's billing copy and gives back their events metered again at that time (`remeter`:
-/// the rows of an event, and the meters it no longer fits; `None` when it has no window
-/// there). None when shutdown interrupted it.
+/// A copy to meter again at its event's billing time: the event restamped, when its copy was
+/// ingested, and the version its rows may not exceed.
+pub(super) struct Restamp {
+    event: Arc<RawUsageEvent>,
+    ingested_at: OffsetDateTime,
+    ceiling: u64,
+}
+
+/// Settles `runs` against the first copies ([`first_copy`]): records the events seen for the
+/// first time, demotes the copies that would outrank a stored one, and takes out the rows of
+/// copies stamped at another time than their event's billing copy, giving back those copies
+/// to meter again ([`remeter_copies`]). None when shutdown interrupted it.
 pub(super) async fn settle_first_copies(
     shared: &Shared,
     runs: &mut [Vec<MeteredEvent>],
-    remeter: impl Fn(
-        &Arc<RawUsageEvent>,
-        OffsetDateTime,
-        &mut Vec<MeteredEvent>,
-    ) -> Option<Vec<(meterline_schemas::MeterId, meterline_schemas::QuantityError)>>,
     shutdown: &CancellationToken,
-) -> Option<Vec<MeteredEvent>> {
+) -> Option<Vec<Restamp>> {
     let fixes: Vec<(usize, usize, Fix)> = {
         let first = first_copy::first_in_batch(runs.iter().flatten());
         let stored = retry!(
@@ -153,7 +159,7 @@ pub(super) async fn settle_first_copies(
             .collect()
     };
     // Each restamped copy once (its rows share the event), with its billing time.
-    let mut copies: Vec<(Arc<RawUsageEvent>, OffsetDateTime, u64)> = Vec::new();
+    let mut copies: Vec<Restamp> = Vec::new();
     let mut seen: HashSet<*const RawUsageEvent> = HashSet::new();
     let mut taken: HashSet<(usize, usize)> = HashSet::new();
     for (r, i, fix) in fixes {
@@ -171,7 +177,11 @@ pub(super) async fn settle_first_copies(
                 if seen.insert(Arc::as_ptr(&row.event)) {
                     let mut event = RawUsageEvent::clone(&row.event);
                     event.timestamp = timestamp;
-                    copies.push((Arc::new(event), row.ingested_at, ceiling));
+                    copies.push(Restamp {
+                        event: Arc::new(event),
+                        ingested_at: row.ingested_at,
+                        ceiling,
+                    });
                 }
             }
         }
@@ -186,23 +196,37 @@ pub(super) async fn settle_first_copies(
         }
     }
     metrics::copies_restamped(copies.len());
+    Some(copies)
+}
+
+/// The rows of `copies` metered again at their billing time by `remeter` (the rows of an
+/// event, and the meters it does not fit; `None` when it has no window there), each no
+/// higher in version than its ceiling.
+pub(super) fn remeter_copies(
+    copies: Vec<Restamp>,
+    remeter: impl Fn(
+        &Arc<RawUsageEvent>,
+        OffsetDateTime,
+        &mut Vec<MeteredEvent>,
+    ) -> Option<Vec<(meterline_schemas::MeterId, meterline_schemas::QuantityError)>>,
+) -> Vec<MeteredEvent> {
     let mut restamped = Vec::new();
-    for (event, ingested_at, ceiling) in copies {
+    for copy in copies {
         let start = restamped.len();
-        match remeter(&event, ingested_at, &mut restamped) {
+        match remeter(&copy.event, copy.ingested_at, &mut restamped) {
             Some(failures) if failures.is_empty() => {}
             failures => tracing::error!(
-                event_id = %event.id,
+                event_id = %copy.event.id,
                 ?failures,
                 "a copy of an event does not fit every meter at its first copy's time: \
-                 the meters it fed at its own time lose its rows"
+                 the meters it fed at its own time lose its rows (its first copy counts)"
             ),
         }
         for row in &mut restamped[start..] {
-            row.version = row.version.min(ceiling);
+            row.version = row.version.min(copy.ceiling);
         }
     }
-    Some(restamped)
+    restamped
 }
 
 /// What metering a run of messages produced.

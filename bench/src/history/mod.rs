@@ -38,7 +38,11 @@ const METER: &str = "api_calls";
 #[derive(Debug, Clone, clap::Args)]
 pub struct Params {
     /// History sizes: rows before the measured hour, over all customers (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "0,1000000,4000000,8000000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,1000000,4000000,8000000"
+    )]
     pub history: Vec<u64>,
     /// Customers the history is spread over.
     #[arg(long, default_value_t = 10)]

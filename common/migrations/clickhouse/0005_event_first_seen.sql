@@ -6,9 +6,12 @@
 -- in exactly one window, however they were stamped.
 --
 -- One row per event: only first copies are written (a replayed batch writes the same rows
--- again, collapsed under ReplacingMergeTree). Point lookups of thousands of random ids per
--- batch: small granules and a bloom filter on the id, so a lookup reads the granules that hold
--- its ids, not the customer's whole 45 days.
+-- again, collapsed under ReplacingMergeTree). A batch looks up thousands of random ids at
+-- once, which no sorting of the ids keeps to a few granules: the table is ordered by an 8-byte
+-- hash of the event's identity (SipHash-2-4 of tenant, environment, customer and id joined by
+-- NUL, which no identifier holds; the aggregator computes the same), so a lookup sends 8 bytes
+-- an event, reads at most the hash column (in granules of 1,024 when a batch is small) and the
+-- other columns only where a hash matches; the exact identity is compared by the aggregator.
 CREATE TABLE IF NOT EXISTS event_first_seen
 (
     tenant_id      LowCardinality(String),
@@ -18,10 +21,10 @@ CREATE TABLE IF NOT EXISTS event_first_seen
     timestamp      DateTime64(3, 'UTC'),
     version        UInt64,
     ingested_at    DateTime64(3, 'UTC'),
-    INDEX event_id_bloom event_id TYPE bloom_filter(0.01) GRANULARITY 1
+    id_hash        UInt64 MATERIALIZED sipHash64(concat(tenant_id, '\0', environment_id, '\0', customer_id, '\0', event_id))
 )
 ENGINE = ReplacingMergeTree(version)
-ORDER BY (tenant_id, environment_id, customer_id, event_id)
+ORDER BY id_hash
 TTL toDateTime(ingested_at) + INTERVAL 45 DAY
 SETTINGS index_granularity = 1024;
 
