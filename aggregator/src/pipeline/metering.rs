@@ -112,10 +112,15 @@ pub(super) async fn settle_batch(
             billing::meter_event(event, meters, histories, window, ingested_at, now, rows).failures,
         )
     });
-    let windows = std::mem::take(&mut batch.windows);
-    batch.windows = merge_windows(windows, distinct_windows(&restamped));
-    batch.period_windows = period_windows(cache, &batch.windows);
     batch.runs.push(restamped);
+    // The windows again from the rows: a restamped copy's own window, holding nothing of it
+    // now, is not marked (it would publish an empty total).
+    batch.windows = batch
+        .runs
+        .iter()
+        .map(|run| distinct_windows(run))
+        .fold(Vec::new(), merge_windows);
+    batch.period_windows = period_windows(cache, &batch.windows);
     true
 }
 
