@@ -40,6 +40,21 @@ pub async fn run(config: Config) -> Result<(), Error> {
         quiet: config.batch.max_wait * 2,
         batch_done: Notify::new(),
     });
+    // Said once, when ClickHouse answers at start: an install that predates ClickHouse
+    // migration 5 until it is converted (every window total reads the customer's history).
+    let layout_client = warehouse_client.clone();
+    tokio::spawn(async move {
+        if let Ok(clickhouse::EventsLayout::ById { rows }) =
+            clickhouse::events_layout(&layout_client).await
+        {
+            tracing::warn!(
+                rows,
+                "events_processed is still ordered by event id: every window total reads the \
+                 customer's whole history; stop the aggregator and run `meterline migrate \
+                 --relayout-events` to order it by time"
+            );
+        }
+    });
     let usage = Arc::new(meterline_common::kafka::subscribe(
         &config.kafka,
         SERVICE,

@@ -44,33 +44,30 @@ impl Migration {
     }
 }
 
+/// A migration from its number and name: `NNNN_<name>.sql` of the migrations folder.
+macro_rules! migration {
+    ($version:literal, $number:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!(
+                "../../migrations/clickhouse/",
+                $number,
+                "_",
+                $name,
+                ".sql"
+            )),
+        }
+    };
+}
+
 /// Every migration, in order. A unit test checks this list against the folder.
 pub static MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "events_processed",
-        sql: include_str!("../../migrations/clickhouse/0001_events_processed.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "unique_key",
-        sql: include_str!("../../migrations/clickhouse/0002_unique_key.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "events_ttl",
-        sql: include_str!("../../migrations/clickhouse/0003_events_ttl.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "events_raw",
-        sql: include_str!("../../migrations/clickhouse/0004_events_raw.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "event_first_seen",
-        sql: include_str!("../../migrations/clickhouse/0005_event_first_seen.sql"),
-    },
+    migration!(1, "0001", "events_processed"),
+    migration!(2, "0002", "unique_key"),
+    migration!(3, "0003", "events_ttl"),
+    migration!(4, "0004", "events_raw"),
+    migration!(5, "0005", "event_first_seen"),
 ];
 
 /// A row of `events_processed` as the migrations define it (`0001_events_processed.sql`,

@@ -273,6 +273,20 @@ async fn a_window_total_reads_its_window_not_the_customers_history_once_converte
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The aggregator says at start that the table still has the old layout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !aggregator
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("still ordered by event id"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no layout warning: {}",
+            aggregator.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let refused = run_command("meterline", &env, &["migrate", "--relayout-events"]).await;
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{refused:?}");
