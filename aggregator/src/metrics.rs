@@ -25,6 +25,9 @@ pub const LATE_EVENTS: &str = "aggregator_late_events_total";
 /// Copies of an event stamped at another time than its first copy: counted at the first
 /// copy's time, in its window ([`crate::first_copy`]).
 pub const COPIES_RESTAMPED: &str = "aggregator_copies_restamped_total";
+/// Time a batch (or a backfill page) took to look its events up in `event_first_seen`, record
+/// the new ones and fix its copies.
+pub const FIRST_COPIES_DURATION: &str = "aggregator_first_copies_duration_seconds";
 /// Events older than Stripe's 35 days: stored and flagged, never sendable.
 pub const EXPIRED_EVENTS: &str = "aggregator_expired_events_total";
 /// Events meter backfills gave their meter (`outcome` `found`), or could not give it because
@@ -84,6 +87,11 @@ pub fn describe() {
         "clickhouse insert time per batch"
     );
     describe_counter!(BATCH_RETRIES, "failed attempts of a batch step, by step");
+    describe_histogram!(
+        FIRST_COPIES_DURATION,
+        Unit::Seconds,
+        "first-copy lookup, record and fixes per batch"
+    );
     describe_gauge!(
         CONSUMER_LAG,
         "messages behind the partition end, by partition"
@@ -155,8 +163,9 @@ pub(crate) fn batch_recorded(late_events: usize, expired_events: usize, unmetere
     metrics::counter!(EVENTS_UNMETERED).increment(unmetered);
 }
 
-pub(crate) fn copies_restamped(copies: usize) {
-    metrics::counter!(COPIES_RESTAMPED).increment(copies as u64);
+pub(crate) fn copies_settled(elapsed: std::time::Duration, restamped: usize) {
+    metrics::histogram!(FIRST_COPIES_DURATION).record(elapsed.as_secs_f64());
+    metrics::counter!(COPIES_RESTAMPED).increment(restamped as u64);
 }
 
 pub(crate) fn rejected(kind: &meterline_schemas::DlqErrorKind) {

@@ -141,6 +141,7 @@ pub(super) async fn settle_first_copies(
     runs: &mut [Vec<MeteredEvent>],
     shutdown: &CancellationToken,
 ) -> Option<Vec<Restamp>> {
+    let started = std::time::Instant::now();
     let fixes: Vec<(usize, usize, Fix)> = {
         let first = first_copy::first_in_batch(runs.iter().flatten());
         let stored = retry!(
@@ -200,7 +201,7 @@ pub(super) async fn settle_first_copies(
             });
         }
     }
-    metrics::copies_restamped(copies.len());
+    metrics::copies_settled(started.elapsed(), copies.len());
     Some(copies)
 }
 
