@@ -1,7 +1,8 @@
 //! The aggregator's three loops, one file each:
 //!
 //! 1. `consume.rs` ([`consume_usage`]): `usage.raw` -> `events_processed`. A batch (bounded
-//!    by count and time) is parsed, resolved against the meters, inserted into ClickHouse in one insert,
+//!    by count and time) is parsed, resolved against the meters, its copies of events given
+//!    their first copy's time (`event_first_seen`), inserted into ClickHouse in one insert,
 //!    its windows are marked dirty in PostgreSQL, bad messages go to `usage.raw.dlq`, and only
 //!    then are its offsets committed. A crash at any point re-delivers the batch; re-inserted
 //!    copies collapse in ClickHouse and re-marking is harmless, so nothing is lost or counted
