@@ -124,10 +124,10 @@ const TIE_BITS: u32 = 20;
 /// (two ingest replicas) are ordered by a hash of their timestamps, so which one wins never
 /// depends on the order ClickHouse merged them in.
 ///
-/// Rows written before this rule carry the ingest millisecond itself (the newest copy won),
-/// below every version made here: a copy ingested after the upgrade of an event first
-/// stored before it still wins over it (the old rule, README "Deduplication").
-/// ClickHouse cannot rewrite a `ReplacingMergeTree`'s version column in place.
+/// Among copies read in one batch this decides; a copy read after its event's first copy was
+/// stored is restamped and demoted below it ([`crate::first_copy`]). Rows written before this
+/// rule carry the ingest millisecond itself, below every version made here; ClickHouse
+/// migration 5 records them as first copies, so a later copy loses to them too.
 pub fn copy_version(ingested_at: OffsetDateTime, timestamp: OffsetDateTime) -> u64 {
     const INGEST_MAX: u64 = (1 << INGEST_BITS) - 1;
     let ingested = u64::try_from(ingested_at.unix_timestamp_nanos() / 1_000_000)

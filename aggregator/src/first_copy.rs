@@ -96,34 +96,28 @@ pub struct Settled<'a> {
     /// Events seen for the first time, with their first copy: recorded before the batch's
     /// rows are inserted.
     pub new: Vec<(EventKey<'a>, Stamp)>,
-    /// For every event of the batch, the copy that bills it: the stored one, or the batch's
-    /// first.
-    pub billing: ByEvent<'a, Stamp>,
+    /// The first copy of each event among the batch's rows.
+    batch: ByEvent<'a, Stamp>,
     /// Events whose first copy was stored before this batch.
-    pub stored: ByEvent<'a, Stamp>,
+    stored: ByEvent<'a, Stamp>,
+}
+
+impl<'a> Settled<'a> {
+    /// The copy that bills `key`: the stored one, or the batch's first.
+    fn billing(&self, key: &EventKey<'a>) -> Option<&Stamp> {
+        self.stored.get(key).or_else(|| self.batch.get(key))
+    }
 }
 
 /// Settles a batch's events against the first copies stored before it (`stored`, looked up
 /// for the batch's keys).
 pub fn settle<'a>(batch: ByEvent<'a, Stamp>, stored: ByEvent<'a, Stamp>) -> Settled<'a> {
-    let mut settled = Settled {
-        new: Vec::with_capacity(batch.len()),
-        billing: ByEvent::with_capacity_and_hasher(batch.len(), Default::default()),
-        stored: ByEvent::default(),
-    };
-    for (key, first) in batch {
-        match stored.get(&key) {
-            Some(earlier) => {
-                settled.billing.insert(key, *earlier);
-            }
-            None => {
-                settled.new.push((key, first));
-                settled.billing.insert(key, first);
-            }
-        }
-    }
-    settled.stored = stored;
-    settled
+    let new = batch
+        .iter()
+        .filter(|(key, _)| !stored.contains_key(*key))
+        .map(|(key, first)| (*key, *first))
+        .collect();
+    Settled { new, batch, stored }
 }
 
 /// How a row of a copy must change to count as its event's billing copy: `Restamp` when it
@@ -145,7 +139,7 @@ pub enum Fix {
 /// What `row` needs under `settled`.
 pub fn fix(row: &MeteredEvent, settled: &Settled<'_>) -> Fix {
     let key = key_of(row);
-    let Some(billing) = settled.billing.get(&key) else {
+    let Some(billing) = settled.billing(&key) else {
         return Fix::Keep;
     };
     if row.timestamp != billing.timestamp {

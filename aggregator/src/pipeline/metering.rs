@@ -164,10 +164,11 @@ pub(super) async fn settle_first_copies(
             })
             .collect()
     };
-    // Each restamped copy once (its rows share the event), with its billing time.
+    // Each restamped copy once (its rows share the event), with its billing time; its rows
+    // leave their run (indices per run, ascending: the fixes are in row order).
     let mut copies: Vec<Restamp> = Vec::new();
     let mut seen: HashSet<*const RawUsageEvent> = HashSet::new();
-    let mut taken: HashSet<(usize, usize)> = HashSet::new();
+    let mut taken: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
     for (r, i, fix) in fixes {
         let row = &mut runs[r][i];
         match fix {
@@ -179,7 +180,7 @@ pub(super) async fn settle_first_copies(
                     // reason to drop the copy's rows.
                     continue;
                 };
-                taken.insert((r, i));
+                taken[r].push(i);
                 if seen.insert(Arc::as_ptr(&row.event)) {
                     let mut event = RawUsageEvent::clone(&row.event);
                     event.timestamp = timestamp;
@@ -192,12 +193,12 @@ pub(super) async fn settle_first_copies(
             }
         }
     }
-    for (r, run) in runs.iter_mut().enumerate() {
-        if taken.iter().any(|(taken_run, _)| *taken_run == r) {
+    for (run, taken) in runs.iter_mut().zip(&taken) {
+        if !taken.is_empty() {
             let mut i = 0;
             run.retain(|_| {
                 i += 1;
-                !taken.contains(&(r, i - 1))
+                taken.binary_search(&(i - 1)).is_err()
             });
         }
     }

@@ -183,6 +183,7 @@ pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Rel
         "creating the time-ordered table",
     )
     .await?;
+    let mut copied = 0;
     if rows > 0 {
         // Every copy of an event already collapsed into one row under the old key; FINAL
         // copies those rows, with the winning copy's timestamp.
@@ -198,6 +199,7 @@ pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Rel
             fingerprint(&client, "events_processed").await?,
             fingerprint(&client, NEXT).await?,
         );
+        copied = new.rows;
         if old != new {
             return Err(Error::ClickhouseMigration {
                 version: 5,
@@ -215,7 +217,6 @@ pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Rel
         "swapping in the time-ordered table",
     )
     .await?;
-    let copied = fingerprint(&client, "events_processed").await?.rows;
     if rows == 0 {
         execute(
             &client,

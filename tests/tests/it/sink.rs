@@ -2985,31 +2985,16 @@ async fn a_count_window_crossing_a_subscription_period_start_bills_each_call_in_
 /// The storage issue's deduplication case: an SDK that stamps `now` on each retry sends one
 /// event id twice with timestamps in different windows. Whether the first copy's window was
 /// still open or already published and billed, the id counts once in total, in the first
-/// copy's window, and the retry's own window is never even marked. Old rule (the newest copy wins): the retry moved the event into its window,
-/// which billed it, and the published window kept billing it too (Stripe 3, not 2).
+/// copy's window, and the retry's own window is never even marked. Old rule (the newest copy
+/// wins): the retry moved the event into its window, which billed it, and the published
+/// window kept billing it too (Stripe 3, not 2).
 #[tokio::test]
 async fn an_event_id_resent_with_a_timestamp_in_another_window_counts_once() {
     let ns = Namespace::create().await;
     let standin = Standin::start(RATE).await;
-    standin.sum_meter("api_calls").await;
-    create_meter(
-        &ns,
-        TENANT,
-        "env_prod",
-        json!({"id": "calls", "event_name": "api.call", "aggregation": "COUNT"}),
-    )
-    .await;
-    let cus = standin.customer("cust_retry").await;
-    let sink = sink(&ns, &standin).await;
+    let (sink, cus) = one_customer_on_a_sum_meter(&ns, &standin, "cust_retry").await;
     let aggregator = spawn_aggregator(&ns, &[]).await;
     let t = token(TENANT, "env_prod");
-    connect(
-        &sink,
-        &standin,
-        &[("calls", "api_calls")],
-        &[("cust_retry", &cus)],
-    )
-    .await;
 
     // `copy` of `id`, stamped in the hour `hours_ago` began, accepted by ingest `ingested`
     // seconds ago.
@@ -3024,7 +3009,7 @@ async fn an_event_id_resent_with_a_timestamp_in_another_window_counts_once() {
             TENANT,
             id,
             "cust_retry",
-            "api.call",
+            "api.request",
             hour_start(hours_ago) + time::Duration::minutes(10),
             json!({}),
         )
