@@ -222,6 +222,118 @@ async fn totals_equal_the_ground_truth_for_every_aggregation() {
     ns.drop_databases().await;
 }
 
+/// The storage issue's first-copy rule for every meter kind: copies of an event stamped in
+/// the next window with other properties (an SDK stamping `now` and rebuilding the payload on
+/// each retry) count nowhere but in the first copy's window, with the first copy's values:
+/// in the same batch as the first copy and in a later one, after its window was published.
+/// The SUM is fractional, the MAX, LATEST and COUNT_UNIQUE values of the copies would each
+/// change a total, and the next window holds only its own event.
+#[tokio::test]
+async fn copies_stamped_at_another_time_count_once_in_the_first_copys_window_for_every_meter_kind()
+{
+    let ns = Namespace::create().await;
+    let aggregator = spawn_aggregator(&ns, &[]).await;
+    for meter in [
+        json!({"id": "calls", "event_name": "api.request", "aggregation": "COUNT"}),
+        json!({"id": "bytes", "event_name": "api.request", "aggregation": "SUM", "property": "bytes"}),
+        json!({"id": "peak", "event_name": "api.request", "aggregation": "MAX", "property": "latency_ms"}),
+        json!({"id": "users", "event_name": "api.request", "aggregation": "COUNT_UNIQUE", "property": "user"}),
+        json!({"id": "seats", "event_name": "seats.updated", "aggregation": "LATEST", "property": "seats"}),
+    ] {
+        create_meter(&ns, TENANT, "env_prod", meter).await;
+    }
+    let w0 = hour_start(5);
+    let w1 = w0 + time::Duration::HOUR;
+    let call = |id: &str, at, bytes: &str, latency: u32, user: &str| {
+        event(
+            TENANT,
+            id,
+            "cust_a",
+            "api.request",
+            at,
+            json!({"bytes": bytes, "latency_ms": latency, "user": user}),
+        )
+    };
+    let seats = |id: &str, at, seats: u32| {
+        event(
+            TENANT,
+            id,
+            "cust_b",
+            "seats.updated",
+            at,
+            json!({"seats": seats}),
+        )
+    };
+    // Accepted by ingest `seconds` ago (copies of one millisecond are ordered by a hash).
+    let ingested = |e: RawUsageEvent, seconds: i64| RawUsageEvent {
+        ingested_at: Some(
+            Timestamp::new(OffsetDateTime::now_utc() - time::Duration::seconds(seconds)).unwrap(),
+        ),
+        ..e
+    };
+    // First copies in W0, and in the same batch a retry of a1 stamped in W1, accepted later
+    // and written first.
+    produce_events(
+        &ns,
+        &[
+            ingested(call("a1", w1 + minutes(5), "999.25", 900, "u9"), 10),
+            ingested(call("a1", w0 + minutes(10), "20.5", 50, "u1"), 20),
+            ingested(seats("b1", w0 + minutes(20), 5), 20),
+        ],
+    )
+    .await;
+    let mut expected: Expected = BTreeMap::from([
+        (key("cust_a", "calls", w0), (dec("1"), 1)),
+        (key("cust_a", "bytes", w0), (dec("20.5"), 1)),
+        (key("cust_a", "peak", w0), (dec("50"), 1)),
+        (key("cust_a", "users", w0), (dec("1"), 1)),
+        (key("cust_b", "seats", w0), (dec("5"), 1)),
+    ]);
+    let mut windows = WindowWatcher::new(&ns);
+    windows.wait_for(&expected, Duration::from_secs(60)).await;
+
+    // After W0 was published: retries of a1 and b1 stamped in W1 with other values, and one
+    // event of W1 of its own.
+    produce_events(
+        &ns,
+        &[
+            call("a1", w1 + minutes(20), "1000.75", 950, "u8"),
+            seats("b1", w1 + minutes(30), 99),
+            call("a2", w1 + minutes(40), "1.25", 7, "u2"),
+        ],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = aggregator.metrics().await;
+        if metrics.contains("aggregator_copies_restamped_total 3") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retries were not recognised: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    expected.extend([
+        (key("cust_a", "calls", w1), (dec("1"), 1)),
+        (key("cust_a", "bytes", w1), (dec("1.25"), 1)),
+        (key("cust_a", "peak", w1), (dec("7"), 1)),
+        (key("cust_a", "users", w1), (dec("1"), 1)),
+    ]);
+    // A maximum and a distinct count carry the billing period to date: W1's include a1.
+    if BillingPeriod::containing(w0) == BillingPeriod::containing(w1) {
+        expected.insert(key("cust_a", "peak", w1), (dec("50"), 2));
+        expected.insert(key("cust_a", "users", w1), (dec("2"), 2));
+    }
+    windows.wait_for(&expected, Duration::from_secs(60)).await;
+    // W0 was never published again: nothing in it changed.
+    for total in windows.latest().values() {
+        assert_eq!(total.revision.get(), 1, "{total:?}");
+    }
+    ns.drop_databases().await;
+}
+
 #[tokio::test]
 async fn a_malformed_message_goes_to_the_dlq_with_its_reason_and_bytes() {
     let ns = Namespace::create().await;
