@@ -6,6 +6,11 @@
 #   dev/clickhouse.sh start DIR HTTP_PORT TCP_PORT     serve data in DIR/data, log in DIR
 #   dev/clickhouse.sh stop DIR
 #   dev/clickhouse.sh status DIR HTTP_PORT             one line; exit 0 only when healthy
+#   dev/clickhouse.sh cluster-start DIR NAME HTTP_PORTS TCP_PORTS
+#       a cluster NAME of 2 shards x 2 replicas: four servers in DIR/node1..node4 on the
+#       comma-separated ports (4 each); node1 and node2 hold shard 1, node3 and node4 shard 2
+#   dev/clickhouse.sh cluster-stop DIR
+#   dev/clickhouse.sh cluster-status DIR HTTP_PORTS
 # Development and tests only: the loopback server's default user has no password and can read
 # any file through file().
 set -euo pipefail
@@ -92,4 +97,96 @@ cmd_start() {
 cmd_stop() { server_cmd_stop clickhouse data "$@"; }
 cmd_status() { server_cmd_status clickhouse data HTTP_PORT ping_ok "$@"; }
 
-server_main "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT" "$@"
+# The cluster's nodes: a server each, told of the cluster by a config.xml in its working
+# directory (the launcher's `clickhouse local` entry point reads ./config.xml). Plain engines:
+# this build cannot run Replicated*MergeTree or ON CLUSTER (no Keeper, no interserver
+# endpoint; shared/infrastructure.md), so internal_replication is false and the Distributed
+# table writes every replica itself. The background distributed pool is 0 in this build's
+# defaults, which would leave background inserts queued forever; meterline inserts in the
+# foreground, and 4 threads keep anything else moving.
+CLUSTER_NODES=4
+
+# cluster_config NAME NODE TCP_PORTS...: node NODE's config.xml.
+cluster_config() {
+  local name=$1 node=$2
+  shift 2
+  printf '<clickhouse>\n  <remote_servers>\n    <%s>\n' "$name"
+  local shard replica
+  for shard in 1 2; do
+    printf '      <shard>\n        <internal_replication>false</internal_replication>\n'
+    for replica in 1 2; do
+      printf '        <replica><host>127.0.0.1</host><port>%s</port></replica>\n' \
+        "${@:$(((shard - 1) * 2 + replica)):1}"
+    done
+    printf '      </shard>\n'
+  done
+  printf '    </%s>\n  </remote_servers>\n' "$name"
+  printf '  <macros><shard>%s</shard><replica>node%s</replica></macros>\n' \
+    "$(((node + 1) / 2))" "$node"
+  printf '  <background_distributed_schedule_pool_size>4</background_distributed_schedule_pool_size>\n'
+  printf '</clickhouse>\n'
+}
+
+# ports_list NAME LIST: the CLUSTER_NODES ports of a comma-separated LIST, one per line.
+ports_list() {
+  local -a ports
+  IFS=, read -r -a ports <<<"$2"
+  ((${#ports[@]} == CLUSTER_NODES)) || die "$1 must list $CLUSTER_NODES ports, got: $2"
+  local port
+  for port in "${ports[@]}"; do
+    require_port "$port"
+    printf '%s\n' "$port"
+  done
+}
+
+cmd_cluster_start() {
+  [[ $# -eq 4 ]] || usage "$0 cluster-start DIR NAME HTTP_PORTS TCP_PORTS"
+  local dir name=$2 node
+  [[ $name =~ ^[A-Za-z][A-Za-z0-9_]*$ ]] || die "not a cluster name: $name"
+  local -a http tcp
+  mapfile -t http < <(ports_list HTTP_PORTS "$3")
+  mapfile -t tcp < <(ports_list TCP_PORTS "$4")
+  ((${#http[@]} == CLUSTER_NODES && ${#tcp[@]} == CLUSTER_NODES)) || exit 1
+  dir=$(abs_dir "$1")
+  cmd_install
+  local -a jobs=()
+  for node in $(seq 1 "$CLUSTER_NODES"); do
+    mkdir -p "$dir/node$node"
+    cluster_config "$name" "$node" "${tcp[@]}" >"$dir/node$node/config.xml"
+    cmd_start "$dir/node$node" "${http[node - 1]}" "${tcp[node - 1]}" &
+    jobs+=($!)
+  done
+  local job failed=0
+  for job in "${jobs[@]}"; do wait "$job" || failed=1; done
+  ((failed == 0)) || die "a node of cluster $name did not start (logs in $dir/node*/clickhouse.log)"
+  log "cluster $name ready: http ports ${http[*]}"
+}
+
+cmd_cluster_stop() {
+  [[ $# -eq 1 ]] || usage "$0 cluster-stop DIR"
+  local dir=$1 node
+  for node in $(seq 1 "$CLUSTER_NODES"); do
+    [[ ! -d $dir/node$node ]] || cmd_stop "$dir/node$node"
+  done
+}
+
+cmd_cluster_status() {
+  [[ $# -eq 2 ]] || usage "$0 cluster-status DIR HTTP_PORTS"
+  local dir=$1 node rc=0
+  local -a http
+  mapfile -t http < <(ports_list HTTP_PORTS "$2")
+  ((${#http[@]} == CLUSTER_NODES)) || exit 1
+  for node in $(seq 1 "$CLUSTER_NODES"); do
+    cmd_status "$dir/node$node" "${http[node - 1]}" || rc=1
+  done
+  return "$rc"
+}
+
+case ${1:-} in
+cluster-start | cluster-stop | cluster-status)
+  command=${1//-/_}
+  shift
+  "cmd_$command" "$@"
+  ;;
+*) server_main "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT|cluster-start DIR NAME HTTP_PORTS TCP_PORTS|cluster-stop DIR|cluster-status DIR HTTP_PORTS" "$@" ;;
+esac

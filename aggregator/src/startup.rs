@@ -42,10 +42,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     });
     // Said once, when ClickHouse answers at start: an install that predates ClickHouse
     // migration 5 until it is converted (every window total reads the customer's history).
-    let layout_client = warehouse_client.clone();
+    let layout_settings = config.clickhouse.clone();
     tokio::spawn(async move {
         if let Ok(clickhouse::EventsLayout::ById { rows }) =
-            clickhouse::events_layout(&layout_client).await
+            clickhouse::events_layout(&layout_settings).await
         {
             tracing::warn!(
                 rows,

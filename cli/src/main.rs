@@ -47,9 +47,14 @@ enum Command {
         topics: TopicArgs,
     },
     /// Apply the PostgreSQL (DATABASE_URL) and ClickHouse (CLICKHOUSE_URL,
-    /// CLICKHOUSE_DATABASE) migrations not yet applied; with RETENTION_EVENTS_DAYS, set the
+    /// CLICKHOUSE_DATABASE, and CLICKHOUSE_CLUSTER with its engine and nodes on a sharded
+    /// cluster) migrations not yet applied; with RETENTION_EVENTS_DAYS, set the
     /// events_processed TTL to it.
     Migrate {
+        /// Print the ClickHouse statements a new install runs on the configured server or
+        /// cluster, in order, and where each runs; connect to nothing and change nothing.
+        #[arg(long, conflicts_with = "relayout_events")]
+        print_ddl: bool,
         /// Convert an events_processed with rows to the time-ordered layout (a window total
         /// then reads only its window's rows). Refused while any aggregator runs (its
         /// consumer group AGGREGATOR_GROUP_ID on KAFKA_BROKERS has members); the old table
@@ -163,7 +168,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             migrate(&env, false).await
         }
         Command::Topics { topics } => create_topics(&env, &topics).await,
-        Command::Migrate { relayout_events } => migrate(&env, relayout_events).await,
+        Command::Migrate {
+            print_ddl: true, ..
+        } => print_ddl(&env),
+        Command::Migrate {
+            relayout_events, ..
+        } => migrate(&env, relayout_events).await,
         Command::Prune => {
             use anyhow::Context;
             // Each table's rule lives with the service that owns it; this runs each once.
@@ -288,6 +298,20 @@ async fn create_topics(env: &Env<'_>, args: &TopicArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meterline migrate --print-ddl`: each statement ends in `;` and is preceded by a comment
+/// saying where it runs, so the output can be reviewed or piped to `clickhouse-client`.
+fn print_ddl(env: &Env<'_>) -> anyhow::Result<()> {
+    let ch = ClickhouseSettings::from_env(env)?;
+    for step in clickhouse::planned_ddl(&ch)? {
+        let place = match step.target {
+            clickhouse::Target::Once => "once",
+            clickhouse::Target::EveryNode => "on every node of CLICKHOUSE_CLUSTER_NODES",
+        };
+        println!("-- {place}\n{};\n", step.sql.trim());
+    }
+    Ok(())
+}
+
 async fn migrate(env: &Env<'_>, relayout_events: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     let pg = PostgresSettings::from_env(env)?;
@@ -321,10 +345,7 @@ async fn migrate(env: &Env<'_>, relayout_events: bool) -> anyhow::Result<()> {
                 .join(", ")
         }
     );
-    match (
-        clickhouse::events_layout(&clickhouse::client(&ch)).await?,
-        relayout,
-    ) {
+    match (clickhouse::events_layout(&ch).await?, relayout) {
         (clickhouse::EventsLayout::ByTime, _) => {}
         (clickhouse::EventsLayout::ById { rows }, None) => println!(
             "events_processed keeps the layout ordered by event id ({rows} rows): every window \

@@ -252,15 +252,120 @@ pub fn require_scheme(
 }
 
 /// Where ClickHouse is.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClickhouseSettings {
-    /// `CLICKHOUSE_URL`: the HTTP interface, such as `http://127.0.0.1:8123`.
+    /// `CLICKHOUSE_URL`: the HTTP interface, such as `http://127.0.0.1:8123`. On a cluster,
+    /// any node (or a load balancer in front of them): it runs each query across the shards.
     pub url: String,
     /// `CLICKHOUSE_DATABASE`: our own database (default `meterline`).
     pub database: String,
     /// `CLICKHOUSE_USER` / `CLICKHOUSE_PASSWORD`: optional credentials.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `CLICKHOUSE_CLUSTER` and its companions: the tables are sharded over this cluster.
+    /// `None`: one server holds every table.
+    pub cluster: Option<ClickhouseCluster>,
+}
+
+/// The password is a secret: `Debug` shows only whether there is one.
+impl std::fmt::Debug for ClickhouseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickhouseSettings")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+/// A ClickHouse cluster that meterline's tables are sharded over, as named in the servers'
+/// `<remote_servers>`: a local table on every node, and a `Distributed` table over them
+/// sharded on the customer (`clickhouse::cluster` says why).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClickhouseCluster {
+    /// `CLICKHOUSE_CLUSTER`: the cluster's name.
+    pub name: String,
+    /// `CLICKHOUSE_CLUSTER_ENGINE` (and `CLICKHOUSE_CLUSTER_NODES` for `plain`).
+    pub engine: ClusterEngine,
+}
+
+/// How the replicas of a shard are kept equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEngine {
+    /// `replicated` (the default, what production runs): `Replicated*MergeTree` tables kept
+    /// equal by ClickHouse Keeper, created once for the whole cluster with `ON CLUSTER`; the
+    /// cluster sets `<internal_replication>true</internal_replication>`.
+    Replicated,
+    /// `plain`: plain `*MergeTree` tables, and the `Distributed` table writes every replica
+    /// itself (`<internal_replication>false</internal_replication>`). For clusters without
+    /// Keeper, such as the loopback test cluster. No `ON CLUSTER` either: the DDL runs on
+    /// each node, so every node's HTTP URL is listed (`CLICKHOUSE_CLUSTER_NODES`).
+    Plain { nodes: Vec<String> },
+}
+
+impl ClickhouseCluster {
+    /// `None` when `CLICKHOUSE_CLUSTER` is unset (and then its companions must be too).
+    pub fn from_env(env: &Env<'_>) -> Result<Option<Self>, ConfigError> {
+        let engine = env.optional("CLICKHOUSE_CLUSTER_ENGINE");
+        let nodes = env.optional("CLICKHOUSE_CLUSTER_NODES");
+        let Some(name) = env.optional("CLICKHOUSE_CLUSTER") else {
+            for (var, value) in [
+                ("CLICKHOUSE_CLUSTER_ENGINE", &engine),
+                ("CLICKHOUSE_CLUSTER_NODES", &nodes),
+            ] {
+                if value.is_some() {
+                    return Err(ConfigError::Malformed {
+                        var,
+                        reason: "set only with CLICKHOUSE_CLUSTER".into(),
+                    });
+                }
+            }
+            return Ok(None);
+        };
+        if !is_identifier(&name) {
+            return Err(ConfigError::Malformed {
+                var: "CLICKHOUSE_CLUSTER",
+                reason: "expected letters, digits and '_' only, starting with a letter".into(),
+            });
+        }
+        let engine = match (engine.as_deref().unwrap_or("replicated"), nodes) {
+            ("replicated", None) => ClusterEngine::Replicated,
+            ("replicated", Some(_)) => {
+                return Err(ConfigError::Malformed {
+                    var: "CLICKHOUSE_CLUSTER_NODES",
+                    reason: "only for CLICKHOUSE_CLUSTER_ENGINE=plain: replicated tables are \
+                             created once for the whole cluster with ON CLUSTER"
+                        .into(),
+                })
+            }
+            ("plain", None) => {
+                return Err(ConfigError::Missing {
+                    var: "CLICKHOUSE_CLUSTER_NODES",
+                })
+            }
+            ("plain", Some(list)) => {
+                let nodes: Vec<String> = list.split(',').map(|n| n.trim().to_owned()).collect();
+                for node in &nodes {
+                    require_scheme(
+                        "CLICKHOUSE_CLUSTER_NODES",
+                        node,
+                        &["http://", "https://"],
+                        "a comma-separated list of http:// or https://",
+                    )?;
+                }
+                ClusterEngine::Plain { nodes }
+            }
+            (other, _) => {
+                return Err(ConfigError::Malformed {
+                    var: "CLICKHOUSE_CLUSTER_ENGINE",
+                    reason: format!("expected replicated or plain, not {other:?}"),
+                })
+            }
+        };
+        Ok(Some(Self { name, engine }))
+    }
 }
 
 impl ClickhouseSettings {
@@ -284,6 +389,7 @@ impl ClickhouseSettings {
             database,
             user: env.optional("CLICKHOUSE_USER"),
             password: env.optional("CLICKHOUSE_PASSWORD"),
+            cluster: ClickhouseCluster::from_env(env)?,
         })
     }
 }
@@ -328,6 +434,125 @@ pub fn is_identifier(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Variables of a case whose length differs from its neighbours'.
+    struct Vars<'a>(&'a [(&'a str, &'a str)]);
+
+    impl Source for Vars<'_> {
+        fn get(&self, var: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_read_with_its_engine_and_nodes() {
+        let single = [("CLICKHOUSE_URL", "http://h:8123")];
+        assert_eq!(
+            ClickhouseSettings::from_env(&Env::new(&single))
+                .unwrap()
+                .cluster,
+            None
+        );
+        let replicated = [
+            ("CLICKHOUSE_URL", "http://h:8123"),
+            ("CLICKHOUSE_CLUSTER", "main"),
+        ];
+        assert_eq!(
+            ClickhouseSettings::from_env(&Env::new(&replicated))
+                .unwrap()
+                .cluster,
+            Some(ClickhouseCluster {
+                name: "main".into(),
+                engine: ClusterEngine::Replicated
+            })
+        );
+        let plain = [
+            ("CLICKHOUSE_URL", "http://h:8123"),
+            ("CLICKHOUSE_CLUSTER", "main"),
+            ("CLICKHOUSE_CLUSTER_ENGINE", "plain"),
+            ("CLICKHOUSE_CLUSTER_NODES", "http://a:8123, http://b:8123"),
+        ];
+        assert_eq!(
+            ClickhouseSettings::from_env(&Env::new(&plain))
+                .unwrap()
+                .cluster,
+            Some(ClickhouseCluster {
+                name: "main".into(),
+                engine: ClusterEngine::Plain {
+                    nodes: vec!["http://a:8123".into(), "http://b:8123".into()]
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn a_cluster_setting_that_cannot_work_is_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("CLICKHOUSE_CLUSTER_ENGINE", "plain")],
+                "CLICKHOUSE_CLUSTER_ENGINE",
+            ),
+            (
+                &[("CLICKHOUSE_CLUSTER_NODES", "http://a")],
+                "CLICKHOUSE_CLUSTER_NODES",
+            ),
+            (&[("CLICKHOUSE_CLUSTER", "a b")], "CLICKHOUSE_CLUSTER"),
+            (
+                &[
+                    ("CLICKHOUSE_CLUSTER", "c"),
+                    ("CLICKHOUSE_CLUSTER_ENGINE", "sharded"),
+                ],
+                "CLICKHOUSE_CLUSTER_ENGINE",
+            ),
+            (
+                &[
+                    ("CLICKHOUSE_CLUSTER", "c"),
+                    ("CLICKHOUSE_CLUSTER_ENGINE", "plain"),
+                ],
+                "CLICKHOUSE_CLUSTER_NODES",
+            ),
+            (
+                &[
+                    ("CLICKHOUSE_CLUSTER", "c"),
+                    ("CLICKHOUSE_CLUSTER_NODES", "http://a"),
+                ],
+                "CLICKHOUSE_CLUSTER_NODES",
+            ),
+            (
+                &[
+                    ("CLICKHOUSE_CLUSTER", "c"),
+                    ("CLICKHOUSE_CLUSTER_ENGINE", "plain"),
+                    ("CLICKHOUSE_CLUSTER_NODES", "http://a,b:8123"),
+                ],
+                "CLICKHOUSE_CLUSTER_NODES",
+            ),
+        ];
+        for (vars, named) in cases {
+            let mut all: Vec<(&str, &str)> = vec![("CLICKHOUSE_URL", "http://h:8123")];
+            all.extend_from_slice(vars);
+            let err = ClickhouseSettings::from_env(&Env::new(&Vars(&all))).unwrap_err();
+            assert!(err.to_string().contains(named), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_clickhouse_password_never_shows_in_debug() {
+        let src = [
+            ("CLICKHOUSE_URL", "http://h:8123"),
+            ("CLICKHOUSE_PASSWORD", "s3cret-pw"),
+        ];
+        let shown = format!(
+            "{:?}",
+            ClickhouseSettings::from_env(&Env::new(&src)).unwrap()
+        );
+        assert!(
+            !shown.contains("s3cret-pw") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+
     #[test]
     fn missing_variable_is_named() {
         let src: [(&str, &str); 0] = [];
@@ -359,16 +584,7 @@ mod tests {
             ),
         ];
         for (vars, name) in cases {
-            struct V<'a>(&'a [(&'a str, &'a str)]);
-            impl Source for V<'_> {
-                fn get(&self, var: &str) -> Option<String> {
-                    self.0
-                        .iter()
-                        .find(|(k, _)| *k == var)
-                        .map(|(_, v)| v.to_string())
-                }
-            }
-            let err = KafkaSettings::from_env(&Env::new(&V(vars))).unwrap_err();
+            let err = KafkaSettings::from_env(&Env::new(&Vars(vars))).unwrap_err();
             assert!(err.to_string().contains(name), "{err}");
         }
     }

@@ -143,17 +143,21 @@ pub async fn set_events_ttl(
     days: RetentionDays,
 ) -> Result<(), Error> {
     // `days` is a validated integer: safe to write into the statement.
-    crate::clickhouse::client(settings)
-        .query(&format!(
-            "ALTER TABLE events_processed MODIFY TTL toDateTime(timestamp) + INTERVAL {} DAY",
-            days.days()
-        ))
-        .execute()
+    let sql = format!(
+        "ALTER TABLE events_processed MODIFY TTL toDateTime(timestamp) + INTERVAL {} DAY",
+        days.days()
+    );
+    let topology = crate::clickhouse::Topology::of(settings);
+    let steps = topology
+        .plan(&sql)
+        .map_err(|reason| Error::ClickhouseMigration {
+            version: 3,
+            name: "events_ttl".into(),
+            reason,
+        })?;
+    topology
+        .execute(&steps, "setting the events_processed ttl")
         .await
-        .map_err(|source| Error::Clickhouse {
-            context: "setting the events_processed ttl".into(),
-            source,
-        })
 }
 
 /// Prunes `table` every `interval` until `shutdown`; a failed round is logged and tried again

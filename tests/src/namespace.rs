@@ -3,7 +3,9 @@
 //! code a deploy runs (`meterline setup`). Tests therefore run in parallel and never see each
 //! other's data.
 
-use meterline_common::config::{ClickhouseSettings, KafkaSettings, PostgresSettings};
+use meterline_common::config::{
+    ClickhouseSettings, ClusterEngine, KafkaSettings, PostgresSettings,
+};
 use meterline_common::kafka::{self, Topics};
 use meterline_common::{clickhouse, postgres};
 use meterline_schemas::Topic;
@@ -48,6 +50,7 @@ impl Namespace {
                 database: id.clone(),
                 user: None,
                 password: None,
+                cluster: stack.clickhouse_cluster.clone(),
             },
             postgres: PostgresSettings {
                 url: with_database(admin_database_url, &id),
@@ -111,11 +114,21 @@ impl Namespace {
     /// separate parts: a total that is right only because a merge happened to deduplicate
     /// first would otherwise pass by luck.
     pub async fn stop_merges(&self) {
-        self.clickhouse()
-            .query("SYSTEM STOP MERGES events_processed")
-            .execute()
+        self.run_on_storage("SYSTEM STOP MERGES events_processed")
+            .await;
+    }
+
+    /// Runs `sql`, written for one server, where it belongs on this namespace's ClickHouse
+    /// (on each node's local table, on a cluster).
+    pub async fn run_on_storage(&self, sql: &str) {
+        let topology = clickhouse::Topology::of(&self.clickhouse);
+        let steps = topology
+            .plan(sql)
+            .unwrap_or_else(|e| panic!("planning {sql} in {}: {e}", self.id));
+        topology
+            .execute(&steps, sql)
             .await
-            .unwrap_or_else(|e| panic!("stopping merges in {}: {e}", self.id));
+            .unwrap_or_else(|e| panic!("{sql} in {}: {e}", self.id));
     }
 
     pub fn clickhouse(&self) -> ::clickhouse::Client {
@@ -128,7 +141,7 @@ impl Namespace {
         // Tests run side by side on one broker: an aggregator joining another test's consumer
         // group would rebalance it, and a rebalance redelivers what was not committed yet.
         let aggregator_group = format!("{}meterline-aggregator", self.kafka.topic_prefix);
-        [
+        let mut env: Vec<(String, String)> = [
             ("KAFKA_BROKERS", self.kafka.brokers.as_str()),
             ("TOPIC_PREFIX", self.kafka.topic_prefix.as_str()),
             ("AGGREGATOR_GROUP_ID", aggregator_group.as_str()),
@@ -140,17 +153,27 @@ impl Namespace {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        .collect();
+        if let Some(cluster) = &self.clickhouse.cluster {
+            env.push(("CLICKHOUSE_CLUSTER".into(), cluster.name.clone()));
+            if let ClusterEngine::Plain { nodes } = &cluster.engine {
+                env.push(("CLICKHOUSE_CLUSTER_ENGINE".into(), "plain".into()));
+                env.push(("CLICKHOUSE_CLUSTER_NODES".into(), nodes.join(",")));
+            }
+        }
+        env
     }
 
     /// Drops the namespace's databases (topics are cheap and left for post-mortems).
     /// Call at the end of a passing test; a failing one leaves its data to look at.
     pub async fn drop_databases(&self) {
-        let _ = self
-            .clickhouse()
-            .query(&format!("DROP DATABASE IF EXISTS {}", self.id))
-            .execute()
-            .await;
+        let topology = clickhouse::Topology::of(&self.clickhouse);
+        for client in topology.clients(clickhouse::Target::EveryNode) {
+            let _ = client
+                .query(&format!("DROP DATABASE IF EXISTS {}", self.id))
+                .execute()
+                .await;
+        }
         let admin_url = with_database(&self.postgres.url, "meterline");
         if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
             let _ = sqlx::query(&format!(

@@ -133,6 +133,91 @@ impl Drop for PrivateClickhouse {
     }
 }
 
+/// A private 2-shard x 2-replica ClickHouse cluster of four loopback servers (plain engines,
+/// the `Distributed` table writing every replica), for tests that stop one node.
+pub struct PrivateClickhouseCluster {
+    dir: TempDir,
+    http_ports: Vec<u16>,
+    tcp_ports: Vec<u16>,
+}
+
+/// The cluster's name in the nodes' `<remote_servers>`.
+pub const PRIVATE_CLUSTER: &str = "private";
+
+impl PrivateClickhouseCluster {
+    pub async fn start() -> PrivateClickhouseCluster {
+        let cluster = PrivateClickhouseCluster {
+            dir: temp_dir("clickhouse-cluster"),
+            http_ports: (0..4).map(|_| free_port()).collect(),
+            tcp_ports: (0..4).map(|_| free_port()).collect(),
+        };
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        script(&[
+            "clickhouse.sh",
+            "cluster-start",
+            dir_str(&cluster.dir),
+            PRIVATE_CLUSTER,
+            &list(&cluster.http_ports),
+            &list(&cluster.tcp_ports),
+        ])
+        .await;
+        cluster
+    }
+
+    /// The HTTP URL of node `n` (1 to 4; nodes 1 and 2 hold shard 1, 3 and 4 shard 2).
+    pub fn url(&self, n: usize) -> String {
+        format!("http://127.0.0.1:{}", self.http_ports[n - 1])
+    }
+
+    /// The cluster as meterline is configured for it, with node 1 answering queries.
+    pub fn settings(&self) -> meterline_common::config::ClickhouseCluster {
+        meterline_common::config::ClickhouseCluster {
+            name: PRIVATE_CLUSTER.to_owned(),
+            engine: meterline_common::config::ClusterEngine::Plain {
+                nodes: (1..=4).map(|n| self.url(n)).collect(),
+            },
+        }
+    }
+
+    fn node_dir(&self, n: usize) -> String {
+        format!("{}/node{n}", dir_str(&self.dir))
+    }
+
+    /// SIGKILLs node `n`: no clean shutdown, as when a machine is lost.
+    pub fn kill(&self, n: usize) {
+        let pid = std::fs::read_to_string(format!("{}/clickhouse.pid", self.node_dir(n)))
+            .unwrap_or_else(|e| panic!("reading node {n}'s pid: {e}"));
+        let pid: i32 = pid.trim().parse().expect("a pid");
+        // SAFETY: kill(2) on the pid of a server this test started.
+        let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(killed, 0, "killing node {n} (pid {pid})");
+    }
+
+    /// Starts node `n` again on its ports and data.
+    pub async fn resume(&self, n: usize) {
+        script(&[
+            "clickhouse.sh",
+            "start",
+            &self.node_dir(n),
+            &self.http_ports[n - 1].to_string(),
+            &self.tcp_ports[n - 1].to_string(),
+        ])
+        .await;
+    }
+}
+
+impl Drop for PrivateClickhouseCluster {
+    fn drop(&mut self) {
+        stop_blocking("clickhouse.sh", &["cluster-stop", dir_str(&self.dir)]);
+    }
+}
+
 /// A private PostgreSQL instance with the `meterline` role and database.
 pub struct PrivatePostgres {
     dir: TempDir,

@@ -6,10 +6,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use meterline_common::config::{ClickhouseCluster, ClusterEngine};
+
 #[derive(Debug, Clone)]
 pub struct Stack {
     pub kafka_brokers: String,
     pub clickhouse_url: String,
+    /// The loopback cluster (`dev/up --clickhouse-cluster`) when the tests run against it:
+    /// `METERLINE_TEST_CLICKHOUSE=cluster`. `clickhouse_url` is then its first node.
+    pub clickhouse_cluster: Option<ClickhouseCluster>,
     /// The project database; namespaces create their own databases through it.
     pub database_url: String,
     pub jwt_secret: String,
@@ -57,9 +62,31 @@ impl Stack {
                     )
                 })
             };
+            let (clickhouse_url, clickhouse_cluster) =
+                match std::env::var("METERLINE_TEST_CLICKHOUSE").as_deref() {
+                    Err(_) | Ok("" | "single") => (get("CLICKHOUSE_URL"), None),
+                    Ok("cluster") => {
+                        let nodes: Vec<String> = get("CLICKHOUSE_TEST_CLUSTER_NODES")
+                            .split(',')
+                            .map(str::to_owned)
+                            .collect();
+                        (
+                            nodes[0].clone(),
+                            Some(ClickhouseCluster {
+                                name: get("CLICKHOUSE_TEST_CLUSTER"),
+                                engine: ClusterEngine::Plain { nodes },
+                            }),
+                        )
+                    }
+                    Ok(other) => panic!(
+                        "METERLINE_TEST_CLICKHOUSE is single or cluster (dev/up \
+                         --clickhouse-cluster), not {other:?}"
+                    ),
+                };
             Stack {
                 kafka_brokers: get("KAFKA_BROKERS"),
-                clickhouse_url: get("CLICKHOUSE_URL"),
+                clickhouse_url,
+                clickhouse_cluster,
                 database_url: get("DATABASE_URL"),
                 jwt_secret: get("JWT_SECRET"),
                 encryption_keys: get("ENCRYPTION_KEYS"),

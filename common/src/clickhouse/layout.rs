@@ -19,7 +19,7 @@
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use super::{ch_err, client, MIGRATIONS};
+use super::{ch_err, client, Step, Topology, MIGRATIONS};
 use crate::config::ClickhouseSettings;
 use crate::Error;
 
@@ -27,7 +27,7 @@ use crate::Error;
 const NEXT: &str = "events_processed_relayout";
 
 /// The TTL migration 3 set, when the table's own cannot be read.
-const DEFAULT_TTL_DAYS: u32 = 400;
+pub(super) const DEFAULT_TTL_DAYS: u32 = 400;
 
 /// How `events_processed` is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,20 +45,37 @@ struct TableInfo {
     create_table_query: String,
 }
 
-async fn table_info(client: &::clickhouse::Client) -> Result<TableInfo, Error> {
-    client
+/// The table whose layout this is.
+const TABLE: &str = "events_processed";
+
+/// The storage of `events_processed` on the server the client talks to, and its rows (on a
+/// cluster, those of every shard).
+async fn table_info(settings: &ClickhouseSettings) -> Result<TableInfo, Error> {
+    let client = client(settings);
+    let mut info: TableInfo = client
         .query(
             "SELECT sorting_key, total_rows, create_table_query FROM system.tables
-             WHERE database = currentDatabase() AND name = 'events_processed'",
+             WHERE database = currentDatabase() AND name = ?",
         )
+        .bind(Topology::of(settings).storage(TABLE))
         .fetch_one()
         .await
-        .map_err(ch_err("reading the layout of events_processed"))
+        .map_err(ch_err("reading the layout of events_processed"))?;
+    if settings.cluster.is_some() {
+        info.total_rows = Some(
+            client
+                .query("SELECT count() FROM events_processed")
+                .fetch_one()
+                .await
+                .map_err(ch_err("counting events_processed"))?,
+        );
+    }
+    Ok(info)
 }
 
 /// The layout of `events_processed` (which the migrations must have created).
-pub async fn events_layout(client: &::clickhouse::Client) -> Result<EventsLayout, Error> {
-    let info = table_info(client).await?;
+pub async fn events_layout(settings: &ClickhouseSettings) -> Result<EventsLayout, Error> {
+    let info = table_info(settings).await?;
     Ok(layout_of(&info.sorting_key, info.total_rows.unwrap_or(0)))
 }
 
@@ -151,6 +168,27 @@ async fn execute(client: &::clickhouse::Client, sql: &str, context: &str) -> Res
         .map_err(ch_err(context.to_owned()))
 }
 
+/// The relayout of the empty table a new install's migration 1 made: nothing to copy, the
+/// table is made again in the time-ordered layout (its local tables, on a cluster).
+pub(super) fn new_install_relayout(
+    topology: &Topology<'_>,
+    ttl_days: u32,
+) -> Result<Vec<Step>, Error> {
+    let failed = |reason: String| Error::ClickhouseMigration {
+        version: 5,
+        name: "relayout".into(),
+        reason,
+    };
+    Ok(vec![
+        topology
+            .plan_storage(&format!("DROP TABLE IF EXISTS {TABLE} SYNC"))
+            .map_err(failed)?,
+        topology
+            .plan_storage(&create_by_time(TABLE, ttl_days))
+            .map_err(failed)?,
+    ])
+}
+
 /// Migration 5's `INSERT INTO event_first_seen`: the first copy of every stored event.
 fn first_seen_backfill() -> String {
     MIGRATIONS
@@ -164,13 +202,40 @@ fn first_seen_backfill() -> String {
 /// Rows written to the old table while this runs would be left behind: the caller makes
 /// sure nothing writes (the aggregator stopped), or that the table is empty.
 pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Relayout>, Error> {
-    let client = client(settings);
-    let info = table_info(&client).await?;
+    let topology = Topology::of(settings);
+    let info = table_info(settings).await?;
     let rows = match layout_of(&info.sorting_key, info.total_rows.unwrap_or(0)) {
         EventsLayout::ByTime => return Ok(None),
         EventsLayout::ById { rows } => rows,
     };
     let ttl = ttl_days(&info.create_table_query).unwrap_or(DEFAULT_TTL_DAYS);
+    if rows == 0 {
+        topology
+            .execute(
+                &new_install_relayout(&topology, ttl)?,
+                "laying out the empty events_processed by time",
+            )
+            .await?;
+        return Ok(Some(Relayout {
+            rows: 0,
+            kept_as: None,
+        }));
+    }
+    if settings.cluster.is_some() {
+        // Every cluster install is laid out by time when its first migration runs (sharding
+        // came after the time-ordered layout): rows in the old layout mean a table made by
+        // hand, which this tool will not guess how to convert.
+        return Err(Error::ClickhouseMigration {
+            version: 5,
+            name: "relayout".into(),
+            reason: format!(
+                "events_processed on cluster holds {rows} rows ordered by event id; a cluster's \
+                 table is laid out by time when it is created: copy its rows into a new \
+                 install instead"
+            ),
+        });
+    }
+    let client = client(settings);
     execute(
         &client,
         &format!("DROP TABLE IF EXISTS {NEXT} SYNC"),
@@ -183,33 +248,29 @@ pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Rel
         "creating the time-ordered table",
     )
     .await?;
-    let mut copied = 0;
-    if rows > 0 {
-        // Every copy of an event already collapsed into one row under the old key; FINAL
-        // copies those rows, with the winning copy's timestamp.
-        execute(
-            &client,
-            &format!("INSERT INTO {NEXT} SELECT * FROM events_processed FINAL"),
-            "copying events_processed",
-        )
-        .await?;
-        // The events an older aggregator stored since migration 5 ran.
-        execute(&client, &first_seen_backfill(), "recording first copies").await?;
-        let (old, new) = (
-            fingerprint(&client, "events_processed").await?,
-            fingerprint(&client, NEXT).await?,
-        );
-        copied = new.rows;
-        if old != new {
-            return Err(Error::ClickhouseMigration {
-                version: 5,
-                name: "relayout".into(),
-                reason: format!(
-                    "the copy differs from events_processed ({new:?} against {old:?}): was \
-                     the aggregator still writing? Nothing was swapped; stop it and run again"
-                ),
-            });
-        }
+    // Every copy of an event already collapsed into one row under the old key; FINAL copies
+    // those rows, with the winning copy's timestamp.
+    execute(
+        &client,
+        &format!("INSERT INTO {NEXT} SELECT * FROM events_processed FINAL"),
+        "copying events_processed",
+    )
+    .await?;
+    // The events an older aggregator stored since migration 5 ran.
+    execute(&client, &first_seen_backfill(), "recording first copies").await?;
+    let (old, new) = (
+        fingerprint(&client, "events_processed").await?,
+        fingerprint(&client, NEXT).await?,
+    );
+    if old != new {
+        return Err(Error::ClickhouseMigration {
+            version: 5,
+            name: "relayout".into(),
+            reason: format!(
+                "the copy differs from events_processed ({new:?} against {old:?}): was the \
+                 aggregator still writing? Nothing was swapped; stop it and run again"
+            ),
+        });
     }
     execute(
         &client,
@@ -217,18 +278,6 @@ pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Rel
         "swapping in the time-ordered table",
     )
     .await?;
-    if rows == 0 {
-        execute(
-            &client,
-            &format!("DROP TABLE {NEXT}"),
-            "dropping the empty old table",
-        )
-        .await?;
-        return Ok(Some(Relayout {
-            rows: copied,
-            kept_as: None,
-        }));
-    }
     let kept_as = format!(
         "events_processed_by_id_{}",
         OffsetDateTime::now_utc().unix_timestamp()
@@ -240,7 +289,7 @@ pub async fn relayout_events(settings: &ClickhouseSettings) -> Result<Option<Rel
     )
     .await?;
     Ok(Some(Relayout {
-        rows: copied,
+        rows: new.rows,
         kept_as: Some(kept_as),
     }))
 }

@@ -3,12 +3,15 @@
 //! Migrations are the numbered files in `common/migrations/clickhouse`, embedded in the
 //! binary. Each applied one is recorded in `schema_migrations` with a checksum of its text:
 //! a file edited after it ran is refused rather than silently diverging from the database.
-//! `layout.rs` converts `events_processed` to the time-ordered layout ([`relayout_events`]).
+//! `layout.rs` converts `events_processed` to the time-ordered layout ([`relayout_events`]);
+//! `cluster.rs` turns each statement into its form on a sharded cluster ([`Topology`]).
 //! [`ProcessedRow`] is the row those migrations define for `events_processed`, so that the
 //! aggregator and the benchmark's baseline write the same columns.
 
+mod cluster;
 mod layout;
 
+pub use cluster::{Step, Target, Topology};
 pub use layout::{events_layout, relayout_events, EventsLayout, Relayout};
 
 use sha2::{Digest, Sha256};
@@ -114,19 +117,26 @@ pub fn unix_millis(at: OffsetDateTime) -> i64 {
 
 /// A client bound to our database.
 pub fn client(settings: &ClickhouseSettings) -> ::clickhouse::Client {
-    server_client(settings).with_database(&settings.database)
+    client_at(settings, &settings.url)
 }
 
-/// A client without a database, for creating it.
-fn server_client(settings: &ClickhouseSettings) -> ::clickhouse::Client {
-    let mut client = ::clickhouse::Client::default().with_url(&settings.url);
+/// A client of our database on the server at `url` (one node of a cluster).
+fn client_at(settings: &ClickhouseSettings, url: &str) -> ::clickhouse::Client {
+    let mut client = ::clickhouse::Client::default().with_url(url);
     if let Some(user) = &settings.user {
         client = client.with_user(user);
     }
     if let Some(password) = &settings.password {
         client = client.with_password(password);
     }
-    client
+    if settings.cluster.is_some() {
+        // `cluster.rs` says why: inserts stored on every shard before they return, and IN
+        // subqueries between tables sharded alike answered on each shard.
+        client = client
+            .with_setting("distributed_foreground_insert", "1")
+            .with_setting("distributed_product_mode", "local");
+    }
+    client.with_database(&settings.database)
 }
 
 fn ch_err(context: impl Into<String>) -> impl FnOnce(::clickhouse::error::Error) -> Error {
@@ -149,29 +159,49 @@ struct AppliedRecord<'a> {
     checksum: String,
 }
 
-/// Creates the database if needed and applies every migration not yet recorded.
-/// Returns the versions applied by this call.
-pub async fn migrate(settings: &ClickhouseSettings) -> Result<Vec<u32>, Error> {
-    // The database name was checked to be a plain identifier when the settings were parsed.
-    server_client(settings)
-        .query(&format!(
-            "CREATE DATABASE IF NOT EXISTS {} ENGINE = Atomic",
-            settings.database
-        ))
-        .execute()
-        .await
-        .map_err(ch_err("creating database"))?;
-    let client = client(settings);
+/// A client of the server at `url` without a database, for creating it.
+fn server_client_at(settings: &ClickhouseSettings, url: &str) -> ::clickhouse::Client {
+    let mut client = ::clickhouse::Client::default().with_url(url);
+    if let Some(user) = &settings.user {
+        client = client.with_user(user);
+    }
+    if let Some(password) = &settings.password {
+        client = client.with_password(password);
+    }
     client
-        .query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version UInt32, name String, checksum String,
-                applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
-             ) ENGINE = MergeTree ORDER BY version",
+}
+
+/// Creates the database if needed and applies every migration not yet recorded, on one
+/// server or across the cluster (`cluster.rs`). Returns the versions applied by this call.
+pub async fn migrate(settings: &ClickhouseSettings) -> Result<Vec<u32>, Error> {
+    let topology = Topology::of(settings);
+    let database = topology.create_database();
+    // Before the database exists, the clients must not name it.
+    let urls: Vec<&str> = match (&settings.cluster, database.target) {
+        (
+            Some(crate::config::ClickhouseCluster {
+                engine: crate::config::ClusterEngine::Plain { nodes },
+                ..
+            }),
+            Target::EveryNode,
+        ) => nodes.iter().map(String::as_str).collect(),
+        _ => vec![settings.url.as_str()],
+    };
+    for url in urls {
+        // The database name was checked to be a plain identifier when the settings were parsed.
+        server_client_at(settings, url)
+            .query(&database.sql)
+            .execute()
+            .await
+            .map_err(ch_err("creating database"))?;
+    }
+    topology
+        .execute(
+            &[topology.schema_migrations()],
+            "creating schema_migrations",
         )
-        .execute()
-        .await
-        .map_err(ch_err("creating schema_migrations"))?;
+        .await?;
+    let client = client(settings);
     let applied: Vec<Applied> = client
         .query("SELECT version, checksum FROM schema_migrations ORDER BY version")
         .fetch_all()
@@ -192,28 +222,33 @@ pub async fn migrate(settings: &ClickhouseSettings) -> Result<Vec<u32>, Error> {
             }
             continue;
         }
+        let failed = |reason: String| Error::ClickhouseMigration {
+            version: migration.version,
+            name: migration.name.to_owned(),
+            reason,
+        };
         for statement in migration.statements() {
-            client.query(&statement).execute().await.map_err(|source| {
-                Error::ClickhouseMigration {
-                    version: migration.version,
-                    name: migration.name.to_owned(),
-                    reason: source.to_string(),
-                }
-            })?;
+            let steps = topology.plan(&statement).map_err(failed)?;
+            topology
+                .execute(&steps, "applying a migration")
+                .await
+                .map_err(|e| failed(e.to_string()))?;
         }
-        let mut insert = client
-            .insert::<AppliedRecord<'_>>("schema_migrations")
-            .await
-            .map_err(ch_err("recording migration"))?;
-        insert
-            .write(&AppliedRecord {
-                version: migration.version,
-                name: migration.name,
-                checksum,
-            })
-            .await
-            .map_err(ch_err("recording migration"))?;
-        insert.end().await.map_err(ch_err("recording migration"))?;
+        for client in topology.clients(topology.migration_record_target()) {
+            let mut insert = client
+                .insert::<AppliedRecord<'_>>("schema_migrations")
+                .await
+                .map_err(ch_err("recording migration"))?;
+            insert
+                .write(&AppliedRecord {
+                    version: migration.version,
+                    name: migration.name,
+                    checksum: checksum.clone(),
+                })
+                .await
+                .map_err(ch_err("recording migration"))?;
+            insert.end().await.map_err(ch_err("recording migration"))?;
+        }
         tracing::info!(
             version = migration.version,
             name = migration.name,
@@ -222,11 +257,35 @@ pub async fn migrate(settings: &ClickhouseSettings) -> Result<Vec<u32>, Error> {
         ran.push(migration.version);
     }
     // A new install: the empty table takes the time-ordered layout at once.
-    if events_layout(&client).await? == (EventsLayout::ById { rows: 0 }) {
+    if events_layout(settings).await? == (EventsLayout::ById { rows: 0 }) {
         relayout_events(settings).await?;
         tracing::info!("events_processed laid out by time");
     }
     Ok(ran)
+}
+
+/// Every statement `migrate` runs on a new install of this topology, in order, without
+/// running any: what `meterline migrate --print-ddl` shows an operator to review (or to
+/// run by hand) before the first migration on a production cluster.
+pub fn planned_ddl(settings: &ClickhouseSettings) -> Result<Vec<Step>, Error> {
+    let topology = Topology::of(settings);
+    let mut steps = vec![topology.create_database(), topology.schema_migrations()];
+    for migration in MIGRATIONS {
+        for statement in migration.statements() {
+            steps.extend(topology.plan(&statement).map_err(|reason| {
+                Error::ClickhouseMigration {
+                    version: migration.version,
+                    name: migration.name.to_owned(),
+                    reason,
+                }
+            })?);
+        }
+    }
+    steps.extend(layout::new_install_relayout(
+        &topology,
+        layout::DEFAULT_TTL_DAYS,
+    )?);
+    Ok(steps)
 }
 
 pub async fn check(client: &::clickhouse::Client) -> Result<(), String> {

@@ -440,6 +440,7 @@ async fn every_window_total_reaches_stripe_once_through_kills_restarts_and_fault
     let (kafka, clickhouse) = (Arc::new(kafka), Arc::new(clickhouse));
     let mut ns = Namespace::plan(&kafka.brokers(), &Stack::get().database_url);
     ns.clickhouse.url = clickhouse.url();
+    ns.clickhouse.cluster = None;
     ns.create_topics().await;
     ns.create_databases().await;
 

@@ -156,7 +156,9 @@ async fn a_window_total_reads_its_window_not_the_customers_history_once_converte
     let ns = Namespace::create().await;
     let client = ns.clickhouse();
     assert_eq!(
-        events_layout(&client).await.expect("reading the layout"),
+        events_layout(&ns.clickhouse)
+            .await
+            .expect("reading the layout"),
         EventsLayout::ByTime,
         "a new install is laid out by time at once"
     );
@@ -292,7 +294,7 @@ async fn a_window_total_reads_its_window_not_the_customers_history_once_converte
     assert!(!refused.status.success(), "{refused:?}");
     assert!(stderr.contains("aggregator"), "{stderr}");
     assert!(matches!(
-        events_layout(&client).await.unwrap(),
+        events_layout(&ns.clickhouse).await.unwrap(),
         EventsLayout::ById { .. }
     ));
 
@@ -315,7 +317,10 @@ async fn a_window_total_reads_its_window_not_the_customers_history_once_converte
         "{stdout}"
     );
 
-    assert_eq!(events_layout(&client).await.unwrap(), EventsLayout::ByTime);
+    assert_eq!(
+        events_layout(&ns.clickhouse).await.unwrap(),
+        EventsLayout::ByTime
+    );
     // The same read within the limit: the window and a few granules around it.
     let after = read_hour(Some(WINDOW_READ_LIMIT))
         .await

@@ -142,6 +142,7 @@ async fn readiness_follows_a_stopped_clickhouse() {
     let clickhouse = PrivateClickhouse::start().await;
     let mut ns = Namespace::create().await;
     ns.clickhouse.url = clickhouse.url();
+    ns.clickhouse.cluster = None;
     meterline_common::clickhouse::migrate(&ns.clickhouse)
         .await
         .expect("migrating the private clickhouse");
