@@ -14,6 +14,11 @@
 //! Inserts are foreground (`distributed_foreground_insert = 1`): an insert returns once every
 //! shard took its rows, so the aggregator commits its Kafka offsets only after the rows are
 //! stored; a failed insert is retried whole, which the tables' deduplication makes harmless.
+//! A total must never be read from a replica that lacks rows (it would bill too little): with
+//! plain engines the `Distributed` table writes every replica before the insert returns; with
+//! replicated ones the insert waits for a majority of replicas and reads skip a replica more
+//! than 5 s behind (the client settings in `mod.rs`), while windows are read a grace period
+//! after their last event.
 //!
 //! The migrations are written for one server; [`Topology::plan`] turns each statement into the
 //! cluster's: a `CREATE TABLE` into the local table and the `Distributed` one, an `ALTER` of

@@ -129,12 +129,22 @@ fn client_at(settings: &ClickhouseSettings, url: &str) -> ::clickhouse::Client {
     if let Some(password) = &settings.password {
         client = client.with_password(password);
     }
-    if settings.cluster.is_some() {
+    if let Some(cluster) = &settings.cluster {
         // `cluster.rs` says why: inserts stored on every shard before they return, and IN
         // subqueries between tables sharded alike answered on each shard.
         client = client
             .with_setting("distributed_foreground_insert", "1")
             .with_setting("distributed_product_mode", "local");
+        if cluster.engine == crate::config::ClusterEngine::Replicated {
+            // A total must not be read from a replica that lacks some of its rows: an insert
+            // returns once a majority of the shard's replicas hold it (all of them, with two),
+            // and a read skips a replica whose replication queue is more than 5 s behind,
+            // failing (and being retried) rather than falling back to a stale one.
+            client = client
+                .with_setting("insert_quorum", "auto")
+                .with_setting("max_replica_delay_for_distributed_queries", "5")
+                .with_setting("fallback_to_stale_replicas_for_distributed_queries", "0");
+        }
     }
     client.with_database(&settings.database)
 }

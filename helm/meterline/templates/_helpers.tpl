@@ -113,6 +113,15 @@ CLICKHOUSE_DATABASE: {{ .Values.clickhouse.database | quote }}
 {{- with .Values.clickhouse.user }}
 CLICKHOUSE_USER: {{ . | quote }}
 {{- end }}
+{{- with .Values.clickhouse.cluster }}
+{{- if .name }}
+CLICKHOUSE_CLUSTER: {{ .name | quote }}
+CLICKHOUSE_CLUSTER_ENGINE: {{ .engine | quote }}
+{{- if eq .engine "plain" }}
+CLICKHOUSE_CLUSTER_NODES: {{ join "," .nodes | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The non-secret variables of one service (its ConfigMap); call with (dict "root" $ "binary" "ingest"). */}}

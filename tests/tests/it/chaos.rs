@@ -12,6 +12,11 @@
 //!
 //! Small by default (20,000 events); `METERLINE_CHAOS_EVENTS=1000000` runs the same test at a
 //! million. The summary is printed and written to `target/test-logs/chaos-summary-<n>.txt`.
+//!
+//! With `METERLINE_TEST_CLICKHOUSE=cluster` the ClickHouse is a private 2-shard x 2-replica
+//! cluster instead, and its fault is one node SIGKILLed (a replica of the shard that node 1,
+//! which answers the services, does not hold) and restarted; the summary then goes to
+//! `chaos-summary-cluster-<n>.txt`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 use meterline_common::kafka::producer_config;
 use meterline_schemas::Topic;
 use meterline_tests::api::{post_json, token};
-use meterline_tests::private::{PrivateClickhouse, PrivateKafka};
+use meterline_tests::private::{PrivateClickhouse, PrivateClickhouseCluster, PrivateKafka};
 use meterline_tests::standin::Standin;
 use meterline_tests::stripe_config::put_sync_config;
 use meterline_tests::usage::{create_meter, event, window_minutes_since_epoch};
@@ -312,10 +317,76 @@ const SCHEDULE: [(f64, Action); 9] = [
     (1.01, Action::KillSink),
 ];
 
+/// The run's private ClickHouse: one server, or a cluster (`METERLINE_TEST_CLICKHOUSE`).
+enum Warehouse {
+    Single(PrivateClickhouse),
+    Cluster(PrivateClickhouseCluster),
+}
+
+/// The cluster node the fault hits: a replica of shard 2, not node 1 (the services' server).
+const LOST_NODE: usize = 3;
+
+impl Warehouse {
+    async fn start() -> Warehouse {
+        if Stack::get().clickhouse_cluster.is_some() {
+            Warehouse::Cluster(PrivateClickhouseCluster::start().await)
+        } else {
+            Warehouse::Single(PrivateClickhouse::start().await)
+        }
+    }
+
+    fn configure(&self, ns: &mut Namespace) {
+        match self {
+            Warehouse::Single(server) => {
+                ns.clickhouse.url = server.url();
+                ns.clickhouse.cluster = None;
+            }
+            Warehouse::Cluster(cluster) => {
+                ns.clickhouse.url = cluster.url(1);
+                ns.clickhouse.cluster = Some(cluster.settings());
+            }
+        }
+    }
+
+    /// Takes the server (or one node) down, for what the note says.
+    async fn stop(&self) -> &'static str {
+        match self {
+            Warehouse::Single(server) => {
+                server.stop().await;
+                "clickhouse server stopped"
+            }
+            Warehouse::Cluster(cluster) => {
+                cluster.kill(LOST_NODE);
+                "clickhouse cluster node 3 of 4 SIGKILLed"
+            }
+        }
+    }
+
+    async fn resume(&self) -> &'static str {
+        match self {
+            Warehouse::Single(server) => {
+                server.resume().await;
+                "clickhouse server started again"
+            }
+            Warehouse::Cluster(cluster) => {
+                cluster.resume(LOST_NODE).await;
+                "clickhouse cluster node 3 started again"
+            }
+        }
+    }
+
+    fn summary_name(&self, events: u64) -> String {
+        match self {
+            Warehouse::Single(_) => format!("chaos-summary-{events}.txt"),
+            Warehouse::Cluster(_) => format!("chaos-summary-cluster-{events}.txt"),
+        }
+    }
+}
+
 async fn control(
     services: Arc<Mutex<Services>>,
     kafka: Arc<PrivateKafka>,
-    clickhouse: Arc<PrivateClickhouse>,
+    clickhouse: Arc<Warehouse>,
     generation: Duration,
     started: Instant,
 ) {
@@ -367,16 +438,13 @@ async fn control(
             }
             Action::RestartClickhouse => {
                 drop(s);
-                clickhouse.stop().await;
-                services
-                    .lock()
-                    .await
-                    .note(started, "clickhouse server stopped");
+                let stopped = clickhouse.stop().await;
+                services.lock().await.note(started, stopped);
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                clickhouse.resume().await;
+                let resumed = clickhouse.resume().await;
                 let mut s = services.lock().await;
                 s.clickhouse_restarts += 1;
-                s.note(started, "clickhouse server started again");
+                s.note(started, resumed);
             }
         }
     }
@@ -436,11 +504,10 @@ async fn every_window_total_reaches_stripe_once_through_kills_restarts_and_fault
     let run_started = Instant::now();
 
     // Private Kafka and ClickHouse (restarted below), the shared PostgreSQL.
-    let (kafka, clickhouse) = tokio::join!(PrivateKafka::start(), PrivateClickhouse::start());
+    let (kafka, clickhouse) = tokio::join!(PrivateKafka::start(), Warehouse::start());
     let (kafka, clickhouse) = (Arc::new(kafka), Arc::new(clickhouse));
     let mut ns = Namespace::plan(&kafka.brokers(), &Stack::get().database_url);
-    ns.clickhouse.url = clickhouse.url();
-    ns.clickhouse.cluster = None;
+    clickhouse.configure(&mut ns);
     ns.create_topics().await;
     ns.create_databases().await;
 
@@ -685,7 +752,7 @@ async fn every_window_total_reaches_stripe_once_through_kills_restarts_and_fault
     println!("{summary}");
     let path = meterline_tests::process::bin_dir()
         .join("../test-logs")
-        .join(format!("chaos-summary-{total}.txt"));
+        .join(clickhouse.summary_name(total));
     let _ = std::fs::create_dir_all(path.parent().expect("a folder"));
     std::fs::write(&path, format!("{summary}\n")).expect("writing the summary");
     assert_eq!(s.aggregator_kills, 4);

@@ -379,13 +379,30 @@ async fn the_aggregator_prunes_its_window_registry_on_its_own_and_refuses_a_shor
     ns.drop_databases().await;
 }
 
+/// The definition of the table that stores `events_processed`'s rows: on a cluster, every
+/// node's local table, joined (each must carry the TTL).
 async fn create_table_query(ns: &Namespace) -> String {
-    ns.clickhouse()
-        .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = 'events_processed'")
-        .bind(&ns.clickhouse.database)
-        .fetch_one::<String>()
-        .await
-        .expect("reading the table definition")
+    let topology = meterline_common::clickhouse::Topology::of(&ns.clickhouse);
+    let mut definitions = Vec::new();
+    for client in topology.clients(meterline_common::clickhouse::Target::EveryNode) {
+        definitions.push(
+            client
+                .query(
+                    "SELECT create_table_query FROM system.tables WHERE database = ? AND name = ?",
+                )
+                .bind(&ns.clickhouse.database)
+                .bind(topology.storage("events_processed"))
+                .fetch_one::<String>()
+                .await
+                .expect("reading the table definition"),
+        );
+    }
+    definitions.join("\n")
+}
+
+/// Whether every definition of `create_table_query` holds `ttl`.
+fn every_node_has(definitions: &str, ttl: &str) -> bool {
+    definitions.lines().all(|d| d.contains(ttl))
 }
 
 #[tokio::test]
@@ -393,7 +410,7 @@ async fn events_processed_has_a_ttl_that_migrate_can_change() {
     let ns = Namespace::create().await;
     let ddl = create_table_query(&ns).await;
     assert!(
-        ddl.contains("TTL toDateTime(timestamp) + toIntervalDay(400)"),
+        every_node_has(&ddl, "TTL toDateTime(timestamp) + toIntervalDay(400)"),
         "{ddl}"
     );
 
@@ -405,7 +422,10 @@ async fn events_processed_has_a_ttl_that_migrate_can_change() {
     )
     .await;
     assert_eq!(output.status.code(), Some(2), "{output:?}");
-    assert!(create_table_query(&ns).await.contains("toIntervalDay(400)"));
+    assert!(every_node_has(
+        &create_table_query(&ns).await,
+        "toIntervalDay(400)"
+    ));
 
     let output = run_command(
         "meterline",
@@ -416,7 +436,7 @@ async fn events_processed_has_a_ttl_that_migrate_can_change() {
     assert!(output.status.success(), "{output:?}");
     let ddl = create_table_query(&ns).await;
     assert!(
-        ddl.contains("TTL toDateTime(timestamp) + toIntervalDay(90)"),
+        every_node_has(&ddl, "TTL toDateTime(timestamp) + toIntervalDay(90)"),
         "{ddl}"
     );
     ns.drop_databases().await;
