@@ -309,6 +309,58 @@ impl Warehouse {
             })
     }
 
+    /// The query of [`Warehouse::window_aggregates`], after `prefix` (empty, or an `EXPLAIN
+    /// ESTIMATE` subquery opened, which a `)` closes, for what it would read).
+    fn window_aggregates_query(
+        &self,
+        prefix: &str,
+        (tenant, environment, meter): (&TenantId, &EnvironmentId, &MeterId),
+        (from, to): (OffsetDateTime, OffsetDateTime),
+        customers: &[CustomerId],
+    ) -> ::clickhouse::query::Query {
+        let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
+        self.client
+            .query(&format!(
+                "{prefix} SELECT customer_id, {AGGREGATES_SQL}, max(timestamp) AS last_at
+                 FROM events_processed FINAL
+                 WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
+                   AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
+                   AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
+                   AND customer_id IN ?
+                 GROUP BY customer_id{close}",
+                close = if prefix.is_empty() { "" } else { ")" }
+            ))
+            .bind(tenant.as_str())
+            .bind(environment.as_str())
+            .bind(meter.as_str())
+            .bind(unix_millis(from))
+            .bind(unix_millis(to))
+            .bind(customer_ids)
+    }
+
+    /// The rows ClickHouse plans to read for [`Warehouse::window_aggregates`] with the same
+    /// arguments (`EXPLAIN ESTIMATE`: whole granules its index cannot skip), for the history
+    /// benchmark, which shows it does not grow with the history.
+    pub async fn window_aggregates_rows_to_read(
+        &self,
+        meter: (&TenantId, &EnvironmentId, &MeterId),
+        range: (OffsetDateTime, OffsetDateTime),
+        customers: &[CustomerId],
+    ) -> Result<u64, Error> {
+        self.window_aggregates_query(
+            "SELECT toUInt64(sum(rows)) FROM (EXPLAIN ESTIMATE",
+            meter,
+            range,
+            customers,
+        )
+        .fetch_one::<u64>()
+        .await
+        .map_err(|e| Error::Clickhouse {
+            context: "estimating a window read",
+            source: e,
+        })
+    }
+
     /// The aggregates of `meter` over `[from, to)` (a window, or a billing period to a
     /// window's end) for each of `customers` that has events there, with the timestamp of the
     /// latest of those events.
@@ -317,27 +369,11 @@ impl Warehouse {
         tenant: &TenantId,
         environment: &EnvironmentId,
         meter: &MeterId,
-        (from, to): (OffsetDateTime, OffsetDateTime),
+        range: (OffsetDateTime, OffsetDateTime),
         customers: &[CustomerId],
     ) -> Result<HashMap<CustomerId, (WindowAggregates, OffsetDateTime)>, Error> {
-        let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
         let rows: Vec<AggregateRow> = self
-            .client
-            .query(&format!(
-                "SELECT customer_id, {AGGREGATES_SQL}, max(timestamp) AS last_at
-                 FROM events_processed FINAL
-                 WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
-                   AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
-                   AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
-                   AND customer_id IN ?
-                 GROUP BY customer_id"
-            ))
-            .bind(tenant.as_str())
-            .bind(environment.as_str())
-            .bind(meter.as_str())
-            .bind(unix_millis(from))
-            .bind(unix_millis(to))
-            .bind(customer_ids)
+            .window_aggregates_query("", (tenant, environment, meter), range, customers)
             .fetch_all()
             .await
             .map_err(|e| Error::Clickhouse {

@@ -398,24 +398,29 @@ fn chaos_report_format() {
 }
 
 fn history() -> HistoryReport {
-    let reads = |layout, history, base| Reads {
+    let reads = |layout, months, base, rows| Reads {
         layout,
-        history,
+        months,
+        history: months * 80_000,
         latency: latency(base),
+        due_hour: latency(base * 10),
+        rows_per_window: rows,
         load: 0.75,
     };
     HistoryReport {
         machine: machine(),
         date: date(),
-        customers: 20,
-        hour_events: 60,
-        history_days: 90,
+        customers: 1000,
+        meters: 2,
+        hour_events: 6,
+        month_events: 40,
         reads: 50,
+        hour_rounds: 5,
         cells: vec![
-            reads(Layout::ById, 0, 4),
-            reads(Layout::ByTime, 0, 4),
-            reads(Layout::ById, 4_000_000, 96),
-            reads(Layout::ByTime, 4_000_000, 5),
+            reads(Layout::ById, 1, 4, 40),
+            reads(Layout::ByTime, 1, 4, 12),
+            reads(Layout::ById, 100, 96, 4_000),
+            reads(Layout::ByTime, 100, 5, 14),
         ],
     }
 }

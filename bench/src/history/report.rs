@@ -1,5 +1,7 @@
 //! The history benchmark's result: the terminal block and the `history` section of
-//! `docs/benchmarks.md`: a window total's latency by history size, on each layout.
+//! `docs/benchmarks.md`: by months of history, on each layout, the due hour's windows (time
+//! and rows read per window) and one window total's latency; and the goal: flat from the
+//! shortest history to the longest, within 1.5x, on the time-ordered layout.
 
 use std::fmt::Write as _;
 
@@ -24,12 +26,19 @@ impl Layout {
     }
 }
 
-/// The window reads of one history size on one layout.
+/// The window reads of one history length on one layout.
 pub struct Reads {
     pub layout: Layout,
-    /// Rows before the measured hour, over all customers.
+    /// Months of history before the measured hour.
+    pub months: u64,
+    /// Rows before the measured hour, over all customers and meters.
     pub history: u64,
+    /// One customer's window total, as `GET /v1/usage` reads it.
     pub latency: Latency,
+    /// Every window of the due hour, computed as the aggregator does.
+    pub due_hour: Latency,
+    /// Rows ClickHouse plans to read for the due hour, per window.
+    pub rows_per_window: u64,
     /// The 1-minute load before its namespace was filled.
     pub load: f64,
 }
@@ -38,11 +47,17 @@ pub struct HistoryReport {
     pub machine: Machine,
     pub date: time::OffsetDateTime,
     pub customers: u64,
+    pub meters: usize,
     pub hour_events: u64,
-    pub history_days: i64,
+    pub month_events: u64,
     pub reads: usize,
+    pub hour_rounds: usize,
     pub cells: Vec<Reads>,
 }
+
+/// The goal: the time-ordered layout's cost at the longest history within this factor of its
+/// cost at the shortest.
+const FLAT: f64 = 1.5;
 
 impl HistoryReport {
     fn head(&self) -> Head<'_> {
@@ -52,47 +67,91 @@ impl HistoryReport {
 
     fn parameters(&self) -> String {
         format!(
-            "{} customers, each with {} events in the measured hour and an equal share of the \
-             history spread over the {} days before it; one meter; {} window totals read per \
-             history size and layout, one customer's hour each, in turn, as `GET /v1/usage` \
-             reads them; tables merged (`OPTIMIZE FINAL`) before the reads",
-            self.customers, self.hour_events, self.history_days, self.reads
+            "{} customers x {} meters, each with {} events in the measured hour and {} a month \
+             (of 30 days) of history before it, evenly spread; the due hour: its {} windows \
+             computed {} times per history length and layout with the aggregator's query \
+             (one per meter, every customer), rows read per window from `EXPLAIN ESTIMATE` of \
+             it; one window: {} totals read one customer's hour each, in turn, as `GET \
+             /v1/usage` reads them; tables merged (`OPTIMIZE FINAL`) first",
+            self.customers,
+            self.meters,
+            self.hour_events,
+            self.month_events,
+            thousands((self.customers * self.meters as u64) as f64),
+            self.hour_rounds,
+            self.reads,
         )
     }
 
-    /// One row per history size, in the run's order: the size, its reads on each layout
-    /// (p50 / p90), and the ratio of their p50s.
-    fn rows(&self) -> Vec<[String; 4]> {
-        let mut sizes: Vec<u64> = Vec::new();
+    /// The history lengths in months, in the run's order.
+    fn lengths(&self) -> Vec<u64> {
+        let mut lengths: Vec<u64> = Vec::new();
         for cell in &self.cells {
-            if !sizes.contains(&cell.history) {
-                sizes.push(cell.history);
+            if !lengths.contains(&cell.months) {
+                lengths.push(cell.months);
             }
         }
-        sizes
-            .into_iter()
-            .map(|size| {
-                let of = |layout| {
-                    self.cells
-                        .iter()
-                        .find(|c| c.history == size && c.layout == layout)
-                        .map(|c| &c.latency)
+        lengths
+    }
+
+    fn cell(&self, months: u64, layout: Layout) -> Option<&Reads> {
+        self.cells
+            .iter()
+            .find(|c| c.months == months && c.layout == layout)
+    }
+
+    /// One row per history length and layout: the months (and rows), the layout, the due
+    /// hour's p50, rows read per window, and one window's p50 / p90.
+    fn rows(&self) -> Vec<[String; 5]> {
+        let mut rows = Vec::new();
+        for months in self.lengths() {
+            for layout in [Layout::ById, Layout::ByTime] {
+                let Some(c) = self.cell(months, layout) else {
+                    continue;
                 };
-                let (by_id, by_time) = (of(Layout::ById), of(Layout::ByTime));
-                let cell = |latency: Option<&Latency>| {
-                    latency.map_or("-".to_owned(), |l| {
-                        format!("{:.2} / {:.2} ms", ms(l.p50), ms(l.p90))
-                    })
-                };
-                let ratio = match (by_id, by_time) {
-                    (Some(a), Some(b)) if !b.p50.is_zero() => {
-                        format!("{:.1}x", ms(a.p50) / ms(b.p50))
-                    }
-                    _ => "-".to_owned(),
-                };
-                [thousands(size as f64), cell(by_id), cell(by_time), ratio]
-            })
-            .collect()
+                rows.push([
+                    format!(
+                        "{months} month{} ({} rows)",
+                        if months == 1 { "" } else { "s" },
+                        thousands(c.history as f64)
+                    ),
+                    layout.name().to_owned(),
+                    format!("{:.1} ms", ms(c.due_hour.p50)),
+                    thousands(c.rows_per_window as f64),
+                    format!("{:.2} / {:.2} ms", ms(c.latency.p50), ms(c.latency.p90)),
+                ]);
+            }
+        }
+        rows
+    }
+
+    /// The goal on the time-ordered layout: (what, smallest, largest, ratio, met).
+    fn goals(&self) -> Vec<(&'static str, String, String, f64, bool)> {
+        let lengths = self.lengths();
+        let (Some(first), Some(last)) = (
+            lengths.first().and_then(|m| self.cell(*m, Layout::ByTime)),
+            lengths.last().and_then(|m| self.cell(*m, Layout::ByTime)),
+        ) else {
+            return Vec::new();
+        };
+        let time = ms(last.due_hour.p50) / ms(first.due_hour.p50).max(f64::MIN_POSITIVE);
+        let rows = last.rows_per_window as f64 / (first.rows_per_window as f64).max(1.0);
+        vec![
+            (
+                "due hour p50",
+                format!("{:.1} ms", ms(first.due_hour.p50)),
+                format!("{:.1} ms", ms(last.due_hour.p50)),
+                time,
+                time <= FLAT,
+            ),
+            (
+                "rows read per window",
+                thousands(first.rows_per_window as f64),
+                thousands(last.rows_per_window as f64),
+                rows,
+                rows <= FLAT,
+            ),
+        ]
     }
 }
 
@@ -102,11 +161,21 @@ impl Report for HistoryReport {
         let _ = writeln!(s, "parameters   {}", self.parameters());
         let _ = writeln!(
             s,
-            "{:>12}  {:>22}  {:>22}  {:>8}",
-            "history", "by event id p50/p90", "by time p50/p90", "ratio"
+            "{:>28}  {:<11}  {:>12}  {:>10}  {:>20}",
+            "history", "layout", "due hour p50", "rows/window", "one window p50/p90"
         );
-        for [size, by_id, by_time, ratio] in self.rows() {
-            let _ = writeln!(s, "{size:>12}  {by_id:>22}  {by_time:>22}  {ratio:>8}");
+        for [size, layout, hour, rows, one] in self.rows() {
+            let _ = writeln!(
+                s,
+                "{size:>28}  {layout:<11}  {hour:>12}  {rows:>10}  {one:>20}"
+            );
+        }
+        for (what, first, last, ratio, met) in self.goals() {
+            let _ = writeln!(
+                s,
+                "goal         by time, {what}: {first} -> {last} ({ratio:.2}x, at most {FLAT}x): {}",
+                if met { "PASS" } else { "MISS" }
+            );
         }
         s
     }
@@ -116,11 +185,24 @@ impl Report for HistoryReport {
         let _ = writeln!(s, "| parameters | {} |", self.parameters());
         let _ = writeln!(
             s,
-            "\n| history rows (all customers) | ordered by event id: p50 / p90 | ordered by time: \
-             p50 / p90 | p50 by event id / by time |\n|---|---|---|---|"
+            "\n| history before the hour (rows: all customers and meters) | layout | due hour: \
+             every window, p50 | rows read per window | one window (`GET /v1/usage`): p50 / \
+             p90 |\n|---|---|---|---|---|"
         );
         for row in self.rows() {
             let _ = writeln!(s, "| {} |", row.join(" | "));
+        }
+        let _ = writeln!(
+            s,
+            "\n| goal (ordered by time) | shortest history | longest history | ratio | result \
+             |\n|---|---|---|---|---|"
+        );
+        for (what, first, last, ratio, met) in self.goals() {
+            let _ = writeln!(
+                s,
+                "| {what} within {FLAT}x | {first} | {last} | {ratio:.2}x | **{}** |",
+                if met { "PASS" } else { "MISS" }
+            );
         }
         s
     }
