@@ -6,7 +6,7 @@
 //! `events_processed` has that layout (the old one rebuilt from migrations 1 to 3's own
 //! statements) and a TTL longer than the history (the default 400 days would drop most of 100
 //! months at the merge); every customer's history on each of two meters (`--month-events` a
-//! month, spread evenly over the months before the measured hour) and [`HOUR_EVENTS`] events
+//! month, spread evenly over the months before the measured hour) and `HOUR_EVENTS` events
 //! per customer and meter in the measured hour inserted with the `clickhouse` crate, then
 //! merged (`OPTIMIZE ... FINAL`: the steady state of a table whose background merges caught
 //! up). Then two measurements:
@@ -169,7 +169,7 @@ fn customer(c: u64) -> String {
 }
 
 /// `months` of history of every customer on both meters, ending a day before `hour`, and
-/// [`HOUR_EVENTS`] each in it, then merged.
+/// `HOUR_EVENTS` each in it, then merged.
 async fn fill(
     ns: &Namespace,
     params: &Params,
