@@ -7,7 +7,12 @@
 //!
 //! Audited ([`crate::audit`]): every write of a configuration and every re-encryption is
 //! recorded in its own transaction, and every decryption of an API key is recorded, with who
-//! asked and why, before the key is decrypted.
+//! asked and why, before the key is decrypted. A key decrypted to send windows is reused for
+//! [`SYNC_KEY_REUSE`] (see there), so that those rows do not grow with the windows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use meterline_schemas::{EnvironmentId, TenantId};
 use serde::Serialize;
@@ -173,15 +178,37 @@ struct Row {
     updated_at: OffsetDateTime,
 }
 
+/// How long a store reuses an API key it decrypted for [`Purpose::Sync`]. The sync sends
+/// window after window: one decryption, and one audit row, per window would make the audit
+/// trail grow with the windows. Reused, they are one per sink process, tenant environment
+/// and this period, and one more whenever the stored ciphertext changes (a new key, or a
+/// re-encryption), which every use compares first. Every other purpose decrypts each time.
+pub const SYNC_KEY_REUSE: Duration = Duration::from_secs(600);
+
+/// A key decrypted for the sync: the ciphertext it came from, and when.
+struct SyncKey {
+    encrypted: String,
+    key: StripeApiKey,
+    decrypted_at: Instant,
+}
+
 #[derive(Clone)]
 pub struct StripeConfigStore {
     pool: PgPool,
     keys: Keyring,
+    /// Keys decrypted for [`Purpose::Sync`], by (tenant, environment). Behind one lock held
+    /// while a missing key is decrypted, so that concurrent dispatchers decrypt (and audit)
+    /// it once; that happens once per [`SYNC_KEY_REUSE`].
+    sync_keys: Arc<tokio::sync::Mutex<HashMap<(String, String), SyncKey>>>,
 }
 
 impl StripeConfigStore {
     pub fn new(pool: PgPool, keys: Keyring) -> Self {
-        Self { pool, keys }
+        Self {
+            pool,
+            keys,
+            sync_keys: Arc::default(),
+        }
     }
 
     /// Creates or replaces the configuration of `scope`; the audit trail records the masked
@@ -335,7 +362,8 @@ impl StripeConfigStore {
 
     /// The decrypted API key of a tenant environment, for calling Stripe; `None` without a
     /// configuration. The audit trail records `actor` and `purpose` first: a key is never
-    /// decrypted unrecorded.
+    /// decrypted unrecorded. For [`Purpose::Sync`] a key this store decrypted from the same
+    /// ciphertext less than [`SYNC_KEY_REUSE`] ago is reused, without decrypting again.
     pub async fn api_key(
         &self,
         tenant: &TenantId,
@@ -354,25 +382,60 @@ impl StripeConfigStore {
         let Some((encrypted, prefix, last4)) = stored else {
             return Ok(None);
         };
+        if purpose != Purpose::Sync {
+            let masked = format!("{prefix}****{last4}");
+            return self
+                .decrypt_api_key(tenant, environment, actor, purpose, &encrypted, &masked)
+                .await
+                .map(Some);
+        }
+        let mut sync_keys = self.sync_keys.lock().await;
+        let scope = (tenant.as_str().to_owned(), environment.as_str().to_owned());
+        if let Some(reused) = sync_keys
+            .get(&scope)
+            .filter(|k| k.encrypted == encrypted && k.decrypted_at.elapsed() < SYNC_KEY_REUSE)
+        {
+            return Ok(Some(reused.key.clone()));
+        }
+        let masked = format!("{prefix}****{last4}");
+        let key = self
+            .decrypt_api_key(tenant, environment, actor, purpose, &encrypted, &masked)
+            .await?;
+        sync_keys.insert(
+            scope,
+            SyncKey {
+                encrypted,
+                key: key.clone(),
+                decrypted_at: Instant::now(),
+            },
+        );
+        Ok(Some(key))
+    }
+
+    /// Records the decryption of `encrypted` (shown as `masked`), then decrypts it.
+    async fn decrypt_api_key(
+        &self,
+        tenant: &TenantId,
+        environment: &EnvironmentId,
+        actor: &Actor,
+        purpose: Purpose,
+        encrypted: &str,
+        masked: &str,
+    ) -> Result<StripeApiKey, ConfigStoreError> {
         audit::record(
             &self.pool,
             tenant.as_str(),
             environment.as_str(),
             actor,
-            &Change::ApiKeyDecrypted {
-                purpose,
-                masked: &format!("{prefix}****{last4}"),
-            },
+            &Change::ApiKeyDecrypted { purpose, masked },
         )
         .await?;
         let plain = self
             .keys
-            .decrypt(&encrypted, &context(tenant, environment, "api_key"))?;
+            .decrypt(encrypted, &context(tenant, environment, "api_key"))?;
         let text = String::from_utf8(plain)
             .map_err(|_| ConfigStoreError::Corrupt("api key is not text".into()))?;
-        StripeApiKey::parse(&text)
-            .map(Some)
-            .map_err(|e| ConfigStoreError::Corrupt(e.into()))
+        StripeApiKey::parse(&text).map_err(|e| ConfigStoreError::Corrupt(e.into()))
     }
 
     /// What the sink needs to call Stripe for a tenant environment: its decrypted key (the

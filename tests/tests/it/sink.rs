@@ -1,6 +1,7 @@
 //! The stripe-sink on the real stack with the local Stripe: every unit billed once through
 //! injected 429s, 500s, timeouts and dropped connections and two SIGKILLs of the sink; still
-//! once after Stripe's 24 h identifier window passed and everything was force-resynced;
+//! once after Stripe's 24 h identifier window passed and everything was force-resynced, with
+//! the API key decrypted (and audited) once per sink process, not per window;
 //! paced under the configured rate with one request in flight per customer and meter; the
 //! control API tenant-isolated; our request shapes accepted by Stripe's own stripe-mock.
 
@@ -365,6 +366,26 @@ async fn every_unit_reaches_stripe_once_through_faults_restarts_and_a_late_force
     assert!(
         differing.is_empty() && after.len() == expected.len(),
         "a forced resync a day later billed again: {differing:#?}"
+    );
+
+    // The sync decrypted the key, and audited it, once per sink process, not once per window
+    // it sent: it reuses the key for 10 minutes (`SYNC_KEY_REUSE`), longer than this test.
+    let pg = ns.pg_pool().await;
+    let decryptions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'api_key.decrypted' AND actor_kind = 'sync'",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    let settled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM stripe_sync_batches WHERE sync_status = 'synced'")
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+
+    assert!(
+        (1..=3).contains(&decryptions) && settled >= windows,
+        "{decryptions} audited decryptions by 3 sink processes for {settled} windows sent"
     );
     ns.drop_databases().await;
 }
