@@ -58,6 +58,9 @@ pub const RETRY_STEPS: [&str; 10] = [
 ];
 /// Messages behind the end of each `usage.raw` partition this instance owns.
 pub const CONSUMER_LAG: &str = "aggregator_consumer_lag_messages";
+/// Windows of the registry a batch marks changed: one `aggregation_windows` row written
+/// (inserted or updated) for each distinct (customer, meter, window) among its events.
+pub const WINDOWS_MARKED: &str = "aggregator_batch_windows_marked";
 /// Window totals published to `usage.windows`, by `reason` (`due`, `late`, `resync`).
 pub const WINDOWS_PUBLISHED: &str = "aggregator_windows_published_total";
 /// From a window being due to its total acknowledged on `usage.windows` (first publication).
@@ -81,6 +84,11 @@ pub fn describe() {
         "copies of an event stamped at another time than its first copy, counted at its time"
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "events per batch");
+    describe_histogram!(
+        WINDOWS_MARKED,
+        Unit::Count,
+        "aggregation_windows rows a batch marks (one per distinct customer, meter and window)"
+    );
     describe_histogram!(
         INSERT_DURATION,
         Unit::Seconds,
@@ -157,7 +165,13 @@ pub(crate) fn batch_inserted(elapsed: std::time::Duration, rows: usize) {
     metrics::counter!(ROWS_INSERTED).increment(rows as u64);
 }
 
-pub(crate) fn batch_recorded(late_events: usize, expired_events: usize, unmetered: u64) {
+pub(crate) fn batch_recorded(
+    windows_marked: usize,
+    late_events: usize,
+    expired_events: usize,
+    unmetered: u64,
+) {
+    metrics::histogram!(WINDOWS_MARKED).record(windows_marked as f64);
     metrics::counter!(LATE_EVENTS).increment(late_events as u64);
     metrics::counter!(EXPIRED_EVENTS).increment(expired_events as u64);
     metrics::counter!(EVENTS_UNMETERED).increment(unmetered);

@@ -198,6 +198,8 @@ fn aggregator(full: bool) -> AggregatorReport {
         from_spawn: ms(7_777),
         insert_seconds: full.then_some(2.5),
         inserts: full.then_some(40.0),
+        windows_marked: full.then_some(12_000.0),
+        marked_batches: full.then_some(40.0),
         publication: BacklogPublication {
             after_last_row: full.then(|| ms(4_321)),
         },

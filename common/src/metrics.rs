@@ -32,7 +32,7 @@ const BATCH_BUCKETS: &[f64] = &[
 
 /// Installs the global recorder and returns the handle that renders it. `_lag_seconds`
 /// metrics become histograms with the lag buckets, other `_seconds` metrics with the latency
-/// buckets, `_batch_events` metrics with the batch buckets. (The exporter tries suffix
+/// buckets, `_batch_events` and `_windows_marked` metrics with the batch buckets. (The exporter tries suffix
 /// matchers in string order, so `_lag_seconds` is tried before `_seconds`.)
 pub fn install(service: &'static str) -> Result<PrometheusHandle, Error> {
     let handle = PrometheusBuilder::new()
@@ -41,6 +41,8 @@ pub fn install(service: &'static str) -> Result<PrometheusHandle, Error> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .map_err(|e| Error::Metrics(e.to_string()))?
         .set_buckets_for_metric(Matcher::Suffix("_batch_events".into()), BATCH_BUCKETS)
+        .map_err(|e| Error::Metrics(e.to_string()))?
+        .set_buckets_for_metric(Matcher::Suffix("_windows_marked".into()), BATCH_BUCKETS)
         .map_err(|e| Error::Metrics(e.to_string()))?
         .install_recorder()
         .map_err(|e| Error::Metrics(e.to_string()))?;

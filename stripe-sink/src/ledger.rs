@@ -358,7 +358,10 @@ impl Ledger {
     ) -> Result<Vec<Batch>, Error> {
         let mut tx = self.pool.begin().await.map_err(db("starting a claim"))?;
         // Keys with a live lease are left out here, not after the LIMIT: a few busy keys
-        // must not hide every other ready window.
+        // must not hide every other ready window. The due rows are read in
+        // `next_attempt_at` order from the partial index `stripe_sync_batches_ready` and only
+        // the first LIMIT of them are taken (their ties sorted), never every due row; the
+        // lease check reads the in-flight rows of `stripe_sync_batches_leased` (migration 31).
         let candidates: Vec<BatchRow> = sqlx::query_as(
             "SELECT id, tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
                     aggregated_quantity, synced_quantity, attempts, claim

@@ -209,6 +209,14 @@ pub async fn run(params: &Params) -> anyhow::Result<AggregatorReport> {
             &metrics_after_backlog,
             "aggregator_clickhouse_insert_duration_seconds_count",
         ),
+        windows_marked: metric_value(
+            &metrics_after_backlog,
+            "aggregator_batch_windows_marked_sum",
+        ),
+        marked_batches: metric_value(
+            &metrics_after_backlog,
+            "aggregator_batch_windows_marked_count",
+        ),
         publication,
         windows_published: ["due", "late"]
             .map(|r| {

@@ -80,6 +80,10 @@ pub struct AggregatorReport {
     /// `aggregator_clickhouse_insert_duration_seconds` sum and count after the backlog.
     pub insert_seconds: Option<f64>,
     pub inserts: Option<f64>,
+    /// `aggregator_batch_windows_marked` sum and count after the backlog: the rows the
+    /// marking wrote to PostgreSQL, and the batches.
+    pub windows_marked: Option<f64>,
+    pub marked_batches: Option<f64>,
     pub publication: BacklogPublication,
     /// `aggregator_windows_published_total` by reason at the end of the run.
     pub windows_published: Vec<(&'static str, u64)>,
@@ -194,6 +198,19 @@ impl AggregatorReport {
         ))
     }
 
+    fn marked_text(&self) -> Option<String> {
+        let (sum, count) = (self.windows_marked?, self.marked_batches?);
+        if count <= 0.0 {
+            return None;
+        }
+        Some(format!(
+            "{} rows in {count:.0} batches (mean {:.0} a batch, {:.3} per event)",
+            thousands(sum),
+            sum / count,
+            sum / self.events.max(1) as f64
+        ))
+    }
+
     fn published_text(&self) -> String {
         self.windows_published
             .iter()
@@ -290,6 +307,9 @@ impl Report for AggregatorReport {
         if let Some(insert) = self.insert_text() {
             let _ = writeln!(s, "inserts      {insert}");
         }
+        if let Some(marked) = self.marked_text() {
+            let _ = writeln!(s, "marking      {marked} written to aggregation_windows");
+        }
         let _ = writeln!(
             s,
             "backlog      {}; windows published (backlog and live): {}",
@@ -360,6 +380,12 @@ impl Report for AggregatorReport {
         );
         if let Some(insert) = self.insert_text() {
             let _ = writeln!(s, "| ClickHouse inserts (aggregator metric) | {insert} |");
+        }
+        if let Some(marked) = self.marked_text() {
+            let _ = writeln!(
+                s,
+                "| windows marked: `aggregation_windows` rows written (aggregator metric) | {marked} |"
+            );
         }
         let _ = writeln!(
             s,
