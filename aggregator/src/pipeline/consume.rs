@@ -264,7 +264,12 @@ async fn record_batch(shared: &Shared, batch: &MeteredBatch, shutdown: &Cancella
         .filter(|r| r.expired)
         .map(|r| r.event.id.as_str())
         .collect();
-    metrics::batch_recorded(batch.windows.len(), late_events, expired.len(), batch.unmetered);
+    metrics::batch_recorded(
+        batch.windows.len(),
+        late_events,
+        expired.len(),
+        batch.unmetered,
+    );
 
     for dead in &batch.dead {
         if retry!("dead_letter", shutdown, shared.dead_letters.send(dead)).is_none() {
