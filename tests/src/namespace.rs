@@ -26,6 +26,30 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// Deletes the namespace's topics, best effort. Left in place they add up to thousands of
+    /// partitions over a few test runs, and a broker restart then takes longer than `dev/up`
+    /// waits for it.
+    async fn delete_topics(&self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let Ok(admin) = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka.brokers)
+            .create::<AdminClient<DefaultClientContext>>()
+        else {
+            return;
+        };
+        let names = self.topics().all();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        // The controller deletes in the background: no waiting for it to finish.
+        let options = AdminOptions::new().request_timeout(Some(std::time::Duration::from_secs(5)));
+        // A test's private broker may be gone by now: never wait long for an answer.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            admin.delete_topics(&names, &options),
+        )
+        .await;
+    }
+
     /// A fresh namespace on the shared stack, fully set up.
     pub async fn create() -> Namespace {
         let stack = Stack::get();
@@ -164,9 +188,10 @@ impl Namespace {
         env
     }
 
-    /// Drops the namespace's databases (topics are cheap and left for post-mortems).
-    /// Call at the end of a passing test; a failing one leaves its data to look at.
+    /// Drops the namespace's databases and deletes its topics. Call at the end of a passing
+    /// test; a failing one leaves its data and its topics to look at.
     pub async fn drop_databases(&self) {
+        self.delete_topics().await;
         let topology = clickhouse::Topology::of(&self.clickhouse);
         for client in topology.clients(clickhouse::Target::EveryNode) {
             let _ = client
