@@ -300,6 +300,7 @@ fn pipeline(rate: u64) -> PipelineReport {
             customers: 200,
             stripe_rate: 1000,
             webhook_rate: 50,
+            batch_wait_ms: 1000,
             baseline_messages: 300,
             write_docs: false,
         },

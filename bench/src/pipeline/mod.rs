@@ -78,6 +78,10 @@ pub struct Params {
     /// Messages timed through the baseline path (20 a second).
     #[arg(long, default_value_t = 300)]
     pub baseline_messages: usize,
+    /// The aggregator's `AGGREGATOR_BATCH_MAX_WAIT_MS` (its default: 1000). A window is
+    /// published once no batch marked it for twice this, so it bounds the latency from below.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_wait_ms: u64,
     /// Replace the pipeline section of docs/benchmarks.md with this run's numbers.
     #[arg(long)]
     pub write_docs: bool,
@@ -142,6 +146,10 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     let ingest = ServiceProcess::spawn("ingest", &ingest_env).await;
     let mut aggregator_env = ns.env();
     aggregator_env.push(("STRIPE_SYNC_GRACE_PERIOD_MINUTES".into(), "0".into()));
+    aggregator_env.push((
+        "AGGREGATOR_BATCH_MAX_WAIT_MS".into(),
+        params.batch_wait_ms.to_string(),
+    ));
     let aggregator = ServiceProcess::spawn("aggregator", &aggregator_env).await;
     let sink = spawn_sink(&ns, &stripe.recorder.base).await;
     let relay = ServiceProcess::spawn("webhook-relay", &ns.env()).await;

@@ -116,7 +116,12 @@ impl Report for PipelineReport {
     fn text(&self) -> String {
         let mut s = String::new();
         title_line(&mut s, "pipeline benchmark", self.date);
-        let _ = writeln!(s, "load         {}", self.load_text());
+        let _ = writeln!(
+            s,
+            "load         {}; aggregator batch wait {} ms",
+            self.load_text(),
+            self.params.batch_wait_ms
+        );
         let _ = writeln!(
             s,
             "sustained    {} events/s ({} events in {:.1}s)",
@@ -145,9 +150,10 @@ impl Report for PipelineReport {
         let mut s = self.head().markdown();
         let _ = writeln!(
             s,
-            "| parameters | {}; {} customers, a COUNT and a SUM meter on `api.request`, 1-minute windows, grace 0; Stripe account limit and sink rate {}/s; {} signed webhook deliveries/s to the relay meanwhile |",
+            "| parameters | {}; {} customers, a COUNT and a SUM meter on `api.request`, 1-minute windows, grace 0, aggregator batch wait {} ms; Stripe account limit and sink rate {}/s; {} signed webhook deliveries/s to the relay meanwhile |",
             self.load_text(),
             thousands(p.customers as f64),
+            p.batch_wait_ms,
             thousands(f64::from(p.stripe_rate)),
             p.webhook_rate
         );
