@@ -318,6 +318,7 @@ fn pipeline(rate: u64) -> PipelineReport {
         windows: 400,
         first: latency(1_500),
         complete: latency(2_500),
+        published: Some((ms(1_100), 400)),
         meter_events: 812,
         too_many: 0,
         webhooks: 3000,

@@ -5,7 +5,7 @@ use anyhow::Context;
 use meterline_tests::ServiceProcess;
 
 /// The aggregator's `/metrics` text.
-pub(super) async fn scrape(aggregator: &ServiceProcess) -> anyhow::Result<String> {
+pub(crate) async fn scrape(aggregator: &ServiceProcess) -> anyhow::Result<String> {
     reqwest::get(aggregator.url("/metrics"))
         .await
         .context("reading the aggregator's /metrics")?
@@ -15,7 +15,7 @@ pub(super) async fn scrape(aggregator: &ServiceProcess) -> anyhow::Result<String
 }
 
 /// The value of the sample named exactly `name` (labels included) in a Prometheus text.
-pub(super) fn metric_value(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let (sample, value) = line.rsplit_once(' ')?;
         (sample == name).then(|| value.parse().ok()).flatten()

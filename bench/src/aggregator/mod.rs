@@ -47,7 +47,7 @@ use crate::workload::{ENVIRONMENT, TENANT};
 
 mod backlog;
 mod live;
-mod metrics;
+pub(crate) mod metrics;
 mod report;
 
 use backlog::{direct_insert, preload, Backlog, Generator};

@@ -263,6 +263,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     let receipts = stripe.recorder.receipts();
     check_counted(&stripe, &truth).await?;
     let (first, complete) = window_latencies(&receipts, &stripe, &truth);
+    let published = publish_lag_mean(&aggregator).await?;
 
     let memory = SERVICES
         .iter()
@@ -297,6 +298,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
         windows: truth.len(),
         first,
         complete,
+        published,
         meter_events: receipts.iter().filter(|r| r.accepted()).count(),
         too_many: receipts.iter().filter(|r| r.status == 429).count(),
         webhooks,
@@ -500,6 +502,23 @@ async fn check_counted(stripe: &Stripe, truth: &BTreeMap<WindowKey, i64>) -> any
         );
     }
     Ok(())
+}
+
+/// The aggregator's own mean from a window falling due to its total acknowledged on
+/// `usage.windows`, and how many first publications it averages
+/// (`aggregator_window_publish_lag_seconds`): the aggregator's share of the latency.
+async fn publish_lag_mean(aggregator: &ServiceProcess) -> anyhow::Result<Option<(Duration, u64)>> {
+    use crate::aggregator::metrics::{metric_value, scrape};
+    let text = scrape(aggregator).await?;
+    let name = "aggregator_window_publish_lag_seconds";
+    let sum = metric_value(&text, &format!("{name}_sum"));
+    let count = metric_value(&text, &format!("{name}_count"));
+    Ok(match (sum, count) {
+        (Some(sum), Some(count)) if count > 0.0 => {
+            Some((Duration::from_secs_f64(sum / count), count as u64))
+        }
+        _ => None,
+    })
 }
 
 /// Per window: due (its end, grace 0) to the first accepted meter event, and to the one

@@ -40,6 +40,9 @@ pub struct PipelineReport {
     pub first: Latency,
     /// Window due -> the meter event that made Stripe's total complete.
     pub complete: Latency,
+    /// Window due -> its first total acknowledged on `usage.windows`: the aggregator's mean,
+    /// and the publications it averages.
+    pub published: Option<(Duration, u64)>,
     pub meter_events: usize,
     pub too_many: usize,
     pub webhooks: u64,
@@ -101,6 +104,15 @@ impl PipelineReport {
         }
     }
 
+    fn published_text(&self) -> Option<String> {
+        let (mean, count) = self.published?;
+        Some(format!(
+            "mean {:.2} s over {} first publications (aggregator metric `aggregator_window_publish_lag_seconds`)",
+            mean.as_secs_f64(),
+            thousands(count as f64)
+        ))
+    }
+
     fn kept_up(&self) -> String {
         format!(
             "{} of {} rows in `events_processed` when the load ended ({:.1}%); all of them {:.1} s later",
@@ -132,6 +144,9 @@ impl Report for PipelineReport {
         let _ = writeln!(s, "aggregator   {}", self.kept_up());
         let _ = writeln!(s, "due->first   {}", Self::latency_text(&self.first));
         let _ = writeln!(s, "due->total   {}", Self::latency_text(&self.complete));
+        if let Some(published) = self.published_text() {
+            let _ = writeln!(s, "due->topic   {published}");
+        }
         let _ = writeln!(s, "baseline     {}", self.baseline_text());
         for m in &self.memory {
             let (idle, peak, end) = m.mib();
@@ -177,6 +192,12 @@ impl Report for PipelineReport {
             "| window due -> Stripe's total complete | {} |",
             Self::latency_text(&self.complete)
         );
+        if let Some(published) = self.published_text() {
+            let _ = writeln!(
+                s,
+                "| window due -> its total on `usage.windows` (the aggregator's share) | {published} |"
+            );
+        }
         let _ = writeln!(
             s,
             "| baseline: produce -> consume -> produce (acked) -> consume -> one POST to the stand-in | {} |",
