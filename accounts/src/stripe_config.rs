@@ -382,8 +382,8 @@ impl StripeConfigStore {
         let Some((encrypted, prefix, last4)) = stored else {
             return Ok(None);
         };
+        let masked = format!("{prefix}****{last4}");
         if purpose != Purpose::Sync {
-            let masked = format!("{prefix}****{last4}");
             return self
                 .decrypt_api_key(tenant, environment, actor, purpose, &encrypted, &masked)
                 .await
@@ -397,7 +397,6 @@ impl StripeConfigStore {
         {
             return Ok(Some(reused.key.clone()));
         }
-        let masked = format!("{prefix}****{last4}");
         let key = self
             .decrypt_api_key(tenant, environment, actor, purpose, &encrypted, &masked)
             .await?;

@@ -309,27 +309,32 @@ impl Warehouse {
             })
     }
 
-    /// The query of [`Warehouse::window_aggregates`], after `prefix` (empty, or an `EXPLAIN
-    /// ESTIMATE` subquery opened, which a `)` closes, for what it would read).
+    /// The query of [`Warehouse::window_aggregates`], bound; with `estimate`, instead the rows
+    /// ClickHouse plans to read for it (`EXPLAIN ESTIMATE`, summed over its tables).
     fn window_aggregates_query(
         &self,
-        prefix: &str,
+        estimate: bool,
         (tenant, environment, meter): (&TenantId, &EnvironmentId, &MeterId),
         (from, to): (OffsetDateTime, OffsetDateTime),
         customers: &[CustomerId],
     ) -> ::clickhouse::query::Query {
         let customer_ids: Vec<&str> = customers.iter().map(CustomerId::as_str).collect();
+        let sql = format!(
+            "SELECT customer_id, {AGGREGATES_SQL}, max(timestamp) AS last_at
+             FROM events_processed FINAL
+             WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
+               AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
+               AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
+               AND customer_id IN ?
+             GROUP BY customer_id"
+        );
+        let sql = if estimate {
+            format!("SELECT toUInt64(sum(rows)) FROM (EXPLAIN ESTIMATE {sql})")
+        } else {
+            sql
+        };
         self.client
-            .query(&format!(
-                "{prefix} SELECT customer_id, {AGGREGATES_SQL}, max(timestamp) AS last_at
-                 FROM events_processed FINAL
-                 WHERE tenant_id = ? AND environment_id = ? AND meter_id = ?
-                   AND timestamp >= fromUnixTimestamp64Milli(?, 'UTC')
-                   AND timestamp < fromUnixTimestamp64Milli(?, 'UTC')
-                   AND customer_id IN ?
-                 GROUP BY customer_id{close}",
-                close = if prefix.is_empty() { "" } else { ")" }
-            ))
+            .query(&sql)
             .bind(tenant.as_str())
             .bind(environment.as_str())
             .bind(meter.as_str())
@@ -347,18 +352,13 @@ impl Warehouse {
         range: (OffsetDateTime, OffsetDateTime),
         customers: &[CustomerId],
     ) -> Result<u64, Error> {
-        self.window_aggregates_query(
-            "SELECT toUInt64(sum(rows)) FROM (EXPLAIN ESTIMATE",
-            meter,
-            range,
-            customers,
-        )
-        .fetch_one::<u64>()
-        .await
-        .map_err(|e| Error::Clickhouse {
-            context: "estimating a window read",
-            source: e,
-        })
+        self.window_aggregates_query(true, meter, range, customers)
+            .fetch_one::<u64>()
+            .await
+            .map_err(|e| Error::Clickhouse {
+                context: "estimating a window read",
+                source: e,
+            })
     }
 
     /// The aggregates of `meter` over `[from, to)` (a window, or a billing period to a
@@ -373,7 +373,7 @@ impl Warehouse {
         customers: &[CustomerId],
     ) -> Result<HashMap<CustomerId, (WindowAggregates, OffsetDateTime)>, Error> {
         let rows: Vec<AggregateRow> = self
-            .window_aggregates_query("", (tenant, environment, meter), range, customers)
+            .window_aggregates_query(false, (tenant, environment, meter), range, customers)
             .fetch_all()
             .await
             .map_err(|e| Error::Clickhouse {

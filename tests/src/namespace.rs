@@ -30,22 +30,10 @@ impl Namespace {
     /// partitions over a few test runs, and a broker restart then takes longer than `dev/up`
     /// waits for it.
     async fn delete_topics(&self) {
-        use rdkafka::admin::{AdminClient, AdminOptions};
-        use rdkafka::client::DefaultClientContext;
-        let Ok(admin) = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka.brokers)
-            .create::<AdminClient<DefaultClientContext>>()
-        else {
-            return;
-        };
-        let names = self.topics().all();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        // The controller deletes in the background: no waiting for it to finish.
-        let options = AdminOptions::new().request_timeout(Some(std::time::Duration::from_secs(5)));
         // A test's private broker may be gone by now: never wait long for an answer.
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            admin.delete_topics(&names, &options),
+            kafka::delete_topics(&self.kafka, &self.topics().all()),
         )
         .await;
     }

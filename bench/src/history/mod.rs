@@ -26,6 +26,7 @@ use aggregator::clickhouse::Warehouse;
 use anyhow::{bail, Context};
 use meterline_catalog::window_totals::{window_aggregates, WindowPlan};
 use meterline_common::clickhouse::{ProcessedRow, MIGRATIONS};
+use meterline_common::retention::{set_events_ttl, RetentionDays};
 use meterline_schemas::{CustomerId, EnvironmentId, MeterId, TenantId, TimeRange, Timestamp};
 use meterline_tests::{api, Namespace};
 use time::OffsetDateTime;
@@ -154,14 +155,19 @@ async fn by_id_layout(ns: &Namespace) -> anyhow::Result<()> {
 
 /// Sets the namespace's TTL past the oldest history row, so that the merge keeps all of it.
 async fn keep_history(ns: &Namespace, months: u64) -> anyhow::Result<()> {
-    let days = (months as i64 + 2) * MONTH_DAYS;
-    ns.clickhouse()
-        .query(&format!(
-            "ALTER TABLE events_processed MODIFY TTL toDateTime(timestamp) + INTERVAL {days} DAY"
-        ))
-        .execute()
+    let days = u32::try_from((months + 2) * MONTH_DAYS as u64)?;
+    let days = RetentionDays::new(days).map_err(anyhow::Error::msg)?;
+    set_events_ttl(&ns.clickhouse, days)
         .await
         .context("setting the history's TTL")
+}
+
+/// The benchmark's meters, parsed.
+fn meter_ids() -> anyhow::Result<Vec<MeterId>> {
+    Ok(METERS
+        .iter()
+        .map(|m| MeterId::parse(m))
+        .collect::<Result<_, _>>()?)
 }
 
 fn customer(c: u64) -> String {
@@ -224,10 +230,7 @@ async fn compute_hour(
     let customers: Vec<CustomerId> = (0..params.customers)
         .map(|c| CustomerId::parse(&customer(c)))
         .collect::<Result<_, _>>()?;
-    let meters: Vec<MeterId> = METERS
-        .iter()
-        .map(|m| MeterId::parse(m))
-        .collect::<Result<_, _>>()?;
+    let meters = meter_ids()?;
     let range = (hour, hour + time::Duration::HOUR);
     let mut samples = Vec::with_capacity(params.hour_rounds);
     for _ in 0..params.hour_rounds {
@@ -294,10 +297,7 @@ async fn read_hours(
 ) -> anyhow::Result<Latency> {
     let client = ns.clickhouse();
     let scope = api::scope(TENANT, ENVIRONMENT);
-    let meters: Vec<MeterId> = METERS
-        .iter()
-        .map(|m| MeterId::parse(m))
-        .collect::<Result<_, _>>()?;
+    let meters = meter_ids()?;
     let range = TimeRange::new(
         Timestamp::new(hour)?,
         Timestamp::new(hour + time::Duration::HOUR)?,

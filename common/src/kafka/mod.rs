@@ -161,6 +161,27 @@ pub async fn group_members(settings: &KafkaSettings, group: &str) -> Result<usiz
 
 /// Creates every topic of `topics` that does not exist yet, with `partitions` partitions.
 /// Existing topics are left as they are.
+/// Asks the brokers to delete `topics` (missing ones are no error) and returns once the
+/// controller accepted it, without waiting for the deletion; for test namespaces.
+pub async fn delete_topics(settings: &KafkaSettings, topics: &[String]) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = base_config(settings, "meterline-admin")
+        .create()
+        .map_err(|source| Error::Kafka {
+            context: "creating admin client",
+            source,
+        })?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+    admin
+        .delete_topics(&names, &options)
+        .await
+        .map(drop)
+        .map_err(|source| Error::Kafka {
+            context: "deleting topics",
+            source,
+        })
+}
+
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[String],
