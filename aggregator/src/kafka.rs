@@ -1,5 +1,5 @@
-//! Kafka for the aggregator: reading `usage.raw` in batches, the lag of the partitions this
-//! instance owns, and the publisher of `usage.windows`.
+//! Kafka for the aggregator: the lag of the `usage.raw` partitions this instance owns, and
+//! the publisher of `usage.windows` (batches are read with the shared `read_batch`).
 //!
 //! Rule kept here: offsets are committed only by the pipeline, after the work they cover is
 //! durable (rows in ClickHouse and windows marked, or window totals acknowledged by Kafka);
@@ -9,14 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterline_common::config::KafkaSettings;
-use meterline_common::kafka::{next_message, Publisher, Topics};
+use meterline_common::kafka::{Publisher, Topics};
 use meterline_common::shutdown::pause;
 use meterline_schemas::{Topic, WindowTotal};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BatchLimits;
 use crate::{metrics, Error};
 
 /// How long a write may wait for Kafka before the pipeline retries it.
@@ -54,36 +52,6 @@ impl Writer {
             Some(e) => Err(Error::Publish(e)),
         }
     }
-}
-
-/// Reads up to `limits.max_events` messages, waiting at most `limits.max_wait` after the
-/// first. Empty only when shutdown began before any message arrived. The messages stay in
-/// the consumer's buffers (borrowed): a batch is resolved where it was read, and only what
-/// the later stages need is copied out of it.
-pub(crate) async fn read_batch<'c>(
-    consumer: &'c StreamConsumer,
-    limits: BatchLimits,
-    shutdown: &CancellationToken,
-) -> Vec<BorrowedMessage<'c>> {
-    let mut batch = Vec::new();
-    let Some(first) = next_message(consumer, shutdown).await else {
-        return batch;
-    };
-    batch.push(first);
-    // One timer for the whole batch: a timer per message cost a clock read and a timer
-    // registration per event.
-    let deadline = tokio::time::sleep(limits.max_wait);
-    tokio::pin!(deadline);
-    while batch.len() < limits.max_events {
-        tokio::select! {
-            received = consumer.recv() => match received {
-                Ok(m) => batch.push(m),
-                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
-            },
-            _ = &mut deadline => break,
-        }
-    }
-    batch
 }
 
 /// Reports, every `every`, how far behind the end of each owned partition the group is.

@@ -319,6 +319,8 @@ fn pipeline(rate: u64) -> PipelineReport {
         first: latency(1_500),
         complete: latency(2_500),
         published: Some((ms(1_100), 400)),
+        recorded: latency(1_200),
+        send_written: latency(1_450),
         meter_events: 812,
         too_many: 0,
         webhooks: 3000,

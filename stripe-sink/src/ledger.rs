@@ -277,76 +277,27 @@ impl Ledger {
     /// expired; a resync whose job asked for `force_rerun` also re-opens failed and skipped
     /// windows.
     pub async fn record_window(&self, total: &WindowTotal) -> Result<(), Error> {
-        let job = match &total.reason {
-            WindowReason::Resync { job_id } => Some(job_id),
-            _ => None,
-        };
-        let force: bool = match job {
-            Some(job_id) => {
-                sqlx::query_scalar("SELECT force_rerun FROM sync_jobs WHERE id = $1::uuid")
-                    .bind(job_id.to_string())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db("reading the sync job"))?
-                    .unwrap_or(false)
-            }
-            None => false,
-        };
-        let initial = if total.expired {
-            LedgerState::Expired
-        } else {
-            LedgerState::Pending
-        };
-        sqlx::query(
-            "INSERT INTO stripe_sync_batches AS b
-                 (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
-                  aggregated_quantity, event_count, window_revision, sync_status, last_job_id,
-                  last_event_at, period_end)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid, $13, $14)
-             ON CONFLICT (tenant_id, environment_id, entity_id, meter_id, window_start)
-             DO UPDATE SET
-                 aggregated_quantity = CASE WHEN EXCLUDED.window_revision >= b.window_revision
-                     THEN EXCLUDED.aggregated_quantity ELSE b.aggregated_quantity END,
-                 event_count = CASE WHEN EXCLUDED.window_revision >= b.window_revision
-                     THEN EXCLUDED.event_count ELSE b.event_count END,
-                 last_event_at = CASE WHEN EXCLUDED.window_revision >= b.window_revision
-                     THEN EXCLUDED.last_event_at ELSE b.last_event_at END,
-                 period_end = CASE WHEN EXCLUDED.window_revision >= b.window_revision
-                     THEN EXCLUDED.period_end ELSE b.period_end END,
-                 window_revision = GREATEST(b.window_revision, EXCLUDED.window_revision),
-                 last_job_id = COALESCE(EXCLUDED.last_job_id, b.last_job_id),
-                 sync_status = CASE
-                     WHEN b.sync_status IN ('in_flight', 'needs_reconciliation', 'expired')
-                         THEN b.sync_status
-                     WHEN EXCLUDED.sync_status = 'expired' THEN 'expired'
-                     WHEN b.sync_status IN ('failed', 'skipped') AND NOT $12 THEN b.sync_status
-                     ELSE 'pending' END,
-                 next_attempt_at = CASE
-                     WHEN b.sync_status IN ('synced', 'pending_mapping') OR $12 THEN now()
-                     ELSE b.next_attempt_at END,
-                 attempts = CASE WHEN $12 THEN 0 ELSE b.attempts END,
-                 updated_at = now()",
-        )
-        .bind(total.tenant_id.as_str())
-        .bind(total.environment_id.as_str())
-        .bind(total.customer_id.as_str())
-        .bind(total.meter_id.as_str())
-        .bind(total.window.start())
-        .bind(total.window.end())
-        .bind(total.quantity)
-        .bind(i64::try_from(total.event_count).unwrap_or(i64::MAX))
-        .bind(i32::try_from(total.revision.get()).unwrap_or(i32::MAX))
-        .bind(initial.as_str())
-        .bind(job.map(ToString::to_string))
-        .bind(force)
-        .bind(total.last_event_at.map(|t| t.as_offset_date_time()))
-        .bind(total.period_end.map(|t| t.as_offset_date_time()))
-        .execute(&self.pool)
-        .await
-        .map_err(db("recording a window total"))?;
-        Ok(())
+        self.record_windows([total]).await
     }
 
+    /// Records published window totals in one transaction, each as [`Self::record_window`]
+    /// does, in the order given (two totals of one window: the later statement sees the
+    /// earlier). One commit for a batch: a commit per total waited for its own WAL flush, and
+    /// the minute's windows falling due at once queued behind each other for seconds.
+    pub async fn record_windows<'t>(
+        &self,
+        totals: impl IntoIterator<Item = &'t WindowTotal>,
+    ) -> Result<(), Error> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("starting to record totals"))?;
+        for total in totals {
+            record_total(&mut tx, total).await?;
+        }
+        tx.commit().await.map_err(db("committing window totals"))
+    }
     /// Claims up to `limit` windows ready to send, at most one per (tenant, environment,
     /// customer, meter), none whose key has a live lease elsewhere. A claim holds its window
     /// for `lease`: longer than settling one window can take, so that a window is taken over
@@ -544,6 +495,79 @@ const OUTSTANDING_SEND: &str =
             provider_customer_id, stripe_timestamp, created_at, in_doubt_since, formula
      FROM stripe_sync_sends WHERE batch_id = $1 AND status = 'sending'
      ORDER BY seq LIMIT 1";
+
+/// One total into the ledger, within the caller's transaction (see [`Ledger::record_window`]).
+async fn record_total(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    total: &WindowTotal,
+) -> Result<(), Error> {
+    let job = match &total.reason {
+        WindowReason::Resync { job_id } => Some(job_id),
+        _ => None,
+    };
+    let force: bool = match job {
+        Some(job_id) => sqlx::query_scalar("SELECT force_rerun FROM sync_jobs WHERE id = $1::uuid")
+            .bind(job_id.to_string())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db("reading the sync job"))?
+            .unwrap_or(false),
+        None => false,
+    };
+    let initial = if total.expired {
+        LedgerState::Expired
+    } else {
+        LedgerState::Pending
+    };
+    sqlx::query(
+        "INSERT INTO stripe_sync_batches AS b
+             (tenant_id, environment_id, entity_id, meter_id, window_start, window_end,
+              aggregated_quantity, event_count, window_revision, sync_status, last_job_id,
+              last_event_at, period_end)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::uuid, $13, $14)
+         ON CONFLICT (tenant_id, environment_id, entity_id, meter_id, window_start)
+         DO UPDATE SET
+             aggregated_quantity = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                 THEN EXCLUDED.aggregated_quantity ELSE b.aggregated_quantity END,
+             event_count = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                 THEN EXCLUDED.event_count ELSE b.event_count END,
+             last_event_at = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                 THEN EXCLUDED.last_event_at ELSE b.last_event_at END,
+             period_end = CASE WHEN EXCLUDED.window_revision >= b.window_revision
+                 THEN EXCLUDED.period_end ELSE b.period_end END,
+             window_revision = GREATEST(b.window_revision, EXCLUDED.window_revision),
+             last_job_id = COALESCE(EXCLUDED.last_job_id, b.last_job_id),
+             sync_status = CASE
+                 WHEN b.sync_status IN ('in_flight', 'needs_reconciliation', 'expired')
+                     THEN b.sync_status
+                 WHEN EXCLUDED.sync_status = 'expired' THEN 'expired'
+                 WHEN b.sync_status IN ('failed', 'skipped') AND NOT $12 THEN b.sync_status
+                 ELSE 'pending' END,
+             next_attempt_at = CASE
+                 WHEN b.sync_status IN ('synced', 'pending_mapping') OR $12 THEN now()
+                 ELSE b.next_attempt_at END,
+             attempts = CASE WHEN $12 THEN 0 ELSE b.attempts END,
+             updated_at = now()",
+    )
+    .bind(total.tenant_id.as_str())
+    .bind(total.environment_id.as_str())
+    .bind(total.customer_id.as_str())
+    .bind(total.meter_id.as_str())
+    .bind(total.window.start())
+    .bind(total.window.end())
+    .bind(total.quantity)
+    .bind(i64::try_from(total.event_count).unwrap_or(i64::MAX))
+    .bind(i32::try_from(total.revision.get()).unwrap_or(i32::MAX))
+    .bind(initial.as_str())
+    .bind(job.map(ToString::to_string))
+    .bind(force)
+    .bind(total.last_event_at.map(|t| t.as_offset_date_time()))
+    .bind(total.period_end.map(|t| t.as_offset_date_time()))
+    .execute(&mut **tx)
+    .await
+    .map_err(db("recording a window total"))?;
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests;

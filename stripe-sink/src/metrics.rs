@@ -403,8 +403,8 @@ pub(crate) fn change_after_final_invoice() {
     metrics::counter!(CHANGES_AFTER_FINAL_INVOICE).increment(1);
 }
 
-pub(crate) fn window_recorded() {
-    metrics::counter!(WINDOWS_RECORDED).increment(1);
+pub(crate) fn windows_recorded(count: usize) {
+    metrics::counter!(WINDOWS_RECORDED).increment(count as u64);
 }
 
 /// `outcome`: one of [`SETTLE_OUTCOMES`].

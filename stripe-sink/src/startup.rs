@@ -99,6 +99,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             max: Duration::from_secs(30),
         },
         dead_letters: dead_letters.clone(),
+        recorded: tokio::sync::Notify::new(),
     });
 
     let shutdown = context.shutdown.clone();

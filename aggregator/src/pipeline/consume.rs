@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use meterline_common::kafka::{commit, DeadLetter, NextOffsets};
+use meterline_common::kafka::{commit, read_batch, DeadLetter, NextOffsets};
 use rdkafka::consumer::StreamConsumer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,6 @@ use super::metering::{meter_batch, settle_batch};
 use super::Shared;
 use crate::billing::{MeteredEvent, RawEvent};
 use crate::config::BatchLimits;
-use crate::kafka::read_batch;
 use crate::meter_cache::MeterCache;
 use crate::metrics;
 use crate::windows::{WindowKey, WindowKeyRef};
@@ -126,7 +125,7 @@ async fn read_and_meter(
 ) {
     let mut cache = MeterCache::new(shared.pool.clone());
     loop {
-        let messages = read_batch(&consumer, limits, &shutdown).await;
+        let messages = read_batch(&consumer, limits.max_events, limits.max_wait, &shutdown).await;
         if messages.is_empty() {
             return;
         }

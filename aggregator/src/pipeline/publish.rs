@@ -166,7 +166,8 @@ pub(super) async fn publish_claim(
 
     let mut totals = Vec::new();
     let mut publications = Vec::new();
-    let mut first_publication_lags = Vec::new();
+    // Windows published for the first time: their lag is taken once Kafka acknowledged them.
+    let mut firsts = Vec::new();
     for state in &claim.windows {
         let key = &state.key;
         let Some(meter) = cache.meter(&key.tenant_id, &key.environment_id, &key.meter_id) else {
@@ -195,7 +196,7 @@ pub(super) async fn publish_claim(
             _ => WindowReason::Late,
         };
         if state.published.revision == 0 {
-            first_publication_lags.push(due::publication_lag(&key.window, shared.grace, now));
+            firsts.push(key.window);
         }
         totals.push(WindowTotal {
             tenant_id: key.tenant_id.clone(),
@@ -221,6 +222,7 @@ pub(super) async fn publish_claim(
         });
     }
     shared.writer.publish_windows(&totals).await?;
+    let acknowledged = OffsetDateTime::now_utc();
     successors.sort_unstable();
     successors.dedup();
     claim
@@ -229,8 +231,8 @@ pub(super) async fn publish_claim(
     for total in &totals {
         metrics::window_published(&total.reason);
     }
-    for lag in first_publication_lags {
-        metrics::first_publication_lag(lag);
+    for window in &firsts {
+        metrics::first_publication_lag(due::publication_lag(window, shared.grace, acknowledged));
     }
     Ok(totals.len())
 }

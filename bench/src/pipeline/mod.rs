@@ -264,6 +264,7 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
     check_counted(&stripe, &truth).await?;
     let (first, complete) = window_latencies(&receipts, &stripe, &truth);
     let published = publish_lag_mean(&aggregator).await?;
+    let (recorded, send_written) = ledger_stages(&ns).await?;
 
     let memory = SERVICES
         .iter()
@@ -299,6 +300,8 @@ pub async fn run(params: &Params) -> anyhow::Result<PipelineReport> {
         first,
         complete,
         published,
+        recorded,
+        send_written,
         meter_events: receipts.iter().filter(|r| r.accepted()).count(),
         too_many: receipts.iter().filter(|r| r.status == 429).count(),
         webhooks,
@@ -519,6 +522,29 @@ async fn publish_lag_mean(aggregator: &ServiceProcess) -> anyhow::Result<Option<
         }
         _ => None,
     })
+}
+
+/// Per window, from the sink's ledger: due (its end, grace 0) to its first total recorded,
+/// and to its first meter event written (claimed, looked up, paced: about to go out). With
+/// the stand-in's receipts these split the latency between the sink's intake, its claim and
+/// pacing, and the request itself.
+async fn ledger_stages(ns: &Namespace) -> anyhow::Result<(Latency, Latency)> {
+    let pool = ns.pg_pool().await;
+    let rows: Vec<(f64, Option<f64>)> = sqlx::query_as(
+        "SELECT extract(epoch FROM b.created_at - b.window_end)::float8,
+                extract(epoch FROM (SELECT min(s.created_at) FROM stripe_sync_sends s
+                                    WHERE s.batch_id = b.id) - b.window_end)::float8
+         FROM stripe_sync_batches b",
+    )
+    .fetch_all(&pool)
+    .await
+    .context("reading the ledger's timestamps")?;
+    pool.close().await;
+    let after_due = |seconds: f64| Duration::from_secs_f64(seconds.max(0.0));
+    Ok((
+        Latency::of(rows.iter().map(|(r, _)| after_due(*r)).collect()),
+        Latency::of(rows.iter().filter_map(|(_, s)| s.map(after_due)).collect()),
+    ))
 }
 
 /// Per window: due (its end, grace 0) to the first accepted meter event, and to the one

@@ -43,6 +43,11 @@ pub struct PipelineReport {
     /// Window due -> its first total acknowledged on `usage.windows`: the aggregator's mean,
     /// and the publications it averages.
     pub published: Option<(Duration, u64)>,
+    /// Window due -> its first total recorded in the sink's ledger (`created_at`).
+    pub recorded: Latency,
+    /// Window due -> its first meter event written to the ledger, claimed and about to go
+    /// out (`stripe_sync_sends.created_at`).
+    pub send_written: Latency,
     pub meter_events: usize,
     pub too_many: usize,
     pub webhooks: u64,
@@ -147,6 +152,8 @@ impl Report for PipelineReport {
         if let Some(published) = self.published_text() {
             let _ = writeln!(s, "due->topic   {published}");
         }
+        let _ = writeln!(s, "due->ledger  {}", Self::latency_text(&self.recorded));
+        let _ = writeln!(s, "due->send    {}", Self::latency_text(&self.send_written));
         let _ = writeln!(s, "baseline     {}", self.baseline_text());
         for m in &self.memory {
             let (idle, peak, end) = m.mib();
@@ -198,6 +205,16 @@ impl Report for PipelineReport {
                 "| window due -> its total on `usage.windows` (the aggregator's share) | {published} |"
             );
         }
+        let _ = writeln!(
+            s,
+            "| window due -> its first total recorded in the sink's ledger | {} |",
+            Self::latency_text(&self.recorded)
+        );
+        let _ = writeln!(
+            s,
+            "| window due -> its first meter event claimed and written to the ledger, about to go out | {} |",
+            Self::latency_text(&self.send_written)
+        );
         let _ = writeln!(
             s,
             "| baseline: produce -> consume -> produce (acked) -> consume -> one POST to the stand-in | {} |",

@@ -43,6 +43,37 @@ pub async fn next_message<'c>(
     }
 }
 
+/// Reads up to `max_messages` messages, waiting at most `max_wait` after the first. Empty
+/// only when shutdown began before any message arrived. The messages stay in the consumer's
+/// buffers (borrowed): a batch is resolved where it was read, and only what the later stages
+/// need is copied out of it.
+pub async fn read_batch<'c>(
+    consumer: &'c StreamConsumer,
+    max_messages: usize,
+    max_wait: Duration,
+    shutdown: &CancellationToken,
+) -> Vec<BorrowedMessage<'c>> {
+    let mut batch = Vec::new();
+    let Some(first) = next_message(consumer, shutdown).await else {
+        return batch;
+    };
+    batch.push(first);
+    // One timer for the whole batch: a timer per message cost a clock read and a timer
+    // registration per event.
+    let deadline = tokio::time::sleep(max_wait);
+    tokio::pin!(deadline);
+    while batch.len() < max_messages {
+        tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(m) => batch.push(m),
+                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+            },
+            _ = &mut deadline => break,
+        }
+    }
+    batch
+}
+
 /// Per topic and partition, the offset to commit once the messages seen are done: the one
 /// after the last of them. A batch spans a handful of partitions, so a list searched by
 /// borrowed topic name costs no allocation per message, where a map keyed by an owned name

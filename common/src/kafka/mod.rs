@@ -24,7 +24,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-pub use consume::{commit, commit_message, next_message, NextOffsets};
+pub use consume::{commit, commit_message, next_message, read_batch, NextOffsets};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use publish::{Publisher, WriteError};
 pub use watch::{resume_offset, GroupWatch, KafkaProbe, PartitionLag};

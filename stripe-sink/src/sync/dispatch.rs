@@ -19,6 +19,10 @@ use super::SyncContext;
 use crate::ledger::Finish;
 use crate::{metrics, Error};
 
+/// How often an idle dispatcher looks for windows whose retry is due; newly recorded totals
+/// wake it at once.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
 /// Loop 2: `workers` dispatchers settling ready windows.
 pub async fn dispatch(
     ctx: Arc<SyncContext>,
@@ -54,8 +58,12 @@ async fn dispatcher(
             }
         };
         let Some(batch) = claimed.into_iter().next() else {
-            if !pause(Duration::from_millis(200), &shutdown).await {
-                return Ok(());
+            // Windows also become ready by time (a retry's delay), hence the poll.
+            tokio::select! {
+                () = ctx.recorded.notified() => {}
+                keep_going = pause(IDLE_POLL, &shutdown) => if !keep_going {
+                    return Ok(());
+                },
             }
             continue;
         };

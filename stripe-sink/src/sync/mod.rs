@@ -53,6 +53,9 @@ pub struct SyncContext {
     /// Before a window that could not be settled is tried again.
     pub window_backoff: Backoff,
     pub dead_letters: DeadLetters,
+    /// Woken when totals were recorded, so idle dispatchers claim them at once instead of
+    /// at their next poll: a minute's windows fall due together.
+    pub recorded: tokio::sync::Notify,
 }
 
 impl SyncContext {

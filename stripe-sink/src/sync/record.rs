@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meterline_common::kafka::{commit_message, next_message, DeadLetter};
+use meterline_common::kafka::{commit, read_batch, DeadLetter, NextOffsets};
 use meterline_common::retry::Backoff;
 use meterline_schemas::{Topic, WindowTotal};
 use rdkafka::consumer::StreamConsumer;
@@ -17,41 +17,79 @@ use tokio_util::sync::CancellationToken;
 use super::{SyncContext, SERVICE};
 use crate::{metrics, Error};
 
-/// Loop 1: `usage.windows` into the ledger.
+/// The most totals recorded in one transaction.
+const BATCH_MAX: usize = 500;
+
+/// How long a batch waits for more totals after its first: the totals of one due minute are
+/// published together, and a short wait gathers them into one commit.
+const BATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// Loop 1: `usage.windows` into the ledger, a batch of totals per transaction.
 pub async fn consume_windows(
     ctx: Arc<SyncContext>,
     consumer: StreamConsumer,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    while let Some(message) = next_message(&consumer, &shutdown).await {
-        let parsed = WindowTotal::from_json_bytes(message.payload().unwrap_or_default());
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            let outcome = match &parsed {
-                Ok(total) => ctx.ledger.record_window(total).await.map(|()| {
-                    metrics::window_recorded();
-                }),
+    loop {
+        let messages = read_batch(&consumer, BATCH_MAX, BATCH_WAIT, &shutdown).await;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut totals = Vec::with_capacity(messages.len());
+        for message in &messages {
+            match WindowTotal::from_json_bytes(message.payload().unwrap_or_default()) {
+                Ok(total) => totals.push(total),
                 Err(e) => {
                     let letter = DeadLetter::of(
                         Topic::UsageWindows,
-                        &message,
+                        message,
                         SERVICE,
                         e.to_string(),
                         e.dlq_error_kind(),
                     );
-                    ctx.dead_letters.send(&letter).await.map_err(Error::from)
+                    if !retry(&shutdown, "writing a dead letter", || async {
+                        ctx.dead_letters.send(&letter).await.map_err(Error::from)
+                    })
+                    .await
+                    {
+                        return Ok(());
+                    }
                 }
-            };
-            let Err(e) = outcome else { break };
-            tracing::warn!(error = %e, "recording a window total failed, retrying");
-            // Not committed on shutdown: the total is delivered again after a restart.
-            if !backoff.wait(&shutdown).await {
-                return Ok(());
             }
         }
-        // The ledger holds it now; a lost commit only re-records the same total. Not waited
-        // for: one round trip per window would cap the sink's intake.
-        commit_message(&consumer, &message, false);
+        if !totals.is_empty()
+            && !retry(&shutdown, "recording window totals", || {
+                ctx.ledger.record_windows(&totals)
+            })
+            .await
+        {
+            return Ok(());
+        }
+        metrics::windows_recorded(totals.len());
+        ctx.recorded.notify_waiters();
+        // The ledger holds them now; a lost commit only re-records the same totals. Not
+        // waited for: a round trip per batch would slow the sink's intake.
+        commit(&consumer, &NextOffsets::of(&messages), false);
     }
-    Ok(())
+}
+
+/// Runs `attempt` until it succeeds (true) or shutdown begins (false: nothing is committed,
+/// and the messages are delivered again after a restart).
+async fn retry<F, Fut>(shutdown: &CancellationToken, what: &str, mut attempt: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        match attempt().await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed, retrying");
+                if !backoff.wait(shutdown).await {
+                    return false;
+                }
+            }
+        }
+    }
 }
