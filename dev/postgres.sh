@@ -3,6 +3,11 @@
 #   dev/postgres.sh start | stop | status | port   the machine's cluster 15/main (dev stack)
 #   dev/postgres.sh start-private DIR PORT          a throwaway instance in DIR, for tests that
 #   dev/postgres.sh stop-private DIR                must stop or kill a database
+#   dev/postgres.sh start-private DIR PORT --tls CERT KEY
+#                                                   the same serving TLS only: ssl = on with the
+#                                                   PEM certificate and key, and TCP logins from
+#                                                   hostssl lines only (a plaintext client is
+#                                                   refused), password (SCRAM) authentication
 #   dev/postgres.sh status-private DIR PORT
 # Both have the login role meterline/meterline (CREATEDB: the test harness makes one database
 # per test) and a database meterline owned by it. Both listen on 127.0.0.1 only.
@@ -111,8 +116,8 @@ cmd_status() {
 private_running() { as_postgres "$PG_BIN/pg_ctl" -D "$1" status >/dev/null 2>&1; }
 
 cmd_start_private() {
-  [[ $# -eq 2 ]] || usage "$0 start-private DIR PORT"
-  local dir port=$2
+  [[ $# -eq 2 || ($# -eq 5 && $3 == --tls) ]] || usage "$0 start-private DIR PORT [--tls CERT KEY]"
+  local dir port=$2 tls_options=""
   require_port "$port"
   dir=$(abs_path "$1")
   # The path goes into pg_ctl's -o string, which a shell splits.
@@ -138,6 +143,17 @@ cmd_start_private() {
     }
   fi
 
+  if [[ $# -eq 5 ]]; then
+    # The server reads its key only if the postgres user owns it and no one else may read it.
+    install -o postgres -g postgres -m 0644 "$4" "$dir/server.crt"
+    install -o postgres -g postgres -m 0600 "$5" "$dir/server.key"
+    # The local socket stays trusted (the role and database are made through it); TCP only
+    # over TLS, with the password.
+    printf '%s\n' 'local all all trust' 'hostssl all all 127.0.0.1/32 scram-sha-256' |
+      as_postgres tee "$dir/pg_hba.conf" >/dev/null
+    tls_options=" -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+  fi
+
   if private_running "$dir"; then
     log "private instance in $dir already running"
   else
@@ -146,7 +162,7 @@ cmd_start_private() {
     # fsync=off: a test that kills this server still finds every committed row (the OS keeps the
     # written pages); only an OS crash could lose data, and this data is thrown away anyway.
     as_postgres "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/pg.log" -w -t 60 \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null || {
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off$tls_options" start >/dev/null || {
       show_logs "$dir/pg.log"
       die "private instance did not start"
     }
@@ -191,5 +207,5 @@ start-private | stop-private | status-private)
   shift
   "cmd_$cmd" "$@"
   ;;
-*) usage "$0 start|stop|status|port|start-private DIR PORT|stop-private DIR|status-private DIR PORT" ;;
+*) usage "$0 start|stop|status|port|start-private DIR PORT [--tls CERT KEY]|stop-private DIR|status-private DIR PORT" ;;
 esac

@@ -4,12 +4,13 @@
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200 only when every
 //! dependency answered within the probe timeout, and 503 otherwise, or once shutdown began
 //! (so a load balancer stops sending work to a draining instance). Each check's outcome is
-//! also the gauge `<service>_dependency_up{dependency}`.
+//! also the gauge `<service>_dependency_up{dependency}`, and a dependency turning unavailable
+//! (or available again) is one log line naming it and the reason.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -31,6 +32,9 @@ pub struct Readiness {
     checks: Vec<(&'static str, CheckFn)>,
     timeout: Duration,
     shutdown: CancellationToken,
+    /// Each dependency's last outcome, so only a change is logged (probes run every few
+    /// seconds).
+    last_up: Arc<Mutex<BTreeMap<&'static str, bool>>>,
 }
 
 impl Readiness {
@@ -40,6 +44,7 @@ impl Readiness {
             checks: Vec::new(),
             timeout: Duration::from_secs(3),
             shutdown,
+            last_up: Arc::default(),
         }
     }
 
@@ -99,6 +104,7 @@ impl Readiness {
         for (name, outcome) in outcomes {
             let up = outcome.is_ok();
             crate::metrics::dependency_up(self.service, name, up);
+            self.log_change(name, &outcome);
             ready &= up;
             report.insert(name, outcome.err().unwrap_or_else(|| "ok".into()));
         }
@@ -106,6 +112,26 @@ impl Readiness {
             report.insert("shutdown", "in progress".into());
         }
         (ready, report)
+    }
+
+    /// One line when a dependency turns unavailable (its first check included) or available
+    /// again. The reason is the client's error, which names no credential.
+    fn log_change(&self, dependency: &'static str, outcome: &Result<(), String>) {
+        let up = outcome.is_ok();
+        let before = self
+            .last_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(dependency, up);
+        match (before, outcome) {
+            (Some(true) | None, Err(reason)) => tracing::warn!(
+                dependency,
+                %reason,
+                "{dependency} is unavailable: {reason}"
+            ),
+            (Some(false), Ok(())) => tracing::info!(dependency, "{dependency} is available again"),
+            _ => {}
+        }
     }
 }
 

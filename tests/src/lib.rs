@@ -25,6 +25,7 @@ pub mod process;
 pub mod stack;
 pub mod standin;
 pub mod stripe_config;
+pub mod tls;
 pub mod usage;
 
 pub use namespace::Namespace;

@@ -2,11 +2,14 @@
 //! ClickHouse server or PostgreSQL instance, started by the same `dev/*.sh` scripts as the
 //! shared stack but in a temporary folder on free ports, and removed when dropped.
 
+use std::path::{Path, PathBuf};
+
 use tempfile::TempDir;
 use tokio::process::Command;
 
 use crate::process::free_port;
 use crate::stack::repo_root;
+use crate::tls::TestCa;
 
 async fn script(args: &[&str]) {
     let script = repo_root().join("dev").join(args[0]);
@@ -27,7 +30,11 @@ async fn script(args: &[&str]) {
 }
 
 fn dir_str(dir: &TempDir) -> &str {
-    dir.path().to_str().expect("temporary paths are UTF-8")
+    path_str(dir.path())
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temporary paths are UTF-8")
 }
 
 fn temp_dir(kind: &str) -> TempDir {
@@ -222,6 +229,8 @@ impl Drop for PrivateClickhouseCluster {
 pub struct PrivatePostgres {
     dir: TempDir,
     port: u16,
+    /// The certificate and key it serves TLS with, when it accepts TCP logins over TLS only.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl PrivatePostgres {
@@ -229,17 +238,35 @@ impl PrivatePostgres {
         let server = PrivatePostgres {
             dir: temp_dir("postgres"),
             port: free_port(),
+            tls: None,
         };
         server.resume().await;
         server
     }
 
-    /// The URL of its `meterline` database.
+    /// An instance with `ssl = on` serving `ca`'s server certificate, accepting TCP logins
+    /// over TLS only (`hostssl`, password): a plaintext client is refused.
+    pub async fn start_tls(ca: &TestCa) -> PrivatePostgres {
+        let server = PrivatePostgres {
+            dir: temp_dir("postgres"),
+            port: free_port(),
+            tls: Some((ca.server_pem(), ca.server_key(), ca.ca_pem())),
+        };
+        server.resume().await;
+        server
+    }
+
+    /// The URL of its `meterline` database; over TLS with the server verified against the
+    /// test's CA (`sslmode=verify-full`) when the instance serves TLS.
     pub fn database_url(&self) -> String {
-        format!(
+        let base = format!(
             "postgres://meterline:meterline@127.0.0.1:{}/meterline",
             self.port
-        )
+        );
+        match &self.tls {
+            Some((_, _, ca)) => format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display()),
+            None => base,
+        }
     }
 
     pub async fn stop(&self) {
@@ -247,13 +274,12 @@ impl PrivatePostgres {
     }
 
     pub async fn resume(&self) {
-        script(&[
-            "postgres.sh",
-            "start-private",
-            dir_str(&self.dir),
-            &self.port.to_string(),
-        ])
-        .await;
+        let port = self.port.to_string();
+        let mut args = vec!["postgres.sh", "start-private", dir_str(&self.dir), &port];
+        if let Some((cert, key, _)) = &self.tls {
+            args.extend(["--tls", path_str(cert), path_str(key)]);
+        }
+        script(&args).await;
     }
 }
 

@@ -87,6 +87,14 @@ webhook-relay:
 {{- define "meterline.secretEnvOf" -}}
 {{- $v := .root.Values }}
 {{- include "meterline.secretEnv" (dict "name" "DATABASE_URL" "ref" $v.postgresql.url) }}
+{{- with $v.postgresql.tls.sslMode }}
+- name: PGSSLMODE
+  value: {{ . | quote }}
+{{- end }}
+{{- with $v.postgresql.tls.caCertificate.existingSecret }}
+- name: PGSSLROOTCERT
+  value: /etc/meterline/postgres-ca/{{ $v.postgresql.tls.caCertificate.key }}
+{{- end }}
 {{- if has .binary (list "ingest" "stripe-sink") }}
 {{ include "meterline.secretEnv" (dict "name" "JWT_SECRET" "ref" $v.auth.jwtSecret) }}
 {{- end }}
@@ -171,5 +179,28 @@ WEBHOOK_TRUSTED_PROXIES: {{ join "," . | quote }}
 {{- /* The relay prunes its own deduplication records. */}}
 RETENTION_WEBHOOK_DELIVERIES_DAYS: {{ $v.retention.webhookDeliveriesDays | int64 | quote }}
 RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The PostgreSQL CA certificate (postgresql.tls.caCertificate), read-only where PGSSLROOTCERT
+names it: a volume mount and its volume, each empty when no Secret is given. */}}
+{{- define "meterline.postgresCaMount" -}}
+{{- if .Values.postgresql.tls.caCertificate.existingSecret }}
+- name: postgres-ca
+  mountPath: /etc/meterline/postgres-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "meterline.postgresCaVolume" -}}
+{{- with .Values.postgresql.tls.caCertificate }}
+{{- if .existingSecret }}
+- name: postgres-ca
+  secret:
+    secretName: {{ .existingSecret }}
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
 {{- end }}
 {{- end }}

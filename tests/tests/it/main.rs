@@ -17,5 +17,6 @@ mod postgres;
 mod retention;
 mod services;
 mod sink;
+mod tls;
 mod usage_api;
 mod webhook_relay;

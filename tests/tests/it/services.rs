@@ -11,7 +11,7 @@ use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::Value;
 
 /// Each service and the dependencies its `/readyz` checks.
-const SERVICES: &[(&str, &[&str])] = &[
+pub(crate) const SERVICES: &[(&str, &[&str])] = &[
     ("ingest", &["kafka", "postgres"]),
     ("aggregator", &["kafka", "clickhouse", "postgres"]),
     ("stripe-sink", &["kafka", "postgres"]),
@@ -27,7 +27,7 @@ async fn readyz(service: &ServiceProcess) -> (u16, Value) {
 }
 
 /// Polls `/readyz` until it answers `want`, failing with the last answer after `within`.
-async fn wait_readyz(service: &ServiceProcess, want: u16, within: Duration) -> Value {
+pub(crate) async fn wait_readyz(service: &ServiceProcess, want: u16, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let (status, body) = readyz(service).await;
