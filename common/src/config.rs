@@ -265,6 +265,46 @@ pub struct ClickhouseSettings {
     /// `CLICKHOUSE_CLUSTER` and its companions: the tables are sharded over this cluster.
     /// `None`: one server holds every table.
     pub cluster: Option<ClickhouseCluster>,
+    /// `CLICKHOUSE_CA_CERT`: the certificate authorities an `https://` server's certificate
+    /// is checked against, instead of the Mozilla roots built in. `None`: those roots.
+    pub ca_certificates: Option<CaCertificates>,
+}
+
+/// Certificate authorities read from a PEM file once, at start: a file that is missing or
+/// holds no certificate stops the service with one line naming the variable.
+#[derive(Clone)]
+pub struct CaCertificates {
+    pub path: String,
+    pub certificates: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl CaCertificates {
+    pub fn read(var: &'static str, path: &str) -> Result<Self, ConfigError> {
+        use rustls_pki_types::pem::PemObject;
+        let malformed = |reason: String| ConfigError::Malformed { var, reason };
+        let certificates = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| malformed(format!("cannot read {path}: {e}")))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| malformed(format!("{path} is not PEM certificates: {e}")))?;
+        if certificates.is_empty() {
+            return Err(malformed(format!("{path} holds no certificate")));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            certificates,
+        })
+    }
+}
+
+impl std::fmt::Debug for CaCertificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} certificates)",
+            self.path,
+            self.certificates.len()
+        )
+    }
 }
 
 /// The password is a secret: `Debug` shows only whether there is one.
@@ -276,6 +316,7 @@ impl std::fmt::Debug for ClickhouseSettings {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("cluster", &self.cluster)
+            .field("ca_certificates", &self.ca_certificates)
             .finish()
     }
 }
@@ -390,6 +431,10 @@ impl ClickhouseSettings {
             user: env.optional("CLICKHOUSE_USER"),
             password: env.optional("CLICKHOUSE_PASSWORD"),
             cluster: ClickhouseCluster::from_env(env)?,
+            ca_certificates: env
+                .optional("CLICKHOUSE_CA_CERT")
+                .map(|path| CaCertificates::read("CLICKHOUSE_CA_CERT", &path))
+                .transpose()?,
         })
     }
 }
@@ -444,6 +489,36 @@ mod tests {
                 .find(|(k, _)| *k == var)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn a_clickhouse_ca_file_that_is_missing_or_holds_no_certificate_is_refused_by_name() {
+        let missing = [
+            ("CLICKHOUSE_URL", "https://h:8443"),
+            ("CLICKHOUSE_CA_CERT", "/nonexistent/ca.pem"),
+        ];
+        let err = ClickhouseSettings::from_env(&Env::new(&missing)).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Malformed { var: "CLICKHOUSE_CA_CERT", reason }
+                if reason.contains("/nonexistent/ca.pem")),
+            "{err}"
+        );
+        let dir = std::env::temp_dir().join(format!("meterline-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let path = empty.to_str().unwrap();
+        let no_certificate = [
+            ("CLICKHOUSE_URL", "https://h:8443"),
+            ("CLICKHOUSE_CA_CERT", path),
+        ];
+        let err = ClickhouseSettings::from_env(&Env::new(&no_certificate)).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Malformed { var: "CLICKHOUSE_CA_CERT", reason }
+                if reason.contains("no certificate")),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

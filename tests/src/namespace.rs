@@ -63,6 +63,7 @@ impl Namespace {
                 user: None,
                 password: None,
                 cluster: stack.clickhouse_cluster.clone(),
+                ca_certificates: None,
             },
             postgres: PostgresSettings {
                 url: with_database(admin_database_url, &id),

@@ -110,3 +110,59 @@ fn run_openssl(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A real TLS terminator (Debian's stunnel4, installed by `dev/test`) serving `ca`'s server
+/// certificate on a free loopback port and passing the decrypted stream to `upstream`: TLS
+/// in front of a server that speaks none itself. Stopped when dropped.
+pub struct TlsTerminator {
+    pub port: u16,
+    _process: tokio::process::Child,
+    _dir: TempDir,
+}
+
+impl TlsTerminator {
+    pub async fn start(ca: &TestCa, upstream: u16) -> TlsTerminator {
+        let dir = tempfile::Builder::new()
+            .prefix("meterline-stunnel-")
+            .tempdir()
+            .expect("creating a temporary folder for stunnel");
+        let port = crate::process::free_port();
+        let config = dir.path().join("stunnel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "foreground = yes\npid =\ndebug = warning\n\n[tls]\naccept = 127.0.0.1:{port}\n\
+                 connect = 127.0.0.1:{upstream}\ncert = {}\nkey = {}\n",
+                ca.server_pem().display(),
+                ca.server_key().display()
+            ),
+        )
+        .expect("writing stunnel's configuration");
+        let process = tokio::process::Command::new("stunnel4")
+            .arg(&config)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stunnel.log")).expect("a log file"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting stunnel4 (dev/test installs it: apt-get install stunnel4): {e}")
+            });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stunnel4 did not listen on {port} within 10 s: {}",
+                std::fs::read_to_string(dir.path().join("stunnel.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        TlsTerminator {
+            port,
+            _process: process,
+            _dir: dir,
+        }
+    }
+}

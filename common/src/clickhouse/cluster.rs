@@ -350,6 +350,7 @@ mod tests {
             user: None,
             password: None,
             cluster,
+            ca_certificates: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! aggregator and the benchmark's baseline write the same columns.
 
 mod cluster;
+mod http;
 mod layout;
 
 pub use cluster::{Step, Target, Topology};
@@ -122,7 +123,7 @@ pub fn client(settings: &ClickhouseSettings) -> ::clickhouse::Client {
 
 /// A client of our database on the server at `url` (one node of a cluster).
 fn client_at(settings: &ClickhouseSettings, url: &str) -> ::clickhouse::Client {
-    let mut client = ::clickhouse::Client::default().with_url(url);
+    let mut client = http::client(settings).with_url(url);
     if let Some(user) = &settings.user {
         client = client.with_user(user);
     }
@@ -171,7 +172,7 @@ struct AppliedRecord<'a> {
 
 /// A client of the server at `url` without a database, for creating it.
 fn server_client_at(settings: &ClickhouseSettings, url: &str) -> ::clickhouse::Client {
-    let mut client = ::clickhouse::Client::default().with_url(url);
+    let mut client = http::client(settings).with_url(url);
     if let Some(user) = &settings.user {
         client = client.with_user(user);
     }
@@ -304,7 +305,24 @@ pub async fn check(client: &::clickhouse::Client) -> Result<(), String> {
         .fetch_one::<u8>()
         .await
         .map(|_| ())
-        .map_err(|e| format!("query failed: {e}"))
+        .map_err(|e| format!("query failed: {}", with_causes(&e)))
+}
+
+/// An error and the errors under it: the HTTP client says only "client error (Connect)",
+/// the cause (a refused connection, an untrusted certificate) is further down.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        // Some layers repeat their cause in their own message.
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -101,6 +101,10 @@ webhook-relay:
 {{- if has .binary (list "stripe-sink" "webhook-relay") }}
 {{ include "meterline.secretEnv" (dict "name" "ENCRYPTION_KEYS" "ref" $v.encryption.keys) }}
 {{- end }}
+{{- if and (has .binary (list "ingest" "aggregator" "meterline")) $v.clickhouse.tls.caCertificate.existingSecret }}
+- name: CLICKHOUSE_CA_CERT
+  value: /etc/meterline/clickhouse-ca/{{ $v.clickhouse.tls.caCertificate.key }}
+{{- end }}
 {{- if and (has .binary (list "ingest" "aggregator" "meterline")) $v.clickhouse.password.existingSecret }}
 {{ include "meterline.secretEnv" (dict "name" "CLICKHOUSE_PASSWORD" "ref" $v.clickhouse.password) }}
 {{- end }}
@@ -182,25 +186,31 @@ RETENTION_PRUNE_INTERVAL_SECONDS: {{ $v.retention.pruneIntervalSeconds | int64 |
 {{- end }}
 {{- end }}
 
-{{/* The PostgreSQL CA certificate (postgresql.tls.caCertificate), read-only where PGSSLROOTCERT
-names it: a volume mount and its volume, each empty when no Secret is given. */}}
-{{- define "meterline.postgresCaMount" -}}
+{{/* The CA certificates from Secrets (postgresql.tls.caCertificate, named by PGSSLROOTCERT;
+clickhouse.tls.caCertificate, named by CLICKHOUSE_CA_CERT), read-only: the volume mounts and
+their volumes, each empty when no Secret is given. */}}
+{{- define "meterline.caMounts" -}}
 {{- if .Values.postgresql.tls.caCertificate.existingSecret }}
 - name: postgres-ca
   mountPath: /etc/meterline/postgres-ca
   readOnly: true
 {{- end }}
+{{- if .Values.clickhouse.tls.caCertificate.existingSecret }}
+- name: clickhouse-ca
+  mountPath: /etc/meterline/clickhouse-ca
+  readOnly: true
+{{- end }}
 {{- end }}
 
-{{- define "meterline.postgresCaVolume" -}}
-{{- with .Values.postgresql.tls.caCertificate }}
-{{- if .existingSecret }}
-- name: postgres-ca
+{{- define "meterline.caVolumes" -}}
+{{- range $name, $ca := dict "postgres-ca" .Values.postgresql.tls.caCertificate "clickhouse-ca" .Values.clickhouse.tls.caCertificate }}
+{{- if $ca.existingSecret }}
+- name: {{ $name }}
   secret:
-    secretName: {{ .existingSecret }}
+    secretName: {{ $ca.existingSecret }}
     items:
-      - key: {{ .key }}
-        path: {{ .key }}
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
 {{- end }}
 {{- end }}
 {{- end }}

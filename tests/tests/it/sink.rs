@@ -11,10 +11,19 @@ use std::time::{Duration, Instant};
 use meterline_schemas::RawUsageEvent;
 use meterline_tests::api::{get, post_json, send, token};
 use meterline_tests::standin::Standin;
-use meterline_tests::usage::{create_meter, event, hour_start, produce_events, spawn_aggregator};
+use meterline_tests::usage::{create_meter, event, produce_events, spawn_aggregator};
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
+
+/// The start of the hour `hours_ago` before the first of these tests asked: fixed for the
+/// whole run. The tests name past windows by how many hours ago they are, in several
+/// places each; read afresh, a test running across an hour boundary named one window
+/// before it and the next after it (seen in CI: a window read back empty after 16:00).
+fn hour_start(hours_ago: i64) -> OffsetDateTime {
+    static ANCHOR: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+    *ANCHOR.get_or_init(|| meterline_tests::usage::hour_start(0)) - time::Duration::hours(hours_ago)
+}
 
 const TENANT: &str = "tenant_sink";
 const RATE: u32 = 40;
