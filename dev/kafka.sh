@@ -4,6 +4,12 @@
 # harness for private brokers that a test can stop and restart:
 #   dev/kafka.sh install                          fetch the jars into CACHE/kafka/libs (once)
 #   dev/kafka.sh start DIR PORT CONTROLLER_PORT   run a broker whose config, data and logs live in DIR
+#   dev/kafka.sh start DIR PORT CONTROLLER_PORT --sasl-ssl SECURE_PORT CERT KEY USER PASSWORD
+#                                                 the same plus a SASL_SSL listener on SECURE_PORT:
+#                                                 TLS with the PEM certificate and (PKCS#8) key,
+#                                                 then SCRAM-SHA-256, SCRAM-SHA-512 (USER created
+#                                                 at format time) or PLAIN; PORT stays plaintext
+#                                                 for the broker's own traffic and tests' admin
 #   dev/kafka.sh stop DIR
 #   dev/kafka.sh status DIR PORT                  one line; exit 0 only when healthy
 # Several instances run side by side as long as each has its own DIR and ports.
@@ -72,6 +78,16 @@ api_versions_ok() {
 
 write_config() {
   local dir=$1 port=$2 cport=$3
+  # With --sasl-ssl: the secure listener's port, and the files and user it needs.
+  local sport=${4:-} cert=${5:-} key=${6:-} user=${7:-} password=${8:-}
+  local listeners="PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+  local advertised="PLAINTEXT://127.0.0.1:$port"
+  local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+  if [[ -n $sport ]]; then
+    listeners+=",SASL_SSL://127.0.0.1:$sport"
+    advertised+=",SASL_SSL://127.0.0.1:$sport"
+    protocols+=",SASL_SSL:SASL_SSL"
+  fi
   # Rewritten on every start so the file always matches this script; the data stays in data/.
   cat >"$dir/server.properties" <<EOF
 # Written by dev/kafka.sh start; edits are overwritten on the next start.
@@ -82,10 +98,10 @@ node.id=1
 # sets up; it replaces controller.quorum.voters.
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=$listeners
+advertised.listeners=$advertised
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$dir/data
 # A single broker: every internal topic has one replica.
 offsets.topic.replication.factor=1
@@ -105,6 +121,20 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 num.partitions=3
 EOF
+  if [[ -n $sport ]]; then
+    # The key and certificate in one PEM keystore (Kafka reads PEM since 2.7).
+    cat "$key" "$cert" >"$dir/keystore.pem"
+    chmod 600 "$dir/keystore.pem"
+    cat >>"$dir/server.properties" <<EOF
+# The SASL_SSL listener (--sasl-ssl): TLS, then a SCRAM or PLAIN login.
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$dir/keystore.pem
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$user="$password";
+EOF
+  fi
   cat >"$dir/log4j2.properties" <<EOF
 # Written by dev/kafka.sh start. The broker's log, rolled at 50 MB (two old files kept).
 status = warn
@@ -131,8 +161,11 @@ EOF
 }
 
 cmd_start() {
-  [[ $# -eq 3 ]] || usage "$0 start DIR PORT CONTROLLER_PORT"
+  [[ $# -eq 3 || ($# -eq 9 && $4 == --sasl-ssl) ]] ||
+    usage "$0 start DIR PORT CONTROLLER_PORT [--sasl-ssl SECURE_PORT CERT KEY USER PASSWORD]"
   local dir port=$2 cport=$3 pid
+  # With --sasl-ssl: SECURE_PORT CERT KEY USER PASSWORD.
+  local secure=("${@:5}")
   require_port_pair PORT "$port" CONTROLLER_PORT "$cport"
   dir=$(abs_dir "$1")
   cmd_install
@@ -141,7 +174,7 @@ cmd_start() {
 
   if pid=$(running_pid "$dir/kafka.pid" "$dir/server.properties"); then
     # Already running (or still starting from an earlier call): just make sure it serves.
-    grep -qxF "listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport" "$dir/server.properties" ||
+    grep -q "^listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport\(,\|$\)" "$dir/server.properties" ||
       die "a broker from $dir already runs (pid $pid) with other ports; stop it first"
     wait_for "kafka (pid $pid)" 90 "$pid" "$dir/kafka.log" "$dir/kafka.out" -- api_versions_ok "$port"
     log "already running on 127.0.0.1:$port (pid $pid)"
@@ -151,7 +184,7 @@ cmd_start() {
   require_free_port "$port"
   require_free_port "$cport"
 
-  write_config "$dir" "$port" "$cport"
+  write_config "$dir" "$port" "$cport" "${secure[@]}"
 
   local cp="$LIBS/*"
   if [[ ! -f $dir/data/meta.properties ]]; then
@@ -162,9 +195,15 @@ cmd_start() {
     [[ -s $dir/cluster.id ]] ||
       head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$dir/cluster.id"
     log "formatting storage in $dir/data"
+    # With --sasl-ssl the SCRAM credentials of USER are written with the metadata.
+    local scram=()
+    if ((${#secure[@]})); then
+      scram=(--add-scram "SCRAM-SHA-256=[name=${secure[3]},password=${secure[4]}]"
+        --add-scram "SCRAM-SHA-512=[name=${secure[3]},password=${secure[4]}]")
+    fi
     java -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$cp" kafka.tools.StorageTool \
       format --cluster-id="$(<"$dir/cluster.id")" -c "$dir/server.properties" --standalone \
-      >>"$dir/kafka.out" 2>&1 || {
+      "${scram[@]}" >>"$dir/kafka.out" 2>&1 || {
       show_logs "$dir/kafka.out"
       die "storage format failed"
     }

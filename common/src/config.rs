@@ -24,6 +24,12 @@ type DurationVar = Result<std::time::Duration, ConfigError>;
 /// A source of variables: the process environment in services, a map in tests.
 pub trait Source {
     fn get(&self, var: &str) -> Option<String>;
+
+    /// Every variable whose name starts with `prefix`, for pass-through settings
+    /// (`KAFKA_PROPERTY_*`). None by default.
+    fn with_prefix(&self, _prefix: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// The process environment.
@@ -33,6 +39,12 @@ impl Source for ProcessEnv {
     fn get(&self, var: &str) -> Option<String> {
         std::env::var(var).ok()
     }
+
+    fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect()
+    }
 }
 
 impl<const N: usize> Source for [(&str, &str); N] {
@@ -40,6 +52,13 @@ impl<const N: usize> Source for [(&str, &str); N] {
         self.iter()
             .find(|(k, _)| *k == var)
             .map(|(_, v)| (*v).to_owned())
+    }
+
+    fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 }
 
@@ -68,6 +87,11 @@ impl<'a> Env<'a> {
 
     pub fn optional(&self, var: &'static str) -> Option<String> {
         self.raw(var)
+    }
+
+    /// Every variable whose name starts with `prefix`, with its value.
+    pub fn with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.source.with_prefix(prefix)
     }
 
     pub fn string_or(&self, var: &'static str, default: &str) -> String {
@@ -193,7 +217,7 @@ where
         })
 }
 
-/// Where Kafka is and how our topics are named.
+/// Where Kafka is, how our topics are named, and how clients prove who they are.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
     /// `KAFKA_BROKERS`: comma-separated `host:port` list.
@@ -201,6 +225,130 @@ pub struct KafkaSettings {
     /// `TOPIC_PREFIX`: prepended to every topic name (default empty); lets several
     /// deployments or test runs share one cluster.
     pub topic_prefix: String,
+    /// TLS, SASL and the librdkafka properties passed through.
+    pub security: KafkaSecurity,
+}
+
+/// How every Kafka client connects: `KAFKA_SECURITY_PROTOCOL` (`plaintext`, `ssl`,
+/// `sasl_plaintext`, `sasl_ssl`), with SASL `KAFKA_SASL_MECHANISM` (`PLAIN`, `SCRAM-SHA-256`,
+/// `SCRAM-SHA-512`), `KAFKA_SASL_USERNAME` and `KAFKA_SASL_PASSWORD`, and with TLS
+/// `KAFKA_SSL_CA_LOCATION` (default: the system's CA store), `KAFKA_SSL_CERTIFICATE_LOCATION`,
+/// `KAFKA_SSL_KEY_LOCATION` and `KAFKA_SSL_KEY_PASSWORD` (mutual TLS). The broker's host name
+/// is verified against its certificate (librdkafka's default). `KAFKA_PROPERTY_<NAME>` sets any
+/// other librdkafka property: `<NAME>` lowercased, `_` read as `.`
+/// (`KAFKA_PROPERTY_SOCKET_KEEPALIVE_ENABLE=true`). The password never leaves this value but
+/// into the client: `Debug` masks it and every property whose name says secret.
+#[derive(Clone, Default)]
+pub struct KafkaSecurity {
+    /// librdkafka properties, in the order set: protocol, SASL, TLS, then the pass-through.
+    properties: Vec<(String, String)>,
+}
+
+/// Property names whose values are secrets: masked by `Debug`.
+fn is_secret_property(name: &str) -> bool {
+    name.contains("password") || name.contains("secret") || name.ends_with(".key.pem")
+}
+
+impl KafkaSecurity {
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let protocol = env
+            .string_or("KAFKA_SECURITY_PROTOCOL", "plaintext")
+            .to_ascii_lowercase();
+        let (tls, sasl) = match protocol.as_str() {
+            "plaintext" => (false, false),
+            "ssl" => (true, false),
+            "sasl_plaintext" => (false, true),
+            "sasl_ssl" => (true, true),
+            _ => {
+                return Err(ConfigError::Malformed {
+                    var: "KAFKA_SECURITY_PROTOCOL",
+                    reason: "expected plaintext, ssl, sasl_plaintext or sasl_ssl".into(),
+                })
+            }
+        };
+        let mut properties = vec![("security.protocol".to_owned(), protocol)];
+        let mut set = |name: &str, value: String| properties.push((name.to_owned(), value));
+        if sasl {
+            let mechanism = env.required("KAFKA_SASL_MECHANISM")?.to_ascii_uppercase();
+            if !matches!(
+                mechanism.as_str(),
+                "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512"
+            ) {
+                return Err(ConfigError::Malformed {
+                    var: "KAFKA_SASL_MECHANISM",
+                    reason: "expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512".into(),
+                });
+            }
+            set("sasl.mechanism", mechanism);
+            set("sasl.username", env.required("KAFKA_SASL_USERNAME")?);
+            set("sasl.password", env.required("KAFKA_SASL_PASSWORD")?);
+        } else {
+            for var in [
+                "KAFKA_SASL_MECHANISM",
+                "KAFKA_SASL_USERNAME",
+                "KAFKA_SASL_PASSWORD",
+            ] {
+                if env.optional(var).is_some() {
+                    return Err(ConfigError::Malformed {
+                        var,
+                        reason: "set, but KAFKA_SECURITY_PROTOCOL is not sasl_plaintext or \
+                                 sasl_ssl"
+                            .into(),
+                    });
+                }
+            }
+        }
+        if tls {
+            // The system's CA store unless a CA file is given: the TLS library built into
+            // the binary knows no store of its own.
+            set(
+                "ssl.ca.location",
+                env.string_or("KAFKA_SSL_CA_LOCATION", "probe"),
+            );
+            for (var, name) in [
+                ("KAFKA_SSL_CERTIFICATE_LOCATION", "ssl.certificate.location"),
+                ("KAFKA_SSL_KEY_LOCATION", "ssl.key.location"),
+                ("KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
+            ] {
+                if let Some(value) = env.optional(var) {
+                    set(name, value);
+                }
+            }
+        }
+        let mut passed: Vec<(String, String)> = env
+            .with_prefix("KAFKA_PROPERTY_")
+            .into_iter()
+            .filter(|(_, v)| !v.trim().is_empty())
+            .map(|(k, v)| {
+                let name = k["KAFKA_PROPERTY_".len()..]
+                    .to_ascii_lowercase()
+                    .replace('_', ".");
+                (name, v)
+            })
+            .collect();
+        passed.sort();
+        properties.extend(passed);
+        Ok(Self { properties })
+    }
+
+    /// The librdkafka properties to set on every client.
+    pub fn properties(&self) -> &[(String, String)] {
+        &self.properties
+    }
+}
+
+impl std::fmt::Debug for KafkaSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in &self.properties {
+            if is_secret_property(name) {
+                map.entry(name, &"<redacted>");
+            } else {
+                map.entry(name, value);
+            }
+        }
+        map.finish()
+    }
 }
 
 impl KafkaSettings {
@@ -229,6 +377,7 @@ impl KafkaSettings {
         Ok(Self {
             brokers,
             topic_prefix,
+            security: KafkaSecurity::from_env(env)?,
         })
     }
 }
@@ -488,6 +637,76 @@ mod tests {
                 .iter()
                 .find(|(k, _)| *k == var)
                 .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn kafka_security_becomes_librdkafka_properties_and_never_shows_the_password() {
+        let env = [
+            ("KAFKA_BROKERS", "b:9093"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "scram-sha-512"),
+            ("KAFKA_SASL_USERNAME", "meterline"),
+            ("KAFKA_SASL_PASSWORD", "hunter2-secret"),
+            ("KAFKA_PROPERTY_SOCKET_KEEPALIVE_ENABLE", "true"),
+        ];
+        let settings = KafkaSettings::from_env(&Env::new(&env)).unwrap();
+        let properties: Vec<(&str, &str)> = settings
+            .security
+            .properties()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            properties,
+            [
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+                ("sasl.username", "meterline"),
+                ("sasl.password", "hunter2-secret"),
+                ("ssl.ca.location", "probe"),
+                ("socket.keepalive.enable", "true"),
+            ]
+        );
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("sasl.username"), "{shown}");
+
+        let plaintext = KafkaSettings::from_env(&Env::new(&[("KAFKA_BROKERS", "b:9092")])).unwrap();
+        assert_eq!(
+            plaintext.security.properties(),
+            [("security.protocol".to_owned(), "plaintext".to_owned())]
+        );
+    }
+
+    #[test]
+    fn kafka_security_that_cannot_work_is_refused_by_name() {
+        let cases: [(&[(&str, &str)], &str); 4] = [
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "tls")],
+                "KAFKA_SECURITY_PROTOCOL",
+            ),
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")],
+                "KAFKA_SASL_MECHANISM",
+            ),
+            (
+                &[
+                    ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+                    ("KAFKA_SASL_MECHANISM", "GSSAPI"),
+                ],
+                "KAFKA_SASL_MECHANISM",
+            ),
+            (
+                &[("KAFKA_SASL_USERNAME", "meterline")],
+                "KAFKA_SASL_USERNAME",
+            ),
+        ];
+        for (vars, named) in cases {
+            let mut all = vec![("KAFKA_BROKERS", "b:9092")];
+            all.extend_from_slice(vars);
+            let err = KafkaSettings::from_env(&Env::new(&Vars(&all))).unwrap_err();
+            assert!(err.to_string().contains(named), "{vars:?}: {err}");
         }
     }
 

@@ -56,6 +56,7 @@ impl Namespace {
             kafka: KafkaSettings {
                 brokers: kafka_brokers.to_owned(),
                 topic_prefix: format!("{id}."),
+                security: Default::default(),
             },
             clickhouse: ClickhouseSettings {
                 url: stack.clickhouse_url.clone(),

@@ -56,6 +56,18 @@ pub struct PrivateKafka {
     dir: TempDir,
     port: u16,
     controller_port: u16,
+    /// The SASL_SSL listener's port and what it needs, when there is one.
+    secure: Option<SecureListener>,
+}
+
+/// A SASL_SSL listener: TLS with the CA's server certificate, SCRAM (SHA-256 and SHA-512)
+/// and PLAIN logins of one user.
+struct SecureListener {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    user: String,
+    password: String,
 }
 
 impl PrivateKafka {
@@ -64,6 +76,27 @@ impl PrivateKafka {
             dir: temp_dir("kafka"),
             port: free_port(),
             controller_port: free_port(),
+            secure: None,
+        };
+        kafka.resume().await;
+        kafka
+    }
+
+    /// A broker with a SASL_SSL listener as well ([`Self::secure_brokers`]) serving `ca`'s
+    /// server certificate, where `user` logs in with `password` (SCRAM credentials created
+    /// with Kafka's own storage tool). Its plaintext listener is for the harness's admin work.
+    pub async fn start_sasl_ssl(ca: &TestCa, user: &str, password: &str) -> PrivateKafka {
+        let kafka = PrivateKafka {
+            dir: temp_dir("kafka"),
+            port: free_port(),
+            controller_port: free_port(),
+            secure: Some(SecureListener {
+                port: free_port(),
+                cert: ca.server_pem(),
+                key: ca.server_key(),
+                user: user.to_owned(),
+                password: password.to_owned(),
+            }),
         };
         kafka.resume().await;
         kafka
@@ -73,20 +106,43 @@ impl PrivateKafka {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The SASL_SSL listener's address.
+    pub fn secure_brokers(&self) -> String {
+        let secure = self
+            .secure
+            .as_ref()
+            .expect("a broker started with SASL_SSL");
+        format!("127.0.0.1:{}", secure.port)
+    }
+
     pub async fn stop(&self) {
         script(&["kafka.sh", "stop", dir_str(&self.dir)]).await;
     }
 
     /// Starts the broker again on the same ports and data.
     pub async fn resume(&self) {
-        script(&[
+        let port = self.port.to_string();
+        let controller_port = self.controller_port.to_string();
+        let mut args = vec![
             "kafka.sh",
             "start",
             dir_str(&self.dir),
-            &self.port.to_string(),
-            &self.controller_port.to_string(),
-        ])
-        .await;
+            &port,
+            &controller_port,
+        ];
+        let secure_port;
+        if let Some(secure) = &self.secure {
+            secure_port = secure.port.to_string();
+            args.extend([
+                "--sasl-ssl",
+                &secure_port,
+                path_str(&secure.cert),
+                path_str(&secure.key),
+                &secure.user,
+                &secure.password,
+            ]);
+        }
+        script(&args).await;
     }
 }
 

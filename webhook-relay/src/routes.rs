@@ -99,6 +99,7 @@ mod tests {
         let kafka = KafkaSettings {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
+            security: Default::default(),
         };
         let publisher =
             Arc::new(WebhookPublisher::new(&kafka, Duration::from_millis(200)).unwrap());

@@ -70,6 +70,9 @@ pub(crate) fn base_config(settings: &KafkaSettings, client_id: &str) -> ClientCo
         // Fail a request to a dead broker quickly, so readiness and 503s are prompt.
         .set("socket.connection.setup.timeout.ms", "5000")
         .set("reconnect.backoff.max.ms", "2000");
+    for (name, value) in settings.security.properties() {
+        config.set(name, value);
+    }
     config
 }
 

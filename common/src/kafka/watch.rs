@@ -4,9 +4,12 @@
 //! Rule kept here: these clients join no group and commit nothing, so watching can never move
 //! a service's position.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 
 use super::base_config;
 use crate::config::KafkaSettings;
@@ -15,13 +18,83 @@ use crate::Error;
 /// A metadata-only client: readiness (can we fetch cluster metadata from a broker right now?)
 /// and how many messages were ever written to a topic. One per service; it joins no group.
 pub struct KafkaProbe {
-    client: std::sync::Arc<BaseConsumer>,
+    client: std::sync::Arc<BaseConsumer<ProbeContext>>,
+}
+
+/// How long a broker error explains a failed probe: the probe runs every few seconds.
+const ERROR_RECENT: Duration = Duration::from_secs(30);
+
+/// Keeps the probe client's last connection failure: a failed metadata request says only
+/// "broker transport failure", while librdkafka logged the cause (a refused login, an
+/// untrusted certificate, a plaintext client at a TLS listener) from its own threads.
+#[derive(Default)]
+pub struct ProbeContext {
+    last_error: Mutex<Option<(Instant, String)>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use RDKafkaLogLevel::{Alert, Critical, Debug, Emerg, Error, Info, Notice, Warning};
+        if fac == "FAIL" || matches!(level, Emerg | Alert | Critical | Error) {
+            self.note(log_message.to_owned());
+        }
+        // As rdkafka's own default, into our logs.
+        match level {
+            Emerg | Alert | Critical | Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}"),
+            Notice | Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}"),
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// Serves the probe client's queue (it subscribes to nothing: no message comes back), so its
+/// log lines reach the log and [`ProbeContext`] sees the last failure. `after_failure`: for
+/// up to 100 ms, as the failure's own lines may still be on their way.
+fn serve_events(client: &BaseConsumer<ProbeContext>, after_failure: bool) {
+    let deadline = Instant::now()
+        + if after_failure {
+            Duration::from_millis(100)
+        } else {
+            Duration::ZERO
+        };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // An error event only says "all brokers down"; the log line before it said why.
+        if client.poll(left).is_none() {
+            return;
+        }
+    }
+}
+
+impl ProbeContext {
+    fn note(&self, said: String) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), said));
+    }
+
+    fn recent_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < ERROR_RECENT)
+            .map(|(_, said)| said.clone())
+    }
 }
 
 impl KafkaProbe {
     pub fn new(settings: &KafkaSettings, client_id: &str) -> Result<Self, Error> {
-        let client: BaseConsumer = base_config(settings, client_id)
-            .create()
+        let client: BaseConsumer<ProbeContext> = base_config(settings, client_id)
+            .create_with_context(ProbeContext::default())
             .map_err(|source| Error::Kafka {
                 context: "creating the metadata client",
                 source,
@@ -34,10 +107,14 @@ impl KafkaProbe {
     pub async fn check(&self, timeout: Duration) -> Result<(), String> {
         let client = self.client.clone();
         tokio::task::spawn_blocking(move || {
-            client
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| format!("metadata request failed: {e}"))
+            let outcome = client.fetch_metadata(None, timeout).map(|_| ());
+            // The client's log lines and errors wait in its queue until it is polled; after
+            // a failure, long enough to read the cause.
+            serve_events(&client, outcome.is_err());
+            outcome.map_err(|e| match client.context().recent_error() {
+                Some(cause) => format!("metadata request failed: {e}; {cause}"),
+                None => format!("metadata request failed: {e}"),
+            })
         })
         .await
         .map_err(|e| format!("readiness task failed: {e}"))?
@@ -146,7 +223,11 @@ pub fn resume_offset(committed: rdkafka::Offset, low: i64) -> i64 {
     committed.to_raw().filter(|o| *o >= low).unwrap_or(low)
 }
 
-fn partitions(client: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>, Error> {
+fn partitions<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, Error> {
     let metadata = client
         .fetch_metadata(Some(topic), timeout)
         .map_err(|source| Error::Kafka {

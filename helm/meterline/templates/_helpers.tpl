@@ -87,6 +87,9 @@ webhook-relay:
 {{- define "meterline.secretEnvOf" -}}
 {{- $v := .root.Values }}
 {{- include "meterline.secretEnv" (dict "name" "DATABASE_URL" "ref" $v.postgresql.url) }}
+{{- if $v.kafka.security.sasl.password.existingSecret }}
+{{ include "meterline.secretEnv" (dict "name" "KAFKA_SASL_PASSWORD" "ref" $v.kafka.security.sasl.password) }}
+{{- end }}
 {{- with $v.postgresql.tls.sslMode }}
 - name: PGSSLMODE
   value: {{ . | quote }}
@@ -117,6 +120,27 @@ webhook-relay:
 {{- define "meterline.kafkaEnv" -}}
 KAFKA_BROKERS: {{ join "," .Values.kafka.brokers | quote }}
 TOPIC_PREFIX: {{ .Values.kafka.topicPrefix | quote }}
+{{- with .Values.kafka.security }}
+KAFKA_SECURITY_PROTOCOL: {{ .protocol | quote }}
+{{- if .sasl.mechanism }}
+KAFKA_SASL_MECHANISM: {{ .sasl.mechanism | quote }}
+KAFKA_SASL_USERNAME: {{ .sasl.username | quote }}
+{{- end }}
+{{- with .tls.caCertificate }}
+{{- if .existingSecret }}
+KAFKA_SSL_CA_LOCATION: {{ printf "/etc/meterline/kafka-ca/%s" .key | quote }}
+{{- end }}
+{{- end }}
+{{- with .tls.clientCertificate }}
+{{- if .existingSecret }}
+KAFKA_SSL_CERTIFICATE_LOCATION: {{ printf "/etc/meterline/kafka-client/%s" .certificateKey | quote }}
+KAFKA_SSL_KEY_LOCATION: {{ printf "/etc/meterline/kafka-client/%s" .privateKeyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $name, $value := .Values.kafka.properties }}
+{{ printf "KAFKA_PROPERTY_%s" ($name | upper | replace "." "_") }}: {{ $value | toString | quote }}
+{{- end }}
 {{- end }}
 
 {{- define "meterline.clickhouseEnv" -}}
@@ -200,10 +224,20 @@ their volumes, each empty when no Secret is given. */}}
   mountPath: /etc/meterline/clickhouse-ca
   readOnly: true
 {{- end }}
+{{- if .Values.kafka.security.tls.caCertificate.existingSecret }}
+- name: kafka-ca
+  mountPath: /etc/meterline/kafka-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.kafka.security.tls.clientCertificate.existingSecret }}
+- name: kafka-client
+  mountPath: /etc/meterline/kafka-client
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{- define "meterline.caVolumes" -}}
-{{- range $name, $ca := dict "postgres-ca" .Values.postgresql.tls.caCertificate "clickhouse-ca" .Values.clickhouse.tls.caCertificate }}
+{{- range $name, $ca := dict "postgres-ca" .Values.postgresql.tls.caCertificate "clickhouse-ca" .Values.clickhouse.tls.caCertificate "kafka-ca" .Values.kafka.security.tls.caCertificate }}
 {{- if $ca.existingSecret }}
 - name: {{ $name }}
   secret:
@@ -211,6 +245,19 @@ their volumes, each empty when no Secret is given. */}}
     items:
       - key: {{ $ca.key }}
         path: {{ $ca.key }}
+{{- end }}
+{{- end }}
+{{- with .Values.kafka.security.tls.clientCertificate }}
+{{- if .existingSecret }}
+- name: kafka-client
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0400
+    items:
+      - key: {{ .certificateKey }}
+        path: {{ .certificateKey }}
+      - key: {{ .privateKeyKey }}
+        path: {{ .privateKeyKey }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -25,7 +25,7 @@ fn hour_start(hours_ago: i64) -> OffsetDateTime {
     *ANCHOR.get_or_init(|| meterline_tests::usage::hour_start(0)) - time::Duration::hours(hours_ago)
 }
 
-const TENANT: &str = "tenant_sink";
+pub(crate) const TENANT: &str = "tenant_sink";
 const RATE: u32 = 40;
 
 /// The stand-in's clock, Unix seconds.
@@ -1351,7 +1351,7 @@ async fn sends_of(pg: &sqlx::PgPool, hours_ago: i64) -> Vec<(i32, String)> {
 }
 
 /// The COUNT meter `calls` of `api.request` events, in the tenant's `env_prod`.
-async fn calls_meter(ns: &Namespace, tenant: &str) {
+pub(crate) async fn calls_meter(ns: &Namespace, tenant: &str) {
     create_meter(
         ns,
         tenant,
@@ -1363,7 +1363,7 @@ async fn calls_meter(ns: &Namespace, tenant: &str) {
 
 /// Connects the tenant's `env_prod` to the stand-in through the sink's API: the config (sync
 /// on, [`RATE`]), then a mapping per (meter, Stripe event name) and per (customer, `cus_`).
-async fn connect(
+pub(crate) async fn connect(
     sink: &ServiceProcess,
     standin: &Standin,
     meters: &[(&str, &str)],

@@ -1,15 +1,18 @@
 //! Production connectivity: PostgreSQL reached over TLS with the server's certificate
 //! verified (`sslmode=verify-full`, the CA given with `sslrootcert`), as managed databases
-//! require, and ClickHouse over HTTPS through a real TLS terminator (Debian's stunnel4, as
-//! the local ClickHouse build serves no TLS itself) with its certificate checked against
-//! `CLICKHOUSE_CA_CERT`. A plaintext client, an untrusted certificate and a wrong password
-//! each leave a service unready with `/readyz` and one log line naming the dependency and
-//! the reason, and never the password.
+//! require; ClickHouse over HTTPS through a real TLS terminator (Debian's stunnel4, as the
+//! local ClickHouse build serves no TLS itself) with its certificate checked against
+//! `CLICKHOUSE_CA_CERT`; Kafka on a SASL_SSL listener with SCRAM credentials made by Kafka's
+//! own storage tool; and the whole pipeline (ingest -> aggregator -> sink -> the Stripe
+//! stand-in) over all three at once. A plaintext client, an untrusted certificate and a wrong
+//! password each leave a service unready with `/readyz` and one log line naming the
+//! dependency and the reason, and never the password.
 
 use std::time::Duration;
 
 use meterline_tests::api::{get, post_json, token};
-use meterline_tests::private::PrivatePostgres;
+use meterline_tests::private::{PrivateKafka, PrivatePostgres};
+use meterline_tests::standin::Standin;
 use meterline_tests::tls::{TestCa, TlsTerminator};
 use meterline_tests::usage::{create_meter, hour_start, spawn_aggregator, WindowWatcher};
 use meterline_tests::{Namespace, ServiceProcess, Stack};
@@ -17,6 +20,7 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::services::{wait_readyz, SERVICES};
+use crate::sink::{calls_meter, connect, TENANT};
 
 #[tokio::test]
 async fn postgres_over_verified_tls_serves_every_service_and_a_plaintext_client_is_refused() {
@@ -134,13 +138,7 @@ fn with_database_of(url: &str, namespace_url: &str) -> String {
 async fn clickhouse_over_https_stores_and_answers_usage_and_a_plaintext_client_is_refused() {
     let ca = TestCa::new("meterline test CA");
     let stack = Stack::get();
-    let upstream: u16 = stack
-        .clickhouse_url
-        .rsplit(':')
-        .next()
-        .and_then(|port| port.trim_end_matches('/').parse().ok())
-        .expect("the stack's ClickHouse URL ends with its port");
-    let terminator = TlsTerminator::start(&ca, upstream).await;
+    let terminator = TlsTerminator::start(&ca, port_of(&stack.clickhouse_url)).await;
     let https = format!("https://127.0.0.1:{}", terminator.port);
     let ca_pem = ca.ca_pem().display().to_string();
 
@@ -250,4 +248,151 @@ async fn clickhouse_over_https_stores_and_answers_usage_and_a_plaintext_client_i
     aggregator.terminate(Duration::from_secs(10)).await;
     ingest.terminate(Duration::from_secs(10)).await;
     ns.drop_databases().await;
+}
+
+#[tokio::test]
+async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickhouse_and_postgres() {
+    let ca = TestCa::new("meterline test CA");
+    let kafka_password = format!("kafka-{}", uuid::Uuid::now_v7().simple());
+    let kafka = PrivateKafka::start_sasl_ssl(&ca, "meterline", &kafka_password).await;
+    let postgres = PrivatePostgres::start_tls(&ca).await;
+    let stack = Stack::get();
+    let terminator = TlsTerminator::start(&ca, port_of(&stack.clickhouse_url)).await;
+
+    // The harness creates topics over the broker's plaintext listener and databases over
+    // ClickHouse's own HTTP port; every service reaches all three over TLS with credentials.
+    let ns = Namespace::plan(&kafka.brokers(), &postgres.database_url());
+    ns.create_topics().await;
+    ns.create_databases().await;
+    let ca_pem = ca.ca_pem().display().to_string();
+    let https = format!("https://127.0.0.1:{}", terminator.port);
+    let secure = kafka.secure_brokers();
+    let over_tls: Vec<(&str, &str)> = vec![
+        ("KAFKA_BROKERS", &secure),
+        ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+        ("KAFKA_SASL_USERNAME", "meterline"),
+        ("KAFKA_SASL_PASSWORD", &kafka_password),
+        ("KAFKA_SSL_CA_LOCATION", &ca_pem),
+        ("CLICKHOUSE_URL", &https),
+        ("CLICKHOUSE_CA_CERT", &ca_pem),
+    ];
+    let env_with = |extra: &[(&str, &str)]| {
+        let mut env = ns.env();
+        env.extend(
+            over_tls
+                .iter()
+                .chain(extra)
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        env
+    };
+
+    let standin = Standin::start(40).await;
+    standin.sum_meter("api_calls").await;
+    let cus = standin.customer("cust_tls").await;
+    calls_meter(&ns, TENANT).await;
+    let sink = ServiceProcess::spawn(
+        "stripe-sink",
+        &env_with(&[("STRIPE_API_BASE", standin.base.as_str())]),
+    )
+    .await;
+    connect(
+        &sink,
+        &standin,
+        &[("calls", "api_calls")],
+        &[("cust_tls", &cus)],
+    )
+    .await;
+    let _aggregator = spawn_aggregator(&ns, &over_tls).await;
+    let ingest = ServiceProcess::spawn("ingest", &env_with(&[])).await;
+    for service in [&sink, &ingest] {
+        let body = wait_readyz(service, 200, Duration::from_secs(30)).await;
+        assert_eq!(body["checks"]["kafka"], "ok", "{}: {body}", service.name);
+    }
+
+    // Seven calls in a past hour, one of them sent twice: Stripe bills six.
+    let window = hour_start(3);
+    let events: Vec<_> = (0..7)
+        .map(|i| {
+            json!({"id": format!("tls-{}", i.min(5)), "customer_id": "cust_tls",
+                   "event_name": "api.request",
+                   "timestamp": (window + time::Duration::minutes(i))
+                       .format(&time::format_description::well_known::Rfc3339).unwrap()})
+        })
+        .collect();
+    let answer = post_json(
+        &ingest.url("/v1/events/bulk"),
+        &token(TENANT, "env_prod"),
+        &json!({"events": events}),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let want = std::collections::BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 6.0)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while standin.totals().await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stripe holds {:?}, expected {want:?}; sink log:\n{}",
+            standin.totals().await,
+            sink.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // A plaintext client, a wrong password and an untrusted broker certificate: each leaves
+    // the service unready with the cause, in one log line, never the password.
+    // Plaintext: no KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* or KAFKA_SSL_* at all.
+    let plaintext: Vec<(String, String)> = env_with(&[])
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("KAFKA_S"))
+        .collect();
+    // Set later, so they win over the right ones.
+    let wrong_password = env_with(&[("KAFKA_SASL_PASSWORD", "not-the-password")]);
+    let other_ca = TestCa::new("an unrelated CA");
+    let other_pem = other_ca.ca_pem().display().to_string();
+    let untrusted = env_with(&[("KAFKA_SSL_CA_LOCATION", &other_pem)]);
+    for (case, env, reason) in [
+        (
+            "plaintext to the SASL_SSL listener",
+            plaintext,
+            "Disconnected",
+        ),
+        ("wrong password", wrong_password, "Authentication failed"),
+        (
+            "untrusted certificate",
+            untrusted,
+            "certificate verify failed",
+        ),
+    ] {
+        let refused = ServiceProcess::spawn("stripe-sink", &env).await;
+        let body = wait_readyz(&refused, 503, Duration::from_secs(30)).await;
+        let check = body["checks"]["kafka"].as_str().unwrap_or_default();
+        assert!(check.contains(reason), "{case}: /readyz says {body}");
+        let said: Vec<String> = refused
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("kafka is unavailable"))
+            .collect();
+        assert_eq!(said.len(), 1, "{case}: one log line, got {said:?}");
+        let everything = format!("{body}\n{}", refused.log_lines().join("\n"));
+        assert!(
+            !everything.contains(&kafka_password),
+            "{case}: the password leaked"
+        );
+        assert!(
+            !everything.contains("not-the-password"),
+            "{case}: the password leaked"
+        );
+        refused.terminate(Duration::from_secs(10)).await;
+    }
+}
+
+/// The port at the end of a URL such as `http://127.0.0.1:18123`.
+fn port_of(url: &str) -> u16 {
+    url.trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("the URL ends with its port")
 }
