@@ -103,25 +103,72 @@ async fn postgres_over_verified_tls_serves_every_service_and_a_plaintext_client_
             })
             .collect();
         let sink = ServiceProcess::spawn("stripe-sink", &env).await;
-        let body = wait_readyz(&sink, 503, Duration::from_secs(30)).await;
-        let check = body["checks"]["postgres"].as_str().unwrap_or_default();
-        assert!(check.contains(reason), "{case}: /readyz says {body}");
+        let body = unready_for(
+            &sink,
+            "postgres",
+            reason,
+            case,
+            &[&secret, "not-the-password"],
+        )
+        .await;
         assert_eq!(body["checks"]["kafka"], "ok", "{case}: {body}");
-        let said: Vec<String> = sink
-            .log_lines()
-            .into_iter()
-            .filter(|l| l.contains("postgres is unavailable"))
-            .collect();
-        assert_eq!(said.len(), 1, "{case}: one log line, got {said:?}");
-        assert!(said[0].contains(reason), "{case}: {}", said[0]);
-        let everything = format!("{body}\n{}", sink.log_lines().join("\n"));
-        assert!(!everything.contains(&secret), "{case}: the password leaked");
-        assert!(
-            !everything.contains("not-the-password"),
-            "{case}: the password leaked"
-        );
         sink.terminate(Duration::from_secs(10)).await;
     }
+}
+
+/// Waits for `service` to turn unready because of `dependency`, and checks how it says so:
+/// `/readyz` names the dependency with `reason` in its check, the log has exactly one line
+/// `<dependency> is unavailable: ...` giving the reason, and none of `secrets` appears in
+/// either. Returns the `/readyz` body.
+async fn unready_for(
+    service: &ServiceProcess,
+    dependency: &str,
+    reason: &str,
+    case: &str,
+    secrets: &[&str],
+) -> serde_json::Value {
+    let body = wait_readyz(service, 503, Duration::from_secs(30)).await;
+    let check = body["checks"][dependency].as_str().unwrap_or_default();
+    assert!(check.contains(reason), "{case}: /readyz says {body}");
+    let headline = format!("{dependency} is unavailable");
+    let said: Vec<String> = service
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains(&headline))
+        .collect();
+    assert_eq!(said.len(), 1, "{case}: one log line, got {said:?}");
+    assert!(said[0].contains(reason), "{case}: {}", said[0]);
+    let everything = format!("{body}\n{}", service.log_lines().join("\n"));
+    for secret in secrets {
+        assert!(!everything.contains(secret), "{case}: a password leaked");
+    }
+    body
+}
+
+/// Posts calls of `cust_tls` to ingest, the n-th at `window` + n minutes with the n-th id
+/// (an id given twice is a duplicate), and checks that ingest took them (202).
+async fn send_calls(
+    ingest: &ServiceProcess,
+    tenant: &str,
+    window: time::OffsetDateTime,
+    ids: &[&str],
+) {
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let events: Vec<_> = ids
+        .iter()
+        .zip(0..)
+        .map(|(id, minute)| {
+            json!({"id": id, "customer_id": "cust_tls", "event_name": "api.request",
+                   "timestamp": (window + time::Duration::minutes(minute)).format(rfc3339).unwrap()})
+        })
+        .collect();
+    let answer = post_json(
+        &ingest.url("/v1/events/bulk"),
+        &token(tenant, "env_prod"),
+        &json!({"events": events}),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
 }
 
 /// `url` pointed at the namespace database named in `namespace_url`.
@@ -168,21 +215,7 @@ async fn clickhouse_over_https_stores_and_answers_usage_and_a_plaintext_client_i
     )
     .await;
     let window = hour_start(2);
-    let events: Vec<_> = (0..3)
-        .map(|i| {
-            json!({"id": format!("tls-{i}"), "customer_id": "cust_tls",
-                   "event_name": "api.request",
-                   "timestamp": (window + time::Duration::minutes(i))
-                       .format(&time::format_description::well_known::Rfc3339).unwrap()})
-        })
-        .collect();
-    let answer = post_json(
-        &ingest.url("/v1/events/bulk"),
-        &token(tenant, "env_prod"),
-        &json!({"events": events}),
-    )
-    .await;
-    assert_eq!(answer.status, 202, "{}", answer.body);
+    send_calls(&ingest, tenant, window, &["tls-0", "tls-1", "tls-2"]).await;
     let expected = std::collections::BTreeMap::from([(
         (
             "cust_tls".to_owned(),
@@ -233,16 +266,8 @@ async fn clickhouse_over_https_stores_and_answers_usage_and_a_plaintext_client_i
         ),
     ] {
         let aggregator = spawn_aggregator(&ns, &settings).await;
-        let body = wait_readyz(&aggregator, 503, Duration::from_secs(30)).await;
-        let check = body["checks"]["clickhouse"].as_str().unwrap_or_default();
-        assert!(check.contains(reason), "{case}: /readyz says {body}");
+        let body = unready_for(&aggregator, "clickhouse", reason, case, &[]).await;
         assert_eq!(body["checks"]["postgres"], "ok", "{case}: {body}");
-        let said: Vec<String> = aggregator
-            .log_lines()
-            .into_iter()
-            .filter(|l| l.contains("clickhouse is unavailable"))
-            .collect();
-        assert_eq!(said.len(), 1, "{case}: one log line, got {said:?}");
         aggregator.terminate(Duration::from_secs(10)).await;
     }
     aggregator.terminate(Duration::from_secs(10)).await;
@@ -312,22 +337,10 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
     }
 
     // Seven calls in a past hour, one of them sent twice: Stripe bills six.
-    let window = hour_start(3);
-    let events: Vec<_> = (0..7)
-        .map(|i| {
-            json!({"id": format!("tls-{}", i.min(5)), "customer_id": "cust_tls",
-                   "event_name": "api.request",
-                   "timestamp": (window + time::Duration::minutes(i))
-                       .format(&time::format_description::well_known::Rfc3339).unwrap()})
-        })
-        .collect();
-    let answer = post_json(
-        &ingest.url("/v1/events/bulk"),
-        &token(TENANT, "env_prod"),
-        &json!({"events": events}),
-    )
-    .await;
-    assert_eq!(answer.status, 202, "{}", answer.body);
+    let ids = [
+        "tls-0", "tls-1", "tls-2", "tls-3", "tls-4", "tls-5", "tls-5",
+    ];
+    send_calls(&ingest, TENANT, hour_start(3), &ids).await;
     let want = std::collections::BTreeMap::from([((cus.clone(), "api_calls".to_owned()), 6.0)]);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while standin.totals().await != want {
@@ -366,24 +379,14 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
         ),
     ] {
         let refused = ServiceProcess::spawn("stripe-sink", &env).await;
-        let body = wait_readyz(&refused, 503, Duration::from_secs(30)).await;
-        let check = body["checks"]["kafka"].as_str().unwrap_or_default();
-        assert!(check.contains(reason), "{case}: /readyz says {body}");
-        let said: Vec<String> = refused
-            .log_lines()
-            .into_iter()
-            .filter(|l| l.contains("kafka is unavailable"))
-            .collect();
-        assert_eq!(said.len(), 1, "{case}: one log line, got {said:?}");
-        let everything = format!("{body}\n{}", refused.log_lines().join("\n"));
-        assert!(
-            !everything.contains(&kafka_password),
-            "{case}: the password leaked"
-        );
-        assert!(
-            !everything.contains("not-the-password"),
-            "{case}: the password leaked"
-        );
+        unready_for(
+            &refused,
+            "kafka",
+            reason,
+            case,
+            &[&kafka_password, "not-the-password"],
+        )
+        .await;
         refused.terminate(Duration::from_secs(10)).await;
     }
 }
