@@ -162,17 +162,20 @@ pub async fn group_members(settings: &KafkaSettings, group: &str) -> Result<usiz
     .map_err(|e| Error::KafkaAdmin(format!("describing a consumer group: {e}")))?
 }
 
-/// Creates every topic of `topics` that does not exist yet, with `partitions` partitions.
-/// Existing topics are left as they are.
-/// Asks the brokers to delete `topics` (missing ones are no error) and returns once the
-/// controller accepted it, without waiting for the deletion; for test namespaces.
-pub async fn delete_topics(settings: &KafkaSettings, topics: &[String]) -> Result<(), Error> {
-    let admin: AdminClient<DefaultClientContext> = base_config(settings, "meterline-admin")
+/// An admin client with the shared settings (brokers, TLS, SASL).
+fn admin_client(settings: &KafkaSettings) -> Result<AdminClient<DefaultClientContext>, Error> {
+    base_config(settings, "meterline-admin")
         .create()
         .map_err(|source| Error::Kafka {
             context: "creating admin client",
             source,
-        })?;
+        })
+}
+
+/// Asks the brokers to delete `topics` (missing ones are no error) and returns once the
+/// controller accepted it, without waiting for the deletion; for test namespaces.
+pub async fn delete_topics(settings: &KafkaSettings, topics: &[String]) -> Result<(), Error> {
+    let admin = admin_client(settings)?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
     admin
@@ -185,18 +188,15 @@ pub async fn delete_topics(settings: &KafkaSettings, topics: &[String]) -> Resul
         })
 }
 
+/// Creates every topic of `topics` that does not exist yet, with `partitions` partitions.
+/// Existing topics are left as they are.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &[String],
     partitions: i32,
     replication: i32,
 ) -> Result<(), Error> {
-    let admin: AdminClient<DefaultClientContext> = base_config(settings, "meterline-admin")
-        .create()
-        .map_err(|source| Error::Kafka {
-            context: "creating admin client",
-            source,
-        })?;
+    let admin = admin_client(settings)?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|name| {

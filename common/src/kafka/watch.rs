@@ -58,12 +58,12 @@ impl ConsumerContext for ProbeContext {}
 /// log lines reach the log and [`ProbeContext`] sees the last failure. `after_failure`: for
 /// up to 100 ms, as the failure's own lines may still be on their way.
 fn serve_events(client: &BaseConsumer<ProbeContext>, after_failure: bool) {
-    let deadline = Instant::now()
-        + if after_failure {
-            Duration::from_millis(100)
-        } else {
-            Duration::ZERO
-        };
+    let wait = if after_failure {
+        Duration::from_millis(100)
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + wait;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         // An error event only says "all brokers down"; the log line before it said why.

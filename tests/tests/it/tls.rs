@@ -91,17 +91,12 @@ async fn postgres_over_verified_tls_serves_every_service_and_a_plaintext_client_
             "password authentication failed",
         ),
     ] {
-        let env: Vec<(String, String)> = ns
-            .env()
-            .into_iter()
-            .map(|(k, v)| {
-                if k == "DATABASE_URL" {
-                    (k, with_database_of(database_url, &v))
-                } else {
-                    (k, v)
-                }
-            })
-            .collect();
+        // Set after the namespace's own, so it wins.
+        let mut env = ns.env();
+        env.push((
+            "DATABASE_URL".to_owned(),
+            meterline_tests::stack::with_database(database_url, &ns.id),
+        ));
         let sink = ServiceProcess::spawn("stripe-sink", &env).await;
         let body = unready_for(
             &sink,
@@ -169,16 +164,6 @@ async fn send_calls(
     )
     .await;
     assert_eq!(answer.status, 202, "{}", answer.body);
-}
-
-/// `url` pointed at the namespace database named in `namespace_url`.
-fn with_database_of(url: &str, namespace_url: &str) -> String {
-    let database = namespace_url
-        .split('?')
-        .next()
-        .and_then(|base| base.rsplit('/').next())
-        .expect("the namespace URL names a database");
-    meterline_tests::stack::with_database(url, database)
 }
 
 #[tokio::test]
