@@ -6,7 +6,10 @@ pub enum Error {
     Common(#[from] meterline_common::Error),
     #[error("kafka: publishing window totals: {0}")]
     Publish(meterline_common::kafka::WriteError),
-    #[error("clickhouse: {context}: {source}")]
+    #[error(
+        "clickhouse: {context}: {}",
+        meterline_common::error::with_causes(source)
+    )]
     Clickhouse {
         context: &'static str,
         #[source]

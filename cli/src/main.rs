@@ -150,7 +150,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meterline: {e:#}");
+            // Each cause once: some of our errors already say the causes under them.
+            let error: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("meterline: {}", meterline_common::error::with_causes(error));
             if e.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(2)
             } else {

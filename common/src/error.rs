@@ -14,7 +14,9 @@ pub enum Error {
     },
     #[error("kafka: {0}")]
     KafkaAdmin(String),
-    #[error("clickhouse: {context}: {source}")]
+    // The HTTP client's own message is only "client error (SendRequest)": the cause under it
+    // (a reset connection, a refused certificate) is what an operator needs.
+    #[error("clickhouse: {context}: {}", with_causes(source))]
     Clickhouse {
         context: String,
         #[source]
@@ -47,4 +49,21 @@ pub enum Error {
     /// Stored data that no longer passes validation (written by hand, or by an older rule).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+}
+
+/// An error and the errors under it: the HTTP client says only "client error (Connect)",
+/// the cause (a refused connection, an untrusted certificate) is further down.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        // Some layers repeat their cause in their own message.
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }

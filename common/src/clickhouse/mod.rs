@@ -305,24 +305,7 @@ pub async fn check(client: &::clickhouse::Client) -> Result<(), String> {
         .fetch_one::<u8>()
         .await
         .map(|_| ())
-        .map_err(|e| format!("query failed: {}", with_causes(&e)))
-}
-
-/// An error and the errors under it: the HTTP client says only "client error (Connect)",
-/// the cause (a refused connection, an untrusted certificate) is further down.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        // Some layers repeat their cause in their own message.
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = cause.source();
-    }
-    text
+        .map_err(|e| format!("query failed: {}", crate::error::with_causes(&e)))
 }
 
 #[cfg(test)]
