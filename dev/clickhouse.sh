@@ -3,10 +3,14 @@
 # libchdb.so (npm package @chdb/lib-linux-x64-gnu) and our launcher dev/clickhouse/launcher.c.
 # Debian's clickhouse-server is from 2018 and too old (see shared/infrastructure.md).
 #   dev/clickhouse.sh install                          fetch libchdb.so, build the launcher (once)
-#   dev/clickhouse.sh start DIR HTTP_PORT TCP_PORT     serve data in DIR/data, log in DIR
+#   dev/clickhouse.sh start DIR HTTP_PORT TCP_PORT [--restart-on-crash]
+#                                                      serve data in DIR/data, log in DIR; with
+#                                                      --restart-on-crash, a server that dies of
+#                                                      a signal is started again
+#                                                      (dev/clickhouse/restart-on-crash says why)
 #   dev/clickhouse.sh stop DIR
 #   dev/clickhouse.sh status DIR HTTP_PORT             one line; exit 0 only when healthy
-#   dev/clickhouse.sh cluster-start DIR NAME HTTP_PORTS TCP_PORTS
+#   dev/clickhouse.sh cluster-start DIR NAME HTTP_PORTS TCP_PORTS [--restart-on-crash]
 #       a cluster NAME of 2 shards x 2 replicas: four servers in DIR/node1..node4 on the
 #       comma-separated ports (4 each); node1 and node2 hold shard 1, node3 and node4 shard 2
 #   dev/clickhouse.sh cluster-stop DIR
@@ -64,8 +68,11 @@ cmd_install() {
 ping_ok() { [[ $(curl -sS --max-time 2 "http://127.0.0.1:$1/ping" 2>/dev/null) == "Ok." ]]; }
 
 cmd_start() {
-  [[ $# -eq 3 ]] || usage "$0 start DIR HTTP_PORT TCP_PORT"
+  [[ $# -eq 3 || ($# -eq 4 && $4 == --restart-on-crash) ]] ||
+    usage "$0 start DIR HTTP_PORT TCP_PORT [--restart-on-crash]"
   local dir http=$2 tcp=$3 pid
+  local -a supervisor=()
+  [[ $# -eq 3 ]] || supervisor=("$ROOT/dev/clickhouse/restart-on-crash")
   require_port_pair HTTP_PORT "$http" TCP_PORT "$tcp"
   dir=$(abs_dir "$1")
   cmd_install
@@ -88,7 +95,7 @@ cmd_start() {
   # Working directory DIR: in this build an unknown table name in `default` can resolve to a
   # file in the working directory, so keep that a directory of our own.
   start_detached "$dir/clickhouse.pid" "$dir/clickhouse.log" "$dir" \
-    "$BIN" "$dir/data" "$http" "$tcp"
+    "${supervisor[@]}" "$BIN" "$dir/data" "$http" "$tcp"
   pid=$(<"$dir/clickhouse.pid")
   wait_for "clickhouse (pid $pid)" 60 "$pid" "$dir/clickhouse.log" -- ping_ok "$http"
   log "ready on 127.0.0.1:$http (pid $pid) after ${SECONDS}s"
@@ -140,7 +147,9 @@ ports_list() {
 }
 
 cmd_cluster_start() {
-  [[ $# -eq 4 ]] || usage "$0 cluster-start DIR NAME HTTP_PORTS TCP_PORTS"
+  [[ $# -eq 4 || ($# -eq 5 && $5 == --restart-on-crash) ]] ||
+    usage "$0 cluster-start DIR NAME HTTP_PORTS TCP_PORTS [--restart-on-crash]"
+  local -a restart=("${@:5}")
   local dir name=$2 node
   [[ $name =~ ^[A-Za-z][A-Za-z0-9_]*$ ]] || die "not a cluster name: $name"
   local -a http tcp
@@ -153,7 +162,7 @@ cmd_cluster_start() {
   for node in $(seq 1 "$CLUSTER_NODES"); do
     mkdir -p "$dir/node$node"
     cluster_config "$name" "$node" "${tcp[@]}" >"$dir/node$node/config.xml"
-    cmd_start "$dir/node$node" "${http[node - 1]}" "${tcp[node - 1]}" &
+    cmd_start "$dir/node$node" "${http[node - 1]}" "${tcp[node - 1]}" "${restart[@]}" &
     jobs+=($!)
   done
   local job failed=0
@@ -188,5 +197,5 @@ cluster-start | cluster-stop | cluster-status)
   shift
   "cmd_$command" "$@"
   ;;
-*) server_main "$0 install|start DIR HTTP_PORT TCP_PORT|stop DIR|status DIR HTTP_PORT|cluster-start DIR NAME HTTP_PORTS TCP_PORTS|cluster-stop DIR|cluster-status DIR HTTP_PORTS" "$@" ;;
+*) server_main "$0 install|start DIR HTTP_PORT TCP_PORT [--restart-on-crash]|stop DIR|status DIR HTTP_PORT|cluster-start DIR NAME HTTP_PORTS TCP_PORTS [--restart-on-crash]|cluster-stop DIR|cluster-status DIR HTTP_PORTS" "$@" ;;
 esac

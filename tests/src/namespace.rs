@@ -89,11 +89,27 @@ impl Namespace {
     }
 
     /// Creates and migrates this namespace's PostgreSQL and ClickHouse databases.
+    ///
+    /// The ClickHouse migration is tried again for up to 20 s: a node of the loopback cluster
+    /// can be restarting just then (this ClickHouse build aborts when a peer resets a
+    /// distributed insert, and `dev/up` starts it again: `dev/clickhouse/restart-on-crash`).
+    /// Every ClickHouse migration can be applied twice (`IF NOT EXISTS`, `MODIFY`).
     pub async fn create_databases(&self) {
         self.create_postgres().await;
-        clickhouse::migrate(&self.clickhouse)
-            .await
-            .unwrap_or_else(|e| panic!("migrating clickhouse database {}: {e}", self.id));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match clickhouse::migrate(&self.clickhouse).await {
+                Ok(_) => return,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!(
+                        "migrating clickhouse database {} (trying again): {e}",
+                        self.id
+                    );
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => panic!("migrating clickhouse database {}: {e}", self.id),
+            }
+        }
     }
 
     /// Creates and migrates this namespace's PostgreSQL database, using the admin URL's

@@ -228,6 +228,9 @@ impl PrivateClickhouseCluster {
             PRIVATE_CLUSTER,
             &list(&cluster.http_ports),
             &list(&cluster.tcp_ports),
+            // As the shared stack's (dev/clickhouse/restart-on-crash says why); a node this
+            // test kills stays down, see `kill`.
+            "--restart-on-crash",
         ])
         .await;
         cluster
@@ -252,14 +255,17 @@ impl PrivateClickhouseCluster {
         format!("{}/node{n}", dir_str(&self.dir))
     }
 
-    /// SIGKILLs node `n`: no clean shutdown, as when a machine is lost.
+    /// SIGKILLs node `n`: no clean shutdown, as when a machine is lost. The whole process
+    /// group goes, the server and what would restart it, so the node stays down until
+    /// [`Self::resume`].
     pub fn kill(&self, n: usize) {
         let pid = std::fs::read_to_string(format!("{}/clickhouse.pid", self.node_dir(n)))
             .unwrap_or_else(|e| panic!("reading node {n}'s pid: {e}"));
         let pid: i32 = pid.trim().parse().expect("a pid");
-        // SAFETY: kill(2) on the pid of a server this test started.
-        let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
-        assert_eq!(killed, 0, "killing node {n} (pid {pid})");
+        // SAFETY: kill(2) on the process group of a server this test started (its first
+        // process leads a session of its own: dev/lib.sh start_detached).
+        let killed = unsafe { libc::kill(-pid, libc::SIGKILL) };
+        assert_eq!(killed, 0, "killing node {n} (process group {pid})");
     }
 
     /// Starts node `n` again on its ports and data.
@@ -270,6 +276,7 @@ impl PrivateClickhouseCluster {
             &self.node_dir(n),
             &self.http_ports[n - 1].to_string(),
             &self.tcp_ports[n - 1].to_string(),
+            "--restart-on-crash",
         ])
         .await;
     }
