@@ -4,12 +4,17 @@
 # harness for private brokers that a test can stop and restart:
 #   dev/kafka.sh install                          fetch the jars into CACHE/kafka/libs (once)
 #   dev/kafka.sh start DIR PORT CONTROLLER_PORT   run a broker whose config, data and logs live in DIR
-#   dev/kafka.sh start DIR PORT CONTROLLER_PORT --sasl-ssl SECURE_PORT CERT KEY USER PASSWORD
+#   dev/kafka.sh start DIR PORT CONTROLLER_PORT --sasl-ssl SECURE_PORT CERT KEY USER PASSWORD [CLIENT_CA]
 #                                                 the same plus a SASL_SSL listener on SECURE_PORT:
 #                                                 TLS with the PEM certificate and (PKCS#8) key,
 #                                                 then SCRAM-SHA-256, SCRAM-SHA-512 (USER created
-#                                                 at format time) or PLAIN; PORT stays plaintext
-#                                                 for the broker's own traffic and tests' admin
+#                                                 at format time) or PLAIN; with CLIENT_CA, only
+#                                                 clients presenting a certificate it signed
+#                                                 (mutual TLS); PORT stays plaintext for the
+#                                                 broker's own traffic and tests' admin
+#   dev/kafka.sh scram PORT USER PASSWORD         sets USER's SCRAM-SHA-256 and -512 password on
+#                                                 the broker at PORT (plaintext), with Kafka's own
+#                                                 ConfigCommand, as an operator rotating it would
 #   dev/kafka.sh stop DIR
 #   dev/kafka.sh status DIR PORT                  one line; exit 0 only when healthy
 # Several instances run side by side as long as each has its own DIR and ports.
@@ -79,7 +84,7 @@ api_versions_ok() {
 write_config() {
   local dir=$1 port=$2 cport=$3
   # With --sasl-ssl: the secure listener's port, and the files and user it needs.
-  local sport=${4:-} cert=${5:-} key=${6:-} user=${7:-} password=${8:-}
+  local sport=${4:-} cert=${5:-} key=${6:-} user=${7:-} password=${8:-} client_ca=${9:-}
   local listeners="PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
   local advertised="PLAINTEXT://127.0.0.1:$port"
   local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
@@ -134,6 +139,14 @@ listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.se
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$user="$password";
 EOF
+    if [[ -n $client_ca ]]; then
+      cat >>"$dir/server.properties" <<EOF
+# Mutual TLS: a client without a certificate signed by this CA is refused in the handshake.
+listener.name.sasl_ssl.ssl.client.auth=required
+listener.name.sasl_ssl.ssl.truststore.type=PEM
+listener.name.sasl_ssl.ssl.truststore.location=$client_ca
+EOF
+    fi
   fi
   cat >"$dir/log4j2.properties" <<EOF
 # Written by dev/kafka.sh start. The broker's log, rolled at 50 MB (two old files kept).
@@ -161,10 +174,10 @@ EOF
 }
 
 cmd_start() {
-  [[ $# -eq 3 || ($# -eq 9 && $4 == --sasl-ssl) ]] ||
-    usage "$0 start DIR PORT CONTROLLER_PORT [--sasl-ssl SECURE_PORT CERT KEY USER PASSWORD]"
+  [[ $# -eq 3 || (($# -eq 9 || $# -eq 10) && $4 == --sasl-ssl) ]] ||
+    usage "$0 start DIR PORT CONTROLLER_PORT [--sasl-ssl SECURE_PORT CERT KEY USER PASSWORD [CLIENT_CA]]"
   local dir port=$2 cport=$3 pid
-  # With --sasl-ssl: SECURE_PORT CERT KEY USER PASSWORD.
+  # With --sasl-ssl: SECURE_PORT CERT KEY USER PASSWORD [CLIENT_CA].
   local secure=("${@:5}")
   require_port_pair PORT "$port" CONTROLLER_PORT "$cport"
   dir=$(abs_dir "$1")
@@ -225,4 +238,27 @@ cmd_start() {
 cmd_stop() { server_cmd_stop kafka server.properties "$@"; }
 cmd_status() { server_cmd_status kafka server.properties PORT api_versions_ok "$@"; }
 
-server_main "$0 install|start DIR PORT CONTROLLER_PORT|stop DIR|status DIR PORT" "$@"
+cmd_scram() {
+  [[ $# -eq 3 ]] || usage "$0 scram PORT USER PASSWORD"
+  local port=$1 user=$2 password=$3
+  require_port "$port"
+  cmd_install
+  local out mechanism
+  # One mechanism per request: the broker refuses two changes of one user's credentials in one.
+  for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+    out=$(java -cp "$LIBS/*" org.apache.kafka.tools.ConfigCommand \
+      --bootstrap-server "127.0.0.1:$port" --alter --entity-type users --entity-name "$user" \
+      --add-config "$mechanism=[password=$password]" 2>&1) || {
+      printf '%s\n' "$out" >&2
+      die "setting the $mechanism password of $user failed"
+    }
+  done
+  log "SCRAM password of $user set on 127.0.0.1:$port"
+}
+
+if [[ ${1:-} == scram ]]; then
+  shift
+  cmd_scram "$@"
+  exit 0
+fi
+server_main "$0 install|start DIR PORT CONTROLLER_PORT|scram PORT USER PASSWORD|stop DIR|status DIR PORT" "$@"

@@ -60,12 +60,13 @@ pub struct PrivateKafka {
     secure: Option<SecureListener>,
 }
 
-/// A SASL_SSL listener: TLS with the CA's server certificate, SCRAM (SHA-256 and SHA-512)
-/// and PLAIN logins of one user.
+/// A SASL_SSL listener: TLS with the CA's server certificate, requiring a client certificate
+/// the CA signed (mutual TLS), then SCRAM (SHA-256 and SHA-512) and PLAIN logins of one user.
 struct SecureListener {
     port: u16,
     cert: PathBuf,
     key: PathBuf,
+    client_ca: PathBuf,
     user: String,
     password: String,
 }
@@ -83,8 +84,10 @@ impl PrivateKafka {
     }
 
     /// A broker with a SASL_SSL listener as well ([`Self::secure_brokers`]) serving `ca`'s
-    /// server certificate, where `user` logs in with `password` (SCRAM credentials created
-    /// with Kafka's own storage tool). Its plaintext listener is for the harness's admin work.
+    /// server certificate and requiring a client certificate signed by `ca`
+    /// ([`TestCa::client_pem`]), where `user` logs in with `password` (SCRAM credentials
+    /// created with Kafka's own storage tool). Its plaintext listener is for the harness's
+    /// admin work.
     pub async fn start_sasl_ssl(ca: &TestCa, user: &str, password: &str) -> PrivateKafka {
         let kafka = PrivateKafka {
             dir: temp_dir("kafka"),
@@ -94,6 +97,7 @@ impl PrivateKafka {
                 port: free_port(),
                 cert: ca.server_pem(),
                 key: ca.server_key(),
+                client_ca: ca.ca_pem(),
                 user: user.to_owned(),
                 password: password.to_owned(),
             }),
@@ -119,6 +123,12 @@ impl PrivateKafka {
         script(&["kafka.sh", "stop", dir_str(&self.dir)]).await;
     }
 
+    /// Sets `user`'s SCRAM password (SHA-256 and SHA-512) on the running broker, with Kafka's
+    /// own tool over the plaintext listener, as an operator rotating it would.
+    pub async fn set_scram_password(&self, user: &str, password: &str) {
+        script(&["kafka.sh", "scram", &self.port.to_string(), user, password]).await;
+    }
+
     /// Starts the broker again on the same ports and data.
     pub async fn resume(&self) {
         let port = self.port.to_string();
@@ -140,6 +150,7 @@ impl PrivateKafka {
                 path_str(&secure.key),
                 &secure.user,
                 &secure.password,
+                path_str(&secure.client_ca),
             ]);
         }
         script(&args).await;

@@ -7,13 +7,15 @@ use std::process::Command;
 
 use tempfile::TempDir;
 
-/// A CA and a server certificate for `127.0.0.1` and `localhost`, as PEM files.
+/// A CA, a server certificate for `127.0.0.1` and `localhost`, and a client certificate (for
+/// mutual TLS), as PEM files.
 pub struct TestCa {
     dir: TempDir,
 }
 
 impl TestCa {
-    /// A new CA named `name` (its subject's common name) and a server certificate it signed.
+    /// A new CA named `name` (its subject's common name) and the server and client
+    /// certificates it signed.
     pub fn new(name: &str) -> TestCa {
         let dir = tempfile::Builder::new()
             .prefix("meterline-tls-")
@@ -35,41 +37,12 @@ impl TestCa {
             "-out",
             "ca.pem",
         ]);
-        ca.openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
+        ca.issue(
+            "server",
             "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        std::fs::write(
-            ca.path("server.ext"),
-            "subjectAltName = IP:127.0.0.1, DNS:localhost\n\
-             extendedKeyUsage = serverAuth\n",
-        )
-        .expect("writing the certificate's extensions");
-        ca.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ]);
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n",
+        );
+        ca.issue("client", "/CN=meterline", "extendedKeyUsage = clientAuth\n");
         ca
     }
 
@@ -86,6 +59,49 @@ impl TestCa {
     /// The server certificate's private key (unencrypted).
     pub fn server_key(&self) -> PathBuf {
         self.path("server.key")
+    }
+
+    /// The client certificate, signed by the CA: what a service presents to a broker that
+    /// requires client certificates.
+    pub fn client_pem(&self) -> PathBuf {
+        self.path("client.pem")
+    }
+
+    /// The client certificate's private key (unencrypted).
+    pub fn client_key(&self) -> PathBuf {
+        self.path("client.key")
+    }
+
+    /// A new key `<name>.key` and a certificate `<name>.pem` for `subject` with the
+    /// extensions `ext`, signed by the CA.
+    fn issue(&self, name: &str, subject: &str, ext: &str) {
+        let (key, csr, ext_file, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.ext"),
+            format!("{name}.pem"),
+        );
+        self.openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
+        ]);
+        std::fs::write(self.path(&ext_file), ext).expect("writing the certificate's extensions");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext_file,
+            "-out",
+            &pem,
+        ]);
     }
 
     fn path(&self, file: &str) -> PathBuf {

@@ -3,10 +3,13 @@
 //! require; ClickHouse over HTTPS through a real TLS terminator (Debian's stunnel4, as the
 //! local ClickHouse build serves no TLS itself) with its certificate checked against
 //! `CLICKHOUSE_CA_CERT`; Kafka on a SASL_SSL listener with SCRAM credentials made by Kafka's
-//! own storage tool; and the whole pipeline (ingest -> aggregator -> sink -> the Stripe
-//! stand-in) over all three at once. A plaintext client, an untrusted certificate and a wrong
-//! password each leave a service unready with `/readyz` and one log line naming the
-//! dependency and the reason, and never the password.
+//! own storage tool and a client certificate required (mutual TLS); and the whole pipeline
+//! (ingest -> aggregator -> sink -> the Stripe stand-in) over all three at once. A plaintext
+//! client, an untrusted certificate, a missing client certificate and a wrong password each
+//! leave a service unready with `/readyz` and one log line naming the dependency and the
+//! reason, and never the password; a password put right on the server while the service runs
+//! (PostgreSQL's role, Kafka's SCRAM user) makes it ready again without a restart, saying so
+//! once.
 
 use std::time::Duration;
 
@@ -107,8 +110,37 @@ async fn postgres_over_verified_tls_serves_every_service_and_a_plaintext_client_
         )
         .await;
         assert_eq!(body["checks"]["kafka"], "ok", "{case}: {body}");
+        if case == "wrong password" {
+            // Put right on the server while the sink runs: the role's password becomes the
+            // one the sink was given.
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("connecting with the role's password: {e}"));
+            sqlx::query("ALTER ROLE meterline PASSWORD 'not-the-password'")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            recovered(&sink, "postgres", case).await;
+        }
         sink.terminate(Duration::from_secs(10)).await;
     }
+}
+
+/// Waits for `service`, unready because of `dependency`, to be ready again once the cause
+/// was put right, and checks that it said so in exactly one log line.
+async fn recovered(service: &ServiceProcess, dependency: &str, case: &str) {
+    let body = wait_readyz(service, 200, Duration::from_secs(60)).await;
+    assert_eq!(body["checks"][dependency], "ok", "{case}: {body}");
+    let headline = format!("{dependency} is available again");
+    let said = service
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains(&headline))
+        .count();
+    assert_eq!(said, 1, "{case}: one line saying {headline:?}");
 }
 
 /// Waits for `service` to turn unready because of `dependency`, and checks how it says so:
@@ -232,10 +264,12 @@ async fn clickhouse_over_https_stores_and_answers_usage_and_a_plaintext_client_i
     let other_ca = TestCa::new("an unrelated CA");
     let other_pem = other_ca.ca_pem().display().to_string();
     let plaintext = format!("http://127.0.0.1:{}", terminator.port);
+    // A password only this test knows, to look for it where it must never appear.
+    let secret = format!("pw-{}", uuid::Uuid::now_v7().simple());
     for (case, settings, reason) in [
         (
             "untrusted certificate",
-            [
+            vec![
                 ("CLICKHOUSE_URL", https.as_str()),
                 ("CLICKHOUSE_CA_CERT", other_pem.as_str()),
             ],
@@ -243,15 +277,25 @@ async fn clickhouse_over_https_stores_and_answers_usage_and_a_plaintext_client_i
         ),
         (
             "plaintext to the TLS port",
-            [
+            vec![
                 ("CLICKHOUSE_URL", plaintext.as_str()),
                 ("CLICKHOUSE_CA_CERT", ca_pem.as_str()),
             ],
             "query failed",
         ),
+        (
+            "wrong password",
+            vec![
+                ("CLICKHOUSE_URL", https.as_str()),
+                ("CLICKHOUSE_CA_CERT", ca_pem.as_str()),
+                ("CLICKHOUSE_USER", "meterline"),
+                ("CLICKHOUSE_PASSWORD", secret.as_str()),
+            ],
+            "Authentication failed",
+        ),
     ] {
         let aggregator = spawn_aggregator(&ns, &settings).await;
-        let body = unready_for(&aggregator, "clickhouse", reason, case, &[]).await;
+        let body = unready_for(&aggregator, "clickhouse", reason, case, &[&secret]).await;
         assert_eq!(body["checks"]["postgres"], "ok", "{case}: {body}");
         aggregator.terminate(Duration::from_secs(10)).await;
     }
@@ -275,6 +319,8 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
     ns.create_topics().await;
     ns.create_databases().await;
     let ca_pem = ca.ca_pem().display().to_string();
+    let client_pem = ca.client_pem().display().to_string();
+    let client_key = ca.client_key().display().to_string();
     let https = format!("https://127.0.0.1:{}", terminator.port);
     let secure = kafka.secure_brokers();
     let over_tls: Vec<(&str, &str)> = vec![
@@ -284,6 +330,9 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
         ("KAFKA_SASL_USERNAME", "meterline"),
         ("KAFKA_SASL_PASSWORD", &kafka_password),
         ("KAFKA_SSL_CA_LOCATION", &ca_pem),
+        // The broker requires a client certificate as well (mutual TLS).
+        ("KAFKA_SSL_CERTIFICATE_LOCATION", &client_pem),
+        ("KAFKA_SSL_KEY_LOCATION", &client_key),
         ("CLICKHOUSE_URL", &https),
         ("CLICKHOUSE_CA_CERT", &ca_pem),
     ];
@@ -338,8 +387,9 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // A plaintext client, a wrong password and an untrusted broker certificate: each leaves
-    // the service unready with the cause, in one log line, never the password.
+    // A plaintext client, an untrusted broker certificate, no client certificate and a wrong
+    // password: each leaves the service unready with the cause, in one log line, never the
+    // password.
     // Plaintext: no KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* or KAFKA_SSL_* at all.
     let plaintext: Vec<(String, String)> = env_with(&[])
         .into_iter()
@@ -350,18 +400,32 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
     let other_ca = TestCa::new("an unrelated CA");
     let other_pem = other_ca.ca_pem().display().to_string();
     let untrusted = env_with(&[("KAFKA_SSL_CA_LOCATION", &other_pem)]);
+    let no_client_certificate: Vec<(String, String)> = env_with(&[])
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "KAFKA_SSL_CERTIFICATE_LOCATION" | "KAFKA_SSL_KEY_LOCATION"
+            )
+        })
+        .collect();
     for (case, env, reason) in [
         (
             "plaintext to the SASL_SSL listener",
             plaintext,
             "Disconnected",
         ),
-        ("wrong password", wrong_password, "Authentication failed"),
         (
             "untrusted certificate",
             untrusted,
             "certificate verify failed",
         ),
+        (
+            "no client certificate",
+            no_client_certificate,
+            "alert bad certificate",
+        ),
+        ("wrong password", wrong_password, "Authentication failed"),
     ] {
         let refused = ServiceProcess::spawn("stripe-sink", &env).await;
         unready_for(
@@ -372,6 +436,15 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
             &[&kafka_password, "not-the-password"],
         )
         .await;
+        if case == "wrong password" {
+            // Put right on the broker while the sink runs (last: the pipeline's services
+            // above hold the old password): the SCRAM user's password becomes the one the
+            // sink was given.
+            kafka
+                .set_scram_password("meterline", "not-the-password")
+                .await;
+            recovered(&refused, "kafka", case).await;
+        }
         refused.terminate(Duration::from_secs(10)).await;
     }
 }
