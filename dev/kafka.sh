@@ -7,11 +7,13 @@
 #   dev/kafka.sh start DIR PORT CONTROLLER_PORT --sasl-ssl SECURE_PORT CERT KEY USER PASSWORD [CLIENT_CA]
 #                                                 the same plus a SASL_SSL listener on SECURE_PORT:
 #                                                 TLS with the PEM certificate and (PKCS#8) key,
-#                                                 then SCRAM-SHA-256, SCRAM-SHA-512 (USER created
-#                                                 at format time) or PLAIN; with CLIENT_CA, only
-#                                                 clients presenting a certificate it signed
-#                                                 (mutual TLS); PORT stays plaintext for the
-#                                                 broker's own traffic and tests' admin
+#                                                 then SCRAM-SHA-256 or SCRAM-SHA-512 (USER created
+#                                                 at format time; PLAIN is refused, so a client
+#                                                 set to it meets "unsupported mechanism"); with
+#                                                 CLIENT_CA, only clients presenting a
+#                                                 certificate it signed (mutual TLS); PORT stays
+#                                                 plaintext for the broker's own traffic and
+#                                                 tests' admin
 #   dev/kafka.sh scram PORT USER PASSWORD         sets USER's SCRAM-SHA-256 and -512 password on
 #                                                 the broker at PORT (plaintext), with Kafka's own
 #                                                 ConfigCommand, as an operator rotating it would
@@ -83,8 +85,9 @@ api_versions_ok() {
 
 write_config() {
   local dir=$1 port=$2 cport=$3
-  # With --sasl-ssl: the secure listener's port, and the files and user it needs.
-  local sport=${4:-} cert=${5:-} key=${6:-} user=${7:-} password=${8:-} client_ca=${9:-}
+  # With --sasl-ssl: the secure listener's port and the files it needs.
+  # (USER and PASSWORD, the 7th and 8th, are written with the storage, not here.)
+  local sport=${4:-} cert=${5:-} key=${6:-} client_ca=${9:-}
   local listeners="PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
   local advertised="PLAINTEXT://127.0.0.1:$port"
   local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
@@ -131,13 +134,12 @@ EOF
     cat "$key" "$cert" >"$dir/keystore.pem"
     chmod 600 "$dir/keystore.pem"
     cat >>"$dir/server.properties" <<EOF
-# The SASL_SSL listener (--sasl-ssl): TLS, then a SCRAM or PLAIN login.
-sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
+# The SASL_SSL listener (--sasl-ssl): TLS, then a SCRAM login.
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512
 listener.name.sasl_ssl.ssl.keystore.type=PEM
 listener.name.sasl_ssl.ssl.keystore.location=$dir/keystore.pem
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
-listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$user="$password";
 EOF
     if [[ -n $client_ca ]]; then
       cat >>"$dir/server.properties" <<EOF

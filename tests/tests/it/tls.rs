@@ -5,11 +5,11 @@
 //! `CLICKHOUSE_CA_CERT`; Kafka on a SASL_SSL listener with SCRAM credentials made by Kafka's
 //! own storage tool and a client certificate required (mutual TLS); and the whole pipeline
 //! (ingest -> aggregator -> sink -> the Stripe stand-in) over all three at once. A plaintext
-//! client, an untrusted certificate, a missing client certificate and a wrong password each
-//! leave a service unready with `/readyz` and one log line naming the dependency and the
-//! reason, and never the password; a password put right on the server while the service runs
-//! (PostgreSQL's role, Kafka's SCRAM user) makes it ready again without a restart, saying so
-//! once.
+//! client, an untrusted certificate, a missing client certificate, a SASL mechanism the broker
+//! does not offer and a wrong password each leave a service unready with `/readyz` and one log
+//! line naming the dependency and the reason, and never the password; a password put right on
+//! the server while the service runs (PostgreSQL's role, Kafka's SCRAM user) makes it ready
+//! again without a restart, saying so once.
 
 use std::time::Duration;
 
@@ -364,7 +364,12 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
     )
     .await;
     let _aggregator = spawn_aggregator(&ns, &over_tls).await;
-    let ingest = ServiceProcess::spawn("ingest", &env_with(&[])).await;
+    // Ingest logs in with the other SCRAM mechanism.
+    let ingest = ServiceProcess::spawn(
+        "ingest",
+        &env_with(&[("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")]),
+    )
+    .await;
     for service in [&sink, &ingest] {
         let body = wait_readyz(service, 200, Duration::from_secs(30)).await;
         assert_eq!(body["checks"]["kafka"], "ok", "{}: {body}", service.name);
@@ -387,9 +392,9 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // A plaintext client, an untrusted broker certificate, no client certificate and a wrong
-    // password: each leaves the service unready with the cause, in one log line, never the
-    // password.
+    // A plaintext client, an untrusted broker certificate, no client certificate, a mechanism
+    // the broker does not offer and a wrong password: each leaves the service unready with the
+    // cause, in one log line, never the password.
     // Plaintext: no KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* or KAFKA_SSL_* at all.
     let plaintext: Vec<(String, String)> = env_with(&[])
         .into_iter()
@@ -397,6 +402,7 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
         .collect();
     // Set later, so they win over the right ones.
     let wrong_password = env_with(&[("KAFKA_SASL_PASSWORD", "not-the-password")]);
+    let wrong_mechanism = env_with(&[("KAFKA_SASL_MECHANISM", "PLAIN")]);
     let other_ca = TestCa::new("an unrelated CA");
     let other_pem = other_ca.ca_pem().display().to_string();
     let untrusted = env_with(&[("KAFKA_SSL_CA_LOCATION", &other_pem)]);
@@ -424,6 +430,11 @@ async fn the_pipeline_bills_exactly_over_tls_and_authentication_to_kafka_clickho
             "no client certificate",
             no_client_certificate,
             "alert bad certificate",
+        ),
+        (
+            "wrong mechanism",
+            wrong_mechanism,
+            "Unsupported SASL mechanism",
         ),
         ("wrong password", wrong_password, "Authentication failed"),
     ] {
