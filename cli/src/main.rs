@@ -235,6 +235,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             subject,
         } => {
             let keys = JwtKeys::from_env(&env)?;
+            // A token the services would refuse is no use to anyone: say so now.
+            let max = keys.max_lifetime().as_secs();
+            if ttl > max {
+                anyhow::bail!(
+                    "--ttl {ttl} is longer than the services accept (JWT_MAX_LIFETIME_HOURS: {} h = {max} s)",
+                    max / 3600
+                );
+            }
             let scope = TenantScope {
                 tenant_id: TenantId::parse(&tenant)?,
                 environment_id: EnvironmentId::parse(&environment)?,

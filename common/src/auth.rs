@@ -3,6 +3,9 @@
 //! The token is the only source of a request's tenant and environment: handlers take a
 //! [`TenantScope`] and every query and write is scoped by it, never by anything in the body.
 //! Only HS256 is accepted (an `alg: none` or RS256 token is refused), and `exp` is required.
+//! A token is refused before its `nbf` (not before) and when it lives longer than
+//! `JWT_MAX_LIFETIME_HOURS` (default 720, 30 days): from its `iat` to its `exp`, or, without
+//! an `iat`, from now to its `exp`. A stolen token is then worth at most that long.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,12 @@ use crate::config::{ConfigError, Env};
 /// Shortest accepted `JWT_SECRET`: HS256 with a short secret can be brute-forced offline.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// `JWT_MAX_LIFETIME_HOURS` when unset: 30 days, a producer's token rotated monthly.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(720 * 3600);
+
+/// Clocks of token issuers drift a little; a few seconds, not the library's minute.
+const LEEWAY_SECONDS: u64 = 5;
+
 /// The keys that sign and verify tokens, from `JWT_SECRET`.
 #[derive(Clone)]
 pub struct JwtKeys {
@@ -31,6 +40,7 @@ struct Keys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    max_lifetime: Duration,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -40,21 +50,29 @@ impl std::fmt::Debug for JwtKeys {
 }
 
 impl JwtKeys {
+    /// Keys from `secret`, accepting tokens of up to [`DEFAULT_MAX_LIFETIME`].
     pub fn new(secret: &[u8]) -> Self {
+        Self::with_max_lifetime(secret, DEFAULT_MAX_LIFETIME)
+    }
+
+    /// Keys from `secret`, accepting tokens that live at most `max_lifetime`.
+    pub fn with_max_lifetime(secret: &[u8], max_lifetime: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp"]);
-        // Clocks of token issuers drift a little; a few seconds, not the library's minute.
-        validation.leeway = 5;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECONDS;
         Self {
             inner: Arc::new(Keys {
                 encoding: EncodingKey::from_secret(secret),
                 decoding: DecodingKey::from_secret(secret),
                 validation,
+                max_lifetime,
             }),
         }
     }
 
-    /// `JWT_SECRET`, required, at least [`MIN_SECRET_BYTES`] long.
+    /// `JWT_SECRET`, required, at least [`MIN_SECRET_BYTES`] long, and
+    /// `JWT_MAX_LIFETIME_HOURS` (default 720, 1 to 87600).
     pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
         let secret = env.required("JWT_SECRET")?;
         if secret.len() < MIN_SECRET_BYTES {
@@ -63,7 +81,20 @@ impl JwtKeys {
                 reason: format!("must be at least {MIN_SECRET_BYTES} bytes"),
             });
         }
-        Ok(Self::new(secret.as_bytes()))
+        let hours = env.u64_in_range(
+            "JWT_MAX_LIFETIME_HOURS",
+            DEFAULT_MAX_LIFETIME.as_secs() / 3600,
+            1..=87_600,
+        )?;
+        Ok(Self::with_max_lifetime(
+            secret.as_bytes(),
+            Duration::from_secs(hours * 3600),
+        ))
+    }
+
+    /// The longest lifetime a token may have.
+    pub fn max_lifetime(&self) -> Duration {
+        self.inner.max_lifetime
     }
 
     /// Verifies a token and returns whose it is.
@@ -75,6 +106,7 @@ impl JwtKeys {
             jsonwebtoken::decode::<Claims>(token, &self.inner.decoding, &self.inner.validation)
                 .map_err(|e| match e.kind() {
                     ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                     ErrorKind::InvalidSignature => AuthError::BadSignature,
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                         AuthError::BadSignature
@@ -83,12 +115,25 @@ impl JwtKeys {
                     _ => AuthError::Malformed,
                 })?;
         let claims = data.claims;
-        Ok(TenantScope {
+        let scope = TenantScope {
             tenant_id: TenantId::parse(&claims.tenant_id).map_err(|_| AuthError::BadClaims)?,
             environment_id: EnvironmentId::parse(&claims.environment_id)
                 .map_err(|_| AuthError::BadClaims)?,
             subject: claims.sub,
-        })
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        // Issued "later" than now is a token not valid yet, as a future `nbf` is.
+        if claims
+            .iat
+            .is_some_and(|iat| iat > now + LEEWAY_SECONDS as i64)
+        {
+            return Err(AuthError::NotYetValid);
+        }
+        let lifetime = claims.exp - claims.iat.unwrap_or(now);
+        if lifetime > self.inner.max_lifetime.as_secs() as i64 {
+            return Err(AuthError::LifetimeTooLong);
+        }
+        Ok(scope)
     }
 
     /// Signs a token for `scope` valid for `ttl` (the dev command and tests mint with this).
@@ -99,11 +144,22 @@ impl JwtKeys {
 
     /// Signs a token expiring at `exp` (Unix seconds): lets tests make expired tokens.
     pub fn mint_with_expiry(&self, scope: &TenantScope, exp: i64) -> String {
+        self.mint_claims(scope, None, exp)
+    }
+
+    /// Signs a token valid from `nbf` to `exp` (Unix seconds): lets tests make tokens that
+    /// are not valid yet.
+    pub fn mint_valid_from(&self, scope: &TenantScope, nbf: i64, exp: i64) -> String {
+        self.mint_claims(scope, Some(nbf), exp)
+    }
+
+    fn mint_claims(&self, scope: &TenantScope, nbf: Option<i64>, exp: i64) -> String {
         let claims = Claims {
             tenant_id: scope.tenant_id.as_str().to_owned(),
             environment_id: scope.environment_id.as_str().to_owned(),
             exp,
             iat: Some(time::OffsetDateTime::now_utc().unix_timestamp()),
+            nbf,
             sub: scope.subject.clone(),
         };
         // Encoding a struct of strings and integers with HMAC cannot fail.
@@ -123,6 +179,9 @@ struct Claims {
     exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<i64>,
+    /// Checked by the library (`validate_nbf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sub: Option<String>,
 }
@@ -146,6 +205,10 @@ pub enum AuthError {
     Malformed,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf or iat in the future)")]
+    NotYetValid,
+    #[error("token lifetime (exp - iat) exceeds JWT_MAX_LIFETIME_HOURS")]
+    LifetimeTooLong,
     #[error("token signature invalid")]
     BadSignature,
     #[error("token claims invalid: tenant_id, environment_id and exp are required")]
@@ -154,10 +217,12 @@ pub enum AuthError {
 
 impl AuthError {
     /// Every variant, so that each `reason` series can be registered before the first failure.
-    pub const ALL: [AuthError; 5] = [
+    pub const ALL: [AuthError; 7] = [
         AuthError::Missing,
         AuthError::Malformed,
         AuthError::Expired,
+        AuthError::NotYetValid,
+        AuthError::LifetimeTooLong,
         AuthError::BadSignature,
         AuthError::BadClaims,
     ];
@@ -168,6 +233,8 @@ impl AuthError {
             AuthError::Missing => "missing_token",
             AuthError::Malformed => "malformed_token",
             AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::LifetimeTooLong => "token_lifetime_too_long",
             AuthError::BadSignature => "invalid_token",
             AuthError::BadClaims => "invalid_claims",
         }
@@ -264,6 +331,59 @@ mod tests {
         )
         .unwrap();
         assert_eq!(keys.verify(&bad_tenant), Err(AuthError::BadClaims));
+    }
+
+    #[test]
+    fn a_token_before_its_time_or_living_too_long_is_refused() {
+        let keys = JwtKeys::with_max_lifetime(SECRET, Duration::from_secs(3600));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let later = keys.mint_valid_from(&scope("t"), now + 600, now + 1200);
+        assert_eq!(keys.verify(&later), Err(AuthError::NotYetValid));
+        let started = keys.mint_valid_from(&scope("t"), now - 60, now + 1200);
+        assert_eq!(keys.verify(&started).unwrap(), scope("t"));
+
+        let long = keys.mint(&scope("t"), Duration::from_secs(7200));
+        assert_eq!(keys.verify(&long), Err(AuthError::LifetimeTooLong));
+        let short = keys.mint(&scope("t"), Duration::from_secs(1800));
+        assert_eq!(keys.verify(&short).unwrap(), scope("t"));
+
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"tenant_id": "t", "environment_id": "env_prod"});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &c,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        // Without an iat, the lifetime left counts.
+        let no_iat = claims(serde_json::json!({"exp": now + 7200}));
+        assert_eq!(keys.verify(&no_iat), Err(AuthError::LifetimeTooLong));
+        // Issued in the future.
+        let future_iat = claims(serde_json::json!({"exp": now + 1800, "iat": now + 600}));
+        assert_eq!(keys.verify(&future_iat), Err(AuthError::NotYetValid));
+    }
+
+    #[test]
+    fn the_maximum_lifetime_is_configured_in_hours_within_bounds() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let default = [("JWT_SECRET", secret)];
+        let keys = JwtKeys::from_env(&Env::new(&default)).unwrap();
+        assert_eq!(keys.max_lifetime(), DEFAULT_MAX_LIFETIME);
+        let day = [("JWT_SECRET", secret), ("JWT_MAX_LIFETIME_HOURS", "24")];
+        let keys = JwtKeys::from_env(&Env::new(&day)).unwrap();
+        assert_eq!(keys.max_lifetime(), Duration::from_secs(86_400));
+        for bad in ["0", "87601", "a day"] {
+            let src = [("JWT_SECRET", secret), ("JWT_MAX_LIFETIME_HOURS", bad)];
+            let err = JwtKeys::from_env(&Env::new(&src)).unwrap_err();
+            assert!(
+                err.to_string().contains("JWT_MAX_LIFETIME_HOURS"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -145,6 +145,13 @@ async fn bad_input_is_refused_with_a_stable_code_and_nothing_is_written() {
     let expired = keys().mint_with_expiry(&scope("tenant_123", "env_prod"), 1_700_000_000);
     let forged = meterline_common::auth::JwtKeys::new(b"not-the-secret-not-the-secret-xx")
         .mint(&scope("tenant_123", "env_prod"), Duration::from_secs(600));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let not_yet = keys().mint_valid_from(&scope("tenant_123", "env_prod"), now + 600, now + 1200);
+    // One day over the 30 days ingest accepts by default (JWT_MAX_LIFETIME_HOURS).
+    let too_long = keys().mint(
+        &scope("tenant_123", "env_prod"),
+        meterline_common::auth::DEFAULT_MAX_LIFETIME + Duration::from_secs(86_400),
+    );
     let event = json!({"customer_id": "c", "event_name": "api.request"});
     let future = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let future = future
@@ -313,6 +320,18 @@ async fn bad_input_is_refused_with_a_stable_code_and_nothing_is_written() {
                 "token_expired",
             ),
             (
+                "token before its nbf",
+                client.post(&single).bearer_auth(&not_yet).json(&event),
+                401,
+                "token_not_yet_valid",
+            ),
+            (
+                "token living longer than the maximum",
+                client.post(&single).bearer_auth(&too_long).json(&event),
+                401,
+                "token_lifetime_too_long",
+            ),
+            (
                 "token signed with another secret",
                 client.post(&single).bearer_auth(&forged).json(&event),
                 401,
@@ -398,6 +417,56 @@ async fn bad_input_is_refused_with_a_stable_code_and_nothing_is_written() {
         metrics.contains("ingest_events_accepted_total 1"),
         "{metrics}"
     );
+    ns.drop_databases().await;
+}
+
+/// `meterline token` refuses to mint a token the services would refuse for its lifetime, and
+/// one within it is accepted by ingest.
+#[tokio::test]
+async fn meterline_token_mints_only_lifetimes_the_services_accept() {
+    let ns = Namespace::create().await;
+    let ingest = ingest(&ns, &[("JWT_MAX_LIFETIME_HOURS", "2")]).await;
+    let secret = meterline_tests::Stack::get().jwt_secret.clone();
+    let env = [
+        ("JWT_SECRET", secret.as_str()),
+        ("JWT_MAX_LIFETIME_HOURS", "2"),
+    ];
+    let mint = |ttl: &'static str| async move {
+        let args = [
+            "token",
+            "--tenant",
+            "tenant_123",
+            "--environment",
+            "env_prod",
+            "--ttl",
+            ttl,
+        ];
+        meterline_tests::process::run_command("meterline", &env, &args).await
+    };
+    let refused = mint("10800").await;
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty(), "no token printed");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("JWT_MAX_LIFETIME_HOURS"), "{said}");
+
+    let minted = mint("7200").await;
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let token = String::from_utf8(minted.stdout).unwrap();
+    let event = json!({"customer_id": "c", "event_name": "api.request"});
+    let answer = post_json(&ingest.url("/v1/events"), token.trim(), &event).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    // Ingest, configured alike, refuses what the harness mints for three hours.
+    let long = keys().mint(
+        &scope("tenant_123", "env_prod"),
+        Duration::from_secs(10_800),
+    );
+    let answer = post_json(&ingest.url("/v1/events"), &long, &event).await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert_eq!(answer.error_code(), "token_lifetime_too_long");
     ns.drop_databases().await;
 }
 
