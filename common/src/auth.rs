@@ -129,7 +129,8 @@ impl JwtKeys {
         {
             return Err(AuthError::NotYetValid);
         }
-        let lifetime = claims.exp - claims.iat.unwrap_or(now);
+        // Saturating: the claims are whatever numbers the signer wrote.
+        let lifetime = claims.exp.saturating_sub(claims.iat.unwrap_or(now));
         if lifetime > self.inner.max_lifetime.as_secs() as i64 {
             return Err(AuthError::LifetimeTooLong);
         }
@@ -365,6 +366,9 @@ mod tests {
         // Issued in the future.
         let future_iat = claims(serde_json::json!({"exp": now + 1800, "iat": now + 600}));
         assert_eq!(keys.verify(&future_iat), Err(AuthError::NotYetValid));
+        // Extreme numbers are refused, not overflowed.
+        let extreme = claims(serde_json::json!({"exp": i64::MAX, "iat": i64::MIN}));
+        assert_eq!(keys.verify(&extreme), Err(AuthError::LifetimeTooLong));
     }
 
     #[test]
