@@ -12,7 +12,7 @@
 //! - [`identifier`]: the deterministic identifier (and Idempotency-Key) of each meter event.
 //! - [`ledger`]: the sync ledger in PostgreSQL (windows, sends, jobs).
 //! - [`stripe`]: the Stripe client and the classification of its answers.
-//! - [`pacing`]: per-account token bucket, circuit breaker, the jittered backoff of Stripe
+//! - [`pacing`]: per-account send slots shared by every replica, circuit breaker, the jittered backoff of Stripe
 //!   requests: where the rate limit is applied.
 //! - [`kafka`]: the publisher of resync requests.
 //! - [`metrics`]: the names of every metric the sink exports and their emit functions.

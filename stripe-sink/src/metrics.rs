@@ -142,12 +142,15 @@ pub const SETTLE_OUTCOMES: &[&str] = &[
     "claim_lost",
 ];
 /// Meter event requests to Stripe, by `outcome` (`accepted`, `already_recorded`,
-/// `retriable`, `rate_limited`, `in_progress`, `authentication`, `permanent`, `circuit_open`).
+/// `retriable`, `rate_limited`, `in_progress`, `authentication`, `permanent`, `circuit_open`,
+/// `pacing_unavailable`).
 pub const STRIPE_REQUESTS: &str = "stripe_sink_stripe_requests_total";
 /// Time of one meter event request to Stripe.
 pub const STRIPE_REQUEST_DURATION: &str = "stripe_sink_stripe_request_duration_seconds";
-/// Time a request waited for its account's token bucket.
+/// Time a request waited for its account's send slot (shared by every replica).
 pub const RATE_LIMIT_WAIT: &str = "stripe_sink_rate_limit_wait_seconds";
+/// Send slots dropped because the request woke up too late to use them.
+pub const PACING_SLOTS_MISSED: &str = "stripe_sink_pacing_slots_missed_total";
 /// From a window's end to Stripe accepting its meter event.
 pub const SYNC_LAG: &str = "stripe_sink_sync_lag_seconds";
 /// Stripe accounts whose circuit breaker is open or half-open.
@@ -166,12 +169,13 @@ pub fn describe_sync() {
         Unit::Seconds,
         "stripe request time"
     );
-    describe_histogram!(
-        RATE_LIMIT_WAIT,
-        Unit::Seconds,
-        "token bucket wait per request"
-    );
+    describe_histogram!(RATE_LIMIT_WAIT, Unit::Seconds, "send slot wait per request");
     describe_histogram!(SYNC_LAG, Unit::Seconds, "window end to stripe acceptance");
+    describe_counter!(
+        PACING_SLOTS_MISSED,
+        "send slots dropped: the request woke too late to use them"
+    );
+    metrics::counter!(PACING_SLOTS_MISSED).absolute(0);
     describe_gauge!(CIRCUITS_OPEN, "stripe accounts with an open circuit");
     metrics::counter!(WINDOWS_RECORDED).absolute(0);
     metrics::gauge!(CIRCUITS_OPEN).set(0.0);
@@ -191,6 +195,7 @@ pub fn describe_sync() {
         "authentication",
         "permanent",
         "circuit_open",
+        "pacing_unavailable",
     ] {
         metrics::counter!(STRIPE_REQUESTS, "outcome" => outcome).absolute(0);
     }
@@ -418,6 +423,10 @@ pub(crate) fn sync_lag(lag: time::Duration) {
 
 pub(crate) fn rate_limit_waited(waited: std::time::Duration) {
     metrics::histogram!(RATE_LIMIT_WAIT).record(waited.as_secs_f64());
+}
+
+pub(crate) fn pacing_slot_missed() {
+    metrics::counter!(PACING_SLOTS_MISSED).increment(1);
 }
 
 /// One meter event request: how long Stripe took (`None` when it never went out) and its

@@ -16,6 +16,7 @@ use crate::import::{self, ImportStore, Importer};
 use crate::kafka::ResyncPublisher;
 use crate::ledger::{self, Ledger};
 use crate::mappings::MappingStore;
+use crate::pacing::shared::SharedPacing;
 use crate::pacing::{Backoff, Pacer};
 use crate::routes::{self, AppState};
 use crate::stripe::StripeClient;
@@ -47,7 +48,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let ledger = Ledger::new(pool.clone());
     let stripe = StripeClient::new(&config.stripe.api_base, config.stripe.timeout)
         .map_err(|e| Error::Config(format!("building the http client: {e}")))?;
-    let pacer = Arc::new(Pacer::default());
+    let pacer = Arc::new(Pacer::new(SharedPacing::new(pool.clone())));
     let imports = ImportStore::new(pool.clone());
     let import_wake = Arc::new(tokio::sync::Notify::new());
     let importer = Arc::new(Importer {

@@ -17,7 +17,7 @@
 //!   page commit checks the lease, so a replica that lost it writes nothing.
 //! - Customers are applied by the mapping rules of [`crate::mappings`] (a listed customer is a
 //!   snapshot event), so imports and webhooks agree whatever their order.
-//! - Requests are paced by the account's token bucket and circuit breaker, the very ones the
+//! - Requests are paced by the account's rate limit and circuit breaker, the very ones the
 //!   sync uses ([`crate::pacing`]); the API key is decrypted through the audited path.
 
 use std::sync::Arc;

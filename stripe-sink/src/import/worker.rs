@@ -1,5 +1,5 @@
 //! The loop that runs import jobs: takes leased jobs, pages through `GET /v1/customers` and
-//! then `GET /v1/subscriptions` paced by the account's token bucket and breaker, and applies
+//! then `GET /v1/subscriptions` paced by the account's rate limit and breaker, and applies
 //! each page through the store.
 
 use super::*;
@@ -165,10 +165,9 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
         }
         Err(e) => return Step::Retry(e.to_string(), e.retry_after),
     };
-    if let Err(wait) = account.admit() {
-        return Step::Retry("circuit open for this stripe account".into(), Some(wait));
+    if let Err(not_ready) = account.ready().await {
+        return Step::Retry(not_ready.why.into(), Some(not_ready.wait));
     }
-    account.until_ready().await;
     let observed = OffsetDateTime::now_utc().unix_timestamp() - SNAPSHOT_MARGIN_SECONDS;
     if job.progress.customers_done {
         let result = importer
@@ -179,7 +178,7 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
                 PAGE_SIZE,
             )
             .await;
-        account.record(result.as_ref().err().map(|e| e.class));
+        account.record(result.as_ref().err().map(|e| e.class)).await;
         let list = match result {
             Ok(list) => list,
             Err(e) => return refused(e, "subscription list"),
@@ -200,7 +199,7 @@ async fn page(importer: &Importer, job: &mut Job, owner: Uuid) -> Step {
         .list_customers(&config.api_key, job.progress.cursor.as_deref(), PAGE_SIZE)
         .await;
     // The breaker counts as the sync's requests do: a 429 or a refusal means Stripe answered.
-    account.record(result.as_ref().err().map(|e| e.class));
+    account.record(result.as_ref().err().map(|e| e.class)).await;
     let list = match result {
         Ok(list) => list,
         Err(e) => return refused(e, "customer list"),

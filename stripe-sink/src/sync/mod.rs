@@ -6,7 +6,7 @@
 //! 2. [`mod@dispatch`] ([`dispatch()`]) runs workers that claim ready windows (one per
 //!    customer and meter at a time) and [`settle`] each: resend an outstanding meter event
 //!    unchanged, or send the change of the window's total not yet accounted for, rounded
-//!    against the customer and meter's carry, paced by the account's token bucket, behind
+//!    against the customer and meter's carry, paced by the account's rate limit, behind
 //!    its circuit breaker, retried with backoff.
 //! 3. [`release_waiting`] (in [`mod@dispatch`]) moves windows waiting for a customer mapping
 //!    back to pending once the mapping exists, and windows skipped for their configuration

@@ -1,6 +1,6 @@
 //! Settling one claimed window: resend an outstanding meter event unchanged, or send the
 //! change of the window's total not yet accounted for, rounded against the customer and
-//! meter's carry ([`billing::round_with_carry`]), paced by the account's token bucket,
+//! meter's carry ([`billing::round_with_carry`]), paced by the account's rate limit,
 //! behind its circuit breaker, retried with backoff.
 //!
 //! Rules kept here:
@@ -368,20 +368,22 @@ async fn settle_doubt(
         batch.window.end().unix_timestamp(),
     );
     let summary = async {
-        account.until_ready().await;
+        account.ready().await.map_err(|n| n.why.to_string())?;
         let meter = ctx
             .stripe
             .find_meter(key, &send.event_name)
-            .await?
+            .await
+            .map_err(|e| e.to_string())?
             .map(|m| m.id);
         let Some(meter) = meter else {
             return Ok(None);
         };
-        account.until_ready().await;
+        account.ready().await.map_err(|n| n.why.to_string())?;
         ctx.stripe
             .summarised_total(key, &meter, &send.provider_customer_id, start, end)
             .await
             .map(Some)
+            .map_err(|e| e.to_string())
     }
     .await;
     let summary = match summary {
@@ -542,17 +544,17 @@ async fn deliver(
             idempotency_key: send.idempotency_key(),
             timestamp: send.stripe_timestamp,
         };
-        if let Err(wait) = account.admit() {
-            metrics::stripe_request(None, "circuit_open");
+        let waited = Instant::now();
+        let ready = tokio::time::timeout_at(last_start, account.ready()).await;
+        metrics::rate_limit_waited(waited.elapsed());
+        if let Ok(Err(not_ready)) = ready {
+            metrics::stripe_request(None, not_ready.outcome);
             return Ok(Delivery::Later {
-                error: "circuit open for this stripe account".into(),
-                retry_after: Some(wait),
+                error: not_ready.why.into(),
+                retry_after: Some(not_ready.wait),
                 unanswered,
             });
         }
-        let waited = Instant::now();
-        let ready = tokio::time::timeout_at(last_start, account.until_ready()).await;
-        metrics::rate_limit_waited(waited.elapsed());
         if ready.is_err() {
             return Ok(Delivery::Later {
                 error: "the account's rate limit left no time for a request before this \
@@ -577,7 +579,7 @@ async fn deliver(
             },
         };
         metrics::stripe_request(Some(took), outcome);
-        account.record(result.as_ref().err().map(|e| e.class));
+        account.record(result.as_ref().err().map(|e| e.class)).await;
         match result {
             Ok(_) => return Ok(Delivery::Recorded),
             Err(e) => match e.class {

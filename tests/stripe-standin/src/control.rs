@@ -357,6 +357,8 @@ async fn inspect(
         "totals": totals,
         "requests_per_second": per_second,
         "max_requests_per_second": account.stats.requests_per_second.values().max().copied().unwrap_or(0),
+        "meter_request_times_ms": account.stats.meter_requests_ms,
+        "meter_requests_in_busiest_second": crate::rules::busiest_second(&account.stats.meter_requests_ms),
         "concurrency": concurrency,
         "events": account.events,
         "thin_events": account.thin_events,

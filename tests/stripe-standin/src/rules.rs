@@ -227,6 +227,22 @@ impl SecondWindow {
     }
 }
 
+/// The most of `times_ms` (in the order they happened) that fall within any one-second span
+/// `[t, t + 1000)`: Stripe's "N per second" held over every second, not only the calendar's.
+pub fn busiest_second(times_ms: &[i64]) -> usize {
+    let mut sorted = times_ms.to_vec();
+    sorted.sort_unstable();
+    let mut first = 0;
+    let mut busiest = 0;
+    for (last, at) in sorted.iter().enumerate() {
+        while sorted[first] + 1000 <= *at {
+            first += 1;
+        }
+        busiest = busiest.max(last + 1 - first);
+    }
+    busiest
+}
+
 /// Unix seconds as RFC 3339 (the v2 API's timestamp format).
 pub fn rfc3339(unix: i64) -> String {
     use time::format_description::well_known::Rfc3339;
@@ -346,6 +362,20 @@ mod tests {
         );
         assert_eq!(parse_rfc3339(&rfc3339(1_717_244_100)), Some(1_717_244_100));
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn the_busiest_second_is_any_span_not_a_calendar_second() {
+        assert_eq!(busiest_second(&[]), 0);
+        // Two in the end of one calendar second and two in the start of the next: four
+        // within 200 ms, though no calendar second holds more than two.
+        assert_eq!(busiest_second(&[5_900, 5_950, 6_050, 6_100]), 4);
+        assert_eq!(
+            busiest_second(&[1_000, 2_000, 3_000]),
+            1,
+            "a span is half-open"
+        );
+        assert_eq!(busiest_second(&[3_000, 1_000, 1_999]), 2, "unordered input");
     }
 
     #[test]

@@ -80,14 +80,24 @@ pub struct Inner {
     next_id: u64,
 }
 
+/// The machine's clock, Unix ms: read where a request arrives, before any lock or task, so
+/// that when it arrived is not when the stand-in got round to it.
+pub fn system_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 impl Inner {
     /// Now on the stand-in's clock, in milliseconds.
     pub fn now_ms(&self) -> i64 {
-        let system = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        system + self.clock_offset_ms
+        self.on_clock_ms(system_ms())
+    }
+
+    /// The stand-in's clock at the system time `system_ms` (from [`system_ms`]).
+    pub fn on_clock_ms(&self, system_ms: i64) -> i64 {
+        system_ms + self.clock_offset_ms
     }
 
     /// Now on the stand-in's clock, in Unix seconds: what every time rule compares against.
@@ -405,6 +415,10 @@ pub struct IdempotencyEntry {
 pub struct Stats {
     /// API requests per second of the stand-in clock (every authenticated request, refused or not).
     pub requests_per_second: BTreeMap<i64, u32>,
+    /// When each v1 meter event request arrived (stand-in clock, ms, read as the handler
+    /// started, before any lock or task; refused or not), for the most that arrived in any
+    /// one-second span ([`crate::rules::busiest_second`]).
+    pub meter_requests_ms: Vec<i64>,
     /// Per (customer, event_name): v1 meter event requests overlapping right now, and the most
     /// that ever overlapped (a sink that respects Stripe's rule keeps this at 1).
     pub concurrency: HashMap<(String, String), (u32, u32)>,

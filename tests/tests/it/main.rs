@@ -17,6 +17,7 @@ mod postgres;
 mod retention;
 mod services;
 mod sink;
+mod sink_replicas;
 mod tls;
 mod usage_api;
 mod webhook_relay;

@@ -127,13 +127,14 @@ pub async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let arrived_ms = crate::state::system_ms();
     let path = uri.path().to_string();
     // The work runs in its own task, as at Stripe: a client that gives up (a timeout) or a
     // dropped connection does not cancel it, so its result is still stored under its
     // Idempotency-Key and its (customer, meter) slot is released.
     let work = {
         let method = method.clone();
-        tokio::spawn(async move { run(app, &method, &uri, &headers, body).await })
+        tokio::spawn(async move { run(app, &method, &uri, &headers, body, arrived_ms).await })
     };
     let (mut response, drop_connection) = match work.await {
         Ok(done) => done,
@@ -166,6 +167,7 @@ async fn run(
     uri: &Uri,
     headers: &HeaderMap,
     body: Bytes,
+    arrived_ms: i64,
 ) -> (Response, bool) {
     let path = uri.path();
     let Some(route) = route(method, path) else {
@@ -187,6 +189,7 @@ async fn run(
     let fault = {
         let mut inner = app.lock();
         let now_ms = inner.now_ms();
+        let arrived_on_clock_ms = inner.on_clock_ms(arrived_ms);
         let now = inner.now();
         let faults = inner.faults.clone();
         let fault = faults.draw(path, &mut inner.rng);
@@ -197,6 +200,9 @@ async fn run(
             );
         };
         *account.stats.requests_per_second.entry(now).or_default() += 1;
+        if route == Route::MeterEventCreate {
+            account.stats.meter_requests_ms.push(arrived_on_clock_ms);
+        }
         // The v2 stream lives on its own host with its own (much higher) limit. In live mode,
         // v1 meter events have their own limit outside the basic one; in test mode they count
         // toward the basic limit like any write.
