@@ -237,9 +237,9 @@ impl Account {
 
 /// Every Stripe account the sink has talked to, keyed by its id (`acct_...`): Stripe's limits
 /// are the account's, so every key of one account (a secret and a restricted key, a rolled
-/// key, two tenant environments configured with keys of one account) shares one bucket and
-/// one breaker. Which account a key belongs to is asked once per key per process
-/// ([`paced_account`]).
+/// key, two tenant environments configured with keys of one account) shares one rate limit
+/// and one breaker, and so does every replica ([`shared`]). Which account a key belongs to
+/// is asked once per key per process ([`paced_account`]).
 pub struct Pacer {
     shared: SharedPacing,
     inner: Mutex<PacerInner>,
@@ -288,9 +288,9 @@ impl Pacer {
     }
 
     /// The pacing of `account_id` for the configuration `scope`, which asks for `rate`
-    /// requests per second. Scopes sharing an account share its bucket at the lowest rate
+    /// requests per second. Scopes sharing an account share its slots at the lowest rate
     /// any of them asks for (each tenant's limit holds; their sum never exceeds Stripe's);
-    /// the bucket is re-created when that rate changes.
+    /// the account's pacing is re-created when that rate changes (its shared row stays).
     pub fn account(&self, account_id: &str, scope: &str, rate: u32) -> Arc<Account> {
         let mut inner = self.lock();
         // A scope that moved to another account (a new key) no longer holds the old one's
@@ -392,7 +392,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn scopes_sharing_an_account_share_one_bucket_at_the_lowest_rate() {
+    async fn scopes_sharing_an_account_share_one_pacing_at_the_lowest_rate() {
         // Never connected: choosing an account's pacing reads nothing shared.
         let pool = sqlx::postgres::PgPoolOptions::new()
             .connect_lazy("postgres://meterline@127.0.0.1:1/unused")

@@ -45,10 +45,19 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 async fn sink(ns: &Namespace, standin: &Standin) -> ServiceProcess {
+    sink_retrying(ns, standin, 2).await
+}
+
+/// A sink talking to the stand-in with a 2 s time limit and `retries` retries per claim.
+pub(crate) async fn sink_retrying(
+    ns: &Namespace,
+    standin: &Standin,
+    retries: u32,
+) -> ServiceProcess {
     let mut env = ns.env();
     env.push(("STRIPE_API_BASE".into(), standin.base.clone()));
     env.push(("STRIPE_API_TIMEOUT_SECONDS".into(), "2".into()));
-    env.push(("STRIPE_MAX_RETRIES".into(), "2".into()));
+    env.push(("STRIPE_MAX_RETRIES".into(), retries.to_string()));
     ServiceProcess::spawn("stripe-sink", &env).await
 }
 

@@ -12,18 +12,14 @@ use meterline_tests::usage::{event, hour_start, produce_events, spawn_aggregator
 use meterline_tests::{Namespace, ServiceProcess};
 use serde_json::json;
 
-use crate::sink::calls_meter;
+use crate::sink::{calls_meter, sink_retrying};
 
 const TENANT: &str = "tenant_replicas";
 
 /// A replica whose claims run out soon after it dies: no retries within a claim keep its lease
-/// (and so the killed replica's hold on its customers' next windows) at 38 s.
+/// (and so a killed replica's hold on its customers' next windows) at 38 s.
 async fn sink(ns: &Namespace, standin: &Standin) -> ServiceProcess {
-    let mut env = ns.env();
-    env.push(("STRIPE_API_BASE".into(), standin.base.clone()));
-    env.push(("STRIPE_API_TIMEOUT_SECONDS".into(), "2".into()));
-    env.push(("STRIPE_MAX_RETRIES".into(), "0".into()));
-    ServiceProcess::spawn("stripe-sink", &env).await
+    sink_retrying(ns, standin, 0).await
 }
 
 /// Meter events this replica's requests got accepted (`stripe_sink_stripe_requests_total`).
