@@ -23,6 +23,12 @@ pub enum Error {
     Task(String),
 }
 
+/// Wraps a PostgreSQL error with what was being done: `.map_err(db("reading x"))`. The one
+/// helper for every PostgreSQL call of the crate.
+pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Postgres { context, source }
+}
+
 impl meterline_common::retry::Retriable for Error {
     /// PostgreSQL trouble of the moment can pass; everything else will fail again.
     fn is_retriable(&self) -> bool {

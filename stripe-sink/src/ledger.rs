@@ -35,6 +35,7 @@ use sqlx::query::QueryAs;
 use sqlx::{FromRow, PgPool, Postgres};
 use time::OffsetDateTime;
 
+use crate::error::db;
 use crate::Error;
 
 mod carry;
@@ -55,10 +56,6 @@ where
     O: for<'r> FromRow<'r, PgRow>,
 {
     sqlx::query_as(sql).bind_scope(scope)
-}
-
-fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
-    move |source| Error::Postgres { context, source }
 }
 
 /// A dispatcher's hold on one window: the window and the number it was claimed under.

@@ -39,6 +39,7 @@ use uuid::Uuid;
 
 use meterline_catalog::billing_periods;
 
+use crate::error::db;
 use crate::mappings::{
     self, CustomerEvent, ExternalId, Imported, MappingSource, StripeCustomerId, Writer,
 };
@@ -64,10 +65,6 @@ const POLL: Duration = Duration::from_secs(2);
 /// clock and ours may differ by a little, and an event dated inside the margin is applied
 /// after the snapshot (harmless: events applied in order end in Stripe's latest state).
 const SNAPSHOT_MARGIN_SECONDS: i64 = 5;
-
-fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
-    move |source| Error::Postgres { context, source }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The job as stored and shown

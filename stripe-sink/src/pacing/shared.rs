@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::PgPool;
 
+use crate::error::db;
 use crate::Error;
 
 /// What a reservation got.
@@ -109,10 +110,6 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn postgres(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
-    move |source| Error::Postgres { context, source }
-}
-
 fn seconds(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -154,12 +151,12 @@ impl SharedPacing {
         .bind(block)
         .fetch_one(&self.pool)
         .await
-        .map_err(postgres("reserving stripe send slots"))?;
+        .map_err(db("reserving stripe send slots"))?;
         let answered = unix_now();
         let first_in = {
             let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
             clock.observe(sent, answered, theirs);
-            clock.until(next_slot - block, unix_now())
+            clock.until(next_slot - block, answered)
         };
         Ok(match open_for {
             Some(open) if open > 0.0 => Reservation::Open {
@@ -184,7 +181,7 @@ impl SharedPacing {
         .bind(cool_down.as_secs_f64())
         .execute(&self.pool)
         .await
-        .map_err(postgres("opening a stripe account's breaker"))?;
+        .map_err(db("opening a stripe account's breaker"))?;
         Ok(())
     }
 
@@ -205,7 +202,7 @@ impl SharedPacing {
         .bind(PROBE_LEASE_SECONDS)
         .fetch_one(&self.pool)
         .await
-        .map_err(postgres("claiming a stripe account's breaker probe"))?;
+        .map_err(db("claiming a stripe account's breaker probe"))?;
         Ok(match (mine, open) {
             (true, _) => ProbeClaim::Mine,
             (false, true) => ProbeClaim::Elsewhere,
@@ -222,7 +219,7 @@ impl SharedPacing {
         .bind(account)
         .execute(&self.pool)
         .await
-        .map_err(postgres("closing a stripe account's breaker"))?;
+        .map_err(db("closing a stripe account's breaker"))?;
         Ok(())
     }
 
@@ -233,7 +230,7 @@ impl SharedPacing {
             .bind(account)
             .execute(&self.pool)
             .await
-            .map_err(postgres("releasing a stripe account's breaker probe"))?;
+            .map_err(db("releasing a stripe account's breaker probe"))?;
         Ok(())
     }
 }
